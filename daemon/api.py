@@ -1,0 +1,290 @@
+"""HTTP API: parse, call the engine, answer. No SQL here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from daemon.auth import Authenticator
+from daemon.config import Config, TokenConfig
+from daemon.engine import Engine
+from daemon.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    StepdError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from daemon.executor import Executor, Settings
+from daemon.models import WorkflowStatus
+from daemon.store import Store
+from daemon.tools import Registry, build_registry
+
+log = logging.getLogger("stepd.api")
+PUBLIC_PATHS = {"/healthz"}
+MAX_IDEMPOTENCY_KEY = 200
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(status: int, message: str, **extra: Any) -> JSON:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSON({"error": message, **extra}, status_code=status, headers=headers)
+
+
+class AuthMiddleware:
+    """Every path but /healthz needs a valid bearer token; the token lands in scope state."""
+
+    def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
+        self.app = app
+        self.auth = authenticator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            header = None
+            for key, value in scope["headers"]:
+                if key == b"authorization":
+                    header = value.decode("latin-1")
+                    break
+            try:
+                token = self.auth.identify(header)
+            except Unauthorized as exc:
+                await error_response(401, exc.text)(scope, receive, send)
+                return
+            scope.setdefault("state", {})["token"] = token
+        await self.app(scope, receive, send)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def needs(permission: str) -> Callable[[Endpoint], Endpoint]:
+    """Route decorator: the request's token must grant `permission`."""
+
+    def wrap(fn: Endpoint) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            Authenticator.require(token_of(request), permission)
+            return await fn(request)
+
+        endpoint.__name__ = fn.__name__
+        endpoint.__doc__ = fn.__doc__
+        return endpoint
+
+    return wrap
+
+
+def token_of(request: Request) -> TokenConfig:
+    token: TokenConfig = request.state.token
+    return token
+
+
+def engine_of(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+async def read_json(request: Request, *, optional: bool = False) -> Any:
+    """The request body as JSON, size-checked while reading; None for an empty optional body."""
+    limit: int = request.app.state.config.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    if not body.strip():
+        if optional:
+            return None
+        raise BadRequest("request body is empty; expected a JSON object")
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json (got '{ctype or 'none'}')"
+        )
+    try:
+        return orjson.loads(bytes(body))
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON: {exc}") from None
+
+
+def int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter '{name}' must be an integer") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"query parameter '{name}' must be between {lo} and {hi}")
+    return value
+
+
+# -- routes --------------------------------------------------------------------------
+
+
+@needs("workflow")
+async def create_workflow(request: Request) -> Response:
+    """Create and start a workflow."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    body = await read_json(request)
+    created = await engine_of(request).create(
+        body, created_by=token_of(request).name, idempotency_key=key
+    )
+    headers = {"Idempotent-Replayed": "true"} if created.replayed else None
+    return JSON({"id": created.id, "status": "started"}, status_code=201, headers=headers)
+
+
+@needs("read")
+async def list_workflows(request: Request) -> Response:
+    """Workflows, newest first."""
+    status = request.query_params.get("status") or None
+    if status is not None and status not in set(WorkflowStatus):
+        allowed = ", ".join(s.value for s in WorkflowStatus)
+        raise BadRequest(f"query parameter 'status' must be one of {allowed}")
+    limit = int_param(request, "limit", 50, 1, 1000)
+    before = int_param(request, "before", None, 1, 1 << 62)
+    assert limit is not None
+    items = await engine_of(request).list(limit=limit, status=status, before=before)
+    return JSON(items)
+
+
+@needs("read")
+async def get_workflow(request: Request) -> Response:
+    """One workflow with its steps."""
+    return JSON(await engine_of(request).get(request.path_params["id"]))
+
+
+@needs("workflow")
+async def cancel_workflow(request: Request) -> Response:
+    """Cancel a running workflow."""
+    await engine_of(request).cancel(request.path_params["id"], by=token_of(request).name)
+    return JSON({"cancelled": True})
+
+
+@needs("approve")
+async def ready_step(request: Request) -> Response:
+    """Release a waiting gate; an optional JSON body becomes its result."""
+    result = await read_json(request, optional=True)
+    await engine_of(request).ready(
+        request.path_params["step_id"], result, by=token_of(request).name
+    )
+    return JSON({"queued": True})
+
+
+@needs("workflow")
+async def validate_workflow(request: Request) -> Response:
+    """Check a workflow without creating it."""
+    return JSON(engine_of(request).validate(await read_json(request)))
+
+
+@needs("read")
+async def list_tools(request: Request) -> Response:
+    """Registered tools and their parameters."""
+    return JSON(engine_of(request).registry.describe())
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: no auth."""
+    executor: Executor = request.app.state.executor
+    alive = executor.alive
+    return JSON({"status": "ok" if alive else "degraded"}, status_code=200 if alive else 503)
+
+
+ROUTES = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/api/tools", list_tools, methods=["GET"]),
+    Route("/api/workflow", create_workflow, methods=["POST"]),
+    Route("/api/workflow", list_workflows, methods=["GET"]),
+    Route("/api/workflow/validate", validate_workflow, methods=["POST"]),
+    Route("/api/workflow/{id:int}", get_workflow, methods=["GET"]),
+    Route("/api/workflow/{id:int}", cancel_workflow, methods=["DELETE"]),
+    Route("/api/workflow/{step_id:int}/ready", ready_step, methods=["POST"]),
+]
+
+
+async def on_stepd_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StepdError)
+    return error_response(exc.status, exc.text, **exc.extra)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: "no such route", 405: "method not allowed"}
+    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+
+async def on_crash(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error")
+
+
+def create_app(
+    config: Config, *, registry: Registry | None = None, tokens: list[TokenConfig] | None = None
+) -> Starlette:
+    """The API and the executor; the lifespan opens the store and runs the executor."""
+    registry = registry or build_registry(config.tool_modules)
+    store = Store(
+        config.db_path, synchronous=config.synchronous, busy_timeout_ms=config.busy_timeout_ms
+    )
+    executor = Executor(store, registry, Settings(
+        poll_interval=config.poll_interval, concurrency=config.concurrency,
+        claim_batch=config.claim_batch, step_limit=config.step_limit,
+        shutdown_grace=config.shutdown_grace, max_result_bytes=config.max_result_bytes,
+        state_dir=config.state_dir,
+    ))  # fmt: skip
+    engine = Engine(store, registry, executor, max_states=config.max_states)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        recovered = await store.recover()
+        if recovered:
+            log.warning("requeued %d steps interrupted by the previous stop", recovered)
+        executor.start()
+        try:
+            yield
+        finally:
+            await executor.stop()
+            await store.close()
+
+    app = Starlette(
+        routes=ROUTES,
+        middleware=[
+            Middleware(
+                AuthMiddleware,
+                authenticator=Authenticator(list(config.tokens) if tokens is None else tokens),
+            ),
+        ],
+        exception_handlers={
+            StepdError: on_stepd_error,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    app.state.store = store
+    app.state.executor = executor
+    app.state.engine = engine
+    return app

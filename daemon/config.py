@@ -1,0 +1,173 @@
+"""Configuration: TOML into a frozen dataclass, validated at load."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import ConfigError
+
+PERMISSIONS = ("workflow", "approve")
+DEFAULT_TOOL_MODULES = ("daemon.tools.demo",)
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    name: str  # becomes created_by / approved_by
+    sha256: str  # lowercase hex digest of the token
+    permissions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db_path: Path = Path("stepd.db")
+    synchronous: str = "FULL"
+    busy_timeout_ms: int = 5000
+    poll_interval: float = 1.0
+    concurrency: int = 16
+    claim_batch: int = 64
+    step_limit: int = 1000
+    shutdown_grace: float = 30.0
+    max_body_bytes: int = 1_048_576
+    max_states: int = 200
+    max_result_bytes: int = 1_048_576
+    tokens: tuple[TokenConfig, ...] = ()
+    tool_modules: tuple[str, ...] = DEFAULT_TOOL_MODULES
+    log_level: str = "info"
+    state_dir: Path = field(default_factory=Path.cwd)
+
+
+_SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
+    # section -> key -> (Config attribute, accepted types)
+    "server": {
+        "host": ("host", str),
+        "port": ("port", int),
+        "max_body_bytes": ("max_body_bytes", int),
+        "log_level": ("log_level", str),
+    },
+    "database": {
+        "path": ("db_path", str),
+        "synchronous": ("synchronous", str),
+        "busy_timeout_ms": ("busy_timeout_ms", int),
+    },
+    "executor": {
+        "poll_interval": ("poll_interval", (int, float)),
+        "concurrency": ("concurrency", int),
+        "claim_batch": ("claim_batch", int),
+        "step_limit": ("step_limit", int),
+        "shutdown_grace": ("shutdown_grace", (int, float)),
+        "max_result_bytes": ("max_result_bytes", int),
+    },
+    "limits": {
+        "max_states": ("max_states", int),
+    },
+    "tools": {
+        "modules": ("tool_modules", list),
+    },
+}
+
+
+def state_directory(env: dict[str, str] | None = None) -> Path:
+    """Where relative paths and generated files live: $STATE_DIRECTORY (systemd) or the cwd."""
+    env = os.environ if env is None else env
+    raw = env.get("STATE_DIRECTORY", "")
+    # systemd may pass several colon-separated directories; the first is ours.
+    first = raw.split(":")[0]
+    return Path(first) if first else Path.cwd()
+
+
+def load(path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> Config:
+    """Load a config file (or the embedded default when `path` is None)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_dict(data, env)
+
+
+def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    """Build a Config from parsed TOML, rejecting unknown sections, keys and bad types."""
+    values: dict[str, Any] = {}
+    for section, body in data.items():
+        if section == "auth":
+            continue
+        if section not in _SCHEMA:
+            raise ConfigError(f"unknown config section [{section}]")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        for key, value in body.items():
+            if key not in _SCHEMA[section]:
+                raise ConfigError(f"unknown key '{key}' in [{section}]")
+            attr, types = _SCHEMA[section][key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise ConfigError(f"[{section}] {key}: wrong type {type(value).__name__}")
+            values[attr] = value
+
+    state_dir = state_directory(env)
+    db_path = Path(values.pop("db_path", "stepd.db"))
+    if not db_path.is_absolute():
+        db_path = state_dir / db_path
+    if "poll_interval" in values:
+        values["poll_interval"] = float(values["poll_interval"])
+    if "shutdown_grace" in values:
+        values["shutdown_grace"] = float(values["shutdown_grace"])
+    if "tool_modules" in values:
+        modules = values["tool_modules"]
+        if not all(isinstance(m, str) for m in modules):
+            raise ConfigError("[tools] modules must be a list of module names")
+        values["tool_modules"] = tuple(modules)
+    cfg = Config(
+        db_path=db_path, state_dir=state_dir, tokens=_tokens(data.get("auth", {})), **values
+    )
+    _check(cfg)
+    return cfg
+
+
+def _tokens(auth: Any) -> tuple[TokenConfig, ...]:
+    if not isinstance(auth, dict) or set(auth) - {"tokens"}:
+        raise ConfigError("[auth] accepts only [[auth.tokens]] entries")
+    out = []
+    for i, tok in enumerate(auth.get("tokens", [])):
+        where = f"[[auth.tokens]] #{i + 1}"
+        if not isinstance(tok, dict) or set(tok) - {"name", "sha256", "permissions"}:
+            raise ConfigError(f"{where}: expected keys name, sha256, permissions")
+        name, digest = tok.get("name"), tok.get("sha256")
+        perms = tok.get("permissions", ["workflow"])
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: name must be a non-empty string")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ConfigError(f"{where} ({name}): sha256 must be 64 hex characters")
+        try:
+            bytes.fromhex(digest)
+        except ValueError:
+            raise ConfigError(f"{where} ({name}): sha256 is not hex") from None
+        if not isinstance(perms, list) or not perms or set(perms) - set(PERMISSIONS):
+            raise ConfigError(f"{where} ({name}): permissions must be a subset of {PERMISSIONS}")
+        out.append(TokenConfig(name=name, sha256=digest.lower(), permissions=tuple(perms)))
+    return tuple(out)
+
+
+def _check(cfg: Config) -> None:
+    if not 0 < cfg.port < 65536:
+        raise ConfigError("[server] port must be between 1 and 65535")
+    if cfg.poll_interval <= 0:
+        raise ConfigError("[executor] poll_interval must be > 0")
+    for attr in ("concurrency", "claim_batch", "step_limit", "max_body_bytes", "max_states"):
+        if getattr(cfg, attr) < 1:
+            raise ConfigError(f"{attr} must be >= 1")
+    if cfg.shutdown_grace < 0:
+        raise ConfigError("[executor] shutdown_grace must be >= 0")
+    if cfg.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError("[database] synchronous must be FULL, NORMAL or EXTRA")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("[server] log_level must be debug, info, warning or error")

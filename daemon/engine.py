@@ -1,0 +1,155 @@
+"""Workflow operations shared by the API and the CLI: create, validate, ready, cancel, read."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from daemon import flow as flows
+from daemon.errors import BadRequest, Conflict, NotFound, Unprocessable
+from daemon.executor import Executor, build_scope, finish_for
+from daemon.models import NewStep, StepStatus
+from daemon.store import Cancelled, Created, Store
+from daemon.tools import Registry
+
+BODY_KEYS = {"name", "flow", "input"}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A checked create request."""
+
+    name: str
+    flow: flows.Flow
+    raw_flow: dict[str, Any]
+    input: dict[str, Any]
+    warnings: list[str]
+
+
+class Engine:
+    def __init__(
+        self, store: Store, registry: Registry, executor: Executor, *, max_states: int = 200
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.executor = executor
+        self.max_states = max_states
+
+    # -- create and validate -----------------------------------------------------------
+
+    def check(self, body: Any) -> tuple[Submission | None, list[str], list[str]]:
+        """Every problem with a create body: (submission or None, errors, warnings).
+
+        Raises BadRequest for a body that is not an object or lacks `name` / `flow`.
+        """
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise BadRequest("Missing required field: name")
+        if "flow" not in body:
+            raise BadRequest("Missing required field: flow")
+        errors = [f"unknown field '{k}'" for k in sorted(set(body) - BODY_KEYS)]
+        input_ = body.get("input", {})
+        if input_ is None:
+            input_ = {}
+        if not isinstance(input_, dict):
+            errors.append("field 'input' must be an object")
+        if len(name) > 200:
+            errors.append("field 'name' must be at most 200 characters")
+        result = flows.parse(body["flow"], self.registry, self.max_states)
+        errors += result.errors
+        if errors or result.flow is None:
+            return None, errors, result.warnings
+        sub = Submission(name, result.flow, body["flow"], input_, result.warnings)
+        return sub, [], result.warnings
+
+    def validate(self, body: Any) -> dict[str, Any]:
+        try:
+            sub, errors, warnings = self.check(body)
+        except BadRequest as exc:
+            return {"valid": False, "errors": [exc.text], "warnings": []}
+        return {"valid": sub is not None, "errors": errors, "warnings": warnings}
+
+    async def create(
+        self, body: Any, *, created_by: str | None, idempotency_key: str | None = None
+    ) -> Created:
+        sub, errors, _ = self.check(body)
+        if sub is None:
+            raise Unprocessable("; ".join(errors), errors=errors)
+        start = sub.flow["start"]
+        request_hash = None
+        if idempotency_key is not None:
+            canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+            request_hash = hashlib.sha256(canonical).hexdigest()
+        created = await self.store.create_workflow(
+            name=sub.name,
+            flow_json=orjson.dumps(sub.raw_flow).decode(),
+            input_json=orjson.dumps(sub.input).decode(),
+            created_by=created_by,
+            first=NewStep(state="start", name=start.name, tool=start.tool, seq=1),
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+        if created.conflict:
+            raise Conflict("Idempotency-Key was already used for a different request")
+        if not created.replayed:
+            self.executor.wake()
+        return created
+
+    # -- gates and cancel -------------------------------------------------------------
+
+    async def ready(self, step_id: int, result: Any, *, by: str | None) -> None:
+        """Release a waiting gate; `result` (any JSON value, or None) becomes its result."""
+        step = await self.store.get_step(step_id)
+        if step is None:
+            raise NotFound(f"step {step_id} not found")
+        if step.tool is not None or step.awaiting != "ready":
+            raise Conflict(f"step {step_id} is not a waiting gate (status: {step.status})")
+        info = await self.executor.workflow_info(step.workflow_id)
+        scope = build_scope(info, [s for s in await self.store.steps(info.id) if s.id != step.id])
+        move = flows.after_success(info.flow, step.state, {**scope, "result": result})
+        result_json = None if result is None else orjson.dumps(result).decode()
+        fin = finish_for(
+            info,
+            step,
+            move,
+            StepStatus.DONE,
+            self.executor.settings.step_limit,
+            result_json=result_json,
+        )
+        if await self.store.decide_gate(fin, decided_by=by) is None:
+            raise Conflict(f"step {step_id} is no longer waiting")
+        self.executor.wake()
+
+    async def cancel(self, workflow_id: int, *, by: str | None) -> None:
+        outcome, step_ids = await self.store.cancel_workflow(workflow_id, by=by)
+        if outcome is Cancelled.NOT_FOUND:
+            raise NotFound(f"workflow {workflow_id} not found")
+        if outcome is Cancelled.FINISHED:
+            wf = await self.store.get_workflow(workflow_id)
+            raise Conflict(f"workflow {workflow_id} is already {wf.status if wf else 'finished'}")
+        self.executor.cancel_steps(step_ids)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def get(self, workflow_id: int) -> dict[str, Any]:
+        wf = await self.store.get_workflow(workflow_id)
+        if wf is None:
+            raise NotFound(f"workflow {workflow_id} not found")
+        steps = await self.store.steps(workflow_id)
+        return {
+            **wf.summary(),
+            "input": orjson.Fragment(wf.input_json or "{}"),
+            "flow": orjson.Fragment(wf.flow_json or "{}"),
+            "steps": [s.public() for s in steps],
+        }
+
+    async def list(
+        self, *, limit: int, status: str | None, before: int | None
+    ) -> list[dict[str, Any]]:
+        rows = await self.store.list_workflows(limit=limit, status=status, before=before)
+        return [w.summary() for w in rows]

@@ -1,0 +1,375 @@
+"""The executor: claims runnable steps, runs their tools, and records what follows.
+
+One asyncio loop claims due steps in batches every `poll_interval`, and at once
+when woken by the API or by a finished step. Each claimed step runs in its own
+task, up to `concurrency` at a time; sync tools run in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from daemon import flow as flows
+from daemon import templating
+from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
+from daemon.store import Store, now_ms
+from daemon.tools import Registry, ToolContext, ToolError
+
+log = logging.getLogger("stepd.executor")
+
+
+@dataclass(frozen=True)
+class WorkflowInfo:
+    """The immutable parts of a workflow that running its steps needs."""
+
+    id: int
+    name: str
+    created_by: str | None
+    flow: flows.Flow
+    input: Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    poll_interval: float = 1.0
+    concurrency: int = 16
+    claim_batch: int = 64
+    step_limit: int = 1000
+    shutdown_grace: float = 30.0
+    max_result_bytes: int = 1_048_576
+    state_dir: Path = Path(".")
+
+
+class StepFailed(Exception):
+    """An attempt failed; `retryable` says whether another attempt may help."""
+
+    def __init__(self, message: str, *, type_: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.type = type_
+        self.retryable = retryable
+
+
+class Executor:
+    def __init__(self, store: Store, registry: Registry, settings: Settings) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: dict[int, tuple[asyncio.Task[None], Step]] = {}
+        self._infos: OrderedDict[int, WorkflowInfo] = OrderedDict()
+        self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="stepd-tool")
+        self._loop_task: asyncio.Task[None] | None = None
+        self.last_tick = 0.0  # monotonic time of the last completed tick, for health checks
+
+    # -- control ---------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self.run(), name="stepd-executor")
+
+    @property
+    def alive(self) -> bool:
+        """The loop is running (it ends only when stopped or on a bug)."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        """Tick until stopped: on wake, on the poll interval, or when a retry is due."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            self._wake.clear()
+            timeout = self.settings.poll_interval
+            try:
+                due = await self.tick()
+                if due is not None:
+                    timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
+            except Exception:
+                log.exception("executor tick failed; retrying in %.1fs", timeout)
+            self.last_tick = loop.time()
+            waker = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait(
+                    {waker, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waker.cancel()
+                stopper.cancel()
+
+    async def tick(self, now: int | None = None) -> int | None:
+        """One pass: claim due steps up to free capacity and start them.
+
+        Returns when the next pending step becomes due (epoch ms), if known.
+        """
+        free = self.settings.concurrency - len(self._tasks)
+        if free <= 0 or self._stopping.is_set():
+            return None
+        claimed = await self.store.claim_steps(min(free, self.settings.claim_batch), now=now)
+        for step in claimed:
+            if step.tool is None:
+                log.info("gate waiting", extra=_fields(step))
+                continue
+            task = asyncio.create_task(self._run(step), name=f"step-{step.id}")
+            self._tasks[step.id] = (task, step)
+        if len(claimed) == min(free, self.settings.claim_batch):
+            self._wake.set()  # there may be more
+            return None
+        return await self.store.next_run_at()
+
+    async def stop(self) -> None:
+        """Stop claiming; let running steps finish within the grace period, requeue the rest."""
+        self._stopping.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        pending = [t for t, _ in self._tasks.values()]
+        if pending:
+            log.info(
+                "waiting up to %.1fs for %d running steps",
+                self.settings.shutdown_grace,
+                len(pending),
+            )
+            await asyncio.wait(pending, timeout=self.settings.shutdown_grace)
+        leftovers = list(self._tasks.values())
+        for task, _ in leftovers:
+            task.cancel()
+        for task, step in leftovers:
+            await asyncio.gather(task, return_exceptions=True)
+            if await self.store.requeue(step.id, step.attempt):
+                log.warning("requeued at shutdown", extra=_fields(step))
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def cancel_steps(self, step_ids: list[int]) -> None:
+        """Stop the tools of cancelled steps; their late results are discarded."""
+        for step_id in step_ids:
+            entry = self._tasks.get(step_id)
+            if entry is not None:
+                entry[0].cancel()
+
+    # -- running one step ------------------------------------------------------------
+
+    async def _run(self, step: Step) -> None:
+        try:
+            try:
+                fin = await self._attempt(step)
+            except asyncio.CancelledError:
+                # Cancelled through the API (the store already says so), or at shutdown
+                # past the grace period (stop() requeues it).
+                return
+            # Shielded: a cancellation arriving now must not lose the outcome.
+            written = await asyncio.shield(self.store.finish_step(fin))
+            if written is None:
+                log.info("late result discarded", extra=_fields(step))
+        finally:
+            self._tasks.pop(step.id, None)
+            self._wake.set()  # a slot is free, and maybe a next step is due
+
+    async def _attempt(self, step: Step) -> Finish:
+        info = await self.workflow_info(step.workflow_id)
+        state = info.flow[step.state]
+        scope: dict[str, Any] | None = None
+        try:
+            if state.templated:
+                scope = await self.scope(info, step)
+                try:
+                    args = templating.render_value(state.args, scope)
+                except templating.TemplateError as exc:
+                    raise StepFailed(
+                        f"args: {exc}", type_="TemplateError", retryable=False
+                    ) from None
+            else:
+                args = state.args
+            result = await self._call(step, args, info)
+            result_json = self._encode(result)
+        except StepFailed as exc:
+            log.warning("step failed: %s", exc, extra=_fields(step))
+            return self._failure(info, step, exc)
+        if state.branch:
+            scope = scope if scope is not None else await self.scope(info, step)
+            move = flows.after_success(info.flow, step.state, {**scope, "result": result})
+        else:
+            move = flows.after_success(info.flow, step.state, {})
+        return self._finish(info, step, move, StepStatus.DONE, result_json=result_json)
+
+    async def _call(self, step: Step, args: Any, info: WorkflowInfo) -> Any:
+        assert step.tool is not None
+        tool = self.registry.get(step.tool)
+        if tool is None:
+            raise StepFailed(f"unknown tool '{step.tool}'", type_="UnknownTool", retryable=False)
+        kwargs = dict(args)
+        if tool.takes_ctx:
+            kwargs["ctx"] = ToolContext(
+                workflow_id=step.workflow_id, step_id=step.id, state=step.state,
+                attempt=step.attempt, created_by=info.created_by,
+                state_dir=self.settings.state_dir, logger=log,
+            )  # fmt: skip
+        problems = tool.check_args(args)
+        if problems:
+            raise StepFailed(
+                f"tool '{tool.name}': {'; '.join(problems)}", type_="BadArguments", retryable=False
+            )
+        state = info.flow[step.state]
+        try:
+            if tool.is_async:
+                call = tool.fn(**kwargs)
+            else:
+                loop = asyncio.get_running_loop()
+                call = loop.run_in_executor(self._threads, lambda: tool.fn(**kwargs))
+            return await asyncio.wait_for(call, state.timeout)
+        except TimeoutError:
+            raise StepFailed(
+                f"timed out after {state.timeout:g}s", type_="Timeout", retryable=True
+            ) from None
+        except ToolError as exc:
+            raise StepFailed(str(exc), type_="ToolError", retryable=exc.retryable) from None
+        except asyncio.CancelledError:
+            raise
+        except (KeyboardInterrupt, SystemExit, GeneratorExit) as exc:
+            # A tool must not be able to stop the daemon.
+            raise StepFailed(
+                f"tool raised {type(exc).__name__}", type_=type(exc).__name__, retryable=False
+            ) from None
+        except Exception as exc:
+            raise StepFailed(
+                f"{type(exc).__name__}: {exc}", type_=type(exc).__name__, retryable=True
+            ) from None
+
+    def _encode(self, result: Any) -> str:
+        try:
+            text = orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError as exc:
+            raise StepFailed(
+                f"result is not JSON-serialisable: {exc}", type_="BadResult", retryable=False
+            ) from None
+        if len(text) > self.settings.max_result_bytes:
+            raise StepFailed(
+                f"result is {len(text)} bytes; the limit is {self.settings.max_result_bytes}",
+                type_="BadResult",
+                retryable=False,
+            )
+        return text
+
+    def _failure(self, info: WorkflowInfo, step: Step, exc: StepFailed) -> Finish:
+        move = flows.after_failure(
+            info.flow,
+            step.state,
+            str(exc),
+            attempt=step.attempt,
+            retryable=exc.retryable,
+            rand=random.random(),
+        )
+        if isinstance(move, flows.RetryLater):
+            return Finish(
+                step_id=step.id,
+                workflow_id=step.workflow_id,
+                attempt=step.attempt,
+                status=StepStatus.PENDING,
+                error=str(exc),
+                error_type=exc.type,
+                retry_at=now_ms() + int(move.delay_s * 1000),
+            )
+        return self._finish(
+            info, step, move, StepStatus.FAILED, error=str(exc), error_type=exc.type
+        )
+
+    def _finish(
+        self, info: WorkflowInfo, step: Step, move: flows.Move, status: StepStatus, **fields: Any
+    ) -> Finish:
+        return finish_for(info, step, move, status, self.settings.step_limit, **fields)
+
+    # -- workflow data -----------------------------------------------------------------
+
+    async def workflow_info(self, workflow_id: int) -> WorkflowInfo:
+        """The parsed flow and input of a workflow (cached: they never change)."""
+        info = self._infos.get(workflow_id)
+        if info is not None:
+            self._infos.move_to_end(workflow_id)
+            return info
+        wf = await self.store.get_workflow(workflow_id)
+        assert wf is not None and wf.flow_json is not None and wf.input_json is not None
+        parsed = flows.parse(orjson.loads(wf.flow_json), max_states=1 << 30)
+        assert parsed.flow is not None, parsed.errors
+        info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, orjson.loads(wf.input_json))
+        self._infos[workflow_id] = info
+        if len(self._infos) > 2048:
+            self._infos.popitem(last=False)
+        return info
+
+    async def scope(self, info: WorkflowInfo, step: Step) -> dict[str, Any]:
+        """What templates see: input, steps (latest visit per state), result, error, workflow."""
+        history = [s for s in await self.store.steps(info.id) if s.id != step.id]
+        return build_scope(info, history)
+
+
+def build_scope(info: WorkflowInfo, history: list[Step]) -> dict[str, Any]:
+    """Template variables from the steps that came before (oldest first)."""
+    steps: dict[str, Any] = {}
+    for s in history:
+        steps[s.state] = {
+            "result": orjson.loads(s.result_json) if s.result_json is not None else None,
+            "status": s.status,
+            "attempt": s.attempt,
+            "error": s.error,
+        }
+    scope: dict[str, Any] = {
+        "input": info.input,
+        "steps": steps,
+        "result": steps[history[-1].state]["result"] if history else None,
+        "workflow": {"id": info.id, "name": info.name, "created_by": info.created_by},
+    }
+    if history and history[-1].status == StepStatus.FAILED:
+        prev = history[-1]
+        scope["error"] = {
+            "type": prev.error_type,
+            "message": prev.error,
+            "state": prev.state,
+            "attempt": prev.attempt,
+        }
+    return scope
+
+
+def finish_for(
+    info: WorkflowInfo,
+    step: Step,
+    move: flows.Move,
+    status: StepStatus,
+    step_limit: int,
+    **fields: Any,
+) -> Finish:
+    """Turn a pure move into the rows to write."""
+    move = flows.limit_steps(move, step.seq, step_limit)
+    base = Finish(
+        step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt, status=status, **fields
+    )
+    if isinstance(move, flows.Advance):
+        target = info.flow[move.target]
+        nxt = NewStep(state=target.id, name=target.name, tool=target.tool, seq=step.seq + 1)
+        return replace(base, next_step=nxt)
+    if isinstance(move, flows.Complete):
+        return replace(base, workflow_status=WorkflowStatus.COMPLETED)
+    assert isinstance(move, flows.Fail)
+    return replace(base, workflow_status=WorkflowStatus.FAILED, workflow_error=move.error)
+
+
+def _fields(step: Step) -> dict[str, Any]:
+    return {
+        "workflow_id": step.workflow_id,
+        "step_id": step.id,
+        "state": step.state,
+        "attempt": step.attempt,
+    }

@@ -1,0 +1,329 @@
+"""The flow format: typed model, complete validation, and the pure transition function.
+
+Nothing here does I/O: the executor and the API read, call `after_success` /
+`after_failure`, and write what these return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon import templating
+from daemon.templating import TemplateError
+
+STATE_KEYS = {"name", "tool", "args", "next", "branch", "done", "timeout", "retry", "on_error"}
+RETRY_KEYS = {"max_attempts", "backoff_s", "backoff_factor", "max_backoff_s"}
+MISSING_START = "Flow must have a 'start' key"
+
+
+@dataclass(frozen=True)
+class Retry:
+    max_attempts: int = 1
+    backoff_s: float = 1.0
+    backoff_factor: float = 2.0
+    max_backoff_s: float = 300.0
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """Backoff before attempt `attempt + 1`, with jitter from `rand` in [0, 1)."""
+        base = min(self.max_backoff_s, self.backoff_s * self.backoff_factor ** (attempt - 1))
+        return base * (0.5 + rand / 2)
+
+
+@dataclass(frozen=True)
+class Case:
+    condition: str | None  # None for the final `else`
+    target: str
+
+
+@dataclass(frozen=True)
+class State:
+    id: str
+    name: str
+    tool: str | None  # None: an approval gate
+    args: dict[str, Any]
+    next: str | None = None
+    branch: tuple[Case, ...] | None = None
+    done: bool = False
+    timeout: float | None = None
+    retry: Retry = field(default_factory=Retry)
+    on_error: str | None = None
+    templated: bool = False  # args contain placeholders
+
+    @property
+    def is_gate(self) -> bool:
+        return self.tool is None
+
+    def targets(self) -> Iterator[str]:
+        if self.next is not None:
+            yield self.next
+        for case in self.branch or ():
+            yield case.target
+        if self.on_error is not None:
+            yield self.on_error
+
+
+@dataclass(frozen=True)
+class Flow:
+    states: dict[str, State]
+
+    def __getitem__(self, state_id: str) -> State:
+        return self.states[state_id]
+
+
+@dataclass(frozen=True)
+class Validation:
+    flow: Flow | None
+    errors: list[str]
+    warnings: list[str]
+
+
+# Moves: what happens after a state's attempt.
+@dataclass(frozen=True)
+class Advance:
+    target: str
+
+
+@dataclass(frozen=True)
+class Complete:
+    pass
+
+
+@dataclass(frozen=True)
+class Fail:
+    error: str
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    delay_s: float
+
+
+Move = Advance | Complete | Fail | RetryLater
+
+
+def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) -> Validation:
+    """Validate a raw flow object completely; every problem is reported at once."""
+    if not isinstance(raw, dict):
+        return Validation(None, ["flow must be an object of states keyed by state id"], [])
+    errors: list[str] = []
+    if "start" not in raw:
+        errors.append(MISSING_START)
+    if len(raw) > max_states:
+        errors.append(f"flow has {len(raw)} states; the limit is {max_states}")
+        return Validation(None, errors, [])
+    states: dict[str, State] = {}
+    for sid, body in raw.items():
+        state = _parse_state(sid, body, tools, errors)
+        if state is not None:
+            states[sid] = state
+    for sid, body in raw.items():
+        for key, target in _raw_targets(body):
+            if target not in raw:
+                errors.append(f"state '{sid}': field '{key}' refers to unknown state '{target}'")
+    warnings = [f"state '{s}' is unreachable from 'start'" for s in _unreachable(states)]
+    if errors:
+        return Validation(None, errors, warnings)
+    return Validation(Flow(states), [], warnings)
+
+
+def _parse_state(
+    sid: str, body: Any, tools: Container[str] | None, errors: list[str]
+) -> State | None:
+    where = f"state '{sid}'"
+    if not isinstance(body, dict):
+        errors.append(f"{where}: must be an object")
+        return None
+    before = len(errors)
+    for key in sorted(set(body) - STATE_KEYS):
+        errors.append(f"{where}: unknown field '{key}'")
+    if "tool" not in body:
+        errors.append(f"{where}: field 'tool' is required (a tool name, or null for a gate)")
+    tool = body.get("tool")
+    if tool is not None and not isinstance(tool, str):
+        errors.append(f"{where}: field 'tool' must be a string or null")
+    elif isinstance(tool, str) and tools is not None and tool not in tools:
+        errors.append(f"{where}: unknown tool '{tool}'")
+    name = body.get("name", sid)
+    if not isinstance(name, str) or not name:
+        errors.append(f"{where}: field 'name' must be a non-empty string")
+    args = body.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        errors.append(f"{where}: field 'args' must be an object")
+        args = {}
+    exprs = list(_expressions(args))
+    for expr in exprs:
+        problem = templating.check_expression(expr)
+        if problem:
+            errors.append(f"{where}: field 'args': {problem}")
+    if isinstance(tool, str) and tools is not None and hasattr(tools, "get"):
+        spec = tools.get(tool)
+        if spec is not None:
+            errors += [f"{where}: tool '{tool}': {p}" for p in spec.check_args(args)]
+    branch = _parse_transitions(where, body, errors)
+    timeout = body.get("timeout")
+    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+        errors.append(f"{where}: field 'timeout' must be a number of seconds > 0")
+    retry = _parse_retry(where, body.get("retry"), errors)
+    on_error = body.get("on_error")
+    if on_error is not None and not isinstance(on_error, str):
+        errors.append(f"{where}: field 'on_error' must be a state id")
+    if len(errors) > before:
+        return None
+    return State(
+        id=sid,
+        name=name,
+        tool=tool,
+        args=args,
+        next=body.get("next"),
+        branch=branch,
+        done=body.get("done") is True,
+        timeout=float(timeout) if timeout is not None else None,
+        retry=retry,
+        on_error=on_error,
+        templated=bool(exprs),
+    )
+
+
+def _parse_transitions(where: str, body: dict[str, Any], errors: list[str]) -> tuple[Case, ...]:
+    present = [k for k in ("next", "branch", "done") if k in body]
+    if len(present) != 1:
+        found = ", ".join(present) if present else "none"
+        errors.append(f"{where}: needs exactly one of 'next', 'branch' or 'done' (found: {found})")
+    if "next" in body and not isinstance(body["next"], str):
+        errors.append(f"{where}: field 'next' must be a state id")
+    if "done" in body and body["done"] is not True:
+        errors.append(f"{where}: field 'done' must be true")
+    if "branch" not in body:
+        return ()
+    raw = body["branch"]
+    if not isinstance(raw, list) or not raw:
+        errors.append(f"{where}: field 'branch' must be a non-empty list")
+        return ()
+    cases: list[Case] = []
+    for i, item in enumerate(raw):
+        at = f"{where}: branch[{i}]"
+        if isinstance(item, dict) and set(item) == {"else"} and isinstance(item["else"], str):
+            if i != len(raw) - 1:
+                errors.append(f"{at}: 'else' must be the last case")
+            cases.append(Case(None, item["else"]))
+        elif (
+            isinstance(item, dict)
+            and set(item) == {"if", "then"}
+            and isinstance(item["if"], str)
+            and isinstance(item["then"], str)
+        ):
+            problem = templating.check_expression(item["if"].strip())
+            if problem:
+                errors.append(f"{at}: {problem}")
+            cases.append(Case(item["if"].strip(), item["then"]))
+        else:
+            errors.append(
+                f'{at}: must be {{"if": "<expr>", "then": "<state>"}} or {{"else": "<state>"}}'
+            )
+    return tuple(cases)
+
+
+def _parse_retry(where: str, raw: Any, errors: list[str]) -> Retry:
+    if raw is None:
+        return Retry()
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: field 'retry' must be an object")
+        return Retry()
+    for key in sorted(set(raw) - RETRY_KEYS):
+        errors.append(f"{where}: retry: unknown field '{key}'")
+    attempts = raw.get("max_attempts", 3)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100:
+        errors.append(f"{where}: retry.max_attempts must be an integer from 1 to 100")
+        attempts = 1
+    values = {}
+    for key, default in (("backoff_s", 1.0), ("backoff_factor", 2.0), ("max_backoff_s", 300.0)):
+        v = raw.get(key, default)
+        if not _is_number(v) or v < 0:
+            errors.append(f"{where}: retry.{key} must be a number >= 0")
+            v = default
+        values[key] = float(v)
+    return Retry(max_attempts=attempts, **values)
+
+
+def _raw_targets(body: Any) -> Iterator[tuple[str, str]]:
+    """(field, target) pairs of a state, read before (or despite) other errors."""
+    if not isinstance(body, dict):
+        return
+    for key in ("next", "on_error"):
+        if isinstance(body.get(key), str):
+            yield key, body[key]
+    if isinstance(body.get("branch"), list):
+        for i, case in enumerate(body["branch"]):
+            if isinstance(case, dict):
+                for key in ("then", "else"):
+                    if isinstance(case.get(key), str):
+                        yield f"branch[{i}].{key}", case[key]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _expressions(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield from templating.placeholders(value)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _expressions(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _expressions(v)
+
+
+def _unreachable(states: dict[str, State]) -> list[str]:
+    if "start" not in states:
+        return []
+    seen, todo = {"start"}, ["start"]
+    while todo:
+        for target in states[todo.pop()].targets():
+            if target in states and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return [s for s in states if s not in seen]
+
+
+def after_success(flow: Flow, state_id: str, scope: dict[str, Any]) -> Move:
+    """Where to go once a state succeeded; `scope["result"]` is that state's own result."""
+    state = flow[state_id]
+    if state.done:
+        return Complete()
+    if state.next is not None:
+        return Advance(state.next)
+    for case in state.branch or ():
+        if case.condition is None:
+            return Advance(case.target)
+        try:
+            if templating.truthy(case.condition, scope):
+                return Advance(case.target)
+        except TemplateError as exc:
+            return Fail(f"state '{state_id}': branch condition failed: {exc}")
+    shown = templating.truncate_json(scope.get("result"))
+    return Fail(f"state '{state_id}': no branch matched result {shown}")
+
+
+def after_failure(
+    flow: Flow, state_id: str, error: str, *, attempt: int, retryable: bool, rand: float
+) -> Move:
+    """Where to go once an attempt failed: retry later, the `on_error` state, or fail."""
+    state = flow[state_id]
+    if retryable and attempt < state.retry.max_attempts:
+        return RetryLater(state.retry.delay(attempt, rand))
+    if state.on_error is not None:
+        return Advance(state.on_error)
+    return Fail(f"state '{state_id}': {error}")
+
+
+def limit_steps(move: Move, step_count: int, step_limit: int) -> Move:
+    """Stop runaway loops: advancing past the per-workflow step limit fails the workflow."""
+    if isinstance(move, Advance) and step_count >= step_limit:
+        return Fail(f"step limit of {step_limit} reached; not starting state '{move.target}'")
+    return move

@@ -1,0 +1,124 @@
+"""Domain data as frozen dataclasses; statuses as StrEnums."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, Self
+
+
+class WorkflowStatus(StrEnum):
+    RUNNING = "running"  # has a pending, running or waiting step
+    COMPLETED = "completed"  # a `done: true` state finished
+    FAILED = "failed"  # a step failed with nowhere to go, or the flow broke
+    CANCELLED = "cancelled"  # DELETE /api/workflow/{id}
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"  # queued, or waiting for a retry's backoff (run_at)
+    RUNNING = "running"  # a tool is running, or a gate waits (awaiting = "ready")
+    DONE = "done"  # finished with result_json
+    FAILED = "failed"  # finished with error
+    CANCELLED = "cancelled"  # its workflow was cancelled
+
+
+class _Row:
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Self:
+        keys = row.keys()
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in keys})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Workflow(_Row):
+    id: int
+    name: str
+    status: str
+    created_by: str | None
+    created_at: int
+    updated_at: int
+    error: str | None = None
+    completed_at: int | None = None
+    cancelled_at: int | None = None
+    flow_json: str | None = None
+    input_json: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status,
+            "created_by": self.created_by,
+            "error": self.error,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "completed_at": self.completed_at,
+            "cancelled_at": self.cancelled_at,
+        }
+
+
+@dataclass(frozen=True)
+class Step(_Row):
+    id: int
+    workflow_id: int
+    state: str
+    name: str
+    tool: str | None
+    status: str
+    seq: int
+    attempt: int
+    run_at: int
+    created_at: int
+    awaiting: str | None = None
+    result_json: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    decided_by: str | None = None
+    started_at: int | None = None
+    completed_at: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "tool": self.tool,
+            "status": self.status,
+            "awaiting": self.awaiting,
+            "attempt": self.attempt,
+            "result_json": self.result_json,
+            "error": self.error,
+            "decided_by": self.decided_by,
+            "run_at": self.run_at,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+        }
+
+
+@dataclass(frozen=True)
+class NewStep:
+    """A state visit to insert: a pending tool step, or a gate that starts waiting."""
+
+    state: str
+    name: str
+    tool: str | None
+    seq: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The outcome of one attempt, written in one transaction with what follows it."""
+
+    step_id: int
+    workflow_id: int
+    attempt: int
+    status: StepStatus  # DONE or FAILED, or PENDING for a retry
+    result_json: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    retry_at: int | None = None  # with PENDING: when to try again
+    next_step: NewStep | None = None  # the state to visit next
+    workflow_status: WorkflowStatus | None = None  # COMPLETED / FAILED ends the workflow
+    workflow_error: str | None = None

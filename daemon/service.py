@@ -1,0 +1,100 @@
+"""`stepd serve`: wiring, signals, systemd notify, first-start token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+
+import uvicorn
+
+from daemon import sdnotify
+from daemon.api import create_app
+from daemon.auth import first_start_token
+from daemon.config import Config
+
+log = logging.getLogger("stepd")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: `serve` owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def with_tokens(config: Config, out: object = sys.stdout) -> Config:
+    """With no token configured, use (or make and print once) the generated admin token."""
+    if config.tokens:
+        return config
+    token_cfg, token = first_start_token(config.state_dir)
+    if token is not None:
+        print(
+            "stepd: no [[auth.tokens]] configured; generated a token for 'admin' "
+            "(shown once, its hash is in "
+            f"{config.state_dir / 'stepd-token.sha256'}):\n\n"
+            f"    export TOKEN={token}\n",
+            file=out,  # type: ignore[arg-type]
+            flush=True,
+        )
+    return replace(config, tokens=(token_cfg,))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def serve(config: Config) -> int:
+    """Run API and executor until SIGTERM/SIGINT; then drain and exit 0."""
+    config = with_tokens(config)
+    app = create_app(config)
+    server = _Server(uvicorn.Config(
+        app, host=config.host, port=config.port, lifespan="on", access_log=False,
+        log_level=config.log_level.lower(), log_config=None, server_header=False,
+        timeout_graceful_shutdown=5,
+    ))  # fmt: skip
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s: stopping (grace %.0fs)", sig.name, config.shutdown_grace)
+        sdnotify.notify("STOPPING=1")
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    serving = asyncio.create_task(server.serve())
+    watchdog: asyncio.Task[None] | None = None
+    # uvicorn exposes start-up only as a flag.
+    while not server.started and not serving.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    if server.started:
+        log.info(
+            "stepd listening on http://%s:%d (database %s)",
+            config.host,
+            config.port,
+            config.db_path,
+        )
+        sdnotify.notify(f"READY=1\nSTATUS=listening on {config.host}:{config.port}")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            executor = app.state.executor
+            watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval, lambda: executor.alive))
+    try:
+        await serving
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+    # uvicorn reports start-up failures (port in use, lifespan error) by not starting.
+    return 0 if server.started else 1

@@ -1,0 +1,123 @@
+-- max_id --
+-- The largest id in use, so new ids keep increasing across restarts.
+SELECT max(coalesce((SELECT max(id) FROM workflows), 0), coalesce((SELECT max(id) FROM steps), 0));
+
+-- find_idempotent --
+-- A workflow created earlier by the same token with the same Idempotency-Key.
+SELECT id, request_hash FROM workflows
+WHERE created_by IS :created_by AND idempotency_key = :key;
+
+-- insert_workflow --
+-- A new running workflow.
+INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,
+                       idempotency_key, request_hash, created_at, updated_at)
+VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
+        :key, :request_hash, :now, :now);
+
+-- insert_step --
+-- A state visit: pending for a tool, running and awaiting 'ready' for a gate.
+INSERT INTO steps (id, workflow_id, state, name, tool, status, awaiting, seq, attempt,
+                   run_at, created_at, started_at)
+VALUES (:id, :workflow_id, :state, :name, :tool,
+        CASE WHEN :tool IS NULL THEN 'running' ELSE 'pending' END,
+        CASE WHEN :tool IS NULL THEN 'ready' END,
+        :seq,
+        CASE WHEN :tool IS NULL THEN 1 ELSE 0 END,
+        :now, :now,
+        CASE WHEN :tool IS NULL THEN :now END);
+
+-- insert_event --
+-- Append to the event log.
+INSERT INTO events (workflow_id, step_id, type, at, data_json)
+VALUES (:workflow_id, :step_id, :type, :now, :data_json);
+
+-- get_workflow --
+-- One workflow with its definition and input.
+SELECT * FROM workflows WHERE id = :id;
+
+-- list_workflows --
+-- Newest first, before a cursor id.
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at
+FROM workflows WHERE id < :before ORDER BY id DESC LIMIT :limit;
+
+-- list_workflows_by_status --
+-- Newest first with one status, before a cursor id.
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at
+FROM workflows WHERE status = :status AND id < :before ORDER BY id DESC LIMIT :limit;
+
+-- workflow_steps --
+-- Every state visit of a workflow, in order.
+SELECT * FROM steps WHERE workflow_id = :workflow_id ORDER BY id;
+
+-- get_step --
+-- One step.
+SELECT * FROM steps WHERE id = :id;
+
+-- claim_steps --
+-- Take due pending steps: tools become running (a new attempt), gates start waiting.
+UPDATE steps
+SET status = 'running', attempt = attempt + 1, started_at = :now,
+    awaiting = CASE WHEN tool IS NULL THEN 'ready' END
+WHERE id IN (SELECT id FROM steps WHERE status = 'pending' AND run_at <= :now
+             ORDER BY run_at, id LIMIT :limit)
+RETURNING *;
+
+-- finish_step --
+-- Record an attempt's outcome, only if that attempt still owns the step.
+UPDATE steps
+SET status = :status, result_json = :result_json, error = :error, error_type = :error_type,
+    completed_at = :now
+WHERE id = :id AND status = 'running' AND attempt = :attempt;
+
+-- retry_step --
+-- Put a failed attempt back in the queue until run_at.
+UPDATE steps
+SET status = 'pending', error = :error, error_type = :error_type, run_at = :run_at
+WHERE id = :id AND status = 'running' AND attempt = :attempt;
+
+-- end_workflow --
+-- Complete or fail a running workflow.
+UPDATE workflows SET status = :status, error = :error, completed_at = :now, updated_at = :now
+WHERE id = :id AND status = 'running';
+
+-- touch_workflow --
+-- Mark a workflow as changed.
+UPDATE workflows SET updated_at = :now WHERE id = :id;
+
+-- cancel_workflow --
+-- Cancel a running workflow.
+UPDATE workflows SET status = 'cancelled', cancelled_at = :now, updated_at = :now
+WHERE id = :id AND status = 'running';
+
+-- cancel_steps --
+-- Cancel a workflow's queued, running and waiting steps.
+UPDATE steps SET status = 'cancelled', awaiting = NULL, completed_at = :now
+WHERE workflow_id = :workflow_id AND status IN ('pending', 'running')
+RETURNING id;
+
+-- decide_gate --
+-- Release a waiting gate with its result, if it still waits.
+UPDATE steps
+SET status = 'done', awaiting = NULL, result_json = :result_json, decided_by = :decided_by,
+    completed_at = :now
+WHERE id = :id AND status = 'running' AND awaiting = 'ready';
+
+-- requeue_running --
+-- Put every running tool step back in the queue (start-up recovery, shutdown).
+UPDATE steps SET status = 'pending', run_at = :now
+WHERE status = 'running' AND tool IS NOT NULL
+RETURNING id, workflow_id, attempt;
+
+-- requeue_step --
+-- Put one running attempt back in the queue.
+UPDATE steps SET status = 'pending', run_at = :now
+WHERE id = :id AND status = 'running' AND attempt = :attempt;
+
+-- next_run_at --
+-- When the earliest pending step becomes due.
+SELECT min(run_at) FROM steps WHERE status = 'pending';
+
+-- workflow_events --
+-- A workflow's event log, oldest first.
+SELECT id, workflow_id, step_id, type, at, data_json FROM events
+WHERE workflow_id = :workflow_id ORDER BY id;

@@ -1,0 +1,470 @@
+"""SQLite storage: the only module that talks to the database.
+
+One writer connection (every write in BEGIN IMMEDIATE, serialised by a lock) and
+one reader connection, which in WAL mode never waits behind the writer. The
+interface is narrow and async so that another backend can implement it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from daemon.models import Finish, NewStep, Step, StepStatus, Workflow
+
+_BLOCK = re.compile(r"^-- (\w+) --\n--[^\n]*\n(.*?)(?=^-- \w+ --$|\Z)", re.M | re.S)
+
+
+def load_queries(text: str) -> dict[str, str]:
+    """Named SQL blocks: a `-- name --` line, one comment line, then the statement."""
+    return {m.group(1): m.group(2).strip() for m in _BLOCK.finditer(text)}
+
+
+_SQL = resources.files("daemon") / "sql"
+Q = load_queries((_SQL / "queries.sql").read_text())
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, script) for every numbered file in sql/migrations, in order."""
+    out = []
+    for entry in (_SQL / "migrations").iterdir():
+        m = re.match(r"(\d+)_.*\.sql$", entry.name)
+        if m:
+            out.append((int(m.group(1)), entry.read_text()))
+    return sorted(out)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a migration script into statements (sqlite3.complete_statement decides)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip() and not all(
+        ln.strip().startswith("--") for ln in buf.splitlines() if ln.strip()
+    ):
+        raise ValueError(f"incomplete SQL statement: {buf.strip()[:80]}")
+    return [s for s in out if s]
+
+
+class Cancelled(Enum):
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Created:
+    id: int
+    replayed: bool  # an earlier request with the same Idempotency-Key made it
+    conflict: bool = False  # same key, different request
+
+
+class Store:
+    """Async access to one SQLite database file."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000):
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.busy_timeout_ms = busy_timeout_ms
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._last_id = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._connect()
+        await self._writer.execute("PRAGMA journal_mode = WAL")
+        await self._migrate()
+        self._reader = await self._connect()
+        async with self._writer.execute(Q["max_id"]) as cur:
+            row = await cur.fetchone()
+        self._last_id = int(row[0]) if row else 0
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return db
+
+    async def close(self) -> None:
+        for db in (self._reader, self._writer):
+            if db is not None:
+                await db.close()
+        self._reader = self._writer = None
+
+    async def _migrate(self) -> None:
+        """Apply every migration newer than PRAGMA user_version, in one transaction."""
+        async with self._write() as db:
+            async with db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = row[0] if row else 0
+            for number, script in migrations():
+                if number > version:
+                    for statement in split_statements(script):
+                        await db.execute(statement)
+                    await db.execute(f"PRAGMA user_version = {number}")
+
+    async def schema_version(self) -> int:
+        return int((await self._one("PRAGMA user_version", {}))[0])
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; commits on success, rolls back on any error."""
+        assert self._writer is not None, "store is not open"
+        async with self._lock:
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            else:
+                await db.execute("COMMIT")
+
+    def _new_id(self, now: int) -> int:
+        """Millisecond-epoch shaped ids, unique and increasing; call under the write lock."""
+        self._last_id = max(now, self._last_id + 1)
+        return self._last_id
+
+    async def _one(self, sql: str, params: dict[str, Any]) -> sqlite3.Row | None:
+        assert self._reader is not None, "store is not open"
+        async with self._reader.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params: dict[str, Any]) -> Iterable[sqlite3.Row]:
+        assert self._reader is not None, "store is not open"
+        async with self._reader.execute(sql, params) as cur:
+            return await cur.fetchall()
+
+    @staticmethod
+    async def _event(
+        db: aiosqlite.Connection,
+        workflow_id: int,
+        step_id: int | None,
+        type_: str,
+        now: int,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        await db.execute(
+            Q["insert_event"],
+            {
+                "workflow_id": workflow_id,
+                "step_id": step_id,
+                "type": type_,
+                "now": now,
+                "data_json": orjson.dumps(data).decode() if data else None,
+            },
+        )
+
+    async def _insert_step(
+        self, db: aiosqlite.Connection, workflow_id: int, step: NewStep, now: int
+    ) -> int:
+        step_id = self._new_id(now)
+        await db.execute(
+            Q["insert_step"],
+            {
+                "id": step_id,
+                "workflow_id": workflow_id,
+                "state": step.state,
+                "name": step.name,
+                "tool": step.tool,
+                "seq": step.seq,
+                "now": now,
+            },
+        )
+        if step.tool is None:
+            await self._event(db, workflow_id, step_id, "gate_waiting", now, {"state": step.state})
+        return step_id
+
+    # -- workflows -----------------------------------------------------------------
+
+    async def create_workflow(
+        self,
+        *,
+        name: str,
+        flow_json: str,
+        input_json: str,
+        created_by: str | None,
+        first: NewStep,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        now: int | None = None,
+    ) -> Created:
+        """Insert a workflow and its first step; replays an earlier Idempotency-Key."""
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            if idempotency_key is not None:
+                params = {"created_by": created_by, "key": idempotency_key}
+                async with db.execute(Q["find_idempotent"], params) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    return Created(row["id"], True, conflict=row["request_hash"] != request_hash)
+            wf_id = self._new_id(now)
+            await db.execute(
+                Q["insert_workflow"],
+                {
+                    "id": wf_id,
+                    "name": name,
+                    "flow_json": flow_json,
+                    "input_json": input_json,
+                    "created_by": created_by,
+                    "key": idempotency_key,
+                    "request_hash": request_hash,
+                    "now": now,
+                },
+            )
+            await self._event(db, wf_id, None, "created", now, {"by": created_by})
+            await self._insert_step(db, wf_id, first, now)
+        return Created(wf_id, False)
+
+    async def get_workflow(self, workflow_id: int) -> Workflow | None:
+        row = await self._one(Q["get_workflow"], {"id": workflow_id})
+        return Workflow.from_row(row) if row else None
+
+    async def list_workflows(
+        self, *, limit: int = 50, status: str | None = None, before: int | None = None
+    ) -> list[Workflow]:
+        params = {"limit": limit, "status": status, "before": before or (1 << 62)}
+        sql = Q["list_workflows_by_status"] if status else Q["list_workflows"]
+        return [Workflow.from_row(r) for r in await self._all(sql, params)]
+
+    async def steps(self, workflow_id: int) -> list[Step]:
+        rows = await self._all(Q["workflow_steps"], {"workflow_id": workflow_id})
+        return [Step.from_row(r) for r in rows]
+
+    async def get_step(self, step_id: int) -> Step | None:
+        row = await self._one(Q["get_step"], {"id": step_id})
+        return Step.from_row(row) if row else None
+
+    async def events(self, workflow_id: int) -> list[dict[str, Any]]:
+        rows = await self._all(Q["workflow_events"], {"workflow_id": workflow_id})
+        return [
+            {**dict(r), "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
+            for r in rows
+        ]
+
+    async def cancel_workflow(
+        self, workflow_id: int, *, by: str | None, now: int | None = None
+    ) -> tuple[Cancelled, list[int]]:
+        """Cancel a running workflow and its open steps; returns the cancelled step ids."""
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            cur = await db.execute(Q["cancel_workflow"], {"id": workflow_id, "now": now})
+            if cur.rowcount == 0:
+                async with db.execute("SELECT 1 FROM workflows WHERE id = ?", (workflow_id,)) as c:
+                    exists = await c.fetchone()
+                return (Cancelled.FINISHED if exists else Cancelled.NOT_FOUND), []
+            async with db.execute(
+                Q["cancel_steps"], {"workflow_id": workflow_id, "now": now}
+            ) as cur:
+                step_ids = [r[0] for r in await cur.fetchall()]
+            await self._event(db, workflow_id, None, "cancelled", now, {"by": by})
+        return Cancelled.OK, step_ids
+
+    # -- steps ---------------------------------------------------------------------
+
+    async def claim_steps(self, limit: int, *, now: int | None = None) -> list[Step]:
+        """Claim up to `limit` due pending steps; tools become running, gates start waiting."""
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            async with db.execute(Q["claim_steps"], {"now": now, "limit": limit}) as cur:
+                rows = [Step.from_row(r) for r in await cur.fetchall()]
+            for step in rows:
+                if step.tool is None:
+                    await self._event(
+                        db, step.workflow_id, step.id, "gate_waiting", now, {"state": step.state}
+                    )
+                else:
+                    await self._event(
+                        db,
+                        step.workflow_id,
+                        step.id,
+                        "step_started",
+                        now,
+                        {"state": step.state, "attempt": step.attempt},
+                    )
+        rows.sort(key=lambda s: s.id)
+        return rows
+
+    async def finish_step(self, fin: Finish, *, now: int | None = None) -> int | None:
+        """Record an attempt and what follows it in one transaction.
+
+        Returns the next step's id (0 when there is none), or None when the attempt
+        no longer owns the step (cancelled, or requeued) and nothing was written.
+        """
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            params = {
+                "id": fin.step_id,
+                "attempt": fin.attempt,
+                "now": now,
+                "error": fin.error,
+                "error_type": fin.error_type,
+            }
+            if fin.status is StepStatus.PENDING:
+                cur = await db.execute(Q["retry_step"], {**params, "run_at": fin.retry_at})
+            else:
+                cur = await db.execute(
+                    Q["finish_step"],
+                    {**params, "status": fin.status.value, "result_json": fin.result_json},
+                )
+            if cur.rowcount == 0:
+                return None
+            return await self._follow(db, fin, now)
+
+    async def _follow(self, db: aiosqlite.Connection, fin: Finish, now: int) -> int:
+        """Events, the next step and the workflow's end, after a step changed."""
+        wf = fin.workflow_id
+        if fin.status is StepStatus.PENDING:
+            await self._event(
+                db,
+                wf,
+                fin.step_id,
+                "step_retrying",
+                now,
+                {"attempt": fin.attempt, "error": fin.error, "run_at": fin.retry_at},
+            )
+        elif fin.status is StepStatus.FAILED:
+            await self._event(
+                db,
+                wf,
+                fin.step_id,
+                "step_failed",
+                now,
+                {"attempt": fin.attempt, "error": fin.error},
+            )
+        else:
+            await self._event(db, wf, fin.step_id, "step_done", now, {"attempt": fin.attempt})
+        next_id = 0
+        if fin.next_step is not None:
+            next_id = await self._insert_step(db, wf, fin.next_step, now)
+            await db.execute(Q["touch_workflow"], {"id": wf, "now": now})
+        elif fin.workflow_status is not None:
+            await db.execute(
+                Q["end_workflow"],
+                {
+                    "id": wf,
+                    "status": fin.workflow_status.value,
+                    "error": fin.workflow_error,
+                    "now": now,
+                },
+            )
+            await self._event(
+                db,
+                wf,
+                None,
+                fin.workflow_status.value,
+                now,
+                {"error": fin.workflow_error} if fin.workflow_error else None,
+            )
+        else:
+            await db.execute(Q["touch_workflow"], {"id": wf, "now": now})
+        return next_id
+
+    async def decide_gate(
+        self, fin: Finish, *, decided_by: str | None, now: int | None = None
+    ) -> int | None:
+        """Release a waiting gate with `fin.result_json` and move on, in one transaction.
+
+        Returns the next step's id (0 if none), or None if the gate no longer waits.
+        """
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            cur = await db.execute(
+                Q["decide_gate"],
+                {
+                    "id": fin.step_id,
+                    "result_json": fin.result_json,
+                    "decided_by": decided_by,
+                    "now": now,
+                },
+            )
+            if cur.rowcount == 0:
+                return None
+            await self._event(
+                db,
+                fin.workflow_id,
+                fin.step_id,
+                "gate_decided",
+                now,
+                {"decision": "ready", "by": decided_by},
+            )
+            return await self._follow(db, fin, now)
+
+    async def requeue(self, step_id: int, attempt: int, *, now: int | None = None) -> bool:
+        """Put one running attempt back in the queue (shutdown past the grace period)."""
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            cur = await db.execute(
+                Q["requeue_step"], {"id": step_id, "attempt": attempt, "now": now}
+            )
+            if cur.rowcount:
+                await self._event(
+                    db,
+                    await self._workflow_of(db, step_id),
+                    step_id,
+                    "step_requeued",
+                    now,
+                    {"attempt": attempt, "reason": "daemon shutting down"},
+                )
+            return bool(cur.rowcount)
+
+    @staticmethod
+    async def _workflow_of(db: aiosqlite.Connection, step_id: int) -> int:
+        async with db.execute("SELECT workflow_id FROM steps WHERE id = ?", (step_id,)) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def recover(self, *, now: int | None = None) -> int:
+        """At start-up: requeue tool steps a previous process left running."""
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            async with db.execute(Q["requeue_running"], {"now": now}) as cur:
+                rows = await cur.fetchall()
+            for r in rows:
+                await self._event(
+                    db,
+                    r["workflow_id"],
+                    r["id"],
+                    "step_requeued",
+                    now,
+                    {
+                        "attempt": r["attempt"],
+                        "reason": "interrupted: the daemon stopped while it ran",
+                    },
+                )
+        return len(rows)
+
+    async def next_run_at(self) -> int | None:
+        row = await self._one(Q["next_run_at"], {})
+        return row[0] if row else None
+
+    async def ping(self) -> bool:
+        """A cheap read, for health checks."""
+        return (await self._one("SELECT 1", {})) is not None
