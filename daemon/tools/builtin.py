@@ -34,7 +34,7 @@ async def http(
     headers: dict[str, str] | None = None,
     json: Any = None,
     body: str | None = None,
-    timeout: float = 30,  # noqa: ASYNC109 - the argument name is fixed by the spec
+    timeout: float = 30,
 ) -> dict[str, Any]:
     """Make an HTTP request; returns {"status", "headers", "json"} or "text" when not JSON.
 

@@ -1,0 +1,66 @@
+"""Test helpers shared by the test modules: tokens, config, polling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from daemon.auth import hash_token
+from daemon.config import Config, TokenConfig
+
+TOKENS = {
+    "james": ("tok-james", ("workflow",)),
+    "approver": ("tok-approver", ("approve",)),
+}
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def auth(name: str = "james") -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[name][0]}"}
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    tokens = tuple(
+        TokenConfig(name, hash_token(tok), perms) for name, (tok, perms) in TOKENS.items()
+    )
+    base = Config(
+        db_path=tmp_path / "stepd.db",
+        state_dir=tmp_path,
+        tokens=tokens,
+        poll_interval=1.0,
+        shutdown_grace=2.0,
+    )
+    return replace(base, **overrides)
+
+
+async def wait_for(
+    client: httpx.AsyncClient,
+    wf_id: int,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Poll a workflow until `until(wf)` (default: a terminal status) or fail the test."""
+    until = until or (lambda wf: wf["status"] in TERMINAL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        resp = await client.get(f"/api/workflow/{wf_id}")
+        assert resp.status_code == 200, resp.text
+        wf = resp.json()
+        if until(wf):
+            return wf
+        if loop.time() > deadline:
+            raise AssertionError(f"workflow {wf_id} did not get there in {timeout}s: {wf}")
+        await asyncio.sleep(0.01)
+
+
+def waiting_gate(wf: dict[str, Any]) -> dict[str, Any] | None:
+    for step in wf["steps"]:
+        if step["awaiting"] == "ready":
+            return step
+    return None

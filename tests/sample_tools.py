@@ -1,0 +1,63 @@
+"""Tools used by the tests (loaded through the config's [tools] modules)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from daemon.tools import ToolContext, ToolError, tool
+
+CALLS: dict[str, int] = {}  # idempotency key -> calls, for flaky
+STARTED: list[tuple[str, float]] = []
+LOCK = threading.Lock()
+
+
+@tool
+def blocking_sleep(seconds: float) -> dict[str, Any]:
+    """Block the calling thread (a sync tool)."""
+    time.sleep(seconds)
+    return {"slept": seconds, "thread": threading.current_thread().name}
+
+
+@tool
+async def flaky(fail_times: int, *, ctx: ToolContext) -> dict[str, Any]:
+    """Fail the first `fail_times` attempts of a step, then succeed."""
+    with LOCK:
+        CALLS[ctx.idempotency_key] = CALLS.get(ctx.idempotency_key, 0) + 1
+    if ctx.attempt <= fail_times:
+        raise RuntimeError(f"flaky failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+@tool
+async def fail(message: str = "boom", retryable: bool = True) -> None:
+    """Always fail."""
+    raise ToolError(message, retryable=retryable)
+
+
+@tool
+async def exit_daemon() -> None:
+    """Try to stop the daemon with SystemExit."""
+    raise SystemExit(3)
+
+
+@tool
+def not_json() -> Any:
+    """Return something JSON cannot encode."""
+    return {"when": object()}
+
+
+@tool
+async def big(size: int) -> str:
+    """Return a string of `size` characters."""
+    return "x" * size
+
+
+@tool
+async def track(label: str, seconds: float = 0.05) -> str:
+    """Record when it started, then wait."""
+    STARTED.append((label, time.monotonic()))
+    await asyncio.sleep(seconds)
+    return label

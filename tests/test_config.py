@@ -1,0 +1,85 @@
+"""Configuration loading: the example file documents every setting with its default."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from daemon import config
+from daemon.config import Config
+from daemon.errors import ConfigError
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_example_config_loads_and_matches_the_defaults(tmp_path):
+    loaded = config.load(ROOT / "config.example.toml", env={"STATE_DIRECTORY": str(tmp_path)})
+    default = config.load(None, env={"STATE_DIRECTORY": str(tmp_path)})
+    assert loaded == default
+    assert loaded.db_path == tmp_path / "stepd.db"
+    assert loaded.tool_modules == ("daemon.tools.demo",)
+
+
+def test_example_config_documents_every_setting():
+    text = (ROOT / "config.example.toml").read_text()
+    documented = {key for section in config._SCHEMA.values() for key in section}
+    for key in documented:
+        assert f"\n{key} = " in text, f"{key} is not in config.example.toml"
+    settable = {attr for section in config._SCHEMA.values() for attr, _ in section.values()}
+    internal = {"tokens", "state_dir"}
+    assert {f.name for f in dataclasses.fields(Config)} - internal == settable
+    for key in ("[[auth.tokens]]", "name =", "sha256 =", "permissions ="):
+        assert key in text
+
+
+def test_relative_paths_follow_state_directory(tmp_path):
+    cfg = config.from_dict({"database": {"path": "x/y.db"}}, env={"STATE_DIRECTORY": "/srv/a:/b"})
+    assert cfg.db_path == Path("/srv/a/x/y.db")
+    cfg = config.from_dict({"database": {"path": "/abs.db"}}, env={})
+    assert cfg.db_path == Path("/abs.db")
+    cfg = config.from_dict({}, env={})
+    assert cfg.db_path == Path.cwd() / "stepd.db" and cfg.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"serverr": {}}, "unknown config section [serverr]"),
+        ({"server": {"prot": 1}}, "unknown key 'prot' in [server]"),
+        ({"server": {"port": "80"}}, "[server] port: wrong type"),
+        ({"server": {"port": 70000}}, "port must be between"),
+        ({"executor": {"poll_interval": 0}}, "poll_interval must be > 0"),
+        ({"executor": {"concurrency": True}}, "wrong type"),
+        ({"database": {"synchronous": "OFF"}}, "synchronous must be"),
+        ({"tools": {"modules": [1]}}, "list of module names"),
+        ({"auth": {"tokens": [{"name": "a", "sha256": "zz"}]}}, "64 hex"),
+        ({"auth": {"tokens": [{"name": "a", "sha256": "g" * 64}]}}, "not hex"),
+        ({"auth": {"tokens": [{"name": "", "sha256": "a" * 64}]}}, "name must be"),
+        ({"auth": {"tokens": [{"name": "a", "sha256": "a" * 64, "permissions": ["root"]}]}},
+         "permissions must be"),
+        ({"auth": {"users": []}}, "[auth] accepts only"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_clear_message(data, needle):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(data, env={})
+    assert needle in str(info.value)
+
+
+def test_token_entries(tmp_path):
+    cfg = config.from_dict(
+        {"auth": {"tokens": [{"name": "a", "sha256": "A" * 64, "permissions": ["approve"]}]}},
+        env={},
+    )
+    assert cfg.tokens == (config.TokenConfig("a", "a" * 64, ("approve",)),)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        config.load(bad)

@@ -1,0 +1,306 @@
+"""Executor behaviour through the real app: wake-ups, polling, concurrency, cancel, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from daemon.api import create_app
+from tests import sample_tools
+from tests.helpers import auth, make_config, wait_for, waiting_gate
+
+MODULES = ("daemon.tools.demo", "tests.sample_tools")
+
+
+@pytest.fixture
+async def make_client(tmp_path) -> AsyncIterator[Any]:
+    """Start an app with config overrides; yields a factory returning (client, app)."""
+    stack: list[Any] = []
+
+    async def start(**overrides: Any) -> tuple[httpx.AsyncClient, Any]:
+        overrides.setdefault("tool_modules", MODULES)
+        app = create_app(make_config(tmp_path, **overrides))
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://stepd", headers=auth()
+        )
+        stack.append((client, lifespan))
+        return client, app
+
+    yield start
+    for client, lifespan in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+def single(tool: str | None, args: dict | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": f"t-{tool}", "flow": {"start": {"tool": tool, "args": args or {},
+                                                   "done": True, **extra}}}  # fmt: skip
+
+
+def chain(*tools: tuple[str, dict]) -> dict[str, Any]:
+    flow = {}
+    for i, (name, args) in enumerate(tools):
+        sid = "start" if i == 0 else f"s{i}"
+        flow[sid] = {"tool": name, "args": args}
+        if i + 1 < len(tools):
+            flow[sid]["next"] = f"s{i + 1}"
+        else:
+            flow[sid]["done"] = True
+    return {"name": "chain", "flow": flow}
+
+
+async def test_api_wakes_the_executor_without_waiting_for_a_poll(make_client):
+    client, _ = await make_client(poll_interval=30.0)
+    t0 = time.monotonic()
+    wf_id = (await client.post("/api/workflow", json=chain(("echo", {}), ("echo", {})))).json()[
+        "id"
+    ]
+    wf = await wait_for(client, wf_id, timeout=5)
+    assert wf["status"] == "completed"
+    assert time.monotonic() - t0 < 2  # with a 30 s poll, only wake-ups can do this
+
+
+async def test_ready_wakes_the_executor(make_client):
+    client, _ = await make_client(poll_interval=30.0)
+    flow = {"name": "g", "flow": {"start": {"tool": None, "next": "go"},
+                                 "go": {"tool": "echo", "args": {}, "done": True}}}  # fmt: skip
+    wf_id = (await client.post("/api/workflow", json=flow)).json()["id"]
+    gate = waiting_gate(await wait_for(client, wf_id, waiting_gate))
+    t0 = time.monotonic()
+    await client.post(f"/api/workflow/{gate['id']}/ready")
+    assert (await wait_for(client, wf_id, timeout=5))["status"] == "completed"
+    assert time.monotonic() - t0 < 2
+
+
+async def test_poll_picks_up_rows_written_by_another_process(make_client, tmp_path):
+    client, app = await make_client(poll_interval=0.1)
+    # Another writer: a workflow and its first step inserted with plain sqlite3.
+    db = sqlite3.connect(tmp_path / "stepd.db", isolation_level=None)
+    now = int(time.time() * 1000)
+    flow = {"start": {"tool": "echo", "args": {"from": "outside"}, "done": True}}
+    db.execute("BEGIN IMMEDIATE")
+    db.execute(
+        "INSERT INTO workflows (id, name, flow_json, input_json, status, created_at, updated_at)"
+        " VALUES (?, 'outside', ?, '{}', 'running', ?, ?)",
+        (now - 5000, orjson.dumps(flow).decode(), now, now),
+    )
+    db.execute(
+        "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at, created_at)"
+        " VALUES (?, ?, 'start', 'start', 'echo', 'pending', 1, ?, ?)",
+        (now - 4999, now - 5000, now, now),
+    )
+    db.execute("COMMIT")
+    db.close()
+    wf = await wait_for(client, now - 5000, timeout=5)
+    assert wf["status"] == "completed"
+    assert orjson.loads(wf["steps"][0]["result_json"]) == {"from": "outside"}
+
+
+async def test_concurrency_limit_and_parallelism(make_client):
+    client, app = await make_client(concurrency=3)
+    sample_tools.STARTED.clear()
+    ids = [
+        (await client.post("/api/workflow", json=single("track", {"label": str(i), "seconds": 0.3}))
+         ).json()["id"]
+        for i in range(6)
+    ]  # fmt: skip
+    peak = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        peak = max(peak, app.state.executor.running)
+        assert app.state.executor.running <= 3
+        listed = (await client.get("/api/workflow?status=running")).json()
+        if not listed:
+            break
+        await asyncio.sleep(0.01)
+    assert peak == 3  # the limit was reached: steps ran concurrently
+    for wf_id in ids:
+        assert (await wait_for(client, wf_id))["status"] == "completed"
+
+
+async def test_sync_tools_run_in_threads_without_blocking_the_loop(make_client):
+    client, _ = await make_client()
+    slow = (await client.post("/api/workflow", json=single("blocking_sleep", {"seconds": 1.0}))
+            ).json()["id"]  # fmt: skip
+    t0 = time.monotonic()
+    fast = (await client.post("/api/workflow", json=single("echo", {"a": 1}))).json()["id"]
+    assert (await wait_for(client, fast))["status"] == "completed"
+    assert time.monotonic() - t0 < 0.8  # the blocked thread did not hold up the loop
+    wf = await wait_for(client, slow)
+    assert orjson.loads(wf["steps"][0]["result_json"])["thread"].startswith("stepd-tool")
+
+
+async def test_cancel_stops_a_running_tool_and_discards_its_result(make_client):
+    client, app = await make_client()
+    wf_id = (await client.post("/api/workflow", json=single("sleep", {"seconds": 30}))).json()[
+        "id"
+    ]
+    await wait_for(client, wf_id, lambda wf: wf["steps"][0]["status"] == "running")
+    t0 = time.monotonic()
+    assert (await client.delete(f"/api/workflow/{wf_id}")).status_code == 200
+    for _ in range(200):
+        if app.state.executor.running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert app.state.executor.running == 0 and time.monotonic() - t0 < 2
+    wf = (await client.get(f"/api/workflow/{wf_id}")).json()
+    assert wf["status"] == "cancelled"
+    assert wf["steps"][0]["status"] == "cancelled" and wf["steps"][0]["result_json"] is None
+
+
+async def test_late_sync_result_after_cancel_is_discarded(make_client):
+    client, app = await make_client()
+    wf_id = (await client.post("/api/workflow", json=single("blocking_sleep", {"seconds": 0.3}))
+             ).json()["id"]  # fmt: skip
+    await wait_for(client, wf_id, lambda wf: wf["steps"][0]["status"] == "running")
+    await client.delete(f"/api/workflow/{wf_id}")
+    await asyncio.sleep(0.5)  # the thread finishes after the cancel
+    wf = (await client.get(f"/api/workflow/{wf_id}")).json()
+    assert wf["status"] == "cancelled" and wf["steps"][0]["status"] == "cancelled"
+    assert wf["steps"][0]["result_json"] is None
+
+
+async def test_step_limit_stops_a_runaway_loop(make_client):
+    client, _ = await make_client(step_limit=5)
+    flow = {"name": "loop", "flow": {"start": {"tool": "echo", "args": {}, "next": "again"},
+                                     "again": {"tool": "echo", "args": {}, "next": "start"}}}
+    wf = await wait_for(client, (await client.post("/api/workflow", json=flow)).json()["id"])
+    assert wf["status"] == "failed"
+    assert "step limit of 5" in wf["error"]
+    assert len(wf["steps"]) == 5
+
+
+async def test_undefined_template_variable_fails_naming_it(make_client):
+    client, _ = await make_client()
+    body = single("echo", {"q": "{{input.topic}}"})
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "failed"
+    step = wf["steps"][0]
+    assert step["status"] == "failed" and "topic" in step["error"]
+    assert "topic" in wf["error"] and "state 'start'" in wf["error"]
+
+
+async def test_results_flow_between_steps_with_types(make_client):
+    client, _ = await make_client()
+    body = {
+        "name": "types",
+        "flow": {
+            "start": {"tool": "echo", "args": {"n": "<<input.n>>", "tags": "<<input.tags>>"},
+                      "next": "use"},
+            "use": {"tool": "echo", "args": {"prev": "<<result>>", "n": "<<steps.start.result.n>>",
+                                             "text": "n is {{ result.n + 1 }}"}, "done": True},
+        },
+        "input": {"n": 41, "tags": ["a", "b"]},
+    }  # fmt: skip
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "completed", wf
+    out = orjson.loads(wf["steps"][1]["result_json"])
+    assert out == {"prev": {"n": 41, "tags": ["a", "b"]}, "n": 41, "text": "n is 42"}
+
+
+async def test_tool_error_fails_the_workflow_with_its_message(make_client):
+    client, _ = await make_client()
+    body = single("fail", {"message": "disk on fire", "retryable": False})
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "failed" and "disk on fire" in wf["error"]
+    assert wf["steps"][0]["status"] == "failed" and wf["steps"][0]["error"] == "disk on fire"
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "needle"),
+    [
+        ("exit_daemon", {}, "SystemExit"),
+        ("not_json", {}, "not JSON-serialisable"),
+        ("big", {"size": 2_000_000}, "the limit is"),
+        ("echo", {"x": 1}, None),
+    ],
+)
+async def test_bad_tools_fail_the_step_not_the_daemon(make_client, tool, args, needle):
+    client, app = await make_client()
+    wf = await wait_for(client, (await client.post("/api/workflow", json=single(tool, args))
+                                 ).json()["id"])  # fmt: skip
+    if needle is None:
+        assert wf["status"] == "completed"
+    else:
+        assert wf["status"] == "failed" and needle in wf["steps"][0]["error"]
+    assert app.state.executor.alive
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_bad_arguments_fail_at_once(make_client):
+    client, _ = await make_client()
+    # Arguments are checked at create time where they are literal ...
+    resp = await client.post("/api/workflow", json=single("sleep", {"secs": 1}))
+    assert resp.status_code == 422 and "unknown argument 'secs'" in resp.json()["error"]
+    # ... and at run time, where a value is wrong.
+    wf = await wait_for(client, (await client.post(
+        "/api/workflow", json=single("sleep", {"seconds": "soon"}, retry={"max_attempts": 3})
+    )).json()["id"])  # fmt: skip
+    assert wf["status"] == "failed" and wf["steps"][0]["attempt"] == 1
+
+
+async def test_retry_then_succeed(make_client):
+    client, _ = await make_client()
+    body = single("flaky", {"fail_times": 2},
+                  retry={"max_attempts": 3, "backoff_s": 0.01})  # fmt: skip
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "completed"
+    step = wf["steps"][0]
+    assert step["attempt"] == 3 and orjson.loads(step["result_json"]) == {"attempt": 3}
+
+
+async def test_timeout_and_on_error(make_client):
+    client, _ = await make_client()
+    body = {
+        "name": "t",
+        "flow": {
+            "start": {"tool": "sleep", "args": {"seconds": 5}, "timeout": 0.05,
+                      "on_error": "handle", "done": True},
+            "handle": {"tool": "echo", "args": {"err": "<<error.message>>",
+                                                "state": "<<error.state>>"}, "done": True},
+        },
+    }  # fmt: skip
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "completed"
+    assert wf["steps"][0]["status"] == "failed"
+    assert orjson.loads(wf["steps"][1]["result_json"]) == {
+        "err": "timed out after 0.05s",
+        "state": "start",
+    }
+
+
+async def test_get_tools_lists_parameters(make_client):
+    client, _ = await make_client()
+    tools = {t["name"]: t for t in (await client.get("/api/tools")).json()}
+    for name in ("echo", "sleep", "http", "get_greeting", "get_counter", "is_admin",
+                 "knowledge_search", "knowledge_add"):  # fmt: skip
+        assert name in tools
+    search = tools["knowledge_search"]
+    assert search["parameters"][0] == {"name": "query", "required": True, "type": "str"}
+    assert all(p["name"] != "ctx" for p in search["parameters"])
+    assert tools["echo"]["accepts_any_args"] is True
+
+
+async def test_events_record_the_history(make_client):
+    client, app = await make_client()
+    flow = {"name": "g", "flow": {"start": {"tool": None, "next": "go"},
+                                 "go": {"tool": "echo", "args": {}, "done": True}}}  # fmt: skip
+    wf_id = (await client.post("/api/workflow", json=flow)).json()["id"]
+    gate = waiting_gate(await wait_for(client, wf_id, waiting_gate))
+    await client.post(f"/api/workflow/{gate['id']}/ready")
+    await wait_for(client, wf_id)
+    events = await app.state.store.events(wf_id)
+    assert [e["type"] for e in events] == [
+        "created", "gate_waiting", "gate_decided", "step_done",  # the gate
+        "step_started", "step_done", "completed",  # the echo step, then the end
+    ]  # fmt: skip
+    assert events[2]["data"] == {"decision": "ready", "by": "james"}
