@@ -77,7 +77,7 @@ async def serve(config: Config) -> int:
     serving = asyncio.create_task(server.serve())
     watchdog: asyncio.Task[None] | None = None
     # uvicorn exposes start-up only as a flag.
-    while not server.started and not serving.done():  # noqa: ASYNC110
+    while not server.started and not serving.done():
         await asyncio.sleep(0.01)
     if server.started:
         log.info(

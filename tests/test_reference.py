@@ -178,7 +178,8 @@ async def test_ready_body_becomes_gate_result_and_drives_branch(client):
 
 async def test_branching_admin_path(client):
     # The token is "james", an admin in the demo data.
-    wf = await wait_for(client, (await client.post("/api/workflow", json=branch_demo())).json()["id"])
+    resp = await client.post("/api/workflow", json=branch_demo())
+    wf = await wait_for(client, resp.json()["id"])
     assert wf["status"] == "completed"
     assert [s["name"] for s in wf["steps"]] == ["check", "admin_path"]
     assert orjson.loads(wf["steps"][0]["result_json"]) is True
