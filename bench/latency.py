@@ -44,7 +44,7 @@ def start_daemon(tmp: Path, port: int, poll_interval: float) -> subprocess.Popen
 port = {port}
 log_level = "warning"
 [database]
-path = "{tmp / 'stepd.db'}"
+path = "{tmp / "stepd.db"}"
 [executor]
 poll_interval = {poll_interval}
 concurrency = 64
@@ -75,8 +75,10 @@ modules = ["bench_tools"]
 def summary(name: str, values_ms: list[float]) -> str:
     values = sorted(values_ms)
     p95 = values[min(len(values) - 1, int(len(values) * 0.95))]
-    return (f"{name:<44} n={len(values):<5} median={statistics.median(values):8.2f} ms  "
-            f"p95={p95:8.2f} ms  max={values[-1]:8.2f} ms")
+    return (
+        f"{name:<44} n={len(values):<5} median={statistics.median(values):8.2f} ms  "
+        f"p95={p95:8.2f} ms  max={values[-1]:8.2f} ms"
+    )
 
 
 async def wait_done(client: httpx.AsyncClient, wf_id: int) -> dict:
@@ -180,8 +182,10 @@ async def main() -> None:
     print(summary("create -> first step started (API wake)", wake))
     print(summary("other process's row -> started (1 s poll)", poll))
     n = args.workflows
-    print(f"{'throughput, two-step echo workflows':<44} n={n:<5} {elapsed:.2f} s  "
-          f"{n / elapsed:.0f} workflows/s  {2 * n / elapsed:.0f} steps/s")
+    print(
+        f"{'throughput, two-step echo workflows':<44} n={n:<5} {elapsed:.2f} s  "
+        f"{n / elapsed:.0f} workflows/s  {2 * n / elapsed:.0f} steps/s"
+    )
 
 
 if __name__ == "__main__":

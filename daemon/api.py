@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +23,7 @@ from daemon.config import Config, TokenConfig
 from daemon.engine import Engine
 from daemon.errors import (
     BadRequest,
+    NotFound,
     PayloadTooLarge,
     StepdError,
     Unauthorized,
@@ -34,6 +37,9 @@ from daemon.tools import Registry, build_registry
 log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = {"/healthz"}
 MAX_IDEMPOTENCY_KEY = 200
+MAX_DEPTH = 64  # nesting of arrays and objects in a request body
+MAX_ID = (1 << 63) - 1
+_LONG_DIGITS = re.compile(rb"\d{19,}")
 
 
 class JSON(Response):
@@ -120,9 +126,50 @@ async def read_json(request: Request, *, optional: bool = False) -> Any:
             f"Content-Type must be application/json (got '{ctype or 'none'}')"
         )
     try:
-        return orjson.loads(bytes(body))
+        value = orjson.loads(bytes(body))
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"invalid JSON: {exc}") from None
+    if _LONG_DIGITS.search(body):
+        _check_integers(bytes(body))
+    _check_depth(value)
+    return value
+
+
+def _check_integers(body: bytes) -> None:
+    """Reject integers outside 64 bits, which orjson would silently turn into floats."""
+
+    def parse_int(text: str) -> int:
+        value = int(text)
+        if not -(1 << 63) <= value < (1 << 64):
+            raise BadRequest(f"integer {text[:30]}... does not fit in 64 bits")
+        return value
+
+    json.loads(body, parse_int=parse_int)
+
+
+def _check_depth(value: Any) -> None:
+    """Reject bodies nested deeper than MAX_DEPTH (they could not be stored or templated)."""
+    level: list[Any] = [value]
+    for _ in range(MAX_DEPTH + 1):
+        nxt: list[Any] = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        if not nxt:
+            return
+        level = nxt
+    raise BadRequest(f"JSON is nested more than {MAX_DEPTH} levels deep")
+
+
+def path_id(request: Request, name: str) -> int:
+    """An integer path parameter; ids outside the 64-bit range cannot exist."""
+    value: int = request.path_params[name]
+    if value > MAX_ID:
+        kind = "step" if name == "step_id" else "workflow"
+        raise NotFound(f"{kind} {value} not found")
+    return value
 
 
 def int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
@@ -172,13 +219,13 @@ async def list_workflows(request: Request) -> Response:
 @needs("read")
 async def get_workflow(request: Request) -> Response:
     """One workflow with its steps."""
-    return JSON(await engine_of(request).get(request.path_params["id"]))
+    return JSON(await engine_of(request).get(path_id(request, "id")))
 
 
 @needs("workflow")
 async def cancel_workflow(request: Request) -> Response:
     """Cancel a running workflow."""
-    await engine_of(request).cancel(request.path_params["id"], by=token_of(request).name)
+    await engine_of(request).cancel(path_id(request, "id"), by=token_of(request).name)
     return JSON({"cancelled": True})
 
 
@@ -186,9 +233,7 @@ async def cancel_workflow(request: Request) -> Response:
 async def ready_step(request: Request) -> Response:
     """Release a waiting gate; an optional JSON body becomes its result."""
     result = await read_json(request, optional=True)
-    await engine_of(request).ready(
-        request.path_params["step_id"], result, by=token_of(request).name
-    )
+    await engine_of(request).ready(path_id(request, "step_id"), result, by=token_of(request).name)
     return JSON({"queued": True})
 
 
@@ -211,15 +256,23 @@ async def healthz(request: Request) -> Response:
     return JSON({"status": "ok" if alive else "degraded"}, status_code=200 if alive else 503)
 
 
+def route(path: str, **handlers: Endpoint) -> Route:
+    """One route per path, dispatching on the method (so a 405 lists every allowed one)."""
+
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, endpoint, methods=list(handlers), name=path)
+
+
 ROUTES = [
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/api/tools", list_tools, methods=["GET"]),
-    Route("/api/workflow", create_workflow, methods=["POST"]),
-    Route("/api/workflow", list_workflows, methods=["GET"]),
-    Route("/api/workflow/validate", validate_workflow, methods=["POST"]),
-    Route("/api/workflow/{id:int}", get_workflow, methods=["GET"]),
-    Route("/api/workflow/{id:int}", cancel_workflow, methods=["DELETE"]),
-    Route("/api/workflow/{step_id:int}/ready", ready_step, methods=["POST"]),
+    route("/healthz", GET=healthz),
+    route("/api/tools", GET=list_tools),
+    route("/api/workflow", GET=list_workflows, POST=create_workflow),
+    route("/api/workflow/validate", POST=validate_workflow),
+    route("/api/workflow/{id:int}", GET=get_workflow, DELETE=cancel_workflow),
+    route("/api/workflow/{step_id:int}/ready", POST=ready_step),
 ]
 
 
@@ -231,7 +284,9 @@ async def on_stepd_error(request: Request, exc: Exception) -> Response:
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     messages = {404: "no such route", 405: "method not allowed"}
-    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+    resp = error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+    resp.headers.update(exc.headers or {})
+    return resp
 
 
 async def on_crash(request: Request, exc: Exception) -> Response:
@@ -257,7 +312,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.open()
+        if not store.is_open:  # `stepd serve` opens it before binding the port
+            await store.open()
         recovered = await store.recover()
         if recovered:
             log.warning("requeued %d steps interrupted by the previous stop", recovered)

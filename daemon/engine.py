@@ -79,7 +79,7 @@ class Engine:
     ) -> Created:
         sub, errors, _ = self.check(body)
         if sub is None:
-            raise Unprocessable("; ".join(errors), errors=errors)
+            raise Unprocessable("; ".join(errors))
         start = sub.flow["start"]
         request_hash = None
         if idempotency_key is not None:

@@ -171,6 +171,13 @@ class Executor:
                 # Cancelled through the API (the store already says so), or at shutdown
                 # past the grace period (stop() requeues it).
                 return
+            except Exception as exc:  # a bug: fail the workflow rather than leave it hanging
+                log.exception("step crashed", extra=_fields(step))
+                error = f"internal error: {type(exc).__name__}: {exc}"
+                fin = Finish(step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt,
+                             status=StepStatus.FAILED, error=error, error_type="InternalError",
+                             workflow_status=WorkflowStatus.FAILED,
+                             workflow_error=f"state '{step.state}': {error}")  # fmt: skip
             # Shielded: a cancellation arriving now must not lose the outcome.
             written = await asyncio.shield(self.store.finish_step(fin))
             if written is None:

@@ -6,6 +6,7 @@ Nothing here does I/O: the executor and the API read, call `after_success` /
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,10 @@ class Retry:
 
     def delay(self, attempt: int, rand: float) -> float:
         """Backoff before attempt `attempt + 1`, with jitter from `rand` in [0, 1)."""
-        base = min(self.max_backoff_s, self.backoff_s * self.backoff_factor ** (attempt - 1))
+        try:
+            base = min(self.max_backoff_s, self.backoff_s * self.backoff_factor ** (attempt - 1))
+        except OverflowError:
+            base = self.max_backoff_s
         return base * (0.5 + rand / 2)
 
 
@@ -122,7 +126,7 @@ def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) 
         for key, target in _raw_targets(body):
             if target not in raw:
                 errors.append(f"state '{sid}': field '{key}' refers to unknown state '{target}'")
-    warnings = [f"state '{s}' is unreachable from 'start'" for s in _unreachable(states)]
+    warnings = [f"state '{s}' is unreachable from 'start'" for s in _unreachable(raw)]
     if errors:
         return Validation(None, errors, warnings)
     return Validation(Flow(states), [], warnings)
@@ -265,7 +269,13 @@ def _raw_targets(body: Any) -> Iterator[tuple[str, str]]:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A JSON number that is a finite float (so later arithmetic cannot overflow)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _expressions(value: Any) -> Iterator[str]:
@@ -279,16 +289,17 @@ def _expressions(value: Any) -> Iterator[str]:
             yield from _expressions(v)
 
 
-def _unreachable(states: dict[str, State]) -> list[str]:
-    if "start" not in states:
+def _unreachable(raw: dict[str, Any]) -> list[str]:
+    """States no transition leads to from start (read from the raw flow, despite errors)."""
+    if "start" not in raw:
         return []
     seen, todo = {"start"}, ["start"]
     while todo:
-        for target in states[todo.pop()].targets():
-            if target in states and target not in seen:
+        for _, target in _raw_targets(raw[todo.pop()]):
+            if target in raw and target not in seen:
                 seen.add(target)
                 todo.append(target)
-    return [s for s in states if s not in seen]
+    return [s for s in raw if s not in seen]
 
 
 def after_success(flow: Flow, state_id: str, scope: dict[str, Any]) -> Move:

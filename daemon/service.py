@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,6 +17,7 @@ from daemon import sdnotify
 from daemon.api import create_app
 from daemon.auth import first_start_token
 from daemon.config import Config
+from daemon.store import DatabaseLocked
 
 log = logging.getLogger("stepd")
 
@@ -53,10 +55,38 @@ def setup_logging(level: str) -> None:
     )
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before start-up so a clash fails fast and cleanly."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 async def serve(config: Config) -> int:
     """Run API and executor until SIGTERM/SIGINT; then drain and exit 0."""
     config = with_tokens(config)
     app = create_app(config)
+    # Own the database before anything else: a second daemon must not touch its steps.
+    try:
+        await app.state.store.open()
+    except DatabaseLocked as exc:
+        print(f"stepd: {exc}", file=sys.stderr)
+        return 1
+    try:
+        sock = bind(config.host, config.port)
+    except OSError as exc:
+        print(
+            f"stepd: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
+        )
+        await app.state.store.close()
+        return 1
     server = _Server(uvicorn.Config(
         app, host=config.host, port=config.port, lifespan="on", access_log=False,
         log_level=config.log_level.lower(), log_config=None, server_header=False,
@@ -74,7 +104,7 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     watchdog: asyncio.Task[None] | None = None
     # uvicorn exposes start-up only as a flag.
     while not server.started and not serving.done():

@@ -8,6 +8,8 @@ interface is narrow and async so that another backend can implement it.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import re
 import sqlite3
 import time
@@ -65,6 +67,10 @@ def split_statements(script: str) -> list[str]:
     return [s for s in out if s]
 
 
+class DatabaseLocked(Exception):
+    """Another process owns the database file."""
+
+
 class Cancelled(Enum):
     OK = "ok"
     NOT_FOUND = "not_found"
@@ -89,11 +95,18 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._last_id = 0
+        self._owner_fd: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is not None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def open(self) -> None:
+        """Take ownership of the file (one daemon per database), migrate, connect."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_ownership()
         self._writer = await self._connect()
         await self._writer.execute("PRAGMA journal_mode = WAL")
         await self._migrate()
@@ -110,11 +123,29 @@ class Store:
         await db.execute(f"PRAGMA synchronous = {self.synchronous}")
         return db
 
+    def _take_ownership(self) -> None:
+        # An advisory lock on a side file, held while open: a second daemon on the same
+        # database would requeue this one's running steps and run them twice. The kernel
+        # drops the lock when the process dies, so kill -9 leaves nothing to clean up.
+        lock_path = f"{self.path}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatabaseLocked(
+                f"{self.path} is in use by another stepd process (lock file {lock_path})"
+            ) from None
+        self._owner_fd = fd
+
     async def close(self) -> None:
         for db in (self._reader, self._writer):
             if db is not None:
                 await db.close()
         self._reader = self._writer = None
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)  # releases the lock
+            self._owner_fd = None
 
     async def _migrate(self) -> None:
         """Apply every migration newer than PRAGMA user_version, in one transaction."""

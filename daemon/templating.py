@@ -19,18 +19,53 @@ from jinja2.runtime import Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 PLACEHOLDER = re.compile(r"<<(.+?)>>|\{\{(.+?)\}\}", re.DOTALL)
-MAX_STRING = 1_000_000  # longest string or list an expression may build with * or **
-MAX_POWER = 10_000
+MAX_SIZE = 1_000_000  # largest string or list (in characters / items) an operation may build
+MAX_POWER = 10_000  # largest exponent
+MAX_INT_BITS = 100_000  # largest integer arithmetic may build
+MAX_EXPRESSION = 500  # characters in one expression: bounds how much `~` chains can build
+RESERVED_NAMES = {"self", "loop", "super", "caller", "varargs", "kwargs"}
+
+# The only methods an expression may call, per type; everything else is refused.
+SAFE_METHODS: dict[type, frozenset[str]] = {
+    str: frozenset(
+        "lower upper strip lstrip rstrip startswith endswith split rsplit splitlines title "
+        "capitalize casefold swapcase count find rfind index rindex isdigit isalpha isalnum "
+        "isspace islower isupper isnumeric isdecimal partition rpartition removeprefix "
+        "removesuffix replace join".split()
+    ),
+    dict: frozenset({"get", "keys", "values", "items"}),
+    list: frozenset({"index", "count"}),
+}
 
 
 class TemplateError(Exception):
     """An expression failed: bad syntax, an undefined name, or a sandbox violation."""
 
 
-class _Env(ImmutableSandboxedEnvironment):
-    """Sandbox with no globals, dict keys before dict methods, and bounded arithmetic."""
+def _weight(value: Any, limit: int = MAX_SIZE) -> int:
+    """Roughly how many characters/items a value holds; stops counting past `limit`."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list | tuple | dict):
+        total = len(value)
+        items = value.items() if isinstance(value, dict) else value
+        for item in items:
+            total += _weight(item, limit - total)
+            if total > limit:
+                break
+        return total
+    return 1
 
-    intercepted_binops = frozenset({"*", "**"})
+
+def _bounded(size: int, what: str) -> None:
+    if size > MAX_SIZE:
+        raise SecurityError(f"{what} would build {size} characters or items (limit {MAX_SIZE})")
+
+
+class _Env(ImmutableSandboxedEnvironment):
+    """Sandbox: no globals, dict keys before dict methods, allowlisted methods, bounded sizes."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         # `input.items` must mean the key "items", not dict.items.
@@ -41,21 +76,51 @@ class _Env(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "%":
+            if isinstance(left, str):
+                raise SecurityError("'%' string formatting is not supported; join with '~'")
+            return operator.mod(left, right)
         if op == "**":
             if isinstance(right, int | float) and abs(right) > MAX_POWER:
                 raise SecurityError(f"exponent {right} is too large")
+            if isinstance(left, int) and isinstance(right, int) and right > 0:
+                if max(left.bit_length(), 1) * right > MAX_INT_BITS:
+                    raise SecurityError("result of ** is too large")
             return operator.pow(left, right)
-        size = _repeat_size(left, right)
-        if size is not None and size > MAX_STRING:
-            raise SecurityError(f"result of * would have {size} items (limit {MAX_STRING})")
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, str | list | tuple) and isinstance(n, int):
+                _bounded(_weight(seq) * n, "*")
+        if isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise SecurityError("result of * is too large")
         return operator.mul(left, right)
 
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        owner = getattr(__obj, "__self__", None)
+        name = getattr(__obj, "__name__", "?")
+        allowed = SAFE_METHODS.get(type(owner), frozenset())
+        if owner is None or name not in allowed:
+            raise SecurityError(f"calling '{name}' is not allowed in expressions")
+        if isinstance(owner, str) and name == "join" and args:
+            return _join(args[0], owner)
+        if isinstance(owner, str) and name == "replace" and len(args) >= 2:
+            return _replace(owner, *args)
+        return __obj(*args, **kwargs)
 
-def _repeat_size(left: Any, right: Any) -> int | None:
-    for seq, n in ((left, right), (right, left)):
-        if isinstance(seq, str | list | tuple) and isinstance(n, int):
-            return len(seq) * n
-    return None
+
+def _join(items: Any, sep: str = "") -> str:
+    parts = [p if isinstance(p, str) else str(p) for p in items]
+    _bounded(sum(map(len, parts)) + len(sep) * max(len(parts) - 1, 0), "join")
+    return sep.join(parts)
+
+
+def _replace(text: Any, old: Any, new: Any, count: Any = -1) -> str:
+    text, old, new = str(text), str(old), str(new)
+    hits = len(text) + 1 if old == "" else text.count(old)
+    if isinstance(count, int) and count >= 0:
+        hits = min(hits, count)
+    _bounded(len(text) + hits * max(len(new) - len(old), 0), "replace")
+    return text.replace(old, new, count if isinstance(count, int) else -1)
 
 
 _ENV = _Env(undefined=StrictUndefined, autoescape=False)
@@ -63,11 +128,13 @@ _ENV.globals.clear()
 _ENV.filters = {
     name: _ENV.filters[name]
     for name in (
-        "abs", "capitalize", "default", "first", "float", "int", "join", "last", "length",
-        "list", "lower", "max", "min", "replace", "reverse", "round", "sort", "string",
+        "abs", "capitalize", "default", "first", "float", "int", "last", "length",
+        "list", "lower", "max", "min", "reverse", "round", "sort", "string",
         "sum", "title", "trim", "truncate", "unique", "upper", "tojson",
     )
 }  # fmt: skip
+_ENV.filters["join"] = lambda value, d="": _join(value, d)
+_ENV.filters["replace"] = _replace
 
 
 def placeholders(text: str) -> Iterator[str]:
@@ -77,21 +144,31 @@ def placeholders(text: str) -> Iterator[str]:
 
 
 def check_expression(expr: str) -> str | None:
-    """A problem with `expr` detectable without data (syntax, unsafe attribute), else None."""
-    if not expr:
-        return "empty expression"
-    try:
-        tree = _ENV.parse("{{ " + expr + " }}")
-    except TemplateSyntaxError as exc:
-        return f"syntax error in '{expr}': {exc.message}"
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        name = node.attr if isinstance(node, nodes.Getattr) else _const(node.arg)
-        if isinstance(name, str) and name.startswith("_"):
-            return f"access to '{name}' is not allowed in '{expr}'"
+    """A problem with `expr` detectable without data (syntax, unsafe names), else None."""
     try:
         _compile(expr)
     except TemplateError as exc:
         return str(exc)
+    return None
+
+
+def _problem(expr: str) -> str | None:
+    if not expr:
+        return "empty expression"
+    if len(expr) > MAX_EXPRESSION:
+        return f"expression is longer than {MAX_EXPRESSION} characters"
+    try:
+        tree = _ENV.parse("{{ " + expr + " }}")
+    except TemplateSyntaxError as exc:
+        return f"syntax error in '{expr}': {exc.message}"
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Name)):
+        if isinstance(node, nodes.Name):
+            if node.name in RESERVED_NAMES:
+                return f"'{node.name}' is undefined in '{expr}'"
+            continue
+        name = node.attr if isinstance(node, nodes.Getattr) else _const(node.arg)
+        if isinstance(name, str) and name.startswith("_"):
+            return f"access to '{name}' is not allowed in '{expr}'"
     return None
 
 
@@ -101,6 +178,9 @@ def _const(node: nodes.Node) -> Any:
 
 @lru_cache(maxsize=4096)
 def _compile(expr: str) -> Any:
+    problem = _problem(expr)
+    if problem:
+        raise TemplateError(problem)
     try:
         return _ENV.compile_expression(expr, undefined_to_none=False)
     except TemplateSyntaxError as exc:
@@ -164,7 +244,10 @@ def _plain(value: Any) -> Any:
 def _as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return orjson.dumps(_plain(value)).decode()
+    try:
+        return orjson.dumps(_plain(value)).decode()
+    except TypeError as exc:  # e.g. an integer beyond 64 bits
+        raise TemplateError(f"cannot write the value as JSON text: {exc}") from None
 
 
 def truthy(expr: str, scope: dict[str, Any]) -> bool:

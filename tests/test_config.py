@@ -57,8 +57,10 @@ def test_relative_paths_follow_state_directory(tmp_path):
         ({"auth": {"tokens": [{"name": "a", "sha256": "zz"}]}}, "64 hex"),
         ({"auth": {"tokens": [{"name": "a", "sha256": "g" * 64}]}}, "not hex"),
         ({"auth": {"tokens": [{"name": "", "sha256": "a" * 64}]}}, "name must be"),
-        ({"auth": {"tokens": [{"name": "a", "sha256": "a" * 64, "permissions": ["root"]}]}},
-         "permissions must be"),
+        (
+            {"auth": {"tokens": [{"name": "a", "sha256": "a" * 64, "permissions": ["root"]}]}},
+            "permissions must be",
+        ),
         ({"auth": {"users": []}}, "[auth] accepts only"),
     ],
 )

@@ -141,9 +141,7 @@ async def test_sync_tools_run_in_threads_without_blocking_the_loop(make_client):
 
 async def test_cancel_stops_a_running_tool_and_discards_its_result(make_client):
     client, app = await make_client()
-    wf_id = (await client.post("/api/workflow", json=single("sleep", {"seconds": 30}))).json()[
-        "id"
-    ]
+    wf_id = (await client.post("/api/workflow", json=single("sleep", {"seconds": 30}))).json()["id"]
     await wait_for(client, wf_id, lambda wf: wf["steps"][0]["status"] == "running")
     t0 = time.monotonic()
     assert (await client.delete(f"/api/workflow/{wf_id}")).status_code == 200
@@ -171,8 +169,13 @@ async def test_late_sync_result_after_cancel_is_discarded(make_client):
 
 async def test_step_limit_stops_a_runaway_loop(make_client):
     client, _ = await make_client(step_limit=5)
-    flow = {"name": "loop", "flow": {"start": {"tool": "echo", "args": {}, "next": "again"},
-                                     "again": {"tool": "echo", "args": {}, "next": "start"}}}
+    flow = {
+        "name": "loop",
+        "flow": {
+            "start": {"tool": "echo", "args": {}, "next": "again"},
+            "again": {"tool": "echo", "args": {}, "next": "start"},
+        },
+    }
     wf = await wait_for(client, (await client.post("/api/workflow", json=flow)).json()["id"])
     assert wf["status"] == "failed"
     assert "step limit of 5" in wf["error"]

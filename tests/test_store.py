@@ -69,9 +69,11 @@ async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path: Path):
     await s.open()
     wf_id = await create(s)
     await s.close()
-    schema = sqlite3.connect(tmp_path / "s.db").execute(
-        "SELECT sql FROM sqlite_master ORDER BY name"
-    ).fetchall()
+    schema = (
+        sqlite3.connect(tmp_path / "s.db")
+        .execute("SELECT sql FROM sqlite_master ORDER BY name")
+        .fetchall()
+    )
     s = Store(tmp_path / "s.db")
     await s.open()
     assert (await s.get_workflow(wf_id)) is not None
@@ -79,9 +81,11 @@ async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path: Path):
     new_id = await create(s)
     assert new_id > wf_id  # ids keep increasing across restarts
     await s.close()
-    after = sqlite3.connect(tmp_path / "s.db").execute(
-        "SELECT sql FROM sqlite_master ORDER BY name"
-    ).fetchall()
+    after = (
+        sqlite3.connect(tmp_path / "s.db")
+        .execute("SELECT sql FROM sqlite_master ORDER BY name")
+        .fetchall()
+    )
     assert schema == after
 
 
@@ -141,8 +145,10 @@ async def test_finish_and_next_step_are_one_transaction(store: Store):
     # Writing the same outcome again changes nothing: no duplicated transition.
     assert await store.finish_step(fin) is None
     steps = await store.steps(wf_id)
-    assert [(s.state, s.status, s.seq) for s in steps] == [("start", "done", 1),
-                                                           ("b", "pending", 2)]
+    assert [(s.state, s.status, s.seq) for s in steps] == [
+        ("start", "done", 1),
+        ("b", "pending", 2),
+    ]
 
 
 async def test_a_failing_write_leaves_nothing_half_done(store: Store):
@@ -181,14 +187,42 @@ async def test_recover_requeues_interrupted_tool_steps_only(store: Store):
 
 
 async def test_idempotency_key_replays_and_detects_reuse(store: Store):
-    a = await store.create_workflow(name="w", flow_json="{}", input_json="{}", created_by="t",
-                                    first=ECHO, idempotency_key="k", request_hash="h1")
-    b = await store.create_workflow(name="w", flow_json="{}", input_json="{}", created_by="t",
-                                    first=ECHO, idempotency_key="k", request_hash="h1")
-    c = await store.create_workflow(name="w", flow_json="{}", input_json="{}", created_by="t",
-                                    first=ECHO, idempotency_key="k", request_hash="h2")
-    d = await store.create_workflow(name="w", flow_json="{}", input_json="{}", created_by="u",
-                                    first=ECHO, idempotency_key="k", request_hash="h1")
+    a = await store.create_workflow(
+        name="w",
+        flow_json="{}",
+        input_json="{}",
+        created_by="t",
+        first=ECHO,
+        idempotency_key="k",
+        request_hash="h1",
+    )
+    b = await store.create_workflow(
+        name="w",
+        flow_json="{}",
+        input_json="{}",
+        created_by="t",
+        first=ECHO,
+        idempotency_key="k",
+        request_hash="h1",
+    )
+    c = await store.create_workflow(
+        name="w",
+        flow_json="{}",
+        input_json="{}",
+        created_by="t",
+        first=ECHO,
+        idempotency_key="k",
+        request_hash="h2",
+    )
+    d = await store.create_workflow(
+        name="w",
+        flow_json="{}",
+        input_json="{}",
+        created_by="u",
+        first=ECHO,
+        idempotency_key="k",
+        request_hash="h1",
+    )
     # fmt: skip
     assert (b.id, b.replayed, b.conflict) == (a.id, True, False)
     assert (c.id, c.conflict) == (a.id, True)
@@ -198,12 +232,18 @@ async def test_idempotency_key_replays_and_detects_reuse(store: Store):
 @pytest.mark.parametrize(
     ("query", "index"),
     [
-        ("SELECT id FROM steps WHERE status = 'pending' AND run_at <= 1 ORDER BY run_at, id "
-         "LIMIT 10", "steps_runnable"),
+        (
+            "SELECT id FROM steps WHERE status = 'pending' AND run_at <= 1 ORDER BY run_at, id "
+            "LIMIT 10",
+            "steps_runnable",
+        ),
         ("SELECT min(run_at) FROM steps WHERE status = 'pending'", "steps_runnable"),
         ("SELECT * FROM steps WHERE workflow_id = 1 ORDER BY id", "steps_workflow"),
-        ("SELECT id FROM workflows WHERE status = 'running' AND id < 5 ORDER BY id DESC "
-         "LIMIT 50", "workflows_status"),
+        (
+            "SELECT id FROM workflows WHERE status = 'running' AND id < 5 ORDER BY id DESC "
+            "LIMIT 50",
+            "workflows_status",
+        ),
     ],
 )
 async def test_hot_queries_use_their_indexes(store: Store, tmp_path: Path, query, index):
@@ -218,8 +258,10 @@ async def test_claim_skips_finished_steps_at_any_volume(store: Store, tmp_path: 
     # 20,000 finished steps beside one pending: the partial index holds only the pending one.
     db = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
     db.execute("BEGIN")
-    db.execute("INSERT INTO workflows (id, name, flow_json, input_json, status, created_at, "
-               "updated_at) VALUES (1, 'old', '{}', '{}', 'completed', 0, 0)")
+    db.execute(
+        "INSERT INTO workflows (id, name, flow_json, input_json, status, created_at, "
+        "updated_at) VALUES (1, 'old', '{}', '{}', 'completed', 0, 0)"
+    )
     db.executemany(
         "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at, created_at)"
         " VALUES (?, 1, 's', 's', 'echo', 'done', 1, 0, 0)",

@@ -1,0 +1,343 @@
+"""The auth matrix over every route, identities recorded, and the Authenticator itself."""
+
+from __future__ import annotations
+
+import hmac
+import stat
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from daemon.auth import (
+    GENERATED_TOKEN_FILE,
+    Authenticator,
+    first_start_token,
+    hash_token,
+)
+from daemon.config import TokenConfig
+from daemon.errors import Forbidden, Unauthorized
+from tests.helpers import auth, wait_for, waiting_gate
+
+ECHO_BODY = {
+    "name": "auth-echo",
+    "flow": {"start": {"name": "s", "tool": "echo", "args": {"x": 1}, "done": True}},
+    "input": {},
+}
+GATE_BODY = {
+    "name": "auth-gate",
+    "flow": {
+        "start": {"name": "gate", "tool": None, "args": {}, "next": "after"},
+        "after": {"name": "after", "tool": "echo", "args": {"ok": True}, "done": True},
+    },
+    "input": {},
+}
+
+# (method, path template, JSON body); {wf} and {step} are a running gated workflow.
+ROUTES: list[tuple[str, str, Any]] = [
+    ("GET", "/api/workflow", None),
+    ("POST", "/api/workflow", ECHO_BODY),
+    ("GET", "/api/workflow/{wf}", None),
+    ("DELETE", "/api/workflow/{wf}", None),
+    ("POST", "/api/workflow/{step}/ready", None),
+    ("POST", "/api/workflow/validate", ECHO_BODY),
+    ("GET", "/api/tools", None),
+    ("GET", "/api/unknown", None),
+    ("GET", "/", None),
+    ("POST", "/api/workflow/{wf}/nope", None),
+]
+ROUTE_IDS = [f"{m} {p}" for m, p, _ in ROUTES]
+
+BAD_HEADERS = {
+    "missing": None,
+    "wrong-token": "Bearer not-a-token",
+    "basic": "Basic x",
+    "basic-with-real-token": "Basic tok-james",
+    "bearer-no-token": "Bearer",
+    "bearer-blank": "Bearer   ",
+    "token-without-scheme": "tok-james",
+    "token-with-suffix": "Bearer tok-james extra",
+}
+
+
+def headers_for(value: str | None) -> dict[str, str]:
+    # An explicit header set per request; `client`'s default Authorization is replaced.
+    return {"Authorization": value} if value is not None else {}
+
+
+async def request(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    body: Any,
+    headers: dict[str, str],
+    ids: dict[str, int],
+) -> httpx.Response:
+    url = path.format(**ids)
+    kwargs: dict[str, Any] = {"headers": headers}
+    if body is not None:
+        kwargs["json"] = body
+    return await client.request(method, url, **kwargs)
+
+
+async def count(client: httpx.AsyncClient) -> int:
+    resp = await client.get("/api/workflow", params={"limit": 1000}, headers=auth("james"))
+    assert resp.status_code == 200, resp.text
+    return len(resp.json())
+
+
+@pytest.fixture
+async def gated(client: httpx.AsyncClient) -> dict[str, int]:
+    """A running workflow whose gate waits: {"wf": id, "step": gate step id}."""
+    resp = await client.post("/api/workflow", json=GATE_BODY)
+    assert resp.status_code == 201, resp.text
+    wf_id = resp.json()["id"]
+    wf = await wait_for(client, wf_id, lambda w: waiting_gate(w) is not None)
+    gate = waiting_gate(wf)
+    assert gate is not None
+    return {"wf": wf_id, "step": gate["id"]}
+
+
+async def assert_unchanged(client: httpx.AsyncClient, ids: dict[str, int], n: int) -> None:
+    """The rejected request changed nothing: same count, workflow running, gate waiting."""
+    assert await count(client) == n
+    resp = await client.get(f"/api/workflow/{ids['wf']}", headers=auth("james"))
+    wf = resp.json()
+    assert wf["status"] == "running"
+    gate = waiting_gate(wf)
+    assert gate is not None and gate["id"] == ids["step"]
+    assert gate["decided_by"] is None
+
+
+def assert_error(resp: httpx.Response, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert isinstance(body, dict)
+    assert isinstance(body.get("error"), str) and body["error"].strip()
+    return body
+
+
+# -- 401 ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", list(BAD_HEADERS.values()), ids=list(BAD_HEADERS))
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=ROUTE_IDS)
+async def test_unauthenticated_is_401_everywhere(
+    client: httpx.AsyncClient,
+    gated: dict[str, int],
+    method: str,
+    path: str,
+    body: Any,
+    header: str | None,
+) -> None:
+    n = await count(client)
+    # httpx merges client headers into the request: drop the default token explicitly.
+    client.headers.pop("Authorization", None)
+    resp = await request(client, method, path, body, headers_for(header), gated)
+    assert_error(resp, 401)
+    assert resp.headers["www-authenticate"].lower().startswith("bearer")
+    await assert_unchanged(client, gated, n)
+
+
+async def test_401_body_has_no_hint_of_valid_tokens(client: httpx.AsyncClient) -> None:
+    client.headers.pop("Authorization", None)
+    resp = await client.get("/api/workflow", headers={"Authorization": "Bearer tok-jame"})
+    body = assert_error(resp, 401)
+    assert "tok-james" not in resp.text and "james" not in body["error"]
+
+
+async def test_scheme_is_case_insensitive(client: httpx.AsyncClient) -> None:
+    resp = await client.get("/api/workflow", headers={"Authorization": "bearer tok-james"})
+    assert resp.status_code == 200, resp.text
+
+
+# -- 403 and allowed ---------------------------------------------------------------
+
+APPROVER_FORBIDDEN = [r for r in ROUTES if r[:2] in {
+    ("POST", "/api/workflow"),
+    ("DELETE", "/api/workflow/{wf}"),
+    ("POST", "/api/workflow/validate"),
+}]  # fmt: skip
+APPROVER_ALLOWED = [
+    ("GET", "/api/workflow", None, 200),
+    ("GET", "/api/workflow/{wf}", None, 200),
+    ("GET", "/api/tools", None, 200),
+    ("POST", "/api/workflow/{step}/ready", None, 200),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    APPROVER_FORBIDDEN,
+    ids=[f"{m} {p}" for m, p, _ in APPROVER_FORBIDDEN],
+)
+async def test_approve_only_token_is_403_on_writes(
+    client: httpx.AsyncClient, gated: dict[str, int], method: str, path: str, body: Any
+) -> None:
+    n = await count(client)
+    resp = await request(client, method, path, body, auth("approver"), gated)
+    assert_error(resp, 403)
+    await assert_unchanged(client, gated, n)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    APPROVER_ALLOWED,
+    ids=[f"{m} {p}" for m, p, _, _ in APPROVER_ALLOWED],
+)
+async def test_approve_only_token_may_read_and_ready(
+    client: httpx.AsyncClient,
+    gated: dict[str, int],
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
+) -> None:
+    resp = await request(client, method, path, body, auth("approver"), gated)
+    assert resp.status_code == status, resp.text
+
+
+async def test_approve_only_token_gets_404_on_unknown_path(client: httpx.AsyncClient) -> None:
+    resp = await client.get("/api/unknown", headers=auth("approver"))
+    assert_error(resp, 404)
+
+
+WORKFLOW_ALLOWED = [
+    ("GET", "/api/workflow", None, 200),
+    ("POST", "/api/workflow", ECHO_BODY, 201),
+    ("GET", "/api/workflow/{wf}", None, 200),
+    ("POST", "/api/workflow/{step}/ready", None, 200),
+    ("DELETE", "/api/workflow/{wf}", None, 200),
+    ("POST", "/api/workflow/validate", ECHO_BODY, 200),
+    ("GET", "/api/tools", None, 200),
+    ("GET", "/api/unknown", None, 404),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    WORKFLOW_ALLOWED,
+    ids=[f"{m} {p}" for m, p, _, _ in WORKFLOW_ALLOWED],
+)
+async def test_workflow_token_is_allowed_everywhere(
+    client: httpx.AsyncClient,
+    gated: dict[str, int],
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
+) -> None:
+    resp = await request(client, method, path, body, auth("james"), gated)
+    assert resp.status_code == status, resp.text
+
+
+@pytest.mark.parametrize("header", [None, "Bearer not-a-token", "Basic x"])
+async def test_healthz_needs_no_token(client: httpx.AsyncClient, header: str | None) -> None:
+    client.headers.pop("Authorization", None)
+    resp = await client.get("/healthz", headers=headers_for(header))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["status"] == "ok"
+
+
+# -- identities --------------------------------------------------------------------
+
+
+async def test_created_by_is_the_token_name(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/api/workflow", json=ECHO_BODY)
+    assert resp.status_code == 201, resp.text
+    wf_id = resp.json()["id"]
+    wf = await wait_for(client, wf_id)
+    assert wf["created_by"] == "james"
+    listed = (await client.get("/api/workflow")).json()
+    assert [w["created_by"] for w in listed if w["id"] == wf_id] == ["james"]
+
+
+async def test_gate_released_by_approver_records_decided_by(
+    client: httpx.AsyncClient, gated: dict[str, int]
+) -> None:
+    resp = await client.post(f"/api/workflow/{gated['step']}/ready", headers=auth("approver"))
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"queued": True}
+    wf = await wait_for(client, gated["wf"])
+    assert wf["status"] == "completed"
+    gate = next(s for s in wf["steps"] if s["id"] == gated["step"])
+    assert gate["status"] == "done"
+    assert gate["decided_by"] == "approver"
+    assert wf["created_by"] == "james"
+
+
+# -- Authenticator and the generated token -----------------------------------------
+
+SEVERAL = {"alice": "tok-a", "bob": "tok-b", "carol": "tok-c"}
+
+
+def several() -> Authenticator:
+    return Authenticator(
+        [TokenConfig(name, hash_token(tok), ("workflow",)) for name, tok in SEVERAL.items()]
+    )
+
+
+@pytest.mark.parametrize(("name", "token"), list(SEVERAL.items()))
+def test_each_configured_token_authenticates_as_its_name(name: str, token: str) -> None:
+    assert several().identify(f"Bearer {token}").name == name
+
+
+@pytest.mark.parametrize("header", list(BAD_HEADERS.values()), ids=list(BAD_HEADERS))
+def test_authenticator_rejects_bad_headers(header: str | None) -> None:
+    with pytest.raises(Unauthorized):
+        several().identify(header)
+
+
+@pytest.mark.parametrize("token", [*SEVERAL.values(), "nope"])
+def test_authenticator_compares_against_every_hash(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    """No early exit: every configured hash is compared, whichever token (if any) matches."""
+    authenticator = several()
+    calls: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: Any, b: Any) -> bool:
+        calls.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    try:
+        authenticator.identify(f"Bearer {token}")
+    except Unauthorized:
+        assert token == "nope"
+    assert len(calls) == len(SEVERAL)
+    assert {c.hex() for c in calls} == {hash_token(t) for t in SEVERAL.values()}
+
+
+def test_require_checks_permissions() -> None:
+    approver = TokenConfig("approver", hash_token("x"), ("approve",))
+    admin = TokenConfig("admin", hash_token("y"), ("workflow",))
+    for need in ("read", "approve"):
+        Authenticator.require(approver, need)
+    with pytest.raises(Forbidden):
+        Authenticator.require(approver, "workflow")
+    for need in ("read", "approve", "workflow"):
+        Authenticator.require(admin, need)
+
+
+def test_first_start_token_is_made_once_then_reloaded(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cfg, token = first_start_token(state)
+    assert token is not None
+    path = state / GENERATED_TOKEN_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert token not in path.read_text()
+    assert path.read_text().strip() == hash_token(token) == cfg.sha256
+    assert cfg.permissions == ("workflow",)
+    assert Authenticator([cfg]).identify(f"Bearer {token}").name == cfg.name
+
+    content, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    again, no_token = first_start_token(state)
+    assert no_token is None
+    assert again == cfg
+    assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime
+    assert Authenticator([again]).identify(f"Bearer {token}").name == cfg.name
+    assert [p.name for p in state.iterdir()] == [GENERATED_TOKEN_FILE]
