@@ -129,9 +129,9 @@ async def read_json(request: Request, *, optional: bool = False) -> Any:
         value = orjson.loads(bytes(body))
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"invalid JSON: {exc}") from None
+    _check_depth(value)  # first: the stdlib parser below recurses
     if _LONG_DIGITS.search(body):
         _check_integers(bytes(body))
-    _check_depth(value)
     return value
 
 
@@ -252,8 +252,8 @@ async def list_tools(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """Liveness: no auth."""
     executor: Executor = request.app.state.executor
-    alive = executor.alive
-    return JSON({"status": "ok" if alive else "degraded"}, status_code=200 if alive else 503)
+    healthy = executor.healthy
+    return JSON({"status": "ok" if healthy else "degraded"}, status_code=200 if healthy else 503)
 
 
 def route(path: str, **handlers: Endpoint) -> Route:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -103,7 +104,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     setup_logging(cfg.log_level)
-    return asyncio.run(serve(cfg))
+    code = asyncio.run(serve(cfg))
+    # Exit without joining worker threads: a sync tool still blocked after the shutdown
+    # grace cannot be interrupted, and its step has been requeued already.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -197,11 +204,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     wf_id = created["id"]
     print(f"workflow {wf_id} started; waiting...", file=sys.stderr)
+    announced: set[int] = set()
     while True:
         wf = client.call("GET", f"/api/workflow/{wf_id}")
         if wf["status"] in TERMINAL:
             _print(wf)
             return 0 if wf["status"] == "completed" else 1
+        for step in wf["steps"]:
+            if step["awaiting"] == "ready" and step["id"] not in announced:
+                announced.add(step["id"])
+                print(
+                    f"step {step['id']} ({step['name']}) awaits approval: stepd ready {step['id']}",
+                    file=sys.stderr,
+                )
         time.sleep(0.2)
 
 

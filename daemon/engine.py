@@ -10,8 +10,8 @@ import orjson
 
 from daemon import flow as flows
 from daemon.errors import BadRequest, Conflict, NotFound, Unprocessable
-from daemon.executor import Executor, build_scope, finish_for
-from daemon.models import NewStep, StepStatus
+from daemon.executor import Executor, build_scope, finish_for, new_step
+from daemon.models import StepStatus
 from daemon.store import Cancelled, Created, Store
 from daemon.tools import Registry
 
@@ -90,7 +90,7 @@ class Engine:
             flow_json=orjson.dumps(sub.raw_flow).decode(),
             input_json=orjson.dumps(sub.input).decode(),
             created_by=created_by,
-            first=NewStep(state="start", name=start.name, tool=start.tool, seq=1),
+            first=new_step(start, seq=1),
             idempotency_key=idempotency_key,
             request_hash=request_hash,
         )
@@ -110,7 +110,7 @@ class Engine:
         if step.tool is not None or step.awaiting != "ready":
             raise Conflict(f"step {step_id} is not a waiting gate (status: {step.status})")
         info = await self.executor.workflow_info(step.workflow_id)
-        scope = build_scope(info, [s for s in await self.store.steps(info.id) if s.id != step.id])
+        scope = build_scope(info, await self.store.scope_steps(info.id, before=step.id))
         move = flows.after_success(info.flow, step.state, {**scope, "result": result})
         result_json = None if result is None else orjson.dumps(result).decode()
         fin = finish_for(

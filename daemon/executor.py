@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -69,7 +70,7 @@ class Executor:
         self._infos: OrderedDict[int, WorkflowInfo] = OrderedDict()
         self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="stepd-tool")
         self._loop_task: asyncio.Task[None] | None = None
-        self.last_tick = 0.0  # monotonic time of the last completed tick, for health checks
+        self.last_tick = 0.0  # loop time of the last successful tick, for health checks
 
     # -- control ---------------------------------------------------------------------
 
@@ -78,12 +79,21 @@ class Executor:
         self._wake.set()
 
     def start(self) -> None:
+        self.last_tick = asyncio.get_running_loop().time()
         self._loop_task = asyncio.create_task(self.run(), name="stepd-executor")
 
     @property
     def alive(self) -> bool:
         """The loop is running (it ends only when stopped or on a bug)."""
         return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def healthy(self) -> bool:
+        """Alive, and a tick succeeded recently (a failing database makes this false)."""
+        if not self.alive:
+            return False
+        stale_after = 3 * self.settings.poll_interval + 30
+        return asyncio.get_running_loop().time() - self.last_tick < stale_after
 
     @property
     def running(self) -> int:
@@ -99,9 +109,9 @@ class Executor:
                 due = await self.tick()
                 if due is not None:
                     timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
+                self.last_tick = loop.time()
             except Exception:
                 log.exception("executor tick failed; retrying in %.1fs", timeout)
-            self.last_tick = loop.time()
             waker = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(self._stopping.wait())
             try:
@@ -117,8 +127,12 @@ class Executor:
 
         Returns when the next pending step becomes due (epoch ms), if known.
         """
+        if self._stopping.is_set():
+            return None
+        for gate in await self.store.expired_gates(self.settings.claim_batch, now=now):
+            await self._expire(gate)
         free = self.settings.concurrency - len(self._tasks)
-        if free <= 0 or self._stopping.is_set():
+        if free <= 0:
             return None
         claimed = await self.store.claim_steps(min(free, self.settings.claim_batch), now=now)
         for step in claimed:
@@ -130,7 +144,19 @@ class Executor:
         if len(claimed) == min(free, self.settings.claim_batch):
             self._wake.set()  # there may be more
             return None
-        return await self.store.next_run_at()
+        return await self.store.next_due()
+
+    async def _expire(self, gate: Step) -> None:
+        """A gate waited past its timeout: it fails, and the flow goes to on_error or fails."""
+        info = await self.workflow_info(gate.workflow_id)
+        timeout = info.flow[gate.state].timeout or 0
+        error = f"gate expired after {timeout:g}s without a decision"
+        move = flows.after_failure(info.flow, gate.state, error, attempt=gate.attempt,
+                                   retryable=False, rand=0.0)  # fmt: skip
+        fin = self._finish(info, gate, move, StepStatus.FAILED, error=error,
+                           error_type="GateExpired")  # fmt: skip
+        if await self.store.finish_step(fin) is not None:
+            log.info("gate expired", extra=_fields(gate))
 
     async def stop(self) -> None:
         """Stop claiming; let running steps finish within the grace period, requeue the rest."""
@@ -148,10 +174,14 @@ class Executor:
         leftovers = list(self._tasks.values())
         for task, _ in leftovers:
             task.cancel()
-        for task, step in leftovers:
-            await asyncio.gather(task, return_exceptions=True)
+        if leftovers:
+            # A tool that swallows cancellation must not hold up the exit.
+            await asyncio.wait([t for t, _ in leftovers], timeout=1.0)
+        for _, step in leftovers:
             if await self.store.requeue(step.id, step.attempt):
                 log.warning("requeued at shutdown", extra=_fields(step))
+        # Threads of sync tools cannot be interrupted; `stepd serve` exits without
+        # joining them (their results would be discarded: the steps are requeued).
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     def cancel_steps(self, step_ids: list[int]) -> None:
@@ -179,12 +209,35 @@ class Executor:
                              workflow_status=WorkflowStatus.FAILED,
                              workflow_error=f"state '{step.state}': {error}")  # fmt: skip
             # Shielded: a cancellation arriving now must not lose the outcome.
-            written = await asyncio.shield(self.store.finish_step(fin))
+            written = await asyncio.shield(self._record(step, fin))
             if written is None:
                 log.info("late result discarded", extra=_fields(step))
         finally:
             self._tasks.pop(step.id, None)
             self._wake.set()  # a slot is free, and maybe a next step is due
+
+    async def _record(self, step: Step, fin: Finish) -> int | None:
+        """Write an outcome, retrying while the database is busy; never give up silently."""
+        delay = 0.05
+        for attempt in range(8):
+            try:
+                return await self.store.finish_step(fin)
+            except sqlite3.OperationalError as exc:  # locked / busy past busy_timeout
+                log.warning("recording the outcome failed (%s); retrying", exc,
+                            extra=_fields(step))  # fmt: skip
+                if attempt == 7:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except (sqlite3.Error, OverflowError, UnicodeError, ValueError) as exc:
+                # The outcome itself cannot be stored: record a plain failure instead.
+                log.exception("cannot store the outcome", extra=_fields(step))
+                error = f"internal error: the outcome could not be stored: {_clean(str(exc))}"
+                fin = Finish(step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt,
+                             status=StepStatus.FAILED, error=error, error_type="InternalError",
+                             workflow_status=WorkflowStatus.FAILED,
+                             workflow_error=f"state '{step.state}': {error}")  # fmt: skip
+        return None
 
     async def _attempt(self, step: Step) -> Finish:
         info = await self.workflow_info(step.workflow_id)
@@ -201,7 +254,7 @@ class Executor:
                     ) from None
             else:
                 args = state.args
-            result = await self._call(step, args, info)
+            result = await self._call(step, _fresh(args), info)
             result_json = self._encode(result)
         except StepFailed as exc:
             log.warning("step failed: %s", exc, extra=_fields(step))
@@ -231,21 +284,27 @@ class Executor:
                 f"tool '{tool.name}': {'; '.join(problems)}", type_="BadArguments", retryable=False
             )
         state = info.flow[step.state]
+        deadline = asyncio.timeout(state.timeout)
         try:
-            if tool.is_async:
-                call = tool.fn(**kwargs)
-            else:
+            async with deadline:
+                if tool.is_async:
+                    return await tool.fn(**kwargs)
                 loop = asyncio.get_running_loop()
-                call = loop.run_in_executor(self._threads, lambda: tool.fn(**kwargs))
-            return await asyncio.wait_for(call, state.timeout)
-        except TimeoutError:
-            raise StepFailed(
-                f"timed out after {state.timeout:g}s", type_="Timeout", retryable=True
-            ) from None
+                return await loop.run_in_executor(self._threads, lambda: tool.fn(**kwargs))
+        except TimeoutError as exc:
+            if deadline.expired():
+                raise StepFailed(f"timed out after {state.timeout:g}s", type_="Timeout",
+                                 retryable=True) from None  # fmt: skip
+            raise StepFailed(f"TimeoutError: {_clean(str(exc))}", type_="TimeoutError",
+                             retryable=True) from None  # fmt: skip
         except ToolError as exc:
-            raise StepFailed(str(exc), type_="ToolError", retryable=exc.retryable) from None
+            raise StepFailed(_clean(str(exc)), type_="ToolError", retryable=exc.retryable) from None
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # cancelled by us: the workflow was cancelled, or shutdown
+            raise StepFailed("tool raised CancelledError", type_="CancelledError",
+                             retryable=True) from None  # fmt: skip
         except (KeyboardInterrupt, SystemExit, GeneratorExit) as exc:
             # A tool must not be able to stop the daemon.
             raise StepFailed(
@@ -253,23 +312,25 @@ class Executor:
             ) from None
         except Exception as exc:
             raise StepFailed(
-                f"{type(exc).__name__}: {exc}", type_=type(exc).__name__, retryable=True
+                f"{type(exc).__name__}: {_clean(str(exc))}",
+                type_=type(exc).__name__,
+                retryable=True,
             ) from None
 
     def _encode(self, result: Any) -> str:
         try:
-            text = orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS).decode()
+            data = orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
         except TypeError as exc:
             raise StepFailed(
                 f"result is not JSON-serialisable: {exc}", type_="BadResult", retryable=False
             ) from None
-        if len(text) > self.settings.max_result_bytes:
+        if len(data) > self.settings.max_result_bytes:
             raise StepFailed(
-                f"result is {len(text)} bytes; the limit is {self.settings.max_result_bytes}",
+                f"result is {len(data)} bytes; the limit is {self.settings.max_result_bytes}",
                 type_="BadResult",
                 retryable=False,
             )
-        return text
+        return data.decode()
 
     def _failure(self, info: WorkflowInfo, step: Step, exc: StepFailed) -> Finish:
         move = flows.after_failure(
@@ -288,7 +349,7 @@ class Executor:
                 status=StepStatus.PENDING,
                 error=str(exc),
                 error_type=exc.type,
-                retry_at=now_ms() + int(move.delay_s * 1000),
+                retry_at=now_ms() + int(min(move.delay_s, flows.MAX_SECONDS) * 1000),
             )
         return self._finish(
             info, step, move, StepStatus.FAILED, error=str(exc), error_type=exc.type
@@ -319,8 +380,7 @@ class Executor:
 
     async def scope(self, info: WorkflowInfo, step: Step) -> dict[str, Any]:
         """What templates see: input, steps (latest visit per state), result, error, workflow."""
-        history = [s for s in await self.store.steps(info.id) if s.id != step.id]
-        return build_scope(info, history)
+        return build_scope(info, await self.store.scope_steps(info.id, before=step.id))
 
 
 def build_scope(info: WorkflowInfo, history: list[Step]) -> dict[str, Any]:
@@ -364,13 +424,34 @@ def finish_for(
         step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt, status=status, **fields
     )
     if isinstance(move, flows.Advance):
-        target = info.flow[move.target]
-        nxt = NewStep(state=target.id, name=target.name, tool=target.tool, seq=step.seq + 1)
-        return replace(base, next_step=nxt)
+        return replace(base, next_step=new_step(info.flow[move.target], step.seq + 1))
     if isinstance(move, flows.Complete):
         return replace(base, workflow_status=WorkflowStatus.COMPLETED)
     assert isinstance(move, flows.Fail)
     return replace(base, workflow_status=WorkflowStatus.FAILED, workflow_error=move.error)
+
+
+def new_step(state: flows.State, seq: int) -> NewStep:
+    """The row for a visit of `state`; a gate with a timeout gets its deadline."""
+    timeout_ms = None
+    if state.is_gate and state.timeout is not None:
+        timeout_ms = int(state.timeout * 1000)
+    return NewStep(state=state.id, name=state.name, tool=state.tool, seq=seq,
+                   timeout_ms=timeout_ms)  # fmt: skip
+
+
+def _fresh(args: Any) -> Any:
+    """A private copy of the args for one attempt: a tool mutating them changes nothing else."""
+    try:
+        return orjson.loads(orjson.dumps(args))
+    except TypeError as exc:  # e.g. an integer beyond 64 bits built by a template
+        raise StepFailed(f"args are not JSON: {exc}", type_="BadArguments",
+                         retryable=False) from None  # fmt: skip
+
+
+def _clean(text: str) -> str:
+    """Text that SQLite and JSON can store (lone surrogates escaped)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _fields(step: Step) -> dict[str, Any]:

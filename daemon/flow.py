@@ -17,6 +17,8 @@ from daemon.templating import TemplateError
 STATE_KEYS = {"name", "tool", "args", "next", "branch", "done", "timeout", "retry", "on_error"}
 RETRY_KEYS = {"max_attempts", "backoff_s", "backoff_factor", "max_backoff_s"}
 MISSING_START = "Flow must have a 'start' key"
+MAX_SECONDS = 366 * 86400  # longest timeout or backoff: a year
+MAX_PLACEHOLDERS = 1000  # per flow: each is compiled at validation
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,10 @@ def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) 
         state = _parse_state(sid, body, tools, errors)
         if state is not None:
             states[sid] = state
+    count = sum(1 for body in raw.values() if isinstance(body, dict)
+                for _ in _expressions(body.get("args")))  # fmt: skip
+    if count > MAX_PLACEHOLDERS:
+        errors.append(f"flow has {count} placeholders; the limit is {MAX_PLACEHOLDERS}")
     for sid, body in raw.items():
         for key, target in _raw_targets(body):
             if target not in raw:
@@ -159,7 +165,7 @@ def _parse_state(
         errors.append(f"{where}: field 'args' must be an object")
         args = {}
     exprs = list(_expressions(args))
-    for expr in exprs:
+    for expr in exprs[:MAX_PLACEHOLDERS]:
         problem = templating.check_expression(expr)
         if problem:
             errors.append(f"{where}: field 'args': {problem}")
@@ -169,8 +175,12 @@ def _parse_state(
             errors += [f"{where}: tool '{tool}': {p}" for p in spec.check_args(args)]
     branch = _parse_transitions(where, body, errors)
     timeout = body.get("timeout")
-    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
-        errors.append(f"{where}: field 'timeout' must be a number of seconds > 0")
+    if timeout is not None and (not _is_number(timeout) or not 0 < timeout <= MAX_SECONDS):
+        errors.append(
+            f"{where}: field 'timeout' must be a number of seconds > 0 and <= {MAX_SECONDS}"
+        )
+    if tool is None and "retry" in body:
+        errors.append(f"{where}: field 'retry' does not apply to a gate (tool null)")
     retry = _parse_retry(where, body.get("retry"), errors)
     on_error = body.get("on_error")
     if on_error is not None and not isinstance(on_error, str):
@@ -246,8 +256,9 @@ def _parse_retry(where: str, raw: Any, errors: list[str]) -> Retry:
     values = {}
     for key, default in (("backoff_s", 1.0), ("backoff_factor", 2.0), ("max_backoff_s", 300.0)):
         v = raw.get(key, default)
-        if not _is_number(v) or v < 0:
-            errors.append(f"{where}: retry.{key} must be a number >= 0")
+        top = math.inf if key == "backoff_factor" else MAX_SECONDS  # a factor is no duration
+        if not _is_number(v) or not 0 <= v <= top:
+            errors.append(f"{where}: retry.{key} must be a number from 0 to {top:g}")
             v = default
         values[key] = float(v)
     return Retry(max_attempts=attempts, **values)

@@ -70,6 +70,7 @@ class Step(_Row):
     attempt: int
     run_at: int
     created_at: int
+    expires_at: int | None = None
     awaiting: str | None = None
     result_json: str | None = None
     error: str | None = None
@@ -91,6 +92,7 @@ class Step(_Row):
             "error": self.error,
             "decided_by": self.decided_by,
             "run_at": self.run_at,
+            "expires_at": self.expires_at,
             "created_at": self.created_at,
             "started_at": self.started_at,
             "completed_at": self.completed_at,
@@ -105,6 +107,7 @@ class NewStep:
     name: str
     tool: str | None
     seq: int
+    timeout_ms: int | None = None  # for a gate: how long it may wait
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,8 @@ async def serve(config: Config) -> int:
         interval = sdnotify.watchdog_interval()
         if interval:
             executor = app.state.executor
-            watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval, lambda: executor.alive))
+            pings = sdnotify.watchdog_loop(interval, lambda: executor.healthy)
+            watchdog = asyncio.create_task(pings)
     try:
         await serving
     finally:

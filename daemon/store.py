@@ -8,6 +8,7 @@ interface is narrow and async so that another backend can implement it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import re
@@ -168,14 +169,18 @@ class Store:
         assert self._writer is not None, "store is not open"
         async with self._lock:
             db = self._writer
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            else:
                 await db.execute("COMMIT")
+            except BaseException:
+                # Also after a cancelled BEGIN (aiosqlite still runs it) or a failed COMMIT:
+                # the connection must never stay inside a transaction. Shielded, so a
+                # second cancellation cannot skip it; queued calls run in order.
+                # ("no transaction is active" is fine: BEGIN itself failed.)
+                with contextlib.suppress(sqlite3.Error):
+                    await asyncio.shield(db.execute("ROLLBACK"))
+                raise
 
     def _new_id(self, now: int) -> int:
         """Millisecond-epoch shaped ids, unique and increasing; call under the write lock."""
@@ -225,6 +230,7 @@ class Store:
                 "name": step.name,
                 "tool": step.tool,
                 "seq": step.seq,
+                "timeout_ms": step.timeout_ms,
                 "now": now,
             },
         )
@@ -492,9 +498,20 @@ class Store:
                 )
         return len(rows)
 
-    async def next_run_at(self) -> int | None:
-        row = await self._one(Q["next_run_at"], {})
-        return row[0] if row else None
+    async def next_due(self) -> int | None:
+        """When the next pending step is due or the next gate expires (epoch ms), if any."""
+        row = await self._one(Q["next_due"], {})
+        return row[0] if row and row[0] < (1 << 62) else None
+
+    async def expired_gates(self, limit: int, *, now: int | None = None) -> list[Step]:
+        now = now_ms() if now is None else now
+        rows = await self._all(Q["expired_gates"], {"now": now, "limit": limit})
+        return [Step.from_row(r) for r in rows]
+
+    async def scope_steps(self, workflow_id: int, before: int) -> list[Step]:
+        """The latest visit of each state before step `before`, oldest first."""
+        rows = await self._all(Q["scope_steps"], {"workflow_id": workflow_id, "before": before})
+        return [Step.from_row(r) for r in rows]
 
     async def ping(self) -> bool:
         """A cheap read, for health checks."""

@@ -8,7 +8,6 @@ as text (strings as they are, anything else as JSON).
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -18,7 +17,7 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.runtime import Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-PLACEHOLDER = re.compile(r"<<(.+?)>>|\{\{(.+?)\}\}", re.DOTALL)
+DELIMITERS = (("<<", ">>"), ("{{", "}}"))
 MAX_SIZE = 1_000_000  # largest string or list (in characters / items) an operation may build
 MAX_POWER = 10_000  # largest exponent
 MAX_INT_BITS = 100_000  # largest integer arithmetic may build
@@ -137,10 +136,37 @@ _ENV.filters["join"] = lambda value, d="": _join(value, d)
 _ENV.filters["replace"] = _replace
 
 
+def scan(text: str) -> Iterator[tuple[int, int, str]]:
+    """(start, end, expression) of each placeholder, left to right, in linear time.
+
+    An opener matches the nearest closer at least one character after it; an
+    opener without a closer is plain text.
+    """
+    pos = 0
+    closed = {opener: False for opener, _ in DELIMITERS}  # no closer left for this kind
+    while True:
+        best: tuple[int, str, str] | None = None
+        for opener, closer in DELIMITERS:
+            if closed[opener]:
+                continue
+            at = text.find(opener, pos)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, opener, closer)
+        if best is None:
+            return
+        at, opener, closer = best
+        end = text.find(closer, at + len(opener) + 1)
+        if end == -1:
+            closed[opener] = True
+            continue
+        yield at, end + len(closer), text[at + len(opener) : end]
+        pos = end + len(closer)
+
+
 def placeholders(text: str) -> Iterator[str]:
     """The expressions inside a string's placeholders."""
-    for m in PLACEHOLDER.finditer(text):
-        yield (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+    for _, _, expr in scan(text):
+        yield expr.strip()
 
 
 def check_expression(expr: str) -> str | None:
@@ -220,12 +246,18 @@ def render_value(value: Any, scope: dict[str, Any]) -> Any:
 
 
 def _render_string(text: str, scope: dict[str, Any]) -> Any:
-    m = PLACEHOLDER.fullmatch(text)
-    if m is not None and len(list(PLACEHOLDER.finditer(text))) == 1:
-        return _plain(evaluate(m.group(1) or m.group(2), scope))
     if "<<" not in text and "{{" not in text:
         return text
-    return PLACEHOLDER.sub(lambda m: _as_text(evaluate(m.group(1) or m.group(2), scope)), text)
+    found = list(scan(text))
+    if len(found) == 1 and found[0][0] == 0 and found[0][1] == len(text):
+        return _plain(evaluate(found[0][2], scope))  # exactly one placeholder: keep the type
+    out, pos = [], 0
+    for start, end, expr in found:
+        out.append(text[pos:start])
+        out.append(_as_text(evaluate(expr, scope)))
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _plain(value: Any) -> Any:

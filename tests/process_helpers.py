@@ -60,6 +60,7 @@ def write_config(
     tokens: Iterable[tuple[str, str, str]] | None = (("james", TOKEN, "workflow"),),
     poll_interval: float = 0.2,
     shutdown_grace: float = 2.0,
+    modules: tuple[str, ...] = ("daemon.tools.demo",),
 ) -> Path:
     """A TOML config; `tokens` is (name, token, permission) triples, None for none at all."""
     lines = [
@@ -75,7 +76,7 @@ def write_config(
         f"shutdown_grace = {shutdown_grace}",
         "",
         "[tools]",
-        'modules = ["daemon.tools.demo"]',
+        "modules = [" + ", ".join(f'"{m}"' for m in modules) + "]",
         "",
     ]
     for name, token, perm in tokens or ():

@@ -61,3 +61,36 @@ async def track(label: str, seconds: float = 0.05) -> str:
     STARTED.append((label, time.monotonic()))
     await asyncio.sleep(seconds)
     return label
+
+
+@tool
+async def surrogate_error() -> None:
+    """Fail with text SQLite cannot store as UTF-8 (a lone surrogate)."""
+    raise ValueError("cannot open b'\udcff.txt'")
+
+
+@tool
+async def self_cancel(*, ctx: ToolContext) -> dict[str, int]:
+    """Raise CancelledError on the first attempt without being cancelled."""
+    if ctx.attempt == 1:
+        fut = asyncio.get_running_loop().create_future()
+        fut.cancel()
+        await fut
+    return {"attempt": ctx.attempt}
+
+
+@tool
+async def own_timeout(*, ctx: ToolContext) -> dict[str, int]:
+    """Raise the tool's own TimeoutError on the first attempt."""
+    if ctx.attempt == 1:
+        raise TimeoutError("upstream did not answer")
+    return {"attempt": ctx.attempt}
+
+
+@tool
+async def mutate_then_fail(items: list[str], *, ctx: ToolContext) -> list[str]:
+    """Append to its argument, and fail on the first two attempts."""
+    items.append("trailer")
+    if ctx.attempt < 3:
+        raise RuntimeError("not yet")
+    return items

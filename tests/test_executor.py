@@ -307,3 +307,92 @@ async def test_events_record_the_history(make_client):
         "step_started", "step_done", "completed",  # the echo step, then the end
     ]  # fmt: skip
     assert events[2]["data"] == {"decision": "ready", "by": "james"}
+
+
+async def test_an_error_text_sqlite_cannot_store_still_fails_the_workflow(make_client):
+    client, _ = await make_client()
+    wf = await wait_for(client, (await client.post(
+        "/api/workflow", json=single("surrogate_error"))).json()["id"])  # fmt: skip
+    assert wf["status"] == "failed"
+    assert "\\udcff" in wf["steps"][0]["error"]
+
+
+async def test_a_tool_raising_cancelled_error_itself_is_an_ordinary_failure(make_client):
+    client, app = await make_client()
+    body = single("self_cancel", retry={"max_attempts": 2, "backoff_s": 0.01})
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "completed"
+    assert orjson.loads(wf["steps"][0]["result_json"]) == {"attempt": 2}
+    assert app.state.executor.running == 0
+
+
+async def test_a_tools_own_timeout_error_is_retried_like_any_error(make_client):
+    client, _ = await make_client()
+    body = single("own_timeout", retry={"max_attempts": 2, "backoff_s": 0.01})
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "completed" and wf["steps"][0]["attempt"] == 2
+
+
+async def test_each_attempt_gets_a_fresh_copy_of_the_args(make_client):
+    client, _ = await make_client()
+    body = single("mutate_then_fail", {"items": ["a"]},
+                  retry={"max_attempts": 3, "backoff_s": 0.01})  # fmt: skip
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "completed"
+    assert orjson.loads(wf["steps"][0]["result_json"]) == ["a", "trailer"]
+    assert wf["flow"]["start"]["args"] == {"items": ["a"]}
+
+
+async def test_a_gate_expires_after_its_timeout_into_on_error(make_client):
+    client, _ = await make_client(poll_interval=30.0)
+    body = {"name": "expiring", "flow": {
+        "start": {"tool": None, "timeout": 0.2, "on_error": "late", "next": "go"},
+        "go": {"tool": "echo", "args": {}, "done": True},
+        "late": {"tool": "echo", "args": {"why": "<<error.message>>"}, "done": True},
+    }}  # fmt: skip
+    wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
+    gate = waiting_gate(await wait_for(client, wf_id, waiting_gate))
+    assert gate["expires_at"] is not None
+    wf = await wait_for(client, wf_id, timeout=5)  # the loop sleeps until the deadline
+    assert wf["status"] == "completed"
+    assert [(s["state"], s["status"]) for s in wf["steps"]] == [
+        ("start", "failed"),
+        ("late", "done"),
+    ]
+    assert orjson.loads(wf["steps"][1]["result_json"]) == {
+        "why": "gate expired after 0.2s without a decision"
+    }
+    assert wf["steps"][0]["awaiting"] is None
+    assert (await client.post(f"/api/workflow/{gate['id']}/ready")).status_code == 409
+
+
+async def test_a_gate_without_on_error_fails_the_workflow_when_it_expires(make_client):
+    client, _ = await make_client()
+    body = {"name": "expiring", "flow": {"start": {"tool": None, "timeout": 0.1, "done": True}}}
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "failed" and "gate expired" in wf["error"]
+
+
+async def test_retry_is_rejected_on_a_gate(make_client):
+    client, _ = await make_client()
+    body = {"name": "g", "flow": {"start": {"tool": None, "retry": {"max_attempts": 2},
+                                            "done": True}}}  # fmt: skip
+    resp = await client.post("/api/workflow", json=body)
+    assert resp.status_code == 422 and "does not apply to a gate" in resp.json()["error"]
+
+
+async def test_placeholder_edges_render_as_validated(make_client):
+    client, _ = await make_client()
+    body = single("echo", {"a": "<<input.n>>>", "b": "{{input.n}}}"})
+    body["input"] = {"n": 41}
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "completed", wf
+    assert orjson.loads(wf["steps"][0]["result_json"]) == {"a": "41>", "b": "41}"}
+
+
+@pytest.mark.timeout(20)
+async def test_validating_a_megabyte_of_openers_is_linear(make_client):
+    client, _ = await make_client(max_body_bytes=2_000_000)
+    body = single("echo", {"a": "<" * 600_000, "b": "{" * 300_000 + "<<"})
+    resp = await client.post("/api/workflow/validate", json=body)
+    assert resp.status_code == 200 and resp.json()["valid"] is True

@@ -352,10 +352,14 @@ def test_parsed_state_defaults_and_fields() -> None:
                 "args": None,
                 "branch": [{"if": "  result.ok  ", "then": "end"}, {"else": "end"}],
                 "timeout": 5,
-                "retry": {"max_attempts": 4, "backoff_s": 2},
                 "on_error": "end",
             },
-            "end": {"tool": "x", "args": {"t": "<<input.t>>", "n": 1}, "done": True},
+            "end": {
+                "tool": "x",
+                "args": {"t": "<<input.t>>", "n": 1},
+                "retry": {"max_attempts": 4, "backoff_s": 2},
+                "done": True,
+            },
         }
     )
     start, gate, end = flow["start"], flow["gate"], flow["end"]
@@ -365,7 +369,8 @@ def test_parsed_state_defaults_and_fields() -> None:
     assert gate.is_gate and gate.name == "await approval" and gate.args == {}
     assert gate.branch == (flows.Case("result.ok", "end"), flows.Case(None, "end"))
     assert gate.timeout == 5.0
-    assert gate.retry == Retry(max_attempts=4, backoff_s=2.0, backoff_factor=2.0)
+    assert gate.retry == Retry()
+    assert end.retry == Retry(max_attempts=4, backoff_s=2.0, backoff_factor=2.0)
     assert gate.on_error == "end"
     assert end.done and end.templated
 

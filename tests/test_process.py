@@ -508,3 +508,34 @@ def test_cli_submit_wait_exits_nonzero_for_failed_flow(shared: Daemon, tmp_path:
     r = stepd("submit", str(flow), "--wait", url=shared.url)
     assert r.returncode == 1, r.stdout + r.stderr
     assert json.loads(r.stdout)["status"] == "failed"
+
+
+def test_sigterm_does_not_wait_for_a_blocked_sync_tool(spawn: Spawn) -> None:
+    # A sync tool cannot be interrupted: past the grace period its step is requeued and
+    # the process exits without joining the tool's thread.
+    repo = str(Path(__file__).resolve().parents[1])
+    d = spawn(
+        "sync",
+        shutdown_grace=0.3,
+        modules=("daemon.tools.demo", "tests.sample_tools"),
+        env={"PYTHONPATH": repo},
+    ).started()
+    body = {
+        "name": "blocked",
+        "flow": {"start": {"tool": "blocking_sleep", "args": {"seconds": 20}, "done": True}},
+    }
+    with d.client() as c:
+        wf_id = create(c, body)
+        wait_for(c, wf_id, step_running, timeout=3)
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait(timeout=8) == 0, d.stderr()
+    assert time.monotonic() - t0 < 5  # not the 20 s the thread still sleeps
+    import sqlite3
+
+    db = sqlite3.connect(d.workdir.parent / "stepd.db")
+    status, attempt = db.execute(
+        "SELECT status, attempt FROM steps WHERE workflow_id = ?", (wf_id,)
+    ).fetchone()
+    db.close()
+    assert (status, attempt) == ("pending", 1)  # requeued: attempt 2 runs after restart

@@ -294,3 +294,15 @@ async def test_cancel_reports_not_found_and_finished(client):
     resp = await client.delete(f"/api/workflow/{wf_id}")
     assert resp.status_code == 409 and "already completed" in resp.json()["error"]
     assert (await client.delete("/api/workflow/42")).status_code == 404
+
+
+async def test_a_cancelled_write_does_not_leave_the_connection_in_a_transaction(store: Store):
+    # Cancel a create while it waits for its BEGIN: the next writes must still work.
+    for _ in range(20):
+        task = asyncio.create_task(create(store))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    wf_id = await create(store)
+    assert (await store.get_workflow(wf_id)) is not None
+    assert store._writer is not None and not store._writer.in_transaction

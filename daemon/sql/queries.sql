@@ -17,13 +17,15 @@ VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
 -- insert_step --
 -- A state visit: pending for a tool, running and awaiting 'ready' for a gate.
 INSERT INTO steps (id, workflow_id, state, name, tool, status, awaiting, seq, attempt,
-                   run_at, created_at, started_at)
+                   run_at, expires_at, created_at, started_at)
 VALUES (:id, :workflow_id, :state, :name, :tool,
         CASE WHEN :tool IS NULL THEN 'running' ELSE 'pending' END,
         CASE WHEN :tool IS NULL THEN 'ready' END,
         :seq,
         CASE WHEN :tool IS NULL THEN 1 ELSE 0 END,
-        :now, :now,
+        :now,
+        CASE WHEN :tool IS NULL THEN :now + :timeout_ms END,
+        :now,
         CASE WHEN :tool IS NULL THEN :now END);
 
 -- insert_event --
@@ -66,7 +68,7 @@ RETURNING *;
 -- Record an attempt's outcome, only if that attempt still owns the step.
 UPDATE steps
 SET status = :status, result_json = :result_json, error = :error, error_type = :error_type,
-    completed_at = :now
+    awaiting = NULL, completed_at = :now
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
 -- retry_step --
@@ -113,9 +115,24 @@ RETURNING id, workflow_id, attempt;
 UPDATE steps SET status = 'pending', run_at = :now
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
--- next_run_at --
--- When the earliest pending step becomes due.
-SELECT min(run_at) FROM steps WHERE status = 'pending';
+-- next_due --
+-- When the earliest pending step becomes due or the earliest gate expires.
+SELECT min(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'), 1 << 62),
+           coalesce((SELECT min(expires_at) FROM steps
+                     WHERE awaiting = 'ready' AND expires_at IS NOT NULL), 1 << 62));
+
+-- expired_gates --
+-- Waiting gates whose timeout has passed.
+SELECT * FROM steps
+WHERE awaiting = 'ready' AND expires_at IS NOT NULL AND expires_at <= :now
+ORDER BY expires_at LIMIT :limit;
+
+-- scope_steps --
+-- The latest visit of each state before a step: what templates see as `steps`.
+SELECT * FROM steps
+WHERE id IN (SELECT max(id) FROM steps
+             WHERE workflow_id = :workflow_id AND id < :before GROUP BY state)
+ORDER BY id;
 
 -- workflow_events --
 -- A workflow's event log, oldest first.

@@ -34,6 +34,7 @@ CREATE TABLE steps (
     error_type   TEXT,
     decided_by   TEXT,                            -- who released a gate
     run_at       INTEGER NOT NULL,                -- not before this time (retry backoff)
+    expires_at   INTEGER,                         -- a waiting gate fails after this time
     created_at   INTEGER NOT NULL,
     started_at   INTEGER,
     completed_at INTEGER
@@ -43,6 +44,8 @@ CREATE INDEX steps_runnable ON steps (run_at, id) WHERE status = 'pending';
 -- Running rows are few; recovery and the waiting-gate count read them.
 CREATE INDEX steps_running ON steps (id) WHERE status = 'running';
 CREATE INDEX steps_workflow ON steps (workflow_id, id);
+-- Waiting gates with a timeout, by deadline.
+CREATE INDEX steps_gate_expiry ON steps (expires_at) WHERE awaiting = 'ready' AND expires_at IS NOT NULL;
 
 CREATE TABLE events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
