@@ -29,7 +29,7 @@ from daemon.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from daemon.executor import Executor, Settings
+from daemon.executor import Executor
 from daemon.models import WorkflowStatus
 from daemon.store import Store
 from daemon.tools import Registry, build_registry
@@ -302,12 +302,7 @@ def create_app(
     store = Store(
         config.db_path, synchronous=config.synchronous, busy_timeout_ms=config.busy_timeout_ms
     )
-    executor = Executor(store, registry, Settings(
-        poll_interval=config.poll_interval, concurrency=config.concurrency,
-        claim_batch=config.claim_batch, step_limit=config.step_limit,
-        shutdown_grace=config.shutdown_grace, max_result_bytes=config.max_result_bytes,
-        state_dir=config.state_dir,
-    ))  # fmt: skip
+    executor = Executor(store, registry, config)
     engine = Engine(store, registry, executor, max_states=config.max_states)
 
     @asynccontextmanager

@@ -118,7 +118,7 @@ class Engine:
             step,
             move,
             StepStatus.DONE,
-            self.executor.settings.step_limit,
+            self.executor.config.step_limit,
             result_json=result_json,
         )
         if await self.store.decide_gate(fin, decided_by=by) is None:

@@ -14,13 +14,13 @@ import sqlite3
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from daemon import flow as flows
 from daemon import templating
+from daemon.config import Config
 from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
 from daemon.store import Store, now_ms
 from daemon.tools import Registry, ToolContext, ToolError
@@ -39,17 +39,6 @@ class WorkflowInfo:
     input: Any
 
 
-@dataclass(frozen=True)
-class Settings:
-    poll_interval: float = 1.0
-    concurrency: int = 16
-    claim_batch: int = 64
-    step_limit: int = 1000
-    shutdown_grace: float = 30.0
-    max_result_bytes: int = 1_048_576
-    state_dir: Path = Path(".")
-
-
 class StepFailed(Exception):
     """An attempt failed; `retryable` says whether another attempt may help."""
 
@@ -60,15 +49,15 @@ class StepFailed(Exception):
 
 
 class Executor:
-    def __init__(self, store: Store, registry: Registry, settings: Settings) -> None:
+    def __init__(self, store: Store, registry: Registry, config: Config) -> None:
         self.store = store
         self.registry = registry
-        self.settings = settings
+        self.config = config
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: dict[int, tuple[asyncio.Task[None], Step]] = {}
         self._infos: OrderedDict[int, WorkflowInfo] = OrderedDict()
-        self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="stepd-tool")
+        self._threads = ThreadPoolExecutor(config.concurrency, thread_name_prefix="stepd-tool")
         self._loop_task: asyncio.Task[None] | None = None
         self.last_tick = 0.0  # loop time of the last successful tick, for health checks
 
@@ -92,7 +81,7 @@ class Executor:
         """Alive, and a tick succeeded recently (a failing database makes this false)."""
         if not self.alive:
             return False
-        stale_after = 3 * self.settings.poll_interval + 30
+        stale_after = 3 * self.config.poll_interval + 30
         return asyncio.get_running_loop().time() - self.last_tick < stale_after
 
     @property
@@ -104,7 +93,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             self._wake.clear()
-            timeout = self.settings.poll_interval
+            timeout = self.config.poll_interval
             try:
                 due = await self.tick()
                 if due is not None:
@@ -129,19 +118,19 @@ class Executor:
         """
         if self._stopping.is_set():
             return None
-        for gate in await self.store.expired_gates(self.settings.claim_batch, now=now):
+        for gate in await self.store.expired_gates(self.config.claim_batch, now=now):
             await self._expire(gate)
-        free = self.settings.concurrency - len(self._tasks)
+        free = self.config.concurrency - len(self._tasks)
         if free <= 0:
             return None
-        claimed = await self.store.claim_steps(min(free, self.settings.claim_batch), now=now)
+        claimed = await self.store.claim_steps(min(free, self.config.claim_batch), now=now)
         for step in claimed:
             if step.tool is None:
                 log.info("gate waiting", extra=_fields(step))
                 continue
             task = asyncio.create_task(self._run(step), name=f"step-{step.id}")
             self._tasks[step.id] = (task, step)
-        if len(claimed) == min(free, self.settings.claim_batch):
+        if len(claimed) == min(free, self.config.claim_batch):
             self._wake.set()  # there may be more
             return None
         return await self.store.next_due()
@@ -167,10 +156,10 @@ class Executor:
         if pending:
             log.info(
                 "waiting up to %.1fs for %d running steps",
-                self.settings.shutdown_grace,
+                self.config.shutdown_grace,
                 len(pending),
             )
-            await asyncio.wait(pending, timeout=self.settings.shutdown_grace)
+            await asyncio.wait(pending, timeout=self.config.shutdown_grace)
         leftovers = list(self._tasks.values())
         for task, _ in leftovers:
             task.cancel()
@@ -203,11 +192,7 @@ class Executor:
                 return
             except Exception as exc:  # a bug: fail the workflow rather than leave it hanging
                 log.exception("step crashed", extra=_fields(step))
-                error = f"internal error: {type(exc).__name__}: {exc}"
-                fin = Finish(step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt,
-                             status=StepStatus.FAILED, error=error, error_type="InternalError",
-                             workflow_status=WorkflowStatus.FAILED,
-                             workflow_error=f"state '{step.state}': {error}")  # fmt: skip
+                fin = _crashed(step, f"internal error: {type(exc).__name__}: {exc}")
             # Shielded: a cancellation arriving now must not lose the outcome.
             written = await asyncio.shield(self._record(step, fin))
             if written is None:
@@ -217,27 +202,20 @@ class Executor:
             self._wake.set()  # a slot is free, and maybe a next step is due
 
     async def _record(self, step: Step, fin: Finish) -> int | None:
-        """Write an outcome, retrying while the database is busy; never give up silently."""
+        """Write an outcome; while the database is busy or locked, keep trying with backoff."""
         delay = 0.05
-        for attempt in range(8):
+        while True:
             try:
                 return await self.store.finish_step(fin)
-            except sqlite3.OperationalError as exc:  # locked / busy past busy_timeout
-                log.warning("recording the outcome failed (%s); retrying", exc,
+            except sqlite3.OperationalError as exc:  # locked / busy past busy_timeout, disk full
+                log.warning("recording the outcome failed (%s); retrying in %.2fs", exc, delay,
                             extra=_fields(step))  # fmt: skip
-                if attempt == 7:
-                    raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except (sqlite3.Error, OverflowError, UnicodeError, ValueError) as exc:
                 # The outcome itself cannot be stored: record a plain failure instead.
                 log.exception("cannot store the outcome", extra=_fields(step))
-                error = f"internal error: the outcome could not be stored: {_clean(str(exc))}"
-                fin = Finish(step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt,
-                             status=StepStatus.FAILED, error=error, error_type="InternalError",
-                             workflow_status=WorkflowStatus.FAILED,
-                             workflow_error=f"state '{step.state}': {error}")  # fmt: skip
-        return None
+                fin = _crashed(step, f"internal error: the outcome could not be stored: {exc}")
 
     async def _attempt(self, step: Step) -> Finish:
         info = await self.workflow_info(step.workflow_id)
@@ -276,7 +254,7 @@ class Executor:
             kwargs["ctx"] = ToolContext(
                 workflow_id=step.workflow_id, step_id=step.id, state=step.state,
                 attempt=step.attempt, created_by=info.created_by,
-                state_dir=self.settings.state_dir, logger=log,
+                state_dir=self.config.state_dir, logger=log,
             )  # fmt: skip
         problems = tool.check_args(args)
         if problems:
@@ -324,9 +302,9 @@ class Executor:
             raise StepFailed(
                 f"result is not JSON-serialisable: {exc}", type_="BadResult", retryable=False
             ) from None
-        if len(data) > self.settings.max_result_bytes:
+        if len(data) > self.config.max_result_bytes:
             raise StepFailed(
-                f"result is {len(data)} bytes; the limit is {self.settings.max_result_bytes}",
+                f"result is {len(data)} bytes; the limit is {self.config.max_result_bytes}",
                 type_="BadResult",
                 retryable=False,
             )
@@ -358,7 +336,7 @@ class Executor:
     def _finish(
         self, info: WorkflowInfo, step: Step, move: flows.Move, status: StepStatus, **fields: Any
     ) -> Finish:
-        return finish_for(info, step, move, status, self.settings.step_limit, **fields)
+        return finish_for(info, step, move, status, self.config.step_limit, **fields)
 
     # -- workflow data -----------------------------------------------------------------
 
@@ -438,6 +416,15 @@ def new_step(state: flows.State, seq: int) -> NewStep:
         timeout_ms = int(state.timeout * 1000)
     return NewStep(state=state.id, name=state.name, tool=state.tool, seq=seq,
                    timeout_ms=timeout_ms)  # fmt: skip
+
+
+def _crashed(step: Step, error: str) -> Finish:
+    """The outcome for a step that broke in stepd itself: it and its workflow fail."""
+    error = _clean(error)
+    return Finish(step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt,
+                  status=StepStatus.FAILED, error=error, error_type="InternalError",
+                  workflow_status=WorkflowStatus.FAILED,
+                  workflow_error=f"state '{step.state}': {error}")  # fmt: skip
 
 
 def _fresh(args: Any) -> Any:

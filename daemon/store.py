@@ -377,26 +377,16 @@ class Store:
     async def _follow(self, db: aiosqlite.Connection, fin: Finish, now: int) -> int:
         """Events, the next step and the workflow's end, after a step changed."""
         wf = fin.workflow_id
+        data: dict[str, Any] = {"attempt": fin.attempt}
         if fin.status is StepStatus.PENDING:
-            await self._event(
-                db,
-                wf,
-                fin.step_id,
-                "step_retrying",
-                now,
-                {"attempt": fin.attempt, "error": fin.error, "run_at": fin.retry_at},
-            )
+            kind = "step_retrying"
+            data |= {"error": fin.error, "run_at": fin.retry_at}
         elif fin.status is StepStatus.FAILED:
-            await self._event(
-                db,
-                wf,
-                fin.step_id,
-                "step_failed",
-                now,
-                {"attempt": fin.attempt, "error": fin.error},
-            )
+            kind = "step_failed"
+            data["error"] = fin.error
         else:
-            await self._event(db, wf, fin.step_id, "step_done", now, {"attempt": fin.attempt})
+            kind = "step_done"
+        await self._event(db, wf, fin.step_id, kind, now, data)
         next_id = 0
         if fin.next_step is not None:
             next_id = await self._insert_step(db, wf, fin.next_step, now)
