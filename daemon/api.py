@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from daemon import openapi
 from daemon.auth import Authenticator
 from daemon.config import Config, TokenConfig
 from daemon.engine import Engine
@@ -36,6 +37,7 @@ from daemon.tools import Registry, build_registry
 
 log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = {"/healthz"}
+OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
 MAX_DEPTH = 64  # nesting of arrays and objects in a request body
 MAX_ID = (1 << 63) - 1
@@ -237,6 +239,28 @@ async def ready_step(request: Request) -> Response:
     return JSON({"queued": True})
 
 
+@needs("approve")
+async def retry_step(request: Request) -> Response:
+    """Run an interrupted step of a non-idempotent tool again."""
+    await engine_of(request).retry(path_id(request, "step_id"), by=token_of(request).name)
+    return JSON({"queued": True})
+
+
+@needs("approve")
+async def fail_step(request: Request) -> Response:
+    """Fail an interrupted step of a non-idempotent tool; the flow goes to on_error or fails."""
+    body = await read_json(request, optional=True)
+    reason = None
+    if body is not None:
+        if not isinstance(body, dict) or set(body) - {"reason"}:
+            raise BadRequest('body must be {"reason": "..."} or empty')
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise BadRequest("reason must be a string")
+    await engine_of(request).fail(path_id(request, "step_id"), reason, by=token_of(request).name)
+    return JSON({"failed": True})
+
+
 @needs("workflow")
 async def validate_workflow(request: Request) -> Response:
     """Check a workflow without creating it."""
@@ -247,6 +271,12 @@ async def validate_workflow(request: Request) -> Response:
 async def list_tools(request: Request) -> Response:
     """Registered tools and their parameters."""
     return JSON(engine_of(request).registry.describe())
+
+
+@needs("read")
+async def openapi_json(request: Request) -> Response:
+    """The OpenAPI document of this API."""
+    return JSON(OPENAPI)
 
 
 async def healthz(request: Request) -> Response:
@@ -268,11 +298,14 @@ def route(path: str, **handlers: Endpoint) -> Route:
 
 ROUTES = [
     route("/healthz", GET=healthz),
+    route("/openapi.json", GET=openapi_json),
     route("/api/tools", GET=list_tools),
     route("/api/workflow", GET=list_workflows, POST=create_workflow),
     route("/api/workflow/validate", POST=validate_workflow),
     route("/api/workflow/{id:int}", GET=get_workflow, DELETE=cancel_workflow),
     route("/api/workflow/{step_id:int}/ready", POST=ready_step),
+    route("/api/workflow/{step_id:int}/retry", POST=retry_step),
+    route("/api/workflow/{step_id:int}/fail", POST=fail_step),
 ]
 
 
@@ -309,9 +342,9 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not store.is_open:  # `stepd serve` opens it before binding the port
             await store.open()
-        recovered = await store.recover()
+        recovered = await executor.recover()
         if recovered:
-            log.warning("requeued %d steps interrupted by the previous stop", recovered)
+            log.warning("recovered %d steps interrupted by the previous stop", recovered)
         executor.start()
         try:
             yield

@@ -36,6 +36,11 @@ class Config:
     max_body_bytes: int = 1_048_576
     max_states: int = 200
     max_result_bytes: int = 1_048_576
+    lease_s: float = 30.0
+    recovery_attempts: int = 3
+    retention_days: float = 0.0
+    retention_batch: int = 500
+    retention_interval_s: float = 3600.0
     tokens: tuple[TokenConfig, ...] = ()
     tool_modules: tuple[str, ...] = DEFAULT_TOOL_MODULES
     log_level: str = "info"
@@ -62,6 +67,13 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "step_limit": ("step_limit", int),
         "shutdown_grace": ("shutdown_grace", (int, float)),
         "max_result_bytes": ("max_result_bytes", int),
+        "lease_s": ("lease_s", (int, float)),
+        "recovery_attempts": ("recovery_attempts", int),
+    },
+    "retention": {
+        "days": ("retention_days", (int, float)),
+        "batch": ("retention_batch", int),
+        "interval_s": ("retention_interval_s", (int, float)),
     },
     "limits": {
         "max_states": ("max_states", int),
@@ -117,10 +129,10 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
     db_path = Path(values.pop("db_path", "stepd.db"))
     if not db_path.is_absolute():
         db_path = state_dir / db_path
-    if "poll_interval" in values:
-        values["poll_interval"] = float(values["poll_interval"])
-    if "shutdown_grace" in values:
-        values["shutdown_grace"] = float(values["shutdown_grace"])
+    for key in ("poll_interval", "shutdown_grace", "lease_s", "retention_days",
+                "retention_interval_s"):  # fmt: skip
+        if key in values:
+            values[key] = float(values[key])
     if "tool_modules" in values:
         modules = values["tool_modules"]
         if not all(isinstance(m, str) for m in modules):
@@ -162,9 +174,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("[server] port must be between 1 and 65535")
     if cfg.poll_interval <= 0:
         raise ConfigError("[executor] poll_interval must be > 0")
-    for attr in ("concurrency", "claim_batch", "step_limit", "max_body_bytes", "max_states"):
+    for attr in ("concurrency", "claim_batch", "step_limit", "max_body_bytes", "max_states",
+                 "recovery_attempts", "retention_batch"):  # fmt: skip
         if getattr(cfg, attr) < 1:
             raise ConfigError(f"{attr} must be >= 1")
+    if cfg.lease_s < 1:
+        raise ConfigError("[executor] lease_s must be >= 1")
+    if cfg.retention_days < 0 or cfg.retention_interval_s <= 0:
+        raise ConfigError("[retention] days must be >= 0 and interval_s > 0")
     if cfg.shutdown_grace < 0:
         raise ConfigError("[executor] shutdown_grace must be >= 0")
     if cfg.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

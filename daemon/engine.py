@@ -11,7 +11,7 @@ import orjson
 from daemon import flow as flows
 from daemon.errors import BadRequest, Conflict, NotFound, Unprocessable
 from daemon.executor import Executor, build_scope, finish_for, new_step
-from daemon.models import StepStatus
+from daemon.models import Step, StepStatus
 from daemon.store import Cancelled, Created, Store
 from daemon.tools import Registry
 
@@ -121,7 +121,47 @@ class Engine:
             self.executor.config.step_limit,
             result_json=result_json,
         )
-        if await self.store.decide_gate(fin, decided_by=by) is None:
+        if await self.store.decide(fin, awaiting="ready", decision="ready", decided_by=by) is None:
+            raise Conflict(f"step {step_id} is no longer waiting")
+        self.executor.wake()
+
+    async def _awaiting_decision(self, step_id: int) -> Step:
+        step = await self.store.get_step(step_id)
+        if step is None:
+            raise NotFound(f"step {step_id} not found")
+        if step.awaiting != "decision":
+            raise Conflict(
+                f"step {step_id} is not waiting for a retry-or-fail decision "
+                f"(status: {step.status})"
+            )
+        return step
+
+    async def retry(self, step_id: int, *, by: str | None) -> None:
+        """Run an interrupted non-idempotent step again, as a person decided."""
+        step = await self._awaiting_decision(step_id)
+        if not await self.store.retry_decided(step, decided_by=by):
+            raise Conflict(f"step {step_id} is no longer waiting")
+        self.executor.wake()
+
+    async def fail(self, step_id: int, reason: str | None, *, by: str | None) -> None:
+        """Fail an interrupted non-idempotent step; the flow continues at on_error or fails."""
+        step = await self._awaiting_decision(step_id)
+        info = await self.executor.workflow_info(step.workflow_id)
+        error = f"failed by {by}: {reason}" if reason else f"failed by {by} after an interruption"
+        move = flows.after_failure(
+            info.flow, step.state, error, attempt=step.attempt, retryable=False, rand=0.0
+        )
+        fin = finish_for(
+            info,
+            step,
+            move,
+            StepStatus.FAILED,
+            self.executor.config.step_limit,
+            error=error,
+            error_type="Interrupted",
+        )
+        decided = await self.store.decide(fin, awaiting="decision", decision="fail", decided_by=by)
+        if decided is None:
             raise Conflict(f"step {step_id} is no longer waiting")
         self.executor.wake()
 

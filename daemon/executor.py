@@ -60,6 +60,7 @@ class Executor:
         self._threads = ThreadPoolExecutor(config.concurrency, thread_name_prefix="stepd-tool")
         self._loop_task: asyncio.Task[None] | None = None
         self.last_tick = 0.0  # loop time of the last successful tick, for health checks
+        self._next_renewal = 0  # epoch ms when running steps' leases are next renewed
 
     # -- control ---------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ class Executor:
     async def run(self) -> None:
         """Tick until stopped: on wake, on the poll interval, or when a retry is due."""
         loop = asyncio.get_running_loop()
+        failures = 0
         while not self._stopping.is_set():
             self._wake.clear()
             timeout = self.config.poll_interval
@@ -99,8 +101,14 @@ class Executor:
                 if due is not None:
                     timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
                 self.last_tick = loop.time()
-            except Exception:
-                log.exception("executor tick failed; retrying in %.1fs", timeout)
+                failures = 0
+            except Exception as exc:
+                # E.g. the disk is full or another process holds the database: back off,
+                # and carry on once it clears.
+                failures += 1
+                timeout = min(self.config.poll_interval * 2**failures, 30.0)
+                log.error("executor pass failed (%s); retrying in %.1fs", exc, timeout,
+                          exc_info=not isinstance(exc, sqlite3.OperationalError))  # fmt: skip
             waker = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(self._stopping.wait())
             try:
@@ -118,12 +126,19 @@ class Executor:
         """
         if self._stopping.is_set():
             return None
+        now_ = now_ms() if now is None else now
+        await self._heartbeat(now_)
         for gate in await self.store.expired_gates(self.config.claim_batch, now=now):
             await self._expire(gate)
+        for step in await self.store.interrupted(limit=self.config.claim_batch, now=now_):
+            if step.id not in self._tasks:
+                await self.recover_step(step, "its lease expired while it ran")
         free = self.config.concurrency - len(self._tasks)
         if free <= 0:
             return None
-        claimed = await self.store.claim_steps(min(free, self.config.claim_batch), now=now)
+        claimed = await self.store.claim_steps(
+            min(free, self.config.claim_batch), lease_ms=self._lease_ms, now=now
+        )
         for step in claimed:
             if step.tool is None:
                 log.info("gate waiting", extra=_fields(step))
@@ -134,6 +149,49 @@ class Executor:
             self._wake.set()  # there may be more
             return None
         return await self.store.next_due()
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.config.lease_s * 1000)
+
+    async def _heartbeat(self, now: int) -> None:
+        """Renew the leases of running steps, a third of the lease before they end."""
+        if self._tasks and now >= self._next_renewal:
+            await self.store.renew_leases([s for _, s in self._tasks.values()],
+                                          now + self._lease_ms)  # fmt: skip
+            self._next_renewal = now + self._lease_ms // 3
+
+    async def recover(self) -> int:
+        """At start-up: every tool step left running by an earlier process is interrupted."""
+        count = 0
+        while steps := await self.store.interrupted(limit=500, now=1 << 62):
+            for step in steps:
+                await self.recover_step(step, "interrupted: the daemon stopped while it ran")
+                count += 1
+        return count
+
+    async def recover_step(self, step: Step, reason: str) -> None:
+        """Requeue an interrupted step, fail it when out of attempts, or, for a tool that is
+        not idempotent, let a person decide (it may have had its effect already)."""
+        info = await self.workflow_info(step.workflow_id)
+        state = info.flow[step.state]
+        tool = self.registry.get(step.tool or "")
+        if tool is not None and not tool.idempotent:
+            why = f"{reason}; tool '{tool.name}' is not idempotent: retry or fail it"
+            if await self.store.await_decision(step, why):
+                log.warning("waiting for a decision: %s", why, extra=_fields(step))
+            return
+        if step.attempt < max(state.retry.max_attempts, self.config.recovery_attempts):
+            if await self.store.requeue(step, reason):
+                log.warning("requeued: %s", reason, extra=_fields(step))
+            return
+        error = f"{reason}; out of attempts after attempt {step.attempt}"
+        move = flows.after_failure(info.flow, step.state, error, attempt=step.attempt,
+                                   retryable=False, rand=0.0)  # fmt: skip
+        fin = self._finish(info, step, move, StepStatus.FAILED, error=error,
+                           error_type="Interrupted")  # fmt: skip
+        if await self.store.finish_step(fin) is not None:
+            log.warning("failed: %s", error, extra=_fields(step))
 
     async def _expire(self, gate: Step) -> None:
         """A gate waited past its timeout: it fails, and the flow goes to on_error or fails."""
@@ -167,8 +225,7 @@ class Executor:
             # A tool that swallows cancellation must not hold up the exit.
             await asyncio.wait([t for t, _ in leftovers], timeout=1.0)
         for _, step in leftovers:
-            if await self.store.requeue(step.id, step.attempt):
-                log.warning("requeued at shutdown", extra=_fields(step))
+            await self.recover_step(step, "interrupted at shutdown after the grace period")
         # Threads of sync tools cannot be interrupted; `stepd serve` exits without
         # joining them (their results would be discarded: the steps are requeued).
         self._threads.shutdown(wait=False, cancel_futures=True)

@@ -325,11 +325,15 @@ class Store:
 
     # -- steps ---------------------------------------------------------------------
 
-    async def claim_steps(self, limit: int, *, now: int | None = None) -> list[Step]:
-        """Claim up to `limit` due pending steps; tools become running, gates start waiting."""
+    async def claim_steps(
+        self, limit: int, *, lease_ms: int = 30_000, now: int | None = None
+    ) -> list[Step]:
+        """Claim up to `limit` due pending steps; tools become running under a lease, gates
+        start waiting."""
         now = now_ms() if now is None else now
+        params = {"now": now, "limit": limit, "lease_ms": lease_ms}
         async with self._write() as db:
-            async with db.execute(Q["claim_steps"], {"now": now, "limit": limit}) as cur:
+            async with db.execute(Q["claim_steps"], params) as cur:
                 rows = [Step.from_row(r) for r in await cur.fetchall()]
             for step in rows:
                 if step.tool is None:
@@ -413,80 +417,93 @@ class Store:
             await db.execute(Q["touch_workflow"], {"id": wf, "now": now})
         return next_id
 
-    async def decide_gate(
-        self, fin: Finish, *, decided_by: str | None, now: int | None = None
+    async def decide(
+        self,
+        fin: Finish,
+        *,
+        awaiting: str,
+        decision: str,
+        decided_by: str | None,
+        now: int | None = None,
     ) -> int | None:
-        """Release a waiting gate with `fin.result_json` and move on, in one transaction.
+        """Settle a step waiting for a person (`awaiting` "ready" or "decision") and move on.
 
-        Returns the next step's id (0 if none), or None if the gate no longer waits.
+        One transaction. Returns the next step's id (0 if none), or None if it no
+        longer waits (already decided, cancelled, expired).
         """
         now = now_ms() if now is None else now
         async with self._write() as db:
             cur = await db.execute(
-                Q["decide_gate"],
-                {
-                    "id": fin.step_id,
-                    "result_json": fin.result_json,
-                    "decided_by": decided_by,
-                    "now": now,
-                },
-            )
+                Q["decide"],
+                {"id": fin.step_id, "attempt": fin.attempt, "awaiting": awaiting,
+                 "status": fin.status.value, "result_json": fin.result_json,
+                 "error": fin.error, "error_type": fin.error_type, "decided_by": decided_by,
+                 "now": now},
+            )  # fmt: skip
             if cur.rowcount == 0:
                 return None
-            await self._event(
-                db,
-                fin.workflow_id,
-                fin.step_id,
-                "gate_decided",
-                now,
-                {"decision": "ready", "by": decided_by},
-            )
+            kind = "gate_decided" if awaiting == "ready" else "step_decided"
+            await self._event(db, fin.workflow_id, fin.step_id, kind, now,
+                              {"decision": decision, "by": decided_by})  # fmt: skip
             return await self._follow(db, fin, now)
 
-    async def requeue(self, step_id: int, attempt: int, *, now: int | None = None) -> bool:
-        """Put one running attempt back in the queue (shutdown past the grace period)."""
+    async def retry_decided(
+        self, step: Step, *, decided_by: str | None, now: int | None = None
+    ) -> bool:
+        """Queue an interrupted step again because a person said so."""
         now = now_ms() if now is None else now
         async with self._write() as db:
             cur = await db.execute(
-                Q["requeue_step"], {"id": step_id, "attempt": attempt, "now": now}
+                Q["retry_decided"],
+                {"id": step.id, "attempt": step.attempt, "decided_by": decided_by, "now": now},
             )
             if cur.rowcount:
-                await self._event(
-                    db,
-                    await self._workflow_of(db, step_id),
-                    step_id,
-                    "step_requeued",
-                    now,
-                    {"attempt": attempt, "reason": "daemon shutting down"},
-                )
+                await self._event(db, step.workflow_id, step.id, "step_decided", now,
+                                  {"decision": "retry", "by": decided_by})  # fmt: skip
             return bool(cur.rowcount)
 
-    @staticmethod
-    async def _workflow_of(db: aiosqlite.Connection, step_id: int) -> int:
-        async with db.execute("SELECT workflow_id FROM steps WHERE id = ?", (step_id,)) as cur:
-            row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
-
-    async def recover(self, *, now: int | None = None) -> int:
-        """At start-up: requeue tool steps a previous process left running."""
+    async def requeue(self, step: Step, reason: str, *, now: int | None = None) -> bool:
+        """Put a running attempt back in the queue (interrupted); the next claim is attempt + 1."""
         now = now_ms() if now is None else now
         async with self._write() as db:
-            async with db.execute(Q["requeue_running"], {"now": now}) as cur:
-                rows = await cur.fetchall()
-            for r in rows:
-                await self._event(
-                    db,
-                    r["workflow_id"],
-                    r["id"],
-                    "step_requeued",
-                    now,
-                    {
-                        "attempt": r["attempt"],
-                        "reason": "interrupted: the daemon stopped while it ran",
-                    },
-                )
-        return len(rows)
+            cur = await db.execute(
+                Q["requeue_step"], {"id": step.id, "attempt": step.attempt, "now": now}
+            )
+            if cur.rowcount:
+                await self._event(db, step.workflow_id, step.id, "step_requeued", now,
+                                  {"attempt": step.attempt, "reason": reason})  # fmt: skip
+            return bool(cur.rowcount)
+
+    async def await_decision(self, step: Step, reason: str, *, now: int | None = None) -> bool:
+        """An interrupted non-idempotent step waits for a person to retry or fail it."""
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            cur = await db.execute(
+                Q["await_decision"], {"id": step.id, "attempt": step.attempt, "error": reason}
+            )
+            if cur.rowcount:
+                await self._event(db, step.workflow_id, step.id, "decision_waiting", now,
+                                  {"attempt": step.attempt, "reason": reason})  # fmt: skip
+            return bool(cur.rowcount)
+
+    async def interrupted(self, *, limit: int, now: int | None = None) -> list[Step]:
+        """Running tool steps whose lease ended before `now`."""
+        now = now_ms() if now is None else now
+        rows = await self._all(Q["interrupted_steps"], {"now": now, "limit": limit})
+        return [Step.from_row(r) for r in rows]
+
+    async def renew_leases(self, steps: Iterable[Step], lease_until: int) -> None:
+        """Extend the leases of steps this process runs (one transaction)."""
+        params = [{"id": s.id, "attempt": s.attempt, "lease_until": lease_until} for s in steps]
+        if params:
+            async with self._write() as db:
+                await db.executemany(Q["renew_lease"], params)
+
+    async def purge_finished(self, *, cutoff: int, limit: int) -> int:
+        """Delete up to `limit` workflows finished before `cutoff` (epoch ms), with their rows."""
+        async with self._write() as db:
+            cur = await db.execute(Q["purge_finished"], {"cutoff": cutoff, "limit": limit})
+            return int(cur.rowcount)
 
     async def next_due(self) -> int | None:
         """When the next pending step is due or the next gate expires (epoch ms), if any."""

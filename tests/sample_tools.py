@@ -94,3 +94,13 @@ async def mutate_then_fail(items: list[str], *, ctx: ToolContext) -> list[str]:
     if ctx.attempt < 3:
         raise RuntimeError("not yet")
     return items
+
+
+CHARGES: list[str] = []
+
+
+@tool(idempotent=False)
+async def charge(amount: int, *, ctx: ToolContext) -> dict[str, Any]:
+    """A side effect that must not happen twice by surprise."""
+    CHARGES.append(ctx.idempotency_key)
+    return {"charged": amount, "attempt": ctx.attempt}

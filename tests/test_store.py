@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.models import Finish, NewStep, StepStatus, WorkflowStatus
-from daemon.store import Q, Store, load_queries, migrations, split_statements
+from daemon.store import Q, Store, load_queries, migrations, now_ms, split_statements
 from tests.helpers import wait_for
 
 ECHO = NewStep(state="start", name="start", tool="echo", seq=1)
@@ -118,7 +118,7 @@ async def test_stale_attempt_cannot_overwrite_a_newer_one(store: Store):
     wf_id = await create(store)
     (step,) = await store.claim_steps(10)
     assert step.attempt == 1
-    assert await store.requeue(step.id, 1)
+    assert await store.requeue(step, "test")
     (again,) = await store.claim_steps(10)
     assert again.attempt == 2
     stale = Finish(step_id=step.id, workflow_id=wf_id, attempt=1, status=StepStatus.DONE,
@@ -171,11 +171,18 @@ async def test_gates_wait_and_are_not_claimed(store: Store):
     assert gate.status == "running" and gate.awaiting == "ready" and gate.attempt == 1
 
 
-async def test_recover_requeues_interrupted_tool_steps_only(store: Store):
+async def test_leases_find_interrupted_tool_steps_only(store: Store):
     tool_wf = await create(store)
     gate_wf = await create(store, GATE)
-    await store.claim_steps(10)
-    assert await store.recover() == 1
+    t0 = now_ms() + 10
+    (claimed,) = await store.claim_steps(10, lease_ms=1000, now=t0)
+    assert claimed.tool == "echo"
+    assert await store.interrupted(limit=10, now=t0 + 999) == []  # lease still running
+    await store.renew_leases([claimed], t0 + 4000)
+    assert await store.interrupted(limit=10, now=t0 + 3999) == []
+    (found,) = await store.interrupted(limit=10, now=t0 + 4001)
+    assert found.id == claimed.id  # the gate has no lease and is never "interrupted"
+    assert await store.requeue(found, "lease expired")
     (step,) = await store.steps(tool_wf)
     assert step.status == "pending"
     (gate,) = await store.steps(gate_wf)

@@ -59,7 +59,8 @@ SELECT * FROM steps WHERE id = :id;
 -- Take due pending steps: tools become running (a new attempt), gates start waiting.
 UPDATE steps
 SET status = 'running', attempt = attempt + 1, started_at = :now,
-    awaiting = CASE WHEN tool IS NULL THEN 'ready' END
+    awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
+    lease_until = CASE WHEN tool IS NOT NULL THEN :now + :lease_ms END
 WHERE id IN (SELECT id FROM steps WHERE status = 'pending' AND run_at <= :now
              ORDER BY run_at, id LIMIT :limit)
 RETURNING *;
@@ -97,23 +98,48 @@ UPDATE steps SET status = 'cancelled', awaiting = NULL, completed_at = :now
 WHERE workflow_id = :workflow_id AND status IN ('pending', 'running')
 RETURNING id;
 
--- decide_gate --
--- Release a waiting gate with its result, if it still waits.
+-- decide --
+-- Settle a step that waits for a person (a gate, or an interrupted tool), if it still waits.
 UPDATE steps
-SET status = 'done', awaiting = NULL, result_json = :result_json, decided_by = :decided_by,
-    completed_at = :now
-WHERE id = :id AND status = 'running' AND awaiting = 'ready';
+SET status = :status, awaiting = NULL, result_json = :result_json, error = :error,
+    error_type = :error_type, decided_by = :decided_by, completed_at = :now
+WHERE id = :id AND status = 'running' AND awaiting = :awaiting AND attempt = :attempt;
 
--- requeue_running --
--- Put every running tool step back in the queue (start-up recovery, shutdown).
-UPDATE steps SET status = 'pending', run_at = :now
-WHERE status = 'running' AND tool IS NOT NULL
-RETURNING id, workflow_id, attempt;
+-- retry_decided --
+-- Queue an interrupted tool step again, as decided by a person.
+UPDATE steps
+SET status = 'pending', awaiting = NULL, run_at = :now, decided_by = :decided_by
+WHERE id = :id AND status = 'running' AND awaiting = 'decision' AND attempt = :attempt;
+
+-- interrupted_steps --
+-- Running tool steps whose lease ended before :now (all of them at start-up).
+SELECT * FROM steps
+WHERE status = 'running' AND awaiting IS NULL AND lease_until < :now
+ORDER BY lease_until LIMIT :limit;
+
+-- renew_lease --
+-- Extend the lease of a step this process is running.
+UPDATE steps SET lease_until = :lease_until
+WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
 -- requeue_step --
 -- Put one running attempt back in the queue.
-UPDATE steps SET status = 'pending', run_at = :now
-WHERE id = :id AND status = 'running' AND attempt = :attempt;
+UPDATE steps SET status = 'pending', run_at = :now, lease_until = NULL
+WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
+
+-- await_decision --
+-- An interrupted non-idempotent tool step waits for a person to retry or fail it.
+UPDATE steps SET awaiting = 'decision', error = :error, error_type = 'Interrupted',
+                 lease_until = NULL
+WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
+
+-- purge_finished --
+-- Delete up to :limit finished workflows last changed before :cutoff (steps and events cascade).
+DELETE FROM workflows
+WHERE id IN (SELECT id FROM workflows
+             WHERE status IN ('completed', 'failed', 'cancelled') AND id < :cutoff
+               AND updated_at < :cutoff
+             LIMIT :limit);
 
 -- next_due --
 -- When the earliest pending step becomes due or the earliest gate expires.

@@ -26,7 +26,8 @@ CREATE TABLE steps (
     name         TEXT    NOT NULL,
     tool         TEXT,                            -- NULL: an approval gate
     status       TEXT    NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed', 'cancelled')),
-    awaiting     TEXT,                            -- 'ready' while a gate waits
+    awaiting     TEXT,                            -- 'ready': a gate waits; 'decision': an
+                                                  -- interrupted non-idempotent tool waits
     seq          INTEGER NOT NULL,                -- 1 for the first state visit, +1 per transition
     attempt      INTEGER NOT NULL DEFAULT 0,
     result_json  TEXT,
@@ -35,14 +36,15 @@ CREATE TABLE steps (
     decided_by   TEXT,                            -- who released a gate
     run_at       INTEGER NOT NULL,                -- not before this time (retry backoff)
     expires_at   INTEGER,                         -- a waiting gate fails after this time
+    lease_until  INTEGER,                         -- a running tool's owner renews this
     created_at   INTEGER NOT NULL,
     started_at   INTEGER,
     completed_at INTEGER
 );
 -- The poll reads only pending rows: its cost does not grow with finished steps.
 CREATE INDEX steps_runnable ON steps (run_at, id) WHERE status = 'pending';
--- Running rows are few; recovery and the waiting-gate count read them.
-CREATE INDEX steps_running ON steps (id) WHERE status = 'running';
+-- Running tool steps by lease: recovery finds the expired ones.
+CREATE INDEX steps_leases ON steps (lease_until) WHERE status = 'running' AND awaiting IS NULL;
 CREATE INDEX steps_workflow ON steps (workflow_id, id);
 -- Waiting gates with a timeout, by deadline.
 CREATE INDEX steps_gate_expiry ON steps (expires_at) WHERE awaiting = 'ready' AND expires_at IS NOT NULL;
