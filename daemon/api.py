@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import openapi
+from daemon import openapi, retention
 from daemon.auth import Authenticator
 from daemon.config import Config, TokenConfig
 from daemon.engine import Engine
@@ -41,7 +42,6 @@ OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
 MAX_DEPTH = 64  # nesting of arrays and objects in a request body
 MAX_ID = (1 << 63) - 1
-_LONG_DIGITS = re.compile(rb"\d{19,}")
 
 
 class JSON(Response):
@@ -131,14 +131,21 @@ async def read_json(request: Request, *, optional: bool = False) -> Any:
         value = orjson.loads(bytes(body))
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"invalid JSON: {exc}") from None
-    _check_depth(value)  # first: the stdlib parser below recurses
-    if _LONG_DIGITS.search(body):
-        _check_integers(bytes(body))
+    _check_values(value)  # first: bounds the depth the stdlib parser below recurses to
+    _check_syntax(bytes(body))
     return value
 
 
-def _check_integers(body: bytes) -> None:
-    """Reject integers outside 64 bits, which orjson would silently turn into floats."""
+def _check_syntax(body: bytes) -> None:
+    """What orjson lets through: duplicate keys (it keeps the last) and integers beyond
+    64 bits (it turns them into floats). Both would store something else than was sent."""
+
+    def pairs(items: list[tuple[str, Any]]) -> None:
+        seen = set()
+        for key, _ in items:
+            if key in seen:
+                raise BadRequest(f"duplicate key '{key[:50]}' in a JSON object")
+            seen.add(key)
 
     def parse_int(text: str) -> int:
         value = int(text)
@@ -146,19 +153,23 @@ def _check_integers(body: bytes) -> None:
             raise BadRequest(f"integer {text[:30]}... does not fit in 64 bits")
         return value
 
-    json.loads(body, parse_int=parse_int)
+    json.loads(body, object_pairs_hook=pairs, parse_int=parse_int)
 
 
-def _check_depth(value: Any) -> None:
-    """Reject bodies nested deeper than MAX_DEPTH (they could not be stored or templated)."""
+def _check_values(value: Any) -> None:
+    """Reject bodies nested deeper than MAX_DEPTH, and strings with NUL characters
+    (C-string tools and logs would cut them short)."""
     level: list[Any] = [value]
     for _ in range(MAX_DEPTH + 1):
         nxt: list[Any] = []
         for v in level:
             if isinstance(v, dict):
                 nxt.extend(v.values())
+                nxt.extend(v.keys())
             elif isinstance(v, list):
                 nxt.extend(v)
+            elif isinstance(v, str) and "\x00" in v:
+                raise BadRequest("strings must not contain NUL (\\u0000) characters")
         if not nxt:
             return
         level = nxt
@@ -322,6 +333,12 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return resp
 
 
+async def on_storage_fault(request: Request, exc: Exception) -> Response:
+    # The transaction was rolled back: nothing of the request was stored.
+    log.error("storage fault on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, f"storage unavailable: {exc}; nothing was changed, retry later")
+
+
 async def on_crash(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error")
@@ -346,9 +363,15 @@ def create_app(
         if recovered:
             log.warning("recovered %d steps interrupted by the previous stop", recovered)
         executor.start()
+        purger = None
+        if config.retention_days > 0:
+            purger = asyncio.create_task(retention.run(store, config), name="stepd-retention")
         try:
             yield
         finally:
+            if purger is not None:
+                purger.cancel()
+                await asyncio.gather(purger, return_exceptions=True)
             await executor.stop()
             await store.close()
 
@@ -363,6 +386,7 @@ def create_app(
         exception_handlers={
             StepdError: on_stepd_error,
             HTTPException: on_http_error,
+            sqlite3.OperationalError: on_storage_fault,  # disk full, locked past the timeout
             Exception: on_crash,
         },
         lifespan=lifespan,

@@ -49,6 +49,31 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(out)
 
 
+def backup(source: Path, dest: Path) -> int:
+    """A consistent copy of a live database with SQLite's online backup API; returns pages.
+
+    The copy is written beside `dest`, checked with PRAGMA integrity_check, then renamed,
+    so `dest` is either the old file or a complete, valid copy.
+    """
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(source, timeout=30)
+    try:
+        dst = sqlite3.connect(partial)
+        try:
+            src.backup(dst)  # one step: a single read transaction, a consistent snapshot
+            (check,) = dst.execute("PRAGMA integrity_check").fetchone()
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"backup failed its integrity check: {check}")
+            (pages,) = dst.execute("PRAGMA page_count").fetchone()
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    os.replace(partial, dest)
+    return int(pages)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

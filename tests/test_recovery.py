@@ -1,4 +1,4 @@
-"""Recovery of interrupted steps: leases, attempt budgets, and decisions for non-idempotent tools."""
+"""Recovery of interrupted steps: leases, attempt budgets, decisions for non-idempotent tools."""
 
 from __future__ import annotations
 
@@ -61,8 +61,10 @@ async def started(tmp_path: Path) -> AsyncIterator[Any]:
 ECHO = {"start": {"tool": "echo", "args": {"a": 1}, "next": "after"},
         "after": {"tool": "echo", "args": {}, "done": True},
         "handle": {"tool": "echo", "args": {"why": "<<error.message>>"}, "done": True}}  # fmt: skip
-CHARGE = {"start": {"tool": "charge", "args": {"amount": 5}, "on_error": "handle", "done": True},
-          "handle": {"tool": "echo", "args": {"why": "<<error.message>>"}, "done": True}}  # fmt: skip
+CHARGE = {
+    "start": {"tool": "charge", "args": {"amount": 5}, "on_error": "handle", "done": True},
+    "handle": {"tool": "echo", "args": {"why": "<<error.message>>"}, "done": True},
+}
 
 
 async def test_an_interrupted_step_is_requeued_at_start(started, tmp_path):
@@ -122,9 +124,13 @@ async def test_a_non_idempotent_step_failed_by_a_person_goes_to_on_error(started
     assert resp.status_code == 200 and resp.json() == {"failed": True}
     wf = await wait_for(client, wf_id)
     assert wf["status"] == "completed"
-    assert [(s["state"], s["status"]) for s in wf["steps"]] == [("start", "failed"),
-                                                                ("handle", "done")]
-    assert orjson.loads(wf["steps"][1]["result_json"]) == {"why": "failed by james: charged already"}
+    assert [(s["state"], s["status"]) for s in wf["steps"]] == [
+        ("start", "failed"),
+        ("handle", "done"),
+    ]
+    assert orjson.loads(wf["steps"][1]["result_json"]) == {
+        "why": "failed by james: charged already"
+    }
     assert sample_tools.CHARGES == []
     assert (await client.post(f"/api/workflow/{step_id}/fail")).status_code == 409
 

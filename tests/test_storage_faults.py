@@ -1,0 +1,72 @@
+"""Storage faults: a full disk gets 503 and changes nothing; the executor waits it out."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import wait_for
+
+ECHO = {"name": "e", "flow": {"start": {"tool": "echo", "args": {"a": 1}, "done": True}}}
+SLEEP_THEN_ECHO = {
+    "name": "s",
+    "flow": {
+        "start": {"tool": "sleep", "args": {"seconds": 0.3}, "next": "b"},
+        "b": {"tool": "echo", "args": {"big": "<<input.pad>>"}, "done": True},
+    },
+    "input": {"pad": "x" * 20_000},
+}
+
+
+async def fill_disk(app: Any) -> int:
+    """Make the database "full": no page may be added (PRAGMA max_page_count)."""
+    db = app.state.store._writer
+    async with db.execute("PRAGMA page_count") as cur:
+        (pages,) = await cur.fetchone()
+    async with db.execute(f"PRAGMA max_page_count = {pages}") as cur:
+        await cur.fetchone()
+    return int(pages)
+
+
+async def free_disk(app: Any) -> None:
+    async with app.state.store._writer.execute("PRAGMA max_page_count = 1073741823") as cur:
+        await cur.fetchone()
+
+
+async def count(client: httpx.AsyncClient) -> int:
+    return len((await client.get("/api/workflow?limit=1000")).json())
+
+
+async def test_a_full_disk_answers_503_and_stores_nothing(client, app):
+    before = await count(client)
+    await fill_disk(app)
+    big = {**ECHO, "input": {"pad": "y" * 200_000}}  # needs new pages
+    resp = await client.post("/api/workflow", json=big)
+    assert resp.status_code == 503, resp.text
+    assert "full" in resp.json()["error"] and "nothing was changed" in resp.json()["error"]
+    assert await count(client) == before  # reads still work, and nothing half-written
+    await free_disk(app)
+    resp = await client.post("/api/workflow", json=big)
+    assert resp.status_code == 201
+    assert (await wait_for(client, resp.json()["id"]))["status"] == "completed"
+
+
+@pytest.mark.timeout(60)
+async def test_the_executor_carries_on_when_the_fault_clears(client, app):
+    wf_id = (await client.post("/api/workflow", json=SLEEP_THEN_ECHO)).json()["id"]
+    await wait_for(client, wf_id, lambda wf: wf["steps"][0]["status"] == "running")
+    await fill_disk(app)
+    await asyncio.sleep(1.0)  # step b's 20 kB result cannot be written
+    wf = (await client.get(f"/api/workflow/{wf_id}")).json()
+    assert wf["status"] == "running"
+    assert wf["steps"][-1]["state"] == "b" and wf["steps"][-1]["status"] == "running"
+    assert wf["steps"][-1]["result_json"] is None  # nothing half-written
+    await free_disk(app)
+    wf = await wait_for(client, wf_id, timeout=30)
+    assert wf["status"] == "completed"
+    assert [s["status"] for s in wf["steps"]] == ["done", "done"]
+    assert wf["steps"][0]["attempt"] == 1
+    assert app.state.executor.healthy
