@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="JSON value that becomes the gate's result")
     s.set_defaults(func=cmd_ready)
 
+    s = sub.add_parser("retry", help="run an interrupted non-idempotent step again")
+    s.add_argument("step_id", type=int)
+    s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser("fail", help="fail an interrupted non-idempotent step")
+    s.add_argument("step_id", type=int)
+    s.add_argument("--reason", help="why (becomes the step's error)")
+    s.set_defaults(func=cmd_fail)
+
     s = sub.add_parser("cancel", help="cancel a running workflow")
     s.add_argument("id", type=int)
     s.set_defaults(func=cmd_cancel)
@@ -279,6 +288,17 @@ def cmd_ready(args: argparse.Namespace) -> int:
         except orjson.JSONDecodeError as exc:
             raise CLIError(f"--data is not valid JSON: {exc}") from None
     _print(Client().call("POST", f"/api/workflow/{args.step_id}/ready", body))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    _print(Client().call("POST", f"/api/workflow/{args.step_id}/retry"))
+    return 0
+
+
+def cmd_fail(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason} if args.reason else NO_BODY
+    _print(Client().call("POST", f"/api/workflow/{args.step_id}/fail", body))
     return 0
 
 
