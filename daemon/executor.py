@@ -340,16 +340,16 @@ class Executor:
                 raise  # cancelled by us: the workflow was cancelled, or shutdown
             raise StepFailed("tool raised CancelledError", type_="CancelledError",
                              retryable=True) from None  # fmt: skip
-        except (KeyboardInterrupt, SystemExit, GeneratorExit) as exc:
-            # A tool must not be able to stop the daemon.
-            raise StepFailed(
-                f"tool raised {type(exc).__name__}", type_=type(exc).__name__, retryable=False
-            ) from None
         except Exception as exc:
             raise StepFailed(
                 f"{type(exc).__name__}: {_clean(str(exc))}",
                 type_=type(exc).__name__,
                 retryable=True,
+            ) from None
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt, or a custom subclass
+            # A tool must not be able to stop the daemon.
+            raise StepFailed(
+                f"tool raised {type(exc).__name__}", type_=type(exc).__name__, retryable=False
             ) from None
 
     def _encode(self, result: Any) -> str:

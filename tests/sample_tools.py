@@ -104,3 +104,19 @@ async def charge(amount: int, *, ctx: ToolContext) -> dict[str, Any]:
     """A side effect that must not happen twice by surprise."""
     CHARGES.append(ctx.idempotency_key)
     return {"charged": amount, "attempt": ctx.attempt}
+
+
+class Boom(BaseException):
+    """Not an Exception: escapes `except Exception`."""
+
+
+@tool
+async def base_exception() -> None:
+    """Raise a BaseException subclass."""
+    raise Boom("out of band")
+
+
+@tool
+def base_exception_in_thread() -> None:
+    """Raise a BaseException subclass from a worker thread."""
+    raise Boom("out of band, threaded")

@@ -222,6 +222,8 @@ async def test_tool_error_fails_the_workflow_with_its_message(make_client):
     ("tool", "args", "needle"),
     [
         ("exit_daemon", {}, "SystemExit"),
+        ("base_exception", {}, "tool raised Boom"),
+        ("base_exception_in_thread", {}, "tool raised Boom"),
         ("not_json", {}, "not JSON-serialisable"),
         ("big", {"size": 2_000_000}, "the limit is"),
         ("echo", {"x": 1}, None),
