@@ -25,6 +25,7 @@ def test_the_listening_socket_is_tcp_with_nodelay():
 
 def test_bind_reports_a_port_in_use():
     first = bind("127.0.0.1", 0)
+    first.listen()
     try:
         with pytest.raises(OSError):
             bind("127.0.0.1", first.getsockname()[1])
