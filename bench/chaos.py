@@ -1,0 +1,82 @@
+"""Chaos at scale: SIGKILL the real `stepd serve` at random moments while it works.
+
+    python bench/chaos.py [--workflows 1000] [--kills 10] [--seed N] [--concurrency 8]
+
+The scenario of tests/test_chaos.py, bigger: workflows (chains of work, sleeps,
+gates, retried flaky steps, non-idempotent charges, branches) are submitted over
+HTTP while the daemon is killed with SIGKILL and restarted on the same database;
+a "person" approves every gate and fails every interrupted non-idempotent step.
+Then every acknowledged workflow must exist and be terminal, every workflow's
+steps must be a walk of its flow with only allowed failures, no idempotent step
+may have run more often than its final attempt, no non-idempotent step twice,
+and both SQLite files must pass `PRAGMA integrity_check`.
+
+Run it from the repository root. Exits 1 (and lists the problems) if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.test_chaos import ChaosRun, chaos_seed  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workflows", type=int, default=1000)
+    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs while work runs")
+    parser.add_argument(
+        "--seed", type=int, default=chaos_seed(), help="default $STEPD_CHAOS_SEED or 1"
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="[executor] concurrency")
+    parser.add_argument(
+        "--min-delay", type=float, default=0.1, help="seconds before a kill, at least"
+    )
+    parser.add_argument(
+        "--max-delay", type=float, default=1.0, help="seconds before a kill, at most"
+    )
+    parser.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait, after the last restart, for every workflow to end",
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="work in this directory and keep it (logs, databases)"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="stepd-chaos-") as tmp:
+        workdir = args.keep or Path(tmp) / "chaos"
+        run = ChaosRun(
+            workdir,
+            seed=args.seed,
+            workflows=args.workflows,
+            kills=args.kills,
+            kill_delay=(args.min_delay, args.max_delay),
+            concurrency=args.concurrency,
+            settle_timeout=args.settle_timeout,
+        )
+        try:
+            report = run.run()
+        finally:
+            run.stop.set()
+            run.daemon.kill()
+    print(report.table())
+    failures = report.failures()
+    if failures:
+        print(f"\n{len(failures)} problems (seed {args.seed}):", file=sys.stderr)
+        for line in failures[:100]:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
