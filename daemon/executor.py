@@ -69,6 +69,12 @@ class Executor:
         self._wake.set()
 
     def start(self) -> None:
+        """Start the loop (again, after a stop: a lifespan may run more than once)."""
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        if self._threads._shutdown:
+            self._threads = ThreadPoolExecutor(self.config.concurrency,
+                                               thread_name_prefix="stepd-tool")  # fmt: skip
         self.last_tick = asyncio.get_running_loop().time()
         self._loop_task = asyncio.create_task(self.run(), name="stepd-executor")
 

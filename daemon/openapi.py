@@ -1,10 +1,354 @@
-"""The OpenAPI document for the HTTP API (served at /openapi.json)."""
+"""The OpenAPI 3.1 document of the HTTP API, served at /openapi.json.
+
+Written by hand; tests/test_openapi.py keeps it true (every served route and method is
+here and nothing else; real responses validate against these schemas) and
+tests/test_fuzz.py fuzzes the app from it.
+"""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+from daemon import __version__
+
+Schema = dict[str, Any]
+
+INT64: Schema = {"type": "integer", "format": "int64"}
+ID: Schema = {**INT64, "minimum": 1}
+MILLIS: Schema = {**INT64, "description": "epoch milliseconds"}
+STRING: Schema = {"type": "string"}
+BOOL: Schema = {"type": "boolean"}
+OBJECT: Schema = {"type": "object"}
+STRINGS: Schema = {"type": "array", "items": STRING}
+SECONDS: Schema = {"type": "number", "maximum": 366 * 86400}  # a year at most
+
+
+def nullable(schema: Schema) -> Schema:
+    """`schema` or null."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def closed(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
+    """An object with these properties only (all required unless `required` says which)."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+    }
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def array(schema: Schema) -> Schema:
+    return {"type": "array", "items": schema}
+
+
+# -- schemas -------------------------------------------------------------------------
+
+WORKFLOW_STATUS = ["running", "completed", "failed", "cancelled"]
+SUMMARY: dict[str, Schema] = {
+    "id": ID,
+    "name": STRING,
+    "status": {"enum": WORKFLOW_STATUS},
+    "created_by": nullable(STRING),
+    "error": nullable(STRING),
+    "created_at": MILLIS,
+    "updated_at": MILLIS,
+    "completed_at": nullable(MILLIS),
+    "cancelled_at": nullable(MILLIS),
+}
+STEP = closed(
+    {
+        "id": ID,
+        "name": STRING,
+        "state": STRING,
+        "tool": {**nullable(STRING), "description": "null for an approval gate"},
+        "status": {"enum": ["pending", "running", "done", "failed", "cancelled"]},
+        "awaiting": {
+            "enum": ["ready", "decision", None],
+            "description": "'ready': a gate waits for .../ready; 'decision': a non-idempotent "
+            "tool was interrupted by a stop or crash and waits for .../retry or .../fail",
+        },
+        "attempt": {"type": "integer", "minimum": 0},
+        "result_json": {**nullable(STRING), "description": "the result, JSON-encoded"},
+        "error": nullable(STRING),
+        "decided_by": nullable(STRING),
+        "run_at": MILLIS,
+        "expires_at": nullable(MILLIS),
+        "created_at": MILLIS,
+        "started_at": nullable(MILLIS),
+        "completed_at": nullable(MILLIS),
+    }
+)
+STATE = {
+    "description": "A tool call, or an approval gate (tool null), with exactly one transition",
+    **closed(
+        {
+            "name": {"type": "string", "minLength": 1},
+            "tool": nullable(STRING),
+            "args": OBJECT,
+            "next": STRING,
+            "branch": {
+                **array(
+                    {"type": "object", "properties": {"if": STRING, "then": STRING, "else": STRING}}
+                ),
+                "minItems": 1,
+            },
+            "done": {"const": True},
+            "timeout": {**SECONDS, "exclusiveMinimum": 0, "description": "seconds"},
+            "retry": closed(
+                {
+                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+                    "backoff_s": {**SECONDS, "minimum": 0},
+                    "backoff_factor": {"type": "number", "minimum": 0},
+                    "max_backoff_s": {**SECONDS, "minimum": 0},
+                },
+                required=[],
+            ),
+            "on_error": STRING,
+        },
+        required=["tool"],
+    ),
+    "oneOf": [{"required": [key]} for key in ("next", "branch", "done")],
+}
+SCHEMAS: dict[str, Schema] = {
+    "Error": {
+        "type": "object",
+        "properties": {"error": STRING, "errors": STRINGS},
+        "required": ["error"],
+    },
+    "Submission": closed(
+        {
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "flow": {
+                "type": "object",
+                "description": "States by state id; the first is 'start'",
+                "required": ["start"],
+                "additionalProperties": ref("State"),
+            },
+            "input": {**OBJECT, "description": "The values of {{input.*}} placeholders"},
+        },
+        required=["name", "flow"],
+    ),
+    "State": STATE,
+    "Created": closed({"id": ID, "status": {"const": "started"}}),
+    "WorkflowSummary": closed(SUMMARY),
+    "Workflow": closed({**SUMMARY, "input": OBJECT, "flow": OBJECT, "steps": array(STEP)}),
+    "Validation": closed({"valid": BOOL, "errors": STRINGS, "warnings": STRINGS}),
+    "Tool": closed(
+        {
+            "name": STRING,
+            "description": STRING,
+            "async": BOOL,
+            "idempotent": BOOL,
+            "accepts_any_args": BOOL,
+            "parameters": array(
+                closed(
+                    {"name": STRING, "required": BOOL, "type": nullable(STRING), "default": {}},
+                    required=["name", "required", "type"],
+                )
+            ),
+        }
+    ),
+    "Health": closed({"status": {"enum": ["ok", "degraded"]}}),
+}
+
+# -- operations ----------------------------------------------------------------------
+
+ERRORS = {
+    400: "Malformed JSON, a body that is not an object or lacks a required field, JSON "
+    "nested too deep, an integer beyond 64 bits, a NUL character, a bad query or header",
+    401: "Missing or invalid bearer token",
+    403: "The token lacks the permission the route needs",
+    404: "No such workflow or step (or no such route)",
+    409: "The workflow or step is not in a state that allows this",
+    413: "The body is larger than max_body_bytes",
+    415: "Content-Type is not application/json",
+    422: "The workflow is invalid; `error` lists every problem, '; '-separated",
+    503: "Storage unavailable (the database is locked or failing); try again later",
+}
+AUTH = (401, 403)
+LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000}
+BODY = (400, 413, 415)
+
+
+def ok(description: str, schema: Schema, **headers: Schema) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": json_of(schema)}
+    if headers:
+        out["headers"] = {name: {"schema": s} for name, s in headers.items()}
+    return out
+
+
+def json_of(schema: Schema) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def op(
+    op_id: str, summary: str, ok_: dict[str, Any], codes: tuple[int, ...], **extra: Any
+) -> Schema:
+    """An operation: its success responses (by status) and the errors it can answer."""
+    errors = {str(c): {"$ref": f"#/components/responses/E{c}"} for c in sorted(codes)}
+    return {"operationId": op_id, "summary": summary, "responses": {**ok_, **errors}, **extra}
+
+
+def body(schema: Schema, description: str, *, required: bool = True) -> dict[str, Any]:
+    content = json_of(schema)
+    return {"requestBody": {"required": required, "description": description, "content": content}}
+
+
+def path_id(name: str, what: str) -> dict[str, Any]:
+    param = {"name": name, "in": "path", "required": True, "description": what, "schema": ID}
+    return {"parameters": [param]}
+
+
+def query(name: str, schema: Schema, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "description": description, "schema": schema}
+
+
+def flag(name: str, description: str) -> dict[str, Any]:
+    """The answer of an action: 200 `{name: true}`."""
+    return {"200": ok(description, closed({name: {"const": True}}))}
+
+
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "description": "A repeat with the same body answers with the first id; with another body, 409",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+}
+REPLAYED = {"type": "string", "enum": ["true"], "description": "sent when replayed"}
+DECIDE = "a step whose non-idempotent tool was interrupted (awaiting 'decision')"
+
+PATHS: dict[str, Any] = {
+    "/api/workflow": {
+        "post": op(
+            "createWorkflow",
+            "Create and start a workflow",
+            {
+                "201": ok(
+                    "Created (or replayed)", ref("Created"), **{"Idempotent-Replayed": REPLAYED}
+                )
+            },
+            (*BODY, *AUTH, 409, 422, 503),
+            parameters=[IDEMPOTENCY_KEY],
+            **body(ref("Submission"), "The workflow"),
+        ),
+        "get": op(
+            "listWorkflows",
+            "Workflows, newest first",
+            {"200": ok("Summaries", array(ref("WorkflowSummary")))},
+            (400, *AUTH, 503),
+            parameters=[
+                query("limit", {**LIMIT, "default": 50}, "How many"),
+                query("status", {"enum": WORKFLOW_STATUS}, "Only workflows with this status"),
+                query("before", {**ID, "maximum": 1 << 62}, "Only ids below this (paging cursor)"),
+            ],
+        ),
+    },
+    "/api/workflow/validate": {
+        "post": op(
+            "validateWorkflow",
+            "Check a workflow without creating it",
+            {"200": ok("Every problem found", ref("Validation"))},
+            (*BODY, *AUTH),
+            **body(ref("Submission"), "The workflow, as for create"),
+        )
+    },
+    "/api/workflow/{id}": {
+        **path_id("id", "The workflow's id"),
+        "get": op(
+            "getWorkflow",
+            "A workflow with its steps",
+            {"200": ok("The workflow", ref("Workflow"))},
+            (*AUTH, 404, 503),
+        ),
+        "delete": op(
+            "cancelWorkflow",
+            "Cancel a running workflow",
+            flag("cancelled", "Cancelled"),
+            (*AUTH, 404, 409, 503),
+        ),
+    },
+    "/api/workflow/{step_id}/ready": {
+        **path_id("step_id", "The gate step's id"),
+        "post": op(
+            "readyStep",
+            "Release a waiting gate (awaiting 'ready')",
+            flag("queued", "Released; the workflow continues"),
+            (*BODY, *AUTH, 404, 409, 503),
+            **body({}, "Optional: any JSON value, the gate's result", required=False),
+        ),
+    },
+    "/api/workflow/{step_id}/retry": {
+        **path_id("step_id", "The step's id"),
+        "post": op(
+            "retryStep",
+            f"Run again {DECIDE}",
+            flag("queued", "Queued again"),
+            (*AUTH, 404, 409, 503),
+        ),
+    },
+    "/api/workflow/{step_id}/fail": {
+        **path_id("step_id", "The step's id"),
+        "post": op(
+            "failStep",
+            f"Fail {DECIDE}",
+            flag("failed", "Failed; the flow goes on at on_error, or the workflow fails"),
+            (*BODY, *AUTH, 404, 409, 503),
+            **body(closed({"reason": STRING}, required=[]), "Optional: why", required=False),
+        ),
+    },
+    "/api/tools": {
+        "get": op(
+            "listTools", "Registered tools", {"200": ok("Tools by name", array(ref("Tool")))}, AUTH
+        )
+    },
+    "/openapi.json": {
+        "get": op("getOpenAPI", "This document", {"200": ok("OpenAPI 3.1", OBJECT)}, AUTH)
+    },
+    "/healthz": {
+        "get": op(
+            "healthz",
+            "Liveness (no auth)",
+            {
+                "200": ok("The executor is polling", ref("Health")),
+                "503": ok("Degraded: the executor has not completed a pass lately", ref("Health")),
+            },
+            (),
+            security=[],
+        )
+    },
+}
 
 
 def document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of every route."""
-    return {"openapi": "3.1.0", "info": {"title": "stepd", "version": "0"}, "paths": {}}
+    """The OpenAPI 3.1 description of every route (a fresh copy)."""
+    responses = {
+        f"E{c}": {"description": text, "content": json_of(ref("Error"))}
+        for c, text in ERRORS.items()
+    }
+    responses["E401"]["headers"] = {
+        "WWW-Authenticate": {"required": True, "schema": {"const": "Bearer"}}
+    }
+    return copy.deepcopy(
+        {
+            "openapi": "3.1.0",
+            "info": {
+                "title": "stepd",
+                "version": __version__,
+                "description": "A durable workflow executor. Ids are millisecond-epoch integers, "
+                'times epoch milliseconds; every error body is {"error": "..."}.',
+            },
+            "paths": PATHS,
+            "components": {
+                "schemas": SCHEMAS,
+                "responses": responses,
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            },
+            "security": [{"bearer": []}],
+        }
+    )

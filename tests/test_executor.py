@@ -398,3 +398,17 @@ async def test_validating_a_megabyte_of_openers_is_linear(make_client):
     body = single("echo", {"a": "<" * 600_000, "b": "{" * 300_000 + "<<"})
     resp = await client.post("/api/workflow/validate", json=body)
     assert resp.status_code == 200 and resp.json()["valid"] is True
+
+
+async def test_the_app_can_start_again_after_a_stop(tmp_path):
+    app = create_app(make_config(tmp_path, tool_modules=MODULES))
+    body = {"name": "e", "flow": {"start": {"tool": "blocking_sleep", "args": {"seconds": 0},
+                                            "done": True}}}  # fmt: skip
+    for _ in range(2):
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://stepd", headers=auth()
+            ) as client:
+                wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
+                assert (await wait_for(client, wf_id))["status"] == "completed"
+                assert (await client.get("/healthz")).status_code == 200

@@ -1,0 +1,224 @@
+"""Property-based fuzzing of the running app from its own OpenAPI document (schemathesis).
+
+Every documented operation gets deterministic positive and negative examples (plus
+schemathesis' coverage cases: boundaries, missing and wrong-typed parts, a bad or no
+token, unexpected methods) against the real app on a fresh SQLite file. Every answer must
+not be a 5xx, and must have a documented status code, content type, headers and body.
+Run with -s to see how many requests each operation got and what it answered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode, checks
+from schemathesis.python import asgi
+
+from daemon import openapi
+from daemon.api import create_app
+from daemon.tools import build_registry
+from tests.helpers import TOKENS, make_config
+from tests.test_openapi import HOLD_FLOWS, hold
+from tests.test_reference import APPROVAL, LINEAR
+
+# Examples per operation in the fuzzing phase; the coverage phase adds its own cases. The
+# default keeps the file at ~10 s; raise it for a deeper search: STEPD_FUZZ_EXAMPLES=1000.
+MAX_EXAMPLES = int(os.environ.get("STEPD_FUZZ_EXAMPLES", "30"))
+TOKEN = TOKENS["james"][0]  # "workflow" permission: every route
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "generation": {"mode": "all"},  # positive and negative examples
+        "auth": {"openapi": {"bearer": {"bearer": TOKEN}}},
+    }
+)
+# Explicitly chosen. Left out: positive_data_acceptance (a schema-valid flow can still be
+# invalid as a graph: unknown tool, missing state, so 422 is right) and
+# negative_data_rejection (/validate answers 200 {"valid": false} for an invalid workflow
+# by design, and the JSON Schema cannot say "no NUL characters" everywhere);
+# ignored_auth, use_after_free and the like need the whole run's state, which the per-item
+# apps below do not share.
+CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_headers_conformance,
+    checks.response_schema_conformance,
+]
+
+DOCUMENT = openapi.document()
+# Fuzzed from the document the app serves (the fixture checks they are equal), loaded
+# without starting an app at collection time.
+schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG)
+GET_WORKFLOW = schema["/api/workflow/{id}"]["GET"]
+
+
+def gate_flow(branch: list[dict[str, str]] | None) -> dict[str, Any]:
+    after = {"tool": "echo", "args": {"got": "<<steps.start.result>>"}, "done": True}
+    start = {"tool": None, **({"branch": branch} if branch else {"next": "yes"})}
+    return {"start": start, "yes": after, "no": after}
+
+
+# Workflows the app under test starts with, beside the HOLD_FLOWS: gates whose fuzzed
+# `ready` bodies meet branch conditions, a completed workflow.
+SEEDS = [
+    LINEAR,
+    APPROVAL,
+    {"name": "gate", "flow": gate_flow(None)},
+    {"name": "gate-if", "flow": gate_flow([{"if": "result.ok", "then": "yes"}, {"else": "no"}])},
+    {"name": "gate-cmp", "flow": gate_flow([{"if": "result > 3", "then": "yes"}])},
+    {"name": "gate-in", "flow": gate_flow([{"if": "'a' in result", "then": "yes"}])},
+    {"name": "gate-len", "flow": gate_flow([{"if": "result | length > 1", "then": "no"}])},
+]
+
+
+class Known:
+    """Ids that exist in the app under test, handed out in turn."""
+
+    def __init__(self, workflows: list[dict[str, Any]]) -> None:
+        self.ids = {
+            "id": [wf["id"] for wf in workflows],
+            "step_id": [s["id"] for wf in workflows for s in wf["steps"]],
+        }
+        self.workflow_of = {s["id"]: wf["id"] for wf in workflows for s in wf["steps"]}
+        self.turn = itertools.count()
+
+    def next(self, name: str) -> int | None:
+        pool = self.ids.get(name)
+        return pool[next(self.turn) % len(pool)] if pool else None
+
+
+KNOWN: list[Known] = []  # the current app's
+SEEN: Counter[str] = Counter()  # "operation -> status": how many
+
+
+def poll(client: Any, ids: list[int], ready: Any) -> list[dict[str, Any]]:
+    for _ in range(1000):
+        wfs = [client.get(f"/api/workflow/{i}").json() for i in ids]
+        if all(ready(wf) for wf in wfs):
+            return wfs
+        time.sleep(0.01)
+    raise AssertionError(f"the seeded workflows did not get there: {wfs}")
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Any]:
+    """The real app on a fresh SQLite file, lifespan running, with SEEDS and HOLD_FLOWS in it.
+
+    One app per operation: schemathesis' pytest plugin ends every ASGI lifespan after each
+    test item, and an app is not meant to run a second lifespan. Entering schemathesis'
+    ASGI client starts an app's lifespan (store open, executor polling) in schemathesis'
+    event-loop thread; it runs until shutdown_lifespans().
+    """
+    config = make_config(tmp_path, shutdown_grace=0.0)
+    registry = build_registry(config.tool_modules)
+    registry.add("hold", hold, idempotent=False)
+    # A first daemon stops while its `hold` steps run: they will await a decision...
+    first = create_app(config, registry=registry)
+    with asgi.get_client(first) as client:
+        client.headers.update(AUTH)
+        held = [client.post("/api/workflow", json={"name": "h", "flow": f}) for f in HOLD_FLOWS]
+        held_ids = [r.json()["id"] for r in held]
+        poll(client, held_ids, lambda wf: wf["steps"] and wf["steps"][0]["status"] == "running")
+    asgi.shutdown_lifespans()
+    # ...in the one under test, on the same database.
+    application = create_app(config, registry=registry)
+    with asgi.get_client(application) as client:
+        client.headers.update(AUTH)
+        served = client.get("/openapi.json")
+        assert served.status_code == 200 and served.json() == DOCUMENT
+        seeded = [client.post("/api/workflow", json=body).json()["id"] for body in SEEDS]
+        workflows = poll(client, held_ids + seeded, settled)
+    assert [wf["steps"][0]["awaiting"] for wf in workflows[:2]] == ["decision", "decision"]
+    KNOWN[:] = [Known(workflows)]
+    yield application
+    asgi.shutdown_lifespans()
+
+
+def settled(wf: dict[str, Any]) -> bool:
+    """Finished, or waiting for a person."""
+    return wf["status"] != "running" or any(s["awaiting"] for s in wf["steps"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report() -> Iterator[None]:
+    yield
+    print(f"\nfuzz: {sum(SEEN.values())} requests, {MAX_EXAMPLES} examples per operation")
+    for key, n in sorted(SEEN.items()):
+        print(f"  {n:5}  {key}")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,  # the same examples on every run and in CI
+    database=None,  # and nothing replayed from earlier runs
+    # One app per operation (see `app`), shared by that operation's examples on purpose.
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_api(case: Any, app: Any) -> None:
+    known = KNOWN[0]
+    # Random ids almost never exist: every other valid one becomes an existing id, so the
+    # 200 and 409 answers of get / cancel / ready / retry / fail are fuzzed too.
+    params = case.path_parameters or {}
+    for name, value in params.items():
+        if isinstance(value, int) and value % 2 == 0:
+            params[name] = known.next(name) or value
+    positive = case.meta is None or case.meta.generation.mode is GenerationMode.POSITIVE
+    if positive and isinstance(case.body, dict) and isinstance(case.body.get("flow"), dict):
+        case.body["flow"] = runnable(case.body["flow"])
+
+    response = case.call_and_validate(checks=CHECKS, app=app)
+    SEEN[f"{case.operation.label} -> {response.status_code}"] += 1
+
+    # A change was accepted: what the executor makes of it must match the document too.
+    if case.method != "GET" and response.status_code in (200, 201):
+        if "step_id" in params:
+            changed = known.workflow_of.get(params["step_id"])
+        else:
+            changed = params.get("id") or response.json().get("id")
+        if changed is not None:
+            with asgi.get_client(app) as client:
+                poll_until = time.monotonic() + 1.0
+                while not settled(client.get(f"/api/workflow/{changed}", headers=AUTH).json()):
+                    if time.monotonic() > poll_until:
+                        break  # e.g. a `hold` step runs again after a retry
+                    time.sleep(0.005)
+            after = GET_WORKFLOW.Case(path_parameters={"id": changed})
+            got = after.call_and_validate(checks=CHECKS, app=app, headers=AUTH)
+            SEEN[f"{GET_WORKFLOW.label} (after a change) -> {got.status_code}"] += 1
+
+
+def runnable(flow: dict[str, Any]) -> dict[str, Any]:
+    """A generated flow with fewer reasons for a 422, so that fuzzed workflows also run.
+
+    Tools become `echo` (it takes any arguments), transitions lead to an added final state,
+    and branch conditions become a valid expression; the rest (state ids, names, arguments,
+    timeouts, retries, gates, extra states) stays as generated.
+    """
+    out: dict[str, Any] = {}
+    for sid, state in flow.items():
+        if isinstance(state, dict):
+            state = dict(state)
+            if isinstance(state.get("tool"), str):
+                state["tool"] = "echo"
+            for key in ("next", "on_error"):
+                if key in state:
+                    state[key] = "fuzz_end"
+            if isinstance(state.get("branch"), list):
+                state["branch"] = [{"if": "result is mapping", "then": "fuzz_end"}] * len(
+                    state["branch"]
+                )
+        out[sid] = state
+    out["fuzz_end"] = {"tool": "echo", "args": {}, "done": True}
+    return out

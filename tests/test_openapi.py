@@ -1,0 +1,327 @@
+"""The OpenAPI document stays true: routes, parameters, validity, and real responses."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import jsonschema_rs  # schemathesis' JSON Schema validator (it comes with it)
+import schemathesis
+from starlette.routing import Route
+
+from daemon import openapi
+from daemon.api import create_app
+from daemon.config import Config
+from daemon.tools import Registry, build_registry
+from tests.helpers import auth, make_config, wait_for, waiting_gate
+from tests.test_reference import APPROVAL, LINEAR
+
+DOC = openapi.document()
+METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
+DOC_URI = "urn:stepd:openapi"
+REGISTRY = jsonschema_rs.Registry([(DOC_URI, DOC)])
+
+
+def pointer(*parts: str) -> str:
+    return "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def resolve(node: dict[str, Any]) -> dict[str, Any]:
+    """Follow a local $ref (responses are shared through components)."""
+    while "$ref" in node:
+        target: Any = DOC
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part.replace("~1", "/").replace("~0", "~")]
+        node = target
+    return node
+
+
+def operations() -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (path, method, op)
+        for path, item in DOC["paths"].items()
+        for method, op in item.items()
+        if method in METHODS
+    ]
+
+
+def served_routes(tmp_path: Path) -> dict[str, Route]:
+    """The app's routes by path template without convertors ({id:int} -> {id})."""
+    routes = create_app(make_config(tmp_path)).routes  # not started: nothing is opened
+    assert all(isinstance(r, Route) for r in routes), routes
+    return {re.sub(r"{(\w+):\w+}", r"{\1}", r.path): r for r in routes}  # type: ignore[misc]
+
+
+# -- the document against the app ------------------------------------------------------
+
+
+def test_every_served_route_and_method_is_documented_and_nothing_else(tmp_path):
+    # Starlette answers HEAD wherever it serves GET; the document leaves HEAD implied.
+    served = {
+        p: {m.lower() for m in r.methods or ()} - {"head"}
+        for p, r in served_routes(tmp_path).items()
+    }
+    documented = {p: {m for m in item if m in METHODS} for p, item in DOC["paths"].items()}
+    assert served == documented
+
+
+def test_path_parameters_match_the_routes(tmp_path):
+    routes = served_routes(tmp_path)
+    for path, method, op in operations():
+        route = routes[path]
+        params = [resolve(p) for p in DOC["paths"][path].get("parameters", [])]
+        params += [resolve(p) for p in op.get("parameters", [])]
+        in_path = {p["name"]: p for p in params if p["in"] == "path"}
+        assert set(in_path) == set(route.param_convertors), (method, path)
+        assert set(in_path) == set(re.findall(r"{(\w+)}", path)), (method, path)
+        for name, param in in_path.items():
+            assert param["required"] is True
+            convertor = type(route.param_convertors[name]).__name__
+            assert (convertor, param["schema"]["type"]) == ("IntegerConvertor", "integer")
+
+
+def test_document_is_valid_openapi_3_1():
+    assert DOC["openapi"].startswith("3.1.")
+    schemathesis.openapi.from_dict(DOC).validate()  # the OpenAPI 3.1 meta-schema
+
+    # ...and every embedded schema is a valid JSON Schema 2020-12 (the meta-schema above
+    # lets any object through as a schema).
+    def schemas(node: Any) -> Any:
+        if isinstance(node, dict):
+            if isinstance(node.get("schema"), dict):
+                yield node["schema"]
+            for value in node.values():
+                yield from schemas(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from schemas(value)
+
+    found = [
+        *schemas(DOC["paths"]),
+        *schemas(DOC["components"]),
+        *DOC["components"]["schemas"].values(),
+    ]
+    assert len(found) > 20
+    for schema in found:
+        jsonschema_rs.meta.validate(schema)
+
+
+def test_every_operation_documents_its_errors():
+    assert len({op["operationId"] for _, _, op in operations()}) == len(operations())
+    for path, method, op in operations():
+        codes = set(op["responses"])
+        if op.get("security") == []:
+            assert path == "/healthz"
+            continue
+        assert {"401", "403"} <= codes, (method, path)
+        if "requestBody" in op:
+            assert {"400", "413", "415"} <= codes, (method, path)
+        if "{" in path:
+            assert "404" in codes, (method, path)
+
+
+# -- real responses against the document ------------------------------------------------
+
+TEMPLATES = [
+    (re.compile("^" + re.sub(r"{\w+}", r"[0-9]+", p) + "$"), p)
+    for p in sorted(DOC["paths"], key=lambda p: p.count("{"))  # literal paths win
+]
+
+
+def conforms(resp: httpx.Response) -> Any:
+    """Assert `resp` is what the document says its operation answers; return its JSON."""
+    method = resp.request.method.lower()
+    path = next(t for rx, t in TEMPLATES if rx.match(resp.request.url.path))
+    op = DOC["paths"][path][method]
+    status = str(resp.status_code)
+    assert status in op["responses"], f"{method.upper()} {path}: undocumented {status}: {resp.text}"
+    response = resolve(op["responses"][status])
+    for name, header in response.get("headers", {}).items():
+        if header.get("required") or name in resp.headers:
+            assert name in resp.headers, f"{status} lacks the {name} header"
+            jsonschema_rs.validate(header["schema"], resp.headers[name])
+    assert resp.headers["content-type"].split(";")[0] == "application/json"
+    data = resp.json()
+    ptr = pointer("paths", path, method, "responses", status)
+    if "$ref" in op["responses"][status]:
+        ptr = op["responses"][status]["$ref"].removeprefix("#/")
+    ref = f"{DOC_URI}#/{quote(ptr, safe='/~')}/content/{pointer('application/json')}/schema"
+    validator = jsonschema_rs.validator_for({"$ref": ref}, registry=REGISTRY)
+    errors = [f"{e.instance_path}: {e.message}" for e in validator.iter_errors(data)]
+    assert not errors, f"{method.upper()} {path} {status}: {errors}\n{data}"
+    return data
+
+
+async def test_create_list_get_and_replay_conform(client):
+    created = conforms(await client.post("/api/workflow", json=LINEAR))
+    wf = await wait_for(client, created["id"])
+    assert wf["status"] == "completed"
+    wf = conforms(await client.get(f"/api/workflow/{created['id']}"))
+    assert [s["status"] for s in wf["steps"]] == ["done", "done"]
+    assert all(s["result_json"] is not None for s in wf["steps"])
+
+    listed = conforms(await client.get("/api/workflow", params={"limit": 10}))
+    assert [w["id"] for w in listed] == [created["id"]]
+    conforms(await client.get("/api/workflow", params={"status": "running", "before": 5}))
+
+    key = {"Idempotency-Key": "k-1"}
+    first = await client.post("/api/workflow", json=LINEAR, headers=key)
+    again = await client.post("/api/workflow", json=LINEAR, headers=key)
+    assert conforms(first)["id"] == conforms(again)["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other = {**LINEAR, "name": "other"}
+    assert (await client.post("/api/workflow", json=other, headers=key)).status_code == 409
+    conforms(await client.post("/api/workflow", json=other, headers=key))
+
+
+async def test_gate_ready_cancel_and_decisions_conform(client):
+    created = conforms(await client.post("/api/workflow", json=APPROVAL))
+    wf = await wait_for(client, created["id"], lambda w: waiting_gate(w) is not None)
+    wf = conforms(await client.get(f"/api/workflow/{created['id']}"))
+    gate = waiting_gate(wf)
+    assert gate is not None and gate["tool"] is None and gate["status"] == "running"
+
+    # retry / fail are for interrupted non-idempotent tools, not gates: 409
+    assert (await client.post(f"/api/workflow/{gate['id']}/retry")).status_code == 409
+    conforms(await client.post(f"/api/workflow/{gate['id']}/retry"))
+    resp = await client.post(f"/api/workflow/{gate['id']}/fail", json={"reason": "no"})
+    assert resp.status_code == 409
+    conforms(resp)
+
+    resp = await client.post(f"/api/workflow/{gate['id']}/ready", json={"approved": True})
+    assert conforms(resp) == {"queued": True}
+    conforms(await client.get(f"/api/workflow/{created['id']}"))
+    await wait_for(client, created["id"])
+    assert conforms(await client.get(f"/api/workflow/{created['id']}"))["status"] == "completed"
+    assert (await client.post(f"/api/workflow/{gate['id']}/ready")).status_code == 409
+    conforms(await client.post(f"/api/workflow/{gate['id']}/ready"))
+    assert (await client.delete(f"/api/workflow/{created['id']}")).status_code == 409
+    conforms(await client.delete(f"/api/workflow/{created['id']}"))
+
+    running = conforms(await client.post("/api/workflow", json=APPROVAL))
+    await wait_for(client, running["id"], lambda w: waiting_gate(w) is not None)
+    assert conforms(await client.delete(f"/api/workflow/{running['id']}")) == {"cancelled": True}
+    wf = conforms(await client.get(f"/api/workflow/{running['id']}"))
+    assert wf["status"] == "cancelled" and wf["cancelled_at"] is not None
+
+
+async def hold(seconds: float = 60.0) -> dict[str, float]:
+    """A slow tool with a side effect: when interrupted, its step waits for retry-or-fail."""
+    await asyncio.sleep(seconds)
+    return {"held": seconds}
+
+
+HOLD_FLOWS = [  # each step is interrupted, then waits for POST .../retry or .../fail
+    {"start": {"tool": "hold", "next": "end"}, "end": {"tool": "echo", "done": True}},
+    {
+        "start": {"tool": "hold", "args": {"seconds": 30}, "on_error": "end", "next": "end"},
+        "end": {"tool": "echo", "args": {"error": "<<error>>"}, "done": True},
+    },
+]
+
+
+@asynccontextmanager
+async def serving(config: Config, registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(config, registry=registry)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://stepd") as client:
+            client.headers.update(auth("james"))
+            yield client
+
+
+async def test_interrupted_steps_retry_and_fail_conform(tmp_path):
+    config = make_config(tmp_path, shutdown_grace=0.0)
+    registry = build_registry(config.tool_modules)
+    registry.add("hold", hold, idempotent=False)
+    async with serving(config, registry) as client:  # stops while the tools run
+        ids = []
+        for flow in HOLD_FLOWS:
+            ids.append(
+                conforms(await client.post("/api/workflow", json={"name": "h", "flow": flow}))["id"]
+            )
+        for wf_id in ids:
+            await wait_for(client, wf_id, lambda w: w["steps"][0]["status"] == "running")
+    async with serving(config, registry) as client:
+        wfs = [conforms(await client.get(f"/api/workflow/{i}")) for i in ids]
+        steps = [wf["steps"][0] for wf in wfs]
+        assert [s["awaiting"] for s in steps] == ["decision", "decision"]
+        resp = await client.post(f"/api/workflow/{steps[0]['id']}/ready")  # not a gate
+        assert resp.status_code == 409
+        conforms(resp)
+        resp = await client.post(f"/api/workflow/{steps[0]['id']}/retry")
+        assert conforms(resp) == {"queued": True}
+        resp = await client.post(f"/api/workflow/{steps[1]['id']}/fail", json={"reason": "no"})
+        assert conforms(resp) == {"failed": True}
+        wf = await wait_for(client, ids[1])
+        assert conforms(await client.get(f"/api/workflow/{ids[1]}"))["status"] == "completed"
+        assert [s["status"] for s in wf["steps"]] == ["failed", "done"]
+        assert wf["steps"][0]["decided_by"] == "james"
+        wf = conforms(await client.get(f"/api/workflow/{ids[0]}"))
+        assert wf["steps"][0]["awaiting"] is None and wf["steps"][0]["attempt"] == 2
+        for step in steps:
+            assert (await client.post(f"/api/workflow/{step['id']}/fail")).status_code == 409
+
+
+async def test_validate_tools_openapi_and_healthz_conform(client):
+    result = conforms(await client.post("/api/workflow/validate", json=LINEAR))
+    assert result == {"valid": True, "errors": [], "warnings": []}
+    bad = {"name": "x", "flow": {"other": {"tool": "nope", "done": True}}}
+    result = conforms(await client.post("/api/workflow/validate", json=bad))
+    assert result["valid"] is False and result["errors"]
+    tools = conforms(await client.get("/api/tools"))
+    assert {"echo", "get_greeting", "knowledge_add"} <= {t["name"] for t in tools}
+    assert any(p.get("default") is not None for t in tools for p in t["parameters"])
+    assert conforms(await client.get("/openapi.json")) == DOC
+    assert conforms(await client.get("/healthz", headers={"Authorization": ""})) == {"status": "ok"}
+
+
+JSON = {"Content-Type": "application/json"}
+TEXT = {"Content-Type": "text/plain"}
+LONG_KEY = {"Idempotency-Key": "k" * 201}
+
+
+async def test_errors_conform(client):
+    some_id = 1 << 40
+    cases: list[tuple[int, httpx.Request]] = [
+        (400, client.build_request("POST", "/api/workflow", json={"flow": {}})),
+        (400, client.build_request("POST", "/api/workflow", content=b"{", headers=JSON)),
+        (400, client.build_request("GET", "/api/workflow", params={"limit": 0})),
+        (400, client.build_request("GET", "/api/workflow", params={"status": "odd"})),
+        (400, client.build_request("POST", "/api/workflow", json=LINEAR, headers=LONG_KEY)),
+        (400, client.build_request("POST", f"/api/workflow/{some_id}/fail", json={"r": 1})),
+        (401, client.build_request("GET", "/api/workflow", headers={"Authorization": ""})),
+        (401, client.build_request("GET", "/openapi.json", headers={"Authorization": "Bearer x"})),
+        (403, client.build_request("POST", "/api/workflow", json=LINEAR, headers=auth("approver"))),
+        (404, client.build_request("GET", f"/api/workflow/{some_id}")),
+        (404, client.build_request("DELETE", f"/api/workflow/{some_id}")),
+        (404, client.build_request("POST", f"/api/workflow/{some_id}/ready")),
+        (404, client.build_request("POST", f"/api/workflow/{some_id}/retry")),
+        (404, client.build_request("POST", f"/api/workflow/{some_id}/fail")),
+        (413, client.build_request("POST", "/api/workflow/validate", json={"x": "y" * 2**21})),
+        (415, client.build_request("POST", "/api/workflow", content=b"{}", headers=TEXT)),
+        (422, client.build_request("POST", "/api/workflow", json={"name": "x", "flow": {}})),
+    ]
+    for status, request in cases:
+        resp = await client.send(request)
+        assert resp.status_code == status, (request.method, request.url, resp.text)
+        assert isinstance(conforms(resp)["error"], str)
+    resp = await client.get("/api/workflow", headers={"Authorization": ""})
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_storage_fault_conforms(app, client, monkeypatch):
+    async def locked(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(app.state.store, "list_workflows", locked)
+    resp = await client.get("/api/workflow")
+    assert resp.status_code == 503
+    assert "storage unavailable" in conforms(resp)["error"]
