@@ -176,6 +176,13 @@ def _check_values(value: Any) -> None:
     raise BadRequest(f"JSON is nested more than {MAX_DEPTH} levels deep")
 
 
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    return key
+
+
 def path_id(request: Request, name: str) -> int:
     """An integer path parameter; ids outside the 64-bit range cannot exist."""
     value: int = request.path_params[name]
@@ -204,9 +211,7 @@ def int_param(request: Request, name: str, default: int | None, lo: int, hi: int
 @needs("workflow")
 async def create_workflow(request: Request) -> Response:
     """Create and start a workflow."""
-    key = request.headers.get("idempotency-key")
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    key = idempotency_key(request)
     body = await read_json(request)
     created = await engine_of(request).create(
         body, created_by=token_of(request).name, idempotency_key=key
@@ -244,10 +249,35 @@ async def cancel_workflow(request: Request) -> Response:
 
 @needs("approve")
 async def ready_step(request: Request) -> Response:
-    """Release a waiting gate; an optional JSON body becomes its result."""
+    """Release (approve) a waiting gate; an optional JSON body becomes its result."""
+    key = idempotency_key(request)
     result = await read_json(request, optional=True)
-    await engine_of(request).ready(path_id(request, "step_id"), result, by=token_of(request).name)
-    return JSON({"queued": True})
+    status, body = await engine_of(request).approve(
+        path_id(request, "step_id"), result, token=token_of(request), idempotency_key=key
+    )
+    return JSON(body, status_code=status)
+
+
+@needs("approve")
+async def reject_step(request: Request) -> Response:
+    """Reject a waiting gate with {"reason": "..."}; the flow goes to on_error or fails."""
+    key = idempotency_key(request)
+    body = await read_json(request)
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or set(body) - {"reason"}:
+        raise BadRequest('body must be {"reason": "..."}')
+    if not isinstance(reason, str) or not reason.strip():
+        raise BadRequest("a rejection needs a non-empty 'reason'")
+    status, answer = await engine_of(request).reject(
+        path_id(request, "step_id"), reason.strip(), token=token_of(request), idempotency_key=key
+    )
+    return JSON(answer, status_code=status)
+
+
+@needs("read")
+async def list_approvals(request: Request) -> Response:
+    """What waits for a person now (gates and interrupted steps), oldest first."""
+    return JSON(await engine_of(request).approvals())
 
 
 @needs("approve")
@@ -314,7 +344,9 @@ ROUTES = [
     route("/api/workflow", GET=list_workflows, POST=create_workflow),
     route("/api/workflow/validate", POST=validate_workflow),
     route("/api/workflow/{id:int}", GET=get_workflow, DELETE=cancel_workflow),
+    route("/api/approvals", GET=list_approvals),
     route("/api/workflow/{step_id:int}/ready", POST=ready_step),
+    route("/api/workflow/{step_id:int}/reject", POST=reject_step),
     route("/api/workflow/{step_id:int}/retry", POST=retry_step),
     route("/api/workflow/{step_id:int}/fail", POST=fail_step),
 ]

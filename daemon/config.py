@@ -41,6 +41,13 @@ class Config:
     retention_days: float = 0.0
     retention_batch: int = 500
     retention_interval_s: float = 3600.0
+    allow_self_approval: bool = True
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    webhook_max_attempts: int = 10
+    public_url: str = ""
+    link_ttl_s: float = 86400.0
+    session_ttl_s: float = 43200.0
     tokens: tuple[TokenConfig, ...] = ()
     tool_modules: tuple[str, ...] = DEFAULT_TOOL_MODULES
     log_level: str = "info"
@@ -80,6 +87,19 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     },
     "tools": {
         "modules": ("tool_modules", list),
+    },
+    "approvals": {
+        "allow_self_approval": ("allow_self_approval", bool),
+    },
+    "webhooks": {
+        "url": ("webhook_url", str),
+        "secret": ("webhook_secret", str),
+        "max_attempts": ("webhook_max_attempts", int),
+        "public_url": ("public_url", str),
+        "link_ttl_s": ("link_ttl_s", (int, float)),
+    },
+    "web": {
+        "session_ttl_s": ("session_ttl_s", (int, float)),
     },
 }
 
@@ -121,7 +141,8 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
             if key not in _SCHEMA[section]:
                 raise ConfigError(f"unknown key '{key}' in [{section}]")
             attr, types = _SCHEMA[section][key]
-            if isinstance(value, bool) or not isinstance(value, types):
+            wants = types if isinstance(types, tuple) else (types,)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in wants):
                 raise ConfigError(f"[{section}] {key}: wrong type {type(value).__name__}")
             values[attr] = value
 
@@ -130,7 +151,7 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
     if not db_path.is_absolute():
         db_path = state_dir / db_path
     for key in ("poll_interval", "shutdown_grace", "lease_s", "retention_days",
-                "retention_interval_s"):  # fmt: skip
+                "retention_interval_s", "link_ttl_s", "session_ttl_s"):  # fmt: skip
         if key in values:
             values[key] = float(values[key])
     if "tool_modules" in values:
@@ -178,6 +199,12 @@ def _check(cfg: Config) -> None:
                  "recovery_attempts", "retention_batch"):  # fmt: skip
         if getattr(cfg, attr) < 1:
             raise ConfigError(f"{attr} must be >= 1")
+    if cfg.webhook_url and not cfg.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError("[webhooks] url must start with http:// or https://")
+    if cfg.public_url and not cfg.public_url.startswith(("http://", "https://")):
+        raise ConfigError("[webhooks] public_url must start with http:// or https://")
+    if cfg.link_ttl_s <= 0 or cfg.session_ttl_s <= 0 or cfg.webhook_max_attempts < 1:
+        raise ConfigError("link_ttl_s, session_ttl_s and max_attempts must be positive")
     if cfg.lease_s < 1:
         raise ConfigError("[executor] lease_s must be >= 1")
     if cfg.retention_days < 0 or cfg.retention_interval_s <= 0:

@@ -9,10 +9,11 @@ from typing import Any
 import orjson
 
 from daemon import flow as flows
-from daemon.errors import BadRequest, Conflict, NotFound, Unprocessable
-from daemon.executor import Executor, build_scope, finish_for, new_step
+from daemon.config import TokenConfig
+from daemon.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from daemon.executor import Executor, WorkflowInfo, build_scope, finish_for, new_step
 from daemon.models import Step, StepStatus
-from daemon.store import Cancelled, Created, Store
+from daemon.store import Cancelled, Created, Replay, Store
 from daemon.tools import Registry
 
 BODY_KEYS = {"name", "flow", "input"}
@@ -102,28 +103,128 @@ class Engine:
 
     # -- gates and cancel -------------------------------------------------------------
 
-    async def ready(self, step_id: int, result: Any, *, by: str | None) -> None:
-        """Release a waiting gate; `result` (any JSON value, or None) becomes its result."""
+    async def approve(
+        self, step_id: int, result: Any, *, token: TokenConfig, idempotency_key: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Release a waiting gate; `result` (any JSON value, or None) becomes its result.
+
+        Returns the answer (status, body): the first one again for a repeated
+        Idempotency-Key.
+        """
+        return await self._decide_gate(step_id, "approve", result, None, token, idempotency_key)
+
+    async def reject(
+        self, step_id: int, reason: str, *, token: TokenConfig, idempotency_key: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Reject a waiting gate: it fails with `reason`; the flow goes to on_error or fails."""
+        return await self._decide_gate(step_id, "reject", None, reason, token, idempotency_key)
+
+    async def _decide_gate(
+        self,
+        step_id: int,
+        decision: str,
+        result: Any,
+        reason: str | None,
+        token: TokenConfig,
+        key: str | None,
+    ) -> tuple[int, dict[str, Any]]:
+        answer = {"queued": True} if decision == "approve" else {"rejected": True}
+        replay = None
+        if key is not None:
+            request = orjson.dumps([step_id, decision, result, reason], option=orjson.OPT_SORT_KEYS)
+            replay = Replay(
+                token.name,
+                key,
+                hashlib.sha256(request).hexdigest(),
+                200,
+                orjson.dumps(answer).decode(),
+            )
+            earlier = await self.store.decision_replay(token.name, key)
+            if earlier is not None:
+                if earlier.request_hash != replay.request_hash:
+                    raise Conflict("Idempotency-Key was already used for a different decision")
+                return earlier.status, orjson.loads(earlier.body_json)
         step = await self.store.get_step(step_id)
         if step is None:
             raise NotFound(f"step {step_id} not found")
         if step.tool is not None or step.awaiting != "ready":
             raise Conflict(f"step {step_id} is not a waiting gate (status: {step.status})")
         info = await self.executor.workflow_info(step.workflow_id)
-        scope = build_scope(info, await self.store.scope_steps(info.id, before=step.id))
-        move = flows.after_success(info.flow, step.state, {**scope, "result": result})
-        result_json = None if result is None else orjson.dumps(result).decode()
-        fin = finish_for(
-            info,
-            step,
-            move,
-            StepStatus.DONE,
-            self.executor.config.step_limit,
-            result_json=result_json,
+        self.check_decider(info, step, token)
+        if decision == "approve":
+            scope = build_scope(info, await self.store.scope_steps(info.id, before=step.id))
+            move = flows.after_success(info.flow, step.state, {**scope, "result": result})
+            result_json = None if result is None else orjson.dumps(result).decode()
+            fin = finish_for(
+                info,
+                step,
+                move,
+                StepStatus.DONE,
+                self.executor.config.step_limit,
+                result_json=result_json,
+            )
+        else:
+            error = f"rejected by {token.name}: {reason}"
+            move = flows.after_failure(
+                info.flow, step.state, error, attempt=step.attempt, retryable=False, rand=0.0
+            )
+            fin = finish_for(
+                info,
+                step,
+                move,
+                StepStatus.FAILED,
+                self.executor.config.step_limit,
+                error=error,
+                error_type="Rejected",
+            )
+        decided = await self.store.decide(
+            fin,
+            awaiting="ready",
+            decision=decision,
+            decided_by=token.name,
+            reason=reason,
+            replay=replay,
         )
-        if await self.store.decide(fin, awaiting="ready", decision="ready", decided_by=by) is None:
+        if decided is None:
             raise Conflict(f"step {step_id} is no longer waiting")
         self.executor.wake()
+        return 200, answer
+
+    def check_decider(self, info: WorkflowInfo, step: Step, token: TokenConfig) -> None:
+        """The gate's rules: who may decide (approvers), and whether its creator may."""
+        state = info.flow[step.state]
+        if state.approvers is not None:
+            if token.name not in state.approvers and not set(token.permissions) & set(
+                state.approvers
+            ):
+                raise Forbidden(f"'{token.name}' is not among the approvers of this gate")
+        self_ok = state.allow_self_approval
+        if self_ok is None:
+            self_ok = self.executor.config.allow_self_approval
+        if not self_ok and token.name == info.created_by:
+            raise Forbidden(f"'{token.name}' created this workflow and may not decide its gates")
+
+    async def approvals(self) -> list[dict[str, Any]]:
+        """What waits for a person now, oldest first: gates, and interrupted steps."""
+        out = []
+        for r in await self.store.approvals():
+            flow_state = orjson.loads(r["flow_json"]).get(r["state"], {})
+            out.append({
+                "step_id": r["step_id"],
+                "workflow_id": r["workflow_id"],
+                "workflow_name": r["workflow_name"],
+                "state": r["state"],
+                "name": r["name"],
+                "awaiting": r["awaiting"],
+                "reason": r["error"] if r["awaiting"] == "decision" else None,
+                "created_by": r["created_by"],
+                "input": orjson.Fragment(r["input_json"]),
+                "previous_result_json": r["previous_result_json"],
+                "approvers": flow_state.get("approvers"),
+                "waiting_since": r["started_at"],
+                "expires_at": r["expires_at"],
+            })  # fmt: skip
+        return out
 
     async def _awaiting_decision(self, step_id: int) -> Step:
         step = await self.store.get_step(step_id)

@@ -14,7 +14,11 @@ from typing import Any
 from daemon import templating
 from daemon.templating import TemplateError
 
-STATE_KEYS = {"name", "tool", "args", "next", "branch", "done", "timeout", "retry", "on_error"}
+STATE_KEYS = {
+    "name", "tool", "args", "next", "branch", "done", "timeout", "retry", "on_error",
+    "approvers", "allow_self_approval",
+}  # fmt: skip
+GATE_ONLY_KEYS = ("approvers", "allow_self_approval")
 RETRY_KEYS = {"max_attempts", "backoff_s", "backoff_factor", "max_backoff_s"}
 MISSING_START = "Flow must have a 'start' key"
 MAX_SECONDS = 366 * 86400  # longest timeout or backoff: a year
@@ -56,6 +60,8 @@ class State:
     retry: Retry = field(default_factory=Retry)
     on_error: str | None = None
     templated: bool = False  # args contain placeholders
+    approvers: tuple[str, ...] | None = None  # gate: token names or permissions who may decide
+    allow_self_approval: bool | None = None  # gate: None = the config's default
 
     @property
     def is_gate(self) -> bool:
@@ -185,6 +191,20 @@ def _parse_state(
     on_error = body.get("on_error")
     if on_error is not None and not isinstance(on_error, str):
         errors.append(f"{where}: field 'on_error' must be a state id")
+    for key in GATE_ONLY_KEYS:
+        if key in body and tool is not None:
+            errors.append(f"{where}: field '{key}' applies only to a gate (tool null)")
+    approvers = body.get("approvers")
+    if approvers is not None and (
+        not isinstance(approvers, list)
+        or not approvers
+        or not all(isinstance(a, str) and a for a in approvers)
+    ):
+        errors.append(f"{where}: field 'approvers' must be a non-empty list of token names "
+                      "or permissions")  # fmt: skip
+    self_ok = body.get("allow_self_approval")
+    if self_ok is not None and not isinstance(self_ok, bool):
+        errors.append(f"{where}: field 'allow_self_approval' must be true or false")
     if len(errors) > before:
         return None
     return State(
@@ -199,6 +219,8 @@ def _parse_state(
         retry=retry,
         on_error=on_error,
         templated=bool(exprs),
+        approvers=tuple(approvers) if approvers else None,
+        allow_self_approval=self_ok,
     )
 
 

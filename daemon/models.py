@@ -76,6 +76,8 @@ class Step(_Row):
     error: str | None = None
     error_type: str | None = None
     decided_by: str | None = None
+    decided_at: int | None = None
+    reason: str | None = None
     started_at: int | None = None
     completed_at: int | None = None
 
@@ -91,6 +93,8 @@ class Step(_Row):
             "result_json": self.result_json,
             "error": self.error,
             "decided_by": self.decided_by,
+            "decided_at": self.decided_at,
+            "reason": self.reason,
             "run_at": self.run_at,
             "expires_at": self.expires_at,
             "created_at": self.created_at,

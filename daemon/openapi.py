@@ -76,7 +76,9 @@ STEP = closed(
         "attempt": {"type": "integer", "minimum": 0},
         "result_json": {**nullable(STRING), "description": "the result, JSON-encoded"},
         "error": nullable(STRING),
-        "decided_by": nullable(STRING),
+        "decided_by": {**nullable(STRING), "description": "who approved, rejected or decided"},
+        "decided_at": nullable(MILLIS),
+        "reason": {**nullable(STRING), "description": "why a gate was rejected"},
         "run_at": MILLIS,
         "expires_at": nullable(MILLIS),
         "created_at": MILLIS,
@@ -110,6 +112,15 @@ STATE = {
                 required=[],
             ),
             "on_error": STRING,
+            "approvers": {
+                **array({"type": "string", "minLength": 1}),
+                "minItems": 1,
+                "description": "gate only: token names or permissions that may decide",
+            },
+            "allow_self_approval": {
+                **BOOL,
+                "description": "gate only: may the workflow's creator decide (default: config)",
+            },
         },
         required=["tool"],
     ),
@@ -155,6 +166,23 @@ SCHEMAS: dict[str, Schema] = {
         }
     ),
     "Health": closed({"status": {"enum": ["ok", "degraded"]}}),
+    "Approval": closed(
+        {
+            "step_id": ID,
+            "workflow_id": ID,
+            "workflow_name": STRING,
+            "state": STRING,
+            "name": STRING,
+            "awaiting": {"enum": ["ready", "decision"]},
+            "reason": {**nullable(STRING), "description": "why an interrupted step waits"},
+            "created_by": nullable(STRING),
+            "input": OBJECT,
+            "previous_result_json": nullable(STRING),
+            "approvers": nullable(array(STRING)),
+            "waiting_since": nullable(MILLIS),
+            "expires_at": nullable(MILLIS),
+        }
+    ),
 }
 
 # -- operations ----------------------------------------------------------------------
@@ -220,6 +248,10 @@ IDEMPOTENCY_KEY = {
     "description": "A repeat with the same body answers with the first id; with another body, 409",
     "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }
+DECISION_KEY = {
+    **IDEMPOTENCY_KEY,
+    "description": "A repeat of the same decision answers as the first time; another, 409",
+}
 REPLAYED = {"type": "string", "enum": ["true"], "description": "sent when replayed"}
 DECIDE = "a step whose non-idempotent tool was interrupted (awaiting 'decision')"
 
@@ -280,8 +312,28 @@ PATHS: dict[str, Any] = {
             "Release a waiting gate (awaiting 'ready')",
             flag("queued", "Released; the workflow continues"),
             (*BODY, *AUTH, 404, 409, 503),
+            parameters=[DECISION_KEY],
             **body({}, "Optional: any JSON value, the gate's result", required=False),
         ),
+    },
+    "/api/workflow/{step_id}/reject": {
+        **path_id("step_id", "The gate step's id"),
+        "post": op(
+            "rejectStep",
+            "Reject a waiting gate: it fails with the reason; the flow goes to on_error or fails",
+            flag("rejected", "Rejected"),
+            (*BODY, *AUTH, 404, 409, 503),
+            parameters=[DECISION_KEY],
+            **body(closed({"reason": {"type": "string", "minLength": 1}}), "Why"),
+        ),
+    },
+    "/api/approvals": {
+        "get": op(
+            "listApprovals",
+            "What waits for a person now (gates, interrupted steps), oldest first",
+            {"200": ok("Waiting steps", array(ref("Approval")))},
+            (*AUTH, 503),
+        )
     },
     "/api/workflow/{step_id}/retry": {
         **path_id("step_id", "The step's id"),

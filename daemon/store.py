@@ -97,6 +97,22 @@ class DatabaseLocked(Exception):
     """Another process owns the database file."""
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A decision's answer, remembered under (created_by, Idempotency-Key)."""
+
+    created_by: str | None
+    key: str
+    request_hash: str
+    status: int
+    body_json: str
+
+    def params(self) -> dict[str, Any]:
+        return {"created_by": self.created_by, "key": self.key,
+                "request_hash": self.request_hash, "status": self.status,
+                "body_json": self.body_json}  # fmt: skip
+
+
 class Cancelled(Enum):
     OK = "ok"
     NOT_FOUND = "not_found"
@@ -449,12 +465,15 @@ class Store:
         awaiting: str,
         decision: str,
         decided_by: str | None,
+        reason: str | None = None,
+        replay: Replay | None = None,
         now: int | None = None,
     ) -> int | None:
         """Settle a step waiting for a person (`awaiting` "ready" or "decision") and move on.
 
         One transaction. Returns the next step's id (0 if none), or None if it no
-        longer waits (already decided, cancelled, expired).
+        longer waits (already decided, cancelled, expired). With `replay`, the answer
+        is remembered under its Idempotency-Key in the same transaction.
         """
         now = now_ms() if now is None else now
         async with self._write() as db:
@@ -463,14 +482,29 @@ class Store:
                 {"id": fin.step_id, "attempt": fin.attempt, "awaiting": awaiting,
                  "status": fin.status.value, "result_json": fin.result_json,
                  "error": fin.error, "error_type": fin.error_type, "decided_by": decided_by,
-                 "now": now},
+                 "reason": reason, "now": now},
             )  # fmt: skip
             if cur.rowcount == 0:
                 return None
             kind = "gate_decided" if awaiting == "ready" else "step_decided"
-            await self._event(db, fin.workflow_id, fin.step_id, kind, now,
-                              {"decision": decision, "by": decided_by})  # fmt: skip
+            data = {"decision": decision, "by": decided_by}
+            if reason is not None:
+                data["reason"] = reason
+            await self._event(db, fin.workflow_id, fin.step_id, kind, now, data)
+            if replay is not None:
+                await db.execute(Q["save_decision_key"], {**replay.params(), "now": now})
             return await self._follow(db, fin, now)
+
+    async def decision_replay(self, created_by: str | None, key: str) -> Replay | None:
+        """The remembered answer to a decision sent with this Idempotency-Key, if any."""
+        row = await self._one(Q["find_decision_key"], {"created_by": created_by, "key": key})
+        if row is None:
+            return None
+        return Replay(created_by, key, row["request_hash"], row["status"], row["body_json"])
+
+    async def approvals(self, *, limit: int = 500) -> list[sqlite3.Row]:
+        """Steps waiting for a person now, oldest first, with their workflow's context."""
+        return list(await self._all(Q["approvals"], {"limit": limit}))
 
     async def retry_decided(
         self, step: Step, *, decided_by: str | None, now: int | None = None

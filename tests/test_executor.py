@@ -308,7 +308,7 @@ async def test_events_record_the_history(make_client):
         "created", "gate_waiting", "gate_decided", "step_done",  # the gate
         "step_started", "step_done", "completed",  # the echo step, then the end
     ]  # fmt: skip
-    assert events[2]["data"] == {"decision": "ready", "by": "james"}
+    assert events[2]["data"] == {"decision": "approve", "by": "james"}
 
 
 async def test_an_error_text_sqlite_cannot_store_still_fails_the_workflow(make_client):

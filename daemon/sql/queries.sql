@@ -102,13 +102,37 @@ RETURNING id;
 -- Settle a step that waits for a person (a gate, or an interrupted tool), if it still waits.
 UPDATE steps
 SET status = :status, awaiting = NULL, result_json = :result_json, error = :error,
-    error_type = :error_type, decided_by = :decided_by, completed_at = :now
+    error_type = :error_type, decided_by = :decided_by, decided_at = :now, reason = :reason,
+    completed_at = :now
 WHERE id = :id AND status = 'running' AND awaiting = :awaiting AND attempt = :attempt;
+
+-- find_decision_key --
+-- The answer given earlier to a decision with this Idempotency-Key.
+SELECT request_hash, status, body_json FROM decision_keys
+WHERE created_by IS :created_by AND key = :key;
+
+-- save_decision_key --
+-- Remember a decision's answer under its Idempotency-Key.
+INSERT INTO decision_keys (created_by, key, request_hash, status, body_json, created_at)
+VALUES (:created_by, :key, :request_hash, :status, :body_json, :now);
+
+-- approvals --
+-- Steps waiting for a person, oldest first, with the workflow and the previous step's result.
+SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.error, s.attempt,
+       s.started_at, s.expires_at,
+       w.name AS workflow_name, w.input_json, w.flow_json, w.created_by, w.created_at,
+       (SELECT p.result_json FROM steps p
+        WHERE p.workflow_id = s.workflow_id AND p.id < s.id
+        ORDER BY p.id DESC LIMIT 1) AS previous_result_json
+FROM steps s JOIN workflows w ON w.id = s.workflow_id
+WHERE s.awaiting IS NOT NULL AND s.status = 'running'
+ORDER BY s.id LIMIT :limit;
 
 -- retry_decided --
 -- Queue an interrupted tool step again, as decided by a person.
 UPDATE steps
-SET status = 'pending', awaiting = NULL, run_at = :now, decided_by = :decided_by
+SET status = 'pending', awaiting = NULL, run_at = :now, decided_by = :decided_by,
+    decided_at = :now
 WHERE id = :id AND status = 'running' AND awaiting = 'decision' AND attempt = :attempt;
 
 -- interrupted_steps --
