@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import openapi, retention
+from daemon import events, openapi, retention
 from daemon.auth import Authenticator
 from daemon.config import Config, TokenConfig
 from daemon.engine import Engine
@@ -275,6 +275,18 @@ async def reject_step(request: Request) -> Response:
 
 
 @needs("read")
+async def workflow_events(request: Request) -> Response:
+    """One workflow's events as Server-Sent Events; the stream ends when the workflow does."""
+    return await events.response(request, request.app.state.store, path_id(request, "id"))
+
+
+@needs("read")
+async def all_events(request: Request) -> Response:
+    """Every workflow's events as Server-Sent Events."""
+    return await events.response(request, request.app.state.store, None)
+
+
+@needs("read")
 async def list_approvals(request: Request) -> Response:
     """What waits for a person now (gates and interrupted steps), oldest first."""
     return JSON(await engine_of(request).approvals())
@@ -345,6 +357,8 @@ ROUTES = [
     route("/api/workflow/validate", POST=validate_workflow),
     route("/api/workflow/{id:int}", GET=get_workflow, DELETE=cancel_workflow),
     route("/api/approvals", GET=list_approvals),
+    route("/api/events", GET=all_events),
+    route("/api/workflow/{id:int}/events", GET=workflow_events),
     route("/api/workflow/{step_id:int}/ready", POST=ready_step),
     route("/api/workflow/{step_id:int}/reject", POST=reject_step),
     route("/api/workflow/{step_id:int}/retry", POST=retry_step),

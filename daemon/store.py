@@ -138,6 +138,7 @@ class Store:
         self._lock = asyncio.Lock()
         self._last_id = 0
         self._owner_fd: int | None = None
+        self._changed = asyncio.Event()  # set, and replaced, after every commit
 
     @property
     def is_open(self) -> bool:
@@ -214,6 +215,8 @@ class Store:
                 await db.execute("BEGIN IMMEDIATE")
                 yield db
                 await db.execute("COMMIT")
+                self._changed.set()
+                self._changed = asyncio.Event()
             except BaseException:
                 # Also after a cancelled BEGIN (aiosqlite still runs it) or a failed COMMIT:
                 # the connection must never stay inside a transaction. Shielded, so a
@@ -578,6 +581,70 @@ class Store:
         """The latest visit of each state before step `before`, oldest first."""
         rows = await self._all(Q["scope_steps"], {"workflow_id": workflow_id, "before": before})
         return [Step.from_row(r) for r in rows]
+
+    # -- the event log and notifications ---------------------------------------------
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Wait until this process commits a write (True) or `timeout` passes (False)."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def events_after(
+        self, after: int, *, workflow_id: int | None = None, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        """Events with ids above `after`, oldest first (of one workflow, or all)."""
+        if workflow_id is None:
+            rows = await self._all(Q["events_after"], {"after": after, "limit": limit})
+        else:
+            rows = await self._all(
+                Q["workflow_events_after"],
+                {"workflow_id": workflow_id, "after": after, "limit": limit},
+            )
+        return [
+            {**dict(r), "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
+            for r in rows
+        ]
+
+    async def cursor(self, name: str) -> int:
+        row = await self._one(Q["get_cursor"], {"name": name})
+        return int(row[0]) if row else 0
+
+    async def enqueue_deliveries(
+        self, name: str, up_to: int, rows: list[dict[str, Any]], *, now: int | None = None
+    ) -> None:
+        """Add webhook deliveries and move reader `name` to event `up_to`, atomically."""
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            for r in rows:
+                await db.execute(Q["enqueue_delivery"], {**r, "now": now})
+            await db.execute(Q["set_cursor"], {"name": name, "event_id": up_to})
+
+    async def due_deliveries(self, *, limit: int = 50, now: int | None = None) -> list[sqlite3.Row]:
+        now = now_ms() if now is None else now
+        return list(await self._all(Q["due_deliveries"], {"now": now, "limit": limit}))
+
+    async def delivery_done(
+        self, delivery_id: int, *, error: str | None = None, next_at: int = 0, dead: bool = False
+    ) -> None:
+        """Record a delivery attempt: sent (no error), or failed and retried at `next_at`."""
+        async with self._write() as db:
+            if error is None:
+                await db.execute(Q["delivery_sent"], {"id": delivery_id})
+            else:
+                await db.execute(
+                    Q["delivery_failed"],
+                    {"id": delivery_id, "error": error, "next_at": next_at, "dead": dead},
+                )
+
+    async def use_link(self, nonce: str, step_id: int, *, now: int | None = None) -> bool:
+        """Spend a one-click link's nonce; False if it was spent before."""
+        now = now_ms() if now is None else now
+        async with self._write() as db:
+            cur = await db.execute(Q["use_link"], {"nonce": nonce, "step_id": step_id, "now": now})
+            return cur.rowcount == 1
 
     async def ping(self) -> bool:
         """A cheap read, for health checks."""

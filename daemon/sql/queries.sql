@@ -188,3 +188,48 @@ ORDER BY id;
 -- A workflow's event log, oldest first.
 SELECT id, workflow_id, step_id, type, at, data_json FROM events
 WHERE workflow_id = :workflow_id ORDER BY id;
+
+-- events_after --
+-- Events after an id, oldest first (SSE replay and tailing).
+SELECT id, workflow_id, step_id, type, at, data_json FROM events
+WHERE id > :after ORDER BY id LIMIT :limit;
+
+-- workflow_events_after --
+-- One workflow's events after an id, oldest first.
+SELECT id, workflow_id, step_id, type, at, data_json FROM events
+WHERE workflow_id = :workflow_id AND id > :after ORDER BY id LIMIT :limit;
+
+-- get_cursor --
+-- How far a reader of the event log has got.
+SELECT event_id FROM cursors WHERE name = :name;
+
+-- set_cursor --
+-- Move a reader of the event log forward.
+INSERT INTO cursors (name, event_id) VALUES (:name, :event_id)
+ON CONFLICT (name) DO UPDATE SET event_id = excluded.event_id;
+
+-- enqueue_delivery --
+-- A webhook delivery to make (once per event and URL).
+INSERT OR IGNORE INTO outbox (event_id, workflow_id, url, body_json, next_at, created_at)
+VALUES (:event_id, :workflow_id, :url, :body_json, :now, :now);
+
+-- due_deliveries --
+-- Deliveries whose time has come.
+SELECT * FROM outbox WHERE status = 'pending' AND next_at <= :now ORDER BY next_at, id
+LIMIT :limit;
+
+-- delivery_sent --
+-- A delivery was accepted by its receiver.
+UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_error = NULL
+WHERE id = :id AND status = 'pending';
+
+-- delivery_failed --
+-- A delivery failed: try again at :next_at, or give up (dead).
+UPDATE outbox
+SET status = CASE WHEN :dead THEN 'dead' ELSE 'pending' END,
+    attempts = attempts + 1, last_error = :error, next_at = :next_at
+WHERE id = :id AND status = 'pending';
+
+-- use_link --
+-- Spend a one-click link's nonce; nothing is inserted if it was spent before.
+INSERT OR IGNORE INTO used_links (nonce, step_id, used_at) VALUES (:nonce, :step_id, :now);
