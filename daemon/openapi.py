@@ -248,6 +248,17 @@ IDEMPOTENCY_KEY = {
     "description": "A repeat with the same body answers with the first id; with another body, 409",
     "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }
+STREAM = {
+    "description": "text/event-stream: `id:` the event id, `event:` its type, `data:` "
+    '{"id", "workflow_id", "step_id", "type", "at", "data"}',
+    "content": {"text/event-stream": {"schema": STRING}},
+}
+LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "description": "Resume after this event id (or pass ?after=)",
+    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+}
 DECISION_KEY = {
     **IDEMPOTENCY_KEY,
     "description": "A repeat of the same decision answers as the first time; another, 409",
@@ -326,6 +337,26 @@ PATHS: dict[str, Any] = {
             parameters=[DECISION_KEY],
             **body(closed({"reason": {"type": "string", "minLength": 1}}), "Why"),
         ),
+    },
+    "/api/workflow/{id}/events": {
+        **path_id("id", "The workflow's id"),
+        "get": op(
+            "streamWorkflowEvents",
+            "The workflow's events as Server-Sent Events: replayed after Last-Event-ID, then "
+            "live; the stream ends after completed, failed or cancelled",
+            {"200": STREAM},
+            (400, *AUTH, 404, 503),
+            parameters=[LAST_EVENT_ID],
+        ),
+    },
+    "/api/events": {
+        "get": op(
+            "streamEvents",
+            "Every workflow's events as Server-Sent Events (replay, then live, heartbeats)",
+            {"200": STREAM},
+            (400, *AUTH, 503),
+            parameters=[LAST_EVENT_ID],
+        )
     },
     "/api/approvals": {
         "get": op(
