@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
 import logging
 import sqlite3
@@ -38,6 +40,7 @@ from daemon.tools import Registry, build_registry
 
 log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = {"/healthz"}
+WEB_PREFIX = "/ui"  # the web pages authenticate with their own session cookie
 OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
 MAX_DEPTH = 64  # nesting of arrays and objects in a request body
@@ -64,7 +67,9 @@ class AuthMiddleware:
         self.auth = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        web = path == WEB_PREFIX or path.startswith(WEB_PREFIX + "/")
+        if scope["type"] == "http" and path not in PUBLIC_PATHS and not web:
             header = None
             for key, value in scope["headers"]:
                 if key == b"authorization":
@@ -390,6 +395,14 @@ async def on_crash(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error")
 
 
+def web_routes() -> list[Any]:
+    """The web pages under /ui, when the package has them."""
+    if importlib.util.find_spec("daemon.web") is None:
+        return []
+    web = importlib.import_module("daemon.web")
+    return list(web.routes())
+
+
 def create_app(
     config: Config, *, registry: Registry | None = None, tokens: list[TokenConfig] | None = None
 ) -> Starlette:
@@ -422,7 +435,7 @@ def create_app(
             await store.close()
 
     app = Starlette(
-        routes=ROUTES,
+        routes=[*ROUTES, *web_routes()],
         middleware=[
             Middleware(
                 AuthMiddleware,

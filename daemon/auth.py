@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
@@ -73,3 +74,26 @@ def first_start_token(state_dir: Path) -> tuple[TokenConfig, str | None]:
     tmp.chmod(0o600)
     tmp.replace(path)
     return TokenConfig(GENERATED_TOKEN_NAME, hash_token(token), ("workflow",)), token
+
+
+SECRET_FILE = "stepd-secret"
+
+
+def server_secret(state_dir: Path) -> bytes:
+    """This daemon's signing key (sessions, links, webhooks): made once, kept 0600."""
+    path = state_dir / SECRET_FILE
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret.hex() + "\n")
+    try:
+        os.link(tmp, path)  # fails if another process made one meanwhile: use theirs
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return bytes.fromhex(path.read_text().strip())
