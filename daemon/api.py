@@ -40,7 +40,7 @@ from daemon.tools import Registry, build_registry
 
 log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = {"/healthz"}
-WEB_PREFIX = "/ui"  # the web pages authenticate with their own session cookie
+WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, not bearers
 OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
 MAX_DEPTH = 64  # nesting of arrays and objects in a request body
@@ -68,7 +68,7 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        web = path == WEB_PREFIX or path.startswith(WEB_PREFIX + "/")
+        web = any(path == p or path.startswith(p + "/") for p in WEB_PREFIXES)
         if scope["type"] == "http" and path not in PUBLIC_PATHS and not web:
             header = None
             for key, value in scope["headers"]:
@@ -396,11 +396,12 @@ async def on_crash(request: Request, exc: Exception) -> Response:
 
 
 def web_routes() -> list[Any]:
-    """The web pages under /ui, when the package has them."""
-    if importlib.util.find_spec("daemon.web") is None:
-        return []
-    web = importlib.import_module("daemon.web")
-    return list(web.routes())
+    """The web pages (/ui) and the one-click decision links (/link), when present."""
+    routes: list[Any] = []
+    for name in ("daemon.web", "daemon.links"):
+        if importlib.util.find_spec(name) is not None:
+            routes += importlib.import_module(name).routes()
+    return routes
 
 
 def create_app(
@@ -422,15 +423,18 @@ def create_app(
         if recovered:
             log.warning("recovered %d steps interrupted by the previous stop", recovered)
         executor.start()
-        purger = None
+        background = []
         if config.retention_days > 0:
-            purger = asyncio.create_task(retention.run(store, config), name="stepd-retention")
+            background.append(asyncio.create_task(retention.run(store, config)))
+        if importlib.util.find_spec("daemon.notify") is not None:
+            notify = importlib.import_module("daemon.notify")
+            background.append(asyncio.create_task(notify.run(store, config)))
         try:
             yield
         finally:
-            if purger is not None:
-                purger.cancel()
-                await asyncio.gather(purger, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await executor.stop()
             await store.close()
 

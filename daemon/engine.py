@@ -16,7 +16,7 @@ from daemon.models import Step, StepStatus
 from daemon.store import Cancelled, Created, Replay, Store
 from daemon.tools import Registry
 
-BODY_KEYS = {"name", "flow", "input"}
+BODY_KEYS = {"name", "flow", "input", "notify_url"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Submission:
     raw_flow: dict[str, Any]
     input: dict[str, Any]
     warnings: list[str]
+    notify_url: str | None = None
 
 
 class Engine:
@@ -54,6 +55,13 @@ class Engine:
         if "flow" not in body:
             raise BadRequest("Missing required field: flow")
         errors = [f"unknown field '{k}'" for k in sorted(set(body) - BODY_KEYS)]
+        notify_url = body.get("notify_url")
+        if notify_url is not None and (
+            not isinstance(notify_url, str)
+            or not notify_url.startswith(("http://", "https://"))
+            or len(notify_url) > 2000
+        ):
+            errors.append("field 'notify_url' must be an http:// or https:// URL")
         input_ = body.get("input", {})
         if input_ is None:
             input_ = {}
@@ -65,7 +73,7 @@ class Engine:
         errors += result.errors
         if errors or result.flow is None:
             return None, errors, result.warnings
-        sub = Submission(name, result.flow, body["flow"], input_, result.warnings)
+        sub = Submission(name, result.flow, body["flow"], input_, result.warnings, notify_url)
         return sub, [], result.warnings
 
     def validate(self, body: Any) -> dict[str, Any]:
@@ -94,6 +102,7 @@ class Engine:
             first=new_step(start, seq=1),
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            notify_url=sub.notify_url,
         )
         if created.conflict:
             raise Conflict("Idempotency-Key was already used for a different request")

@@ -43,6 +43,7 @@ class Workflow(_Row):
     cancelled_at: int | None = None
     flow_json: str | None = None
     input_json: str | None = None
+    notify_url: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -142,6 +142,12 @@ SCHEMAS: dict[str, Schema] = {
                 "additionalProperties": ref("State"),
             },
             "input": {**OBJECT, "description": "The values of {{input.*}} placeholders"},
+            "notify_url": {
+                "type": "string",
+                "pattern": "^https?://",
+                "maxLength": 2000,
+                "description": "Webhook for this workflow's gate_waiting and terminal events",
+            },
         },
         required=["name", "flow"],
     ),

@@ -294,6 +294,7 @@ class Store:
         first: NewStep,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        notify_url: str | None = None,
         now: int | None = None,
     ) -> Created:
         """Insert a workflow and its first step; replays an earlier Idempotency-Key."""
@@ -316,6 +317,7 @@ class Store:
                     "created_by": created_by,
                     "key": idempotency_key,
                     "request_hash": request_hash,
+                    "notify_url": notify_url,
                     "now": now,
                 },
             )

@@ -10,9 +10,9 @@ WHERE created_by IS :created_by AND idempotency_key = :key;
 -- insert_workflow --
 -- A new running workflow.
 INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,
-                       idempotency_key, request_hash, created_at, updated_at)
+                       idempotency_key, request_hash, notify_url, created_at, updated_at)
 VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
-        :key, :request_hash, :now, :now);
+        :key, :request_hash, :notify_url, :now, :now);
 
 -- insert_step --
 -- A state visit: pending for a tool, running and awaiting 'ready' for a gate.
