@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_list)
 
+    s = sub.add_parser("watch", help="follow a workflow's events until it ends")
+    s.add_argument("id", type=int)
+    s.set_defaults(func=cmd_watch)
+
     s = sub.add_parser("show", help="show a workflow with its steps (JSON)")
     s.add_argument("id", type=int)
     s.set_defaults(func=cmd_show)
@@ -273,6 +277,81 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{updated:<20} {w['name']}"
         )
     return 0
+
+
+WATCH_EXIT = {"completed": 0, "failed": 1, "cancelled": 2}
+MARKS = {
+    "created": "+", "step_started": ">", "step_done": "✓", "step_failed": "✗",
+    "step_retrying": "↻", "step_requeued": "↻", "gate_waiting": "⏸", "gate_decided": "▶",
+    "decision_waiting": "⏸", "step_decided": "▶", "completed": "●", "failed": "●",
+    "cancelled": "●",
+}  # fmt: skip
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Print each event of a workflow as it happens; exit 0 / 1 / 2 for completed / failed /
+    cancelled. A dropped connection is resumed from the last event seen."""
+    client = Client()
+    wf = client.call("GET", f"/api/workflow/{args.id}")
+    names = {s["id"]: s["name"] for s in wf["steps"]}
+    print(f"watching workflow {wf['id']} ({wf['name']}), {wf['status']}", flush=True)
+    last, failures = 0, 0
+    while True:
+        try:
+            headers = {"Last-Event-ID": str(last)}
+            with client.http.stream("GET", f"/api/workflow/{args.id}/events", headers=headers,
+                                    timeout=httpx.Timeout(30, read=None)) as resp:  # fmt: skip
+                if resp.status_code >= 400:
+                    raise CLIError(f"{resp.status_code}: {resp.read().decode(errors='replace')}")
+                for event in _sse_events(resp.iter_lines()):
+                    failures = 0
+                    last = event["id"]
+                    if event["step_id"] is not None and event["step_id"] not in names:
+                        fresh = client.call("GET", f"/api/workflow/{args.id}")
+                        names.update({s["id"]: s["name"] for s in fresh["steps"]})
+                    print(_describe(event, names), flush=True)
+                    if event["type"] in WATCH_EXIT:
+                        return WATCH_EXIT[event["type"]]
+            wf = client.call("GET", f"/api/workflow/{args.id}")  # the stream ended early
+            if wf["status"] in WATCH_EXIT:
+                print(f"● {wf['status']}", flush=True)
+                return WATCH_EXIT[wf["status"]]
+        except httpx.HTTPError as exc:
+            failures += 1
+            if failures > 30:
+                raise CLIError(f"lost the connection to {client.url}: {exc}") from None
+            time.sleep(1)
+
+
+def _sse_events(lines: Any) -> Any:
+    """Parse a text/event-stream into the JSON `data` of each event."""
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line == "" and data:
+            yield orjson.loads("\n".join(data))
+            data = []
+
+
+def _describe(event: dict[str, Any], names: dict[int, str]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(event["at"] / 1000))
+    kind = event["type"]
+    step = names.get(event["step_id"], "") if event["step_id"] is not None else ""
+    data = event.get("data") or {}
+    detail = ""
+    if kind in ("step_failed", "step_retrying", "failed") and data.get("error"):
+        detail = f": {data['error']}"
+    elif kind == "gate_waiting":
+        detail = f" (stepd ready {event['step_id']})"
+    elif kind in ("gate_decided", "step_decided"):
+        detail = f": {data.get('decision')} by {data.get('by')}"
+        if data.get("reason"):
+            detail += f" ({data['reason']})"
+    elif kind in ("step_requeued", "decision_waiting"):
+        detail = f": {data.get('reason')}"
+    label = f" {step}" if step else ""
+    return f"{when} {MARKS.get(kind, '·')} {kind}{label}{detail}"
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -539,3 +539,34 @@ def test_sigterm_does_not_wait_for_a_blocked_sync_tool(spawn: Spawn) -> None:
     ).fetchone()
     db.close()
     assert (status, attempt) == ("pending", 1)  # requeued: attempt 2 runs after restart
+
+
+def test_cli_watch_follows_a_workflow_to_its_end(shared: Daemon) -> None:
+    with shared.client() as c:
+        wf_id = create(c, gate_flow(name="watched"))
+        gate = wait_for(c, wf_id, lambda wf: bool(wf["steps"]))["steps"][0]
+    env = clean_env(STEPD_URL=shared.url, STEPD_TOKEN=TOKEN)
+    watcher = subprocess.Popen(
+        [*stepd_command(), "watch", str(wf_id)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        assert watcher.poll() is None  # still following: the gate waits
+        with shared.client() as c:
+            assert c.post(f"/api/workflow/{gate['id']}/ready").status_code == 200
+        out, err = watcher.communicate(timeout=10)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"watching workflow {wf_id} (watched)")
+    assert any(f"gate_waiting approve (stepd ready {gate['id']})" in line for line in lines)
+    assert any("gate_decided approve: approve by james" in line for line in lines)
+    assert lines[-1].endswith("completed")
+    # A finished workflow: the replay ends at once with its outcome.
+    again = stepd("watch", str(wf_id), url=shared.url)
+    assert again.returncode == 0 and again.stdout.splitlines()[-1].endswith("completed")
+    cancelled = stepd("watch", "42", url=shared.url)
+    assert cancelled.returncode == 1 and "404" in cancelled.stderr
