@@ -113,14 +113,21 @@ class Engine:
     # -- gates and cancel -------------------------------------------------------------
 
     async def approve(
-        self, step_id: int, result: Any, *, token: TokenConfig, idempotency_key: str | None = None
+        self,
+        step_id: int,
+        result: Any,
+        *,
+        token: TokenConfig,
+        idempotency_key: str | None = None,
+        comment: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """Release a waiting gate; `result` (any JSON value, or None) becomes its result.
+        """Release a waiting gate; `result` (any JSON value, or None) becomes its result and
+        `comment` is kept as the step's reason.
 
         Returns the answer (status, body): the first one again for a repeated
         Idempotency-Key.
         """
-        return await self._decide_gate(step_id, "approve", result, None, token, idempotency_key)
+        return await self._decide_gate(step_id, "approve", result, comment, token, idempotency_key)
 
     async def reject(
         self, step_id: int, reason: str, *, token: TokenConfig, idempotency_key: str | None = None
@@ -173,7 +180,7 @@ class Engine:
                 result_json=result_json,
             )
         else:
-            error = f"rejected by {token.name}: {reason}"
+            error = f"rejected by {token.name}: {reason}"  # reason is required to reject
             move = flows.after_failure(
                 info.flow, step.state, error, attempt=step.attempt, retryable=False, rand=0.0
             )
