@@ -1,0 +1,12 @@
+"""The web pages under /ui: sign in with a token, then decide gates and watch workflows."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute, Mount
+
+from daemon.web import actions, pages
+
+
+def routes() -> list[BaseRoute]:
+    """One Mount of plain routes, so `request.app` stays the main app."""
+    return [Mount("/ui", routes=[*pages.ROUTES, *actions.ROUTES, *pages.FALLBACK])]

@@ -1,0 +1,220 @@
+"""The forms: sign in and out, approve, reject, retry, fail, cancel. Every POST checks
+its CSRF token; decisions answer with a redirect and a flash message, never a 500."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from daemon.api import parse_json
+from daemon.auth import Authenticator
+from daemon.config import TokenConfig
+from daemon.errors import BadRequest, PayloadTooLarge, StepdError, UnsupportedMediaType
+from daemon.web import session as sessions
+from daemon.web.pages import MAX_ID, engine_of, login_form, render, safe_next, signed_in
+from daemon.web.session import Session
+
+MAX_FIELDS = 20
+MAX_KEY = 200  # an Idempotency-Key, as the API allows
+
+Form = dict[str, str]
+
+
+async def read_form(request: Request) -> Form:
+    """A url-encoded form body, size-checked while reading; the first value of each field."""
+    limit: int = request.app.state.config.max_body_bytes
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the form is larger than {limit} bytes")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if body and ctype != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType("forms must be application/x-www-form-urlencoded")
+    try:
+        pairs = parse_qsl(bytes(body).decode("utf-8"), keep_blank_values=True,
+                          max_num_fields=MAX_FIELDS)  # fmt: skip
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("the form could not be read") from None
+    form: Form = {}
+    for key, value in pairs:
+        form.setdefault(key, value)
+    return form
+
+
+async def forbidden(request: Request, session: Session | None, text: str) -> Response:
+    return await render(
+        request, "message.html", session, status=403, title="Form expired", text=text
+    )
+
+
+CSRF_TEXT = (
+    "This form has expired or did not come from this site, so nothing was changed. "
+    "Go back, reload the page and try again."
+)
+
+
+def form_action(fn: Callable[[Request, Session, Form], Awaitable[Response]]) -> Any:
+    """Route decorator for a signed-in form: reads the form and checks its CSRF token."""
+
+    @signed_in
+    async def endpoint(request: Request, session: Session) -> Response:
+        try:
+            form = await read_form(request)
+        except StepdError as exc:
+            return await render(request, "message.html", session, status=exc.status,
+                                title="Bad form", text=exc.text)  # fmt: skip
+        if not sessions.same(session.csrf(request.app.state.config), form.get("csrf")):
+            return await forbidden(request, session, CSRF_TEXT)
+        return await fn(request, session, form)
+
+    endpoint.__name__ = fn.__name__
+    return endpoint
+
+
+def back(request: Request, form: Form, default: str, kind: str, text: str) -> Response:
+    response = RedirectResponse(safe_next(form.get("next"), default), status_code=303)
+    sessions.set_flash(request, response, kind, text)
+    return response
+
+
+# -- sign in and out ---------------------------------------------------------------------------
+
+
+async def login(request: Request) -> Response:
+    """Check the pasted token; on success set the session cookie and go on."""
+    config = request.app.state.config
+    try:
+        form = await read_form(request)
+    except StepdError as exc:
+        return await login_form(request, "/ui/approvals", error=exc.text, status=exc.status)
+    next_url = safe_next(form.get("next"))
+    nonce = request.cookies.get(sessions.LOGIN_COOKIE, "")
+    if not nonce or not sessions.same(sessions.login_csrf(config, nonce), form.get("csrf")):
+        return await login_form(
+            request, next_url, status=403,
+            error="The sign-in form expired. It has been renewed: paste the token again.",
+        )  # fmt: skip
+    token = sessions.identify(config, form.get("token", ""))
+    if token is None:
+        return await login_form(request, next_url, status=401, error="That token is not valid.")
+    response = RedirectResponse(next_url, status_code=303)
+    value = sessions.issue(config, token)
+    sessions.set_cookie(request, response, sessions.SESSION_COOKIE, value,
+                        int(config.session_ttl_s))  # fmt: skip
+    sessions.clear_cookie(request, response, sessions.LOGIN_COOKIE)
+    return response
+
+
+@form_action
+async def logout(request: Request, session: Session, form: Form) -> Response:
+    response = RedirectResponse("/ui/login", status_code=303)
+    sessions.clear_cookie(request, response, sessions.SESSION_COOKIE)
+    sessions.set_flash(request, response, "ok", f"Signed out {session.token.name}.")
+    return response
+
+
+# -- decisions ---------------------------------------------------------------------------------
+
+
+def parse_result(form: Form) -> Any:
+    """The approval's result: the JSON field, or None when it is empty."""
+    raw = form.get("result", "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_json(raw.encode())
+    except BadRequest as exc:
+        raise BadRequest(f"The result was refused ({exc.text}); nothing was decided.") from None
+
+
+def idempotency_key(form: Form) -> str | None:
+    key = form.get("key") or None
+    return key if key is None or len(key) <= MAX_KEY else None
+
+
+async def approve(request: Request, step_id: int, form: Form, token: TokenConfig) -> str:
+    await engine_of(request).approve(
+        step_id,
+        parse_result(form),
+        token=token,
+        idempotency_key=idempotency_key(form),
+        comment=form.get("comment", "").strip() or None,
+    )
+    return "Approved"
+
+
+async def reject(request: Request, step_id: int, form: Form, token: TokenConfig) -> str:
+    reason = form.get("reason", "").strip()
+    if not reason:
+        raise BadRequest("A rejection needs a reason; nothing was decided.")
+    await engine_of(request).reject(step_id, reason, token=token,
+                                    idempotency_key=idempotency_key(form))  # fmt: skip
+    return "Rejected"
+
+
+async def retry(request: Request, step_id: int, form: Form, token: TokenConfig) -> str:
+    await engine_of(request).retry(step_id, by=token.name)
+    return "Queued again:"
+
+
+async def fail(request: Request, step_id: int, form: Form, token: TokenConfig) -> str:
+    reason = form.get("reason", "").strip() or None
+    await engine_of(request).fail(step_id, reason, by=token.name)
+    return "Failed"
+
+
+DECISIONS = {"approve": approve, "reject": reject, "retry": retry, "fail": fail}
+
+
+def friendly(exc: StepdError) -> str:
+    if exc.status == 403:
+        return f"You may not decide this: {exc.text}."
+    if exc.status == 409:
+        return f"Nothing changed: {exc.text} (someone may have decided it already)."
+    if exc.status == 404:
+        return f"Nothing changed: {exc.text}."
+    return exc.text
+
+
+@form_action
+async def decide(request: Request, session: Session, form: Form) -> Response:
+    """Approve, reject, retry or fail a waiting step, then go back with a message."""
+    step_id, action = request.path_params["step_id"], request.path_params["action"]
+    if action not in DECISIONS or step_id > MAX_ID:
+        return back(request, form, "/ui/approvals", "error", "There is no such step or action.")
+    step = await request.app.state.store.get_step(step_id)
+    label = f"“{step.name}” of workflow {step.workflow_id}" if step else f"step {step_id}"
+    try:
+        Authenticator.require(session.token, "approve")
+        done = await DECISIONS[action](request, step_id, form, session.token)
+    except StepdError as exc:
+        return back(request, form, "/ui/approvals", "error", friendly(exc))
+    return back(request, form, "/ui/approvals", "ok", f"{done} {label}.")
+
+
+@form_action
+async def cancel(request: Request, session: Session, form: Form) -> Response:
+    wf_id = request.path_params["id"]
+    here = f"/ui/workflows/{wf_id}"
+    try:
+        Authenticator.require(session.token, "workflow")
+        if wf_id > MAX_ID:
+            raise BadRequest(f"there is no workflow {wf_id}")
+        await engine_of(request).cancel(wf_id, by=session.token.name)
+    except StepdError as exc:
+        return back(request, form, here, "error", friendly(exc))
+    return back(request, form, here, "ok", f"Cancelled workflow {wf_id}.")
+
+
+ROUTES: list[BaseRoute] = [
+    Route("/login", login, methods=["POST"]),
+    Route("/logout", logout, methods=["POST"]),
+    Route("/steps/{step_id:int}/{action:str}", decide, methods=["POST"]),
+    Route("/workflows/{id:int}/cancel", cancel, methods=["POST"]),
+]

@@ -1,0 +1,349 @@
+"""The pages: approvals inbox, workflow list and detail, sign-in; rendered with Jinja2."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from daemon import events
+from daemon.auth import Authenticator
+from daemon.engine import Engine
+from daemon.errors import Forbidden, NotFound
+from daemon.models import WorkflowStatus
+from daemon.web import session as sessions
+from daemon.web.session import Session
+
+STATIC = Path(__file__).parent / "static"
+PAGE_SIZE = 50
+MAX_ID = (1 << 63) - 1  # SQLite integers; larger ids cannot exist
+PRETTY_LIMIT = 20_000  # characters of one JSON value shown on a page
+TERMINAL = {"completed", "failed", "cancelled"}
+HEADERS = {
+    # Scripts and styles come only from /ui/static; nothing inline, no framing.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+Handler = Callable[[Request, Session], Awaitable[Response]]
+
+
+# -- template helpers ----------------------------------------------------------------------
+
+
+def ago(ms: int | None, now_ms: int | None = None) -> str:
+    """A time relative to now: "just now", "5 min ago", "in 2 h", "3 d ago"."""
+    if ms is None:
+        return ""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    delta = (now_ms - ms) / 1000
+    s = abs(delta)
+    if s < 10:
+        return "just now"
+    for limit, unit, size in ((60, "s", 1), (3600, "min", 60), (86400, "h", 3600)):
+        if s < limit:
+            text = f"{int(s // size)} {unit}"
+            break
+    else:
+        if s >= 30 * 86400:
+            return iso(ms)[:10]
+        text = f"{int(s // 86400)} d"
+    return f"{text} ago" if delta > 0 else f"in {text}"
+
+
+def duration(ms: int) -> str:
+    """How long something took: "< 0.1 s", "0.4 s", "12 s", "3 min 5 s", "2 h 10 min"."""
+    s = max(ms, 0) / 1000
+    if s < 0.1:
+        return "< 0.1 s"
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60)} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60)} min"
+
+
+def iso(ms: int | None) -> str:
+    """An epoch-milliseconds time as ISO 8601 UTC (for the datetime attribute)."""
+    if ms is None:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def utc(ms: int | None) -> str:
+    """An epoch-milliseconds time for people: "2026-11-25 11:28:11 UTC"."""
+    return iso(ms).replace("T", " ").replace("Z", " UTC")
+
+
+def pretty(value: Any) -> str:
+    """JSON text (or an orjson Fragment) indented for reading, cut at PRETTY_LIMIT."""
+    if value is None:
+        return ""
+    raw = orjson.dumps(value) if isinstance(value, orjson.Fragment) else value
+    try:
+        text = orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode()
+    except orjson.JSONDecodeError:
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if len(text) > PRETTY_LIMIT:
+        text = f"{text[:PRETTY_LIMIT]}\n… {len(text) - PRETTY_LIMIT} more characters"
+    return text
+
+
+def is_empty_json(value: Any) -> bool:
+    return pretty(value) in ("", "{}", "null")
+
+
+def _static_version() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(STATIC.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+ENV = Environment(
+    loader=PackageLoader("daemon.web", "templates"),
+    autoescape=select_autoescape(["html"]),
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+ENV.filters.update(ago=ago, duration=duration, iso=iso, utc=utc, pretty=pretty)
+ENV.tests["empty_json"] = is_empty_json
+ENV.globals.update(
+    static_version=_static_version(),
+    terminal=TERMINAL,
+    new_key=lambda: secrets.token_urlsafe(12),  # an Idempotency-Key: a double submit is harmless
+)
+
+
+def can(token_session: Session | None, need: str) -> bool:
+    if token_session is None:
+        return False
+    try:
+        Authenticator.require(token_session.token, need)
+    except Forbidden:
+        return False
+    return True
+
+
+def engine_of(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+async def render(
+    request: Request,
+    name: str,
+    session: Session | None,
+    *,
+    status: int = 200,
+    approvals: list[dict[str, Any]] | None = None,
+    **context: Any,
+) -> HTMLResponse:
+    """A page; signed-in pages get the nav (with the inbox count) and the CSRF token."""
+    if session is not None and approvals is None:
+        approvals = await engine_of(request).approvals()
+    message = sessions.flash(request)
+    html = ENV.get_template(name).render(
+        session=session,
+        csrf=session.csrf(request.app.state.config) if session else "",
+        can_approve=can(session, "approve"),
+        can_cancel=can(session, "workflow"),
+        inbox_count=len(approvals or ()),
+        flash=message,
+        now_ms=int(time.time() * 1000),
+        path=request.url.path,
+        **context,
+    )
+    response = HTMLResponse(html, status_code=status, headers=HEADERS)
+    if message is not None:
+        sessions.clear_cookie(request, response, sessions.FLASH_COOKIE)
+    return response
+
+
+def login_redirect(request: Request) -> RedirectResponse:
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    response = RedirectResponse(f"/ui/login?next={quote(here)}", status_code=303)
+    if sessions.SESSION_COOKIE in request.cookies:  # expired, forged, or its token is gone
+        sessions.clear_cookie(request, response, sessions.SESSION_COOKIE)
+    return response
+
+
+def signed_in(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Route decorator: a valid session, or a redirect to the sign-in page."""
+
+    async def endpoint(request: Request) -> Response:
+        session = sessions.current(request)
+        if session is None:
+            return login_redirect(request)
+        return await fn(request, session)
+
+    endpoint.__name__ = fn.__name__
+    endpoint.__doc__ = fn.__doc__
+    return endpoint
+
+
+def safe_next(value: str | None, default: str = "/ui/approvals") -> str:
+    """Where to go after a form: a path under /ui only (never another site)."""
+    if value and re.fullmatch(r"/ui/[A-Za-z0-9/_\-?=&.%]*", value) and "//" not in value:
+        return value
+    return default
+
+
+# -- pages ------------------------------------------------------------------------------------
+
+
+async def home(request: Request) -> Response:
+    return RedirectResponse("/ui/approvals", status_code=303)
+
+
+async def login_page(request: Request) -> Response:
+    """The sign-in form (a signed-in visitor goes straight on)."""
+    next_url = safe_next(request.query_params.get("next"))
+    if sessions.current(request) is not None:
+        return RedirectResponse(next_url, status_code=303)
+    return await login_form(request, next_url)
+
+
+async def login_form(
+    request: Request, next_url: str, *, error: str | None = None, status: int = 200
+) -> HTMLResponse:
+    nonce, fresh = sessions.login_nonce(request)
+    config = request.app.state.config
+    response = await render(
+        request,
+        "login.html",
+        None,
+        status=status,
+        error=error,
+        next_url=next_url,
+        login_csrf=sessions.login_csrf(config, nonce),
+    )
+    if fresh:
+        sessions.set_cookie(request, response, sessions.LOGIN_COOKIE, nonce, sessions.LOGIN_TTL_S)
+    return response
+
+
+@signed_in
+async def approvals_page(request: Request, session: Session) -> Response:
+    """Gates and interrupted steps that wait for a person, oldest first."""
+    items = await engine_of(request).approvals()
+    return await render(request, "approvals.html", session, approvals=items, items=items)
+
+
+@signed_in
+async def workflows_page(request: Request, session: Session) -> Response:
+    """Workflows, newest first, filtered by status, PAGE_SIZE at a time."""
+    status = request.query_params.get("status") or None
+    if status not in set(WorkflowStatus):
+        status = None
+    before_raw = request.query_params.get("before", "")
+    before = int(before_raw) if before_raw.isdigit() and len(before_raw) < 19 else None
+    engine = engine_of(request)
+    items = await engine.list(limit=PAGE_SIZE, status=status, before=before)
+    approvals = await engine.approvals()
+    return await render(
+        request,
+        "workflows.html",
+        session,
+        approvals=approvals,
+        items=items,
+        filter_status=status,
+        statuses=[s.value for s in WorkflowStatus],
+        waiting={a["workflow_id"] for a in approvals},
+        before=before,
+        older=items[-1]["id"] if len(items) == PAGE_SIZE else None,
+    )
+
+
+@signed_in
+async def workflow_page(request: Request, session: Session) -> Response:
+    """One workflow: its input, the timeline of steps, decisions; updated live."""
+    wf_id = request.path_params["id"]
+    if wf_id > MAX_ID:
+        return await not_found(request, session, f"There is no workflow {wf_id}.")
+    # The last event first: anything committed after it reaches the page's live stream.
+    log = await request.app.state.store.events(wf_id)
+    try:
+        wf = await engine_of(request).get(wf_id)
+    except NotFound:
+        return await not_found(request, session, f"There is no workflow {wf_id}.")
+    return await render(
+        request,
+        "workflow.html",
+        session,
+        wf=wf,
+        steps=wf["steps"],
+        last_event=log[-1]["id"] if log else 0,
+        waiting=any(s["awaiting"] for s in wf["steps"] if s["status"] == "running"),
+    )
+
+
+async def workflow_events(request: Request) -> Response:
+    """The workflow's Server-Sent Events for the live page (401 without a session)."""
+    if sessions.current(request) is None:
+        return PlainTextResponse("sign in first", status_code=401)
+    wf_id = request.path_params["id"]
+    if wf_id > MAX_ID:
+        raise NotFound(f"workflow {wf_id} not found")
+    response = await events.response(request, request.app.state.store, wf_id)
+    response.body_iterator = _unnamed(response.body_iterator)
+    return response
+
+
+async def _unnamed(chunks: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    """Drop the `event:` lines, so EventSource hands every event to `onmessage` (named
+    events reach only listeners for that name, and the page wants them all)."""
+    async with aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            data = chunk if isinstance(chunk, bytes) else str(chunk).encode()
+            yield re.sub(rb"(?m)^event: [^\n]*\n", b"", data)
+
+
+async def not_found(
+    request: Request, session: Session | None, text: str = "There is no such page."
+) -> HTMLResponse:
+    return await render(request, "message.html", session, status=404, title="Not found", text=text)
+
+
+async def fallback(request: Request) -> Response:
+    session = sessions.current(request)
+    if session is None and request.method == "GET":
+        return login_redirect(request)
+    if request.method not in ("GET", "HEAD"):
+        return PlainTextResponse("not found", status_code=404)
+    return await not_found(request, session)
+
+
+ROUTES: list[BaseRoute] = [
+    Route("/", home, methods=["GET"]),
+    Route("/login", login_page, methods=["GET"]),
+    Route("/approvals", approvals_page, methods=["GET"]),
+    Route("/workflows", workflows_page, methods=["GET"]),
+    Route("/workflows/{id:int}", workflow_page, methods=["GET"]),
+    Route("/workflows/{id:int}/events", workflow_events, methods=["GET"]),
+    Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+]
+FALLBACK: list[BaseRoute] = [
+    Route("/{path:path}", fallback, methods=["GET", "POST"]),
+]
