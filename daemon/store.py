@@ -588,8 +588,11 @@ class Store:
 
     async def wait_for_change(self, timeout: float) -> bool:
         """Wait until this process commits a write (True) or `timeout` passes (False)."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the event fires, which hung shutdown.
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
         except TimeoutError:
             return False
         return True

@@ -1,0 +1,296 @@
+"""One-click approve and reject links for gate_waiting notifications.
+
+A link is signed, bound to one step and one decision, expiring, and single use. Opening
+it (GET) only shows a confirmation page, because link previewers, mail scanners and chat
+unfurlers fetch URLs; the form on that page POSTs back to the same URL, which decides as
+LINK_TOKEN through the engine, so the gate's approvers and self-approval rules apply.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from jinja2 import Environment, PackageLoader
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from daemon.api import parse_json
+from daemon.auth import server_secret
+from daemon.config import Config, TokenConfig
+from daemon.errors import StepdError
+from daemon.models import Step, Workflow
+
+log = logging.getLogger("stepd.links")
+LINK_TOKEN = TokenConfig(name="link", sha256="0" * 64, permissions=("approve",))
+DECISIONS = ("approve", "reject")
+MAX_TOKEN = 1000  # characters; ours are about 150
+MAX_FORM = 65_536  # bytes of a POSTed form
+MAX_REASON = 2000
+PRETTY_LIMIT = 20_000  # characters of one JSON value shown on the page
+HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Robots-Tag": "noindex, nofollow",
+    "Referrer-Policy": "no-referrer",  # the URL is the credential: never leak it onwards
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+}
+TEMPLATES = Environment(loader=PackageLoader("daemon", "link_templates"), autoescape=True)
+
+
+@dataclass(frozen=True)
+class Link:
+    step_id: int
+    decision: str  # "approve" or "reject"
+    expires: int  # epoch seconds
+    nonce: str
+
+
+class LinkError(Exception):
+    """A link that cannot be used: rendered as a page with `status`."""
+
+    def __init__(self, status: int, title: str, text: str) -> None:
+        super().__init__(text)
+        self.status, self.title, self.text = status, title, text
+
+
+# -- tokens ----------------------------------------------------------------------------
+
+
+def link_key(secret: bytes) -> bytes:
+    """The links' own key, derived from the server secret (never the webhook secret)."""
+    return hmac.new(secret, b"stepd-links", hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _mac(key: bytes, payload: str) -> str:
+    return _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
+
+
+def make_token(key: bytes, link: Link) -> str:
+    body = {"s": link.step_id, "d": link.decision, "e": link.expires, "n": link.nonce}
+    payload = _b64(orjson.dumps(body))
+    return f"{payload}.{_mac(key, payload)}"
+
+
+def parse_token(key: bytes, token: str) -> Link:
+    """The link a token carries; LinkError 400 (malformed) or 403 (bad signature)."""
+    payload, dot, mac = token.partition(".")
+    if not dot or not payload or not mac or len(token) > MAX_TOKEN:
+        raise LinkError(400, "Broken link", "This link is incomplete or malformed.")
+    if not hmac.compare_digest(_mac(key, payload).encode(), mac.encode("utf-8", "replace")):
+        raise LinkError(403, "Invalid link", "This link's signature is not valid.")
+    try:
+        body = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        link = Link(body["s"], body["d"], body["e"], body["n"])
+    except (binascii.Error, ValueError, TypeError, KeyError):
+        raise LinkError(400, "Broken link", "This link is malformed.") from None
+    if not (isinstance(link.step_id, int) and isinstance(link.expires, int)
+            and link.decision in DECISIONS and isinstance(link.nonce, str)):  # fmt: skip
+        raise LinkError(400, "Broken link", "This link is malformed.")
+    return link
+
+
+def make_links(
+    config: Config, secret: bytes, step_id: int, now: float, *, gate_expires_ms: int | None = None
+) -> dict[str, Any]:
+    """Approve and reject URLs for a waiting gate (`secret`: the server secret).
+
+    They expire after link_ttl_s, or with the gate if it expires sooner; `expires_at`
+    is epoch milliseconds, like every time in stepd's JSON.
+    """
+    expires = int(now + config.link_ttl_s)
+    if gate_expires_ms is not None:
+        expires = min(expires, gate_expires_ms // 1000)
+    key, base = link_key(secret), config.public_url.rstrip("/")
+    urls = {
+        d: f"{base}/link/{make_token(key, Link(step_id, d, expires, secrets.token_urlsafe(12)))}"
+        for d in DECISIONS
+    }
+    return {**urls, "expires_at": expires * 1000}
+
+
+# -- gate rules ------------------------------------------------------------------------
+
+
+def _self_ok(state: dict[str, Any], config: Config) -> bool:
+    own = state.get("allow_self_approval")
+    return config.allow_self_approval if own is None else bool(own)
+
+
+def admits_links(state: dict[str, Any], created_by: str | None, config: Config) -> bool:
+    """Whether a gate (its raw flow state) lets LINK_TOKEN decide: Engine.check_decider's rules."""
+    approvers = state.get("approvers")
+    if approvers is not None and not {LINK_TOKEN.name, *LINK_TOKEN.permissions} & set(approvers):
+        return False
+    return _self_ok(state, config) or created_by != LINK_TOKEN.name
+
+
+def creator_may_decide(state: dict[str, Any], created_by: str | None, config: Config) -> bool:
+    """Whether the workflow's creator may decide this gate itself. Only then may links go to
+    the workflow's own notify_url: the creator chose it, so a link sent there is theirs."""
+    if not _self_ok(state, config):
+        return False
+    approvers = state.get("approvers")
+    if approvers is None or created_by in approvers:
+        return True
+    perms = next((t.permissions for t in config.tokens if t.name == created_by), ())
+    return bool(set(perms) & set(approvers))
+
+
+# -- pages -----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _key_for(state_dir: Path) -> bytes:
+    return link_key(server_secret(state_dir))
+
+
+def _when(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _pretty(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    text = orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode()
+    return text if len(text) <= PRETTY_LIMIT else text[:PRETTY_LIMIT] + "\n… (cut)"
+
+
+def page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    html = TEMPLATES.get_template(name).render(**context)
+    return HTMLResponse(html, status_code=status, headers=HEADERS)
+
+
+async def _context(request: Request) -> tuple[Link, Step, Workflow, dict[str, Any]]:
+    """The link, its step and workflow, checked: signed, not expired, gate admits links."""
+    app = request.app.state
+    link = parse_token(_key_for(app.config.state_dir), request.path_params["token"])
+    if link.expires < time.time():
+        raise LinkError(410, "Link expired", f"This link expired at {_when(link.expires)}.")
+    step = await app.store.get_step(link.step_id)
+    wf = None if step is None else await app.store.get_workflow(step.workflow_id)
+    if step is None or wf is None:
+        raise LinkError(404, "Not found", "This step no longer exists.")
+    state = orjson.loads(wf.flow_json or "{}").get(step.state, {})
+    if step.tool is not None:
+        raise LinkError(403, "Not allowed", "This step is not an approval gate.")
+    if not admits_links(state, wf.created_by, app.config):
+        raise LinkError(403, "Not allowed", "This gate does not accept decisions by link.")
+    return link, step, wf, state
+
+
+def _decided(step: Step) -> LinkError:
+    by = f" by {step.decided_by}" if step.decided_by else ""
+    text = f"This gate was already decided{by} (step status: {step.status}); nothing changed."
+    return LinkError(409, "Already decided", text)
+
+
+async def _confirm(request: Request, error: str | None = None, status: int = 200) -> Response:
+    link, step, wf, _ = await _context(request)
+    if step.awaiting != "ready":
+        raise _decided(step)
+    previous = [s for s in await request.app.state.store.steps(wf.id) if s.id < step.id]
+    return page(
+        "confirm.html",
+        status,
+        decision=link.decision,
+        workflow=wf,
+        step=step,
+        input=_pretty(wf.input_json),
+        previous=_pretty(previous[-1].result_json) if previous else None,
+        previous_name=previous[-1].name if previous else None,
+        expires=_when(link.expires),
+        gate_expires=_when(step.expires_at / 1000) if step.expires_at else None,
+        error=error,
+    )
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise LinkError(413, "Too large", "The form is too large.")
+    try:
+        pairs = parse_qsl(bytes(body).decode(), keep_blank_values=True, max_num_fields=10)
+    except (UnicodeDecodeError, ValueError):
+        raise LinkError(400, "Bad form", "The form could not be read.") from None
+    return {k: v for k, v in reversed(pairs)}  # the first value of each field wins
+
+
+def _result(text: str) -> Any:
+    """The optional JSON result of an approval, checked like an API body."""
+    if not text.strip():
+        return None
+    try:
+        return parse_json(text.encode())
+    except StepdError as exc:
+        raise ValueError(f"The result is not accepted: {exc.text}") from None
+
+
+async def _decide(request: Request) -> Response:
+    form = await _read_form(request)
+    link, step, wf, _ = await _context(request)
+    if form.get("decision") != link.decision:
+        raise LinkError(400, "Wrong decision", f"This link can only {link.decision}.")
+    reason = form.get("reason", "").strip()
+    try:
+        result = _result(form.get("result", "")) if link.decision == "approve" else None
+    except ValueError as exc:
+        return await _confirm(request, str(exc), 400)
+    if link.decision == "reject" and not 0 < len(reason) <= MAX_REASON:
+        return await _confirm(request, f"A rejection needs a reason (1 to {MAX_REASON}).", 400)
+    store, engine = request.app.state.store, request.app.state.engine
+    if not await store.use_link(link.nonce, step.id):
+        raise LinkError(409, "Link already used", "This link was already used; nothing changed.")
+    if step.awaiting != "ready":
+        raise _decided(step)
+    if link.decision == "approve":
+        await engine.approve(step.id, result, token=LINK_TOKEN)
+    else:
+        await engine.reject(step.id, reason, token=LINK_TOKEN)
+    done = "approved" if link.decision == "approve" else "rejected"
+    text = f"Gate '{step.name}' of workflow '{wf.name}' ({wf.id}) was {done}."
+    return page("message.html", title=done.capitalize(), text=text)
+
+
+async def endpoint(request: Request) -> Response:
+    """GET: the confirmation page. POST: decide. Every failure is a page, never a 500."""
+    try:
+        if request.method == "POST":
+            return await _decide(request)
+        return await _confirm(request)
+    except LinkError as exc:
+        return page("message.html", exc.status, title=exc.title, text=exc.text)
+    except StepdError as exc:  # the engine's 403 / 404 / 409, after its own checks
+        titles = {403: "Not allowed", 404: "Not found", 409: "Already decided"}
+        return page("message.html", exc.status, title=titles.get(exc.status, "Refused"),
+                    text=f"{exc.text}; nothing changed.")  # fmt: skip
+    except sqlite3.OperationalError as exc:
+        log.error("storage fault on a decision link: %s", exc)
+        return page("message.html", 503, title="Try again later",
+                    text="Storage is unavailable, so nothing was decided. Try again later; "
+                         "if the link then says it was used, decide in stepd itself.")  # fmt: skip
+
+
+def routes() -> list[BaseRoute]:
+    return [Mount("/link", routes=[Route("/{token}", endpoint, methods=["GET", "POST"])])]

@@ -1,0 +1,222 @@
+"""Webhooks: the event log feeds a durable outbox; signed POSTs deliver it, with retries.
+
+Enqueueing and moving the read cursor are one transaction, and the outbox holds each
+(event, URL) once, so a crash neither loses nor duplicates a notification. Delivery is
+at least once: a receiver sees a delivery again (same X-Stepd-Delivery) if the daemon
+stopped between its answer and our record of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import sqlite3
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from daemon import links
+from daemon.auth import server_secret
+from daemon.config import Config
+from daemon.models import Step, Workflow
+from daemon.store import Store, now_ms
+
+log = logging.getLogger("stepd.notify")
+EVENTS = frozenset({"gate_waiting", "completed", "failed", "cancelled"})
+CURSOR = "webhooks"
+BATCH = 500  # events read per query
+CONCURRENCY = 8  # deliveries in flight
+TIMEOUT_S = 10.0
+BACKOFF_S = 1.0  # the n-th retry waits about BACKOFF_S * 2**n; tests make it tiny
+MAX_BACKOFF_S = 3600.0
+IDLE_WAIT_S = 1.0  # longest sleep between passes when nothing is written
+MIN_PASS_S = 0.05  # under a stream of commits, passes are at least this far apart
+SHUTDOWN_GRACE_S = 2.0  # how long a stop waits for deliveries under way
+SAVE_EVERY_S = 10.0  # a cursor that passed only unwatched events is saved this often
+
+
+def sign(secret: bytes, ts: int, body: bytes) -> str:
+    """The X-Stepd-Signature value: "v1=" + hex HMAC-SHA256(secret, "<ts>." + body)."""
+    return "v1=" + hmac.new(secret, f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def retry_delay(attempts: int, rand: float) -> float:
+    """Seconds to wait after `attempts` failed tries: doubling, capped, jittered by ±25 %."""
+    return min(MAX_BACKOFF_S, BACKOFF_S * 2**attempts) * (0.75 + rand / 2)
+
+
+def build_body(
+    event: dict[str, Any], wf: Workflow, step: Step | None, urls: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The JSON POSTed for one event (`urls`: the one-click links of a waiting gate)."""
+    body: dict[str, Any] = {
+        "event": event["type"], "event_id": event["id"], "at": event["at"],
+        "workflow": {"id": wf.id, "name": wf.name, "status": wf.status,
+                     "created_by": wf.created_by, "error": wf.error,
+                     "input": orjson.loads(wf.input_json or "{}")},
+    }  # fmt: skip
+    if step is not None:
+        body["step"] = {"id": step.id, "name": step.name, "state": step.state}
+    if urls:
+        body["links"] = urls
+    return body
+
+
+def targets(config: Config, wf: Workflow) -> list[tuple[str, bool]]:
+    """(url, chosen by the operator) for each URL a workflow's events go to."""
+    out = [(config.webhook_url, True)] if config.webhook_url else []
+    if wf.notify_url and wf.notify_url != config.webhook_url:
+        out.append((wf.notify_url, False))
+    return out
+
+
+class Notifier:
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store, self.config = store, config
+        self.cursor: int | None = None  # read up to here
+        self.saved = 0  # the cursor as stored
+        self.saved_at = float("-inf")  # monotonic time of the last save
+        self.inflight: dict[int, asyncio.Task[None]] = {}
+        self.client: httpx.AsyncClient | None = None
+        self._secret: bytes | None = None
+
+    def server_secret(self) -> bytes:
+        if self._secret is None:
+            self._secret = server_secret(self.config.state_dir)
+        return self._secret
+
+    async def run(self) -> None:
+        failures = 0
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self.enqueue(time.time())
+                    await self.deliver()
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    log.exception("webhooks: a pass failed (%d in a row); retrying", failures)
+                    await asyncio.sleep(min(30.0, 0.5 * 2**failures))
+                await self.store.wait_for_change(IDLE_WAIT_S)
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    # Python 3.11's wait_for drops a cancel that lands as the wait ends.
+                    raise asyncio.CancelledError
+                await asyncio.sleep(max(0.0, started + MIN_PASS_S - time.monotonic()))
+        finally:
+            # Let POSTs under way finish briefly: a cancelled one is sent again after restart.
+            if self.inflight:
+                await asyncio.wait(list(self.inflight.values()), timeout=SHUTDOWN_GRACE_S)
+            tasks = list(self.inflight.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.client is not None:
+                await self.client.aclose()
+
+    async def enqueue(self, now: float) -> None:
+        """Turn new events into outbox rows; the cursor moves in the same transaction."""
+        if self.cursor is None:
+            self.cursor = self.saved = await self.store.cursor(CURSOR)
+        while events := await self.store.events_after(self.cursor, limit=BATCH):
+            rows = []
+            for event in events:
+                if event["type"] in EVENTS:
+                    rows += await self.rows_for(event, now)
+            if rows:
+                await self.store.enqueue_deliveries(CURSOR, events[-1]["id"], rows)
+                self.saved, self.saved_at = events[-1]["id"], time.monotonic()
+            self.cursor = events[-1]["id"]
+            if len(events) < BATCH:
+                break
+        # Events nobody watches still move the cursor, but not with a write per event.
+        if self.cursor != self.saved and time.monotonic() - self.saved_at >= SAVE_EVERY_S:
+            await self.store.enqueue_deliveries(CURSOR, self.cursor, [])
+            self.saved, self.saved_at = self.cursor, time.monotonic()
+
+    async def rows_for(self, event: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        wf = await self.store.get_workflow(event["workflow_id"])
+        urls = [] if wf is None else targets(self.config, wf)
+        if wf is None or not urls:
+            return []
+        step, gate_links, creator_too = None, None, False
+        if event["type"] == "gate_waiting":
+            step = await self.store.get_step(event["step_id"])
+            if step is None:
+                return []
+            state = orjson.loads(wf.flow_json or "{}").get(step.state, {})
+            if (self.config.public_url and step.awaiting == "ready"
+                    and links.admits_links(state, wf.created_by, self.config)):  # fmt: skip
+                gate_links = links.make_links(self.config, self.server_secret(), step.id, now,
+                                              gate_expires_ms=step.expires_at)  # fmt: skip
+                # A link is a decision: the creator's own notify_url gets one only if the
+                # creator could decide this gate anyway (self-approval, approvers).
+                creator_too = links.creator_may_decide(state, wf.created_by, self.config)
+        out = []
+        for url, operator in urls:
+            body = build_body(event, wf, step, gate_links if operator or creator_too else None)
+            out.append({"event_id": event["id"], "workflow_id": wf.id, "url": url,
+                        "body_json": orjson.dumps(body).decode()})  # fmt: skip
+        return out
+
+    async def deliver(self) -> None:
+        """Start due deliveries, at most CONCURRENCY at a time; they finish in the background."""
+        busy = set(self.inflight)  # before the query: a send ending meanwhile still reads due
+        free = CONCURRENCY - len(busy)
+        if free <= 0:
+            return
+        for row in await self.store.due_deliveries(limit=free + len(busy)):
+            if row["id"] in busy or row["id"] in self.inflight:
+                continue
+            if free <= 0:
+                break
+            task = asyncio.create_task(self.send(row))
+            self.inflight[row["id"]] = task
+            task.add_done_callback(lambda _, i=row["id"]: self.inflight.pop(i, None))
+            free -= 1
+
+    async def send(self, row: sqlite3.Row) -> None:
+        body, ts = row["body_json"].encode(), int(time.time())
+        secret = self.config.webhook_secret.encode() or self.server_secret()
+        event = orjson.loads(body)["event"]
+        headers = {"Content-Type": "application/json", "X-Stepd-Event": event,
+                   "X-Stepd-Delivery": str(row["id"]), "X-Stepd-Timestamp": str(ts),
+                   "X-Stepd-Signature": sign(secret, ts, body)}  # fmt: skip
+        if self.client is None:
+            self.client = httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False)
+        error = None
+        try:  # streamed and never read: a receiver cannot make us buffer a large answer
+            async with self.client.stream("POST", row["url"], content=body, headers=headers) as r:
+                if not 200 <= r.status_code < 300:
+                    error = f"HTTP {r.status_code}"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        attempts = row["attempts"] + 1
+        dead = error is not None and attempts >= self.config.webhook_max_attempts
+        if error is not None:
+            log.log(logging.ERROR if dead else logging.WARNING,
+                    "webhook %d (%s) to %s failed, attempt %d%s: %s", row["id"], event,
+                    row["url"], attempts, " (giving up)" if dead else "", error)  # fmt: skip
+        next_at = now_ms() + int(retry_delay(attempts, random.random()) * 1000)
+        write = asyncio.ensure_future(
+            self.store.delivery_done(row["id"], error=error, next_at=next_at, dead=dead)
+        )
+        try:  # shielded: a stop must not forget that the receiver already has it
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await write
+            raise
+        except Exception:
+            log.exception("webhook %d: recording the attempt failed; it is sent again", row["id"])
+
+
+async def run(store: Store, config: Config) -> None:
+    """Tail the event log into the outbox and deliver it, until cancelled; never dies."""
+    await Notifier(store, config).run()

@@ -1,0 +1,315 @@
+"""Webhooks: signed POSTs from the durable outbox to a real local receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from daemon import notify
+from daemon.api import create_app
+from daemon.auth import server_secret
+from tests.helpers import auth, make_config, wait_for, waiting_gate
+
+SECRET = "whsec-test"
+GATE_FLOW = {
+    "start": {"name": "prepare", "tool": "echo", "args": {"title": "<<input.title>>"},
+              "next": "gate"},
+    "gate": {"name": "review", "tool": None, "next": "end"},
+    "end": {"tool": "echo", "args": {"ok": True}, "done": True},
+}  # fmt: skip
+
+
+class Receiver:
+    """A tiny HTTP server in a thread that records every POST and answers `statuses`
+    in turn (then 200)."""
+
+    def __init__(
+        self, port: int = 0, statuses: list[int] | None = None, delay: float = 0.0
+    ) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.statuses = list(statuses or [])
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                outer.requests.append(
+                    {"path": self.path, "headers": dict(self.headers), "body": body}
+                )
+                status = outer.statuses.pop(0) if outer.statuses else 200
+                time.sleep(delay)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def bodies(self, event: str | None = None) -> list[dict[str, Any]]:
+        out = [orjson.loads(r["body"]) for r in self.requests]
+        return [b for b in out if event is None or b["event"] == event]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (connection refused)."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as srv:
+        return int(srv.server_address[1])
+
+
+@pytest.fixture(autouse=True)
+def fast_notifier(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "BACKOFF_S", 0.005)
+    monkeypatch.setattr(notify, "IDLE_WAIT_S", 0.05)
+    monkeypatch.setattr(notify, "MIN_PASS_S", 0.0)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The real app with its lifespan (executor and notifier), and a client for it."""
+    overrides.setdefault("public_url", "http://stepd")
+    app = create_app(make_config(tmp_path, **overrides))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://stepd", headers=auth("james")
+        ) as client:
+            yield app, client
+
+
+async def until(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+    return value
+
+
+async def start_gate(client: httpx.AsyncClient, **extra: Any) -> tuple[int, dict[str, Any]]:
+    """Create a workflow whose second state is a gate; wait for the gate. (wf id, gate step)"""
+    flow = extra.pop("flow", GATE_FLOW)
+    body = {"name": "review-article", "flow": flow, "input": {"title": "New Policy"}, **extra}
+    resp = await client.post("/api/workflow", json=body)
+    assert resp.status_code == 201, resp.text
+    wf_id = resp.json()["id"]
+    wf = await wait_for(client, wf_id, lambda w: waiting_gate(w) is not None)
+    gate = waiting_gate(wf)
+    assert gate is not None
+    return wf_id, gate
+
+
+def outbox(tmp_path: Path) -> list[dict[str, Any]]:
+    db = sqlite3.connect(f"file:{tmp_path / 'stepd.db'}?mode=ro", uri=True)
+    try:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM outbox ORDER BY id")]
+    finally:
+        db.close()
+
+
+def check_signature(request: dict[str, Any], secret: bytes) -> None:
+    """The documented formula: v1= + hex HMAC-SHA256(secret, timestamp + "." + body)."""
+    ts = request["headers"]["X-Stepd-Timestamp"]
+    mac = hmac.new(secret, ts.encode() + b"." + request["body"], hashlib.sha256).hexdigest()
+    assert request["headers"]["X-Stepd-Signature"] == "v1=" + mac
+    assert abs(int(ts) - time.time()) < 60
+
+
+def test_sign_and_backoff_helpers() -> None:
+    body = b'{"event":"completed"}'
+    expected = hmac.new(b"k", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert notify.sign(b"k", 1700000000, body) == "v1=" + expected
+    assert notify.retry_delay(30, 1.0) <= notify.MAX_BACKOFF_S * 1.25
+    assert notify.retry_delay(3, 0.0) < notify.retry_delay(4, 0.0)
+
+
+async def test_gate_and_completion_are_posted_signed(tmp_path: Path, receiver: Receiver) -> None:
+    own = Receiver()
+    try:
+        async with running(tmp_path, webhook_url=receiver.url, webhook_secret=SECRET) as (
+            _,
+            client,
+        ):
+            wf_id, gate = await start_gate(client, notify_url=own.url)
+            await until(lambda: receiver.bodies("gate_waiting") and own.bodies("gate_waiting"))
+            resp = await client.post(f"/api/workflow/{gate['id']}/ready")
+            assert resp.status_code == 200
+            await until(lambda: receiver.bodies("completed") and own.bodies("completed"))
+            await until(lambda: {r["status"] for r in outbox(tmp_path)} == {"sent"})
+    finally:
+        own.close()
+
+    for r in (receiver, own):
+        assert [b["event"] for b in r.bodies()] == ["gate_waiting", "completed"]
+        for request in r.requests:
+            check_signature(request, SECRET.encode())
+            headers = request["headers"]
+            assert headers["Content-Type"] == "application/json"
+            assert headers["X-Stepd-Event"] == orjson.loads(request["body"])["event"]
+            assert headers["X-Stepd-Delivery"].isdigit()
+        waiting, completed = r.bodies()
+        assert waiting["workflow"] == {
+            "id": wf_id, "name": "review-article", "status": "running", "created_by": "james",
+            "error": None, "input": {"title": "New Policy"},
+        }  # fmt: skip
+        assert waiting["step"] == {"id": gate["id"], "name": "review", "state": "gate"}
+        links = waiting["links"]
+        assert links["approve"].startswith("http://stepd/link/")
+        assert links["reject"].startswith("http://stepd/link/")
+        assert links["approve"] != links["reject"]
+        assert 0 < links["expires_at"] - time.time() * 1000 <= 86_400_000
+        assert completed["workflow"]["status"] == "completed"
+        assert "step" not in completed and "links" not in completed
+        assert completed["event_id"] > waiting["event_id"]
+    rows = outbox(tmp_path)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"sent"}
+
+
+async def test_creator_url_gets_no_links_when_creator_may_not_decide(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A workflow's own notify_url is chosen by its creator: a link sent there would let
+    the creator decide a gate that forbids self-approval."""
+    own = Receiver()
+    flow = {**GATE_FLOW, "gate": {**GATE_FLOW["gate"], "allow_self_approval": False}}
+    try:
+        async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+            await start_gate(client, notify_url=own.url, flow=flow)
+            await until(lambda: receiver.bodies("gate_waiting") and own.bodies("gate_waiting"))
+    finally:
+        own.close()
+    assert "links" in receiver.bodies("gate_waiting")[0]
+    assert "links" not in own.bodies("gate_waiting")[0]
+    # Without [webhooks] secret the server secret signs.
+    check_signature(receiver.requests[0], server_secret(tmp_path))
+
+
+async def test_links_expire_with_the_gate(tmp_path: Path, receiver: Receiver) -> None:
+    flow = {**GATE_FLOW, "gate": {**GATE_FLOW["gate"], "timeout": 60}}
+    async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+        _, gate = await start_gate(client, flow=flow)
+        await until(lambda: receiver.bodies("gate_waiting"))
+    links = receiver.bodies("gate_waiting")[0]["links"]
+    assert links["expires_at"] <= gate["expires_at"]
+    assert links["expires_at"] - time.time() * 1000 <= 61_000
+
+
+async def test_no_public_url_means_no_links(tmp_path: Path, receiver: Receiver) -> None:
+    async with running(tmp_path, webhook_url=receiver.url, public_url="") as (_, client):
+        await start_gate(client)
+        await until(lambda: receiver.bodies("gate_waiting"))
+    assert "links" not in receiver.bodies("gate_waiting")[0]
+
+
+async def test_retried_after_failures(tmp_path: Path) -> None:
+    receiver = Receiver(statuses=[500, 503])
+    try:
+        async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+            await start_gate(client)
+            await until(lambda: len(receiver.requests) >= 3)
+            await until(lambda: outbox(tmp_path)[0]["status"] == "sent")
+    finally:
+        receiver.close()
+    assert len(receiver.requests) == 3
+    assert len({r["headers"]["X-Stepd-Delivery"] for r in receiver.requests}) == 1
+    assert len({r["body"] for r in receiver.requests}) == 1
+    (row,) = outbox(tmp_path)
+    assert row["attempts"] == 3 and row["last_error"] is None
+
+
+async def test_dead_after_max_attempts(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/hook"
+    async with running(tmp_path, webhook_url=url, webhook_max_attempts=3) as (_, client):
+        await start_gate(client)
+        await until(lambda: [r for r in outbox(tmp_path) if r["status"] == "dead"])
+        await asyncio.sleep(0.1)
+    (row,) = outbox(tmp_path)
+    assert row["status"] == "dead" and row["attempts"] == 3
+    assert "Connect" in row["last_error"]
+
+
+async def test_outbox_survives_a_restart(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_delivery(self: notify.Notifier) -> None:
+        pass
+
+    # First run: the notification is enqueued, then the daemon stops before delivering.
+    with monkeypatch.context() as m:
+        m.setattr(notify.Notifier, "deliver", no_delivery)
+        async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+            _, gate = await start_gate(client)
+            await until(lambda: outbox(tmp_path))
+    assert receiver.requests == []
+    assert [r["status"] for r in outbox(tmp_path)] == ["pending"]
+
+    async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+        await until(lambda: receiver.requests)
+        await until(lambda: outbox(tmp_path)[0]["status"] == "sent")
+        await asyncio.sleep(0.2)  # time for a duplicate, were there one
+    assert len(receiver.requests) == 1
+    assert receiver.bodies()[0]["step"]["id"] == gate["id"]
+    assert len(outbox(tmp_path)) == 1
+
+
+async def test_a_stop_lets_a_delivery_under_way_finish(tmp_path: Path) -> None:
+    receiver = Receiver(delay=0.3)
+    try:
+        async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+            await start_gate(client)
+            await until(lambda: receiver.requests)  # the POST is under way: stop now
+        assert [r["status"] for r in outbox(tmp_path)] == ["sent"]
+    finally:
+        receiver.close()
+
+
+async def test_unwatched_events_only_move_the_cursor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notify, "SAVE_EVERY_S", 0.0)
+    async with running(tmp_path) as (app, client):
+        wf_id, gate = await start_gate(client)
+        await client.post(f"/api/workflow/{gate['id']}/ready")
+        await wait_for(client, wf_id)
+        store = app.state.store
+        last = (await store.events(wf_id))[-1]["id"]
+        deadline = time.monotonic() + 5
+        while await store.cursor("webhooks") < last:
+            assert time.monotonic() < deadline, "cursor did not advance"
+            await asyncio.sleep(0.01)
+    assert outbox(tmp_path) == []
