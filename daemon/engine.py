@@ -209,16 +209,16 @@ class Engine:
     def check_decider(self, info: WorkflowInfo, step: Step, token: TokenConfig) -> None:
         """The gate's rules: who may decide (approvers), and whether its creator may."""
         state = info.flow[step.state]
-        if state.approvers is not None:
-            if token.name not in state.approvers and not set(token.permissions) & set(
-                state.approvers
-            ):
-                raise Forbidden(f"'{token.name}' is not among the approvers of this gate")
-        self_ok = state.allow_self_approval
-        if self_ok is None:
-            self_ok = self.executor.config.allow_self_approval
-        if not self_ok and token.name == info.created_by:
-            raise Forbidden(f"'{token.name}' created this workflow and may not decide its gates")
+        refusal = flows.decision_refusal(
+            state.approvers,
+            state.allow_self_approval,
+            who=token.name,
+            permissions=token.permissions,
+            creator=info.created_by,
+            self_default=self.executor.config.allow_self_approval,
+        )
+        if refusal is not None:
+            raise Forbidden(refusal)
 
     async def approvals(self) -> list[dict[str, Any]]:
         """What waits for a person now, oldest first: gates, and interrupted steps."""

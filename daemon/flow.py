@@ -7,7 +7,7 @@ Nothing here does I/O: the executor and the API read, call `after_success` /
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -371,3 +371,25 @@ def limit_steps(move: Move, step_count: int, step_limit: int) -> Move:
     if isinstance(move, Advance) and step_count >= step_limit:
         return Fail(f"step limit of {step_limit} reached; not starting state '{move.target}'")
     return move
+
+
+def decision_refusal(
+    approvers: Sequence[str] | None,
+    allow_self_approval: bool | None,
+    *,
+    who: str,
+    permissions: Iterable[str],
+    creator: str | None,
+    self_default: bool,
+) -> str | None:
+    """Why `who` may not decide a gate with these rules, or None if they may.
+
+    `approvers` lists token names or permissions; `allow_self_approval` None means
+    `self_default` (the config's).
+    """
+    if approvers is not None and who not in approvers and not set(permissions) & set(approvers):
+        return f"'{who}' is not among the approvers of this gate"
+    self_ok = self_default if allow_self_approval is None else allow_self_approval
+    if not self_ok and who == creator:
+        return f"'{who}' created this workflow and may not decide its gates"
+    return None

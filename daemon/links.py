@@ -16,6 +16,7 @@ import logging
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -29,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from daemon import flow as flows
 from daemon.api import parse_json
 from daemon.auth import server_secret
 from daemon.config import Config, TokenConfig
@@ -131,29 +133,27 @@ def make_links(
 # -- gate rules ------------------------------------------------------------------------
 
 
-def _self_ok(state: dict[str, Any], config: Config) -> bool:
-    own = state.get("allow_self_approval")
-    return config.allow_self_approval if own is None else bool(own)
+def _may_decide(
+    state: dict[str, Any], who: str, perms: Iterable[str], created_by: str | None, config: Config
+) -> bool:
+    return flows.decision_refusal(
+        state.get("approvers"), state.get("allow_self_approval"), who=who, permissions=perms,
+        creator=created_by, self_default=config.allow_self_approval,
+    ) is None  # fmt: skip
 
 
 def admits_links(state: dict[str, Any], created_by: str | None, config: Config) -> bool:
-    """Whether a gate (its raw flow state) lets LINK_TOKEN decide: Engine.check_decider's rules."""
-    approvers = state.get("approvers")
-    if approvers is not None and not {LINK_TOKEN.name, *LINK_TOKEN.permissions} & set(approvers):
-        return False
-    return _self_ok(state, config) or created_by != LINK_TOKEN.name
+    """Whether a gate (its raw flow state) lets LINK_TOKEN decide: the engine's rules."""
+    return _may_decide(state, LINK_TOKEN.name, LINK_TOKEN.permissions, created_by, config)
 
 
 def creator_may_decide(state: dict[str, Any], created_by: str | None, config: Config) -> bool:
     """Whether the workflow's creator may decide this gate itself. Only then may links go to
     the workflow's own notify_url: the creator chose it, so a link sent there is theirs."""
-    if not _self_ok(state, config):
-        return False
-    approvers = state.get("approvers")
-    if approvers is None or created_by in approvers:
-        return True
+    if created_by is None:
+        return _may_decide(state, "", (), created_by, config)
     perms = next((t.permissions for t in config.tokens if t.name == created_by), ())
-    return bool(set(perms) & set(approvers))
+    return _may_decide(state, created_by, perms, created_by, config)
 
 
 # -- pages -----------------------------------------------------------------------------
