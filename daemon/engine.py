@@ -120,6 +120,7 @@ class Engine:
         token: TokenConfig,
         idempotency_key: str | None = None,
         comment: str | None = None,
+        link_nonce: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Release a waiting gate; `result` (any JSON value, or None) becomes its result and
         `comment` is kept as the step's reason.
@@ -127,13 +128,26 @@ class Engine:
         Returns the answer (status, body): the first one again for a repeated
         Idempotency-Key.
         """
-        return await self._decide_gate(step_id, "approve", result, comment, token, idempotency_key)
+        return await self._decide_gate(
+            step_id, "approve", result, comment, token, idempotency_key, link_nonce
+        )
 
     async def reject(
-        self, step_id: int, reason: str, *, token: TokenConfig, idempotency_key: str | None = None
+        self,
+        step_id: int,
+        reason: str,
+        *,
+        token: TokenConfig,
+        idempotency_key: str | None = None,
+        link_nonce: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """Reject a waiting gate: it fails with `reason`; the flow goes to on_error or fails."""
-        return await self._decide_gate(step_id, "reject", None, reason, token, idempotency_key)
+        """Reject a waiting gate: it fails with `reason`; the flow goes to on_error or fails.
+
+        With `link_nonce`, a one-click link is spent in the same transaction.
+        """
+        return await self._decide_gate(
+            step_id, "reject", None, reason, token, idempotency_key, link_nonce
+        )
 
     async def _decide_gate(
         self,
@@ -143,6 +157,7 @@ class Engine:
         reason: str | None,
         token: TokenConfig,
         key: str | None,
+        link_nonce: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         answer = {"queued": True} if decision == "approve" else {"rejected": True}
         replay = None
@@ -200,6 +215,7 @@ class Engine:
             decided_by=token.name,
             reason=reason,
             replay=replay,
+            link_nonce=link_nonce,
         )
         if decided is None:
             raise Conflict(f"step {step_id} is no longer waiting")

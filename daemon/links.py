@@ -36,6 +36,7 @@ from daemon.auth import server_secret
 from daemon.config import Config, TokenConfig
 from daemon.errors import StepdError
 from daemon.models import Step, Workflow
+from daemon.store import LinkSpent
 
 log = logging.getLogger("stepd.links")
 LINK_TOKEN = TokenConfig(name="link", sha256="0" * 64, permissions=("approve",))
@@ -260,14 +261,18 @@ async def _decide(request: Request) -> Response:
     if link.decision == "reject" and not 0 < len(reason) <= MAX_REASON:
         return await _confirm(request, f"A rejection needs a reason (1 to {MAX_REASON}).", 400)
     store, engine = request.app.state.store, request.app.state.engine
-    if not await store.use_link(link.nonce, step.id):
+    if await store.link_used(link.nonce):
         raise LinkError(409, "Link already used", "This link was already used; nothing changed.")
     if step.awaiting != "ready":
         raise _decided(step)
-    if link.decision == "approve":
-        await engine.approve(step.id, result, token=LINK_TOKEN)
-    else:
-        await engine.reject(step.id, reason, token=LINK_TOKEN)
+    try:  # the link is spent in the decision's own transaction: both happen, or neither
+        if link.decision == "approve":
+            await engine.approve(step.id, result, token=LINK_TOKEN, link_nonce=link.nonce)
+        else:
+            await engine.reject(step.id, reason, token=LINK_TOKEN, link_nonce=link.nonce)
+    except LinkSpent:
+        used = "This link was already used; nothing changed."
+        raise LinkError(409, "Link already used", used) from None
     done = "approved" if link.decision == "approve" else "rejected"
     text = f"Gate '{step.name}' of workflow '{wf.name}' ({wf.id}) was {done}."
     return page("message.html", title=done.capitalize(), text=text)

@@ -113,6 +113,10 @@ class Replay:
                 "body_json": self.body_json}  # fmt: skip
 
 
+class LinkSpent(Exception):
+    """A one-click link's nonce was used before."""
+
+
 class Cancelled(Enum):
     OK = "ok"
     NOT_FOUND = "not_found"
@@ -472,16 +476,22 @@ class Store:
         decided_by: str | None,
         reason: str | None = None,
         replay: Replay | None = None,
+        link_nonce: str | None = None,
         now: int | None = None,
     ) -> int | None:
         """Settle a step waiting for a person (`awaiting` "ready" or "decision") and move on.
 
         One transaction. Returns the next step's id (0 if none), or None if it no
         longer waits (already decided, cancelled, expired). With `replay`, the answer
-        is remembered under its Idempotency-Key in the same transaction.
+        is remembered under its Idempotency-Key in the same transaction; with
+        `link_nonce`, the one-click link is spent in it (LinkSpent if it was before).
         """
         now = now_ms() if now is None else now
         async with self._write() as db:
+            if link_nonce is not None:
+                params = {"nonce": link_nonce, "step_id": fin.step_id, "now": now}
+                if (await db.execute(Q["use_link"], params)).rowcount != 1:
+                    raise LinkSpent(f"link {link_nonce} was used before")
             cur = await db.execute(
                 Q["decide"],
                 {"id": fin.step_id, "attempt": fin.attempt, "awaiting": awaiting,
@@ -644,12 +654,9 @@ class Store:
                     {"id": delivery_id, "error": error, "next_at": next_at, "dead": dead},
                 )
 
-    async def use_link(self, nonce: str, step_id: int, *, now: int | None = None) -> bool:
-        """Spend a one-click link's nonce; False if it was spent before."""
-        now = now_ms() if now is None else now
-        async with self._write() as db:
-            cur = await db.execute(Q["use_link"], {"nonce": nonce, "step_id": step_id, "now": now})
-            return cur.rowcount == 1
+    async def link_used(self, nonce: str) -> bool:
+        """Whether a one-click link was spent (Store.decide spends it)."""
+        return await self._one(Q["link_used"], {"nonce": nonce}) is not None
 
     async def ping(self) -> bool:
         """A cheap read, for health checks."""

@@ -233,3 +233,7 @@ WHERE id = :id AND status = 'pending';
 -- use_link --
 -- Spend a one-click link's nonce; nothing is inserted if it was spent before.
 INSERT OR IGNORE INTO used_links (nonce, step_id, used_at) VALUES (:nonce, :step_id, :now);
+
+-- link_used --
+-- Whether a one-click link's nonce was spent.
+SELECT 1 FROM used_links WHERE nonce = :nonce;
