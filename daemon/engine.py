@@ -11,7 +11,14 @@ import orjson
 from daemon import flow as flows
 from daemon.config import TokenConfig
 from daemon.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
-from daemon.executor import Executor, WorkflowInfo, build_scope, finish_for, new_step
+from daemon.executor import (
+    Executor,
+    WorkflowInfo,
+    build_scope,
+    failed_for_good,
+    finish_for,
+    new_step,
+)
 from daemon.models import Step, StepStatus
 from daemon.store import Cancelled, Created, Replay, Store
 from daemon.tools import Registry
@@ -196,18 +203,7 @@ class Engine:
             )
         else:
             error = f"rejected by {token.name}: {reason}"  # reason is required to reject
-            move = flows.after_failure(
-                info.flow, step.state, error, attempt=step.attempt, retryable=False, rand=0.0
-            )
-            fin = finish_for(
-                info,
-                step,
-                move,
-                StepStatus.FAILED,
-                self.executor.config.step_limit,
-                error=error,
-                error_type="Rejected",
-            )
+            fin = failed_for_good(info, step, error, "Rejected", self.executor.config.step_limit)
         decided = await self.store.decide(
             fin,
             awaiting="ready",
@@ -281,18 +277,7 @@ class Engine:
         step = await self._awaiting_decision(step_id)
         info = await self.executor.workflow_info(step.workflow_id)
         error = f"failed by {by}: {reason}" if reason else f"failed by {by} after an interruption"
-        move = flows.after_failure(
-            info.flow, step.state, error, attempt=step.attempt, retryable=False, rand=0.0
-        )
-        fin = finish_for(
-            info,
-            step,
-            move,
-            StepStatus.FAILED,
-            self.executor.config.step_limit,
-            error=error,
-            error_type="Interrupted",
-        )
+        fin = failed_for_good(info, step, error, "Interrupted", self.executor.config.step_limit)
         decided = await self.store.decide(fin, awaiting="decision", decision="fail", decided_by=by)
         if decided is None:
             raise Conflict(f"step {step_id} is no longer waiting")

@@ -192,10 +192,7 @@ class Executor:
                 log.warning("requeued: %s", reason, extra=_fields(step))
             return
         error = f"{reason}; out of attempts after attempt {step.attempt}"
-        move = flows.after_failure(info.flow, step.state, error, attempt=step.attempt,
-                                   retryable=False, rand=0.0)  # fmt: skip
-        fin = self._finish(info, step, move, StepStatus.FAILED, error=error,
-                           error_type="Interrupted")  # fmt: skip
+        fin = failed_for_good(info, step, error, "Interrupted", self.config.step_limit)
         if await self.store.finish_step(fin) is not None:
             log.warning("failed: %s", error, extra=_fields(step))
 
@@ -204,10 +201,7 @@ class Executor:
         info = await self.workflow_info(gate.workflow_id)
         timeout = info.flow[gate.state].timeout or 0
         error = f"gate expired after {timeout:g}s without a decision"
-        move = flows.after_failure(info.flow, gate.state, error, attempt=gate.attempt,
-                                   retryable=False, rand=0.0)  # fmt: skip
-        fin = self._finish(info, gate, move, StepStatus.FAILED, error=error,
-                           error_type="GateExpired")  # fmt: skip
+        fin = failed_for_good(info, gate, error, "GateExpired", self.config.step_limit)
         if await self.store.finish_step(fin) is not None:
             log.info("gate expired", extra=_fields(gate))
 
@@ -470,6 +464,18 @@ def finish_for(
         return replace(base, workflow_status=WorkflowStatus.COMPLETED)
     assert isinstance(move, flows.Fail)
     return replace(base, workflow_status=WorkflowStatus.FAILED, workflow_error=move.error)
+
+
+def failed_for_good(
+    info: WorkflowInfo, step: Step, error: str, error_type: str, step_limit: int
+) -> Finish:
+    """A step that failed in a way no retry helps (rejected, expired, out of attempts):
+    the flow goes on at on_error, or the workflow fails."""
+    move = flows.after_failure(
+        info.flow, step.state, error, attempt=step.attempt, retryable=False, rand=0.0
+    )
+    return finish_for(info, step, move, StepStatus.FAILED, step_limit, error=error,
+                      error_type=error_type)  # fmt: skip
 
 
 def new_step(state: flows.State, seq: int) -> NewStep:

@@ -525,39 +525,39 @@ class Store:
         self, step: Step, *, decided_by: str | None, now: int | None = None
     ) -> bool:
         """Queue an interrupted step again because a person said so."""
-        now = now_ms() if now is None else now
-        async with self._write() as db:
-            cur = await db.execute(
-                Q["retry_decided"],
-                {"id": step.id, "attempt": step.attempt, "decided_by": decided_by, "now": now},
-            )
-            if cur.rowcount:
-                await self._event(db, step.workflow_id, step.id, "step_decided", now,
-                                  {"decision": "retry", "by": decided_by})  # fmt: skip
-            return bool(cur.rowcount)
+        params = {"decided_by": decided_by}
+        data = {"decision": "retry", "by": decided_by}
+        return await self._step_change("retry_decided", step, params, "step_decided", data, now)
 
     async def requeue(self, step: Step, reason: str, *, now: int | None = None) -> bool:
         """Put a running attempt back in the queue (interrupted); the next claim is attempt + 1."""
-        now = now_ms() if now is None else now
-        async with self._write() as db:
-            cur = await db.execute(
-                Q["requeue_step"], {"id": step.id, "attempt": step.attempt, "now": now}
-            )
-            if cur.rowcount:
-                await self._event(db, step.workflow_id, step.id, "step_requeued", now,
-                                  {"attempt": step.attempt, "reason": reason})  # fmt: skip
-            return bool(cur.rowcount)
+        data = {"attempt": step.attempt, "reason": reason}
+        return await self._step_change("requeue_step", step, {}, "step_requeued", data, now)
 
     async def await_decision(self, step: Step, reason: str, *, now: int | None = None) -> bool:
         """An interrupted non-idempotent step waits for a person to retry or fail it."""
+        data = {"attempt": step.attempt, "reason": reason}
+        return await self._step_change(
+            "await_decision", step, {"error": reason}, "decision_waiting", data, now
+        )
+
+    async def _step_change(
+        self,
+        query: str,
+        step: Step,
+        params: dict[str, Any],
+        kind: str,
+        data: dict[str, Any],
+        now: int | None,
+    ) -> bool:
+        """A compare-and-set on one attempt of a step, with its event, in one transaction."""
         now = now_ms() if now is None else now
         async with self._write() as db:
             cur = await db.execute(
-                Q["await_decision"], {"id": step.id, "attempt": step.attempt, "error": reason}
+                Q[query], {"id": step.id, "attempt": step.attempt, "now": now, **params}
             )
             if cur.rowcount:
-                await self._event(db, step.workflow_id, step.id, "decision_waiting", now,
-                                  {"attempt": step.attempt, "reason": reason})  # fmt: skip
+                await self._event(db, step.workflow_id, step.id, kind, now, data)
             return bool(cur.rowcount)
 
     async def interrupted(self, *, limit: int, now: int | None = None) -> list[Step]:
