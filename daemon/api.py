@@ -116,7 +116,7 @@ async def read_json(request: Request, *, optional: bool = False) -> Any:
     """The request body as JSON, size-checked while reading; None for an empty optional body."""
     limit: int = request.app.state.config.max_body_bytes
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
     body = bytearray()
     async for chunk in request.stream():

@@ -76,15 +76,25 @@ def first_start_token(state_dir: Path) -> tuple[TokenConfig, str | None]:
     return TokenConfig(GENERATED_TOKEN_NAME, hash_token(token), ("workflow",)), token
 
 
-SECRET_FILE = "stepd-secret"
+SECRET_FILE = "stepd-secret"  # signs sessions and one-click links: never leaves the daemon
+WEBHOOK_SECRET_FILE = "stepd-webhook-secret"  # signs webhooks: shared with their receivers
 
 
 def server_secret(state_dir: Path) -> bytes:
-    """This daemon's signing key (sessions, links, webhooks): made once, kept 0600."""
-    path = state_dir / SECRET_FILE
+    """This daemon's own signing key (sessions, links): made once, kept 0600."""
+    return secret_file(state_dir / SECRET_FILE)
+
+
+def webhook_secret(state_dir: Path) -> bytes:
+    """The generated webhook key: a separate secret, so receivers can forge nothing else."""
+    return secret_file(state_dir / WEBHOOK_SECRET_FILE)
+
+
+def secret_file(path: Path) -> bytes:
+    """32 random bytes kept (hex) in `path`, made 0600 at first use."""
     if path.exists():
         return bytes.fromhex(path.read_text().strip())
-    state_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_bytes(32)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

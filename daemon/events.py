@@ -62,7 +62,7 @@ async def follow(
 def last_event_id(request: Request) -> int:
     """Where a stream resumes: the Last-Event-ID header, or ?after=, else the start."""
     raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise BadRequest("Last-Event-ID (or ?after=) must be an event id")
     return int(raw)
 

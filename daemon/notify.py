@@ -22,7 +22,7 @@ import httpx
 import orjson
 
 from daemon import links
-from daemon.auth import server_secret
+from daemon.auth import server_secret, webhook_secret
 from daemon.config import Config
 from daemon.models import Step, Workflow
 from daemon.store import Store, now_ms
@@ -87,8 +87,12 @@ class Notifier:
         self._secret: bytes | None = None
 
     def server_secret(self) -> bytes:
+        """The daemon's own key, for the one-click links."""
+        return server_secret(self.config.state_dir)
+
+    def webhook_secret(self) -> bytes:
         if self._secret is None:
-            self._secret = server_secret(self.config.state_dir)
+            self._secret = webhook_secret(self.config.state_dir)
         return self._secret
 
     async def run(self) -> None:
@@ -183,7 +187,7 @@ class Notifier:
 
     async def send(self, row: sqlite3.Row) -> None:
         body, ts = row["body_json"].encode(), int(time.time())
-        secret = self.config.webhook_secret.encode() or self.server_secret()
+        secret = self.config.webhook_secret.encode() or self.webhook_secret()
         event = orjson.loads(body)["event"]
         headers = {"Content-Type": "application/json", "X-Stepd-Event": event,
                    "X-Stepd-Delivery": str(row["id"]), "X-Stepd-Timestamp": str(ts),

@@ -264,3 +264,11 @@ async def test_removing_a_token_removes_its_right_to_decide(tmp_path: Path):
             _, gate = await gate_of(c, gate_flow())
             resp = await c.post(f"/api/workflow/{gate}/ready", headers=auth("approver"))
             assert resp.status_code == 401
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "-1", "1e3"])
+async def test_event_ids_must_be_ascii_digits(client, value):
+    body = {"name": "e", "flow": {"start": {"tool": "echo", "args": {}, "done": True}}}
+    wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
+    resp = await client.get(f"/api/workflow/{wf_id}/events", params={"after": value})
+    assert resp.status_code == 400 and "event id" in resp.json()["error"]

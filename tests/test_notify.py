@@ -20,7 +20,7 @@ import pytest
 
 from daemon import notify
 from daemon.api import create_app
-from daemon.auth import server_secret
+from daemon.auth import server_secret, webhook_secret
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
 SECRET = "whsec-test"
@@ -215,8 +215,11 @@ async def test_creator_url_gets_no_links_when_creator_may_not_decide(
         own.close()
     assert "links" in receiver.bodies("gate_waiting")[0]
     assert "links" not in own.bodies("gate_waiting")[0]
-    # Without [webhooks] secret the server secret signs.
-    check_signature(receiver.requests[0], server_secret(tmp_path))
+    # Without [webhooks] secret a generated key of its own signs: not the daemon's secret,
+    # which signs sessions and links (a receiver holding it could forge links).
+    check_signature(receiver.requests[0], webhook_secret(tmp_path))
+    with pytest.raises(AssertionError):
+        check_signature(receiver.requests[0], server_secret(tmp_path))
 
 
 async def test_links_expire_with_the_gate(tmp_path: Path, receiver: Receiver) -> None:

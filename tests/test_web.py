@@ -460,3 +460,12 @@ def test_durations_and_pretty_json():
     assert pages.pretty("not json") == "not json"
     assert pages.pretty(None) == ""
     assert pages.pretty('"' + "x" * 30_000 + '"').endswith("more characters")
+
+
+@pytest.mark.parametrize("value", ["²", "x", "99999999999999999999"])
+async def test_a_bad_paging_cursor_is_ignored_not_a_500(web, value):
+    await sign_in(web)
+    resp = await web.get("/ui/workflows", params={"before": value})
+    assert resp.status_code == 200
+    resp = await web.get("/ui/workflows/1/events", params={"after": value})
+    assert resp.status_code in (400, 404)

@@ -258,7 +258,8 @@ async def workflows_page(request: Request, session: Session) -> Response:
     if status not in set(WorkflowStatus):
         status = None
     before_raw = request.query_params.get("before", "")
-    before = int(before_raw) if before_raw.isdigit() and len(before_raw) < 19 else None
+    ok = before_raw.isascii() and before_raw.isdigit() and len(before_raw) < 19
+    before = int(before_raw) if ok else None
     engine = engine_of(request)
     items = await engine.list(limit=PAGE_SIZE, status=status, before=before)
     approvals = await engine.approvals()
