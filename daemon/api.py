@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import events, openapi, retention
+from daemon import events, metrics, openapi, retention
 from daemon.auth import Authenticator
 from daemon.config import Config, TokenConfig
 from daemon.engine import Engine
@@ -417,6 +417,7 @@ def create_app(
     store = Store(
         config.db_path, synchronous=config.synchronous, busy_timeout_ms=config.busy_timeout_ms
     )
+    store.commit_hooks.append(metrics.committed)
     executor = Executor(store, registry, config)
     engine = Engine(store, registry, executor, max_states=config.max_states)
 

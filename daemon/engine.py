@@ -101,19 +101,31 @@ class Engine:
         if idempotency_key is not None:
             canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
             request_hash = hashlib.sha256(canonical).hexdigest()
-        created = await self.store.create_workflow(
-            name=sub.name,
-            flow_json=orjson.dumps(sub.raw_flow).decode(),
-            input_json=orjson.dumps(sub.input).decode(),
-            created_by=created_by,
-            first=new_step(start, seq=1),
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-            notify_url=sub.notify_url,
-        )
+        # A free run slot: the first step is written as running and starts when the write
+        # commits, without waiting for a claim.
+        lease_ms = self.executor.reserve() if start.tool is not None else None
+        created: Created | None = None
+        try:
+            created = await self.store.create_workflow(
+                name=sub.name,
+                flow_json=orjson.dumps(sub.raw_flow).decode(),
+                input_json=orjson.dumps(sub.input).decode(),
+                created_by=created_by,
+                first=new_step(start, seq=1),
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+                notify_url=sub.notify_url,
+                start_lease_ms=lease_ms,
+            )
+        finally:
+            if lease_ms is not None:  # also when the write failed: then nothing runs
+                if created is not None and created.started is not None:
+                    info = WorkflowInfo(created.id, sub.name, created_by, sub.flow, sub.input)
+                    self.executor.remember(info)
+                self.executor.release(created.started if created is not None else None)
         if created.conflict:
             raise Conflict("Idempotency-Key was already used for a different request")
-        if not created.replayed:
+        if not created.replayed and lease_ms is None:
             self.executor.wake()
         return created
 

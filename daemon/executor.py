@@ -3,6 +3,13 @@
 One asyncio loop claims due steps in batches every `poll_interval`, and at once
 when woken by the API or by a finished step. Each claimed step runs in its own
 task, up to `concurrency` at a time; sync tools run in a thread pool.
+
+Steps that are due the moment they are written skip the queue when there is a
+free slot: a new workflow's first step and a finished step's successor are
+written as running under this process's lease ("handed off") in the same
+transaction, and start as soon as it commits. The claim query is for everything
+else: backlog beyond the concurrency, retries, recovered steps, rows written by
+other processes.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import asyncio
 import logging
 import random
 import sqlite3
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -19,13 +27,16 @@ from typing import Any
 import orjson
 
 from daemon import flow as flows
-from daemon import templating
+from daemon import metrics, templating
 from daemon.config import Config
 from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
 from daemon.store import Store, now_ms
 from daemon.tools import Registry, ToolContext, ToolError
 
 log = logging.getLogger("stepd.executor")
+# Backoff jitter from a generator of our own: the process-wide one belongs to the host
+# program (tests seed it, and tools may rely on its sequence).
+_jitter = random.Random()
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Executor:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: dict[int, tuple[asyncio.Task[None], Step]] = {}
+        self._reserved = 0  # slots promised to hand-offs whose write has not committed yet
         self._infos: OrderedDict[int, WorkflowInfo] = OrderedDict()
         self._threads = ThreadPoolExecutor(config.concurrency, thread_name_prefix="stepd-tool")
         self._loop_task: asyncio.Task[None] | None = None
@@ -94,6 +106,31 @@ class Executor:
     @property
     def running(self) -> int:
         return len(self._tasks)
+
+    # -- hand-off: steps written as running, started without a claim ---------------------
+
+    def reserve(self) -> int | None:
+        """A run slot for a step about to be written as running: its lease (ms), or None
+        when there is no free slot (or the executor is stopping) and it must be queued."""
+        if self._stopping.is_set() or not self.alive:
+            return None
+        if len(self._tasks) + self._reserved >= self.config.concurrency:
+            return None
+        self._reserved += 1
+        return self._lease_ms
+
+    def release(self, started: Step | None) -> None:
+        """Settle a reservation: run the step if it was written as running."""
+        self._reserved -= 1
+        if started is not None:
+            self._start(started, lag_s=0.0)
+        else:
+            self._wake.set()  # queued instead (or nothing was written): claim it
+
+    def _start(self, step: Step, *, lag_s: float) -> None:
+        metrics.claimed(lag_s)
+        task = asyncio.create_task(self._run(step), name=f"step-{step.id}")
+        self._tasks[step.id] = (task, step)
 
     async def run(self) -> None:
         """Tick until stopped: on wake, on the poll interval, or when a retry is due."""
@@ -139,9 +176,11 @@ class Executor:
         for step in await self.store.interrupted(limit=self.config.claim_batch, now=now_):
             if step.id not in self._tasks:
                 await self.recover_step(step, "its lease expired while it ran")
-        free = self.config.concurrency - len(self._tasks)
+        free = self.config.concurrency - len(self._tasks) - self._reserved
         if free <= 0:
             return None
+        if not await self.store.has_due(now=now_):
+            return await self.store.next_due()  # a read: no write transaction for nothing
         claimed = await self.store.claim_steps(
             min(free, self.config.claim_batch), lease_ms=self._lease_ms, now=now
         )
@@ -149,8 +188,7 @@ class Executor:
             if step.tool is None:
                 log.info("gate waiting", extra=_fields(step))
                 continue
-            task = asyncio.create_task(self._run(step), name=f"step-{step.id}")
-            self._tasks[step.id] = (task, step)
+            self._start(step, lag_s=max(0, (step.started_at or now_) - step.run_at) / 1000)
         if len(claimed) == min(free, self.config.claim_batch):
             self._wake.set()  # there may be more
             return None
@@ -210,6 +248,10 @@ class Executor:
         self._stopping.set()
         if self._loop_task is not None:
             await self._loop_task
+        for _ in range(500):  # hand-offs in flight: their writes commit within milliseconds
+            if not self._reserved:
+                break
+            await asyncio.sleep(0.01)
         pending = [t for t, _ in self._tasks.values()]
         if pending:
             log.info(
@@ -240,6 +282,10 @@ class Executor:
     # -- running one step ------------------------------------------------------------
 
     async def _run(self, step: Step) -> None:
+        tool = step.tool or ""
+        metrics.step_started(tool)
+        began = time.perf_counter()
+        handed_off = False
         try:
             try:
                 fin = await self._attempt(step)
@@ -250,20 +296,30 @@ class Executor:
             except Exception as exc:  # a bug: fail the workflow rather than leave it hanging
                 log.exception("step crashed", extra=_fields(step))
                 fin = _crashed(step, f"internal error: {type(exc).__name__}: {exc}")
+            metrics.step_finished(tool, _outcome(fin), time.perf_counter() - began)
+            nxt = fin.next_step
+            if nxt is not None and nxt.tool is not None and not self._stopping.is_set():
+                # This task's slot passes to the next step: written as running, started now.
+                fin = replace(fin, start_next_lease_ms=self._lease_ms)
             # Shielded: a cancellation arriving now must not lose the outcome.
-            written = await asyncio.shield(self._record(step, fin))
+            written, started = await asyncio.shield(self._record(step, fin))
             if written is None:
                 log.info("late result discarded", extra=_fields(step))
+            elif started is not None:
+                self._tasks.pop(step.id, None)
+                self._start(started, lag_s=0.0)
+                handed_off = True
         finally:
             self._tasks.pop(step.id, None)
-            self._wake.set()  # a slot is free, and maybe a next step is due
+            if not handed_off:
+                self._wake.set()  # a slot is free, and maybe a next step is due
 
-    async def _record(self, step: Step, fin: Finish) -> int | None:
+    async def _record(self, step: Step, fin: Finish) -> tuple[int | None, Step | None]:
         """Write an outcome; while the database is busy or locked, keep trying with backoff."""
         delay = 0.05
         while True:
             try:
-                return await self.store.finish_step(fin)
+                return await self.store.finish_and_start(fin)
             except sqlite3.OperationalError as exc:  # locked / busy past busy_timeout, disk full
                 log.warning("recording the outcome failed (%s); retrying in %.2fs", exc, delay,
                             extra=_fields(step))  # fmt: skip
@@ -374,7 +430,7 @@ class Executor:
             str(exc),
             attempt=step.attempt,
             retryable=exc.retryable,
-            rand=random.random(),
+            rand=_jitter.random(),
         )
         if isinstance(move, flows.RetryLater):
             return Finish(
@@ -397,6 +453,12 @@ class Executor:
 
     # -- workflow data -----------------------------------------------------------------
 
+    def remember(self, info: WorkflowInfo) -> None:
+        """Cache a new workflow's parsed flow and input (the API parsed them already)."""
+        self._infos[info.id] = info
+        if len(self._infos) > 2048:
+            self._infos.popitem(last=False)
+
     async def workflow_info(self, workflow_id: int) -> WorkflowInfo:
         """The parsed flow and input of a workflow (cached: they never change)."""
         info = self._infos.get(workflow_id)
@@ -408,9 +470,7 @@ class Executor:
         parsed = flows.parse(orjson.loads(wf.flow_json), max_states=1 << 30)
         assert parsed.flow is not None, parsed.errors
         info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, orjson.loads(wf.input_json))
-        self._infos[workflow_id] = info
-        if len(self._infos) > 2048:
-            self._infos.popitem(last=False)
+        self.remember(info)
         return info
 
     async def scope(self, info: WorkflowInfo, step: Step) -> dict[str, Any]:
@@ -508,6 +568,12 @@ def _fresh(args: Any) -> Any:
 def _clean(text: str) -> str:
     """Text that SQLite and JSON can store (lone surrogates escaped)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _outcome(fin: Finish) -> str:
+    if fin.status is StepStatus.PENDING:
+        return "retrying"
+    return "failed" if fin.status is StepStatus.FAILED else "done"
 
 
 def _fields(step: Step) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -27,7 +28,13 @@ class _Row:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Self:
         keys = row.keys()
-        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in keys})  # type: ignore[arg-type]
+        return cls(**{name: row[name] for name in _names(cls) if name in keys})
+
+
+@functools.cache
+def _names(cls: type) -> tuple[str, ...]:
+    """A dataclass's field names (dataclasses.fields is slow on a hot path)."""
+    return tuple(f.name for f in fields(cls))
 
 
 @dataclass(frozen=True)
@@ -128,5 +135,8 @@ class Finish:
     error_type: str | None = None
     retry_at: int | None = None  # with PENDING: when to try again
     next_step: NewStep | None = None  # the state to visit next
+    # With a lease: the next step (a tool step) is written as running, handed straight to
+    # this process's executor instead of queued for the next claim.
+    start_next_lease_ms: int | None = None
     workflow_status: WorkflowStatus | None = None  # COMPLETED / FAILED ends the workflow
     workflow_error: str | None = None

@@ -28,6 +28,7 @@ from daemon.models import Step, Workflow
 from daemon.store import Store, now_ms
 
 log = logging.getLogger("stepd.notify")
+_jitter = random.Random()  # retry jitter, not the process-wide generator
 EVENTS = frozenset({"gate_waiting", "completed", "failed", "cancelled"})
 CURSOR = "webhooks"
 BATCH = 500  # events read per query
@@ -207,7 +208,7 @@ class Notifier:
             log.log(logging.ERROR if dead else logging.WARNING,
                     "webhook %d (%s) to %s failed, attempt %d%s: %s", row["id"], event,
                     row["url"], attempts, " (giving up)" if dead else "", error)  # fmt: skip
-        next_at = now_ms() + int(retry_delay(attempts, random.random()) * 1000)
+        next_at = now_ms() + int(retry_delay(attempts, _jitter.random()) * 1000)
         write = asyncio.ensure_future(
             self.store.delivery_done(row["id"], error=error, next_at=next_at, dead=dead)
         )

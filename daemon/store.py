@@ -1,31 +1,35 @@
 """SQLite storage: the only module that talks to the database.
 
-One writer connection (every write in BEGIN IMMEDIATE, serialised by a lock) and
-one reader connection, which in WAL mode never waits behind the writer. The
-interface is narrow and async so that another backend can implement it.
+One writer connection whose writes are group-committed (daemon/db.py: every
+write is a function run inside a shared BEGIN IMMEDIATE transaction, and is
+acknowledged after its COMMIT), and reader connections, which in WAL mode never
+wait behind the writer. The interface is narrow and async so that another
+backend can implement it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
 import orjson
 
+from daemon import db as dblib
 from daemon.models import Finish, NewStep, Step, StepStatus, Workflow
+
+T = TypeVar("T")
+Conn = sqlite3.Connection
 
 _BLOCK = re.compile(r"^-- (\w+) --\n--[^\n]*\n(.*?)(?=^-- \w+ --$|\Z)", re.M | re.S)
 
@@ -128,6 +132,7 @@ class Created:
     id: int
     replayed: bool  # an earlier request with the same Idempotency-Key made it
     conflict: bool = False  # same key, different request
+    started: Step | None = None  # the first step, when it was handed to the executor
 
 
 class Store:
@@ -137,16 +142,23 @@ class Store:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = busy_timeout_ms
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._writes: dblib.WriteBatcher | None = None
+        self._reader: Conn | None = None  # small indexed reads, on the loop
+        self._slow_reader: Conn | None = None  # scans (metrics), in a thread
+        self._slow_thread: ThreadPoolExecutor | None = None
         self._last_id = 0
         self._owner_fd: int | None = None
         self._changed = asyncio.Event()  # set, and replaced, after every commit
+        self.commit_hooks: list[dblib.CommitHook] = []  # (seconds, batch size) per commit
 
     @property
     def is_open(self) -> bool:
-        return self._writer is not None
+        return self._writes is not None
+
+    @property
+    def _writer(self) -> Conn | None:
+        """The writer connection (tests use it to simulate faults between writes)."""
+        return self._writes.conn if self._writes is not None else None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -154,21 +166,32 @@ class Store:
         """Take ownership of the file (one daemon per database), migrate, connect."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._take_ownership()
-        self._writer = await self._connect()
-        await self._writer.execute("PRAGMA journal_mode = WAL")
-        await self._migrate()
-        self._reader = await self._connect()
-        async with self._writer.execute(Q["max_id"]) as cur:
-            row = await cur.fetchone()
-        self._last_id = int(row[0]) if row else 0
+        try:
+            writer = self._connect()
+            writer.execute("PRAGMA journal_mode = WAL")
+            self._migrate(writer)
+            (row,) = writer.execute(Q["max_id"]).fetchall()
+            self._last_id = int(row[0]) if row else 0
+            self._reader = self._connect()
+            self._slow_reader = self._connect()
+        except BaseException:
+            self._release_ownership()
+            raise
+        self._slow_thread = ThreadPoolExecutor(1, thread_name_prefix="stepd-read")
+        self._writes = dblib.WriteBatcher(
+            writer, busy_timeout_ms=self.busy_timeout_ms, on_commit=self._committed
+        )
+        self._writes.start()
 
-    async def _connect(self) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self.path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        await db.execute("PRAGMA foreign_keys = ON")
-        await db.execute(f"PRAGMA synchronous = {self.synchronous}")
-        return db
+    def _connect(self) -> Conn:
+        return dblib.connect(self.path, synchronous=self.synchronous,
+                             busy_timeout_ms=self.busy_timeout_ms)  # fmt: skip
+
+    def _committed(self, seconds: float, batch: int) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for hook in self.commit_hooks:
+            hook(seconds, batch)
 
     def _take_ownership(self) -> None:
         # An advisory lock on a side file, held while open: a second daemon on the same
@@ -185,76 +208,87 @@ class Store:
             ) from None
         self._owner_fd = fd
 
-    async def close(self) -> None:
-        for db in (self._reader, self._writer):
-            if db is not None:
-                await db.close()
-        self._reader = self._writer = None
+    def _release_ownership(self) -> None:
         if self._owner_fd is not None:
             os.close(self._owner_fd)  # releases the lock
             self._owner_fd = None
 
-    async def _migrate(self) -> None:
+    async def close(self) -> None:
+        """Commit queued writes, then close every connection and release the file."""
+        if self._writes is not None:
+            writes, self._writes = self._writes, None
+            await writes.close()
+            writes.conn.close()
+        if self._slow_thread is not None:
+            self._slow_thread.shutdown(wait=True)
+            self._slow_thread = None
+        for conn in (self._reader, self._slow_reader):
+            if conn is not None:
+                conn.close()
+        self._reader = self._slow_reader = None
+        self._release_ownership()
+
+    @staticmethod
+    def _migrate(db: Conn) -> None:
         """Apply every migration newer than PRAGMA user_version, in one transaction."""
-        async with self._write() as db:
-            async with db.execute("PRAGMA user_version") as cur:
-                row = await cur.fetchone()
-            version = row[0] if row else 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in migrations():
                 if number > version:
                     for statement in split_statements(script):
-                        await db.execute(statement)
-                    await db.execute(f"PRAGMA user_version = {number}")
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     async def schema_version(self) -> int:
         return int((await self._one("PRAGMA user_version", {}))[0])
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; commits on success, rolls back on any error."""
-        assert self._writer is not None, "store is not open"
-        async with self._lock:
-            db = self._writer
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.execute("COMMIT")
-                self._changed.set()
-                self._changed = asyncio.Event()
-            except BaseException:
-                # Also after a cancelled BEGIN (aiosqlite still runs it) or a failed COMMIT:
-                # the connection must never stay inside a transaction. Shielded, so a
-                # second cancellation cannot skip it; queued calls run in order.
-                # ("no transaction is active" is fine: BEGIN itself failed.)
-                with contextlib.suppress(sqlite3.Error):
-                    await asyncio.shield(db.execute("ROLLBACK"))
-                raise
+    async def _write(self, op: Callable[[Conn], T]) -> T:
+        """Run `op` in a write transaction (group-committed); its value once committed."""
+        if self._writes is None:
+            raise sqlite3.ProgrammingError("the store is not open")
+        return await self._writes.submit(op)
 
     def _new_id(self, now: int) -> int:
-        """Millisecond-epoch shaped ids, unique and increasing; call under the write lock."""
+        """Millisecond-epoch shaped ids, unique and increasing; call inside a write op."""
         self._last_id = max(now, self._last_id + 1)
         return self._last_id
 
     async def _one(self, sql: str, params: dict[str, Any]) -> sqlite3.Row | None:
-        assert self._reader is not None, "store is not open"
-        async with self._reader.execute(sql, params) as cur:
-            return await cur.fetchone()
+        """One row, read on the loop: every such query is small and indexed, and a WAL
+        reader never waits for the writer, so a thread hop would cost more than the read."""
+        if self._reader is None:
+            raise sqlite3.ProgrammingError("the store is not open")
+        return self._reader.execute(sql, params).fetchone()
 
-    async def _all(self, sql: str, params: dict[str, Any]) -> Iterable[sqlite3.Row]:
-        assert self._reader is not None, "store is not open"
-        async with self._reader.execute(sql, params) as cur:
-            return await cur.fetchall()
+    async def _all(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        """All rows of a small, indexed, LIMITed query, read on the loop (see _one)."""
+        if self._reader is None:
+            raise sqlite3.ProgrammingError("the store is not open")
+        return self._reader.execute(sql, params).fetchall()
+
+    async def read_slow(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        """All rows of a query that may scan (counts for /metrics), off the loop."""
+        if self._slow_reader is None or self._slow_thread is None:
+            raise sqlite3.ProgrammingError("the store is not open")
+        conn = self._slow_reader
+        job = self._slow_thread.submit(lambda: conn.execute(sql, params).fetchall())
+        return await asyncio.wrap_future(job)
 
     @staticmethod
-    async def _event(
-        db: aiosqlite.Connection,
+    def _event(
+        db: Conn,
         workflow_id: int,
         step_id: int | None,
         type_: str,
         now: int,
         data: dict[str, Any] | None = None,
     ) -> None:
-        await db.execute(
+        db.execute(
             Q["insert_event"],
             {
                 "workflow_id": workflow_id,
@@ -265,11 +299,9 @@ class Store:
             },
         )
 
-    async def _insert_step(
-        self, db: aiosqlite.Connection, workflow_id: int, step: NewStep, now: int
-    ) -> int:
+    def _insert_step(self, db: Conn, workflow_id: int, step: NewStep, now: int) -> int:
         step_id = self._new_id(now)
-        await db.execute(
+        db.execute(
             Q["insert_step"],
             {
                 "id": step_id,
@@ -283,8 +315,24 @@ class Store:
             },
         )
         if step.tool is None:
-            await self._event(db, workflow_id, step_id, "gate_waiting", now, {"state": step.state})
+            self._event(db, workflow_id, step_id, "gate_waiting", now, {"state": step.state})
         return step_id
+
+    def _insert_started(
+        self, db: Conn, workflow_id: int, step: NewStep, now: int, lease_ms: int
+    ) -> Step:
+        """Insert a tool step as running under a lease (see Finish.start_next_lease_ms)."""
+        assert step.tool is not None, "a gate cannot be started"
+        row = db.execute(
+            Q["insert_started_step"],
+            {"id": self._new_id(now), "workflow_id": workflow_id, "state": step.state,
+             "name": step.name, "tool": step.tool, "seq": step.seq, "now": now,
+             "lease_ms": lease_ms},
+        ).fetchone()  # fmt: skip
+        started = Step.from_row(row)
+        self._event(db, workflow_id, started.id, "step_started", now,
+                    {"state": step.state, "attempt": 1})  # fmt: skip
+        return started
 
     # -- workflows -----------------------------------------------------------------
 
@@ -299,19 +347,24 @@ class Store:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         notify_url: str | None = None,
+        start_lease_ms: int | None = None,
         now: int | None = None,
     ) -> Created:
-        """Insert a workflow and its first step; replays an earlier Idempotency-Key."""
+        """Insert a workflow and its first step; replays an earlier Idempotency-Key.
+
+        With `start_lease_ms` the first (tool) step is written as running and returned in
+        `Created.started`, for the caller to run at once.
+        """
         now = now_ms() if now is None else now
-        async with self._write() as db:
+
+        def op(db: Conn) -> Created:
             if idempotency_key is not None:
                 params = {"created_by": created_by, "key": idempotency_key}
-                async with db.execute(Q["find_idempotent"], params) as cur:
-                    row = await cur.fetchone()
+                row = db.execute(Q["find_idempotent"], params).fetchone()
                 if row is not None:
                     return Created(row["id"], True, conflict=row["request_hash"] != request_hash)
             wf_id = self._new_id(now)
-            await db.execute(
+            db.execute(
                 Q["insert_workflow"],
                 {
                     "id": wf_id,
@@ -325,9 +378,14 @@ class Store:
                     "now": now,
                 },
             )
-            await self._event(db, wf_id, None, "created", now, {"by": created_by})
-            await self._insert_step(db, wf_id, first, now)
-        return Created(wf_id, False)
+            self._event(db, wf_id, None, "created", now, {"by": created_by})
+            if start_lease_ms is not None and first.tool is not None:
+                started = self._insert_started(db, wf_id, first, now, start_lease_ms)
+                return Created(wf_id, False, started=started)
+            self._insert_step(db, wf_id, first, now)
+            return Created(wf_id, False)
+
+        return await self._write(op)
 
     async def get_workflow(self, workflow_id: int) -> Workflow | None:
         row = await self._one(Q["get_workflow"], {"id": workflow_id})
@@ -360,18 +418,18 @@ class Store:
     ) -> tuple[Cancelled, list[int]]:
         """Cancel a running workflow and its open steps; returns the cancelled step ids."""
         now = now_ms() if now is None else now
-        async with self._write() as db:
-            cur = await db.execute(Q["cancel_workflow"], {"id": workflow_id, "now": now})
+
+        def op(db: Conn) -> tuple[Cancelled, list[int]]:
+            cur = db.execute(Q["cancel_workflow"], {"id": workflow_id, "now": now})
             if cur.rowcount == 0:
-                async with db.execute("SELECT 1 FROM workflows WHERE id = ?", (workflow_id,)) as c:
-                    exists = await c.fetchone()
-                return (Cancelled.FINISHED if exists else Cancelled.NOT_FOUND), []
-            async with db.execute(
-                Q["cancel_steps"], {"workflow_id": workflow_id, "now": now}
-            ) as cur:
-                step_ids = [r[0] for r in await cur.fetchall()]
-            await self._event(db, workflow_id, None, "cancelled", now, {"by": by})
-        return Cancelled.OK, step_ids
+                exists = db.execute("SELECT 1 FROM workflows WHERE id = ?", (workflow_id,))
+                return (Cancelled.FINISHED if exists.fetchone() else Cancelled.NOT_FOUND), []
+            rows = db.execute(Q["cancel_steps"], {"workflow_id": workflow_id, "now": now})
+            step_ids = [r[0] for r in rows.fetchall()]
+            self._event(db, workflow_id, None, "cancelled", now, {"by": by})
+            return Cancelled.OK, step_ids
+
+        return await self._write(op)
 
     # -- steps ---------------------------------------------------------------------
 
@@ -382,25 +440,21 @@ class Store:
         start waiting."""
         now = now_ms() if now is None else now
         params = {"now": now, "limit": limit, "lease_ms": lease_ms}
-        async with self._write() as db:
-            async with db.execute(Q["claim_steps"], params) as cur:
-                rows = [Step.from_row(r) for r in await cur.fetchall()]
+
+        def op(db: Conn) -> list[Step]:
+            rows = [Step.from_row(r) for r in db.execute(Q["claim_steps"], params).fetchall()]
             for step in rows:
                 if step.tool is None:
-                    await self._event(
+                    self._event(
                         db, step.workflow_id, step.id, "gate_waiting", now, {"state": step.state}
                     )
                 else:
-                    await self._event(
-                        db,
-                        step.workflow_id,
-                        step.id,
-                        "step_started",
-                        now,
-                        {"state": step.state, "attempt": step.attempt},
-                    )
-        rows.sort(key=lambda s: s.id)
-        return rows
+                    self._event(db, step.workflow_id, step.id, "step_started", now,
+                                {"state": step.state, "attempt": step.attempt})  # fmt: skip
+            rows.sort(key=lambda s: s.id)
+            return rows
+
+        return await self._write(op)
 
     async def finish_step(self, fin: Finish, *, now: int | None = None) -> int | None:
         """Record an attempt and what follows it in one transaction.
@@ -409,26 +463,38 @@ class Store:
         no longer owns the step (cancelled, or requeued) and nothing was written.
         """
         now = now_ms() if now is None else now
-        async with self._write() as db:
-            params = {
-                "id": fin.step_id,
-                "attempt": fin.attempt,
-                "now": now,
-                "error": fin.error,
-                "error_type": fin.error_type,
-            }
-            if fin.status is StepStatus.PENDING:
-                cur = await db.execute(Q["retry_step"], {**params, "run_at": fin.retry_at})
-            else:
-                cur = await db.execute(
-                    Q["finish_step"],
-                    {**params, "status": fin.status.value, "result_json": fin.result_json},
-                )
-            if cur.rowcount == 0:
-                return None
-            return await self._follow(db, fin, now)
+        done = await self._write(lambda db: self._finish(db, fin, now))
+        return None if done is None else done[0]
 
-    async def _follow(self, db: aiosqlite.Connection, fin: Finish, now: int) -> int:
+    async def finish_and_start(
+        self, fin: Finish, *, now: int | None = None
+    ) -> tuple[int | None, Step | None]:
+        """finish_step, and the next step when it was written as running
+        (`fin.start_next_lease_ms`): (next id or 0 or None, started step or None)."""
+        now = now_ms() if now is None else now
+        done = await self._write(lambda db: self._finish(db, fin, now))
+        return (None, None) if done is None else done
+
+    def _finish(self, db: Conn, fin: Finish, now: int) -> tuple[int, Step | None] | None:
+        params = {
+            "id": fin.step_id,
+            "attempt": fin.attempt,
+            "now": now,
+            "error": fin.error,
+            "error_type": fin.error_type,
+        }
+        if fin.status is StepStatus.PENDING:
+            cur = db.execute(Q["retry_step"], {**params, "run_at": fin.retry_at})
+        else:
+            cur = db.execute(
+                Q["finish_step"],
+                {**params, "status": fin.status.value, "result_json": fin.result_json},
+            )
+        if cur.rowcount == 0:
+            return None
+        return self._follow(db, fin, now)
+
+    def _follow(self, db: Conn, fin: Finish, now: int) -> tuple[int, Step | None]:
         """Events, the next step and the workflow's end, after a step changed."""
         wf = fin.workflow_id
         data: dict[str, Any] = {"attempt": fin.attempt}
@@ -440,13 +506,17 @@ class Store:
             data["error"] = fin.error
         else:
             kind = "step_done"
-        await self._event(db, wf, fin.step_id, kind, now, data)
-        next_id = 0
-        if fin.next_step is not None:
-            next_id = await self._insert_step(db, wf, fin.next_step, now)
-            await db.execute(Q["touch_workflow"], {"id": wf, "now": now})
+        self._event(db, wf, fin.step_id, kind, now, data)
+        next_id, started = 0, None
+        if fin.next_step is not None and fin.start_next_lease_ms and fin.next_step.tool:
+            started = self._insert_started(db, wf, fin.next_step, now, fin.start_next_lease_ms)
+            next_id = started.id
+            db.execute(Q["touch_workflow"], {"id": wf, "now": now})
+        elif fin.next_step is not None:
+            next_id = self._insert_step(db, wf, fin.next_step, now)
+            db.execute(Q["touch_workflow"], {"id": wf, "now": now})
         elif fin.workflow_status is not None:
-            await db.execute(
+            db.execute(
                 Q["end_workflow"],
                 {
                     "id": wf,
@@ -455,7 +525,7 @@ class Store:
                     "now": now,
                 },
             )
-            await self._event(
+            self._event(
                 db,
                 wf,
                 None,
@@ -464,8 +534,8 @@ class Store:
                 {"error": fin.workflow_error} if fin.workflow_error else None,
             )
         else:
-            await db.execute(Q["touch_workflow"], {"id": wf, "now": now})
-        return next_id
+            db.execute(Q["touch_workflow"], {"id": wf, "now": now})
+        return next_id, started
 
     async def decide(
         self,
@@ -487,12 +557,13 @@ class Store:
         `link_nonce`, the one-click link is spent in it (LinkSpent if it was before).
         """
         now = now_ms() if now is None else now
-        async with self._write() as db:
+
+        def op(db: Conn) -> int | None:
             if link_nonce is not None:
                 params = {"nonce": link_nonce, "step_id": fin.step_id, "now": now}
-                if (await db.execute(Q["use_link"], params)).rowcount != 1:
+                if db.execute(Q["use_link"], params).rowcount != 1:
                     raise LinkSpent(f"link {link_nonce} was used before")
-            cur = await db.execute(
+            cur = db.execute(
                 Q["decide"],
                 {"id": fin.step_id, "attempt": fin.attempt, "awaiting": awaiting,
                  "status": fin.status.value, "result_json": fin.result_json,
@@ -505,10 +576,12 @@ class Store:
             data = {"decision": decision, "by": decided_by}
             if reason is not None:
                 data["reason"] = reason
-            await self._event(db, fin.workflow_id, fin.step_id, kind, now, data)
+            self._event(db, fin.workflow_id, fin.step_id, kind, now, data)
             if replay is not None:
-                await db.execute(Q["save_decision_key"], {**replay.params(), "now": now})
-            return await self._follow(db, fin, now)
+                db.execute(Q["save_decision_key"], {**replay.params(), "now": now})
+            return self._follow(db, fin, now)[0]
+
+        return await self._write(op)
 
     async def decision_replay(self, created_by: str | None, key: str) -> Replay | None:
         """The remembered answer to a decision sent with this Idempotency-Key, if any."""
@@ -552,13 +625,16 @@ class Store:
     ) -> bool:
         """A compare-and-set on one attempt of a step, with its event, in one transaction."""
         now = now_ms() if now is None else now
-        async with self._write() as db:
-            cur = await db.execute(
+
+        def op(db: Conn) -> bool:
+            cur = db.execute(
                 Q[query], {"id": step.id, "attempt": step.attempt, "now": now, **params}
             )
             if cur.rowcount:
-                await self._event(db, step.workflow_id, step.id, kind, now, data)
+                self._event(db, step.workflow_id, step.id, kind, now, data)
             return bool(cur.rowcount)
+
+        return await self._write(op)
 
     async def interrupted(self, *, limit: int, now: int | None = None) -> list[Step]:
         """Running tool steps whose lease ended before `now`."""
@@ -570,14 +646,17 @@ class Store:
         """Extend the leases of steps this process runs (one transaction)."""
         params = [{"id": s.id, "attempt": s.attempt, "lease_until": lease_until} for s in steps]
         if params:
-            async with self._write() as db:
-                await db.executemany(Q["renew_lease"], params)
+            await self._write(lambda db: db.executemany(Q["renew_lease"], params))
 
     async def purge_finished(self, *, cutoff: int, limit: int) -> int:
         """Delete up to `limit` workflows finished before `cutoff` (epoch ms), with their rows."""
-        async with self._write() as db:
-            cur = await db.execute(Q["purge_finished"], {"cutoff": cutoff, "limit": limit})
-            return int(cur.rowcount)
+        params = {"cutoff": cutoff, "limit": limit}
+        return await self._write(lambda db: int(db.execute(Q["purge_finished"], params).rowcount))
+
+    async def has_due(self, *, now: int | None = None) -> bool:
+        """Whether a pending step is due (a cheap read before a claim transaction)."""
+        now = now_ms() if now is None else now
+        return await self._one(Q["has_due"], {"now": now}) is not None
 
     async def next_due(self) -> int | None:
         """When the next pending step is due or the next gate expires (epoch ms), if any."""
@@ -632,10 +711,12 @@ class Store:
     ) -> None:
         """Add webhook deliveries and move reader `name` to event `up_to`, atomically."""
         now = now_ms() if now is None else now
-        async with self._write() as db:
-            for r in rows:
-                await db.execute(Q["enqueue_delivery"], {**r, "now": now})
-            await db.execute(Q["set_cursor"], {"name": name, "event_id": up_to})
+
+        def op(db: Conn) -> None:
+            db.executemany(Q["enqueue_delivery"], [{**r, "now": now} for r in rows])
+            db.execute(Q["set_cursor"], {"name": name, "event_id": up_to})
+
+        await self._write(op)
 
     async def due_deliveries(self, *, limit: int = 50, now: int | None = None) -> list[sqlite3.Row]:
         now = now_ms() if now is None else now
@@ -645,14 +726,17 @@ class Store:
         self, delivery_id: int, *, error: str | None = None, next_at: int = 0, dead: bool = False
     ) -> None:
         """Record a delivery attempt: sent (no error), or failed and retried at `next_at`."""
-        async with self._write() as db:
+
+        def op(db: Conn) -> None:
             if error is None:
-                await db.execute(Q["delivery_sent"], {"id": delivery_id})
+                db.execute(Q["delivery_sent"], {"id": delivery_id})
             else:
-                await db.execute(
+                db.execute(
                     Q["delivery_failed"],
                     {"id": delivery_id, "error": error, "next_at": next_at, "dead": dead},
                 )
+
+        await self._write(op)
 
     async def link_used(self, nonce: str) -> bool:
         """Whether a one-click link was spent (Store.decide spends it)."""

@@ -44,3 +44,25 @@ def make_app(tmp_path: Path) -> Callable[..., Any]:
         return create_app(make_config(tmp_path, **overrides))
 
     return build
+
+
+@pytest.fixture
+async def make_client(tmp_path) -> AsyncIterator[Any]:
+    """Start an app with config overrides; yields a factory returning (client, app)."""
+    stack: list[Any] = []
+
+    async def start(**overrides: Any) -> tuple[httpx.AsyncClient, Any]:
+        overrides.setdefault("tool_modules", ("daemon.tools.demo", "tests.sample_tools"))
+        app = create_app(make_config(tmp_path, **overrides))
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://stepd", headers=auth()
+        )
+        stack.append((client, lifespan))
+        return client, app
+
+    yield start
+    for client, lifespan in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,28 +16,6 @@ from tests import sample_tools
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
 MODULES = ("daemon.tools.demo", "tests.sample_tools")
-
-
-@pytest.fixture
-async def make_client(tmp_path) -> AsyncIterator[Any]:
-    """Start an app with config overrides; yields a factory returning (client, app)."""
-    stack: list[Any] = []
-
-    async def start(**overrides: Any) -> tuple[httpx.AsyncClient, Any]:
-        overrides.setdefault("tool_modules", MODULES)
-        app = create_app(make_config(tmp_path, **overrides))
-        lifespan = app.router.lifespan_context(app)
-        await lifespan.__aenter__()
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://stepd", headers=auth()
-        )
-        stack.append((client, lifespan))
-        return client, app
-
-    yield start
-    for client, lifespan in reversed(stack):
-        await client.aclose()
-        await lifespan.__aexit__(None, None, None)
 
 
 def single(tool: str | None, args: dict | None = None, **extra: Any) -> dict[str, Any]:
@@ -325,6 +302,11 @@ async def test_a_tool_raising_cancelled_error_itself_is_an_ordinary_failure(make
     wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
     assert wf["status"] == "completed"
     assert orjson.loads(wf["steps"][0]["result_json"]) == {"attempt": 2}
+    # The step's task ends just after its outcome is committed (and seen over HTTP).
+    for _ in range(100):
+        if app.state.executor.running == 0:
+            break
+        await asyncio.sleep(0.01)
     assert app.state.executor.running == 0
 
 

@@ -7,11 +7,13 @@ always killed in a finalizer; every wait is bounded.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -227,6 +229,35 @@ def test_sigkill_recovers_running_step_and_keeps_acknowledged_work(spawn: Spawn)
         listed = {w["id"] for w in c.get("/api/workflow", params={"limit": 100}).json()}
     assert {sleeper, gated, *echoes} <= listed
     assert d.stop() == 0
+
+
+def test_every_acknowledged_create_survives_kill_9(spawn: Spawn, tmp_path: Path) -> None:
+    # Creates are group-committed: each 201 is sent only after its batch's COMMIT.
+    d = spawn("gc").started()
+    acknowledged: list[int] = []
+
+    def submit(i: int) -> int | None:
+        with d.client() as c:
+            try:
+                resp = c.post("/api/workflow", json=echo_flow(n=i))
+            except httpx.HTTPError:
+                return None  # the daemon died mid-request: not acknowledged
+            return resp.json()["id"] if resp.status_code == 201 else None
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(submit, i) for i in range(400)]
+        for n, fut in enumerate(concurrent.futures.as_completed(futures)):
+            if n == 150:
+                d.signal(signal.SIGKILL)  # while the other requests are in flight
+            wf_id = fut.result()
+            if wf_id is not None:
+                acknowledged.append(wf_id)
+    assert d.wait(timeout=5) == -signal.SIGKILL
+    assert len(acknowledged) >= 150
+    db = sqlite3.connect(tmp_path / "stepd.db")
+    stored = {r[0] for r in db.execute("SELECT id FROM workflows")}
+    db.close()
+    assert set(acknowledged) <= stored
 
 
 # -- 4. systemd notify -----------------------------------------------------------------

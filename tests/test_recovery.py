@@ -166,12 +166,13 @@ async def test_an_expired_lease_is_recovered_while_running(started, tmp_path):
         name="orphan", flow_json=orjson.dumps(ECHO).decode(), input_json="{}",
         created_by="james", first=NewStep("start", "start", None, 1),
     )  # fmt: skip
-    assert store._writer is not None
-    await store._writer.execute(
-        "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt, run_at,"
-        " created_at, lease_until) VALUES (?, ?, 'start', 'start', 'echo', 'running', 2, 1,"
-        " 0, 0, ?)",
-        (created.id + 10_000, created.id, now_ms() - 1),
+    await store._write(
+        lambda db: db.execute(
+            "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt,"
+            " run_at, created_at, lease_until) VALUES (?, ?, 'start', 'start', 'echo',"
+            " 'running', 2, 1, 0, 0, ?)",
+            (created.id + 10_000, created.id, now_ms() - 1),
+        )
     )
     wf = await wait_for(
         client, created.id,

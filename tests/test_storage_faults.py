@@ -23,17 +23,16 @@ SLEEP_THEN_ECHO = {
 
 async def fill_disk(app: Any) -> int:
     """Make the database "full": no page may be added (PRAGMA max_page_count)."""
-    db = app.state.store._writer
-    async with db.execute("PRAGMA page_count") as cur:
-        (pages,) = await cur.fetchone()
-    async with db.execute(f"PRAGMA max_page_count = {pages}") as cur:
-        await cur.fetchone()
+    store = app.state.store
+    (pages,) = await store._write(lambda db: db.execute("PRAGMA page_count").fetchone())
+    await store._write(lambda db: db.execute(f"PRAGMA max_page_count = {pages}").fetchone())
     return int(pages)
 
 
 async def free_disk(app: Any) -> None:
-    async with app.state.store._writer.execute("PRAGMA max_page_count = 1073741823") as cur:
-        await cur.fetchone()
+    await app.state.store._write(
+        lambda db: db.execute("PRAGMA max_page_count = 1073741823").fetchone()
+    )
 
 
 async def count(client: httpx.AsyncClient) -> int:

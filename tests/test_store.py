@@ -57,11 +57,10 @@ async def test_pragmas_and_schema_version(store: Store, tmp_path: Path):
     db = sqlite3.connect(tmp_path / "s.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
-    assert store._writer is not None
-    async with store._writer.execute("PRAGMA foreign_keys") as cur:
-        assert (await cur.fetchone())[0] == 1
-    async with store._writer.execute("PRAGMA busy_timeout") as cur:
-        assert (await cur.fetchone())[0] == 5000
+    assert await store._write(lambda db: db.execute("PRAGMA foreign_keys").fetchone()[0]) == 1
+    # Readers wait for a busy database; the writer never blocks the loop (see daemon/db.py).
+    assert (await store._one("PRAGMA busy_timeout", {}))[0] == 5000
+    assert await store._write(lambda db: db.execute("PRAGMA busy_timeout").fetchone()[0]) == 0
 
 
 async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path: Path):
@@ -286,11 +285,12 @@ async def test_claim_skips_finished_steps_at_any_volume(store: Store, tmp_path: 
 
 
 async def test_foreign_keys_are_enforced(store: Store):
-    assert store._writer is not None
     with pytest.raises(sqlite3.IntegrityError):
-        await store._writer.execute(
-            "INSERT INTO steps (id, workflow_id, state, name, status, seq, run_at, created_at)"
-            " VALUES (1, 999, 's', 's', 'pending', 1, 0, 0)"
+        await store._write(
+            lambda db: db.execute(
+                "INSERT INTO steps (id, workflow_id, state, name, status, seq, run_at, created_at)"
+                " VALUES (1, 999, 's', 's', 'pending', 1, 0, 0)"
+            )
         )
 
 

@@ -28,6 +28,14 @@ VALUES (:id, :workflow_id, :state, :name, :tool,
         :now,
         CASE WHEN :tool IS NULL THEN :now END);
 
+-- insert_started_step --
+-- A tool step handed straight to this process: running under a lease, attempt 1.
+INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt, run_at,
+                   created_at, started_at, lease_until)
+VALUES (:id, :workflow_id, :state, :name, :tool, 'running', :seq, 1, :now, :now, :now,
+        :now + :lease_ms)
+RETURNING *;
+
 -- insert_event --
 -- Append to the event log.
 INSERT INTO events (workflow_id, step_id, type, at, data_json)
@@ -170,6 +178,10 @@ WHERE id IN (SELECT id FROM workflows
 SELECT min(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'), 1 << 62),
            coalesce((SELECT min(expires_at) FROM steps
                      WHERE awaiting = 'ready' AND expires_at IS NOT NULL), 1 << 62));
+
+-- has_due --
+-- Whether any pending step is due (the claim's own condition, as a read).
+SELECT 1 FROM steps WHERE status = 'pending' AND run_at <= :now LIMIT 1;
 
 -- expired_gates --
 -- Waiting gates whose timeout has passed.

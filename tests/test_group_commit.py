@@ -1,0 +1,206 @@
+"""Group commit (daemon/db.py) and the executor's hand-off of due steps.
+
+Writes queued together share one transaction and one fsync; each still succeeds
+or fails on its own, and none is acknowledged before its COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.models import NewStep
+from daemon.store import Store
+from tests.helpers import wait_for
+
+ECHO = NewStep(state="start", name="start", tool="echo", seq=1)
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = Store(tmp_path / "s.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def count_rows(path: Path, table: str) -> int:
+    """Counted through a separate connection: only committed rows are visible to it."""
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        db.close()
+
+
+async def create(store: Store, name: str = "w") -> int:
+    created = await store.create_workflow(
+        name=name, flow_json="{}", input_json="{}", created_by="t", first=ECHO
+    )
+    return created.id
+
+
+async def test_concurrent_writes_share_transactions_and_are_all_committed(store: Store):
+    batches: list[int] = []
+    store.commit_hooks.append(lambda seconds, size: batches.append(size))
+    ids = await asyncio.gather(*(create(store, f"w{i}") for i in range(300)))
+    assert len(set(ids)) == 300
+    assert count_rows(store.path, "workflows") == 300  # visible to another connection
+    assert sum(batches) == 300
+    assert len(batches) < 300 and max(batches) > 1  # fewer commits than writes
+
+
+async def test_an_acknowledged_write_is_already_committed(store: Store):
+    wf_id = await create(store)
+    db = sqlite3.connect(store.path)
+    try:
+        assert db.execute("SELECT id FROM workflows WHERE id = ?", (wf_id,)).fetchone()
+    finally:
+        db.close()
+
+
+async def test_a_failing_write_is_rolled_back_alone(store: Store):
+    def insert_then_fail(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO cursors (name, event_id) VALUES ('doomed', 1)")
+        raise ValueError("this write fails")
+
+    def insert(name: str):
+        return lambda db: (
+            db.execute("INSERT INTO cursors (name, event_id) VALUES (?, 1)", (name,)).rowcount
+        )
+
+    results = await asyncio.gather(
+        store._write(insert("before")),
+        store._write(insert_then_fail),
+        store._write(insert("after")),
+        return_exceptions=True,
+    )
+    assert results[0] == 1 and results[2] == 1
+    assert isinstance(results[1], ValueError)
+    db = sqlite3.connect(store.path)
+    try:
+        names = {r[0] for r in db.execute("SELECT name FROM cursors")}
+    finally:
+        db.close()
+    assert {"before", "after"} <= names and "doomed" not in names
+
+
+async def test_a_failed_commit_fails_every_write_in_it_and_keeps_none(store: Store):
+    await create(store)
+    (pages,) = await store._write(lambda db: db.execute("PRAGMA page_count").fetchone())
+    await store._write(lambda db: db.execute(f"PRAGMA max_page_count = {pages}").fetchone())
+    big = "x" * 100_000  # needs new pages: the transaction cannot be stored
+
+    async def create_big(i: int) -> int:
+        created = await store.create_workflow(
+            name=f"big{i}", flow_json="{}", input_json=f'"{big}"', created_by="t", first=ECHO
+        )
+        return created.id
+
+    results = await asyncio.gather(*(create_big(i) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+    assert count_rows(store.path, "workflows") == 1
+    await store._write(lambda db: db.execute("PRAGMA max_page_count = 1073741823").fetchone())
+    assert await create_big(99) > 0  # the writer carries on once space is back
+    assert count_rows(store.path, "workflows") == 2
+
+
+async def test_a_write_cancelled_before_its_turn_never_runs(store: Store):
+    ran: list[str] = []
+
+    def op(db: sqlite3.Connection) -> None:
+        ran.append("ran")
+
+    # Queue two writes, and cancel the second's caller before the writer task runs.
+    first = asyncio.create_task(store._write(lambda db: None))
+    doomed = asyncio.create_task(store._write(op))
+    await asyncio.sleep(0)  # both are queued now; the writer has not run yet
+    doomed.cancel()
+    await first
+    await asyncio.gather(doomed, return_exceptions=True)
+    await create(store)  # a later write still works, and the skipped one never ran
+    assert ran == []
+
+
+async def test_close_commits_what_is_queued(tmp_path: Path):
+    store = Store(tmp_path / "c.db")
+    await store.open()
+    pending = [asyncio.create_task(create(store, f"w{i}")) for i in range(20)]
+    await asyncio.sleep(0)
+    await store.close()
+    ids = [await t for t in pending]
+    assert len(ids) == 20 and count_rows(tmp_path / "c.db", "workflows") == 20
+
+
+async def test_a_write_waits_for_another_process_holding_the_lock(store: Store):
+    # Another connection holds the write lock for a moment: the write waits (off the
+    # loop, which keeps serving reads) and then succeeds.
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    pending = asyncio.create_task(create(store))
+    await asyncio.sleep(0.2)
+    assert not pending.done()
+    assert await store.list_workflows() == []  # reads go on meanwhile
+    other.execute("COMMIT")
+    other.close()
+    assert await asyncio.wait_for(pending, 5) > 0
+
+
+async def test_writes_from_threads_are_refused_once_closed(tmp_path: Path):
+    store = Store(tmp_path / "x.db")
+    await store.open()
+    await store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        await create(store)
+
+
+# -- hand-off ------------------------------------------------------------------------
+
+
+async def test_due_steps_are_handed_off_without_a_claim(make_client):
+    client, app = await make_client()
+    claims: list[int] = []
+    store = app.state.store
+    original = store.claim_steps
+
+    async def counting_claim(limit: int, **kw: Any):
+        got = await original(limit, **kw)
+        claims.extend(s.id for s in got)
+        return got
+
+    store.claim_steps = counting_claim
+    body = {"name": "two", "flow": {
+        "start": {"tool": "echo", "args": {"n": 1}, "next": "b"},
+        "b": {"tool": "echo", "args": {"prev": "<<steps.start.result.n>>"}, "done": True},
+    }}  # fmt: skip
+    wf = await wait_for(client, (await client.post("/api/workflow", json=body)).json()["id"])
+    assert wf["status"] == "completed"
+    assert [s["attempt"] for s in wf["steps"]] == [1, 1]
+    assert claims == []  # both steps started straight from the transaction that wrote them
+    events = [e["type"] for e in await store.events(wf["id"])]
+    assert events.count("step_started") == 2
+
+
+async def test_hand_off_respects_the_concurrency_limit(make_client):
+    client, app = await make_client(concurrency=2)
+    peak = 0
+    body = {"name": "s", "flow": {"start": {"tool": "sleep", "args": {"seconds": 0.2},
+                                            "next": "b"},
+                                  "b": {"tool": "sleep", "args": {"seconds": 0.1},
+                                        "done": True}}}  # fmt: skip
+    ids = [(await client.post("/api/workflow", json=body)).json()["id"] for _ in range(6)]
+    done = 0
+    while done < len(ids):
+        peak = max(peak, app.state.executor.running)
+        done = 0
+        for wf_id in ids:
+            wf = (await client.get(f"/api/workflow/{wf_id}")).json()
+            running = sum(s["status"] == "running" for s in wf["steps"])
+            assert running <= 1
+            done += wf["status"] == "completed"
+        await asyncio.sleep(0.02)
+    assert peak == 2
