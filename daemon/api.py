@@ -39,7 +39,7 @@ from daemon.store import Store
 from daemon.tools import Registry, build_registry
 
 log = logging.getLogger("stepd.api")
-PUBLIC_PATHS = {"/healthz"}
+PUBLIC_PATHS = frozenset({"/healthz"})
 WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, not bearers
 OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
@@ -60,16 +60,20 @@ def error_response(status: int, message: str, **extra: Any) -> JSON:
 
 
 class AuthMiddleware:
-    """Every path but /healthz needs a valid bearer token; the token lands in scope state."""
+    """Every path but the public ones (/healthz, and /metrics when configured so) needs a
+    valid bearer token; the token lands in scope state."""
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
+    def __init__(
+        self, app: ASGIApp, authenticator: Authenticator, public: frozenset[str] = PUBLIC_PATHS
+    ) -> None:
         self.app = app
         self.auth = authenticator
+        self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         web = any(path == p or path.startswith(p + "/") for p in WEB_PREFIXES)
-        if scope["type"] == "http" and path not in PUBLIC_PATHS and not web:
+        if scope["type"] == "http" and path not in self.public and not web:
             header = None
             for key, value in scope["headers"]:
                 if key == b"authorization":
@@ -342,6 +346,14 @@ async def openapi_json(request: Request) -> Response:
     return JSON(OPENAPI)
 
 
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus metrics. Any valid token may read them, or none with [metrics] auth = false."""
+    body, content_type = await metrics.render(
+        request.app.state.store, request.headers.get("accept")
+    )
+    return Response(body, media_type=content_type)
+
+
 async def healthz(request: Request) -> Response:
     """Liveness: no auth."""
     executor: Executor = request.app.state.executor
@@ -362,6 +374,7 @@ def route(path: str, **handlers: Endpoint) -> Route:
 ROUTES = [
     route("/healthz", GET=healthz),
     route("/openapi.json", GET=openapi_json),
+    route("/metrics", GET=prometheus_metrics),
     route("/api/tools", GET=list_tools),
     route("/api/workflow", GET=list_workflows, POST=create_workflow),
     route("/api/workflow/validate", POST=validate_workflow),
@@ -450,6 +463,7 @@ def create_app(
             Middleware(
                 AuthMiddleware,
                 authenticator=Authenticator(list(config.tokens) if tokens is None else tokens),
+                public=PUBLIC_PATHS if config.metrics_auth else PUBLIC_PATHS | {"/metrics"},
             ),
         ],
         exception_handlers={

@@ -115,13 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from daemon.service import serve, setup_logging
+    from daemon import logs
+    from daemon.service import serve
 
     try:
         cfg = configuration.load(args.config)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
-    setup_logging(cfg.log_level)
+    logs.setup(cfg.log_level, cfg.log_format)
     code = asyncio.run(serve(cfg))
     # Exit without joining worker threads: a sync tool still blocked after the shutdown
     # grace cannot be interrupted, and its step has been requeued already.

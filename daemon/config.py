@@ -12,6 +12,7 @@ from daemon.errors import ConfigError
 
 PERMISSIONS = ("workflow", "approve")
 DEFAULT_TOOL_MODULES = ("daemon.tools.demo",)
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Config:
     tokens: tuple[TokenConfig, ...] = ()
     tool_modules: tuple[str, ...] = DEFAULT_TOOL_MODULES
     log_level: str = "info"
+    log_format: str = "text"  # "text" for people and journald, "json" for log pipelines
+    metrics_auth: bool = True  # False: /metrics is open like /healthz
     state_dir: Path = field(default_factory=Path.cwd)
 
 
@@ -61,6 +64,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "port": ("port", int),
         "max_body_bytes": ("max_body_bytes", int),
         "log_level": ("log_level", str),
+        "log_format": ("log_format", str),
     },
     "database": {
         "path": ("db_path", str),
@@ -100,6 +104,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     },
     "web": {
         "session_ttl_s": ("session_ttl_s", (int, float)),
+    },
+    "metrics": {
+        "auth": ("metrics_auth", bool),
     },
 }
 
@@ -215,3 +222,5 @@ def _check(cfg: Config) -> None:
         raise ConfigError("[database] synchronous must be FULL, NORMAL or EXTRA")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("[server] log_level must be debug, info, warning or error")
+    if cfg.log_format not in LOG_FORMATS:
+        raise ConfigError(f'[server] log_format must be "text" or "json" (got "{cfg.log_format}")')

@@ -270,6 +270,14 @@ DECISION_KEY = {
     "description": "A repeat of the same decision answers as the first time; another, 409",
 }
 REPLAYED = {"type": "string", "enum": ["true"], "description": "sent when replayed"}
+METRICS = {
+    "description": "Prometheus text format (version 0.0.4, or 1.0.0 when the Accept header "
+    "asks for it), or OpenMetrics when the Accept header asks for application/openmetrics-text",
+    "content": {
+        "text/plain": {"schema": STRING},
+        "application/openmetrics-text": {"schema": STRING},
+    },
+}
 DECIDE = "a step whose non-idempotent tool was interrupted (awaiting 'decision')"
 
 PATHS: dict[str, Any] = {
@@ -398,6 +406,16 @@ PATHS: dict[str, Any] = {
     },
     "/openapi.json": {
         "get": op("getOpenAPI", "This document", {"200": ok("OpenAPI 3.1", OBJECT)}, AUTH)
+    },
+    "/metrics": {
+        "get": op(
+            "getMetrics",
+            "Prometheus metrics: steps started and finished by tool, step durations, queue "
+            "depth, waiting gates, claim lag, commit latency and batch size, workflows. Needs "
+            "a token (any valid one), unless the config says [metrics] auth = false",
+            {"200": METRICS},
+            (*AUTH, 503),
+        )
     },
     "/healthz": {
         "get": op(

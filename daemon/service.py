@@ -47,14 +47,6 @@ def with_tokens(config: Config, out: object = sys.stdout) -> Config:
     return replace(config, tokens=(token_cfg,))
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before start-up so a clash fails fast and cleanly."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
