@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import os
-import socket
 import sqlite3
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,59 +20,10 @@ from pathlib import Path
 import httpx
 import orjson
 
-HERE = Path(__file__).resolve().parent
-TOKEN = "bench-token"
+# Shared with sse_latency.py (which imports them from here) and suite.py.
+from common import TOKEN, free_port, start_daemon, summary  # bench/common.py
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_daemon(tmp: Path, port: int, poll_interval: float) -> subprocess.Popen[bytes]:
-    config = tmp / "stepd.toml"
-    config.write_text(
-        f"""
-[server]
-port = {port}
-log_level = "warning"
-[database]
-path = "{tmp / "stepd.db"}"
-[executor]
-poll_interval = {poll_interval}
-concurrency = 64
-claim_batch = 128
-[[auth.tokens]]
-name = "bench"
-sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"
-permissions = ["workflow"]
-[tools]
-modules = ["bench_tools"]
-"""
-    )
-    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "serve", "--config", str(config)], env=env, cwd=tmp
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("stepd did not start")
-
-
-def summary(name: str, values_ms: list[float]) -> str:
-    values = sorted(values_ms)
-    p95 = values[min(len(values) - 1, int(len(values) * 0.95))]
-    return (
-        f"{name:<44} n={len(values):<5} median={statistics.median(values):8.2f} ms  "
-        f"p95={p95:8.2f} ms  max={values[-1]:8.2f} ms"
-    )
+__all__ = ["TOKEN", "free_port", "start_daemon", "summary"]
 
 
 async def wait_done(client: httpx.AsyncClient, wf_id: int) -> dict:
