@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -19,7 +19,7 @@ from daemon.executor import (
     finish_for,
     new_step,
 )
-from daemon.models import Step, StepStatus
+from daemon.models import Finish, Step, StepStatus
 from daemon.store import Cancelled, Created, Replay, Store
 from daemon.tools import Registry
 
@@ -216,7 +216,7 @@ class Engine:
         else:
             error = f"rejected by {token.name}: {reason}"  # reason is required to reject
             fin = failed_for_good(info, step, error, "Rejected", self.executor.config.step_limit)
-        decided = await self.store.decide(
+        decided = await self._decide(
             fin,
             awaiting="ready",
             decision=decision,
@@ -225,10 +225,28 @@ class Engine:
             replay=replay,
             link_nonce=link_nonce,
         )
-        if decided is None:
+        if not decided:
             raise Conflict(f"step {step_id} is no longer waiting")
-        self.executor.wake()
         return 200, answer
+
+    async def _decide(self, fin: Finish, **decision: Any) -> bool:
+        """Store a decision; a next tool step starts at once when a run slot is free."""
+        lease_ms = None
+        if fin.next_step is not None and fin.next_step.tool is not None:
+            lease_ms = self.executor.reserve()
+        started = None
+        try:
+            if lease_ms is not None:
+                fin = replace(fin, start_next_lease_ms=lease_ms)
+            decided = await self.store.decide(fin, **decision)
+            if decided is not None:
+                started = decided[1]
+        finally:
+            if lease_ms is not None:
+                self.executor.release(started)
+        if lease_ms is None:
+            self.executor.wake()
+        return decided is not None
 
     def check_decider(self, info: WorkflowInfo, step: Step, token: TokenConfig) -> None:
         """The gate's rules: who may decide (approvers), and whether its creator may."""
@@ -290,10 +308,8 @@ class Engine:
         info = await self.executor.workflow_info(step.workflow_id)
         error = f"failed by {by}: {reason}" if reason else f"failed by {by} after an interruption"
         fin = failed_for_good(info, step, error, "Interrupted", self.executor.config.step_limit)
-        decided = await self.store.decide(fin, awaiting="decision", decision="fail", decided_by=by)
-        if decided is None:
+        if not await self._decide(fin, awaiting="decision", decision="fail", decided_by=by):
             raise Conflict(f"step {step_id} is no longer waiting")
-        self.executor.wake()
 
     async def cancel(self, workflow_id: int, *, by: str | None) -> None:
         outcome, step_ids = await self.store.cancel_workflow(workflow_id, by=by)

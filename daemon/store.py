@@ -548,17 +548,18 @@ class Store:
         replay: Replay | None = None,
         link_nonce: str | None = None,
         now: int | None = None,
-    ) -> int | None:
+    ) -> tuple[int, Step | None] | None:
         """Settle a step waiting for a person (`awaiting` "ready" or "decision") and move on.
 
-        One transaction. Returns the next step's id (0 if none), or None if it no
+        One transaction. Returns the next step's id (0 if none) and, with
+        `fin.start_next_lease_ms`, the next step written as running; or None if it no
         longer waits (already decided, cancelled, expired). With `replay`, the answer
         is remembered under its Idempotency-Key in the same transaction; with
         `link_nonce`, the one-click link is spent in it (LinkSpent if it was before).
         """
         now = now_ms() if now is None else now
 
-        def op(db: Conn) -> int | None:
+        def op(db: Conn) -> tuple[int, Step | None] | None:
             if link_nonce is not None:
                 params = {"nonce": link_nonce, "step_id": fin.step_id, "now": now}
                 if db.execute(Q["use_link"], params).rowcount != 1:
@@ -579,7 +580,7 @@ class Store:
             self._event(db, fin.workflow_id, fin.step_id, kind, now, data)
             if replay is not None:
                 db.execute(Q["save_decision_key"], {**replay.params(), "now": now})
-            return self._follow(db, fin, now)[0]
+            return self._follow(db, fin, now)
 
         return await self._write(op)
 

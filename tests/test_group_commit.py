@@ -185,6 +185,31 @@ async def test_due_steps_are_handed_off_without_a_claim(make_client):
     assert events.count("step_started") == 2
 
 
+async def test_the_step_after_an_approved_gate_is_handed_off(make_client):
+    client, app = await make_client()
+    claims: list[int] = []
+    store = app.state.store
+    original = store.claim_steps
+
+    async def counting_claim(limit: int, **kw: Any):
+        got = await original(limit, **kw)
+        claims.extend(s.id for s in got)
+        return got
+
+    store.claim_steps = counting_claim
+    body = {"name": "gated", "flow": {
+        "start": {"tool": None, "next": "b"},
+        "b": {"tool": "echo", "args": {"ok": "<<result.ok>>"}, "done": True},
+    }}  # fmt: skip
+    wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
+    wf = await wait_for(client, wf_id, lambda w: w["steps"][0]["awaiting"] == "ready")
+    gate = wf["steps"][0]["id"]
+    assert (await client.post(f"/api/workflow/{gate}/ready", json={"ok": 1})).status_code == 200
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed" and wf["steps"][1]["result_json"] == '{"ok":1}'
+    assert claims == []
+
+
 async def test_hand_off_respects_the_concurrency_limit(make_client):
     client, app = await make_client(concurrency=2)
     peak = 0
