@@ -115,6 +115,42 @@ class Submitter:
         await asyncio.gather(*(self._worker(requests) for _ in range(n)))
 
 
+class RawClient:
+    """One keep-alive connection for the timed requests of the latency runs.
+
+    httpx spends about a millisecond of its own per request, which would be most of
+    what is measured; the peers' latencies are measured through their in-process calls.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.conn is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conn = reader, writer
+        reader, writer = self.conn
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = _CONTENT_LENGTH.search(head)
+        answer = await reader.readexactly(int(length.group(1)) if length else 0)
+        if _CLOSE.search(head):
+            writer.close()
+            self.conn = None
+        return int(head[9:12]), answer
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn[1].close()
+            self.conn = None
+
+
 def bodies(n: int, offset: int = 0) -> list[bytes]:
     return [
         orjson.dumps({"name": "tput", "flow": TWO_STEP_FLOW, "input": {"n": offset + i}})
@@ -266,22 +302,22 @@ async def results(client: httpx.AsyncClient, wf_id: int) -> list[Any]:
     return [orjson.loads(s["result_json"]) if s["result_json"] else None for s in wf["steps"]]
 
 
-async def create(client: httpx.AsyncClient, flow: dict[str, Any]) -> int:
-    resp = await client.post("/api/workflow", json={"name": "lat", "flow": flow})
-    if resp.status_code != 201:
-        raise RuntimeError(f"create answered {resp.status_code}: {resp.text}")
-    return int(resp.json()["id"])
+async def create(raw: RawClient, flow: dict[str, Any]) -> int:
+    status, body = await raw.post("/api/workflow", orjson.dumps({"name": "lat", "flow": flow}))
+    if status != 201:
+        raise RuntimeError(f"create answered {status}: {body[:300]!r}")
+    return int(orjson.loads(body)["id"])
 
 
 async def chain_latency(
-    client: httpx.AsyncClient, conn: sqlite3.Connection, samples: int
+    client: httpx.AsyncClient, raw: RawClient, conn: sqlite3.Connection, samples: int
 ) -> tuple[list[float], list[float]]:
     """create -> step 1 started, and step 1 done -> step 2 started, from the same workflows."""
     first, following = [], []
     for _ in range(samples):
         await asyncio.sleep(0.01)  # idle between samples
         t0 = time.time_ns()
-        wf_id = await create(client, SPAN_TWO)
+        wf_id = await create(raw, SPAN_TWO)
         await wait_finished(conn, wf_id)
         s1, s2 = await results(client, wf_id)
         first.append((s1["start"] - t0) / 1e6)
@@ -290,12 +326,12 @@ async def chain_latency(
 
 
 async def ready_latency(
-    client: httpx.AsyncClient, conn: sqlite3.Connection, samples: int
+    client: httpx.AsyncClient, raw: RawClient, conn: sqlite3.Connection, samples: int
 ) -> list[float]:
     """POST .../ready sent -> the step after the gate starts (the API wakes the executor)."""
     out = []
     for _ in range(samples):
-        wf_id = await create(client, GATED)
+        wf_id = await create(raw, GATED)
         while True:  # until the gate waits; this polling is over before the clock starts
             wf = (await client.get(f"/api/workflow/{wf_id}")).json()
             if wf["steps"] and wf["steps"][0].get("awaiting") == "ready":
@@ -303,9 +339,9 @@ async def ready_latency(
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.01)
         t0 = time.time_ns()
-        resp = await client.post(f"/api/workflow/{wf['steps'][0]['id']}/ready")
-        if resp.status_code != 200:
-            raise RuntimeError(f"ready answered {resp.status_code}: {resp.text}")
+        status, body = await raw.post(f"/api/workflow/{wf['steps'][0]['id']}/ready")
+        if status != 200:
+            raise RuntimeError(f"ready answered {status}: {body[:300]!r}")
         await wait_finished(conn, wf_id)
         (_, after) = await results(client, wf_id)
         out.append((after["start"] - t0) / 1e6)
@@ -359,11 +395,13 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
                     timeout=30,
                 ) as client:
                     conn = read_only(tmp / "stepd.db")
-                    await chain_latency(client, conn, 10)  # warm-up
-                    await ready_latency(client, conn, 3)
-                    first, following = await chain_latency(client, conn, args.samples)
-                    ready = await ready_latency(client, conn, args.samples)
+                    raw = RawClient(port)
+                    await chain_latency(client, raw, conn, 10)  # warm-up
+                    await ready_latency(client, raw, conn, 3)
+                    first, following = await chain_latency(client, raw, conn, args.samples)
+                    ready = await ready_latency(client, raw, conn, args.samples)
                     poll = await poll_latency(tmp / "stepd.db", args.poll_samples, client)
+                    raw.close()
                     conn.close()
             except BaseException:
                 sys.stderr.write((tmp / "daemon.log").read_text(errors="replace")[-4000:])
