@@ -32,7 +32,7 @@ class Submission:
 
     name: str
     flow: flows.Flow
-    raw_flow: dict[str, Any]
+    flow_json: str
     input: dict[str, Any]
     warnings: list[str]
     notify_url: str | None = None
@@ -46,6 +46,7 @@ class Engine:
         self.registry = registry
         self.executor = executor
         self.max_states = max_states
+        self._flows = flows.ParseCache()
 
     # -- create and validate -----------------------------------------------------------
 
@@ -76,11 +77,17 @@ class Engine:
             errors.append("field 'input' must be an object")
         if len(name) > 200:
             errors.append("field 'name' must be at most 200 characters")
-        result = flows.parse(body["flow"], self.registry, self.max_states)
+        try:
+            flow_json = orjson.dumps(body["flow"]).decode()
+        except TypeError as exc:  # not from a JSON body (the parser refuses such numbers)
+            raise BadRequest(f"field 'flow' is not JSON: {exc}") from None
+        result = self._flows.parse(flow_json, self.registry, self.max_states, raw=body["flow"])
         errors += result.errors
         if errors or result.flow is None:
             return None, errors, result.warnings
-        sub = Submission(name, result.flow, body["flow"], input_, result.warnings, notify_url)
+        sub = Submission(
+            name, result.flow, flow_json, input_, result.warnings, notify_url
+        )
         return sub, [], result.warnings
 
     def validate(self, body: Any) -> dict[str, Any]:
@@ -108,7 +115,7 @@ class Engine:
         try:
             created = await self.store.create_workflow(
                 name=sub.name,
-                flow_json=orjson.dumps(sub.raw_flow).decode(),
+                flow_json=sub.flow_json,
                 input_json=orjson.dumps(sub.input).decode(),
                 created_by=created_by,
                 first=new_step(start, seq=1),

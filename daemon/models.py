@@ -27,14 +27,15 @@ class StepStatus(StrEnum):
 class _Row:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Self:
-        keys = row.keys()
-        return cls(**{name: row[name] for name in _names(cls) if name in keys})
+        return cls(**{name: row[i] for name, i in _columns(cls, tuple(row.keys()))})
 
 
-@functools.cache
-def _names(cls: type) -> tuple[str, ...]:
-    """A dataclass's field names (dataclasses.fields is slow on a hot path)."""
-    return tuple(f.name for f in fields(cls))
+@functools.lru_cache(maxsize=256)
+def _columns(cls: type, keys: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """(field, column index) for the fields of `cls` a query's columns have: worked out
+    once per query shape, not per row (this runs for every step the executor handles)."""
+    index = {key: i for i, key in enumerate(keys)}
+    return tuple((f.name, index[f.name]) for f in fields(cls) if f.name in index)
 
 
 @dataclass(frozen=True)

@@ -129,15 +129,17 @@ class Notifier:
         """Turn new events into outbox rows; the cursor moves in the same transaction."""
         if self.cursor is None:
             self.cursor = self.saved = await self.store.cursor(CURSOR)
-        while events := await self.store.events_after(self.cursor, limit=BATCH):
+        while True:
+            # Only the kinds of event that notify are read (in SQL); `up_to` says how far
+            # the log was covered, the others included.
+            events, up_to = await self.store.events_of_types(self.cursor, EVENTS, limit=BATCH)
             rows = []
             for event in events:
-                if event["type"] in EVENTS:
-                    rows += await self.rows_for(event, now)
+                rows += await self.rows_for(event, now)
             if rows:
-                await self.store.enqueue_deliveries(CURSOR, events[-1]["id"], rows)
-                self.saved, self.saved_at = events[-1]["id"], time.monotonic()
-            self.cursor = events[-1]["id"]
+                await self.store.enqueue_deliveries(CURSOR, up_to, rows)
+                self.saved, self.saved_at = up_to, time.monotonic()
+            self.cursor = up_to
             if len(events) < BATCH:
                 break
         # Events nobody watches still move the cursor, but not with a write per event.

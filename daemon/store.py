@@ -703,6 +703,24 @@ class Store:
             for r in rows
         ]
 
+    async def events_of_types(
+        self, after: int, types: Iterable[str], *, limit: int = 500
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Events of the given types with ids above `after`, oldest first, and the event id
+        up to which the log was read (events of other types included)."""
+        top = await self._one(Q["max_event_id"], {})
+        up_to = int(top[0]) if top and top[0] is not None else after
+        params = {"after": after, "up_to": up_to, "limit": limit,
+                  "types": orjson.dumps(sorted(types)).decode()}  # fmt: skip
+        rows = await self._all(Q["events_of_types_after"], params)
+        events = [
+            {**dict(r), "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
+            for r in rows
+        ]
+        if len(events) == limit:
+            up_to = events[-1]["id"]
+        return events, max(up_to, after)
+
     async def cursor(self, name: str) -> int:
         row = await self._one(Q["get_cursor"], {"name": name})
         return int(row[0]) if row else 0

@@ -923,3 +923,24 @@ def test_huge_integers_are_errors_not_exceptions(body: dict[str, Any]) -> None:
     # not fit a float; parse must report them, not raise OverflowError.
     v = parse({"start": body})
     assert v.flow is None or v.errors == []
+
+
+def test_parse_cache_returns_the_same_validation_for_the_same_text() -> None:
+    cache = flows.ParseCache(entries=2)
+    text = '{"start": {"tool": "echo", "args": {"x": "<<input.x>>"}, "done": true}}'
+    first = cache.parse(text, {"echo"})
+    assert first.flow is not None and cache.parse(text, {"echo"}) is first
+    # Invalid flows are not kept: every request gets its errors worked out afresh.
+    bad = '{"start": {"tool": "nope", "done": true}}'
+    assert cache.parse(bad, {"echo"}).errors and cache.parse(bad, {"echo"}) is not (
+        cache.parse(bad, {"echo"})
+    )
+    # Least recently used goes first.
+    other = '{"start": {"tool": "echo", "done": true}}'
+    third = '{"start": {"tool": "echo", "args": {}, "done": true}}'
+    cache.parse(other, {"echo"})
+    cache.parse(third, {"echo"})
+    assert cache.parse(text, {"echo"}) is not first
+    # Texts beyond max_text are parsed but not kept.
+    small = flows.ParseCache(max_text=10)
+    assert small.parse(text, {"echo"}) is not small.parse(text, {"echo"})

@@ -316,3 +316,24 @@ async def test_unwatched_events_only_move_the_cursor(
             assert time.monotonic() < deadline, "cursor did not advance"
             await asyncio.sleep(0.01)
     assert outbox(tmp_path) == []
+
+
+async def test_only_notifying_events_are_read_and_batches_page(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, client):
+        store = app.state.store
+        ids = []
+        for _ in range(3):
+            wf_id, gate = await start_gate(client)
+            await client.post(f"/api/workflow/{gate['id']}/ready")
+            await wait_for(client, wf_id)
+            ids.append(wf_id)
+        all_events = [e for wf in ids for e in await store.events(wf)]
+        wanted = [e["id"] for e in all_events if e["type"] in notify.EVENTS]
+        events, up_to = await store.events_of_types(0, notify.EVENTS, limit=1000)
+        assert [e["id"] for e in events] == wanted
+        assert up_to == max(e["id"] for e in all_events)  # the rest of the log was covered
+        # A full batch stops at its last event, so the next read carries on from there.
+        first, up_to = await store.events_of_types(0, notify.EVENTS, limit=2)
+        assert [e["id"] for e in first] == wanted[:2] and up_to == wanted[1]
+        rest, _ = await store.events_of_types(up_to, notify.EVENTS, limit=1000)
+        assert [e["id"] for e in rest] == wanted[2:]

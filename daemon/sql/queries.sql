@@ -206,6 +206,16 @@ WHERE workflow_id = :workflow_id ORDER BY id;
 SELECT id, workflow_id, step_id, type, at, data_json FROM events
 WHERE id > :after ORDER BY id LIMIT :limit;
 
+-- max_event_id --
+-- The newest event's id.
+SELECT max(id) FROM events;
+
+-- events_of_types_after --
+-- Events of some types (a JSON array) after an id and up to another, oldest first.
+SELECT id, workflow_id, step_id, type, at, data_json FROM events
+WHERE id > :after AND id <= :up_to AND type IN (SELECT value FROM json_each(:types))
+ORDER BY id LIMIT :limit;
+
 -- workflow_events_after --
 -- One workflow's events after an id, oldest first.
 SELECT id, workflow_id, step_id, type, at, data_json FROM events
