@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
@@ -103,11 +104,27 @@ class Engine:
         sub, errors, _ = self.check(body)
         if sub is None:
             raise Unprocessable("; ".join(errors))
-        start = sub.flow["start"]
         request_hash = None
         if idempotency_key is not None:
             canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
             request_hash = hashlib.sha256(canonical).hexdigest()
+        # Shielded: once the write is queued it may commit, and then its step must run
+        # even if this request is cancelled (the client went away).
+        created = await asyncio.shield(
+            self._insert(sub, created_by, idempotency_key, request_hash)
+        )
+        if created.conflict:
+            raise Conflict("Idempotency-Key was already used for a different request")
+        return created
+
+    async def _insert(
+        self,
+        sub: Submission,
+        created_by: str | None,
+        idempotency_key: str | None,
+        request_hash: str | None,
+    ) -> Created:
+        start = sub.flow["start"]
         # A free run slot: the first step is written as running and starts when the write
         # commits, without waiting for a claim.
         lease_ms = self.executor.reserve() if start.tool is not None else None
@@ -130,8 +147,6 @@ class Engine:
                     info = WorkflowInfo(created.id, sub.name, created_by, sub.flow, sub.input)
                     self.executor.remember(info)
                 self.executor.release(created.started if created is not None else None)
-        if created.conflict:
-            raise Conflict("Idempotency-Key was already used for a different request")
         if not created.replayed and lease_ms is None:
             self.executor.wake()
         return created
@@ -237,7 +252,12 @@ class Engine:
         return 200, answer
 
     async def _decide(self, fin: Finish, **decision: Any) -> bool:
-        """Store a decision; a next tool step starts at once when a run slot is free."""
+        """Store a decision; a next tool step starts at once when a run slot is free.
+
+        Shielded like create: a decision that commits must start its next step."""
+        return await asyncio.shield(self._decide_and_start(fin, **decision))
+
+    async def _decide_and_start(self, fin: Finish, **decision: Any) -> bool:
         lease_ms = None
         if fin.next_step is not None and fin.next_step.tool is not None:
             lease_ms = self.executor.reserve()

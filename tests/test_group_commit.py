@@ -210,6 +210,25 @@ async def test_the_step_after_an_approved_gate_is_handed_off(make_client):
     assert claims == []
 
 
+async def test_a_cancelled_create_whose_write_committed_still_runs_its_step(make_client):
+    client, app = await make_client(lease_s=60.0)
+    engine, store = app.state.engine, app.state.store
+    body = {"name": "c", "flow": {"start": {"tool": "echo", "args": {}, "done": True}}}
+    for _ in range(10):
+        task = asyncio.create_task(engine.create(body, created_by="james"))
+        for _ in range(3):  # let the write get queued (and maybe committed) first
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0.5)
+    # Whatever was written runs now, not after the 60 s lease of a step nobody runs.
+    listed = await store.list_workflows(limit=100)
+    assert listed, "no create was written at all: the test needs another timing"
+    for wf in listed:
+        assert (await wait_for(client, wf.id, timeout=2))["status"] == "completed"
+    assert app.state.executor.running == 0
+
+
 async def test_hand_off_respects_the_concurrency_limit(make_client):
     client, app = await make_client(concurrency=2)
     peak = 0
