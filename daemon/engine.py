@@ -18,6 +18,7 @@ from daemon.executor import (
     build_scope,
     failed_for_good,
     finish_for,
+    log_gate_waiting,
     new_step,
 )
 from daemon.models import Finish, Step, StepStatus
@@ -147,8 +148,10 @@ class Engine:
                     info = WorkflowInfo(created.id, sub.name, created_by, sub.flow, sub.input)
                     self.executor.remember(info)
                 self.executor.release(created.started if created is not None else None)
-        if not created.replayed and lease_ms is None:
-            self.executor.wake()
+        if not created.replayed:
+            log_gate_waiting(created.id, created.first_step_id, new_step(start, seq=1))
+            if lease_ms is None:
+                self.executor.wake()
         return created
 
     # -- gates and cancel -------------------------------------------------------------
@@ -268,6 +271,7 @@ class Engine:
             decided = await self.store.decide(fin, **decision)
             if decided is not None:
                 started = decided[1]
+                log_gate_waiting(fin.workflow_id, decided[0], fin.next_step)
         finally:
             if lease_ms is not None:
                 self.executor.release(started)

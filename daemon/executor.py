@@ -232,8 +232,10 @@ class Executor:
             return
         error = f"{reason}; out of attempts after attempt {step.attempt}"
         fin = failed_for_good(info, step, error, "Interrupted", self.config.step_limit)
-        if await self.store.finish_step(fin) is not None:
+        next_id = await self.store.finish_step(fin)
+        if next_id is not None:
             log.warning("failed: %s", error, extra=_fields(step))
+            log_gate_waiting(step.workflow_id, next_id, fin.next_step)
 
     async def _expire(self, gate: Step) -> None:
         """A gate waited past its timeout: it fails, and the flow goes to on_error or fails."""
@@ -241,8 +243,10 @@ class Executor:
         timeout = info.flow[gate.state].timeout or 0
         error = f"gate expired after {timeout:g}s without a decision"
         fin = failed_for_good(info, gate, error, "GateExpired", self.config.step_limit)
-        if await self.store.finish_step(fin) is not None:
+        next_id = await self.store.finish_step(fin)
+        if next_id is not None:
             log.info("gate expired", extra=_fields(gate))
+            log_gate_waiting(gate.workflow_id, next_id, fin.next_step)
 
     async def stop(self) -> None:
         """Stop claiming; let running steps finish within the grace period, requeue the rest."""
@@ -306,7 +310,9 @@ class Executor:
             written, started = await asyncio.shield(self._record(step, fin))
             if written is None:
                 log.info("late result discarded", extra=_fields(step))
-            elif started is not None:
+            else:
+                log_gate_waiting(step.workflow_id, written, fin.next_step)
+            if started is not None:
                 self._tasks.pop(step.id, None)
                 self._start(started, lag_s=0.0)
                 handed_off = True
@@ -569,6 +575,13 @@ def _fresh(args: Any) -> Any:
 def _clean(text: str) -> str:
     """Text that SQLite and JSON can store (lone surrogates escaped)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def log_gate_waiting(workflow_id: int, step_id: int, step: NewStep | None) -> None:
+    """The log line for a gate that was just written (gates start waiting when inserted)."""
+    if step is not None and step.tool is None and step_id:
+        log.info("gate waiting", extra={"workflow_id": workflow_id, "step_id": step_id,
+                                        "state": step.state, "attempt": 1})  # fmt: skip
 
 
 def _outcome(fin: Finish) -> str:

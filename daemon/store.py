@@ -133,6 +133,7 @@ class Created:
     replayed: bool  # an earlier request with the same Idempotency-Key made it
     conflict: bool = False  # same key, different request
     started: Step | None = None  # the first step, when it was handed to the executor
+    first_step_id: int = 0  # 0 for a replay
 
 
 class Store:
@@ -381,9 +382,8 @@ class Store:
             self._event(db, wf_id, None, "created", now, {"by": created_by})
             if start_lease_ms is not None and first.tool is not None:
                 started = self._insert_started(db, wf_id, first, now, start_lease_ms)
-                return Created(wf_id, False, started=started)
-            self._insert_step(db, wf_id, first, now)
-            return Created(wf_id, False)
+                return Created(wf_id, False, started=started, first_step_id=started.id)
+            return Created(wf_id, False, first_step_id=self._insert_step(db, wf_id, first, now))
 
         return await self._write(op)
 

@@ -171,6 +171,32 @@ async def test_the_executor_logs_a_failed_step_with_its_fields(tmp_path, restore
     assert {k: failed[0][k] for k in fields} == fields
 
 
+async def test_gates_log_when_they_start_waiting(tmp_path, restore_logging):
+    # A gate as the first state, and one after a tool step: both are written waiting.
+    stream = capture("json")
+    app = create_app(make_config(tmp_path))
+    flow = {"start": {"tool": None, "next": "work"},
+            "work": {"tool": "echo", "args": {}, "next": "check"},
+            "check": {"tool": None, "done": True}}  # fmt: skip
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://stepd", headers=auth()
+        ) as client:
+            wf_id = (await client.post("/api/workflow", json={"name": "g", "flow": flow})).json()[
+                "id"
+            ]
+            wf = await wait_for(client, wf_id, lambda w: w["steps"][0]["awaiting"] == "ready")
+            await client.post(f"/api/workflow/{wf['steps'][0]['id']}/ready")
+            wf = await wait_for(client, wf_id, lambda w: len(w["steps"]) == 3)
+    waiting = [line for line in json_lines(stream.getvalue()) if line["message"] == "gate waiting"]
+    expected = [
+        {"workflow_id": wf_id, "step_id": wf["steps"][i]["id"], "state": state, "attempt": 1}
+        for i, state in ((0, "start"), (2, "check"))
+    ]
+    assert [{k: line[k] for k in expected[0]} for line in waiting] == expected
+
+
 def test_log_format_is_checked():
     assert configuration.from_dict({}).log_format == "text"
     assert configuration.from_dict({"server": {"log_format": "json"}}).log_format == "json"
