@@ -132,7 +132,10 @@ class Notifier:
         while True:
             # Only the kinds of event that notify are read (in SQL); `up_to` says how far
             # the log was covered, the others included.
-            events, up_to = await self.store.events_of_types(self.cursor, EVENTS, limit=BATCH)
+            # Without an operator's URL only workflows with their own notify_url notify.
+            events, up_to = await self.store.events_of_types(
+                self.cursor, EVENTS, limit=BATCH, with_url_only=not self.config.webhook_url
+            )
             rows = []
             for event in events:
                 rows += await self.rows_for(event, now)

@@ -704,13 +704,14 @@ class Store:
         ]
 
     async def events_of_types(
-        self, after: int, types: Iterable[str], *, limit: int = 500
+        self, after: int, types: Iterable[str], *, limit: int = 500, with_url_only: bool = False
     ) -> tuple[list[dict[str, Any]], int]:
         """Events of the given types with ids above `after`, oldest first, and the event id
-        up to which the log was read (events of other types included)."""
+        up to which the log was read (events of other types included). With
+        `with_url_only`, only events of workflows that have a notify_url."""
         top = await self._one(Q["max_event_id"], {})
         up_to = int(top[0]) if top and top[0] is not None else after
-        params = {"after": after, "up_to": up_to, "limit": limit,
+        params = {"after": after, "up_to": up_to, "limit": limit, "with_url_only": with_url_only,
                   "types": orjson.dumps(sorted(types)).decode()}  # fmt: skip
         rows = await self._all(Q["events_of_types_after"], params)
         events = [

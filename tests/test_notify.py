@@ -337,3 +337,21 @@ async def test_only_notifying_events_are_read_and_batches_page(tmp_path: Path) -
         assert [e["id"] for e in first] == wanted[:2] and up_to == wanted[1]
         rest, _ = await store.events_of_types(up_to, notify.EVENTS, limit=1000)
         assert [e["id"] for e in rest] == wanted[2:]
+
+
+async def test_without_an_operator_url_only_workflows_with_their_own_url_are_read(
+    tmp_path: Path,
+) -> None:
+    echo = {"name": "e", "flow": {"start": {"tool": "echo", "args": {}, "done": True}}}
+    async with running(tmp_path) as (app, client):
+        store = app.state.store
+        plain = await client.post("/api/workflow", json=echo)
+        own = await client.post(
+            "/api/workflow", json={**echo, "notify_url": "http://127.0.0.1:9/hook"}
+        )
+        for resp in (plain, own):
+            await wait_for(client, resp.json()["id"])
+        events, _ = await store.events_of_types(0, notify.EVENTS, with_url_only=True)
+        assert {e["workflow_id"] for e in events} == {own.json()["id"]}
+        events, _ = await store.events_of_types(0, notify.EVENTS)
+        assert {e["workflow_id"] for e in events} == {plain.json()["id"], own.json()["id"]}

@@ -211,9 +211,11 @@ WHERE id > :after ORDER BY id LIMIT :limit;
 SELECT max(id) FROM events;
 
 -- events_of_types_after --
--- Events of some types (a JSON array) after an id and up to another, oldest first.
-SELECT id, workflow_id, step_id, type, at, data_json FROM events
+-- Events of some types (a JSON array) in (after, up_to], oldest first; maybe only of workflows with a notify_url.
+SELECT id, workflow_id, step_id, type, at, data_json FROM events e
 WHERE id > :after AND id <= :up_to AND type IN (SELECT value FROM json_each(:types))
+  AND (NOT :with_url_only OR EXISTS (SELECT 1 FROM workflows w
+                                     WHERE w.id = e.workflow_id AND w.notify_url IS NOT NULL))
 ORDER BY id LIMIT :limit;
 
 -- workflow_events_after --
