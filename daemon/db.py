@@ -18,6 +18,7 @@ commit and never wait for the writer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import sqlite3
 import time
@@ -46,7 +47,8 @@ def connect(path: Path, *, synchronous: str, busy_timeout_ms: int) -> sqlite3.Co
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
-    return exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    # The primary code: SQLITE_BUSY_RECOVERY, SQLITE_BUSY_SNAPSHOT ... are busy too.
+    return (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class WriteBatcher:
@@ -63,6 +65,7 @@ class WriteBatcher:
         self._stopping = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="stepd-commit")
         self._task: asyncio.Task[None] | None = None
+        self._commit_done = False  # set in the thread when the current COMMIT succeeded
         # The writer connection never waits on the loop: BEGIN fails at once when another
         # process holds the write lock, and is then retried in the thread with the timeout.
         conn.execute("PRAGMA busy_timeout = 0")
@@ -78,7 +81,7 @@ class WriteBatcher:
         locked), every operation in it gets that error and none of them changed anything.
         A caller cancelled before its turn is skipped.
         """
-        if self._stopping or self._task is None:
+        if self._stopping or self._task is None or self._task.done():
             raise sqlite3.ProgrammingError("the store is closed")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((op, fut))
@@ -95,28 +98,42 @@ class WriteBatcher:
         self._thread.shutdown(wait=True)
 
     async def _run(self) -> None:
-        while True:
-            if not self._queue:
-                if self._stopping:
-                    return
-                await self._has_work.wait()
-            self._has_work.clear()
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            if self._queue:
-                self._has_work.set()
-            live = [(op, fut) for op, fut in batch if not fut.done()]
-            if live:
-                await self._transaction(live)
+        try:
+            while True:
+                if not self._queue:
+                    if self._stopping:
+                        return
+                    await self._has_work.wait()
+                self._has_work.clear()
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                if self._queue:
+                    self._has_work.set()
+                live = [(op, fut) for op, fut in batch if not fut.done()]
+                if live:
+                    await self._transaction(live)
+        finally:
+            # However the writer ends (cancelled at loop teardown, a bug), nobody may wait
+            # forever for a write that will not run.
+            queued, self._queue = self._queue, []
+            for _, fut in queued:
+                if not fut.done():
+                    fut.set_exception(sqlite3.ProgrammingError("the store's writer stopped"))
 
     async def _transaction(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
         started = time.perf_counter()
         outcomes: list[tuple[asyncio.Future[Any], Any, Exception | None]] = []
+        self._commit_done = False
         try:
             await self._begin()
             for op, fut in batch:
                 outcomes.append((fut, *self._apply(op)))
-            await self._in_thread(self.conn.execute, "COMMIT")
+            await self._in_thread(self._commit)
         except BaseException as exc:  # noqa: BLE001 - every caller must hear of it
+            if self._commit_done:
+                # Cancelled while the COMMIT went through: the writes are durable, and
+                # their callers must hear that, not an error (a retry would repeat them).
+                self._resolve(outcomes, time.perf_counter() - started)
+                raise
             self._rollback()
             error = exc if isinstance(exc, Exception) else _aborted(exc)
             for _, fut in batch:
@@ -125,6 +142,15 @@ class WriteBatcher:
             if not isinstance(exc, Exception):
                 raise
             return
+        self._resolve(outcomes, time.perf_counter() - started)
+
+    def _commit(self) -> None:
+        self.conn.execute("COMMIT")
+        self._commit_done = True
+
+    def _resolve(
+        self, outcomes: list[tuple[asyncio.Future[Any], Any, Exception | None]], seconds: float
+    ) -> None:
         for fut, value, failure in outcomes:
             if fut.done():
                 continue  # the caller gave up after its change was made: it stays made
@@ -132,7 +158,7 @@ class WriteBatcher:
                 fut.set_result(value)
             else:
                 fut.set_exception(failure)
-        self._on_commit(time.perf_counter() - started, len(outcomes))
+        self._on_commit(seconds, len(outcomes))
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking call on the connection in the commit thread. If this task is
@@ -140,10 +166,10 @@ class WriteBatcher:
         again only when the thread is done with it (a COMMIT cannot be interrupted)."""
         job = self._thread.submit(fn, *args)
         try:
-            return await asyncio.wrap_future(job)
+            # Shielded, so a cancellation never cancels the job before it starts either.
+            return await asyncio.shield(asyncio.wrap_future(job))
         except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                job.result()
+            concurrent.futures.wait([job])
             raise
 
     async def _begin(self) -> None:

@@ -67,7 +67,10 @@ class Executor:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: dict[int, tuple[asyncio.Task[None], Step]] = {}
+        self._cancelled_ids: OrderedDict[int, bool] = OrderedDict()
         self._reserved = 0  # slots promised to hand-offs whose write has not committed yet
+        self._records: set[asyncio.Future[Any]] = set()  # outcome writes (and give-backs) under way
+        self._grace_over = False  # stop(): running steps are being cancelled
         self._infos: OrderedDict[int, WorkflowInfo] = OrderedDict()
         self._flows = flows.ParseCache()
         self._threads = ThreadPoolExecutor(config.concurrency, thread_name_prefix="stepd-tool")
@@ -84,6 +87,7 @@ class Executor:
     def start(self) -> None:
         """Start the loop (again, after a stop: a lifespan may run more than once)."""
         self._stopping = asyncio.Event()
+        self._grace_over = False
         self._wake = asyncio.Event()
         if self._threads._shutdown:
             self._threads = ThreadPoolExecutor(self.config.concurrency,
@@ -129,9 +133,42 @@ class Executor:
             self._wake.set()  # queued instead (or nothing was written): claim it
 
     def _start(self, step: Step, *, lag_s: float) -> None:
+        if self._cancelled_ids.pop(step.id, None) is not None:
+            self._wake.set()
+            return  # its workflow was cancelled in the transaction that started it
+        if self._grace_over:
+            self._give_back(step)  # written as running while stop() cancels: never started
+            return
         metrics.claimed(lag_s)
         task = asyncio.create_task(self._run(step), name=f"step-{step.id}")
         self._tasks[step.id] = (task, step)
+
+        def done(t: asyncio.Task[None], sid: int = step.id) -> None:
+            entry = self._tasks.get(sid)
+            if entry is not None and entry[0] is t:  # e.g. cancelled before it ever ran
+                del self._tasks[sid]
+                self._wake.set()
+
+        task.add_done_callback(done)
+
+    def _give_back(self, step: Step) -> None:
+        """Return a step that was written as running but never started to the queue, its
+        attempt not counted (stop() waits for this write)."""
+
+        async def give_back() -> None:
+            try:
+                if await self.store.unstart(step, "not started: the daemon is stopping"):
+                    log.info("requeued, not started: the daemon is stopping",
+                             extra=_fields(step))  # fmt: skip
+            except sqlite3.Error as exc:  # the store closed: its lease runs out instead
+                log.warning("could not requeue a step that did not start (%s)", exc,
+                            extra=_fields(step))  # fmt: skip
+
+        self._track(asyncio.ensure_future(give_back()))
+
+    def _track(self, write: asyncio.Future[Any]) -> None:
+        self._records.add(write)
+        write.add_done_callback(self._records.discard)
 
     async def run(self) -> None:
         """Tick until stopped: on wake, on the poll interval, or when a retry is due."""
@@ -182,9 +219,12 @@ class Executor:
             return None
         if not await self.store.has_due(now=now_):
             return await self.store.next_due()  # a read: no write transaction for nothing
-        claimed = await self.store.claim_steps(
-            min(free, self.config.claim_batch), lease_ms=self._lease_ms, now=now
-        )
+        want = min(free, self.config.claim_batch)
+        self._reserved += want  # hand-offs reserving meanwhile must see these slots as taken
+        try:
+            claimed = await self.store.claim_steps(want, lease_ms=self._lease_ms, now=now)
+        finally:
+            self._reserved -= want
         for step in claimed:
             if step.tool is None:
                 log.info("gate waiting", extra=_fields(step))
@@ -264,13 +304,25 @@ class Executor:
                 self.config.shutdown_grace,
                 len(pending),
             )
-            await asyncio.wait(pending, timeout=self.config.shutdown_grace)
+            # Steps handed off while we wait (a finish already in flight) get the grace too.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.shutdown_grace
+            while (running := [t for t, _ in self._tasks.values() if not t.done()]) and (
+                left := deadline - loop.time()
+            ) > 0:
+                await asyncio.wait(running, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        self._grace_over = True
         leftovers = list(self._tasks.values())
         for task, _ in leftovers:
             task.cancel()
         if leftovers:
             # A tool that swallows cancellation must not hold up the exit.
             await asyncio.wait([t for t, _ in leftovers], timeout=1.0)
+        # Outcome writes of cancelled steps go on (shielded); a next step one of them wrote
+        # as running is given back to the queue. Bounded: the database may be locked.
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while self._records and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(list(self._records), timeout=left)
         for _, step in leftovers:
             await self.recover_step(step, "interrupted at shutdown after the grace period")
         # Threads of sync tools cannot be interrupted; `stepd serve` exits without
@@ -283,6 +335,10 @@ class Executor:
             entry = self._tasks.get(step_id)
             if entry is not None:
                 entry[0].cancel()
+            else:  # maybe handed off in the same commit and not started yet
+                self._cancelled_ids[step_id] = True
+                while len(self._cancelled_ids) > 4096:
+                    self._cancelled_ids.popitem(last=False)
 
     # -- running one step ------------------------------------------------------------
 
@@ -306,8 +362,15 @@ class Executor:
             if nxt is not None and nxt.tool is not None and not self._stopping.is_set():
                 # This task's slot passes to the next step: written as running, started now.
                 fin = replace(fin, start_next_lease_ms=self._lease_ms)
-            # Shielded: a cancellation arriving now must not lose the outcome.
-            written, started = await asyncio.shield(self._record(step, fin))
+            # Shielded: a cancellation arriving now must not lose the outcome, nor the next
+            # step it writes as running (given back to the queue if this task is gone).
+            record = asyncio.ensure_future(self._record(step, fin))
+            self._track(record)
+            try:
+                written, started = await asyncio.shield(record)
+            except asyncio.CancelledError:
+                record.add_done_callback(self._orphaned)
+                raise
             if written is None:
                 log.info("late result discarded", extra=_fields(step))
             else:
@@ -321,10 +384,25 @@ class Executor:
             if not handed_off:
                 self._wake.set()  # a slot is free, and maybe a next step is due
 
+    def _orphaned(self, record: asyncio.Future[Any]) -> None:
+        """An outcome write whose step task was cancelled: give back what it started."""
+        if not record.cancelled() and record.exception() is None:
+            _, started = record.result()
+            if started is not None:
+                self._give_back(started)
+
     async def _record(self, step: Step, fin: Finish) -> tuple[int | None, Step | None]:
-        """Write an outcome; while the database is busy or locked, keep trying with backoff."""
+        """Write an outcome; while the database is busy or locked, keep trying with backoff.
+
+        (None, None) when nothing was written: the attempt no longer owns the step, or the
+        store was closed (shutdown; the step's lease runs out and recovery requeues it).
+        """
         delay = 0.05
+        fell_back = False
         while True:
+            if not self.store.is_open:
+                log.warning("outcome not recorded: the store is closed", extra=_fields(step))
+                return None, None
             try:
                 return await self.store.finish_and_start(fin)
             except sqlite3.OperationalError as exc:  # locked / busy past busy_timeout, disk full
@@ -333,9 +411,13 @@ class Executor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except (sqlite3.Error, OverflowError, UnicodeError, ValueError) as exc:
+                if fell_back or not self.store.is_open:
+                    log.exception("cannot store even a failure", extra=_fields(step))
+                    return None, None
                 # The outcome itself cannot be stored: record a plain failure instead.
                 log.exception("cannot store the outcome", extra=_fields(step))
                 fin = _crashed(step, f"internal error: the outcome could not be stored: {exc}")
+                fell_back = True
 
     async def _attempt(self, step: Step) -> Finish:
         info = await self.workflow_info(step.workflow_id)

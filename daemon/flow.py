@@ -128,7 +128,7 @@ class ParseCache:
     registry: validity depends on which tools exist.
     """
 
-    def __init__(self, entries: int = 256, max_text: int = 64 * 1024) -> None:
+    def __init__(self, entries: int = 256, max_text: int = 16 * 1024) -> None:
         self.entries = entries
         self.max_text = max_text
         self._parsed: OrderedDict[tuple[str, int], Validation] = OrderedDict()

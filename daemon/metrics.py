@@ -159,11 +159,11 @@ def committed(seconds: float, batch_size: int) -> None:
 async def refresh(store: Store, *, now: int | None = None) -> None:
     """Set the gauges that describe the database now."""
     now = now_ms() if now is None else now
-    pending = list(await store._all(PENDING_SQL, {"now": now}))[0]
+    pending = list(await store.read_slow(PENDING_SQL, {"now": now}))[0]
     STEPS_RUNNABLE.set(pending["due"])
     STEPS_DELAYED.set(pending["total"] - pending["due"])
-    STEPS_RUNNING.set(list(await store._all(RUNNING_SQL, {}))[0]["n"])
-    waiting = {row["awaiting"]: row["n"] for row in await store._all(WAITING_SQL, {})}
+    STEPS_RUNNING.set(list(await store.read_slow(RUNNING_SQL, {}))[0]["n"])
+    waiting = {row["awaiting"]: row["n"] for row in await store.read_slow(WAITING_SQL, {})}
     GATES_WAITING.set(waiting.get("ready", 0))
     DECISIONS_WAITING.set(waiting.get("decision", 0))
     counts = {row["status"]: row["n"] for row in await store.read_slow(WORKFLOWS_SQL, {})}

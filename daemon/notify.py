@@ -133,7 +133,7 @@ class Notifier:
             # Only the kinds of event that notify are read (in SQL); `up_to` says how far
             # the log was covered, the others included.
             # Without an operator's URL only workflows with their own notify_url notify.
-            events, up_to = await self.store.events_of_types(
+            events, up_to, caught_up = await self.store.events_of_types(
                 self.cursor, EVENTS, limit=BATCH, with_url_only=not self.config.webhook_url
             )
             rows = []
@@ -143,7 +143,7 @@ class Notifier:
                 await self.store.enqueue_deliveries(CURSOR, up_to, rows)
                 self.saved, self.saved_at = up_to, time.monotonic()
             self.cursor = up_to
-            if len(events) < BATCH:
+            if caught_up:
                 break
         # Events nobody watches still move the cursor, but not with a write per event.
         if self.cursor != self.saved and time.monotonic() - self.saved_at >= SAVE_EVERY_S:

@@ -14,6 +14,7 @@ import fcntl
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -145,8 +146,11 @@ class Store:
         self.busy_timeout_ms = busy_timeout_ms
         self._writes: dblib.WriteBatcher | None = None
         self._reader: Conn | None = None  # small indexed reads, on the loop
-        self._slow_reader: Conn | None = None  # scans (metrics), in a thread
-        self._slow_thread: ThreadPoolExecutor | None = None
+        # Reads that may be big or scan (metrics, a workflow's steps): off the loop, each
+        # thread of the pool with a connection of its own.
+        self._slow_pool: ThreadPoolExecutor | None = None
+        self._slow_local = threading.local()
+        self._slow_conns: list[Conn] = []
         self._last_id = 0
         self._owner_fd: int | None = None
         self._changed = asyncio.Event()  # set, and replaced, after every commit
@@ -174,11 +178,10 @@ class Store:
             (row,) = writer.execute(Q["max_id"]).fetchall()
             self._last_id = int(row[0]) if row else 0
             self._reader = self._connect()
-            self._slow_reader = self._connect()
         except BaseException:
             self._release_ownership()
             raise
-        self._slow_thread = ThreadPoolExecutor(1, thread_name_prefix="stepd-read")
+        self._slow_pool = ThreadPoolExecutor(2, thread_name_prefix="stepd-read")
         self._writes = dblib.WriteBatcher(
             writer, busy_timeout_ms=self.busy_timeout_ms, on_commit=self._committed
         )
@@ -220,13 +223,14 @@ class Store:
             writes, self._writes = self._writes, None
             await writes.close()
             writes.conn.close()
-        if self._slow_thread is not None:
-            self._slow_thread.shutdown(wait=True)
-            self._slow_thread = None
-        for conn in (self._reader, self._slow_reader):
+        if self._slow_pool is not None:
+            self._slow_pool.shutdown(wait=True)
+            self._slow_pool = None
+        for conn in [self._reader, *self._slow_conns]:
             if conn is not None:
                 conn.close()
-        self._reader = self._slow_reader = None
+        self._reader, self._slow_conns = None, []
+        self._slow_local = threading.local()
         self._release_ownership()
 
     @staticmethod
@@ -273,12 +277,18 @@ class Store:
         return self._reader.execute(sql, params).fetchall()
 
     async def read_slow(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
-        """All rows of a query that may scan (counts for /metrics), off the loop."""
-        if self._slow_reader is None or self._slow_thread is None:
+        """All rows of a query that may scan or return much (counts for /metrics, a
+        workflow's steps with their results), read in a thread."""
+        if self._slow_pool is None:
             raise sqlite3.ProgrammingError("the store is not open")
-        conn = self._slow_reader
-        job = self._slow_thread.submit(lambda: conn.execute(sql, params).fetchall())
-        return await asyncio.wrap_future(job)
+        return await asyncio.wrap_future(self._slow_pool.submit(self._read_here, sql, params))
+
+    def _read_here(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        conn = getattr(self._slow_local, "conn", None)
+        if conn is None:
+            conn = self._slow_local.conn = self._connect()
+            self._slow_conns.append(conn)  # list.append is atomic; closed by close()
+        return conn.execute(sql, params).fetchall()
 
     @staticmethod
     def _event(
@@ -324,11 +334,12 @@ class Store:
     ) -> Step:
         """Insert a tool step as running under a lease (see Finish.start_next_lease_ms)."""
         assert step.tool is not None, "a gate cannot be started"
+        started_at = max(now, now_ms())  # the lease runs from the transaction, not the request
         row = db.execute(
             Q["insert_started_step"],
             {"id": self._new_id(now), "workflow_id": workflow_id, "state": step.state,
              "name": step.name, "tool": step.tool, "seq": step.seq, "now": now,
-             "lease_ms": lease_ms},
+             "started_at": started_at, "lease_ms": lease_ms},
         ).fetchone()  # fmt: skip
         started = Step.from_row(row)
         self._event(db, workflow_id, started.id, "step_started", now,
@@ -399,7 +410,8 @@ class Store:
         return [Workflow.from_row(r) for r in await self._all(sql, params)]
 
     async def steps(self, workflow_id: int) -> list[Step]:
-        rows = await self._all(Q["workflow_steps"], {"workflow_id": workflow_id})
+        # In a thread: results may add up to many megabytes for a long workflow.
+        rows = await self.read_slow(Q["workflow_steps"], {"workflow_id": workflow_id})
         return [Step.from_row(r) for r in rows]
 
     async def get_step(self, step_id: int) -> Step | None:
@@ -438,18 +450,19 @@ class Store:
     ) -> list[Step]:
         """Claim up to `limit` due pending steps; tools become running under a lease, gates
         start waiting."""
-        now = now_ms() if now is None else now
-        params = {"now": now, "limit": limit, "lease_ms": lease_ms}
 
         def op(db: Conn) -> list[Step]:
+            # The time the transaction runs, not when it was queued: leases start now.
+            at = now_ms() if now is None else now
+            params = {"now": at, "limit": limit, "lease_ms": lease_ms}
             rows = [Step.from_row(r) for r in db.execute(Q["claim_steps"], params).fetchall()]
             for step in rows:
                 if step.tool is None:
                     self._event(
-                        db, step.workflow_id, step.id, "gate_waiting", now, {"state": step.state}
+                        db, step.workflow_id, step.id, "gate_waiting", at, {"state": step.state}
                     )
                 else:
-                    self._event(db, step.workflow_id, step.id, "step_started", now,
+                    self._event(db, step.workflow_id, step.id, "step_started", at,
                                 {"state": step.state, "attempt": step.attempt})  # fmt: skip
             rows.sort(key=lambda s: s.id)
             return rows
@@ -608,6 +621,11 @@ class Store:
         data = {"attempt": step.attempt, "reason": reason}
         return await self._step_change("requeue_step", step, {}, "step_requeued", data, now)
 
+    async def unstart(self, step: Step, reason: str, *, now: int | None = None) -> bool:
+        """Queue again a step written as running that never started: its attempt not counted."""
+        data = {"attempt": step.attempt, "reason": reason}
+        return await self._step_change("unstart_step", step, {}, "step_requeued", data, now)
+
     async def await_decision(self, step: Step, reason: str, *, now: int | None = None) -> bool:
         """An interrupted non-idempotent step waits for a person to retry or fail it."""
         data = {"attempt": step.attempt, "reason": reason}
@@ -704,13 +722,21 @@ class Store:
         ]
 
     async def events_of_types(
-        self, after: int, types: Iterable[str], *, limit: int = 500, with_url_only: bool = False
-    ) -> tuple[list[dict[str, Any]], int]:
-        """Events of the given types with ids above `after`, oldest first, and the event id
-        up to which the log was read (events of other types included). With
-        `with_url_only`, only events of workflows that have a notify_url."""
-        top = await self._one(Q["max_event_id"], {})
-        up_to = int(top[0]) if top and top[0] is not None else after
+        self,
+        after: int,
+        types: Iterable[str],
+        *,
+        limit: int = 500,
+        with_url_only: bool = False,
+        span: int = 20_000,
+    ) -> tuple[list[dict[str, Any]], int, bool]:
+        """Events of the given types with ids above `after`, oldest first; the event id up
+        to which the log was read (events of other types included); and whether that is
+        the newest event. One call reads at most `span` ids of the log (a few ms on the
+        loop), so catching up after a long time goes in steps."""
+        top_row = await self._one(Q["max_event_id"], {})
+        top = int(top_row[0]) if top_row and top_row[0] is not None else after
+        up_to = min(top, after + span)
         params = {"after": after, "up_to": up_to, "limit": limit, "with_url_only": with_url_only,
                   "types": orjson.dumps(sorted(types)).decode()}  # fmt: skip
         rows = await self._all(Q["events_of_types_after"], params)
@@ -720,7 +746,8 @@ class Store:
         ]
         if len(events) == limit:
             up_to = events[-1]["id"]
-        return events, max(up_to, after)
+        up_to = max(up_to, after)
+        return events, up_to, up_to >= top
 
     async def cursor(self, name: str) -> int:
         row = await self._one(Q["get_cursor"], {"name": name})

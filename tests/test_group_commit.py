@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from daemon.models import NewStep
+from daemon.models import Finish, NewStep, StepStatus, WorkflowStatus
 from daemon.store import Store
 from tests.helpers import wait_for
 
@@ -248,3 +249,41 @@ async def test_hand_off_respects_the_concurrency_limit(make_client):
             done += wf["status"] == "completed"
         await asyncio.sleep(0.02)
     assert peak == 2
+
+
+async def test_a_writer_cancelled_during_commit_reports_what_committed(store: Store):
+    # The COMMIT goes through in its thread while the writer task is cancelled (loop
+    # teardown): its callers learn the truth, and later writes fail instead of hanging.
+    batcher = store._writes
+    real_commit = batcher._commit
+
+    def slow_commit() -> None:
+        time.sleep(0.2)
+        real_commit()
+
+    batcher._commit = slow_commit
+    write = asyncio.create_task(create(store, "committed"))
+    await asyncio.sleep(0.05)  # in its COMMIT now
+    batcher._task.cancel()
+    wf_id = await write
+    assert count_rows(store.path, "workflows") == 1 and wf_id > 0
+    with pytest.raises(sqlite3.ProgrammingError):
+        await asyncio.wait_for(create(store, "later"), 2)
+    batcher._task = None  # already finished; let close() carry on
+
+
+async def test_an_outcome_is_not_retried_forever_once_the_store_is_closed(make_client):
+    client, app = await make_client()
+    executor, store = app.state.executor, app.state.store
+    body = {"name": "g", "flow": {"start": {"tool": None, "done": True}}}
+    wf = await wait_for(
+        client,
+        (await client.post("/api/workflow", json=body)).json()["id"],
+        lambda w: w["steps"][0]["awaiting"] == "ready",
+    )
+    step = await store.get_step(wf["steps"][0]["id"])
+    await store.close()
+    fin = Finish(step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt,
+                 status=StepStatus.DONE, workflow_status=WorkflowStatus.COMPLETED)  # fmt: skip
+    assert await asyncio.wait_for(executor._record(step, fin), 2) == (None, None)
+    await store.open()  # for the fixture's shutdown

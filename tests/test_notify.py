@@ -329,14 +329,20 @@ async def test_only_notifying_events_are_read_and_batches_page(tmp_path: Path) -
             ids.append(wf_id)
         all_events = [e for wf in ids for e in await store.events(wf)]
         wanted = [e["id"] for e in all_events if e["type"] in notify.EVENTS]
-        events, up_to = await store.events_of_types(0, notify.EVENTS, limit=1000)
+        events, up_to, caught_up = await store.events_of_types(0, notify.EVENTS, limit=1000)
         assert [e["id"] for e in events] == wanted
-        assert up_to == max(e["id"] for e in all_events)  # the rest of the log was covered
+        assert up_to == max(e["id"] for e in all_events) and caught_up  # the log was covered
         # A full batch stops at its last event, so the next read carries on from there.
-        first, up_to = await store.events_of_types(0, notify.EVENTS, limit=2)
-        assert [e["id"] for e in first] == wanted[:2] and up_to == wanted[1]
-        rest, _ = await store.events_of_types(up_to, notify.EVENTS, limit=1000)
+        first, up_to, caught_up = await store.events_of_types(0, notify.EVENTS, limit=2)
+        assert [e["id"] for e in first] == wanted[:2] and up_to == wanted[1] and not caught_up
+        rest, _, _ = await store.events_of_types(up_to, notify.EVENTS, limit=1000)
         assert [e["id"] for e in rest] == wanted[2:]
+        # A bounded span: the log is read in steps, none skipped.
+        seen, cursor, caught_up = [], 0, False
+        while not caught_up:
+            got, cursor, caught_up = await store.events_of_types(cursor, notify.EVENTS, span=3)
+            seen += [e["id"] for e in got]
+        assert seen == wanted
 
 
 async def test_without_an_operator_url_only_workflows_with_their_own_url_are_read(
@@ -351,7 +357,7 @@ async def test_without_an_operator_url_only_workflows_with_their_own_url_are_rea
         )
         for resp in (plain, own):
             await wait_for(client, resp.json()["id"])
-        events, _ = await store.events_of_types(0, notify.EVENTS, with_url_only=True)
+        events, _, _ = await store.events_of_types(0, notify.EVENTS, with_url_only=True)
         assert {e["workflow_id"] for e in events} == {own.json()["id"]}
-        events, _ = await store.events_of_types(0, notify.EVENTS)
+        events, _, _ = await store.events_of_types(0, notify.EVENTS)
         assert {e["workflow_id"] for e in events} == {plain.json()["id"], own.json()["id"]}

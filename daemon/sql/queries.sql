@@ -32,8 +32,8 @@ VALUES (:id, :workflow_id, :state, :name, :tool,
 -- A tool step handed straight to this process: running under a lease, attempt 1.
 INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt, run_at,
                    created_at, started_at, lease_until)
-VALUES (:id, :workflow_id, :state, :name, :tool, 'running', :seq, 1, :now, :now, :now,
-        :now + :lease_ms)
+VALUES (:id, :workflow_id, :state, :name, :tool, 'running', :seq, 1, :now, :now, :started_at,
+        :started_at + :lease_ms)
 RETURNING *;
 
 -- insert_event --
@@ -157,6 +157,12 @@ WHERE id = :id AND status = 'running' AND attempt = :attempt;
 -- requeue_step --
 -- Put one running attempt back in the queue.
 UPDATE steps SET status = 'pending', run_at = :now, lease_until = NULL
+WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
+
+-- unstart_step --
+-- Put a running step that never started back in the queue, giving back its attempt.
+UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = :now, started_at = NULL,
+                 lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
 -- await_decision --
