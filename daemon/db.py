@@ -93,7 +93,7 @@ class WriteBatcher:
         self._stopping = True
         self._has_work.set()
         if self._task is not None:
-            await self._task
+            await asyncio.wait([self._task])  # ended already if it was cancelled: no raise
             self._task = None
         self._thread.shutdown(wait=True)
 
