@@ -437,7 +437,6 @@ class Executor:
             result = await self._call(step, _fresh(args), info)
             result_json = self._encode(result)
         except StepFailed as exc:
-            log.warning("step failed: %s", exc, extra=_fields(step))
             return self._failure(info, step, exc)
         if state.branch:
             scope = scope if scope is not None else await self.scope(info, step)
@@ -522,6 +521,8 @@ class Executor:
             rand=_jitter.random(),
         )
         if isinstance(move, flows.RetryLater):
+            log.warning("step failed: %s; retrying in %.3gs", exc, move.delay_s,
+                        extra=_fields(step))  # fmt: skip
             return Finish(
                 step_id=step.id,
                 workflow_id=step.workflow_id,
@@ -531,9 +532,13 @@ class Executor:
                 error_type=exc.type,
                 retry_at=now_ms() + int(min(move.delay_s, flows.MAX_SECONDS) * 1000),
             )
-        return self._finish(
+        finish = self._finish(
             info, step, move, StepStatus.FAILED, error=str(exc), error_type=exc.type
         )
+        then = (f"next: {finish.next_step.state}" if finish.next_step is not None
+                else "the workflow fails")  # fmt: skip
+        log.warning("step failed: %s; %s", exc, then, extra=_fields(step))
+        return finish
 
     def _finish(
         self, info: WorkflowInfo, step: Step, move: flows.Move, status: StepStatus, **fields: Any

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,38 @@ async def test_the_executor_logs_a_failed_step_with_its_fields(tmp_path, restore
     step = wf["steps"][0]
     fields = {"workflow_id": wf["id"], "step_id": step["id"], "state": "start", "attempt": 1}
     assert {k: failed[0][k] for k in fields} == fields
+
+
+async def test_a_failed_step_says_what_happens_next(tmp_path, restore_logging):
+    # Retried, then handed to on_error; and in another workflow, failed for good.
+    stream = capture("json")
+    flaky_then_on_error = {
+        "name": "retry-then-recover",
+        "flow": {
+            "start": {"tool": "fail", "args": {"message": "boom"},
+                      "retry": {"max_attempts": 2, "backoff_s": 0.01},
+                      "on_error": "recover", "done": True},
+            "recover": {"tool": "echo", "done": True},
+        },
+    }  # fmt: skip
+    app = create_app(make_config(tmp_path, tool_modules=("tests.sample_tools",)))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://stepd", headers=auth()
+        ) as client:
+            first = await client.post("/api/workflow", json=flaky_then_on_error)
+            assert (await wait_for(client, first.json()["id"]))["status"] == "completed"
+            second = await client.post("/api/workflow", json=BROKEN)
+            assert (await wait_for(client, second.json()["id"]))["status"] == "failed"
+    failed = [line for line in json_lines(stream.getvalue()) if line.get("step_id")
+              and line["message"].startswith("step failed")]  # fmt: skip
+    assert [line["attempt"] for line in failed] == [1, 2, 1]
+    assert re.fullmatch(r"step failed: boom; retrying in 0\.0\d+s", failed[0]["message"])
+    assert failed[1]["message"] == "step failed: boom; next: recover"
+    assert failed[2]["message"].startswith("step failed: args: undefined")
+    assert failed[2]["message"].endswith("; the workflow fails")
+    assert failed[2]["workflow_id"] == second.json()["id"]
 
 
 async def test_gates_log_when_they_start_waiting(tmp_path, restore_logging):
