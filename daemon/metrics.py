@@ -17,11 +17,15 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder
 
 from daemon.store import Store, now_ms
 
+# No `*_created` series beside every counter and histogram: they double what a scrape
+# carries and Prometheus does not use them.
+disable_created_metrics()
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # RSS, CPU seconds, open files
 PlatformCollector(registry=REGISTRY)  # the Python version
@@ -99,25 +103,6 @@ WORKFLOWS = Gauge(
     "stepd_workflows", "Workflows in the database, by status", ["status"], registry=REGISTRY
 )
 
-# The step queries read one partial index each (see daemon/sql/migrations), never the
-# finished rows, so they run on the loop. Counting workflows by status scans the covering
-# index workflows_status, finished ones included (~65 ms per million rows): that one runs
-# on the store's slow-read connection, in a thread.
-PENDING_SQL = """
-SELECT count(*) AS total, coalesce(sum(run_at <= :now), 0) AS due
-FROM steps WHERE status = 'pending'
-"""  # steps_runnable
-RUNNING_SQL = """
-SELECT count(*) AS n FROM steps WHERE status = 'running' AND awaiting IS NULL
-"""  # steps_leases
-WAITING_SQL = """
-SELECT awaiting, count(*) AS n FROM steps
-WHERE awaiting IS NOT NULL AND status = 'running' GROUP BY awaiting
-"""  # steps_waiting
-WORKFLOWS_SQL = """
-SELECT status, count(*) AS n FROM workflows GROUP BY status
-"""  # workflows_status (covering)
-
 _started: dict[str, Any] = {}
 _finished: dict[tuple[str, str], Any] = {}
 _durations: dict[str, Any] = {}
@@ -158,17 +143,14 @@ def committed(seconds: float, batch_size: int) -> None:
 
 async def refresh(store: Store, *, now: int | None = None) -> None:
     """Set the gauges that describe the database now."""
-    now = now_ms() if now is None else now
-    pending = list(await store.read_slow(PENDING_SQL, {"now": now}))[0]
-    STEPS_RUNNABLE.set(pending["due"])
-    STEPS_DELAYED.set(pending["total"] - pending["due"])
-    STEPS_RUNNING.set(list(await store.read_slow(RUNNING_SQL, {}))[0]["n"])
-    waiting = {row["awaiting"]: row["n"] for row in await store.read_slow(WAITING_SQL, {})}
-    GATES_WAITING.set(waiting.get("ready", 0))
-    DECISIONS_WAITING.set(waiting.get("decision", 0))
-    counts = {row["status"]: row["n"] for row in await store.read_slow(WORKFLOWS_SQL, {})}
+    gauges = await store.gauges(now_ms() if now is None else now)
+    STEPS_RUNNABLE.set(gauges.runnable)
+    STEPS_DELAYED.set(gauges.delayed)
+    STEPS_RUNNING.set(gauges.running)
+    GATES_WAITING.set(gauges.gates_waiting)
+    DECISIONS_WAITING.set(gauges.decisions_waiting)
     for status in WORKFLOW_STATUSES:
-        WORKFLOWS.labels(status=status).set(counts.get(status, 0))
+        WORKFLOWS.labels(status=status).set(gauges.workflows.get(status, 0))
 
 
 async def render(store: Store, accept: str | None = None) -> tuple[bytes, str]:

@@ -137,6 +137,18 @@ class Created:
     first_step_id: int = 0  # 0 for a replay
 
 
+@dataclass(frozen=True)
+class Gauges:
+    """What the database holds now, for /metrics."""
+
+    runnable: int  # pending and due
+    delayed: int  # pending, waiting out a retry's backoff
+    running: int  # tool steps holding a lease
+    gates_waiting: int
+    decisions_waiting: int
+    workflows: dict[str, int]  # by status
+
+
 class Store:
     """Async access to one SQLite database file."""
 
@@ -691,6 +703,19 @@ class Store:
         """The latest visit of each state before step `before`, oldest first."""
         rows = await self._all(Q["scope_steps"], {"workflow_id": workflow_id, "before": before})
         return [Step.from_row(r) for r in rows]
+
+    async def gauges(self, now: int) -> Gauges:
+        """Counts for /metrics, read in a thread: the step counts read partial indexes of
+        unfinished steps, but counting workflows reads every workflow's index entry."""
+        (pending,) = await self.read_slow(Q["gauge_pending"], {"now": now})
+        (running,) = await self.read_slow(Q["gauge_running"], {})
+        waiting = {r["awaiting"]: r["n"] for r in await self.read_slow(Q["gauge_waiting"], {})}
+        workflows = {r["status"]: r["n"] for r in await self.read_slow(Q["gauge_workflows"], {})}
+        return Gauges(
+            runnable=pending["due"], delayed=pending["total"] - pending["due"],
+            running=running["n"], gates_waiting=waiting.get("ready", 0),
+            decisions_waiting=waiting.get("decision", 0), workflows=workflows,
+        )  # fmt: skip
 
     # -- the event log and notifications ---------------------------------------------
 

@@ -23,6 +23,7 @@ from daemon import metrics, openapi
 from daemon.api import create_app
 from daemon.config import Config
 from daemon.errors import ConfigError
+from daemon.store import Q
 from daemon.tools import Registry, build_registry
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
@@ -190,10 +191,10 @@ async def test_gauge_queries_read_only_their_indexes(tmp_path):
     async with serving(make_config(tmp_path)) as client:
         await scrape(client)  # the schema exists
     expected = {
-        metrics.PENDING_SQL: "SCAN steps USING INDEX steps_runnable",
-        metrics.RUNNING_SQL: "SCAN steps USING INDEX steps_leases",
-        metrics.WAITING_SQL: "SCAN steps USING INDEX steps_waiting",
-        metrics.WORKFLOWS_SQL: "SCAN workflows USING COVERING INDEX workflows_status",
+        Q["gauge_pending"]: "SCAN steps USING INDEX steps_runnable",
+        Q["gauge_running"]: "SCAN steps USING INDEX steps_leases",
+        Q["gauge_waiting"]: "SCAN steps USING INDEX steps_waiting",
+        Q["gauge_workflows"]: "SCAN workflows USING COVERING INDEX workflows_status",
     }
     db = sqlite3.connect(tmp_path / "stepd.db")
     try:
@@ -283,6 +284,13 @@ async def test_content_types_are_the_documented_ones(client):
     assert om.headers["content-type"].split(";")[0] == "application/openmetrics-text"
     assert om.headers["content-type"].split(";")[0] in documented
     assert om.text.endswith("# EOF\n")
+
+
+async def test_no_created_series_beside_counters_and_histograms(client):
+    await client.post("/api/workflow", json=one_step("echo"))
+    text = (await client.get("/metrics")).text
+    assert "stepd_commit_batch_size_count" in text
+    assert "_created" not in text
 
 
 def test_metrics_config_section():

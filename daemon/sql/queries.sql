@@ -267,3 +267,21 @@ INSERT OR IGNORE INTO used_links (nonce, step_id, used_at) VALUES (:nonce, :step
 -- link_used --
 -- Whether a one-click link's nonce was spent.
 SELECT 1 FROM used_links WHERE nonce = :nonce;
+
+-- gauge_pending --
+-- Pending steps, and how many of them are due (reads the partial index steps_runnable).
+SELECT count(*) AS total, coalesce(sum(run_at <= :now), 0) AS due
+FROM steps WHERE status = 'pending';
+
+-- gauge_running --
+-- Tool steps holding a lease (the partial index steps_leases).
+SELECT count(*) AS n FROM steps WHERE status = 'running' AND awaiting IS NULL;
+
+-- gauge_waiting --
+-- Waiting gates and decisions, by what they await (the partial index steps_waiting).
+SELECT awaiting, count(*) AS n FROM steps
+WHERE awaiting IS NOT NULL AND status = 'running' GROUP BY awaiting;
+
+-- gauge_workflows --
+-- Workflows by status (the covering index workflows_status, finished ones included).
+SELECT status, count(*) AS n FROM workflows GROUP BY status;
