@@ -52,10 +52,13 @@ def _connect(ctx: ToolContext) -> Iterator[sqlite3.Connection]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA journal_mode = WAL")
         conn.row_factory = sqlite3.Row
         with _ready_lock:
             if path not in _ready:
+                # WAL is a property of the file: set it once. Switching needs an exclusive
+                # lock, and SQLite does not wait for that one, so asking on every connection
+                # failed now and then with "database is locked" while other threads read.
+                conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(SQL["schema"])
                 conn.executescript(SQL["seed"])
                 _ready.add(path)
