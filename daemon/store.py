@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import re
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiosqlite
 import orjson
 
 from daemon import db as dblib
@@ -77,6 +77,9 @@ def backup(source: Path, dest: Path) -> int:
         src.close()
     os.replace(partial, dest)
     return int(pages)
+
+
+SLOW_READERS = 2  # a workflow's steps and a /metrics scrape need not wait for each other
 
 
 def now_ms() -> int:
@@ -158,11 +161,10 @@ class Store:
         self.busy_timeout_ms = busy_timeout_ms
         self._writes: dblib.WriteBatcher | None = None
         self._reader: Conn | None = None  # small indexed reads, on the loop
-        # Reads that may be big or scan (metrics, a workflow's steps): off the loop, each
-        # thread of the pool with a connection of its own.
-        self._slow_pool: ThreadPoolExecutor | None = None
-        self._slow_local = threading.local()
-        self._slow_conns: list[Conn] = []
+        # Reads that may be big or scan (metrics, a workflow's steps): off the loop, on
+        # aiosqlite connections (a thread each), taken in turn.
+        self._slow: list[aiosqlite.Connection] = []
+        self._next_slow = itertools.cycle(range(SLOW_READERS))
         self._last_id = 0
         self._owner_fd: int | None = None
         self._changed = asyncio.Event()  # set, and replaced, after every commit
@@ -183,6 +185,7 @@ class Store:
         """Take ownership of the file (one daemon per database), migrate, connect."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._take_ownership()
+        writer: Conn | None = None
         try:
             writer = self._connect()
             writer.execute("PRAGMA journal_mode = WAL")
@@ -190,10 +193,12 @@ class Store:
             (row,) = writer.execute(Q["max_id"]).fetchall()
             self._last_id = int(row[0]) if row else 0
             self._reader = self._connect()
+            for _ in range(SLOW_READERS):
+                self._slow.append(await self._connect_slow())
         except BaseException:
+            await self._close_readers(writer)
             self._release_ownership()
             raise
-        self._slow_pool = ThreadPoolExecutor(2, thread_name_prefix="stepd-read")
         self._writes = dblib.WriteBatcher(
             writer, busy_timeout_ms=self.busy_timeout_ms, on_commit=self._committed
         )
@@ -202,6 +207,13 @@ class Store:
     def _connect(self) -> Conn:
         return dblib.connect(self.path, synchronous=self.synchronous,
                              busy_timeout_ms=self.busy_timeout_ms)  # fmt: skip
+
+    async def _connect_slow(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        await conn.execute("PRAGMA query_only = ON")
+        return conn
 
     def _committed(self, seconds: float, batch: int) -> None:
         self._changed.set()
@@ -235,15 +247,17 @@ class Store:
             writes, self._writes = self._writes, None
             await writes.close()
             writes.conn.close()
-        if self._slow_pool is not None:
-            self._slow_pool.shutdown(wait=True)
-            self._slow_pool = None
-        for conn in [self._reader, *self._slow_conns]:
+        await self._close_readers()
+        self._release_ownership()
+
+    async def _close_readers(self, *others: Conn | None) -> None:
+        slow, self._slow = self._slow, []
+        for aconn in slow:
+            await aconn.close()
+        for conn in (self._reader, *others):
             if conn is not None:
                 conn.close()
-        self._reader, self._slow_conns = None, []
-        self._slow_local = threading.local()
-        self._release_ownership()
+        self._reader = None
 
     @staticmethod
     def _migrate(db: Conn) -> None:
@@ -291,16 +305,10 @@ class Store:
     async def read_slow(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
         """All rows of a query that may scan or return much (counts for /metrics, a
         workflow's steps with their results), read in a thread."""
-        if self._slow_pool is None:
+        if not self._slow:
             raise sqlite3.ProgrammingError("the store is not open")
-        return await asyncio.wrap_future(self._slow_pool.submit(self._read_here, sql, params))
-
-    def _read_here(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
-        conn = getattr(self._slow_local, "conn", None)
-        if conn is None:
-            conn = self._slow_local.conn = self._connect()
-            self._slow_conns.append(conn)  # list.append is atomic; closed by close()
-        return conn.execute(sql, params).fetchall()
+        conn = self._slow[next(self._next_slow)]
+        return list(await conn.execute_fetchall(sql, params))
 
     @staticmethod
     def _event(
