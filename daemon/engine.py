@@ -87,9 +87,7 @@ class Engine:
         errors += result.errors
         if errors or result.flow is None:
             return None, errors, result.warnings
-        sub = Submission(
-            name, result.flow, flow_json, input_, result.warnings, notify_url
-        )
+        sub = Submission(name, result.flow, flow_json, input_, result.warnings, notify_url)
         return sub, [], result.warnings
 
     def validate(self, body: Any) -> dict[str, Any]:
@@ -111,9 +109,7 @@ class Engine:
             request_hash = hashlib.sha256(canonical).hexdigest()
         # Shielded: once the write is queued it may commit, and then its step must run
         # even if this request is cancelled (the client went away).
-        created = await asyncio.shield(
-            self._insert(sub, created_by, idempotency_key, request_hash)
-        )
+        created = await asyncio.shield(self._insert(sub, created_by, idempotency_key, request_hash))
         if created.conflict:
             raise Conflict("Idempotency-Key was already used for a different request")
         return created
