@@ -52,9 +52,11 @@ def write_config(
     synchronous: str = "FULL",
     concurrency: int = CONCURRENCY,
     claim_batch: int = CLAIM_BATCH,
+    db: Path | None = None,
 ) -> Path:
-    """The daemon config of every benchmark: loopback, one `workflow` token, `bench_tools`."""
-    config = tmp / "stepd.toml"
+    """The daemon config of every benchmark: loopback, one `workflow` token, `bench_tools`.
+    Written to `tmp/stepd-<port>.toml`; the database is `db` or `tmp/stepd.db`."""
+    config = tmp / f"stepd-{port}.toml"
     config.write_text(
         f"""
 [server]
@@ -62,7 +64,7 @@ host = "127.0.0.1"
 port = {port}
 log_level = "warning"
 [database]
-path = "{tmp / "stepd.db"}"
+path = "{db or tmp / "stepd.db"}"
 synchronous = "{synchronous}"
 [executor]
 poll_interval = {poll_interval}
@@ -179,7 +181,7 @@ def count_status(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def stats(values_ms: Sequence[float]) -> dict[str, float]:
-    """n, p50, p95, max and mean of a sample (nearest-rank p95, as latency.py always did)."""
+    """n, p50, p95, max and mean of a sample (nearest-rank p95)."""
     if not values_ms:
         return {"n": 0}
     values = sorted(values_ms)

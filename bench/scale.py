@@ -33,12 +33,10 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -54,12 +52,11 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # scale_seed and bench_tools, however this is started
 
+from common import CLAIM_BATCH, TOKEN, bench_env, free_port, write_config  # noqa: E402
 from scale_seed import Seeded, seed  # noqa: E402
 
 from daemon.store import Store, now_ms  # noqa: E402
 
-TOKEN = "bench-token"
-CLAIM_BATCH = 128  # as the benchmark daemon's config: the executor claims up to this many
 BACKLOG = 32  # runnable steps for the "claim with a backlog" figure
 FLAT_TOLERANCE = 0.20  # target: every p50 within +-20 % of the empty database's
 TARGET_IDLE_MIB = 60.0
@@ -164,12 +161,6 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Daemon:
     """A running `stepd serve` on its own port and database."""
@@ -208,33 +199,13 @@ def daemon(
 ) -> Iterator[Daemon]:
     """Start `stepd serve` on `db` (1 s poll, a bench token) and stop it afterwards.
 
-    The same settings as bench/latency.py, so the figures compare. It is this
+    The settings of every other benchmark (bench/common.py), so the figures compare. It is this
     interpreter's `-m daemon`, so the daemon imported is the one this script sees.
     """
     port = free_port()
-    config = workdir / f"stepd-{port}.toml"
-    config.write_text(
-        f"""
-[server]
-port = {port}
-log_level = "warning"
-[database]
-path = "{db}"
-[executor]
-poll_interval = 1.0
-concurrency = 64
-claim_batch = {CLAIM_BATCH}
-[[auth.tokens]]
-name = "bench"
-sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"
-permissions = ["workflow"]
-[tools]
-modules = ["bench_tools"]
-"""
-    )
+    config = write_config(workdir, port, concurrency=64, db=db)
     log = workdir / f"stepd-{port}.log"
-    path = [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    env = bench_env()
     t0 = time.perf_counter()
     with log.open("wb") as out, pinned(cpus):  # the child inherits the affinity
         proc = subprocess.Popen(

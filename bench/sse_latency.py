@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from latency import TOKEN, free_port, start_daemon, summary  # bench/latency.py
+from common import TOKEN, free_port, start_daemon, summary  # bench/common.py
 
 
 async def main() -> None:
