@@ -4,12 +4,13 @@ One asyncio loop claims due steps in batches every `poll_interval`, and at once
 when woken by the API or by a finished step. Each claimed step runs in its own
 task, up to `concurrency` at a time; sync tools run in a thread pool.
 
-Steps that are due the moment they are written skip the queue when there is a
-free slot: a new workflow's first step and a finished step's successor are
-written as running under this process's lease ("handed off") in the same
-transaction, and start as soon as it commits. The claim query is for everything
-else: backlog beyond the concurrency, retries, recovered steps, rows written by
-other processes.
+Steps that are due the moment they are written skip the claim when there is a
+free slot and no due step is queued before them: a new workflow's first step and
+a finished step's successor are written as running under this process's lease
+("handed off") in the same transaction, and start as soon as it commits. The
+claim query (oldest first) is for everything else: backlog beyond the
+concurrency, retries, recovered steps, rows written by other processes; while
+there is a backlog, new steps join it rather than overtake it.
 """
 
 from __future__ import annotations

@@ -349,6 +349,13 @@ class Store:
             self._event(db, workflow_id, step_id, "gate_waiting", now, {"state": step.state})
         return step_id
 
+    @staticmethod
+    def _queued_due(db: Conn, now: int) -> bool:
+        """Whether due steps wait in the queue. A step written now then joins the queue
+        behind them instead of being handed off: first come, first served, so a busy chain
+        of hand-offs cannot starve what was queued before it."""
+        return db.execute(Q["has_due"], {"now": now}).fetchone() is not None
+
     def _insert_started(
         self, db: Conn, workflow_id: int, step: NewStep, now: int, lease_ms: int
     ) -> Step:
@@ -411,7 +418,11 @@ class Store:
                 },
             )
             self._event(db, wf_id, None, "created", now, {"by": created_by})
-            if start_lease_ms is not None and first.tool is not None:
+            if (
+                start_lease_ms is not None
+                and first.tool is not None
+                and not self._queued_due(db, now)
+            ):
                 started = self._insert_started(db, wf_id, first, now, start_lease_ms)
                 return Created(wf_id, False, started=started, first_step_id=started.id)
             return Created(wf_id, False, first_step_id=self._insert_step(db, wf_id, first, now))
@@ -541,7 +552,8 @@ class Store:
             kind = "step_done"
         self._event(db, wf, fin.step_id, kind, now, data)
         next_id, started = 0, None
-        if fin.next_step is not None and fin.start_next_lease_ms and fin.next_step.tool:
+        if (fin.next_step is not None and fin.start_next_lease_ms and fin.next_step.tool
+                and not self._queued_due(db, now)):  # fmt: skip
             started = self._insert_started(db, wf, fin.next_step, now, fin.start_next_lease_ms)
             next_id = started.id
             db.execute(Q["touch_workflow"], {"id": wf, "now": now})

@@ -251,6 +251,31 @@ async def test_hand_off_respects_the_concurrency_limit(make_client):
     assert peak == 2
 
 
+async def test_a_chain_of_hand_offs_does_not_starve_a_queued_step(make_client):
+    # One slot. A long chain keeps handing its slot to its next step; a workflow created
+    # meanwhile is queued (no free slot) and must run next, not after the whole chain.
+    client, _ = await make_client(concurrency=1)
+    n = 30
+    chain: dict[str, Any] = {
+        f"s{i}": {"tool": "sleep", "args": {"seconds": 0.02}, "next": f"s{i + 1}"}
+        for i in range(n)
+    }
+    chain["start"] = chain.pop("s0")
+    chain[f"s{n - 1}"] = {"tool": "sleep", "args": {"seconds": 0.02}, "done": True}
+    long_id = (await client.post("/api/workflow", json={"name": "long", "flow": chain})).json()
+    await asyncio.sleep(0.1)
+    short = {"name": "short", "flow": {"start": {"tool": "echo", "args": {}, "done": True}}}
+    short_id = (await client.post("/api/workflow", json=short)).json()["id"]
+    long_wf = await wait_for(client, long_id["id"], timeout=30)
+    short_wf = await wait_for(client, short_id, timeout=30)
+    started = short_wf["steps"][0]["started_at"]
+    before = [s for s in long_wf["steps"] if s["started_at"] <= started]
+    # Queued behind the step running when it was created, and at most the one after it
+    # (written in the same millisecond): nowhere near the whole chain.
+    assert len(before) <= len(long_wf["steps"]) // 3, (len(before), len(long_wf["steps"]))
+    assert long_wf["status"] == short_wf["status"] == "completed"
+
+
 async def test_a_writer_cancelled_during_commit_reports_what_committed(store: Store):
     # The COMMIT goes through in its thread while the writer task is cancelled (loop
     # teardown): its callers learn the truth, and later writes fail instead of hanging.
