@@ -34,6 +34,7 @@ from daemon.errors import (
     UnsupportedMediaType,
 )
 from daemon.executor import Executor
+from daemon.ids import MAX_ID
 from daemon.models import WorkflowStatus
 from daemon.store import Store
 from daemon.tools import Registry, build_registry
@@ -44,7 +45,6 @@ WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, 
 OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
 MAX_DEPTH = 64  # nesting of arrays and objects in a request body
-MAX_ID = (1 << 63) - 1
 
 
 class JSON(Response):
@@ -202,7 +202,7 @@ def path_id(request: Request, name: str) -> int:
     value: int = request.path_params[name]
     if value > MAX_ID:
         kind = "step" if name == "step_id" else "workflow"
-        raise NotFound(f"{kind} {value} not found")
+        raise NotFound(f"{kind} not found: ids go up to {MAX_ID}")
     return value
 
 
@@ -378,14 +378,14 @@ ROUTES = [
     route("/api/tools", GET=list_tools),
     route("/api/workflow", GET=list_workflows, POST=create_workflow),
     route("/api/workflow/validate", POST=validate_workflow),
-    route("/api/workflow/{id:int}", GET=get_workflow, DELETE=cancel_workflow),
+    route("/api/workflow/{id:id}", GET=get_workflow, DELETE=cancel_workflow),
     route("/api/approvals", GET=list_approvals),
     route("/api/events", GET=all_events),
-    route("/api/workflow/{id:int}/events", GET=workflow_events),
-    route("/api/workflow/{step_id:int}/ready", POST=ready_step),
-    route("/api/workflow/{step_id:int}/reject", POST=reject_step),
-    route("/api/workflow/{step_id:int}/retry", POST=retry_step),
-    route("/api/workflow/{step_id:int}/fail", POST=fail_step),
+    route("/api/workflow/{id:id}/events", GET=workflow_events),
+    route("/api/workflow/{step_id:id}/ready", POST=ready_step),
+    route("/api/workflow/{step_id:id}/reject", POST=reject_step),
+    route("/api/workflow/{step_id:id}/retry", POST=retry_step),
+    route("/api/workflow/{step_id:id}/fail", POST=fail_step),
 ]
 
 

@@ -348,6 +348,9 @@ BIG = "9" * 30  # an integer id far beyond SQLite's 64-bit INTEGER
         ("DELETE", f"/api/workflow/{BIG}"),
         ("POST", f"/api/workflow/{BIG}/ready"),
         ("GET", "/api/workflow/9223372036854775808"),
+        ("GET", "/api/workflow/" + "9" * 5000),  # beyond what int() converts: not a 500
+        ("POST", "/api/workflow/" + "9" * 5000 + "/ready"),
+        ("GET", "/api/workflow/" + "9" * 5000 + "/events"),
         ("GET", "/api/workflow/abc"),
         ("DELETE", "/api/workflow/abc"),
         ("POST", "/api/workflow/abc/ready"),

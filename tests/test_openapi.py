@@ -88,7 +88,7 @@ def test_path_parameters_match_the_routes(tmp_path):
         for name, param in in_path.items():
             assert param["required"] is True
             convertor = type(route.param_convertors[name]).__name__
-            assert (convertor, param["schema"]["type"]) == ("IntegerConvertor", "integer")
+            assert (convertor, param["schema"]["type"]) == ("IdConvertor", "integer")
 
 
 def test_document_is_valid_openapi_3_1():

@@ -205,6 +205,8 @@ async def test_empty_pages_say_what_to_do(web):
     assert missing.status_code == 404 and "There is no workflow 12345." in missing.text
     huge = await web.get(f"/ui/workflows/{1 << 64}")
     assert huge.status_code == 404
+    assert (await web.get("/ui/workflows/" + "9" * 5000)).status_code == 404
+    assert (await web.get("/ui/workflows/" + "9" * 5000 + "/events")).status_code == 404
     unknown = await web.get("/ui/no/such/page")
     assert unknown.status_code == 404 and "There is no such page." in unknown.text
 

@@ -15,8 +15,9 @@ from daemon.api import parse_json
 from daemon.auth import Authenticator
 from daemon.config import TokenConfig
 from daemon.errors import BadRequest, PayloadTooLarge, StepdError, UnsupportedMediaType
+from daemon.ids import MAX_ID
 from daemon.web import session as sessions
-from daemon.web.pages import MAX_ID, engine_of, login_form, render, safe_next, signed_in
+from daemon.web.pages import engine_of, login_form, render, safe_next, signed_in
 from daemon.web.session import Session
 
 MAX_FIELDS = 20
@@ -215,6 +216,6 @@ async def cancel(request: Request, session: Session, form: Form) -> Response:
 ROUTES: list[BaseRoute] = [
     Route("/login", login, methods=["POST"]),
     Route("/logout", logout, methods=["POST"]),
-    Route("/steps/{step_id:int}/{action:str}", decide, methods=["POST"]),
-    Route("/workflows/{id:int}/cancel", cancel, methods=["POST"]),
+    Route("/steps/{step_id:id}/{action:str}", decide, methods=["POST"]),
+    Route("/workflows/{id:id}/cancel", cancel, methods=["POST"]),
 ]

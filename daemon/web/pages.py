@@ -24,13 +24,13 @@ from daemon import events
 from daemon.auth import Authenticator
 from daemon.engine import Engine
 from daemon.errors import Forbidden, NotFound
+from daemon.ids import MAX_ID
 from daemon.models import WorkflowStatus
 from daemon.web import session as sessions
 from daemon.web.session import Session
 
 STATIC = Path(__file__).parent / "static"
 PAGE_SIZE = 50
-MAX_ID = (1 << 63) - 1  # SQLite integers; larger ids cannot exist
 PRETTY_LIMIT = 20_000  # characters of one JSON value shown on a page
 TERMINAL = {"completed", "failed", "cancelled"}
 HEADERS = {
@@ -341,8 +341,8 @@ ROUTES: list[BaseRoute] = [
     Route("/login", login_page, methods=["GET"]),
     Route("/approvals", approvals_page, methods=["GET"]),
     Route("/workflows", workflows_page, methods=["GET"]),
-    Route("/workflows/{id:int}", workflow_page, methods=["GET"]),
-    Route("/workflows/{id:int}/events", workflow_events, methods=["GET"]),
+    Route("/workflows/{id:id}", workflow_page, methods=["GET"]),
+    Route("/workflows/{id:id}/events", workflow_events, methods=["GET"]),
     Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
 ]
 FALLBACK: list[BaseRoute] = [
