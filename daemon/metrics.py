@@ -157,5 +157,8 @@ async def render(store: Store, accept: str | None = None) -> tuple[bytes, str]:
     """The exposition (Prometheus text, or OpenMetrics when `accept` asks for it) and its
     content type, after refreshing the database gauges."""
     await refresh(store)
-    encode, content_type = choose_encoder(accept or "")
+    try:
+        encode, content_type = choose_encoder(accept or "")
+    except (TypeError, ValueError):  # e.g. "version=abc": the client parser trips on it
+        encode, content_type = choose_encoder("")  # the Prometheus text format
     return encode(REGISTRY), content_type

@@ -286,6 +286,17 @@ async def test_content_types_are_the_documented_ones(client):
     assert om.text.endswith("# EOF\n")
 
 
+@pytest.mark.parametrize(
+    "accept",
+    ["application/openmetrics-text; version=abc", "text/plain; version=abc", "nonsense;;;="],
+)
+async def test_an_accept_header_it_cannot_read_gets_the_text_format(client, accept):
+    resp = await client.get("/metrics", headers={"Accept": accept})
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "stepd_workflows" in resp.text
+
+
 async def test_no_created_series_beside_counters_and_histograms(client):
     await client.post("/api/workflow", json=one_step("echo"))
     text = (await client.get("/metrics")).text
