@@ -456,7 +456,9 @@ class Executor:
             kwargs["ctx"] = ToolContext(
                 workflow_id=step.workflow_id, step_id=step.id, state=step.state,
                 attempt=step.attempt, created_by=info.created_by,
-                state_dir=self.config.state_dir, logger=log,
+                state_dir=self.config.state_dir,
+                logger=logging.LoggerAdapter(logging.getLogger(f"stepd.tool.{tool.name}"),
+                                             _fields(step)),
             )  # fmt: skip
         problems = tool.check_args(args)
         if problems:

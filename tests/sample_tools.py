@@ -120,3 +120,9 @@ async def base_exception() -> None:
 def base_exception_in_thread() -> None:
     """Raise a BaseException subclass from a worker thread."""
     raise Boom("out of band, threaded")
+
+
+@tool
+async def chatty(*, ctx: ToolContext) -> None:
+    """Writes a line to its own logger."""
+    ctx.logger.info("hello from a tool")

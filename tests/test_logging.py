@@ -204,6 +204,24 @@ async def test_a_failed_step_says_what_happens_next(tmp_path, restore_logging):
     assert failed[2]["workflow_id"] == second.json()["id"]
 
 
+async def test_a_tools_own_log_lines_carry_the_step_fields(tmp_path, restore_logging):
+    stream = capture("json")
+    body = {"name": "chatty", "flow": {"start": {"tool": "chatty", "args": {}, "done": True}}}
+    app = create_app(make_config(tmp_path, tool_modules=("tests.sample_tools",)))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://stepd", headers=auth()
+        ) as client:
+            created = await client.post("/api/workflow", json=body)
+            wf = await wait_for(client, created.json()["id"])
+    (line,) = [x for x in json_lines(stream.getvalue()) if x["message"] == "hello from a tool"]
+    step = wf["steps"][0]
+    assert line["logger"] == "stepd.tool.chatty"
+    fields = {"workflow_id": wf["id"], "step_id": step["id"], "state": "start", "attempt": 1}
+    assert {k: line[k] for k in fields} == fields
+
+
 async def test_gates_log_when_they_start_waiting(tmp_path, restore_logging):
     # A gate as the first state, and one after a tool step: both are written waiting.
     stream = capture("json")

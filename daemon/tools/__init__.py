@@ -41,7 +41,8 @@ class ToolContext:
     attempt: int
     created_by: str | None
     state_dir: Path
-    logger: logging.Logger
+    # Named stepd.tool.<tool>; every line it writes carries the step's fields.
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
 
     @property
     def idempotency_key(self) -> str:
