@@ -257,8 +257,7 @@ async def test_a_chain_of_hand_offs_does_not_starve_a_queued_step(make_client):
     client, _ = await make_client(concurrency=1)
     n = 30
     chain: dict[str, Any] = {
-        f"s{i}": {"tool": "sleep", "args": {"seconds": 0.02}, "next": f"s{i + 1}"}
-        for i in range(n)
+        f"s{i}": {"tool": "sleep", "args": {"seconds": 0.02}, "next": f"s{i + 1}"} for i in range(n)
     }
     chain["start"] = chain.pop("s0")
     chain[f"s{n - 1}"] = {"tool": "sleep", "args": {"seconds": 0.02}, "done": True}
