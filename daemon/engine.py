@@ -22,7 +22,7 @@ from daemon.executor import (
     new_step,
 )
 from daemon.models import Finish, Step, StepStatus
-from daemon.store import Cancelled, Created, Replay, Store
+from daemon.store import Cancelled, Created, Replay, Replayed, Store
 from daemon.tools import Registry
 
 BODY_KEYS = {"name", "flow", "input", "notify_url"}
@@ -212,9 +212,7 @@ class Engine:
             )
             earlier = await self.store.decision_replay(token.name, key)
             if earlier is not None:
-                if earlier.request_hash != replay.request_hash:
-                    raise Conflict("Idempotency-Key was already used for a different decision")
-                return earlier.status, orjson.loads(earlier.body_json)
+                return _replayed(earlier, replay)
         step = await self.store.get_step(step_id)
         if step is None:
             raise NotFound(f"step {step_id} not found")
@@ -237,15 +235,19 @@ class Engine:
         else:
             error = f"rejected by {token.name}: {reason}"  # reason is required to reject
             fin = failed_for_good(info, step, error, "Rejected", self.executor.config.step_limit)
-        decided = await self._decide(
-            fin,
-            awaiting="ready",
-            decision=decision,
-            decided_by=token.name,
-            reason=reason,
-            replay=replay,
-            link_nonce=link_nonce,
-        )
+        try:
+            decided = await self._decide(
+                fin,
+                awaiting="ready",
+                decision=decision,
+                decided_by=token.name,
+                reason=reason,
+                replay=replay,
+                link_nonce=link_nonce,
+            )
+        except Replayed as exc:  # the same key, committed since the check above
+            assert replay is not None
+            return _replayed(exc.earlier, replay)
         if not decided:
             raise Conflict(f"step {step_id} is no longer waiting")
         return 200, answer
@@ -366,3 +368,10 @@ class Engine:
     ) -> list[dict[str, Any]]:
         rows = await self.store.list_workflows(limit=limit, status=status, before=before)
         return [w.summary() for w in rows]
+
+
+def _replayed(earlier: Replay, now: Replay) -> tuple[int, dict[str, Any]]:
+    """The first answer to a decision's Idempotency-Key, if this is the same request."""
+    if earlier.request_hash != now.request_hash:
+        raise Conflict("Idempotency-Key was already used for a different decision")
+    return earlier.status, orjson.loads(earlier.body_json)

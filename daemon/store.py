@@ -82,6 +82,10 @@ def backup(source: Path, dest: Path) -> int:
 SLOW_READERS = 2  # a workflow's steps and a /metrics scrape need not wait for each other
 
 
+def _replay(created_by: str | None, key: str, row: sqlite3.Row) -> Replay:
+    return Replay(created_by, key, row["request_hash"], row["status"], row["body_json"])
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -123,6 +127,14 @@ class Replay:
 
 class LinkSpent(Exception):
     """A one-click link's nonce was used before."""
+
+
+class Replayed(Exception):
+    """A decision's Idempotency-Key was used before: `earlier` is what it was answered."""
+
+    def __init__(self, earlier: Replay) -> None:
+        super().__init__(f"Idempotency-Key {earlier.key!r} was used before")
+        self.earlier = earlier
 
 
 class Cancelled(Enum):
@@ -601,10 +613,17 @@ class Store:
         longer waits (already decided, cancelled, expired). With `replay`, the answer
         is remembered under its Idempotency-Key in the same transaction; with
         `link_nonce`, the one-click link is spent in it (LinkSpent if it was before).
+        Raises Replayed, and writes nothing, when `replay`'s key was saved before.
         """
         now = now_ms() if now is None else now
 
         def op(db: Conn) -> tuple[int, Step | None] | None:
+            if replay is not None:
+                # Checked here, in the transaction that saves the key: of two requests
+                # with one key, the second sees the first's answer (Replayed).
+                row = db.execute(Q["find_decision_key"], replay.params()).fetchone()
+                if row is not None:
+                    raise Replayed(_replay(replay.created_by, replay.key, row))
             if link_nonce is not None:
                 params = {"nonce": link_nonce, "step_id": fin.step_id, "now": now}
                 if db.execute(Q["use_link"], params).rowcount != 1:
@@ -632,9 +651,7 @@ class Store:
     async def decision_replay(self, created_by: str | None, key: str) -> Replay | None:
         """The remembered answer to a decision sent with this Idempotency-Key, if any."""
         row = await self._one(Q["find_decision_key"], {"created_by": created_by, "key": key})
-        if row is None:
-            return None
-        return Replay(created_by, key, row["request_hash"], row["status"], row["body_json"])
+        return None if row is None else _replay(created_by, key, row)
 
     async def approvals(self, *, limit: int = 500) -> list[sqlite3.Row]:
         """Steps waiting for a person now, oldest first, with their workflow's context."""

@@ -161,6 +161,34 @@ async def test_a_repeated_decision_with_its_key_answers_as_the_first_time(client
     assert len(decided) == 1
 
 
+async def test_one_key_sent_twice_at_once_decides_once_and_answers_both(client, app):
+    # A client's retry racing its first try: both checks for the key run before either
+    # write; the write that comes second sees the first one's key and answers as it did.
+    wf_id, gate = await gate_of(client, gate_flow())
+    headers = {"Idempotency-Key": "race-1"}
+    answers = await asyncio.gather(
+        *(client.post(f"/api/workflow/{gate}/ready", json={"ok": 1}, headers=headers)
+          for _ in range(2))
+    )  # fmt: skip
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"queued": True})] * 2
+    await wait_for(client, wf_id)
+    decided = [e for e in await app.state.store.events(wf_id) if e["type"] == "gate_decided"]
+    assert len(decided) == 1
+
+
+async def test_one_key_for_two_gates_at_once_decides_one_and_refuses_the_other(client, app):
+    gates = [(await gate_of(client, gate_flow()))[1] for _ in range(2)]
+    headers = {"Idempotency-Key": "race-2"}
+    answers = await asyncio.gather(
+        *(client.post(f"/api/workflow/{g}/ready", headers=headers) for g in gates)
+    )
+    assert sorted(a.status_code for a in answers) == [200, 409]
+    refused = next(a for a in answers if a.status_code == 409)
+    assert "different decision" in refused.json()["error"]
+    steps = [await app.state.store.get_step(g) for g in gates]
+    assert sorted((s.status, s.awaiting) for s in steps) == [("done", None), ("running", "ready")]
+
+
 async def test_the_approvals_inbox(client):
     first_id, first_gate = await gate_of(client, gate_flow())
     second_id, second_gate = await gate_of(client, gate_flow(approvers=["approver"]))
