@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+log = logging.getLogger("stepd.db")
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 CommitHook = Callable[[float, int], None]  # (seconds, operations in the transaction)
@@ -126,6 +128,8 @@ class WriteBatcher:
         try:
             await self._begin()
             for op, fut in batch:
+                if fut.done():
+                    continue  # its caller gave up while BEGIN waited for the lock
                 outcomes.append((fut, *self._apply(op)))
             await self._in_thread(self._commit)
         except BaseException as exc:  # noqa: BLE001 - every caller must hear of it
@@ -156,9 +160,14 @@ class WriteBatcher:
                 continue  # the caller gave up after its change was made: it stays made
             if failure is None:
                 fut.set_result(value)
+            elif isinstance(failure, StopIteration):  # a future refuses to carry one
+                fut.set_exception(RuntimeError(f"write raised {failure!r}"))
             else:
                 fut.set_exception(failure)
-        self._on_commit(seconds, len(outcomes))
+        try:
+            self._on_commit(seconds, len(outcomes))
+        except Exception:  # a broken hook must not stop the writer
+            log.exception("a commit hook failed")
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking call on the connection in the commit thread. If this task is
@@ -193,6 +202,8 @@ class WriteBatcher:
         self.conn.execute("SAVEPOINT op")
         try:
             value = op(self.conn)
+            if not self.conn.in_transaction:  # it ran COMMIT or ROLLBACK itself: a bug
+                raise sqlite3.ProgrammingError("a write ended the shared transaction")
         except Exception as exc:
             if not self.conn.in_transaction:
                 raise  # SQLite rolled back the whole transaction (disk full, I/O error)

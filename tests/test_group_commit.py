@@ -151,6 +151,46 @@ async def test_a_write_waits_for_another_process_holding_the_lock(store: Store):
     assert await asyncio.wait_for(pending, 5) > 0
 
 
+async def test_a_write_cancelled_while_begin_waits_for_the_lock_never_runs(store: Store):
+    ran: list[str] = []
+
+    def op(db: sqlite3.Connection) -> None:
+        ran.append("ran")
+
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    doomed = asyncio.create_task(store._write(op))
+    await asyncio.sleep(0.2)  # the writer is in BEGIN, waiting for the other connection
+    doomed.cancel()
+    await asyncio.gather(doomed, return_exceptions=True)
+    other.execute("COMMIT")
+    other.close()
+    await create(store)
+    assert ran == []
+
+
+async def test_odd_failures_of_one_write_do_not_stop_the_writer(store: Store):
+    def stop_iteration(db: sqlite3.Connection) -> None:
+        next(iter(()))  # StopIteration cannot be set on a future as it is
+
+    def commits_itself(db: sqlite3.Connection) -> None:
+        db.execute("COMMIT")
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await store._write(stop_iteration)
+    with pytest.raises(sqlite3.ProgrammingError, match="ended the shared transaction"):
+        await store._write(commits_itself)
+
+    def broken_hook(seconds: float, size: int) -> None:
+        raise ValueError("hook")
+
+    store.commit_hooks.append(broken_hook)
+    assert await create(store) > 0
+    store.commit_hooks.remove(broken_hook)
+    assert await create(store) > 0
+    assert count_rows(store.path, "workflows") == 2
+
+
 async def test_writes_from_threads_are_refused_once_closed(tmp_path: Path):
     store = Store(tmp_path / "x.db")
     await store.open()
