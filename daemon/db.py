@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 log = logging.getLogger("stepd.db")
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
+Queued = tuple[Op, "asyncio.Future[Any]", bool]  # an op, its caller's future, blocking?
 CommitHook = Callable[[float, int], None]  # (seconds, operations in the transaction)
 
 MAX_BATCH = 2000  # operations per transaction: bounds one commit's latency
@@ -62,7 +63,7 @@ class WriteBatcher:
         self.conn = conn
         self._busy_timeout_ms = busy_timeout_ms
         self._on_commit = on_commit
-        self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._queue: list[Queued] = []
         self._has_work = asyncio.Event()
         self._stopping = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="stepd-commit")
@@ -75,8 +76,11 @@ class WriteBatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="stepd-writer")
 
-    async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def submit(self, op: Callable[[sqlite3.Connection], T], *, blocking: bool = False) -> T:
         """Run `op` in the next transaction; returns its value once that transaction committed.
+
+        A `blocking` op (one that may take long: a purge) runs in the commit thread, so
+        the loop goes on serving reads and requests meanwhile; the others run on the loop.
 
         If `op` raises, its own changes are rolled back and the exception is raised here
         (after the commit of the others). If the transaction fails as a whole (disk full,
@@ -86,7 +90,7 @@ class WriteBatcher:
         if self._stopping or self._task is None or self._task.done():
             raise sqlite3.ProgrammingError("the store is closed")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((op, fut))
+        self._queue.append((op, fut, blocking))
         self._has_work.set()
         return await fut
 
@@ -110,27 +114,30 @@ class WriteBatcher:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 if self._queue:
                     self._has_work.set()
-                live = [(op, fut) for op, fut in batch if not fut.done()]
+                live = [queued for queued in batch if not queued[1].done()]
                 if live:
                     await self._transaction(live)
         finally:
             # However the writer ends (cancelled at loop teardown, a bug), nobody may wait
             # forever for a write that will not run.
             queued, self._queue = self._queue, []
-            for _, fut in queued:
+            for _, fut, _ in queued:
                 if not fut.done():
                     fut.set_exception(sqlite3.ProgrammingError("the store's writer stopped"))
 
-    async def _transaction(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+    async def _transaction(self, batch: list[Queued]) -> None:
         started = time.perf_counter()
         outcomes: list[tuple[asyncio.Future[Any], Any, Exception | None]] = []
         self._commit_done = False
         try:
             await self._begin()
-            for op, fut in batch:
+            for op, fut, blocking in batch:
                 if fut.done():
                     continue  # its caller gave up while BEGIN waited for the lock
-                outcomes.append((fut, *self._apply(op)))
+                if blocking:
+                    outcomes.append((fut, *await self._in_thread(self._apply, op)))
+                else:
+                    outcomes.append((fut, *self._apply(op)))
             await self._in_thread(self._commit)
         except BaseException as exc:  # noqa: BLE001 - every caller must hear of it
             if self._commit_done:
@@ -140,7 +147,7 @@ class WriteBatcher:
                 raise
             self._rollback()
             error = exc if isinstance(exc, Exception) else _aborted(exc)
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(error)
             if not isinstance(exc, Exception):

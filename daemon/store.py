@@ -290,11 +290,12 @@ class Store:
     async def schema_version(self) -> int:
         return int((await self._one("PRAGMA user_version", {}))[0])
 
-    async def _write(self, op: Callable[[Conn], T]) -> T:
-        """Run `op` in a write transaction (group-committed); its value once committed."""
+    async def _write(self, op: Callable[[Conn], T], *, blocking: bool = False) -> T:
+        """Run `op` in a write transaction (group-committed); its value once committed.
+        A `blocking` op may take long and runs off the loop (see WriteBatcher.submit)."""
         if self._writes is None:
             raise sqlite3.ProgrammingError("the store is not open")
-        return await self._writes.submit(op)
+        return await self._writes.submit(op, blocking=blocking)
 
     def _new_id(self, now: int) -> int:
         """Millisecond-epoch shaped ids, unique and increasing; call inside a write op."""
@@ -716,10 +717,24 @@ class Store:
         if params:
             await self._write(lambda db: db.executemany(Q["renew_lease"], params))
 
-    async def purge_finished(self, *, cutoff: int, limit: int) -> int:
-        """Delete up to `limit` workflows finished before `cutoff` (epoch ms), with their rows."""
+    async def purge_finished(self, *, cutoff: int, limit: int, max_steps: int = 5000) -> int:
+        """Delete up to `limit` workflows finished before `cutoff` (epoch ms), with their
+        rows, but no more than about `max_steps` steps (always one workflow at least): the
+        transaction holds up every other write, so its size is bounded by rows, not by
+        workflows that may have a thousand steps each. Returns how many were deleted."""
         params = {"cutoff": cutoff, "limit": limit}
-        return await self._write(lambda db: int(db.execute(Q["purge_finished"], params).rowcount))
+
+        def op(db: Conn) -> int:
+            deleted = steps = 0
+            for row in db.execute(Q["purge_candidates"], params).fetchall():
+                steps += row["steps"]
+                if deleted and steps > max_steps:
+                    break
+                db.execute(Q["purge_workflow"], {"id": row["id"]})
+                deleted += 1
+            return deleted
+
+        return await self._write(op, blocking=True)
 
     async def has_due(self, *, now: int | None = None) -> bool:
         """Whether a pending step is due (a cheap read before a claim transaction)."""

@@ -191,6 +191,30 @@ async def test_odd_failures_of_one_write_do_not_stop_the_writer(store: Store):
     assert count_rows(store.path, "workflows") == 2
 
 
+async def test_a_blocking_write_runs_off_the_loop_in_the_shared_transaction(store: Store):
+    import threading
+
+    threads: dict[str, str] = {}
+
+    def record(kind: str):
+        def op(db: sqlite3.Connection) -> int:
+            threads[kind] = threading.current_thread().name
+            db.execute("INSERT INTO cursors (name, event_id) VALUES (?, 1)", (kind,))
+            return 1
+
+        return op
+
+    sizes: list[int] = []
+    store.commit_hooks.append(lambda seconds, size: sizes.append(size))
+    results = await asyncio.gather(
+        store._write(record("quick")), store._write(record("slow"), blocking=True)
+    )
+    assert results == [1, 1] and sizes == [2]  # one transaction for both
+    assert threads["quick"] == threading.current_thread().name  # the loop's
+    assert threads["slow"].startswith("stepd-commit")
+    assert count_rows(store.path, "cursors") == 2
+
+
 async def test_writes_from_threads_are_refused_once_closed(tmp_path: Path):
     store = Store(tmp_path / "x.db")
     await store.open()

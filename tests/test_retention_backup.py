@@ -62,6 +62,38 @@ async def test_purge_deletes_old_finished_workflows_in_batches(tmp_path: Path):
     await store.close()
 
 
+async def test_a_purge_batch_is_bounded_by_steps_not_only_by_workflows(tmp_path: Path):
+    store = Store(tmp_path / "s.db")
+    await store.open()
+    ids = []
+    for _ in range(4):
+        created = await store.create_workflow(
+            name="w", flow_json="{}", input_json="{}", created_by="t",
+            first=NewStep("start", "start", "echo", 1),
+        )  # fmt: skip
+        ids.append(created.id)
+    await store.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("UPDATE workflows SET status = 'completed'")
+    for wf_id in ids[:3]:  # 1 + 40 steps each; the last workflow keeps its one step
+        db.executemany(
+            "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
+            " created_at) VALUES (?, ?, 's', 's', 'echo', 'done', ?, 0, 0)",
+            [(wf_id * 1000 + i, wf_id, i + 2) for i in range(40)],
+        )
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "s.db")
+    await store.open()
+    later = now_ms() + retention.DAY_MS
+    batches = []
+    while n := await store.purge_finished(cutoff=later, limit=100, max_steps=50):
+        batches.append(n)
+    assert batches == [1, 1, 2]  # 41 steps each; the last batch: 41 + 1
+    assert await store.list_workflows() == []
+    await store.close()
+
+
 async def test_the_daemon_purges_on_its_own(make_app):
     app = make_app(retention_days=1 / 86_400, retention_interval_s=0.2)  # one second
     import httpx

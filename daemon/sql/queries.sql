@@ -171,13 +171,17 @@ UPDATE steps SET awaiting = 'decision', error = :error, error_type = 'Interrupte
                  lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
--- purge_finished --
--- Delete up to :limit finished workflows last changed before :cutoff (steps and events cascade).
-DELETE FROM workflows
-WHERE id IN (SELECT id FROM workflows
-             WHERE status IN ('completed', 'failed', 'cancelled') AND id < :cutoff
-               AND updated_at < :cutoff
-             LIMIT :limit);
+-- purge_candidates --
+-- Up to :limit finished workflows last changed before :cutoff, oldest first, with their step counts.
+SELECT w.id, (SELECT count(*) FROM steps s WHERE s.workflow_id = w.id) AS steps
+FROM workflows w
+WHERE w.status IN ('completed', 'failed', 'cancelled') AND w.id < :cutoff
+  AND w.updated_at < :cutoff
+ORDER BY w.id LIMIT :limit;
+
+-- purge_workflow --
+-- Delete one workflow (its steps and events cascade).
+DELETE FROM workflows WHERE id = :id;
 
 -- next_due --
 -- When the earliest pending step becomes due or the earliest gate expires.
