@@ -145,6 +145,7 @@ class Notifier:
             self.cursor = up_to
             if caught_up:
                 break
+            await asyncio.sleep(0)  # a long backlog: let requests and steps in between pages
         # Events nobody watches still move the cursor, but not with a write per event.
         if self.cursor != self.saved and time.monotonic() - self.saved_at >= SAVE_EVERY_S:
             await self.store.enqueue_deliveries(CURSOR, self.cursor, [])

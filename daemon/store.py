@@ -656,7 +656,8 @@ class Store:
 
     async def approvals(self, *, limit: int = 500) -> list[sqlite3.Row]:
         """Steps waiting for a person now, oldest first, with their workflow's context."""
-        return list(await self._all(Q["approvals"], {"limit": limit}))
+        # In a thread: each row carries its workflow's input and flow (up to the body limit).
+        return await self.read_slow(Q["approvals"], {"limit": limit})
 
     async def retry_decided(
         self, step: Step, *, decided_by: str | None, now: int | None = None
