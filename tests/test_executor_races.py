@@ -51,7 +51,7 @@ class CommitHold:
         return t
 
     def names(self) -> list[str]:
-        return [op.__qualname__ for op, _ in self.batcher._queue]
+        return [op.__qualname__ for op, *_ in self.batcher._queue]
 
     async def queued(self, n: int, name: str = "") -> None:
         for _ in range(400):
