@@ -294,9 +294,11 @@ class Executor:
         self._stopping.set()
         if self._loop_task is not None:
             await self._loop_task
-        for _ in range(500):  # hand-offs in flight: their writes commit within milliseconds
-            if not self._reserved:
-                break
+        # Hand-offs in flight: wait for their writes, however long the commit takes. The
+        # store's close() would wait for them anyway; giving up here would leave a step
+        # written as running that nobody starts, and after a restart it would count as
+        # interrupted (a person asked to decide about a step that never ran).
+        while self._reserved:
             await asyncio.sleep(0.01)
         pending = [t for t, _ in self._tasks.values()]
         if pending:

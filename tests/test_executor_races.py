@@ -239,6 +239,35 @@ async def test_a_step_written_running_after_the_grace_is_given_back_unstarted(ma
     assert rt.CALLS.count("record_once:b") == 1
 
 
+@pytest.mark.timeout(60)
+async def test_stop_waits_for_a_hand_off_however_long_its_commit_takes(make_client):
+    # A create reserved a run slot; its COMMIT takes longer than the 5 s stop() used to
+    # wait. The step must still run (it was acknowledged), not be left written as running
+    # for the next start to treat as interrupted.
+    client, app = await make_client(tool_modules=TOOLS, shutdown_grace=0.1)
+    store, ex, engine = app.state.store, app.state.executor, app.state.engine
+    body = {"name": "s", "flow": {"start": {"tool": "record_once", "args": {"label": "a"},
+                                            "done": True}}}  # fmt: skip
+    h = CommitHold(store)
+    dummy = await h.hold(store)
+    create = asyncio.create_task(engine.create(body, created_by="james"))
+    await h.queued(1, "create_workflow")
+    assert ex._reserved == 1
+    stop = asyncio.create_task(ex.stop())
+    try:
+        await asyncio.sleep(5.3)
+        assert not stop.done()  # still waiting for the reservation
+    finally:
+        h.open.set()
+    created = await create
+    await dummy
+    await asyncio.wait_for(stop, 10)
+    await store.close()
+    steps = await store_steps(store.path, created.id)
+    assert [(s["status"], s["attempt"]) for s in steps] == [("done", 1)]
+    assert rt.CALLS == ["record_once:a"]
+
+
 async def test_reservations_during_a_claim_keep_within_concurrency(make_client):
     client, app = await make_client(tool_modules=TOOLS, concurrency=2, poll_interval=60.0)
     store, engine, ex = app.state.store, app.state.engine, app.state.executor
