@@ -295,7 +295,21 @@ class Store:
         A `blocking` op may take long and runs off the loop (see WriteBatcher.submit)."""
         if self._writes is None:
             raise sqlite3.ProgrammingError("the store is not open")
-        return await self._writes.submit(op, blocking=blocking)
+        try:
+            return await self._writes.submit(op, blocking=blocking)
+        except sqlite3.IntegrityError as exc:
+            if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                raise
+
+            # Another process inserted rows with ids this one was about to use (ids are
+            # handed out from memory): catch up with the largest id in use, and try again.
+            # The failed attempt was rolled back in its savepoint.
+            def again(db: Conn) -> T:
+                (row,) = db.execute(Q["max_id"]).fetchall()
+                self._last_id = max(self._last_id, int(row[0]))
+                return op(db)
+
+            return await self._writes.submit(again, blocking=blocking)
 
     def _new_id(self, now: int) -> int:
         """Millisecond-epoch shaped ids, unique and increasing; call inside a write op."""

@@ -313,3 +313,28 @@ async def test_a_cancelled_write_does_not_leave_the_connection_in_a_transaction(
     wf_id = await create(store)
     assert (await store.get_workflow(wf_id)) is not None
     assert store._writer is not None and not store._writer.in_transaction
+
+
+async def test_ids_taken_by_another_process_are_skipped(store: Store):
+    first = await create(store)
+    # Another process writes a workflow and a step with the ids this store would take
+    # next (ids are handed out from memory).
+    now = now_ms()
+    taken = [max(now, first + 1) + i for i in range(3)]
+    db = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        db.execute(
+            "INSERT INTO workflows (id, name, flow_json, input_json, status, created_at,"
+            " updated_at) VALUES (?, 'outside', '{}', '{}', 'running', 0, 0)", (taken[0],)
+        )
+        db.executemany(
+            "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
+            " created_at) VALUES (?, ?, 'start', 'start', 'echo', 'done', ?, 0, 0)",
+            [(taken[1], taken[0], 1), (taken[2], taken[0], 2)],
+        )
+    finally:
+        db.close()
+    second = await create(store, now=now)
+    assert second > max(taken)
+    steps = await store.steps(second)
+    assert len(steps) == 1 and steps[0].id > second
