@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +154,23 @@ def test_setup_again_replaces_its_handler(restore_logging):
     assert json_lines(second.getvalue())[0]["message"] == "once"
 
 
-async def test_the_executor_logs_a_failed_step_with_its_fields(tmp_path, restore_logging):
-    stream = capture("json")
-    app = create_app(make_config(tmp_path))
+@asynccontextmanager
+async def serving(tmp_path: Path, **config: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app with its lifespan, and a client with a workflow token."""
+    app = create_app(make_config(tmp_path, **config))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://stepd", headers=auth()
         ) as client:
-            created = await client.post("/api/workflow", json=BROKEN)
-            wf = await wait_for(client, created.json()["id"])
+            yield client
+
+
+async def test_the_executor_logs_a_failed_step_with_its_fields(tmp_path, restore_logging):
+    stream = capture("json")
+    async with serving(tmp_path) as client:
+        created = await client.post("/api/workflow", json=BROKEN)
+        wf = await wait_for(client, created.json()["id"])
     failed = [line for line in json_lines(stream.getvalue()) if "step_id" in line]
     assert failed, stream.getvalue()
     assert failed[0]["logger"] == "stepd.executor"
@@ -184,16 +192,11 @@ async def test_a_failed_step_says_what_happens_next(tmp_path, restore_logging):
             "recover": {"tool": "echo", "done": True},
         },
     }  # fmt: skip
-    app = create_app(make_config(tmp_path, tool_modules=("tests.sample_tools",)))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://stepd", headers=auth()
-        ) as client:
-            first = await client.post("/api/workflow", json=flaky_then_on_error)
-            assert (await wait_for(client, first.json()["id"]))["status"] == "completed"
-            second = await client.post("/api/workflow", json=BROKEN)
-            assert (await wait_for(client, second.json()["id"]))["status"] == "failed"
+    async with serving(tmp_path, tool_modules=("tests.sample_tools",)) as client:
+        first = await client.post("/api/workflow", json=flaky_then_on_error)
+        assert (await wait_for(client, first.json()["id"]))["status"] == "completed"
+        second = await client.post("/api/workflow", json=BROKEN)
+        assert (await wait_for(client, second.json()["id"]))["status"] == "failed"
     failed = [line for line in json_lines(stream.getvalue()) if line.get("step_id")
               and line["message"].startswith("step failed")]  # fmt: skip
     assert [line["attempt"] for line in failed] == [1, 2, 1]
@@ -207,14 +210,9 @@ async def test_a_failed_step_says_what_happens_next(tmp_path, restore_logging):
 async def test_a_tools_own_log_lines_carry_the_step_fields(tmp_path, restore_logging):
     stream = capture("json")
     body = {"name": "chatty", "flow": {"start": {"tool": "chatty", "args": {}, "done": True}}}
-    app = create_app(make_config(tmp_path, tool_modules=("tests.sample_tools",)))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://stepd", headers=auth()
-        ) as client:
-            created = await client.post("/api/workflow", json=body)
-            wf = await wait_for(client, created.json()["id"])
+    async with serving(tmp_path, tool_modules=("tests.sample_tools",)) as client:
+        created = await client.post("/api/workflow", json=body)
+        wf = await wait_for(client, created.json()["id"])
     (line,) = [x for x in json_lines(stream.getvalue()) if x["message"] == "hello from a tool"]
     step = wf["steps"][0]
     assert line["logger"] == "stepd.tool.chatty"
@@ -225,21 +223,15 @@ async def test_a_tools_own_log_lines_carry_the_step_fields(tmp_path, restore_log
 async def test_gates_log_when_they_start_waiting(tmp_path, restore_logging):
     # A gate as the first state, and one after a tool step: both are written waiting.
     stream = capture("json")
-    app = create_app(make_config(tmp_path))
     flow = {"start": {"tool": None, "next": "work"},
             "work": {"tool": "echo", "args": {}, "next": "check"},
             "check": {"tool": None, "done": True}}  # fmt: skip
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://stepd", headers=auth()
-        ) as client:
-            wf_id = (await client.post("/api/workflow", json={"name": "g", "flow": flow})).json()[
-                "id"
-            ]
-            wf = await wait_for(client, wf_id, lambda w: w["steps"][0]["awaiting"] == "ready")
-            await client.post(f"/api/workflow/{wf['steps'][0]['id']}/ready")
-            wf = await wait_for(client, wf_id, lambda w: len(w["steps"]) == 3)
+    async with serving(tmp_path) as client:
+        created = await client.post("/api/workflow", json={"name": "g", "flow": flow})
+        wf_id = created.json()["id"]
+        wf = await wait_for(client, wf_id, lambda w: w["steps"][0]["awaiting"] == "ready")
+        await client.post(f"/api/workflow/{wf['steps'][0]['id']}/ready")
+        wf = await wait_for(client, wf_id, lambda w: len(w["steps"]) == 3)
     waiting = [line for line in json_lines(stream.getvalue()) if line["message"] == "gate waiting"]
     expected = [
         {"workflow_id": wf_id, "step_id": wf["steps"][i]["id"], "state": state, "attempt": 1}

@@ -16,17 +16,23 @@ ECHO = {"name": "e", "flow": {"start": {"tool": "echo", "args": {}, "done": True
 GATE = {"name": "g", "flow": {"start": {"tool": None, "done": True}}}
 
 
-async def test_purge_deletes_old_finished_workflows_in_batches(tmp_path: Path):
-    store = Store(tmp_path / "s.db")
+async def created_workflows(path: Path, n: int) -> list[int]:
+    """`n` workflows of one pending echo step in a new database at `path`; their ids."""
+    store = Store(path)
     await store.open()
-    ids = []
-    for _ in range(7):
-        created = await store.create_workflow(
-            name="w", flow_json="{}", input_json="{}", created_by="t",
-            first=NewStep("start", "start", "echo", 1),
-        )  # fmt: skip
-        ids.append(created.id)
-    await store.close()
+    try:
+        first = NewStep("start", "start", "echo", 1)
+        return [
+            (await store.create_workflow(name="w", flow_json="{}", input_json="{}",
+                                         created_by="t", first=first)).id
+            for _ in range(n)
+        ]  # fmt: skip
+    finally:
+        await store.close()
+
+
+async def test_purge_deletes_old_finished_workflows_in_batches(tmp_path: Path):
+    ids = await created_workflows(tmp_path / "s.db", 7)
     day = retention.DAY_MS
     now = now_ms()
     db = sqlite3.connect(tmp_path / "s.db")
@@ -63,16 +69,7 @@ async def test_purge_deletes_old_finished_workflows_in_batches(tmp_path: Path):
 
 
 async def test_a_purge_batch_is_bounded_by_steps_not_only_by_workflows(tmp_path: Path):
-    store = Store(tmp_path / "s.db")
-    await store.open()
-    ids = []
-    for _ in range(4):
-        created = await store.create_workflow(
-            name="w", flow_json="{}", input_json="{}", created_by="t",
-            first=NewStep("start", "start", "echo", 1),
-        )  # fmt: skip
-        ids.append(created.id)
-    await store.close()
+    ids = await created_workflows(tmp_path / "s.db", 4)
     db = sqlite3.connect(tmp_path / "s.db")
     db.execute("UPDATE workflows SET status = 'completed'")
     for wf_id in ids[:3]:  # 1 + 40 steps each; the last workflow keeps its one step

@@ -325,7 +325,8 @@ async def test_ids_taken_by_another_process_are_skipped(store: Store):
     try:
         db.execute(
             "INSERT INTO workflows (id, name, flow_json, input_json, status, created_at,"
-            " updated_at) VALUES (?, 'outside', '{}', '{}', 'running', 0, 0)", (taken[0],)
+            " updated_at) VALUES (?, 'outside', '{}', '{}', 'running', 0, 0)",
+            (taken[0],),
         )
         db.executemany(
             "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
