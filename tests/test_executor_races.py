@@ -170,22 +170,32 @@ async def test_a_claim_and_a_cancel_in_one_transaction_free_the_slot(make_client
     assert ex.running == 0, f"slot leaked: {list(ex._tasks)}"
 
 
-async def test_a_step_handed_off_during_stop_gets_the_grace(make_client):
-    client, app = await make_client(tool_modules=TOOLS, shutdown_grace=5.0)
-    store, ex = app.state.store, app.state.executor
+async def finish_behind_a_held_commit(
+    client: Any, store: Any, next_tool: str
+) -> tuple[int, CommitHold, asyncio.Task]:
+    """A workflow whose step 'start' has finished and whose finish (handing off 'b', a
+    `next_tool` step) waits behind a held COMMIT: (workflow id, the hold, its dummy write)."""
     body = {
         "name": "s",
         "flow": {
             "start": {"tool": "hold", "args": {"name": "a"}, "next": "b"},
-            "b": {"tool": "slow_once", "args": {"label": "b"}, "done": True},
+            "b": {"tool": next_tool, "args": {"label": "b"}, "done": True},
         },
     }
     wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
     await wait_for(client, wf_id, lambda w: "hold:a" in rt.CALLS)
     h = CommitHold(store)
     dummy = await h.hold(store)
-    rt.gate("a").set()  # the finish (handing off b) is queued before stop begins
+    rt.gate("a").set()
     await h.queued(1, "finish_and_start")
+    return wf_id, h, dummy
+
+
+async def test_a_step_handed_off_during_stop_gets_the_grace(make_client):
+    client, app = await make_client(tool_modules=TOOLS, shutdown_grace=5.0)
+    store, ex = app.state.store, app.state.executor
+    # The finish (handing off b) is queued before stop begins.
+    wf_id, h, dummy = await finish_behind_a_held_commit(client, store, "slow_once")
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     stop = asyncio.create_task(ex.stop())
@@ -204,19 +214,7 @@ async def test_a_step_handed_off_during_stop_gets_the_grace(make_client):
 async def test_a_step_written_running_after_the_grace_is_given_back_unstarted(make_client):
     client, app = await make_client(tool_modules=TOOLS, shutdown_grace=0.1)
     store, ex = app.state.store, app.state.executor
-    body = {
-        "name": "s",
-        "flow": {
-            "start": {"tool": "hold", "args": {"name": "a"}, "next": "b"},
-            "b": {"tool": "record_once", "args": {"label": "b"}, "done": True},
-        },
-    }
-    wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
-    await wait_for(client, wf_id, lambda w: "hold:a" in rt.CALLS)
-    h = CommitHold(store)
-    dummy = await h.hold(store)
-    rt.gate("a").set()  # finish of 'start' (+ hand-off of b) queued
-    await h.queued(1, "finish_and_start")
+    wf_id, h, dummy = await finish_behind_a_held_commit(client, store, "record_once")
     stop = asyncio.create_task(ex.stop())  # grace 0.1 s passes while the commit is slow
     try:
         for _ in range(200):  # until stop() has cancelled 'start' (its write goes on)

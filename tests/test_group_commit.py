@@ -226,10 +226,9 @@ async def test_writes_from_threads_are_refused_once_closed(tmp_path: Path):
 # -- hand-off ------------------------------------------------------------------------
 
 
-async def test_due_steps_are_handed_off_without_a_claim(make_client):
-    client, app = await make_client()
+def claimed_ids(store: Store) -> list[int]:
+    """From now on, the ids of every step the executor claims (instead of a hand-off)."""
     claims: list[int] = []
-    store = app.state.store
     original = store.claim_steps
 
     async def counting_claim(limit: int, **kw: Any):
@@ -237,7 +236,14 @@ async def test_due_steps_are_handed_off_without_a_claim(make_client):
         claims.extend(s.id for s in got)
         return got
 
-    store.claim_steps = counting_claim
+    store.claim_steps = counting_claim  # type: ignore[method-assign]
+    return claims
+
+
+async def test_due_steps_are_handed_off_without_a_claim(make_client):
+    client, app = await make_client()
+    store = app.state.store
+    claims = claimed_ids(store)
     body = {"name": "two", "flow": {
         "start": {"tool": "echo", "args": {"n": 1}, "next": "b"},
         "b": {"tool": "echo", "args": {"prev": "<<steps.start.result.n>>"}, "done": True},
@@ -252,16 +258,8 @@ async def test_due_steps_are_handed_off_without_a_claim(make_client):
 
 async def test_the_step_after_an_approved_gate_is_handed_off(make_client):
     client, app = await make_client()
-    claims: list[int] = []
     store = app.state.store
-    original = store.claim_steps
-
-    async def counting_claim(limit: int, **kw: Any):
-        got = await original(limit, **kw)
-        claims.extend(s.id for s in got)
-        return got
-
-    store.claim_steps = counting_claim
+    claims = claimed_ids(store)
     body = {"name": "gated", "flow": {
         "start": {"tool": None, "next": "b"},
         "b": {"tool": "echo", "args": {"ok": "<<result.ok>>"}, "done": True},
