@@ -438,7 +438,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not store.is_open:  # `stepd serve` opens it before binding the port
             await store.open()
-        recovered = await executor.recover()
+        try:
+            recovered = await executor.recover()
+        except BaseException:
+            await store.close()  # a failed start-up must not leave connections open
+            raise
         if recovered:
             log.warning("recovered %d steps interrupted by the previous stop", recovered)
         executor.start()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import uvicorn
+from starlette.applications import Starlette
 
 from daemon import sdnotify
 from daemon.api import create_app
@@ -76,12 +77,20 @@ async def serve(config: Config) -> int:
         print(f"stepd: {exc}", file=sys.stderr)
         return 1
     try:
+        return await _serve_open(app, config)
+    finally:
+        # Whatever happened (a failed start-up included): the store's reader threads must
+        # not keep the process from exiting.
+        await app.state.store.close()
+
+
+async def _serve_open(app: Starlette, config: Config) -> int:
+    try:
         sock = bind(config.host, config.port)
     except OSError as exc:
         print(
             f"stepd: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
         )
-        await app.state.store.close()
         return 1
     server = _Server(uvicorn.Config(
         app, host=config.host, port=config.port, lifespan="on", access_log=False,

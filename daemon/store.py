@@ -222,9 +222,13 @@ class Store:
 
     async def _connect_slow(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        await conn.execute("PRAGMA query_only = ON")
+        try:
+            conn.row_factory = sqlite3.Row
+            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            await conn.execute("PRAGMA query_only = ON")
+        except BaseException:
+            await conn.close()  # its thread would keep the process from exiting
+            raise
         return conn
 
     def _committed(self, seconds: float, batch: int) -> None:

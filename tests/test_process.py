@@ -363,6 +363,31 @@ def test_second_serve_on_same_port_fails_cleanly(shared: Daemon, spawn: Spawn) -
         assert c.get("/api/workflow").status_code == 200
 
 
+def test_serve_exits_when_start_up_fails_after_the_store_opened(spawn: Spawn) -> None:
+    # Start-up fails in the lifespan, after the database was opened: here recovering a
+    # step whose workflow row another program wrote with a flow that does not parse.
+    daemon = spawn("broken")
+    db = daemon.workdir.parent / "stepd.db"
+    daemon.started().stop()  # makes the schema
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute(
+            "INSERT INTO workflows (id, name, flow_json, input_json, status, created_at,"
+            " updated_at) VALUES (1, 'bad', '{\"start\": 1}', '{}', 'running', 0, 0)"
+        )
+        conn.execute(
+            "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
+            " created_at, started_at, lease_until, attempt)"
+            " VALUES (2, 1, 'start', 'start', 'echo', 'running', 1, 0, 0, 0, 0, 1)"
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    rc = daemon.start().wait(timeout=15)  # it used to hang here: reader threads left open
+    assert rc != 0, daemon.stderr()
+    assert "startup failed" in daemon.stderr().lower(), daemon.stderr()
+
+
 def test_failed_second_serve_leaves_running_steps_alone(shared: Daemon) -> None:
     """A second `stepd serve` with the same config (same database) that cannot bind
     must not requeue, claim or run the steps the live daemon is running."""
