@@ -297,10 +297,11 @@ class Store:
     async def _write(self, op: Callable[[Conn], T], *, blocking: bool = False) -> T:
         """Run `op` in a write transaction (group-committed); its value once committed.
         A `blocking` op may take long and runs off the loop (see WriteBatcher.submit)."""
-        if self._writes is None:
+        writes = self._writes  # close() clears it before the queue is drained
+        if writes is None:
             raise sqlite3.ProgrammingError("the store is not open")
         try:
-            return await self._writes.submit(op, blocking=blocking)
+            return await writes.submit(op, blocking=blocking)
         except sqlite3.IntegrityError as exc:
             if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
                 raise
@@ -313,7 +314,7 @@ class Store:
                 self._last_id = max(self._last_id, int(row[0]))
                 return op(db)
 
-            return await self._writes.submit(again, blocking=blocking)
+            return await writes.submit(again, blocking=blocking)
 
     def _new_id(self, now: int) -> int:
         """Millisecond-epoch shaped ids, unique and increasing; call inside a write op."""

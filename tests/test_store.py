@@ -339,3 +339,22 @@ async def test_ids_taken_by_another_process_are_skipped(store: Store):
     assert second > max(taken)
     steps = await store.steps(second)
     assert len(steps) == 1 and steps[0].id > second
+
+
+async def test_a_conflicting_id_while_closing_fails_cleanly(tmp_path: Path):
+    store = Store(tmp_path / "s.db")
+    await store.open()
+    now = now_ms()
+    db = sqlite3.connect(store.path, isolation_level=None)  # takes the next id
+    try:
+        db.execute(
+            "INSERT INTO workflows (id, name, flow_json, input_json, status, created_at,"
+            " updated_at) VALUES (?, 'outside', '{}', '{}', 'running', 0, 0)",
+            (max(now, store._last_id + 1),),
+        )
+    finally:
+        db.close()
+    creating = asyncio.create_task(create(store, now=now))
+    await asyncio.sleep(0)  # queued; its retry would come after close() began
+    results = await asyncio.gather(creating, store.close(), return_exceptions=True)
+    assert isinstance(results[0], sqlite3.ProgrammingError), results
