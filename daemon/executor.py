@@ -30,6 +30,7 @@ import orjson
 from daemon import flow as flows
 from daemon import metrics, templating
 from daemon.config import Config
+from daemon.logs import StepLogger
 from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
 from daemon.store import Store, now_ms
 from daemon.tools import Registry, ToolContext, ToolError
@@ -459,8 +460,7 @@ class Executor:
                 workflow_id=step.workflow_id, step_id=step.id, state=step.state,
                 attempt=step.attempt, created_by=info.created_by,
                 state_dir=self.config.state_dir,
-                logger=logging.LoggerAdapter(logging.getLogger(f"stepd.tool.{tool.name}"),
-                                             _fields(step)),
+                logger=StepLogger(logging.getLogger(f"stepd.tool.{tool.name}"), _fields(step)),
             )  # fmt: skip
         problems = tool.check_args(args)
         if problems:

@@ -23,6 +23,18 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _IGNORED = {"color_message"}
 
 
+class StepLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger whose every line carries a step's fields, on top of the caller's own
+    `extra` (Python 3.11's adapter would replace them). What tools get as `ctx.logger`."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+    def getChild(self, suffix: str) -> StepLogger:  # noqa: N802 - logging.Logger's name
+        return StepLogger(self.logger.getChild(suffix), self.extra)
+
+
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The fields passed with `extra=`: the step's four first, in a fixed order."""
     fields = {k: record.__dict__[k] for k in STEP_FIELDS if k in record.__dict__}

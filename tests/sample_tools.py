@@ -125,4 +125,5 @@ def base_exception_in_thread() -> None:
 @tool
 async def chatty(*, ctx: ToolContext) -> None:
     """Writes a line to its own logger."""
-    ctx.logger.info("hello from a tool")
+    ctx.logger.info("hello from a tool", extra={"rows": 5})
+    ctx.logger.getChild("part").info("hello from a part")

@@ -213,11 +213,13 @@ async def test_a_tools_own_log_lines_carry_the_step_fields(tmp_path, restore_log
     async with serving(tmp_path, tool_modules=("tests.sample_tools",)) as client:
         created = await client.post("/api/workflow", json=body)
         wf = await wait_for(client, created.json()["id"])
-    (line,) = [x for x in json_lines(stream.getvalue()) if x["message"] == "hello from a tool"]
+    lines = {x["message"]: x for x in json_lines(stream.getvalue())}
+    line, part = lines["hello from a tool"], lines["hello from a part"]
     step = wf["steps"][0]
-    assert line["logger"] == "stepd.tool.chatty"
+    assert line["logger"] == "stepd.tool.chatty" and line["rows"] == 5  # its own extra too
+    assert part["logger"] == "stepd.tool.chatty.part"
     fields = {"workflow_id": wf["id"], "step_id": step["id"], "state": "start", "attempt": 1}
-    assert {k: line[k] for k in fields} == fields
+    assert {k: line[k] for k in fields} == fields == {k: part[k] for k in fields}
 
 
 async def test_gates_log_when_they_start_waiting(tmp_path, restore_logging):

@@ -41,7 +41,8 @@ class ToolContext:
     attempt: int
     created_by: str | None
     state_dir: Path
-    # Named stepd.tool.<tool>; every line it writes carries the step's fields.
+    # Named stepd.tool.<tool>; every line it writes carries the step's fields
+    # (daemon.logs.StepLogger: a LoggerAdapter, with getChild).
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
 
     @property
