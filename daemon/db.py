@@ -10,9 +10,10 @@ idle, a batch holds one write and is committed at once.
 
 The statements themselves run on the event loop thread (microseconds each, no
 thread hop per statement); only the parts that can block leave it: COMMIT (the
-fsync, and the occasional checkpoint) and a BEGIN that has to wait for another
-process's write lock. Reads use a second connection: in WAL mode they see the last
-commit and never wait for the writer.
+fsync, and the occasional checkpoint), a BEGIN that has to wait for another
+process's write lock, and writes submitted as blocking (a retention purge), which
+run in the commit thread inside the same transaction. Reads use other connections:
+in WAL mode they see the last commit and never wait for the writer.
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ class Executor:
         fin = failed_for_good(info, step, error, "Interrupted", self.config.step_limit)
         next_id = await self.store.finish_step(fin)
         if next_id is not None:
-            log.warning("failed: %s", error, extra=_fields(step))
+            log.warning("failed: %s; %s", error, _what_next(fin), extra=_fields(step))
             log_gate_waiting(step.workflow_id, next_id, fin.next_step)
 
     async def _expire(self, gate: Step) -> None:
@@ -526,7 +526,8 @@ class Executor:
             rand=_jitter.random(),
         )
         if isinstance(move, flows.RetryLater):
-            log.warning("step failed: %s; retrying in %.3gs", exc, move.delay_s,
+            delay_s = min(move.delay_s, flows.MAX_SECONDS)
+            log.warning("step failed: %s; retrying in %s", exc, _duration(delay_s),
                         extra=_fields(step))  # fmt: skip
             return Finish(
                 step_id=step.id,
@@ -535,14 +536,12 @@ class Executor:
                 status=StepStatus.PENDING,
                 error=str(exc),
                 error_type=exc.type,
-                retry_at=now_ms() + int(min(move.delay_s, flows.MAX_SECONDS) * 1000),
+                retry_at=now_ms() + int(delay_s * 1000),
             )
         finish = self._finish(
             info, step, move, StepStatus.FAILED, error=str(exc), error_type=exc.type
         )
-        then = (f"next: {finish.next_step.state}" if finish.next_step is not None
-                else "the workflow fails")  # fmt: skip
-        log.warning("step failed: %s; %s", exc, then, extra=_fields(step))
+        log.warning("step failed: %s; %s", exc, _what_next(finish), extra=_fields(step))
         return finish
 
     def _finish(
@@ -680,6 +679,18 @@ def _outcome(fin: Finish) -> str:
     if fin.status is StepStatus.PENDING:
         return "retrying"
     return "failed" if fin.status is StepStatus.FAILED else "done"
+
+
+def _what_next(fin: Finish) -> str:
+    """After a step failed for good: the on_error state it goes to, or the end."""
+    return f"next: {fin.next_step.state}" if fin.next_step is not None else "the workflow fails"
+
+
+def _duration(seconds: float) -> str:
+    """0.0083s, 1.84s, 90s, 86400s: short, and never in exponent notation."""
+    if seconds < 1:
+        return f"{seconds:.2g}s"
+    return f"{seconds:.3g}s" if seconds < 100 else f"{seconds:.0f}s"
 
 
 def _fields(step: Step) -> dict[str, Any]:

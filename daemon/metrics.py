@@ -24,7 +24,8 @@ from prometheus_client.exposition import choose_encoder
 from daemon.store import Store, now_ms
 
 # No `*_created` series beside every counter and histogram: they double what a scrape
-# carries and Prometheus does not use them.
+# carries and Prometheus does not use them. (prometheus-client's switch is process-wide:
+# metrics a tool module defines for itself lose them too.)
 disable_created_metrics()
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # RSS, CPU seconds, open files

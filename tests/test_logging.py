@@ -242,6 +242,13 @@ async def test_gates_log_when_they_start_waiting(tmp_path, restore_logging):
     assert [{k: line[k] for k in expected[0]} for line in waiting] == expected
 
 
+def test_retry_delays_read_as_plain_seconds():
+    from daemon.executor import _duration
+
+    got = [_duration(x) for x in (0.0083, 0.5, 1.84, 12.345, 1234.5, 86400.0)]
+    assert got == ["0.0083s", "0.5s", "1.84s", "12.3s", "1234s", "86400s"]
+
+
 def test_log_format_is_checked():
     assert configuration.from_dict({}).log_format == "text"
     assert configuration.from_dict({"server": {"log_format": "json"}}).log_format == "json"
