@@ -331,7 +331,7 @@ async def fail_step(request: Request) -> Response:
 @needs("workflow")
 async def validate_workflow(request: Request) -> Response:
     """Check a workflow without creating it."""
-    return JSON(engine_of(request).validate(await read_json(request)))
+    return JSON(await engine_of(request).validate(await read_json(request)))
 
 
 @needs("read")

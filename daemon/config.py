@@ -36,6 +36,9 @@ class Config:
     shutdown_grace: float = 30.0
     max_body_bytes: int = 1_048_576
     max_states: int = 200
+    template_ms: float = 50.0  # CPU one expression may use
+    template_mb: int = 64  # memory one evaluation may grow the sandbox process by
+    max_workflow_bytes: int = 32 * 2**20  # input, flow and results one workflow may store
     max_result_bytes: int = 1_048_576
     lease_s: float = 30.0
     recovery_attempts: int = 3
@@ -88,6 +91,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     },
     "limits": {
         "max_states": ("max_states", int),
+        "template_ms": ("template_ms", (int, float)),
+        "template_mb": ("template_mb", int),
+        "max_workflow_bytes": ("max_workflow_bytes", int),
     },
     "tools": {
         "modules": ("tool_modules", list),
@@ -158,7 +164,7 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
     if not db_path.is_absolute():
         db_path = state_dir / db_path
     for key in ("poll_interval", "shutdown_grace", "lease_s", "retention_days",
-                "retention_interval_s", "link_ttl_s", "session_ttl_s"):  # fmt: skip
+                "retention_interval_s", "link_ttl_s", "session_ttl_s", "template_ms"):  # fmt: skip
         if key in values:
             values[key] = float(values[key])
     if "tool_modules" in values:
@@ -203,7 +209,7 @@ def _check(cfg: Config) -> None:
     if cfg.poll_interval <= 0:
         raise ConfigError("[executor] poll_interval must be > 0")
     for attr in ("concurrency", "claim_batch", "step_limit", "max_body_bytes", "max_states",
-                 "recovery_attempts", "retention_batch"):  # fmt: skip
+                 "recovery_attempts", "retention_batch", "max_workflow_bytes"):  # fmt: skip
         if getattr(cfg, attr) < 1:
             raise ConfigError(f"{attr} must be >= 1")
     if cfg.webhook_url and not cfg.webhook_url.startswith(("http://", "https://")):
@@ -216,6 +222,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("[executor] lease_s must be >= 1")
     if cfg.retention_days < 0 or cfg.retention_interval_s <= 0:
         raise ConfigError("[retention] days must be >= 0 and interval_s > 0")
+    if not 1 <= cfg.template_ms <= 60_000 or not 8 <= cfg.template_mb <= 65_536:
+        raise ConfigError("[limits] template_ms must be 1 to 60000, template_mb 8 to 65536")
     if cfg.shutdown_grace < 0:
         raise ConfigError("[executor] shutdown_grace must be >= 0")
     if cfg.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

@@ -11,21 +11,30 @@ import orjson
 
 from daemon import flow as flows
 from daemon.config import TokenConfig
-from daemon.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from daemon.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    Unprocessable,
+)
+from daemon.evaluator import SandboxUnavailable
 from daemon.executor import (
     Executor,
     WorkflowInfo,
-    build_scope,
     failed_for_good,
     finish_for,
     log_gate_waiting,
     new_step,
 )
 from daemon.models import Finish, Step, StepStatus
-from daemon.store import Cancelled, Created, Replay, Replayed, Store
+from daemon.store import Cancelled, Created, Replay, Replayed, Store, WorkflowTooLarge
 from daemon.tools import Registry
 
 BODY_KEYS = {"name", "flow", "input", "notify_url"}
+MAX_REASON = 2000  # characters of a decision's reason or comment (kept with the step)
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class Engine:
 
     # -- create and validate -----------------------------------------------------------
 
-    def check(self, body: Any) -> tuple[Submission | None, list[str], list[str]]:
+    async def check(self, body: Any) -> tuple[Submission | None, list[str], list[str]]:
         """Every problem with a create body: (submission or None, errors, warnings).
 
         Raises BadRequest for a body that is not an object or lacks `name` / `flow`.
@@ -83,16 +92,18 @@ class Engine:
             flow_json = orjson.dumps(body["flow"]).decode()
         except TypeError as exc:  # not from a JSON body (the parser refuses such numbers)
             raise BadRequest(f"field 'flow' is not JSON: {exc}") from None
-        result = self._flows.parse(flow_json, self.registry, self.max_states, raw=body["flow"])
+        result = await self._flows.aparse(
+            flow_json, self.registry, self.max_states, raw=body["flow"]
+        )
         errors += result.errors
         if errors or result.flow is None:
             return None, errors, result.warnings
         sub = Submission(name, result.flow, flow_json, input_, result.warnings, notify_url)
         return sub, [], result.warnings
 
-    def validate(self, body: Any) -> dict[str, Any]:
+    async def validate(self, body: Any) -> dict[str, Any]:
         try:
-            sub, errors, warnings = self.check(body)
+            sub, errors, warnings = await self.check(body)
         except BadRequest as exc:
             return {"valid": False, "errors": [exc.text], "warnings": []}
         return {"valid": sub is not None, "errors": errors, "warnings": warnings}
@@ -100,16 +111,24 @@ class Engine:
     async def create(
         self, body: Any, *, created_by: str | None, idempotency_key: str | None = None
     ) -> Created:
-        sub, errors, _ = self.check(body)
+        sub, errors, _ = await self.check(body)
         if sub is None:
             raise Unprocessable("; ".join(errors))
+        input_json = orjson.dumps(sub.input).decode()
+        stored = len(sub.flow_json.encode()) + len(input_json.encode())
+        if stored > self.executor.config.max_workflow_bytes:
+            raise PayloadTooLarge(f"the flow and input are {stored} bytes; a workflow may store "
+                                  f"{self.executor.config.max_workflow_bytes} "
+                                  "([limits] max_workflow_bytes)")  # fmt: skip
         request_hash = None
         if idempotency_key is not None:
             canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
             request_hash = hashlib.sha256(canonical).hexdigest()
         # Shielded: once the write is queued it may commit, and then its step must run
         # even if this request is cancelled (the client went away).
-        created = await asyncio.shield(self._insert(sub, created_by, idempotency_key, request_hash))
+        created = await asyncio.shield(
+            self._insert(sub, input_json, created_by, idempotency_key, request_hash)
+        )
         if created.conflict:
             raise Conflict("Idempotency-Key was already used for a different request")
         return created
@@ -117,6 +136,7 @@ class Engine:
     async def _insert(
         self,
         sub: Submission,
+        input_json: str,
         created_by: str | None,
         idempotency_key: str | None,
         request_hash: str | None,
@@ -130,7 +150,7 @@ class Engine:
             created = await self.store.create_workflow(
                 name=sub.name,
                 flow_json=sub.flow_json,
-                input_json=orjson.dumps(sub.input).decode(),
+                input_json=input_json,
                 created_by=created_by,
                 first=new_step(start, seq=1),
                 idempotency_key=idempotency_key,
@@ -199,6 +219,7 @@ class Engine:
         key: str | None,
         link_nonce: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
+        _check_reason(reason)
         answer = {"queued": True} if decision == "approve" else {"rejected": True}
         replay = None
         if key is not None:
@@ -221,8 +242,10 @@ class Engine:
         info = await self.executor.workflow_info(step.workflow_id)
         self.check_decider(info, step, token)
         if decision == "approve":
-            scope = build_scope(info, await self.store.scope_steps(info.id, before=step.id))
-            move = flows.after_success(info.flow, step.state, {**scope, "result": result})
+            try:
+                move = await self.executor.after_success(info, step, result)
+            except SandboxUnavailable as exc:
+                raise Unavailable(f"{exc}; nothing was decided, try again") from None
             result_json = None if result is None else orjson.dumps(result).decode()
             fin = finish_for(
                 info,
@@ -231,6 +254,7 @@ class Engine:
                 StepStatus.DONE,
                 self.executor.config.step_limit,
                 result_json=result_json,
+                max_workflow_bytes=self.executor.config.max_workflow_bytes,
             )
         else:
             error = f"rejected by {token.name}: {reason}"  # reason is required to reject
@@ -248,6 +272,8 @@ class Engine:
         except Replayed as exc:  # the same key, committed since the check above
             assert replay is not None
             return _replayed(exc.earlier, replay)
+        except WorkflowTooLarge as exc:
+            raise PayloadTooLarge(f"{exc}; nothing was decided") from None
         if not decided:
             raise Conflict(f"step {step_id} is no longer waiting")
         return 200, answer
@@ -333,6 +359,7 @@ class Engine:
 
     async def fail(self, step_id: int, reason: str | None, *, by: str | None) -> None:
         """Fail an interrupted non-idempotent step; the flow continues at on_error or fails."""
+        _check_reason(reason)
         step = await self._awaiting_decision(step_id)
         info = await self.executor.workflow_info(step.workflow_id)
         error = f"failed by {by}: {reason}" if reason else f"failed by {by} after an interruption"
@@ -375,3 +402,8 @@ def _replayed(earlier: Replay, now: Replay) -> tuple[int, dict[str, Any]]:
     if earlier.request_hash != now.request_hash:
         raise Conflict("Idempotency-Key was already used for a different decision")
     return earlier.status, orjson.loads(earlier.body_json)
+
+
+def _check_reason(reason: str | None) -> None:
+    if reason is not None and len(reason) > MAX_REASON:
+        raise BadRequest(f"a reason or comment may be at most {MAX_REASON} characters")

@@ -28,17 +28,21 @@ from typing import Any
 import orjson
 
 from daemon import flow as flows
-from daemon import metrics, templating
+from daemon import metrics
 from daemon.config import Config
+from daemon.evaluator import Evaluator, SandboxUnavailable
 from daemon.logs import StepLogger
 from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
-from daemon.store import Store, now_ms
+from daemon.placeholders import TemplateError
+from daemon.store import Store, WorkflowTooLarge, now_ms
+from daemon.templating import Needs
 from daemon.tools import Registry, ToolContext, ToolError
 
 log = logging.getLogger("stepd.executor")
 # Backoff jitter from a generator of our own: the process-wide one belongs to the host
 # program (tests seed it, and tools may rely on its sequence).
 _jitter = random.Random()
+MAX_ERROR = 4000  # characters of an error message kept with a step
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Executor:
         self._infos: OrderedDict[int, WorkflowInfo] = OrderedDict()
         self._flows = flows.ParseCache()
         self._threads = ThreadPoolExecutor(config.concurrency, thread_name_prefix="stepd-tool")
+        self.evaluator = Evaluator(template_ms=config.template_ms, template_mb=config.template_mb)
         self._loop_task: asyncio.Task[None] | None = None
         self.last_tick = 0.0  # loop time of the last successful tick, for health checks
         self._next_renewal = 0  # epoch ms when running steps' leases are next renewed
@@ -332,6 +337,7 @@ class Executor:
         # Threads of sync tools cannot be interrupted; `stepd serve` exits without
         # joining them (their results would be discarded: the steps are requeued).
         self._threads.shutdown(wait=False, cancel_futures=True)
+        await self.evaluator.close()
 
     def cancel_steps(self, step_ids: list[int]) -> None:
         """Stop the tools of cancelled steps; their late results are discarded."""
@@ -409,6 +415,9 @@ class Executor:
                 return None, None
             try:
                 return await self.store.finish_and_start(fin)
+            except WorkflowTooLarge as exc:
+                log.warning("step failed: %s; the workflow fails", exc, extra=_fields(step))
+                fin = too_large(step, str(exc))
             except sqlite3.OperationalError as exc:  # locked / busy past busy_timeout, disk full
                 log.warning("recording the outcome failed (%s); retrying in %.2fs", exc, delay,
                             extra=_fields(step))  # fmt: skip
@@ -430,24 +439,44 @@ class Executor:
         try:
             if state.templated:
                 scope = await self.scope(info, step)
-                try:
-                    args = templating.render_value(state.args, scope)
-                except templating.TemplateError as exc:
-                    raise StepFailed(
-                        f"args: {exc}", type_="TemplateError", retryable=False
-                    ) from None
+                args = await self._render(state, scope)
             else:
-                args = state.args
-            result = await self._call(step, _fresh(args), info)
+                args = _fresh(state.args)
+            result = await self._call(step, args, info)
             result_json = self._encode(result)
+            try:
+                move = await self.after_success(info, step, result, scope)
+            except SandboxUnavailable as exc:
+                raise StepFailed(str(exc), type_="SandboxUnavailable", retryable=True) from None
         except StepFailed as exc:
             return self._failure(info, step, exc)
-        if state.branch:
-            scope = scope if scope is not None else await self.scope(info, step)
-            move = flows.after_success(info.flow, step.state, {**scope, "result": result})
-        else:
-            move = flows.after_success(info.flow, step.state, {})
-        return self._finish(info, step, move, StepStatus.DONE, result_json=result_json)
+        return self._finish(info, step, move, StepStatus.DONE, result_json=result_json,
+                            max_workflow_bytes=self.config.max_workflow_bytes)  # fmt: skip
+
+    async def _render(self, state: flows.State, scope: dict[str, Any]) -> Any:
+        """The state's args with their placeholders rendered (a copy of its own)."""
+        try:
+            return await self.evaluator.render(state.args, scope)
+        except TemplateError as exc:
+            raise StepFailed(f"args: {exc}", type_="TemplateError", retryable=False) from None
+        except SandboxUnavailable as exc:
+            raise StepFailed(str(exc), type_="SandboxUnavailable", retryable=True) from None
+
+    async def after_success(
+        self, info: WorkflowInfo, step: Step, result: Any, scope: dict[str, Any] | None = None
+    ) -> flows.Move:
+        """Where the flow goes once `step` succeeded with `result`: a branch's conditions
+        are evaluated here, with `result` bound to it (SandboxUnavailable if they could
+        not be)."""
+        state = info.flow[step.state]
+        if not state.branch:
+            return flows.after_success(info.flow, step.state)
+        scope = scope if scope is not None else await self.scope(info, step)
+        try:
+            matched = await self.evaluator.choose(state.conditions, {**scope, "result": result})
+        except TemplateError as exc:
+            return flows.after_success(info.flow, step.state, error=str(exc))
+        return flows.after_success(info.flow, step.state, matched=matched, result=result)
 
     async def _call(self, step: Step, args: Any, info: WorkflowInfo) -> Any:
         assert step.tool is not None
@@ -565,31 +594,41 @@ class Executor:
             return info
         wf = await self.store.get_workflow(workflow_id)
         assert wf is not None and wf.flow_json is not None and wf.input_json is not None
-        parsed = self._flows.parse(wf.flow_json, max_states=1 << 30)
+        parsed = await self._flows.aparse(wf.flow_json, max_states=1 << 30)
         assert parsed.flow is not None, parsed.errors
         info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, orjson.loads(wf.input_json))
         self.remember(info)
         return info
 
     async def scope(self, info: WorkflowInfo, step: Step) -> dict[str, Any]:
-        """What templates see: input, steps (latest visit per state), result, error, workflow."""
-        return build_scope(info, await self.store.scope_steps(info.id, before=step.id))
+        """What the expressions of `step`'s state see: input, steps (latest visit per
+        state), result, error, workflow; only the parts they name (see Needs)."""
+        history = await self.store.scope_steps(info.id, before=step.id)
+        return build_scope(info, history, info.flow[step.state].needs)
 
 
-def build_scope(info: WorkflowInfo, history: list[Step]) -> dict[str, Any]:
-    """Template variables from the steps that came before (oldest first)."""
+def build_scope(
+    info: WorkflowInfo, history: list[Step], needs: Needs | None = None
+) -> dict[str, Any]:
+    """Template variables from the steps that came before (oldest first). With `needs`,
+    only the names and steps' results it lists: parsing every result of a long workflow
+    for each step would cost more than the step."""
+
+    def result(s: Step) -> Any:
+        return orjson.loads(s.result_json) if s.result_json is not None else None
+
+    names = None if needs is None else needs.names
+    wanted = None if needs is None else needs.states
     steps: dict[str, Any] = {}
-    for s in history:
-        steps[s.state] = {
-            "result": orjson.loads(s.result_json) if s.result_json is not None else None,
-            "status": s.status,
-            "attempt": s.attempt,
-            "error": s.error,
-        }
+    if names is None or "steps" in names:
+        for s in history:
+            if wanted is None or s.state in wanted:
+                steps[s.state] = {"result": result(s), "status": s.status,
+                                  "attempt": s.attempt, "error": s.error}  # fmt: skip
     scope: dict[str, Any] = {
         "input": info.input,
         "steps": steps,
-        "result": steps[history[-1].state]["result"] if history else None,
+        "result": result(history[-1]) if history and (names is None or "result" in names) else None,
         "workflow": {"id": info.id, "name": info.name, "created_by": info.created_by},
     }
     if history and history[-1].status == StepStatus.FAILED:
@@ -600,7 +639,7 @@ def build_scope(info: WorkflowInfo, history: list[Step]) -> dict[str, Any]:
             "state": prev.state,
             "attempt": prev.attempt,
         }
-    return scope
+    return scope if names is None else {k: v for k, v in scope.items() if k in names}
 
 
 def finish_for(
@@ -645,6 +684,15 @@ def new_step(state: flows.State, seq: int) -> NewStep:
                    timeout_ms=timeout_ms)  # fmt: skip
 
 
+def too_large(step: Step, error: str) -> Finish:
+    """The outcome for a result the workflow may not store: it fails, without on_error
+    (whatever it would do next could only store more)."""
+    return Finish(step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt,
+                  status=StepStatus.FAILED, error=error, error_type="StorageLimit",
+                  workflow_status=WorkflowStatus.FAILED,
+                  workflow_error=f"state '{step.state}': {error}")  # fmt: skip
+
+
 def _crashed(step: Step, error: str) -> Finish:
     """The outcome for a step that broke in stepd itself: it and its workflow fail."""
     error = _clean(error)
@@ -664,8 +712,10 @@ def _fresh(args: Any) -> Any:
 
 
 def _clean(text: str) -> str:
-    """Text that SQLite and JSON can store (lone surrogates escaped)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """Text that SQLite and JSON can store (lone surrogates escaped), at most MAX_ERROR
+    characters: a tool's exception message is stored with the step, and may be huge."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + " ... (cut)"
 
 
 def log_gate_waiting(workflow_id: int, step_id: int, step: NewStep | None) -> None:

@@ -6,7 +6,9 @@ Nothing here does I/O: the executor and the API read, call `after_success` /
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +17,6 @@ from typing import Any
 import orjson
 
 from daemon import templating
-from daemon.templating import TemplateError
 
 STATE_KEYS = {
     "name", "tool", "args", "next", "branch", "done", "timeout", "retry", "on_error",
@@ -25,7 +26,8 @@ GATE_ONLY_KEYS = ("approvers", "allow_self_approval")
 RETRY_KEYS = {"max_attempts", "backoff_s", "backoff_factor", "max_backoff_s"}
 MISSING_START = "Flow must have a 'start' key"
 MAX_SECONDS = 366 * 86400  # longest timeout or backoff: a year
-MAX_PLACEHOLDERS = 1000  # per flow: each is compiled at validation
+MAX_PLACEHOLDERS = 1000  # per flow: each is parsed at validation
+MAX_EXPRESSION_TEXT = 50_000  # characters of expressions per flow (parsing costs ~3 us each)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ class State:
     templated: bool = False  # args contain placeholders
     approvers: tuple[str, ...] | None = None  # gate: token names or permissions who may decide
     allow_self_approval: bool | None = None  # gate: None = the config's default
+    needs: templating.Needs = templating.NO_NEEDS  # what its args and conditions read
+
+    @property
+    def conditions(self) -> list[str]:
+        """The branch's `if` expressions, in order (the final `else` has none)."""
+        return [c.condition for c in self.branch or () if c.condition is not None]
 
     @property
     def is_gate(self) -> bool:
@@ -125,13 +133,17 @@ class ParseCache:
     template was about 5 % of the daemon's CPU per workflow. Only valid flows up to
     `max_text` characters are kept, at most `entries` of them (least recently used
     goes first), so the cache stays within a few megabytes. One cache serves one
-    registry: validity depends on which tools exist.
+    registry: validity depends on which tools exist. A flow larger than `inline`
+    characters is parsed in a thread (`aparse`): its expressions may take a hundred
+    milliseconds to parse, which the event loop must not wait for.
     """
 
-    def __init__(self, entries: int = 256, max_text: int = 16 * 1024) -> None:
+    def __init__(self, entries: int = 256, max_text: int = 16 * 1024, inline: int = 4096) -> None:
         self.entries = entries
         self.max_text = max_text
+        self.inline = inline
         self._parsed: OrderedDict[tuple[str, int], Validation] = OrderedDict()
+        self._lock = threading.Lock()  # parse() runs on the loop and in threads
 
     def parse(
         self,
@@ -142,16 +154,35 @@ class ParseCache:
     ) -> Validation:
         """parse(raw) where `text` is raw's JSON (raw is loaded from it when not given)."""
         key = (text, max_states)
-        hit = self._parsed.get(key)
+        hit = self._hit(key)
         if hit is not None:
-            self._parsed.move_to_end(key)
             return hit
         result = parse(orjson.loads(text) if raw is None else raw, tools, max_states)
         if result.flow is not None and len(text) <= self.max_text:
-            self._parsed[key] = result
-            if len(self._parsed) > self.entries:
-                self._parsed.popitem(last=False)
+            with self._lock:
+                self._parsed[key] = result
+                if len(self._parsed) > self.entries:
+                    self._parsed.popitem(last=False)
         return result
+
+    async def aparse(
+        self,
+        text: str,
+        tools: Container[str] | None = None,
+        max_states: int = 200,
+        raw: Any = None,
+    ) -> Validation:
+        """parse(), in a thread when the flow is large and not cached."""
+        if len(text) <= self.inline or self._hit((text, max_states)) is not None:
+            return self.parse(text, tools, max_states, raw)
+        return await asyncio.to_thread(self.parse, text, tools, max_states, raw)
+
+    def _hit(self, key: tuple[str, int]) -> Validation | None:
+        with self._lock:
+            hit = self._parsed.get(key)
+            if hit is not None:
+                self._parsed.move_to_end(key)
+            return hit
 
 
 def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) -> Validation:
@@ -164,15 +195,17 @@ def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) 
     if len(raw) > max_states:
         errors.append(f"flow has {len(raw)} states; the limit is {max_states}")
         return Validation(None, errors, [])
+    # The expressions' size first, from a cheap scan: parsing each costs microseconds
+    # per character, so an oversized flow is refused before any of them is parsed.
+    size = _expression_size(raw)
+    if size is not None:
+        return Validation(None, [*errors, size], [])
     states: dict[str, State] = {}
+    ids = frozenset(raw)
     for sid, body in raw.items():
-        state = _parse_state(sid, body, tools, errors)
+        state = _parse_state(sid, body, tools, errors, ids)
         if state is not None:
             states[sid] = state
-    count = sum(1 for body in raw.values() if isinstance(body, dict)
-                for _ in _expressions(body.get("args")))  # fmt: skip
-    if count > MAX_PLACEHOLDERS:
-        errors.append(f"flow has {count} placeholders; the limit is {MAX_PLACEHOLDERS}")
     for sid, body in raw.items():
         for key, target in _raw_targets(body):
             if target not in raw:
@@ -183,8 +216,26 @@ def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) 
     return Validation(Flow(states), [], warnings)
 
 
+def _expression_size(raw: dict[str, Any]) -> str | None:
+    """Why the flow's expressions are too many or too long together, if they are."""
+    count = text = 0
+    for body in raw.values():
+        if not isinstance(body, dict):
+            continue
+        for expr in templating.expressions(body.get("args")):
+            count, text = count + 1, text + len(expr)
+        for case in body.get("branch") if isinstance(body.get("branch"), list) else ():
+            if isinstance(case, dict) and isinstance(case.get("if"), str):
+                text += len(case["if"])
+    if count > MAX_PLACEHOLDERS:
+        return f"flow has {count} placeholders; the limit is {MAX_PLACEHOLDERS}"
+    if text > MAX_EXPRESSION_TEXT:
+        return f"flow has {text} characters of expressions; the limit is {MAX_EXPRESSION_TEXT}"
+    return None
+
+
 def _parse_state(
-    sid: str, body: Any, tools: Container[str] | None, errors: list[str]
+    sid: str, body: Any, tools: Container[str] | None, errors: list[str], ids: frozenset[str]
 ) -> State | None:
     where = f"state '{sid}'"
     if not isinstance(body, dict):
@@ -209,7 +260,7 @@ def _parse_state(
     if not isinstance(args, dict):
         errors.append(f"{where}: field 'args' must be an object")
         args = {}
-    exprs = list(_expressions(args))
+    exprs = list(templating.expressions(args))
     for expr in exprs[:MAX_PLACEHOLDERS]:
         problem = templating.check_expression(expr)
         if problem:
@@ -258,6 +309,7 @@ def _parse_state(
         retry=retry,
         on_error=on_error,
         templated=bool(exprs),
+        needs=templating.needs([*exprs, *(c.condition for c in branch if c.condition)], ids),
         approvers=tuple(approvers) if approvers else None,
         allow_self_approval=self_ok,
     )
@@ -350,17 +402,6 @@ def _is_number(v: Any) -> bool:
         return False
 
 
-def _expressions(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield from templating.placeholders(value)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _expressions(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _expressions(v)
-
-
 def _unreachable(raw: dict[str, Any]) -> list[str]:
     """States no transition leads to from start (read from the raw flow, despite errors)."""
     if "start" not in raw:
@@ -374,22 +415,26 @@ def _unreachable(raw: dict[str, Any]) -> list[str]:
     return [s for s in raw if s not in seen]
 
 
-def after_success(flow: Flow, state_id: str, scope: dict[str, Any]) -> Move:
-    """Where to go once a state succeeded; `scope["result"]` is that state's own result."""
+def after_success(
+    flow: Flow, state_id: str, *, matched: int = -1, error: str | None = None, result: Any = None
+) -> Move:
+    """Where to go once a state succeeded. For a branch, the executor evaluated its
+    conditions against `result`, the state's own result: `matched` is the index of the
+    first that held (-1: none), `error` why evaluating them failed."""
     state = flow[state_id]
     if state.done:
         return Complete()
     if state.next is not None:
         return Advance(state.next)
+    if error is not None:
+        return Fail(f"state '{state_id}': branch condition failed: {error}")
+    cases = [c for c in state.branch or () if c.condition is not None]
+    if matched >= 0:
+        return Advance(cases[matched].target)
     for case in state.branch or ():
         if case.condition is None:
             return Advance(case.target)
-        try:
-            if templating.truthy(case.condition, scope):
-                return Advance(case.target)
-        except TemplateError as exc:
-            return Fail(f"state '{state_id}': branch condition failed: {exc}")
-    shown = templating.truncate_json(scope.get("result"))
+    shown = templating.truncate_json(result)
     return Fail(f"state '{state_id}': no branch matched result {shown}")
 
 

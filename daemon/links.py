@@ -34,6 +34,7 @@ from daemon import flow as flows
 from daemon.api import parse_json
 from daemon.auth import server_secret
 from daemon.config import Config, TokenConfig
+from daemon.engine import MAX_REASON
 from daemon.errors import StepdError
 from daemon.models import Step, Workflow
 from daemon.store import LinkSpent
@@ -43,7 +44,6 @@ LINK_TOKEN = TokenConfig(name="link", sha256="0" * 64, permissions=("approve",))
 DECISIONS = ("approve", "reject")
 MAX_TOKEN = 1000  # characters; ours are about 150
 MAX_FORM = 65_536  # bytes of a POSTed form
-MAX_REASON = 2000
 PRETTY_LIMIT = 20_000  # characters of one JSON value shown on the page
 HEADERS = {
     "Cache-Control": "no-store",

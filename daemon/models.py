@@ -141,3 +141,5 @@ class Finish:
     start_next_lease_ms: int | None = None
     workflow_status: WorkflowStatus | None = None  # COMPLETED / FAILED ends the workflow
     workflow_error: str | None = None
+    # With a result: refuse it (WorkflowTooLarge) if the workflow would then store more.
+    max_workflow_bytes: int | None = None

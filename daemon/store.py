@@ -125,6 +125,16 @@ class Replay:
                 "body_json": self.body_json}  # fmt: skip
 
 
+class WorkflowTooLarge(Exception):
+    """Storing a result would take a workflow past its [limits] max_workflow_bytes."""
+
+    def __init__(self, stored: int, adding: int, limit: int) -> None:
+        super().__init__(
+            f"storing a result of {adding} bytes would bring the workflow to "
+            f"{stored + adding} bytes; the limit is {limit} ([limits] max_workflow_bytes)"
+        )
+
+
 class LinkSpent(Exception):
     """A one-click link's nonce was used before."""
 
@@ -447,6 +457,7 @@ class Store:
                     "request_hash": request_hash,
                     "notify_url": notify_url,
                     "now": now,
+                    "stored_bytes": len(flow_json.encode()) + len(input_json.encode()),
                 },
             )
             self._event(db, wf_id, None, "created", now, {"by": created_by})
@@ -568,7 +579,19 @@ class Store:
             )
         if cur.rowcount == 0:
             return None
+        self._grow(db, fin)
         return self._follow(db, fin, now)
+
+    @staticmethod
+    def _grow(db: Conn, fin: Finish) -> None:
+        """Count a result against its workflow's storage; WorkflowTooLarge (and the
+        whole operation rolled back) if that takes it past `fin.max_workflow_bytes`."""
+        if fin.result_json is None or fin.max_workflow_bytes is None:
+            return
+        size = len(fin.result_json.encode())
+        (total,) = db.execute(Q["grow_workflow"], {"id": fin.workflow_id, "bytes": size}).fetchone()
+        if total > fin.max_workflow_bytes:
+            raise WorkflowTooLarge(total - size, size, fin.max_workflow_bytes)
 
     def _follow(self, db: Conn, fin: Finish, now: int) -> tuple[int, Step | None]:
         """Events, the next step and the workflow's end, after a step changed."""
@@ -657,6 +680,7 @@ class Store:
             )  # fmt: skip
             if cur.rowcount == 0:
                 return None
+            self._grow(db, fin)
             kind = "gate_decided" if awaiting == "ready" else "step_decided"
             data = {"decision": decision, "by": decided_by}
             if reason is not None:

@@ -1,296 +1,188 @@
-"""Placeholders in step args and branch conditions, in a sandboxed Jinja2 environment.
+"""Expressions as the daemon sees them: validated at create, plain paths read in-process.
 
-`<<expr>>` and `{{expr}}` mean the same. A string that is exactly one placeholder
-keeps the value's JSON type; inside a longer string the value is interpolated
-as text (strings as they are, anything else as JSON).
+An expression that only names a value (`input.title`, `steps.search.result[0].id`,
+`input['a key']`) is read here, in microseconds, with no code run. Every other
+expression is evaluated by the sandbox process (daemon/evaluator.py) under CPU and
+memory limits, so no expression can hold the event loop or grow the daemon.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Iterator
+import re
+import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import orjson
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, nodes
-from jinja2.runtime import Undefined
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-DELIMITERS = (("<<", ">>"), ("{{", "}}"))
-MAX_SIZE = 1_000_000  # largest string or list (in characters / items) an operation may build
-MAX_POWER = 10_000  # largest exponent
-MAX_INT_BITS = 100_000  # largest integer arithmetic may build
-MAX_EXPRESSION = 500  # characters in one expression: bounds how much `~` chains can build
-RESERVED_NAMES = {"self", "loop", "super", "caller", "varargs", "kwargs"}
+from daemon import sandbox
+from daemon.placeholders import (
+    TemplateError,
+    expressions,
+    placeholders,
+    scan,
+    truncate_json,
+    whole,
+)
 
-# The only methods an expression may call, per type; everything else is refused.
-SAFE_METHODS: dict[type, frozenset[str]] = {
-    str: frozenset(
-        "lower upper strip lstrip rstrip startswith endswith split rsplit splitlines title "
-        "capitalize casefold swapcase count find rfind index rindex isdigit isalpha isalnum "
-        "isspace islower isupper isnumeric isdecimal partition rpartition removeprefix "
-        "removesuffix replace join".split()
-    ),
-    dict: frozenset({"get", "keys", "values", "items"}),
-    list: frozenset({"index", "count"}),
-}
+__all__ = ["TemplateError", "check_expression", "expressions", "needs", "placeholders",
+           "truncate_json"]  # fmt: skip
 
-
-class TemplateError(Exception):
-    """An expression failed: bad syntax, an undefined name, or a sandbox violation."""
+_NAME = r"[A-Za-z][A-Za-z0-9_]*"
+_STEP = rf"(?:\.(?P<attr>{_NAME})|\.(?P<dot_index>\d+)|\[\s*(?P<index>-?\d+)\s*\]" \
+        r"|\[\s*'(?P<sq>[^'\\]*)'\s*\]|\[\s*\"(?P<dq>[^\"\\]*)\"\s*\])"  # fmt: skip
+_PATH = re.compile(rf"\s*(?P<root>{_NAME})(?:{_STEP})*\s*")
+_STEPS = re.compile(_STEP)
+_CONSTANTS = {"true", "false", "none", "True", "False", "None"}  # Jinja literals, not names
+_KEYWORDS = {"and", "or", "not", "in", "is", "if", "else"}
+_STEPS_REF = re.compile(r"\bsteps\b(?:\s*\.\s*(\w+)|\s*\[\s*(['\"])(.*?)\2\s*\])?")
 
 
-def _weight(value: Any, limit: int = MAX_SIZE) -> int:
-    """Roughly how many characters/items a value holds; stops counting past `limit`."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list | tuple | dict):
-        total = len(value)
-        items = value.items() if isinstance(value, dict) else value
-        for item in items:
-            total += _weight(item, limit - total)
-            if total > limit:
-                break
-        return total
-    return 1
+class Fallback(Exception):
+    """A path the daemon does not read itself (a miss Jinja reports in its own words)."""
 
 
-def _bounded(size: int, what: str) -> None:
-    if size > MAX_SIZE:
-        raise SecurityError(f"{what} would build {size} characters or items (limit {MAX_SIZE})")
+@lru_cache(maxsize=8192)
+def path(expr: str) -> tuple[str, tuple[tuple[str | int, bool], ...]] | None:
+    """(root name, (key or index, written as `.name`?) per step) when `expr` is a plain
+    path, else None."""
+    m = _PATH.fullmatch(expr)
+    if m is None or m["root"] in sandbox.RESERVED_NAMES | _CONSTANTS | _KEYWORDS:
+        return None
+    keys: list[tuple[str | int, bool]] = []
+    for step in _STEPS.finditer(expr, m.end("root")):
+        if step["attr"] is not None:
+            keys.append((step["attr"], True))
+        elif step["sq"] is not None or step["dq"] is not None:
+            key = step["sq"] if step["sq"] is not None else step["dq"]
+            if key.startswith("_"):
+                return None  # refused by the sandbox's checks, with their message
+            keys.append((key, False))
+        else:
+            keys.append((int(step["dot_index"] or step["index"]), False))
+    return m["root"], tuple(keys)
 
 
-class _Env(ImmutableSandboxedEnvironment):
-    """Sandbox: no globals, dict keys before dict methods, allowlisted methods, bounded sizes."""
-
-    intercepted_binops = frozenset({"*", "**", "%"})
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        # `input.items` must mean the key "items", not dict.items.
-        if isinstance(obj, dict):
-            if attribute in obj:
-                return obj[attribute]
-            return self.undefined(obj=obj, name=attribute, hint=f"key '{attribute}' is undefined")
-        return super().getattr(obj, attribute)
-
-    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
-        if op == "%":
-            if isinstance(left, str):
-                raise SecurityError("'%' string formatting is not supported; join with '~'")
-            return operator.mod(left, right)
-        if op == "**":
-            if isinstance(right, int | float) and abs(right) > MAX_POWER:
-                raise SecurityError(f"exponent {right} is too large")
-            if isinstance(left, int) and isinstance(right, int) and right > 0:
-                if max(left.bit_length(), 1) * right > MAX_INT_BITS:
-                    raise SecurityError("result of ** is too large")
-            return operator.pow(left, right)
-        for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, str | list | tuple) and isinstance(n, int):
-                _bounded(_weight(seq) * n, "*")
-        if isinstance(left, int) and isinstance(right, int):
-            if left.bit_length() + right.bit_length() > MAX_INT_BITS:
-                raise SecurityError("result of * is too large")
-        return operator.mul(left, right)
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        owner = getattr(__obj, "__self__", None)
-        name = getattr(__obj, "__name__", "?")
-        allowed = SAFE_METHODS.get(type(owner), frozenset())
-        if owner is None or name not in allowed:
-            raise SecurityError(f"calling '{name}' is not allowed in expressions")
-        if isinstance(owner, str) and name == "join" and args:
-            return _join(args[0], owner)
-        if isinstance(owner, str) and name == "replace" and len(args) >= 2:
-            return _replace(owner, *args)
-        return __obj(*args, **kwargs)
-
-
-def _join(items: Any, sep: str = "") -> str:
-    parts = [p if isinstance(p, str) else str(p) for p in items]
-    _bounded(sum(map(len, parts)) + len(sep) * max(len(parts) - 1, 0), "join")
-    return sep.join(parts)
-
-
-def _replace(text: Any, old: Any, new: Any, count: Any = -1) -> str:
-    text, old, new = str(text), str(old), str(new)
-    hits = len(text) + 1 if old == "" else text.count(old)
-    if isinstance(count, int) and count >= 0:
-        hits = min(hits, count)
-    _bounded(len(text) + hits * max(len(new) - len(old), 0), "replace")
-    return text.replace(old, new, count if isinstance(count, int) else -1)
-
-
-_ENV = _Env(undefined=StrictUndefined, autoescape=False)
-_ENV.globals.clear()
-_ENV.filters = {
-    name: _ENV.filters[name]
-    for name in (
-        "abs", "capitalize", "default", "first", "float", "int", "last", "length",
-        "list", "lower", "max", "min", "reverse", "round", "sort", "string",
-        "sum", "title", "trim", "truncate", "unique", "upper", "tojson",
-    )
-}  # fmt: skip
-_ENV.filters["join"] = lambda value, d="": _join(value, d)
-_ENV.filters["replace"] = _replace
-
-
-def scan(text: str) -> Iterator[tuple[int, int, str]]:
-    """(start, end, expression) of each placeholder, left to right, in linear time.
-
-    An opener matches the nearest closer at least one character after it; an
-    opener without a closer is plain text.
-    """
-    pos = 0
-    closed = {opener: False for opener, _ in DELIMITERS}  # no closer left for this kind
-    while True:
-        best: tuple[int, str, str] | None = None
-        for opener, closer in DELIMITERS:
-            if closed[opener]:
-                continue
-            at = text.find(opener, pos)
-            if at != -1 and (best is None or at < best[0]):
-                best = (at, opener, closer)
-        if best is None:
-            return
-        at, opener, closer = best
-        end = text.find(closer, at + len(opener) + 1)
-        if end == -1:
-            closed[opener] = True
-            continue
-        yield at, end + len(closer), text[at + len(opener) : end]
-        pos = end + len(closer)
-
-
-def placeholders(text: str) -> Iterator[str]:
-    """The expressions inside a string's placeholders."""
-    for _, _, expr in scan(text):
-        yield expr.strip()
-
-
-def check_expression(expr: str) -> str | None:
-    """A problem with `expr` detectable without data (syntax, unsafe names), else None."""
-    try:
-        _compile(expr)
-    except TemplateError as exc:
-        return str(exc)
-    return None
-
-
-def _problem(expr: str) -> str | None:
-    if not expr:
-        return "empty expression"
-    if len(expr) > MAX_EXPRESSION:
-        return f"expression is longer than {MAX_EXPRESSION} characters"
-    try:
-        tree = _ENV.parse("{{ " + expr + " }}")
-    except TemplateSyntaxError as exc:
-        return f"syntax error in '{expr}': {exc.message}"
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Name)):
-        if isinstance(node, nodes.Name):
-            if node.name in RESERVED_NAMES:
-                return f"'{node.name}' is undefined in '{expr}'"
-            continue
-        name = node.attr if isinstance(node, nodes.Getattr) else _const(node.arg)
-        if isinstance(name, str) and name.startswith("_"):
-            return f"access to '{name}' is not allowed in '{expr}'"
-    return None
-
-
-def _const(node: nodes.Node) -> Any:
-    return node.value if isinstance(node, nodes.Const) else None
+def read(expr: str, scope: dict[str, Any]) -> Any:
+    """The value a plain path names; TemplateError when it is undefined, in the words
+    the sandbox would use (Fallback where those depend on more than the path)."""
+    found = path(expr)
+    assert found is not None
+    root, keys = found
+    if root not in scope:
+        raise TemplateError(f"undefined in '{expr}': '{root}' is undefined")
+    value = scope[root]
+    for key, dotted in keys:
+        if isinstance(value, dict) and isinstance(key, str):
+            if key not in value:
+                if not dotted:
+                    raise Fallback(expr)  # `x['items']` may mean a dict method there
+                raise TemplateError(f"undefined in '{expr}': key '{key}' is undefined")
+            value = value[key]
+        elif isinstance(value, list) and isinstance(key, int) and -len(value) <= key < len(value):
+            value = value[key]
+        else:
+            raise Fallback(expr)
+    return value
 
 
 @lru_cache(maxsize=4096)
-def _compile(expr: str) -> Any:
-    problem = _problem(expr)
-    if problem:
-        raise TemplateError(problem)
-    try:
-        return _ENV.compile_expression(expr, undefined_to_none=False)
-    except TemplateSyntaxError as exc:
-        raise TemplateError(f"syntax error in '{expr}': {exc.message}") from None
+def check_expression(expr: str) -> str | None:
+    """A problem with `expr` detectable without data (syntax, depth, unsafe names), else None."""
+    if path(expr) is not None and len(expr) <= sandbox.MAX_EXPRESSION:
+        return None
+    return sandbox.problem(expr)
 
 
-def evaluate(expr: str, scope: dict[str, Any]) -> Any:
-    """Evaluate one expression; undefined names and sandbox violations raise TemplateError."""
-    fn = _compile(expr.strip())
-    try:
-        value = fn(**scope)
-    except UndefinedError as exc:
-        raise TemplateError(f"undefined in '{expr.strip()}': {exc.message}") from None
-    except SecurityError as exc:
-        raise TemplateError(f"not allowed in '{expr.strip()}': {exc}") from None
-    except TemplateError:
-        raise
-    except Exception as exc:  # a type error in user arithmetic, a bad filter argument, ...
-        raise TemplateError(f"cannot evaluate '{expr.strip()}': {exc}") from None
-    if isinstance(value, Undefined):
-        hint = value._undefined_hint
-        if hint is None:
-            hint = f"'{value._undefined_name}' is undefined"
-        raise TemplateError(f"undefined in '{expr.strip()}': {hint}")
+def is_plain(exprs: list[str]) -> bool:
+    return all(path(e.strip()) is not None for e in exprs)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The scope names some expressions use; `states`: which steps' results (None: all)."""
+
+    names: frozenset[str]
+    states: frozenset[str] | None
+
+
+def needs(exprs: list[str], state_ids: frozenset[str] | set[str]) -> Needs:
+    """What a set of expressions may read, found from their text: `steps.X` and
+    `steps['X']` with X a state of the flow read only X; any other use of `steps` reads
+    every state (a name in a string literal only makes the scope larger, never wrong)."""
+    names: set[str] = set()
+    states: set[str] | None = set()
+    for expr in exprs:
+        names.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", expr))
+        for m in _STEPS_REF.finditer(expr):
+            state = m[1] if m[1] is not None else m[3]
+            if state is None or state not in state_ids:
+                states = None
+            elif states is not None:
+                states.add(state)
+    return Needs(frozenset(names), None if states is None else frozenset(states))
+
+
+NO_NEEDS = Needs(frozenset(), frozenset())
+
+
+class Budget:
+    """What rendering plain paths in the daemon may cost: a deadline, and the size of the
+    rendered args as JSON (checked before they are copied for the tool)."""
+
+    def __init__(self, ms: float, max_bytes: int) -> None:
+        self.deadline = time.perf_counter() + ms / 1000
+        self.ms = ms
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._json: dict[int, bytes] = {}  # by id: the value is kept alive by the scope
+
+    def json(self, value: Any) -> bytes:
+        key = id(value)
+        found = self._json.get(key)
+        if found is None:
+            found = self._json[key] = orjson.dumps(value)
+        return found
+
+    def spend(self, size: int) -> None:
+        self.used += size
+        if self.used > self.max_bytes:
+            raise TemplateError(
+                f"the rendered args would be more than {self.max_bytes} bytes as JSON "
+                "([limits] template_mb / 8)"
+            )
+        if time.perf_counter() > self.deadline:
+            raise TemplateError(f"rendering took more than {self.ms:g} ms ([limits] template_ms)")
+
+
+def render_plain(value: Any, scope: dict[str, Any], budget: Budget) -> Any:
+    """render_value for args whose placeholders are all plain paths, in the daemon."""
+    if isinstance(value, str):
+        if "<<" not in value and "{{" not in value:
+            budget.spend(len(value))
+            return value
+        expr = whole(value)
+        if expr is not None:
+            found = read(expr.strip(), scope)
+            budget.spend(len(found) if isinstance(found, str) else len(budget.json(found)))
+            return found
+        out, pos = [], 0
+        for start, end, found_expr in scan(value):
+            found = read(found_expr.strip(), scope)
+            piece = found if isinstance(found, str) else budget.json(found).decode()
+            budget.spend(len(piece) + start - pos)
+            out.append(value[pos:start])
+            out.append(piece)
+            pos = end
+        out.append(value[pos:])
+        return "".join(out)
+    if isinstance(value, list):
+        return [render_plain(v, scope, budget) for v in value]
+    if isinstance(value, dict):
+        return {k: render_plain(v, scope, budget) for k, v in value.items()}
     return value
 
 
-def render_value(value: Any, scope: dict[str, Any]) -> Any:
-    """Render placeholders in every string inside a JSON value."""
-    if isinstance(value, str):
-        return _render_string(value, scope)
-    if isinstance(value, list):
-        return [render_value(v, scope) for v in value]
-    if isinstance(value, dict):
-        return {k: render_value(v, scope) for k, v in value.items()}
-    return value
-
-
-def _render_string(text: str, scope: dict[str, Any]) -> Any:
-    if "<<" not in text and "{{" not in text:
-        return text
-    found = list(scan(text))
-    if len(found) == 1 and found[0][0] == 0 and found[0][1] == len(text):
-        return _plain(evaluate(found[0][2], scope))  # exactly one placeholder: keep the type
-    out, pos = [], 0
-    for start, end, expr in found:
-        out.append(text[pos:start])
-        out.append(_as_text(evaluate(expr, scope)))
-        pos = end
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def _plain(value: Any) -> Any:
-    """Convert tuples and other sequences the sandbox may return into JSON types."""
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    raise TemplateError(f"expression gave a {type(value).__name__}, which is not JSON")
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return orjson.dumps(_plain(value)).decode()
-    except TypeError as exc:  # e.g. an integer beyond 64 bits
-        raise TemplateError(f"cannot write the value as JSON text: {exc}") from None
-
-
-def truthy(expr: str, scope: dict[str, Any]) -> bool:
-    """Evaluate a branch condition."""
-    return bool(evaluate(expr, scope))
-
-
-def truncate_json(value: Any, limit: int = 200) -> str:
-    """A value as JSON text for an error message, cut to `limit` characters."""
-    try:
-        text = orjson.dumps(value).decode()
-    except TypeError:
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def truthy_plain(expr: str, scope: dict[str, Any]) -> bool:
+    return bool(read(expr.strip(), scope))

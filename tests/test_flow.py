@@ -22,14 +22,26 @@ from daemon.flow import (
     Retry,
     RetryLater,
     after_failure,
-    after_success,
     limit_steps,
     parse,
 )
 from daemon.models import NewStep, Step, StepStatus, WorkflowStatus
+from daemon.placeholders import TemplateError
+from daemon.sandbox import first_true
 from daemon.tools import Registry, builtin, demo
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def after_success(flow: flows.Flow, state_id: str, scope: dict[str, Any]) -> flows.Move:
+    """flows.after_success with the branch evaluated as the executor does (here with the
+    sandbox's functions in this process, instead of the sandbox process)."""
+    state = flow[state_id]
+    try:
+        matched = first_true(state.conditions, scope)
+    except TemplateError as exc:
+        return flows.after_success(flow, state_id, error=str(exc))
+    return flows.after_success(flow, state_id, matched=matched, result=scope.get("result"))
 
 
 def ok(raw: Any, **kwargs: Any) -> flows.Flow:

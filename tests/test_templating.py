@@ -10,14 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.templating import (
-    MAX_SIZE,
-    TemplateError,
-    check_expression,
-    evaluate,
-    render_value,
-    truthy,
-)
+from daemon.placeholders import TemplateError
+from daemon.sandbox import MAX_SIZE, evaluate, render_value, truthy
+from daemon.templating import check_expression
 
 SCOPE: dict[str, Any] = {
     "input": {

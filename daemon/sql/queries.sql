@@ -10,9 +10,10 @@ WHERE created_by IS :created_by AND idempotency_key = :key;
 -- insert_workflow --
 -- A new running workflow.
 INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,
-                       idempotency_key, request_hash, notify_url, created_at, updated_at)
+                       idempotency_key, request_hash, notify_url, created_at, updated_at,
+                       stored_bytes)
 VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
-        :key, :request_hash, :notify_url, :now, :now);
+        :key, :request_hash, :notify_url, :now, :now, :stored_bytes);
 
 -- insert_step --
 -- A state visit: pending for a tool, running and awaiting 'ready' for a gate.
@@ -90,6 +91,10 @@ WHERE id = :id AND status = 'running' AND attempt = :attempt;
 -- Complete or fail a running workflow.
 UPDATE workflows SET status = :status, error = :error, completed_at = :now, updated_at = :now
 WHERE id = :id AND status = 'running';
+
+-- grow_workflow --
+-- Count bytes a workflow stores (a result); returns its new total.
+UPDATE workflows SET stored_bytes = stored_bytes + :bytes WHERE id = :id RETURNING stored_bytes;
 
 -- touch_workflow --
 -- Mark a workflow as changed.

@@ -1,0 +1,304 @@
+"""Where expressions run: plain paths in the daemon, everything else in a sandbox process.
+
+The sandbox process (`python -m daemon.evaluator`, started on first use, at most
+WORKERS of them) evaluates one request at a time: the args of a step or the
+conditions of a branch, with the part of the scope they use. The daemon watches its
+CPU time and memory while it works and kills it past `[limits] template_ms` of CPU
+per expression or `template_mb` of growth; a C-level loop (a quadratic filter, a huge
+repeat) cannot hold the daemon's event loop, because it never runs there. A killed
+process is replaced on the next request.
+
+Frames on the pipes: a 4-byte big-endian length, then JSON. The daemon sends a
+request; the process answers `{"loaded": true}` once it has parsed it (the limits
+start then: reading a large scope is not the expression's cost), then the reply:
+`{"value": ...}`, `{"index": n}` or `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from daemon import sandbox
+from daemon.placeholders import TemplateError, expressions, quoted
+from daemon.templating import Budget, Fallback, is_plain, render_plain, truthy_plain
+
+log = logging.getLogger("stepd.evaluator")
+FRAME = struct.Struct(">I")
+WORKERS = 2  # sandbox processes at most: requests beyond wait for one
+POLL_S = 0.005  # how often a working process's CPU time and memory are read
+COMPILE_MS = 40  # CPU allowed per expression for compiling it (once per process)
+START_TIMEOUT_S = 30.0
+LOAD_TIMEOUT_S = 30.0  # parsing a request's scope (bounded by what a workflow may store)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_ROOT = str(Path(sandbox.__file__).resolve().parent.parent)  # where the `daemon` package is
+_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+class SandboxUnavailable(Exception):
+    """The sandbox process could not be started or died for a reason of its own."""
+
+
+class Evaluator:
+    """Renders args and picks branches; see the module docstring."""
+
+    def __init__(self, *, template_ms: float = 50.0, template_mb: int = 64) -> None:
+        self.ms = template_ms
+        self.mb = template_mb
+        self.max_out = template_mb * 2**20 // 8  # rendered args, as JSON
+        self._idle: list[_Worker] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    async def render(self, value: Any, scope: dict[str, Any]) -> Any:
+        """`value` with its placeholders rendered: a private copy the caller may hand out."""
+        exprs = list(expressions(value))
+        if is_plain(exprs):
+            try:
+                rendered = render_plain(value, scope, Budget(self.ms, self.max_out))
+                return orjson.loads(orjson.dumps(rendered))
+            except Fallback:
+                pass  # a miss the sandbox words better; it reads plain paths too
+        reply = await self._ask({"op": "render", "value": value}, scope, exprs)
+        return reply["value"]
+
+    async def choose(self, conditions: list[str], scope: dict[str, Any]) -> int:
+        """The index of the first condition that holds, or -1."""
+        if is_plain(conditions):
+            try:
+                return next((i for i, c in enumerate(conditions) if truthy_plain(c, scope)), -1)
+            except Fallback:
+                pass
+        reply = await self._ask({"op": "choose", "conditions": conditions}, scope, conditions)
+        return int(reply["index"])
+
+    async def _ask(self, request: dict[str, Any], scope: dict[str, Any], exprs: list[str]) -> Any:
+        payload = orjson.dumps({**request, "scope": scope, "ms": self.ms, "mb": self.mb,
+                                "max_out": self.max_out})  # fmt: skip
+        # Shielded: a caller that goes away (a cancelled workflow) must not leave the
+        # process half-way through a reply; the exchange ends within its limits anyway.
+        task = asyncio.ensure_future(self._exchange(payload, exprs))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        reply = await asyncio.shield(task)
+        if "error" in reply:
+            raise TemplateError(reply["error"])
+        return reply
+
+    async def _exchange(self, payload: bytes, exprs: list[str]) -> dict[str, Any]:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(WORKERS)
+        async with self._slots:
+            worker = self._idle.pop() if self._idle else await _Worker.start()
+            try:
+                return await worker.exchange(payload, exprs, self)
+            finally:
+                if worker.alive:
+                    self._idle.append(worker)
+
+    async def close(self) -> None:
+        """Stop every sandbox process (requests under way fail)."""
+        for task in list(self._inflight):
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        idle, self._idle = self._idle, []
+        for worker in idle:
+            await worker.kill()
+
+
+class _Worker:
+    """One sandbox process and its pipes."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.alive = True
+
+    @classmethod
+    async def start(cls) -> _Worker:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+        try:
+            # A session of its own: a Ctrl-C in the daemon's terminal is for the daemon.
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "daemon.evaluator", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise SandboxUnavailable(f"cannot start the expression sandbox: {exc}") from None
+        worker = cls(proc)
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                ready = await worker._read(1024)
+        except (TimeoutError, SandboxUnavailable, asyncio.IncompleteReadError) as exc:
+            await worker.kill()
+            raise SandboxUnavailable(f"the expression sandbox did not start: {exc!r}") from None
+        except BaseException:
+            await worker.kill()
+            raise
+        if not ready.get("ready"):
+            await worker.kill()
+            raise SandboxUnavailable("the expression sandbox did not start")
+        log.debug("expression sandbox started (pid %d)", proc.pid)
+        return worker
+
+    async def exchange(self, payload: bytes, exprs: list[str], ev: Evaluator) -> dict[str, Any]:
+        try:
+            return await self._exchange(payload, exprs, ev)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            await self.kill()
+            raise SandboxUnavailable(f"the expression sandbox stopped: {exc!r}") from None
+        except BaseException:
+            await self.kill()  # cancelled half-way: the pipe's state is unknown
+            raise
+
+    async def _exchange(self, payload: bytes, exprs: list[str], ev: Evaluator) -> dict[str, Any]:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        stdin.write(FRAME.pack(len(payload)) + payload)
+        await stdin.drain()
+        async with asyncio.timeout(LOAD_TIMEOUT_S):
+            await self._read(1024)  # {"loaded": true}
+        rss0, cpu0 = self._usage()
+        cpu_limit = len(exprs) * (ev.ms + COMPILE_MS)
+        wall_limit = time.monotonic() + 1 + 4 * cpu_limit / 1000  # a process starved of CPU
+        reply = asyncio.ensure_future(self._read(ev.max_out + 1024))
+        try:
+            while True:
+                done, _ = await asyncio.wait({reply}, timeout=POLL_S)
+                if done:
+                    answer: dict[str, Any] = reply.result()
+                    if answer.pop("exit", False):
+                        await self.kill()
+                    return answer
+                rss, cpu = self._usage()
+                if rss - rss0 > ev.mb * 2**20:
+                    await self.kill()
+                    return {"error": f"{_which(exprs)} used more than {ev.mb} MB "
+                                     "([limits] template_mb)"}  # fmt: skip
+                if cpu - cpu0 > cpu_limit or time.monotonic() > wall_limit:
+                    await self.kill()
+                    return {"error": f"{_which(exprs)} took more than {ev.ms:g} ms "
+                                     "([limits] template_ms)"}  # fmt: skip
+        finally:
+            reply.cancel()  # a process killed above ends its read with an error: consume it
+            with contextlib.suppress(BaseException):
+                await reply
+
+    async def _read(self, max_size: int) -> dict[str, Any]:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        (size,) = FRAME.unpack(await stdout.readexactly(FRAME.size))
+        if size > max_size:
+            raise SandboxUnavailable(f"the expression sandbox sent {size} bytes")
+        answer: dict[str, Any] = orjson.loads(await stdout.readexactly(size))
+        return answer
+
+    def _usage(self) -> tuple[int, float]:
+        """(resident bytes, CPU ms) of the process; zeros where /proc cannot tell."""
+        try:
+            with open(f"/proc/{self.proc.pid}/statm", "rb") as fh:
+                rss = int(fh.read().split()[1]) * _PAGE
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            return rss, (int(fields[11]) + int(fields[12])) * _TICK_MS  # utime + stime
+        except (OSError, IndexError, ValueError):
+            return 0, 0.0
+
+    async def kill(self) -> None:
+        self.alive = False
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+
+def _which(exprs: list[str]) -> str:
+    worked = [e.strip() for e in exprs if not is_plain([e])]
+    return quoted(worked[0]) if len(worked) == 1 else "an expression"
+
+
+# -- the sandbox process -----------------------------------------------------------------
+
+
+def _send(out: IO[bytes], message: dict[str, Any]) -> None:
+    data = orjson.dumps(message)
+    out.write(FRAME.pack(len(data)) + data)
+    out.flush()
+
+
+def _handle(request: dict[str, Any]) -> dict[str, Any]:
+    clock = sandbox.Clock(request["ms"])
+    scope = request["scope"]
+    try:
+        with _memory_limit(request["mb"]):
+            if request["op"] == "choose":
+                return {"index": sandbox.first_true(request["conditions"], scope, clock)}
+            value = sandbox.render_value(request["value"], scope, clock)
+            data = orjson.dumps(value)
+    except TemplateError as exc:
+        return {"error": str(exc)}
+    except MemoryError:
+        return {"error": f"an expression used more than {request['mb']} MB ([limits] "
+                         "template_mb)", "exit": True}  # fmt: skip
+    except TypeError as exc:  # orjson: e.g. an integer beyond 64 bits
+        return {"error": f"the rendered args are not JSON: {exc}"}
+    if len(data) > request["max_out"]:
+        return {"error": f"the rendered args are {len(data)} bytes as JSON; the limit is "
+                         f"{request['max_out']} ([limits] template_mb / 8)"}  # fmt: skip
+    return {"value": orjson.Fragment(data)}
+
+
+@contextlib.contextmanager
+def _memory_limit(mb: int) -> Any:
+    """Address space for this request: what is mapped now plus `mb` (where allowed; the
+    daemon also watches the resident size and kills the process past it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            mapped = int(fh.read().split()[0]) * _PAGE
+        limit = mapped + mb * 2**20
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (OSError, ValueError):  # e.g. a seccomp filter refusing setrlimit
+        yield
+        return
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def main() -> None:
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print must not corrupt the frames
+    sys.stdout = sys.stderr
+    with contextlib.suppress(OSError):
+        os.nice(5)  # a runaway expression yields the CPU to the daemon
+    inp = sys.stdin.buffer
+    _send(out, {"ready": True})
+    while True:
+        header = inp.read(FRAME.size)
+        if len(header) < FRAME.size:
+            return  # the daemon closed the pipe (it stopped, or died)
+        (size,) = FRAME.unpack(header)
+        request = orjson.loads(inp.read(size))
+        _send(out, {"loaded": True})
+        reply = _handle(request)
+        _send(out, reply)
+        if reply.get("exit"):
+            return
+
+
+if __name__ == "__main__":
+    main()

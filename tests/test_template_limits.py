@@ -1,0 +1,285 @@
+"""Expressions cannot hold the daemon: an adversarial corpus through the real app.
+
+Every expression but a plain path runs in the sandbox process (daemon/evaluator.py),
+which is stopped past [limits] template_ms of CPU or template_mb of growth. These tests
+run each attack as a real workflow and check that it fails clearly (naming the state,
+not retried), that the event loop kept answering, and that this process (the daemon)
+did not grow; the bounds are generous, the attacks cost minutes and gigabytes in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from daemon.evaluator import Evaluator
+from daemon.placeholders import TemplateError
+from daemon.sandbox import render_value
+from daemon.templating import Fallback, needs, path, read
+from tests.helpers import wait_for
+
+SPLITS = "[" + ",".join(["('ab '*333333).split()"] * 20) + "]|length"  # 462 MB, 470 characters
+CPU_OR_MEMORY = "template_m"  # template_ms or template_mb: whichever limit is reached first
+# (expression, what the error says)
+CORPUS = [
+    # quadratic filters: list concatenation in sum, sorting a million characters
+    ("([[0]] * 333333)|sum(start=[])|length", "template_ms"),
+    ("('a' * 999999)|list|sort|join('x')|length", "template_ms"),
+    ("(('ab ' * 333333).split())|unique|list|sort|reverse|join(' ')|length", "template_ms"),
+    # big repeats and allocations: 462 MB of split strings in half a second
+    (SPLITS, CPU_OR_MEMORY),
+    ("[" + ",".join(["('x'*999999)|list"] * 20) + "]|length", CPU_OR_MEMORY),
+    # big ranges and repeats refused outright
+    ("range(10**9)|length", "undefined"),
+    ("'a' * 10**9", "would build"),
+    ("[1] * 10**9", "would build"),
+    ("(2 ** 10000) ** 1000", "too large"),
+    # string formatting
+    ("'%s%s%s' % (1, 2, 3)", "formatting"),
+    ("'{0:>999999999}'.format(1)", "not allowed"),
+    # text conversions never show object addresses
+    ("input.s.lower|string", "not JSON"),
+    ("input.s.lower ~ ''", "not JSON"),
+    ("[input.s.lower]|join(',')", "not JSON"),
+    ("input.s.lower|title", "not JSON"),
+]
+
+
+@pytest.fixture
+async def started(make_client: Any) -> AsyncIterator[Any]:
+    client, app = await make_client()
+    yield client, app
+
+
+async def _run(client: Any, args: Any = None, branch: str | None = None) -> dict[str, Any]:
+    start: dict[str, Any] = {"tool": "echo", "args": args or {}}
+    if branch is None:
+        start["done"] = True
+    else:
+        start["branch"] = [{"if": branch, "then": "end"}, {"else": "end"}]
+    body = {"name": "attack", "input": {"s": "text", "n": 1},
+            "flow": {"start": start, "end": {"tool": "echo", "done": True}}}  # fmt: skip
+    resp = await client.post("/api/workflow", json=body)
+    assert resp.status_code == 201, resp.text
+    return await wait_for(client, resp.json()["id"], timeout=30)
+
+
+class Watch:
+    """The longest the event loop went without running a 2 ms ticker, and this process's
+    largest resident size, while a workflow runs."""
+
+    def __init__(self) -> None:
+        self.lag = 0.0
+        self.rss = self.rss_before = _rss()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Watch:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def _tick(self) -> None:
+        while True:
+            began = time.perf_counter()
+            await asyncio.sleep(0.002)
+            self.lag = max(self.lag, time.perf_counter() - began)
+            self.rss = max(self.rss, _rss())
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize(("expr", "says"), CORPUS, ids=[c[0][:40] for c in CORPUS])
+async def test_attack_in_args_fails_the_step_and_leaves_the_daemon_alone(
+    started: Any, expr: str, says: str
+) -> None:
+    client, _ = started
+    async with Watch() as watch:
+        wf = await _run(client, {"v": "{{" + expr + "}}"})
+    assert wf["status"] == "failed"
+    step = wf["steps"][0]
+    assert step["attempt"] == 1  # not retried
+    assert says in step["error"], step["error"]
+    assert "state 'start'" in wf["error"]
+    assert "0x" not in wf["error"]
+    assert watch.lag < 1.0, f"the event loop stalled for {watch.lag:.2f}s"
+    assert watch.rss - watch.rss_before < 64 * 2**20
+    # The daemon, and the sandbox after being stopped, work as before.
+    assert (await client.get("/healthz")).status_code == 200
+    ok = await _run(client, {"v": "{{ input.n + 1 }}", "w": "<<input.s>>"})
+    assert ok["status"] == "completed"
+    assert ok["steps"][0]["result_json"] == '{"v":2,"w":"text"}'
+
+
+@pytest.mark.parametrize(
+    "expr", [CORPUS[0][0], SPLITS, "input.s.lower ~ ''"], ids=["cpu", "memory", "address"]
+)
+async def test_attack_in_a_branch_condition_fails_the_workflow(started: Any, expr: str) -> None:
+    client, _ = started
+    async with Watch() as watch:
+        wf = await _run(client, branch=f"({expr}) > 0")
+    assert wf["status"] == "failed"
+    assert "state 'start': branch condition failed" in wf["error"]
+    assert watch.lag < 1.0
+
+
+async def test_many_attacks_at_once_are_all_contained(started: Any) -> None:
+    client, _ = started
+    async with Watch() as watch:
+        runs = [_run(client, {"v": "{{" + expr + "}}"}) for expr, _ in CORPUS[:5]]
+        done = await asyncio.gather(*runs)
+    assert [wf["status"] for wf in done] == ["failed"] * 5
+    assert watch.lag < 1.0
+    assert watch.rss - watch.rss_before < 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "(" * 100 + "1" + ")" * 100,
+        "[" * 40 + "1" + "]" * 40,
+        "-" * 200 + "1",
+        "not " * 30 + "input.n",
+        "input" + "|first" * 5 + "|length" * 30,
+    ],
+    ids=["parens", "lists", "negations", "nots", "filters"],
+)
+async def test_deep_nesting_is_refused_at_create(started: Any, expr: str) -> None:
+    client, _ = started
+    for flow in (
+        {"start": {"tool": "echo", "args": {"v": "{{" + expr + "}}"}, "done": True}},
+        {"start": {"tool": "echo", "branch": [{"if": expr, "then": "start"}]}},
+    ):
+        resp = await client.post("/api/workflow", json={"name": "deep", "flow": flow})
+        assert resp.status_code == 422, resp.text
+        assert "nested" in resp.json()["error"]
+        check = await client.post("/api/workflow/validate", json={"name": "deep", "flow": flow})
+        assert check.json()["valid"] is False
+
+
+async def test_a_tighter_limit_applies(make_client: Any) -> None:
+    client, _ = await make_client(template_ms=5.0)
+    wf = await _run(client, {"v": "{{ ([1] * 400000)|sort|sort|sort|sort|length }}"})
+    assert wf["status"] == "failed"
+    assert "5 ms" in wf["error"]
+
+
+async def test_a_plain_path_and_an_expression_render_alike(started: Any) -> None:
+    client, _ = started
+    args = {"a": "<<input.s>>", "b": "{{ input.s ~ '' }}", "c": "n={{input.n}}/{{input.n * 2}}"}
+    wf = await _run(client, args)
+    assert wf["steps"][0]["result_json"] == '{"a":"text","b":"text","c":"n=1/2"}'
+
+
+# -- plain paths, read in the daemon --------------------------------------------------
+
+SCOPE = {
+    "input": {"items": [1, 2, 3], "a b": {"c": None}, "nested": [{"x": [10, 20]}], "s": "str"},
+    "steps": {"search": {"result": [{"id": 1}, {"id": 2}], "status": "done"}},
+}
+PATHS = [
+    "input.items",
+    "input.items[0]",
+    "input.items[-1]",
+    "input.items.1",
+    "input['a b'].c",
+    'input["a b"]',
+    "input.nested[0].x[1]",
+    "steps.search.result[1].id",
+    "steps.search.status",
+    "input.missing",
+    "nope",
+    "input.items[7]",  # misses the sandbox words itself: read there
+    "input.s.upper",
+    "input.items.x",
+    "input['missing']",
+]
+
+
+@pytest.mark.parametrize("expr", PATHS)
+async def test_plain_paths_read_in_the_daemon_match_the_sandbox(expr: str) -> None:
+    assert path(expr) is not None
+    try:
+        expected: Any = render_value("{{" + expr + "}}", SCOPE)
+    except TemplateError as exc:
+        expected = ("error", str(exc))
+    evaluator = Evaluator()
+    try:
+        got: Any = await evaluator.render("{{" + expr + "}}", SCOPE)
+    except TemplateError as exc:
+        got = ("error", str(exc))
+    finally:
+        await evaluator.close()
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "expr", ["true", "none", "not", "loop.index", "input._x", "input [0]", "a.b-c", "input.x()"]
+)
+def test_only_plain_paths_are_read_in_the_daemon(expr: str) -> None:
+    assert path(expr) is None
+
+
+def test_a_missing_list_index_falls_back_to_the_sandbox() -> None:
+    with pytest.raises(Fallback):
+        read("input.items[7]", SCOPE)
+
+
+def test_needs_names_the_states_an_expression_reads() -> None:
+    ids = {"search", "load", "values"}
+    assert needs(["steps.search.result", "steps['load']"], ids).states == {"search", "load"}
+    assert needs(["steps.search.result", "steps|length"], ids).states is None
+    assert needs(["steps[input.which]"], ids).states is None
+    assert needs(["steps.keys()"], ids).states is None  # 'keys' is no state: all of them
+    assert needs(["input.x"], ids).names == {"input", "x"}
+
+
+async def test_steps_read_as_a_whole_see_every_state(started: Any) -> None:
+    client, _ = started
+    flow = {
+        "start": {"tool": "echo", "args": {"n": 1}, "next": "two"},
+        "two": {"tool": "echo", "args": {"n": 2}, "next": "three"},
+        "three": {"tool": "echo", "args": {"count": "{{ steps|length }}",
+                                            "two": "<<steps.two.result.n>>"}, "done": True},
+    }  # fmt: skip
+    resp = await client.post("/api/workflow", json={"name": "all", "flow": flow})
+    wf = await wait_for(client, resp.json()["id"])
+    assert wf["steps"][-1]["result_json"] == '{"count":2,"two":2}'
+
+
+async def test_a_cancelled_caller_leaves_the_sandbox_usable() -> None:
+    evaluator = Evaluator()
+    try:
+        scope = {"input": {"n": 1}}
+        assert await evaluator.render("{{ input.n + 1 }}", scope) == 2
+        slow = asyncio.ensure_future(
+            evaluator.render("{{ ([[0]] * 333333)|sum(start=[])|length }}", scope)
+        )
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert await evaluator.render("{{ input.n + 2 }}", scope) == 3
+        assert await evaluator.choose(["input.n > 5", "input.n == 1"], scope) == 1
+    finally:
+        await evaluator.close()
+
+
+async def test_memory_is_bounded_when_cpu_would_allow_more(make_client: Any) -> None:
+    client, _ = await make_client(template_ms=10_000.0, template_mb=32)
+    async with Watch() as watch:
+        wf = await _run(client, {"v": "{{" + SPLITS + "}}"})
+    assert wf["status"] == "failed"
+    assert "more than 32 MB ([limits] template_mb)" in wf["error"]
+    assert watch.lag < 1.0
+    assert watch.rss - watch.rss_before < 32 * 2**20
