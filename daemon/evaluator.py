@@ -30,6 +30,7 @@ from typing import IO, Any
 import orjson
 
 from daemon import sandbox
+from daemon.models import MAX_ERROR
 from daemon.placeholders import TemplateError, expressions, quoted
 from daemon.templating import Budget, Fallback, is_plain, render_plain, truthy_plain
 
@@ -38,6 +39,7 @@ FRAME = struct.Struct(">I")
 WORKERS = 2  # sandbox processes at most: requests beyond wait for one
 POLL_S = 0.005  # how often a working process's CPU time and memory are read
 COMPILE_MS = 40  # CPU allowed per expression for compiling it (once per process)
+PER_STEP = 10  # one step's expressions together: at most this many times template_ms
 START_TIMEOUT_S = 30.0
 LOAD_TIMEOUT_S = 30.0  # parsing a request's scope (bounded by what a workflow may store)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -169,7 +171,7 @@ class _Worker:
         async with asyncio.timeout(LOAD_TIMEOUT_S):
             await self._read(1024)  # {"loaded": true}
         rss0, cpu0 = self._usage()
-        cpu_limit = len(exprs) * (ev.ms + COMPILE_MS)
+        cpu_limit = min(len(exprs), PER_STEP) * ev.ms + len(exprs) * COMPILE_MS
         wall_limit = time.monotonic() + 1 + 4 * cpu_limit / 1000  # a process starved of CPU
         reply = asyncio.ensure_future(self._read(ev.max_out + 1024))
         try:
@@ -237,7 +239,7 @@ def _send(out: IO[bytes], message: dict[str, Any]) -> None:
 
 
 def _handle(request: dict[str, Any]) -> dict[str, Any]:
-    clock = sandbox.Clock(request["ms"])
+    clock = sandbox.Clock(request["ms"], total_ms=request["ms"] * PER_STEP)
     scope = request["scope"]
     try:
         with _memory_limit(request["mb"]):
@@ -246,7 +248,7 @@ def _handle(request: dict[str, Any]) -> dict[str, Any]:
             value = sandbox.render_value(request["value"], scope, clock)
             data = orjson.dumps(value)
     except TemplateError as exc:
-        return {"error": str(exc)}
+        return {"error": str(exc)[:MAX_ERROR]}
     except MemoryError:
         return {"error": f"an expression used more than {request['mb']} MB ([limits] "
                          "template_mb)", "exit": True}  # fmt: skip

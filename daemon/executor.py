@@ -42,7 +42,6 @@ log = logging.getLogger("stepd.executor")
 # Backoff jitter from a generator of our own: the process-wide one belongs to the host
 # program (tests seed it, and tools may rely on its sequence).
 _jitter = random.Random()
-MAX_ERROR = 4000  # characters of an error message kept with a step
 
 
 @dataclass(frozen=True)
@@ -712,10 +711,8 @@ def _fresh(args: Any) -> Any:
 
 
 def _clean(text: str) -> str:
-    """Text that SQLite and JSON can store (lone surrogates escaped), at most MAX_ERROR
-    characters: a tool's exception message is stored with the step, and may be huge."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + " ... (cut)"
+    """Text that SQLite and JSON can store (lone surrogates escaped)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def log_gate_waiting(workflow_id: int, step_id: int, step: NewStep | None) -> None:

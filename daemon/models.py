@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Self
 
+MAX_ERROR = 4000  # characters of an error message kept with a step or a workflow
+
 
 class WorkflowStatus(StrEnum):
     RUNNING = "running"  # has a pending, running or waiting step
@@ -143,3 +145,11 @@ class Finish:
     workflow_error: str | None = None
     # With a result: refuse it (WorkflowTooLarge) if the workflow would then store more.
     max_workflow_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        # Every error stored with a step or a workflow passes here: a tool's exception or
+        # an expression's message can be megabytes long.
+        for name in ("error", "workflow_error"):
+            text = getattr(self, name)
+            if text is not None and len(text) > MAX_ERROR:
+                object.__setattr__(self, name, text[:MAX_ERROR] + " ... (cut)")

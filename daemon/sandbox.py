@@ -280,16 +280,26 @@ def _compile(expr: str) -> Any:
 
 
 class Clock:
-    """CPU time one expression may use (compiling it not counted)."""
+    """CPU time one expression may use, and all of one request's together (compiling
+    them not counted)."""
 
-    def __init__(self, limit_ms: float | None = None) -> None:
+    def __init__(self, limit_ms: float | None = None, total_ms: float | None = None) -> None:
         self.limit_ms = limit_ms
+        self.total_ms = total_ms
+        self.used_ms = 0.0
 
     def check(self, expr: str, seconds: float) -> None:
-        if self.limit_ms is not None and seconds * 1000 > self.limit_ms:
+        ms = seconds * 1000
+        self.used_ms += ms
+        if self.limit_ms is not None and ms > self.limit_ms:
             raise TemplateError(
-                f"{quoted(expr)} took {seconds * 1000:.0f} ms; the limit is {self.limit_ms:g} ms "
+                f"{quoted(expr)} took {ms:.0f} ms; the limit is {self.limit_ms:g} ms "
                 "([limits] template_ms)"
+            )
+        if self.total_ms is not None and self.used_ms > self.total_ms:
+            raise TemplateError(
+                f"the expressions took {self.used_ms:.0f} ms together; the limit is "
+                f"{self.total_ms:g} ms (10 x [limits] template_ms)"
             )
 
 

@@ -283,3 +283,42 @@ async def test_memory_is_bounded_when_cpu_would_allow_more(make_client: Any) -> 
     assert "more than 32 MB ([limits] template_mb)" in wf["error"]
     assert watch.lag < 1.0
     assert watch.rss - watch.rss_before < 32 * 2**20
+
+
+async def test_many_expressions_of_one_step_share_a_budget(make_client: Any) -> None:
+    client, _ = await make_client(template_ms=30.0)
+    # Each takes a millisecond or a few, well within 30; 400 of them together take more than
+    # the step's 300.
+    expr = "((input.s * 1000)|list|sort|length) + "
+    args = {f"a{i}": "{{ " + expr + str(i) + " }}" for i in range(400)}
+    wf = await _run(client, args)
+    assert wf["status"] == "failed"
+    assert "together" in wf["error"], wf["error"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {f"k{i}": "<<input.blob>>" for i in range(100)},
+        {"text": "".join(f"{i}:<<input.blob>>" for i in range(100))},
+        {"text": "{{input.list}}" * 100},
+    ],
+    ids=["references", "interpolated", "json"],
+)
+async def test_plain_paths_cannot_blow_up_the_args(make_client: Any, args: Any) -> None:
+    client, _ = await make_client(template_mb=16)  # rendered args: at most 2 MiB of JSON
+    body = {"name": "copies", "input": {"blob": "b" * 100_000, "list": list(range(30_000))},
+            "flow": {"start": {"tool": "echo", "args": args, "done": True}}}  # fmt: skip
+    async with Watch() as watch:
+        resp = await client.post("/api/workflow", json=body)
+        wf = await wait_for(client, resp.json()["id"])
+    assert wf["status"] == "failed"
+    assert "template_mb / 8" in wf["error"]
+    assert watch.lag < 1.0
+
+
+async def test_a_huge_message_from_an_expression_is_cut(started: Any) -> None:
+    client, _ = started
+    wf = await _run(client, {"v": "{{ {}['k' * 999999] }}"})
+    assert wf["status"] == "failed"
+    assert len(wf["error"]) < 4100 and len(wf["steps"][0]["error"]) < 4100
