@@ -692,15 +692,21 @@ class Store:
         return await self._step_change("requeue_step", step, {}, "step_requeued", data, now)
 
     async def unstart(self, step: Step, reason: str, *, now: int | None = None) -> bool:
-        """Queue again a step written as running that never started: its attempt not counted."""
-        data = {"attempt": step.attempt, "reason": reason}
+        """Queue a running step again with its attempt not counted: it never started, or a
+        planned stop cut it off."""
+        data = {"attempt": step.attempt, "reason": reason, "attempt_given_back": True}
         return await self._step_change("unstart_step", step, {}, "step_requeued", data, now)
 
-    async def await_decision(self, step: Step, reason: str, *, now: int | None = None) -> bool:
-        """An interrupted non-idempotent step waits for a person to retry or fail it."""
+    async def await_decision(
+        self, step: Step, reason: str, *, stopped: bool = False, now: int | None = None
+    ) -> bool:
+        """An interrupted non-idempotent step waits for a person to retry or fail it.
+        `stopped`: a planned stop cut it off, so a retry gives its attempt back (error_type
+        'Stopped', where a crash or a lost lease says 'Interrupted')."""
         data = {"attempt": step.attempt, "reason": reason}
+        params = {"error": reason, "error_type": "Stopped" if stopped else "Interrupted"}
         return await self._step_change(
-            "await_decision", step, {"error": reason}, "decision_waiting", data, now
+            "await_decision", step, params, "decision_waiting", data, now
         )
 
     async def _step_change(

@@ -137,10 +137,10 @@ WHERE s.awaiting IS NOT NULL AND s.status = 'running'
 ORDER BY s.id LIMIT :limit;
 
 -- retry_decided --
--- Queue an interrupted tool step again, as decided by a person.
+-- Queue an interrupted tool step again, as decided by a person (a planned stop's attempt given back).
 UPDATE steps
 SET status = 'pending', awaiting = NULL, run_at = :now, decided_by = :decided_by,
-    decided_at = :now
+    decided_at = :now, attempt = attempt - (error_type IS 'Stopped')
 WHERE id = :id AND status = 'running' AND awaiting = 'decision' AND attempt = :attempt;
 
 -- interrupted_steps --
@@ -160,14 +160,14 @@ UPDATE steps SET status = 'pending', run_at = :now, lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
 -- unstart_step --
--- Put a running step that never started back in the queue, giving back its attempt.
+-- Put a running step back in the queue, giving back its attempt (not started, or stopped).
 UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = :now, started_at = NULL,
                  lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
 -- await_decision --
 -- An interrupted non-idempotent tool step waits for a person to retry or fail it.
-UPDATE steps SET awaiting = 'decision', error = :error, error_type = 'Interrupted',
+UPDATE steps SET awaiting = 'decision', error = :error, error_type = :error_type,
                  lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
