@@ -892,6 +892,31 @@ class Store:
         """Whether a one-click link was spent (Store.decide spends it)."""
         return await self._one(Q["link_used"], {"nonce": nonce}) is not None
 
+    # -- web sessions -------------------------------------------------------------------
+
+    async def add_web_session(
+        self, id_hash: str, token_name: str, token_hash: str, expires_at: int,
+        *, now: int | None = None,
+    ) -> None:  # fmt: skip
+        """Record a sign-in; sessions that expired are forgotten in the same transaction."""
+        now = now_ms() if now is None else now
+        params = {"id_hash": id_hash, "token_name": token_name, "token_hash": token_hash,
+                  "expires_at": expires_at, "now": now}  # fmt: skip
+
+        def op(db: Conn) -> None:
+            db.execute(Q["purge_web_sessions"], {"now": now})
+            db.execute(Q["insert_web_session"], params)
+
+        await self._write(op)
+
+    async def web_session(self, id_hash: str, *, now: int | None = None) -> sqlite3.Row | None:
+        """A session that has not ended or expired (one read of the primary key)."""
+        now = now_ms() if now is None else now
+        return await self._one(Q["get_web_session"], {"id_hash": id_hash, "now": now})
+
+    async def end_web_session(self, id_hash: str) -> None:
+        await self._write(lambda db: db.execute(Q["delete_web_session"], {"id_hash": id_hash}))
+
     async def ping(self) -> bool:
         """A cheap read, for health checks."""
         return (await self._one("SELECT 1", {})) is not None

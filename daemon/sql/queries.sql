@@ -289,3 +289,21 @@ WHERE awaiting IS NOT NULL AND status = 'running' GROUP BY awaiting;
 -- gauge_workflows --
 -- Workflows by status (the covering index workflows_status, finished ones included).
 SELECT status, count(*) AS n FROM workflows GROUP BY status;
+
+-- insert_web_session --
+-- A new sign-in session.
+INSERT INTO web_sessions (id_hash, token_name, token_hash, created_at, expires_at)
+VALUES (:id_hash, :token_name, :token_hash, :now, :expires_at);
+
+-- get_web_session --
+-- A session that has not ended or expired.
+SELECT token_name, token_hash, expires_at FROM web_sessions
+WHERE id_hash = :id_hash AND expires_at > :now;
+
+-- delete_web_session --
+-- Sign out: the session ends, whoever holds a copy of its cookie.
+DELETE FROM web_sessions WHERE id_hash = :id_hash;
+
+-- purge_web_sessions --
+-- Forget sessions that expired.
+DELETE FROM web_sessions WHERE expires_at <= :now;
