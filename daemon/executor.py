@@ -68,7 +68,7 @@ class Executor:
         self.config = config
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._hurry = asyncio.Event()  # a second stop signal: no more grace
+        self._hurry = asyncio.Event()  # a second stop signal: no more grace (see stop())
         self._tasks: dict[int, tuple[asyncio.Task[None], Step]] = {}
         self._cancelled_ids: OrderedDict[int, bool] = OrderedDict()
         self._reserved = 0  # slots promised to hand-offs whose write has not committed yet
@@ -90,7 +90,6 @@ class Executor:
     def start(self) -> None:
         """Start the loop (again, after a stop: a lifespan may run more than once)."""
         self._stopping = asyncio.Event()
-        self._hurry = asyncio.Event()
         self._grace_over = False
         self._wake = asyncio.Event()
         if self._threads._shutdown:
@@ -327,6 +326,8 @@ class Executor:
         # Threads of sync tools cannot be interrupted; `stepd serve` exits without
         # joining them (their results would be discarded: the steps are requeued).
         self._threads.shutdown(wait=False, cancel_futures=True)
+        # Reset here, not in start(): a second signal during start-up must still count.
+        self._hurry = asyncio.Event()
 
     async def _grace(self) -> None:
         """Wait up to shutdown_grace for running steps to finish, or until hurried."""
