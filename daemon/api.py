@@ -459,7 +459,9 @@ def create_app(
             await store.close()  # a failed start-up must not leave connections open
             raise
         if recovered:
-            log.warning("recovered %d steps interrupted by the previous stop", recovered)
+            log.warning(
+                "recovered %d steps left running by a daemon that did not stop cleanly", recovered
+            )
         executor.start()
         background = []
         if config.retention_days > 0:

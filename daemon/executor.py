@@ -254,7 +254,9 @@ class Executor:
         count = 0
         while steps := await self.store.interrupted(limit=500, now=1 << 62):
             for step in steps:
-                await self.recover_step(step, "interrupted: the daemon stopped while it ran")
+                await self.recover_step(
+                    step, "interrupted: the daemon ended without a clean stop while it ran"
+                )
                 count += 1
         return count
 

@@ -115,8 +115,8 @@ def test_a_second_signal_stops_at_once_without_costing_an_attempt(
         assert d.proc is not None and d.proc.poll() is None
         t0 = time.monotonic()
         d.signal(sig)
-        assert d.wait(timeout=10) == 0, d.stderr()
-        assert time.monotonic() - t0 < 4, d.stderr()
+        assert d.wait(timeout=20) == 0, d.stderr()
+        assert time.monotonic() - t0 < 10, d.stderr()  # not the 30 s grace
     finally:
         if sock is not None:
             sock.close()

@@ -82,7 +82,9 @@ async def test_an_interrupted_step_out_of_attempts_fails(started, tmp_path):
     client = await started(recovery_attempts=3)
     wf = await wait_for(client, wf_id)
     assert wf["status"] == "failed"
-    assert wf["steps"][0]["error"].startswith("interrupted: the daemon stopped while it ran")
+    assert wf["steps"][0]["error"].startswith(
+        "interrupted: the daemon ended without a clean stop while it ran"
+    )
     assert "out of attempts after attempt 3" in wf["error"]
 
 
