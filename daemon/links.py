@@ -36,7 +36,7 @@ from daemon.store import LinkSpent
 log = logging.getLogger("stepd.links")
 LINK_TOKEN = TokenConfig(name="link", sha256="0" * 64, permissions=("approve",))
 DECISIONS = ("approve", "reject")
-MAX_TOKEN = 1000  # characters; ours are about 130
+MAX_TOKEN = 1000  # characters; ours are about 140
 MAX_FORM = 65_536  # bytes of a POSTed form
 MAX_REASON = 2000
 PRETTY_LIMIT = 20_000  # characters of one JSON value shown on the page
