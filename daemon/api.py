@@ -16,7 +16,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -389,6 +389,12 @@ ROUTES = [
 ]
 
 
+def loggable(request: Request) -> str:
+    """The request's path for a log line: a one-click link's token is a credential."""
+    path = request.url.path
+    return "/link/..." if path.startswith("/link/") else path
+
+
 async def on_stepd_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StepdError)
     return error_response(exc.status, exc.text, **exc.extra)
@@ -404,12 +410,21 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 async def on_storage_fault(request: Request, exc: Exception) -> Response:
     # The transaction was rolled back: nothing of the request was stored.
-    log.error("storage fault on %s %s: %s", request.method, request.url.path, exc)
+    log.error("storage fault on %s %s: %s", request.method, loggable(request), exc)
     return error_response(503, f"storage unavailable: {exc}; nothing was changed, retry later")
 
 
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    # Not a fault of ours, and no one is left to answer: one line, no traceback. Handled
+    # here, before the catch-all, because Starlette re-raises what reaches that one and the
+    # server then logs a second traceback.
+    log.info("client disconnected before sending the whole body: %s %s", request.method,
+             loggable(request))  # fmt: skip
+    return error_response(400, "the client disconnected before sending the whole body")
+
+
 async def on_crash(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.error("unhandled error on %s %s", request.method, loggable(request), exc_info=exc)
     return error_response(500, "internal error")
 
 
@@ -444,7 +459,9 @@ def create_app(
             await store.close()  # a failed start-up must not leave connections open
             raise
         if recovered:
-            log.warning("recovered %d steps interrupted by the previous stop", recovered)
+            log.warning(
+                "recovered %d steps left running by a daemon that did not stop cleanly", recovered
+            )
         executor.start()
         background = []
         if config.retention_days > 0:
@@ -474,6 +491,7 @@ def create_app(
             StepdError: on_stepd_error,
             HTTPException: on_http_error,
             sqlite3.OperationalError: on_storage_fault,  # disk full, locked past the timeout
+            ClientDisconnect: on_client_gone,
             Exception: on_crash,
         },
         lifespan=lifespan,

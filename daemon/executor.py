@@ -71,6 +71,7 @@ class Executor:
         self.config = config
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second stop signal: no more grace (see stop())
         self._tasks: dict[int, tuple[asyncio.Task[None], Step]] = {}
         self._cancelled_ids: OrderedDict[int, bool] = OrderedDict()
         self._reserved = 0  # slots promised to hand-offs whose write has not committed yet
@@ -257,7 +258,9 @@ class Executor:
         count = 0
         while steps := await self.store.interrupted(limit=500, now=1 << 62):
             for step in steps:
-                await self.recover_step(step, "interrupted: the daemon stopped while it ran")
+                await self.recover_step(
+                    step, "interrupted: the daemon ended without a clean stop while it ran"
+                )
                 count += 1
         return count
 
@@ -294,8 +297,13 @@ class Executor:
             log.info("gate expired", extra=_fields(gate))
             log_gate_waiting(gate.workflow_id, next_id, fin.next_step)
 
+    def hurry(self) -> None:
+        """Stop at once (a second stop signal): no more grace, before or during stop()."""
+        self._hurry.set()
+
     async def stop(self) -> None:
-        """Stop claiming; let running steps finish within the grace period, requeue the rest."""
+        """Stop claiming; let running steps finish within the grace period (unless hurried),
+        then put the rest back in the queue without counting their attempts."""
         self._stopping.set()
         if self._loop_task is not None:
             await self._loop_task
@@ -305,20 +313,8 @@ class Executor:
         # interrupted (a person asked to decide about a step that never ran).
         while self._reserved:
             await asyncio.sleep(0.01)
-        pending = [t for t, _ in self._tasks.values()]
-        if pending:
-            log.info(
-                "waiting up to %.1fs for %d running steps",
-                self.config.shutdown_grace,
-                len(pending),
-            )
-            # Steps handed off while we wait (a finish already in flight) get the grace too.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.config.shutdown_grace
-            while (running := [t for t, _ in self._tasks.values() if not t.done()]) and (
-                left := deadline - loop.time()
-            ) > 0:
-                await asyncio.wait(running, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if self._tasks and not self._hurry.is_set():
+            await self._grace()
         self._grace_over = True
         leftovers = list(self._tasks.values())
         for task, _ in leftovers:
@@ -332,11 +328,46 @@ class Executor:
         while self._records and (left := deadline - asyncio.get_running_loop().time()) > 0:
             await asyncio.wait(list(self._records), timeout=left)
         for _, step in leftovers:
-            await self.recover_step(step, "interrupted at shutdown after the grace period")
+            await self._put_back(step)
         # Threads of sync tools cannot be interrupted; `stepd serve` exits without
         # joining them (their results would be discarded: the steps are requeued).
         self._threads.shutdown(wait=False, cancel_futures=True)
         await self.evaluator.close()
+        # Reset here, not in start(): a second signal during start-up must still count.
+        self._hurry = asyncio.Event()
+
+    async def _grace(self) -> None:
+        """Wait up to shutdown_grace for running steps to finish, or until hurried."""
+        log.info("waiting up to %.1fs for %d running steps", self.config.shutdown_grace,
+                 len(self._tasks))  # fmt: skip
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        try:
+            # Steps handed off while we wait (a finish already in flight) get the grace too.
+            while (running := [t for t, _ in self._tasks.values() if not t.done()]) and (
+                left := deadline - loop.time()
+            ) > 0 and not hurried.done():  # fmt: skip
+                await asyncio.wait([*running, hurried], timeout=left,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            hurried.cancel()
+
+    async def _put_back(self, step: Step) -> None:
+        """A step a planned stop cut off: back in the queue with its attempt given back (a
+        stop is no failure of the step), or, for a tool that is not idempotent, waiting for a
+        person (it may have had its effect), its attempt given back if they retry it."""
+        reason = "cut off by a planned stop (the daemon is stopping); the attempt does not count"
+        tool = self.registry.get(step.tool or "")
+        try:
+            if tool is not None and not tool.idempotent:
+                why = f"{reason}; tool '{tool.name}' is not idempotent: retry or fail it"
+                if await self.store.await_decision(step, why, stopped=True):
+                    log.warning("waiting for a decision: %s", why, extra=_fields(step))
+            elif await self.store.unstart(step, reason):
+                log.info("requeued: %s", reason, extra=_fields(step))
+        except sqlite3.Error as exc:  # e.g. locked: its lease runs out, and recovery counts it
+            log.warning("could not requeue a step at shutdown (%s)", exc, extra=_fields(step))
 
     def cancel_steps(self, step_ids: list[int]) -> None:
         """Stop the tools of cancelled steps; their late results are discarded."""

@@ -30,6 +30,22 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    def stop_now(self) -> None:
+        """Stop waiting for open connections, and hang up on them: a live event stream then
+        ends as if its client had left, rather than being cancelled with a traceback."""
+        self.force_exit = True
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.close()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        # On a forced exit uvicorn skips the app's shutdown; ours puts running steps back in
+        # the queue and closes the database, so it runs anyway (at once: the executor hurries).
+        if self.force_exit and not self.lifespan.shutdown_event.is_set():
+            await self.lifespan.shutdown()
+
 
 def with_tokens(config: Config, out: object = sys.stdout) -> Config:
     """With no token configured, use (or make and print once) the generated admin token."""
@@ -100,10 +116,15 @@ async def _serve_open(app: Starlette, config: Config) -> int:
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
-        log.info("received %s: stopping (grace %.0fs)", sig.name, config.shutdown_grace)
+        if server.should_exit:  # the second one: no more grace
+            log.warning("received %s again: stopping at once; running steps go back to the "
+                        "queue without using an attempt", sig.name)  # fmt: skip
+            app.state.executor.hurry()
+            server.stop_now()
+            return
+        log.info("received %s: stopping (grace %gs; send it again to stop at once)", sig.name,
+                 config.shutdown_grace)  # fmt: skip
         sdnotify.notify("STOPPING=1")
-        if server.should_exit:
-            server.force_exit = True
         server.should_exit = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):

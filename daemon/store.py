@@ -716,15 +716,21 @@ class Store:
         return await self._step_change("requeue_step", step, {}, "step_requeued", data, now)
 
     async def unstart(self, step: Step, reason: str, *, now: int | None = None) -> bool:
-        """Queue again a step written as running that never started: its attempt not counted."""
-        data = {"attempt": step.attempt, "reason": reason}
+        """Queue a running step again with its attempt not counted: it never started, or a
+        planned stop cut it off."""
+        data = {"attempt": step.attempt, "reason": reason, "attempt_given_back": True}
         return await self._step_change("unstart_step", step, {}, "step_requeued", data, now)
 
-    async def await_decision(self, step: Step, reason: str, *, now: int | None = None) -> bool:
-        """An interrupted non-idempotent step waits for a person to retry or fail it."""
+    async def await_decision(
+        self, step: Step, reason: str, *, stopped: bool = False, now: int | None = None
+    ) -> bool:
+        """An interrupted non-idempotent step waits for a person to retry or fail it.
+        `stopped`: a planned stop cut it off, so a retry gives its attempt back (error_type
+        'Stopped', where a crash or a lost lease says 'Interrupted')."""
         data = {"attempt": step.attempt, "reason": reason}
+        params = {"error": reason, "error_type": "Stopped" if stopped else "Interrupted"}
         return await self._step_change(
-            "await_decision", step, {"error": reason}, "decision_waiting", data, now
+            "await_decision", step, params, "decision_waiting", data, now
         )
 
     async def _step_change(
@@ -909,6 +915,31 @@ class Store:
     async def link_used(self, nonce: str) -> bool:
         """Whether a one-click link was spent (Store.decide spends it)."""
         return await self._one(Q["link_used"], {"nonce": nonce}) is not None
+
+    # -- web sessions -------------------------------------------------------------------
+
+    async def add_web_session(
+        self, id_hash: str, token_name: str, token_hash: str, expires_at: int,
+        *, now: int | None = None,
+    ) -> None:  # fmt: skip
+        """Record a sign-in; sessions that expired are forgotten in the same transaction."""
+        now = now_ms() if now is None else now
+        params = {"id_hash": id_hash, "token_name": token_name, "token_hash": token_hash,
+                  "expires_at": expires_at, "now": now}  # fmt: skip
+
+        def op(db: Conn) -> None:
+            db.execute(Q["purge_web_sessions"], {"now": now})
+            db.execute(Q["insert_web_session"], params)
+
+        await self._write(op)
+
+    async def web_session(self, id_hash: str, *, now: int | None = None) -> sqlite3.Row | None:
+        """A session that has not ended or expired (one read of the primary key)."""
+        now = now_ms() if now is None else now
+        return await self._one(Q["get_web_session"], {"id_hash": id_hash, "now": now})
+
+    async def end_web_session(self, id_hash: str) -> None:
+        await self._write(lambda db: db.execute(Q["delete_web_session"], {"id_hash": id_hash}))
 
     async def ping(self) -> bool:
         """A cheap read, for health checks."""

@@ -106,6 +106,14 @@ async def charge(amount: int, *, ctx: ToolContext) -> dict[str, Any]:
     return {"charged": amount, "attempt": ctx.attempt}
 
 
+@tool(idempotent=False)
+async def slow_charge(amount: int, seconds: float, *, ctx: ToolContext) -> dict[str, Any]:
+    """A side effect that takes a while: a stop can cut it off."""
+    CHARGES.append(ctx.idempotency_key)
+    await asyncio.sleep(seconds)
+    return {"charged": amount, "attempt": ctx.attempt}
+
+
 class Boom(BaseException):
     """Not an Exception: escapes `except Exception`."""
 

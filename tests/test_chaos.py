@@ -555,14 +555,15 @@ class ChaosRun:
             if n > 1:
                 r.steps_rerun[tool_of[key]] += 1
                 r.reruns[tool_of[key]] += n - 1
+        db = self.daemon.workdir / "stepd.db"
+        given_back = attempts_given_back(db)
         for index, wf in sorted(workflows.items()):
             r.statuses[wf["status"]] += 1
             if wf["status"] not in TERMINAL:
                 r.stuck.append(f"workflow {wf['id']} is {wf['status']}")
                 continue
             self.check_walk(self.plans[index], wf)
-            self.check_executions(wf, per_key)
-        db = self.daemon.workdir / "stepd.db"
+            self.check_executions(wf, per_key, given_back)
         r.integrity["stepd.db"] = chaos_tools.integrity(db)
         r.integrity["chaos.db"] = chaos_tools.integrity(self.daemon.workdir / chaos_tools.DB_NAME)
         stored = sqlite3.connect(db, timeout=10)
@@ -648,21 +649,40 @@ class ChaosRun:
             return "interrupted too often"
         return None
 
-    def check_executions(self, wf: dict[str, Any], per_key: Counter[str]) -> None:
+    def check_executions(
+        self, wf: dict[str, Any], per_key: Counter[str], given_back: Counter[int]
+    ) -> None:
         r = self.report
         for step in wf["steps"]:
             key = f"{wf['id']}:{step['id']}"
             n = per_key.get(key, 0)
             where = f"workflow {wf['id']} step {step['state']} ({step['tool']}, key {key})"
-            if step["tool"] in IDEMPOTENT_TOOLS and n > step["attempt"]:
+            # A planned stop that cut a step off gave its attempt back: it runs again as the
+            # same attempt.
+            runs = step["attempt"] + given_back[step["id"]]
+            if step["tool"] in IDEMPOTENT_TOOLS and n > runs:
                 r.problems.append(
-                    f"{where}: executed {n} times but its final attempt is {step['attempt']}"
+                    f"{where}: executed {n} times but its final attempt is {step['attempt']} "
+                    f"and {given_back[step['id']]} attempts were given back"
                 )
             if step["tool"] == "chaos_charge" and n > 1:
                 r.problems.append(f"{where}: non-idempotent step executed {n} times")
             if step["tool"] and step["tool"].startswith("chaos_") and step["status"] == "done":
                 if n == 0:
                     r.problems.append(f"{where}: done, but its tool never ran")
+
+
+def attempts_given_back(db: Path) -> Counter[int]:
+    """Per step id: how often a stop put it back in the queue without counting its attempt."""
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        rows = conn.execute(
+            "SELECT step_id, count(*) FROM events WHERE type = 'step_requeued'"
+            " AND json_extract(data_json, '$.attempt_given_back') GROUP BY step_id"
+        ).fetchall()
+    finally:
+        conn.close()
+    return Counter(dict(rows))
 
 
 def _by_tool(counts: Counter[str]) -> str:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from itsdangerous import URLSafeSerializer
 
-from daemon import links
+from daemon import links, signing
 from daemon.auth import server_secret
 from daemon.config import Config
 from tests.helpers import wait_for, waiting_gate
@@ -145,8 +150,8 @@ async def test_approve_link_cannot_reject(env: Env) -> None:
     resp = await env.browser.post(url, data={"decision": "reject", "reason": "sneaky"})
     assert_page(resp, 400, "can only approve")
     # Nor can the decision inside the token be switched: the signature covers it.
-    payload, _, mac = url.rsplit("/", 1)[1].partition(".")
-    reject_payload = body["links"]["reject"].rsplit("/", 1)[1].partition(".")[0]
+    mac = url.rsplit("/", 1)[1].rpartition(".")[2]
+    reject_payload = body["links"]["reject"].rsplit("/", 1)[1].rpartition(".")[0]
     forged = f"http://stepd/link/{reject_payload}.{mac}"
     resp = await env.browser.post(forged, data={"decision": "reject", "reason": "sneaky"})
     assert_page(resp, 403, "signature")
@@ -225,12 +230,35 @@ async def test_link_for_a_missing_step(env: Env) -> None:
     assert (await env.browser.put(made["approve"])).status_code == 405
 
 
-def test_tokens_round_trip_and_keys_are_distinct() -> None:
-    key = links.link_key(b"server-secret")
-    assert key != b"server-secret"
+def test_tokens_round_trip_and_need_the_same_secret_and_purpose() -> None:
+    secret = b"server-secret"
     link = links.Link(7, "reject", 1_900_000_000, "abc")
-    token = links.make_token(key, link)
-    assert links.parse_token(key, token) == link
-    with pytest.raises(links.LinkError) as exc:
-        links.parse_token(links.link_key(b"other"), token)
-    assert exc.value.status == 403
+    token = links.make_token(secret, link)
+    assert links.parse_token(secret, token) == link
+    body = {"s": 7, "d": "reject", "e": 1_900_000_000, "n": "abc"}
+    for other in (
+        links.make_token(b"other-secret", link),  # another daemon's
+        signing.serializer(secret, "session").dumps(body),  # signed for another use
+        signing.timed_serializer(secret, "flash").dumps(body),
+    ):
+        with pytest.raises(links.LinkError) as exc:
+            links.parse_token(secret, other)
+        assert exc.value.status == 403
+    # The key is derived from the server secret, never the secret itself.
+    plain = URLSafeSerializer(secret, salt=b"stepd.link", signer_kwargs={
+        "key_derivation": "none", "digest_method": hashlib.sha256})  # fmt: skip
+    with pytest.raises(links.LinkError):
+        links.parse_token(secret, plain.dumps(body))
+
+
+async def test_links_of_the_old_format_no_longer_work(env: Env) -> None:
+    wf_id, gate, _ = await env.gate()
+    # The earlier hand-made format: base64url(JSON).base64url(HMAC(HMAC(secret, "stepd-links"))).
+    key = hmac.new(server_secret(env.tmp), b"stepd-links", hashlib.sha256).digest()
+    payload = base64.urlsafe_b64encode(orjson.dumps(
+        {"s": gate["id"], "d": "approve", "e": int(time.time()) + 600, "n": "old"}
+    )).rstrip(b"=").decode()  # fmt: skip
+    mac = base64.urlsafe_b64encode(hmac.new(key, payload.encode(), hashlib.sha256).digest())
+    old = f"http://stepd/link/{payload}.{mac.rstrip(b'=').decode()}"
+    assert_page(await env.browser.post(old, data={"decision": "approve"}), 403, "signature")
+    assert waiting_gate(await env.workflow(wf_id)) is not None

@@ -82,7 +82,9 @@ async def test_an_interrupted_step_out_of_attempts_fails(started, tmp_path):
     client = await started(recovery_attempts=3)
     wf = await wait_for(client, wf_id)
     assert wf["status"] == "failed"
-    assert wf["steps"][0]["error"].startswith("interrupted: the daemon stopped while it ran")
+    assert wf["steps"][0]["error"].startswith(
+        "interrupted: the daemon ended without a clean stop while it ran"
+    )
     assert "out of attempts after attempt 3" in wf["error"]
 
 
@@ -112,6 +114,36 @@ async def test_a_non_idempotent_step_waits_for_a_decision_then_retries(started, 
     assert wf["steps"][0]["attempt"] == 2 and wf["steps"][0]["decided_by"] == "approver"
     assert len(sample_tools.CHARGES) == 1
     assert (await client.post(f"/api/workflow/{step['id']}/retry")).status_code == 409
+
+
+async def test_a_non_idempotent_step_cut_off_by_a_stop_waits_and_its_retry_costs_nothing(
+    tmp_path,
+):
+    sample_tools.CHARGES.clear()
+    app = create_app(make_config(tmp_path, tool_modules=MODULES, shutdown_grace=0.05))
+    flow = {"start": {"tool": "slow_charge", "args": {"amount": 5, "seconds": 0.5}, "done": True}}
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://stepd",
+                                     headers=auth()) as client:  # fmt: skip
+            resp = await client.post("/api/workflow", json={"name": "cut", "flow": flow})
+            wf_id = resp.json()["id"]
+            await wait_for(client, wf_id, lambda w: w["steps"][0]["status"] == "running")
+    # The lifespan ended: the grace ran out with the tool still charging.
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://stepd",
+                                     headers=auth()) as client:  # fmt: skip
+            wf = await wait_for(client, wf_id, lambda w: w["steps"][0]["awaiting"] == "decision")
+            step = wf["steps"][0]
+            assert step["attempt"] == 1
+            assert "planned stop" in step["error"] and "retry or fail" in step["error"]
+            assert len(sample_tools.CHARGES) == 1  # not run again on its own
+            assert (await client.post(f"/api/workflow/{step['id']}/retry")).status_code == 200
+            wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed", wf
+    assert wf["steps"][0]["attempt"] == 1
+    assert orjson.loads(wf["steps"][0]["result_json"]) == {"charged": 5, "attempt": 1}
+    assert len(sample_tools.CHARGES) == 2
 
 
 async def test_a_non_idempotent_step_failed_by_a_person_goes_to_on_error(started, tmp_path):

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from daemon import signing
 from daemon.api import create_app
+from daemon.auth import server_secret
 from daemon.web import pages
 from daemon.web import session as sessions
 from tests.helpers import TOKENS, make_config, wait_for, waiting_gate
@@ -28,7 +36,7 @@ async def web(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def csrf_of(html: str) -> str:
-    found = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+    found = re.search(r'name="csrf" value="([A-Za-z0-9_-]+)"', html)
     assert found, html
     return found.group(1)
 
@@ -161,6 +169,23 @@ async def test_sign_out_ends_the_session(web):
     assert (await web.get("/ui/approvals")).status_code == 303
 
 
+async def test_sign_out_ends_every_copy_of_the_session(app, web):
+    csrf = await sign_in(web)
+    copied = {"Cookie": f"{sessions.SESSION_COOKIE}={web.cookies[sessions.SESSION_COOKIE]}"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://stepd") as other:
+        assert (await other.get("/ui/approvals", headers=copied)).status_code == 200
+        resp = await web.post("/ui/logout", data={"csrf": csrf})
+        assert resp.status_code == 303
+        for path in ("/ui/approvals", "/ui/workflows"):
+            resp = await other.get(path, headers=copied)
+            assert resp.status_code == 303 and resp.headers["location"].startswith("/ui/login")
+        assert 'name="token"' in (await other.get("/ui/login", headers=copied)).text
+        assert (await other.get("/ui/workflows/1/events", headers=copied)).status_code == 401
+        refused = await other.post("/ui/logout", headers=copied, data={"csrf": csrf})
+        assert refused.status_code == 303 and refused.headers["location"].startswith("/ui/login")
+
+
 async def test_a_session_ends_when_its_token_is_removed_or_rotated(app, web, config):
     await sign_in(web, "approver")
     others = tuple(t for t in config.tokens if t.name != "approver")
@@ -177,17 +202,46 @@ async def test_a_session_ends_when_its_token_is_removed_or_rotated(app, web, con
     assert (await web.get("/ui/approvals")).status_code == 303
 
 
-async def test_expired_and_forged_sessions_do_not_work(web, config):
-    token = config.tokens[0]
-    expired = sessions.issue(config, token, now=0)
-    forged = sessions.issue(config, token)[:-4] + "0000"
-    other_key = sessions.issue(replace(config, state_dir=config.state_dir / "other"), token)
-    for value in (expired, forged, other_key, "garbage", "a.b.c"):
+async def test_expired_and_forged_sessions_do_not_work(app, web, config):
+    store, token = app.state.store, config.tokens[0]
+    expired = await sessions.issue(store, config, token, now=0)
+    forged = (await sessions.issue(store, config, token))[:-4] + "AAAA"
+    other_key = await sessions.issue(
+        store, replace(config, state_dir=config.state_dir / "other"), token
+    )
+    session_id = (await sessions.issue(store, config, token)).rpartition(".")[0]
+    for_a_flash = signing.timed_serializer(sessions.secret(config), "flash").dumps(session_id)
+    for_csrf = signing.signer(sessions.secret(config), "csrf").sign(session_id).decode()
+    for value in (expired, forged, other_key, session_id, for_a_flash, for_csrf, "garbage",
+                  "a.b.c", "x" * 5000):  # fmt: skip
         resp = await web.get("/ui/approvals", headers={"Cookie": f"stepd_session={value}"})
         assert resp.status_code == 303, value
-    good = sessions.issue(config, token)
+    good = await sessions.issue(store, config, token)
     resp = await web.get("/ui/approvals", headers={"Cookie": f"stepd_session={good}"})
     assert resp.status_code == 200
+
+
+async def test_session_cookies_of_the_old_format_no_longer_work(web, config):
+    # The earlier hand-made format: base64url(JSON) + "." + hex HMAC("session\0" + body).
+    data = {"n": "james", "h": config.tokens[0].sha256[:16], "exp": int(time.time()) + 3600}
+    body = base64.urlsafe_b64encode(orjson.dumps(data)).rstrip(b"=").decode()
+    key = server_secret(config.state_dir)
+    mac = hmac.new(key, f"session\x00{body}".encode(), hashlib.sha256).hexdigest()
+    resp = await web.get("/ui/approvals", headers={"Cookie": f"stepd_session={body}.{mac}"})
+    assert resp.status_code == 303 and resp.headers["location"].startswith("/ui/login")
+
+
+async def test_the_database_keeps_session_hashes_and_forgets_expired_ones(app, web, config):
+    store, token = app.state.store, config.tokens[0]
+    await sessions.issue(store, config, token, now=time.time() - 2 * config.session_ttl_s)
+    await sign_in(web)
+    session_id = web.cookies[sessions.SESSION_COOKIE].rpartition(".")[0]
+    db = sqlite3.connect(config.db_path)
+    try:
+        rows = db.execute("SELECT id_hash, token_name FROM web_sessions").fetchall()
+    finally:
+        db.close()
+    assert rows == [(hashlib.sha256(session_id.encode()).hexdigest(), "approver")]
 
 
 # -- pages -----------------------------------------------------------------------------------
@@ -311,6 +365,23 @@ async def test_reject_through_the_form(web, client):
     )
 
 
+async def test_only_flash_messages_signed_as_such_are_shown(web, config):
+    await sign_in(web)
+    key = sessions.secret(config)
+    message = ["ok", "Planted message"]
+    planted = [
+        base64.urlsafe_b64encode(orjson.dumps(message)).decode(),  # unsigned
+        signing.serializer(key, "link").dumps(message),  # signed for another use
+        signing.timed_serializer(b"another daemon", "flash").dumps(message),
+    ]
+    for value in planted:
+        web.cookies.set(sessions.FLASH_COOKIE, value, path="/ui")
+        assert "Planted message" not in (await web.get("/ui/approvals")).text, value
+    web.cookies.set(sessions.FLASH_COOKIE, signing.timed_serializer(key, "flash").dumps(message),
+                    path="/ui")  # fmt: skip
+    assert "Planted message" in (await web.get("/ui/approvals")).text
+
+
 @pytest.mark.parametrize(("action", "form", "message"), [
     ("reject", {"reason": "   "}, "A rejection needs a reason"),
     ("approve", {"result": "{nope"}, "The result was refused (invalid JSON"),
@@ -335,8 +406,9 @@ async def test_decisions_without_the_csrf_token_are_refused(web, client, app, cs
     wf_id, step_id = await create_gate(client)
     await sign_in(web)
     if csrf == "james":  # a genuine CSRF token, of someone else's session
-        config = app.state.config
-        other = sessions.load(config, sessions.issue(config, config.tokens[0]))
+        config, store = app.state.config, app.state.store
+        value = await sessions.issue(store, config, config.tokens[0])
+        other = await sessions.load(store, config, value)
         assert other is not None
         csrf = other.csrf(config)
     form = {"reason": "no", "result": "1"} | ({} if csrf is None else {"csrf": csrf})

@@ -142,10 +142,10 @@ WHERE s.awaiting IS NOT NULL AND s.status = 'running'
 ORDER BY s.id LIMIT :limit;
 
 -- retry_decided --
--- Queue an interrupted tool step again, as decided by a person.
+-- Queue an interrupted tool step again, as decided by a person (a planned stop's attempt given back).
 UPDATE steps
 SET status = 'pending', awaiting = NULL, run_at = :now, decided_by = :decided_by,
-    decided_at = :now
+    decided_at = :now, attempt = attempt - (error_type IS 'Stopped')
 WHERE id = :id AND status = 'running' AND awaiting = 'decision' AND attempt = :attempt;
 
 -- interrupted_steps --
@@ -165,14 +165,14 @@ UPDATE steps SET status = 'pending', run_at = :now, lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
 -- unstart_step --
--- Put a running step that never started back in the queue, giving back its attempt.
+-- Put a running step back in the queue, giving back its attempt (not started, or stopped).
 UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = :now, started_at = NULL,
                  lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
 -- await_decision --
 -- An interrupted non-idempotent tool step waits for a person to retry or fail it.
-UPDATE steps SET awaiting = 'decision', error = :error, error_type = 'Interrupted',
+UPDATE steps SET awaiting = 'decision', error = :error, error_type = :error_type,
                  lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
@@ -294,3 +294,21 @@ WHERE awaiting IS NOT NULL AND status = 'running' GROUP BY awaiting;
 -- gauge_workflows --
 -- Workflows by status (the covering index workflows_status, finished ones included).
 SELECT status, count(*) AS n FROM workflows GROUP BY status;
+
+-- insert_web_session --
+-- A new sign-in session.
+INSERT INTO web_sessions (id_hash, token_name, token_hash, created_at, expires_at)
+VALUES (:id_hash, :token_name, :token_hash, :now, :expires_at);
+
+-- get_web_session --
+-- A session that has not ended or expired.
+SELECT token_name, token_hash, expires_at FROM web_sessions
+WHERE id_hash = :id_hash AND expires_at > :now;
+
+-- delete_web_session --
+-- Sign out: the session ends, whoever holds a copy of its cookie.
+DELETE FROM web_sessions WHERE id_hash = :id_hash;
+
+-- purge_web_sessions --
+-- Forget sessions that expired.
+DELETE FROM web_sessions WHERE expires_at <= :now;

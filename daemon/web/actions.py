@@ -70,7 +70,7 @@ def form_action(fn: Callable[[Request, Session, Form], Awaitable[Response]]) -> 
         except StepdError as exc:
             return await render(request, "message.html", session, status=exc.status,
                                 title="Bad form", text=exc.text)  # fmt: skip
-        if not sessions.same(session.csrf(request.app.state.config), form.get("csrf")):
+        if not session.csrf_ok(request.app.state.config, form.get("csrf")):
             return await forbidden(request, session, CSRF_TEXT)
         return await fn(request, session, form)
 
@@ -96,7 +96,7 @@ async def login(request: Request) -> Response:
         return await login_form(request, "/ui/approvals", error=exc.text, status=exc.status)
     next_url = safe_next(form.get("next"))
     nonce = request.cookies.get(sessions.LOGIN_COOKIE, "")
-    if not nonce or not sessions.same(sessions.login_csrf(config, nonce), form.get("csrf")):
+    if not sessions.login_csrf_ok(config, nonce, form.get("csrf")):
         return await login_form(
             request, next_url, status=403,
             error="The sign-in form expired. It has been renewed: paste the token again.",
@@ -105,7 +105,7 @@ async def login(request: Request) -> Response:
     if token is None:
         return await login_form(request, next_url, status=401, error="That token is not valid.")
     response = RedirectResponse(next_url, status_code=303)
-    value = sessions.issue(config, token)
+    value = await sessions.issue(request.app.state.store, config, token)
     sessions.set_cookie(request, response, sessions.SESSION_COOKIE, value,
                         int(config.session_ttl_s))  # fmt: skip
     sessions.clear_cookie(request, response, sessions.LOGIN_COOKIE)
@@ -114,6 +114,8 @@ async def login(request: Request) -> Response:
 
 @form_action
 async def logout(request: Request, session: Session, form: Form) -> Response:
+    """End the session on the server (every copy of the cookie), then clear the cookie."""
+    await sessions.end(request.app.state.store, session)
     response = RedirectResponse("/ui/login", status_code=303)
     sessions.clear_cookie(request, response, sessions.SESSION_COOKIE)
     sessions.set_flash(request, response, "ok", f"Signed out {session.token.name}.")

@@ -193,7 +193,7 @@ def signed_in(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
     """Route decorator: a valid session, or a redirect to the sign-in page."""
 
     async def endpoint(request: Request) -> Response:
-        session = sessions.current(request)
+        session = await sessions.current(request)
         if session is None:
             return login_redirect(request)
         return await fn(request, session)
@@ -220,7 +220,7 @@ async def home(request: Request) -> Response:
 async def login_page(request: Request) -> Response:
     """The sign-in form (a signed-in visitor goes straight on)."""
     next_url = safe_next(request.query_params.get("next"))
-    if sessions.current(request) is not None:
+    if await sessions.current(request) is not None:
         return RedirectResponse(next_url, status_code=303)
     return await login_form(request, next_url)
 
@@ -302,7 +302,7 @@ async def workflow_page(request: Request, session: Session) -> Response:
 
 async def workflow_events(request: Request) -> Response:
     """The workflow's Server-Sent Events for the live page (401 without a session)."""
-    if sessions.current(request) is None:
+    if await sessions.current(request) is None:
         return PlainTextResponse("sign in first", status_code=401)
     wf_id = request.path_params["id"]
     if wf_id > MAX_ID:
@@ -328,7 +328,7 @@ async def not_found(
 
 
 async def fallback(request: Request) -> Response:
-    session = sessions.current(request)
+    session = await sessions.current(request)
     if session is None and request.method == "GET":
         return login_redirect(request)
     if request.method not in ("GET", "HEAD"):

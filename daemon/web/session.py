@@ -1,28 +1,29 @@
-"""Signed cookies for the web pages: the session, CSRF tokens, the sign-in nonce, flashes.
+"""Sessions and signed cookies for the web pages: the session, CSRF tokens, the sign-in
+nonce, flashes.
 
-A session cookie is `base64url(json).hex-hmac`; the JSON names the token, the first
-16 hex characters of its configured hash, and when the session ends. Every request
-looks the token up again, so rotating or removing a token ends its sessions.
+A session is a row in the database (web_sessions) under the hash of a random id; the
+cookie carries that id, signed. Every request reads the row (one primary-key lookup) and
+looks its token up again, so signing out ends every copy of the cookie, and rotating or
+removing a token ends its sessions. Signing is itsdangerous's (daemon/signing.py), with
+one purpose per use: a value made for one is refused for every other.
 """
 
 from __future__ import annotations
 
-import base64
-import functools
 import hashlib
 import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import orjson
+from itsdangerous import BadSignature
 from starlette.requests import Request
 from starlette.responses import Response
 
-from daemon.auth import server_secret
+from daemon import signing
 from daemon.config import Config, TokenConfig
+from daemon.store import Store
 
 PATH = "/ui"
 SESSION_COOKIE = "stepd_session"
@@ -31,83 +32,83 @@ FLASH_COOKIE = "stepd_flash"  # one message shown after a redirect
 LOGIN_TTL_S = 3600
 FLASH_TTL_S = 60
 HASH_PREFIX = 16
-
-
-@functools.lru_cache(maxsize=8)
-def _secret(state_dir: Path) -> bytes:
-    return server_secret(state_dir)
+MAX_VALUE = 400  # characters of a session cookie or a CSRF token; ours are under 100
 
 
 def secret(config: Config) -> bytes:
-    """The daemon's signing key (read once per state directory)."""
-    return _secret(config.state_dir)
+    """The daemon's signing secret (read once per state directory)."""
+    return signing.secret(config.state_dir)
 
 
-def _mac(key: bytes, purpose: str, value: str) -> str:
-    # The purpose keeps a signature made for one use from being accepted for another.
-    return hmac.new(key, f"{purpose}\x00{value}".encode(), hashlib.sha256).hexdigest()
-
-
-def _pack(key: bytes, purpose: str, data: Any) -> str:
-    body = base64.urlsafe_b64encode(orjson.dumps(data)).rstrip(b"=").decode()
-    return f"{body}.{_mac(key, purpose, body)}"
-
-
-def _unpack(key: bytes, purpose: str, value: str | None) -> Any:
-    """The data of a value made by `_pack`, or None if it is malformed or forged."""
-    if not value or value.count(".") != 1:
-        return None
-    body, sig = value.split(".")
-    if not hmac.compare_digest(sig.encode(), _mac(key, purpose, body).encode()):
-        return None
-    try:
-        return orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except (ValueError, orjson.JSONDecodeError):
-        return None
+def _id_hash(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class Session:
     token: TokenConfig
-    value: str  # the cookie value, which the CSRF token is derived from
-    expires: float
+    id: str  # the random session id the cookie carries, which the CSRF token is bound to
+    expires: float  # epoch seconds
 
     def csrf(self, config: Config) -> str:
-        return _mac(secret(config), "csrf", self.value)
+        return signing.signer(secret(config), "csrf").get_signature(self.id).decode()
+
+    def csrf_ok(self, config: Config, given: str | None) -> bool:
+        if not given or len(given) > MAX_VALUE:
+            return False
+        return signing.signer(secret(config), "csrf").verify_signature(self.id, given)
 
 
-def issue(config: Config, token: TokenConfig, *, now: float | None = None) -> str:
-    """A new session cookie value for `token`."""
+async def issue(
+    store: Store, config: Config, token: TokenConfig, *, now: float | None = None
+) -> str:
+    """Start a session for `token`: the new session cookie's value."""
     now = time.time() if now is None else now
-    data = {
-        "n": token.name,
-        "h": token.sha256[:HASH_PREFIX],
-        "exp": int(now + config.session_ttl_s),
-    }
-    return _pack(secret(config), "session", data)
+    session_id = secrets.token_urlsafe(32)
+    await store.add_web_session(
+        _id_hash(session_id), token.name, token.sha256[:HASH_PREFIX],
+        int((now + config.session_ttl_s) * 1000), now=int(now * 1000),
+    )  # fmt: skip
+    return signing.signer(secret(config), "session").sign(session_id).decode()
 
 
-def load(config: Config, value: str | None, *, now: float | None = None) -> Session | None:
-    """The session a cookie value carries, if it is genuine, current, and its token still
-    exists with the same hash."""
-    data = _unpack(secret(config), "session", value)
-    if not isinstance(data, dict) or not isinstance(data.get("exp"), int):
+def _session_id(config: Config, value: str | None) -> str | None:
+    if not value or len(value) > MAX_VALUE:
+        return None
+    try:
+        return signing.signer(secret(config), "session").unsign(value).decode()
+    except (BadSignature, UnicodeDecodeError):
+        return None
+
+
+async def load(
+    store: Store, config: Config, value: str | None, *, now: float | None = None
+) -> Session | None:
+    """The session a cookie value carries, if it is genuine, has not ended or expired, and
+    its token still exists with the same hash."""
+    session_id = _session_id(config, value)
+    if session_id is None:
         return None
     now = time.time() if now is None else now
-    if data["exp"] <= now:
+    row = await store.web_session(_id_hash(session_id), now=int(now * 1000))
+    if row is None:
         return None
     for token in config.tokens:
-        if token.name == data.get("n") and hmac.compare_digest(
-            token.sha256[:HASH_PREFIX].encode(), str(data.get("h")).encode()
+        if token.name == row["token_name"] and hmac.compare_digest(
+            token.sha256[:HASH_PREFIX].encode(), row["token_hash"].encode()
         ):
-            assert value is not None
-            return Session(token, value, data["exp"])
+            return Session(token, session_id, row["expires_at"] / 1000)
     return None
 
 
-def current(request: Request) -> Session | None:
-    config: Config = request.app.state.config
-    return load(config, request.cookies.get(SESSION_COOKIE))
+async def end(store: Store, session: Session) -> None:
+    """Sign out: the session ends for every copy of its cookie."""
+    await store.end_web_session(_id_hash(session.id))
+
+
+async def current(request: Request) -> Session | None:
+    app = request.app.state
+    return await load(app.store, app.config, request.cookies.get(SESSION_COOKIE))
 
 
 def identify(config: Config, raw_token: str) -> TokenConfig | None:
@@ -120,11 +121,7 @@ def identify(config: Config, raw_token: str) -> TokenConfig | None:
     return found
 
 
-def same(expected: str, given: str | None) -> bool:
-    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
-
-
-# -- the sign-in form: a nonce cookie, and its MAC in the form ----------------------------
+# -- the sign-in form: a nonce cookie, and its signature in the form ----------------------
 
 
 def login_nonce(request: Request) -> tuple[str, bool]:
@@ -136,7 +133,13 @@ def login_nonce(request: Request) -> tuple[str, bool]:
 
 
 def login_csrf(config: Config, nonce: str) -> str:
-    return _mac(secret(config), "login", nonce)
+    return signing.signer(secret(config), "login").get_signature(nonce).decode()
+
+
+def login_csrf_ok(config: Config, nonce: str, given: str | None) -> bool:
+    if not nonce or not given or len(given) > MAX_VALUE:
+        return False
+    return signing.signer(secret(config), "login").verify_signature(nonce, given)
 
 
 # -- cookies ----------------------------------------------------------------------------
@@ -160,13 +163,20 @@ def clear_cookie(request: Request, response: Response, name: str) -> None:
 
 def set_flash(request: Request, response: Response, kind: str, text: str) -> None:
     """A message for the next page ("ok" or "error"), signed so no one else can plant one."""
-    value = _pack(secret(request.app.state.config), "flash", [kind, text[:400]])
-    set_cookie(request, response, FLASH_COOKIE, value, FLASH_TTL_S)
+    flashes = signing.timed_serializer(secret(request.app.state.config), "flash")
+    set_cookie(request, response, FLASH_COOKIE, flashes.dumps([kind, text[:400]]), FLASH_TTL_S)
 
 
 def flash(request: Request) -> tuple[str, str] | None:
     """The flash message the request carries (the page then clears the cookie)."""
-    data = _unpack(secret(request.app.state.config), "flash", request.cookies.get(FLASH_COOKIE))
+    value = request.cookies.get(FLASH_COOKIE)
+    if not value:
+        return None
+    flashes = signing.timed_serializer(secret(request.app.state.config), "flash")
+    try:
+        data: Any = flashes.loads(value, max_age=FLASH_TTL_S)
+    except BadSignature:  # forged, made for another use, or too old
+        return None
     if isinstance(data, list) and len(data) == 2 and all(isinstance(x, str) for x in data):
         return data[0], data[1]
     return None
