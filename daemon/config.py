@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class Config:
     # The database's directory: every file stepd generates (token hash, secrets, demo
     # database) lives beside the database, whichever directory stepd was started from.
     state_dir: Path = field(default_factory=Path.cwd)
+    # The config file's directory: [tools] modules are looked for there too.
+    config_dir: Path | None = None
 
 
 _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
@@ -136,7 +138,10 @@ def load(path: str | os.PathLike[str] | None, env: dict[str, str] | None = None)
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return from_dict(data, env)
+    cfg = from_dict(data, env)
+    if path is None:
+        return cfg
+    return replace(cfg, config_dir=Path(path).resolve().parent)
 
 
 def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
