@@ -3,14 +3,21 @@ their permissions, and a daemon that survives its package being reinstalled unde
 
 from __future__ import annotations
 
+import http.server
+import json
 import re
+import shlex
+import shutil
 import stat
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from daemon import config
@@ -23,6 +30,7 @@ from tests.process_helpers import (
     clean_env,
     create,
     free_port,
+    gate_waiting,
     stepd_command,
     wait_for,
     write_config,
@@ -259,3 +267,111 @@ def test_reserved_and_duplicate_token_names_are_refused(tokens, needle) -> None:
     with pytest.raises(ConfigError) as info:
         config.from_dict({"auth": {"tokens": entries}}, env={})
     assert needle in str(info.value)
+
+
+# -- the quick start's two commands ---------------------------------------------------------
+
+
+def _readme_block(after: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    found = re.search(re.escape(after) + r".*?```sh\n(.*?)\n```", text, re.S)
+    assert found is not None, after
+    return found.group(1)
+
+
+def test_ci_runs_the_readme_test_command_in_a_venv_of_its_own() -> None:
+    serve = _readme_block("## Quick start")
+    test = _readme_block("and run the tests:")
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+
+    def venvs(command: str) -> set[str]:
+        return {w.split("/")[0] for w in shlex.split(command) if w.startswith(".venv")}
+
+    assert venvs(serve) == {".venv"} and venvs(test) == {".venv-test"}
+    assert "-e" in shlex.split(test)  # only the test venv is an editable install
+
+
+class _Hooks(http.server.BaseHTTPRequestHandler):
+    bodies: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    bodies: list[dict[str, Any]] = []
+    handler = type("Hooks", (_Hooks,), {"bodies": bodies})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pages_keep_working_when_the_package_is_replaced_under_the_daemon(
+    tmp_path: Path, receiver: tuple[str, list[dict[str, Any]]]
+) -> None:
+    hook, bodies = receiver
+    pkg = tmp_path / "pkg"
+    shutil.copytree(ROOT / "daemon", pkg / "daemon", ignore=shutil.ignore_patterns("__pycache__"))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    port = free_port()
+    cfg = write_config(workdir / "stepd.toml", port=port, db=workdir / "stepd.db")
+    cfg.write_text(cfg.read_text() + f'\n[webhooks]\nurl = "{hook}"\n'
+                   f'public_url = "http://127.0.0.1:{port}"\n')  # fmt: skip
+    daemon = Daemon(workdir, cfg, port, PYTHONPATH=str(pkg))
+    where = subprocess.run(
+        [sys.executable, "-c", "import daemon; print(daemon.__file__)"],
+        env=daemon.env, cwd=workdir, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert where.stdout.strip() == str(pkg / "daemon" / "__init__.py"), where
+    try:
+        daemon.started()
+        with daemon.client() as c:
+            assert c.get("/ui/login").status_code == 200  # one template used before
+            wf_id = create(c, {
+                "name": "gated",
+                "flow": {"start": {"tool": None, "next": "after"},
+                         "after": {"tool": "echo", "args": {}, "done": True}},
+                "input": {},
+            })  # fmt: skip
+            wait_for(c, wf_id, gate_waiting)
+        deadline = time.monotonic() + 10
+        while not any(b["event"] == "gate_waiting" for b in bodies):
+            assert time.monotonic() < deadline, bodies
+            time.sleep(0.05)
+        link = next(b for b in bodies if b["event"] == "gate_waiting")["links"]["approve"]
+
+        shutil.rmtree(pkg / "daemon")  # what `pip install` into the daemon's venv does
+
+        with httpx.Client(base_url=daemon.url, timeout=5) as web:
+            page = web.get("/ui/login")
+            assert page.status_code == 200, page.text
+            csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+            assert csrf is not None, page.text
+            form = {"csrf": csrf.group(1), "token": TOKEN, "next": "/ui/approvals"}
+            assert web.post("/ui/login", data=form).status_code == 303
+            for path in ("/ui/approvals", "/ui/workflows", f"/ui/workflows/{wf_id}"):
+                resp = web.get(path)
+                assert resp.status_code == 200, (path, resp.text)
+            css = web.get("/ui/static/app.css")
+            assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+            again = web.get("/ui/static/app.css", headers={"If-None-Match": css.headers["etag"]})
+            assert again.status_code == 304
+            assert web.get("/ui/static/nope.css").status_code == 404
+            confirm = web.get(link)
+            assert confirm.status_code == 200 and "<form" in confirm.text, confirm.text
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert "Traceback" not in daemon.stderr(), daemon.stderr()
