@@ -441,7 +441,7 @@ def create_app(
     config: Config, *, registry: Registry | None = None, tokens: list[TokenConfig] | None = None
 ) -> Starlette:
     """The API and the executor; the lifespan opens the store and runs the executor."""
-    registry = registry or build_registry(config.tool_modules)
+    registry = registry or build_registry(config.tool_modules, search_path=config.config_dir)
     store = Store(
         config.db_path, synchronous=config.synchronous, busy_timeout_ms=config.busy_timeout_ms
     )

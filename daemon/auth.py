@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import files
 from daemon.config import TokenConfig
-from daemon.errors import Forbidden, Unauthorized
+from daemon.errors import ConfigError, Forbidden, Unauthorized
 
 GENERATED_TOKEN_FILE = "stepd-token.sha256"
 GENERATED_TOKEN_NAME = "admin"
@@ -61,19 +62,70 @@ class Authenticator:
             raise Forbidden(f"token '{token.name}' lacks the '{need}' permission")
 
 
-def first_start_token(state_dir: Path) -> tuple[TokenConfig, str | None]:
-    """The generated admin token: loaded from the state dir, or made now (then returned once)."""
-    path = state_dir / GENERATED_TOKEN_FILE
+@dataclass(frozen=True)
+class ActiveTokens:
+    """The tokens a daemon accepts, where each comes from, and a token made just now."""
+
+    tokens: tuple[TokenConfig, ...]
+    sources: tuple[str, ...]  # per token: "config", or "generated, <file>"
+    new_token: str | None = None  # generated at this start: to be shown once
+
+    def describe(self) -> str:
+        """`name (source), ...`: never a secret."""
+        pairs = zip(self.tokens, self.sources, strict=True)
+        return ", ".join(f"{token.name} ({source})" for token, source in pairs)
+
+
+def generated_token_path(state_dir: Path) -> Path:
+    return state_dir / GENERATED_TOKEN_FILE
+
+
+def active_tokens(configured: tuple[TokenConfig, ...], state_dir: Path) -> ActiveTokens:
+    """The configured tokens, plus the generated admin token.
+
+    The generated token is made only on a first start with no configured token and no
+    token file; once made it keeps working, whatever tokens are added to the config,
+    until its file is deleted. A configured token named 'admin' replaces it.
+    """
+    path = generated_token_path(state_dir)
+    sources = ("config",) * len(configured)
+    if any(t.name == GENERATED_TOKEN_NAME for t in configured):
+        if path.exists():
+            replaces = f"config, replaces the generated token in {path}"
+            sources = tuple(
+                replaces if t.name == GENERATED_TOKEN_NAME else "config" for t in configured
+            )
+        return ActiveTokens(configured, sources)
+    generated = f"generated, {path}"
     if path.exists():
-        digest = path.read_text().strip()
-        return TokenConfig(GENERATED_TOKEN_NAME, digest, ("workflow",)), None
+        admin = TokenConfig(GENERATED_TOKEN_NAME, read_token_file(path), ("workflow",))
+        return ActiveTokens((*configured, admin), (*sources, generated))
+    if configured:
+        return ActiveTokens(configured, sources)
     token = new_token()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(hash_token(token) + "\n")
-    tmp.chmod(0o600)
-    tmp.replace(path)
-    return TokenConfig(GENERATED_TOKEN_NAME, hash_token(token), ("workflow",)), token
+    if not files.write_private(path, hash_token(token) + "\n", keep_existing=True):
+        return active_tokens(configured, state_dir)  # made meanwhile by another process
+    admin = TokenConfig(GENERATED_TOKEN_NAME, hash_token(token), ("workflow",))
+    return ActiveTokens((admin,), (generated,), new_token=token)
+
+
+def mint_admin_token(state_dir: Path) -> tuple[str, Path]:
+    """Replace the generated admin token with a new one; returns the token and its file."""
+    token = new_token()
+    path = generated_token_path(state_dir)
+    files.write_private(path, hash_token(token) + "\n")
+    return token, path
+
+
+def read_token_file(path: Path) -> str:
+    """The hex digest in a generated token file (made 0600 if it was looser)."""
+    files.tighten(path)
+    digest = path.read_text().strip().lower()
+    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise ConfigError(
+            f"{path} does not hold a SHA-256 hex digest; delete it to generate a new admin token"
+        )
+    return digest
 
 
 SECRET_FILE = "stepd-secret"  # signs sessions and one-click links: never leaves the daemon
@@ -90,20 +142,16 @@ def webhook_secret(state_dir: Path) -> bytes:
     return secret_file(state_dir / WEBHOOK_SECRET_FILE)
 
 
+def tighten_generated(state_dir: Path) -> None:
+    """Make existing token and secret files 0600 (an older stepd left them to the umask)."""
+    for name in (GENERATED_TOKEN_FILE, SECRET_FILE, WEBHOOK_SECRET_FILE):
+        files.tighten(state_dir / name)
+
+
 def secret_file(path: Path) -> bytes:
-    """32 random bytes kept (hex) in `path`, made 0600 at first use."""
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret.hex() + "\n")
-    try:
-        os.link(tmp, path)  # fails if another process made one meanwhile: use theirs
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    """32 random bytes kept (hex) in `path`: made 0600 at first use, kept 0600 after."""
+    if not path.exists():
+        # keep_existing: if another process made one meanwhile, use theirs.
+        files.write_private(path, secrets.token_bytes(32).hex() + "\n", keep_existing=True)
+    files.tighten(path)
     return bytes.fromhex(path.read_text().strip())

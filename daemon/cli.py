@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="token name (becomes created_by)")
     s.add_argument("--permission", choices=["workflow", "approve"], default="workflow")
     s.set_defaults(func=cmd_token)
+
+    s = sub.add_parser(
+        "admin-token",
+        help="replace the generated 'admin' token (e.g. when it is lost); used from the next start",
+    )
+    s.add_argument("--config", help="TOML config file naming the database (default: embedded)")
+    s.set_defaults(func=cmd_admin_token)
     return p
 
 
@@ -161,6 +168,27 @@ def cmd_token(args: argparse.Namespace) -> int:
     print(f'name = "{args.name}"')
     print(f'sha256 = "{hash_token(token)}"')
     print(f'permissions = ["{args.permission}"]')
+    return 0
+
+
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    from daemon.auth import GENERATED_TOKEN_NAME, mint_admin_token
+
+    try:
+        cfg = configuration.load(args.config)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if any(t.name == GENERATED_TOKEN_NAME for t in cfg.tokens):
+        raise CLIError(
+            f"the config has a token named '{GENERATED_TOKEN_NAME}', which replaces the "
+            f"generated one; make a new one with `stepd token {GENERATED_TOKEN_NAME}` instead"
+        )
+    token, path = mint_admin_token(cfg.state_dir)
+    print(
+        f"stepd: wrote a new token for '{GENERATED_TOKEN_NAME}' to {path} (shown once). "
+        "It replaces the old one when stepd serve next starts:\n\n"
+        f"    export TOKEN={token}\n"
+    )
     return 0
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from daemon.errors import ConfigError
 
 PERMISSIONS = ("workflow", "approve")
+# Not token names: `link` is who decides through a one-click link, and the permission
+# names stand for every token holding them in a gate's `approvers` list.
+RESERVED_TOKEN_NAMES = ("link", *PERMISSIONS)
 DEFAULT_TOOL_MODULES = ("daemon.tools.demo",)
 LOG_FORMATS = ("text", "json")
 
@@ -57,7 +60,11 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"  # "text" for people and journald, "json" for log pipelines
     metrics_auth: bool = True  # False: /metrics is open like /healthz
+    # The database's directory: every file stepd generates (token hash, secrets, demo
+    # database) lives beside the database, whichever directory stepd was started from.
     state_dir: Path = field(default_factory=Path.cwd)
+    # The config file's directory: [tools] modules are looked for there too.
+    config_dir: Path | None = None
 
 
 _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
@@ -118,7 +125,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
 
 
 def state_directory(env: dict[str, str] | None = None) -> Path:
-    """Where relative paths and generated files live: $STATE_DIRECTORY (systemd) or the cwd."""
+    """What a relative database path is relative to: $STATE_DIRECTORY (systemd) or the cwd."""
     env = os.environ if env is None else env
     raw = env.get("STATE_DIRECTORY", "")
     # systemd may pass several colon-separated directories; the first is ours.
@@ -137,7 +144,10 @@ def load(path: str | os.PathLike[str] | None, env: dict[str, str] | None = None)
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return from_dict(data, env)
+    cfg = from_dict(data, env)
+    if path is None:
+        return cfg
+    return replace(cfg, config_dir=Path(path).resolve().parent)
 
 
 def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
@@ -159,10 +169,10 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
                 raise ConfigError(f"[{section}] {key}: wrong type {type(value).__name__}")
             values[attr] = value
 
-    state_dir = state_directory(env)
+    base = state_directory(env)
     db_path = Path(values.pop("db_path", "stepd.db"))
     if not db_path.is_absolute():
-        db_path = state_dir / db_path
+        db_path = base / db_path
     for key in ("poll_interval", "shutdown_grace", "lease_s", "retention_days",
                 "retention_interval_s", "link_ttl_s", "session_ttl_s", "template_ms"):  # fmt: skip
         if key in values:
@@ -173,7 +183,10 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
             raise ConfigError("[tools] modules must be a list of module names")
         values["tool_modules"] = tuple(modules)
     cfg = Config(
-        db_path=db_path, state_dir=state_dir, tokens=_tokens(data.get("auth", {})), **values
+        db_path=db_path,
+        state_dir=db_path.resolve().parent,
+        tokens=_tokens(data.get("auth", {})),
+        **values,
     )
     _check(cfg)
     return cfg
@@ -191,6 +204,13 @@ def _tokens(auth: Any) -> tuple[TokenConfig, ...]:
         perms = tok.get("permissions", ["workflow"])
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}: name must be a non-empty string")
+        if name in RESERVED_TOKEN_NAMES:
+            raise ConfigError(
+                f"{where}: the name '{name}' is reserved ({', '.join(RESERVED_TOKEN_NAMES)} "
+                "mean one-click links and permissions); choose another"
+            )
+        if any(t.name == name for t in out):
+            raise ConfigError(f"{where}: the name '{name}' is used by another token already")
         if not isinstance(digest, str) or len(digest) != 64:
             raise ConfigError(f"{where} ({name}): sha256 must be 64 hex characters")
         try:

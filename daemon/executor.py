@@ -58,10 +58,13 @@ class WorkflowInfo:
 class StepFailed(Exception):
     """An attempt failed; `retryable` says whether another attempt may help."""
 
-    def __init__(self, message: str, *, type_: str, retryable: bool) -> None:
+    def __init__(
+        self, message: str, *, type_: str, retryable: bool, cause: BaseException | None = None
+    ) -> None:
         super().__init__(message)
         self.type = type_
         self.retryable = retryable
+        self.cause = cause  # an unexpected exception a tool raised: its traceback is logged
 
 
 class Executor:
@@ -539,25 +542,29 @@ class Executor:
                 raise StepFailed(f"timed out after {state.timeout:g}s", type_="Timeout",
                                  retryable=True) from None  # fmt: skip
             raise StepFailed(f"TimeoutError: {_clean(str(exc))}", type_="TimeoutError",
-                             retryable=True) from None  # fmt: skip
+                             retryable=True, cause=exc) from None  # fmt: skip
         except ToolError as exc:
             raise StepFailed(_clean(str(exc)), type_="ToolError", retryable=exc.retryable) from None
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # cancelled by us: the workflow was cancelled, or shutdown
             raise StepFailed("tool raised CancelledError", type_="CancelledError",
-                             retryable=True) from None  # fmt: skip
+                             retryable=True, cause=exc) from None  # fmt: skip
         except Exception as exc:
             raise StepFailed(
                 f"{type(exc).__name__}: {_clean(str(exc))}",
                 type_=type(exc).__name__,
                 retryable=True,
+                cause=exc,
             ) from None
         except BaseException as exc:  # SystemExit, KeyboardInterrupt, or a custom subclass
             # A tool must not be able to stop the daemon.
             raise StepFailed(
-                f"tool raised {type(exc).__name__}", type_=type(exc).__name__, retryable=False
+                f"tool raised {type(exc).__name__}",
+                type_=type(exc).__name__,
+                retryable=False,
+                cause=exc,
             ) from None
 
     def _encode(self, result: Any) -> str:
@@ -587,7 +594,7 @@ class Executor:
         if isinstance(move, flows.RetryLater):
             delay_s = min(move.delay_s, flows.MAX_SECONDS)
             log.warning("step failed: %s; retrying in %s", exc, _duration(delay_s),
-                        extra=_fields(step))  # fmt: skip
+                        extra=_fields(step), exc_info=exc.cause)  # fmt: skip
             return Finish(
                 step_id=step.id,
                 workflow_id=step.workflow_id,
@@ -600,7 +607,8 @@ class Executor:
         finish = self._finish(
             info, step, move, StepStatus.FAILED, error=str(exc), error_type=exc.type
         )
-        log.warning("step failed: %s; %s", exc, _what_next(finish), extra=_fields(step))
+        log.warning("step failed: %s; %s", exc, _what_next(finish), extra=_fields(step),
+                    exc_info=exc.cause)  # fmt: skip
         return finish
 
     def _finish(

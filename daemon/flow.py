@@ -268,7 +268,11 @@ def _parse_state(
     if isinstance(tool, str) and tools is not None and hasattr(tools, "get"):
         spec = tools.get(tool)
         if spec is not None:
-            errors += [f"{where}: tool '{tool}': {p}" for p in spec.check_args(args)]
+            # A templated value's type is known only once rendered: the executor checks it.
+            later = [
+                k for k, v in args.items() if next(templating.expressions(v), None) is not None
+            ]
+            errors += [f"{where}: tool '{tool}': {p}" for p in spec.check_args(args, later=later)]
     branch = _parse_transitions(where, body, errors)
     timeout = body.get("timeout")
     if timeout is not None and (not _is_number(timeout) or not 0 < timeout <= MAX_SECONDS):

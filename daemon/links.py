@@ -20,13 +20,13 @@ from urllib.parse import parse_qsl
 
 import orjson
 from itsdangerous import BadPayload, BadSignature
-from jinja2 import Environment, PackageLoader
+from jinja2 import Environment
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from daemon import assets, signing
 from daemon import flow as flows
-from daemon import signing
 from daemon.api import parse_json
 from daemon.config import Config, TokenConfig
 from daemon.engine import MAX_REASON
@@ -48,7 +48,8 @@ HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
 }
-TEMPLATES = Environment(loader=PackageLoader("daemon", "link_templates"), autoescape=True)
+# Read now, not when a page is served: see daemon.assets.
+TEMPLATES = Environment(loader=assets.template_loader("daemon", "link_templates"), autoescape=True)
 
 
 @dataclass(frozen=True)

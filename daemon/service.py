@@ -16,8 +16,9 @@ from starlette.applications import Starlette
 
 from daemon import sdnotify
 from daemon.api import create_app
-from daemon.auth import first_start_token
+from daemon.auth import active_tokens, generated_token_path, tighten_generated
 from daemon.config import Config
+from daemon.errors import ConfigError
 from daemon.store import DatabaseLocked
 
 log = logging.getLogger("stepd")
@@ -48,20 +49,19 @@ class _Server(uvicorn.Server):
 
 
 def with_tokens(config: Config, out: object = sys.stdout) -> Config:
-    """With no token configured, use (or make and print once) the generated admin token."""
-    if config.tokens:
-        return config
-    token_cfg, token = first_start_token(config.state_dir)
-    if token is not None:
+    """The config with the active tokens: the configured ones and the generated admin token
+    (made, and printed once, on a first start with none configured). Logs which are active."""
+    active = active_tokens(config.tokens, config.state_dir)
+    if active.new_token is not None:
         print(
             "stepd: no [[auth.tokens]] configured; generated a token for 'admin' "
-            "(shown once, its hash is in "
-            f"{config.state_dir / 'stepd-token.sha256'}):\n\n"
-            f"    export TOKEN={token}\n",
+            f"(shown once, its hash is in {generated_token_path(config.state_dir)}):\n\n"
+            f"    export TOKEN={active.new_token}\n",
             file=out,  # type: ignore[arg-type]
             flush=True,
         )
-    return replace(config, tokens=(token_cfg,))
+    log.info("active tokens: %s", active.describe())
+    return replace(config, tokens=active.tokens)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -84,8 +84,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def serve(config: Config) -> int:
     """Run API and executor until SIGTERM/SIGINT; then drain and exit 0."""
-    config = with_tokens(config)
-    app = create_app(config)
+    tighten_generated(config.state_dir)
+    try:
+        config = with_tokens(config)
+        app = create_app(config)
+    except ConfigError as exc:  # a broken token file, a tool module that does not load
+        print(f"stepd: {exc}", file=sys.stderr)
+        return 1
     # Own the database before anything else: a second daemon must not touch its steps.
     try:
         await app.state.store.open()

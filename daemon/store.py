@@ -10,6 +10,7 @@ backend can implement it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import itertools
 import os
@@ -27,6 +28,7 @@ import aiosqlite
 import orjson
 
 from daemon import db as dblib
+from daemon import files
 from daemon.models import Finish, NewStep, Step, StepStatus, Workflow
 
 T = TypeVar("T")
@@ -62,6 +64,7 @@ def backup(source: Path, dest: Path) -> int:
     """
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
+    files.create_private(partial)  # a copy of the database is as private as the database
     src = sqlite3.connect(source, timeout=30)
     try:
         dst = sqlite3.connect(partial)
@@ -209,6 +212,11 @@ class Store:
         self._take_ownership()
         writer: Conn | None = None
         try:
+            # SQLite gives the -wal, -shm and -journal files the database file's mode; those
+            # left by an older run are tightened here.
+            files.create_private(self.path)
+            for suffix in ("-wal", "-shm", "-journal"):
+                files.tighten(f"{self.path}{suffix}")
             writer = self._connect()
             writer.execute("PRAGMA journal_mode = WAL")
             self._migrate(writer)
@@ -252,7 +260,9 @@ class Store:
         # database would requeue this one's running steps and run them twice. The kernel
         # drops the lock when the process dies, so kill -9 leaves nothing to clean up.
         lock_path = f"{self.path}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, files.PRIVATE)
+        with contextlib.suppress(PermissionError):  # another user's lock file still locks
+            os.fchmod(fd, files.PRIVATE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -101,6 +101,7 @@ class Daemon:
         self.url = f"http://127.0.0.1:{port}"
         self.env = clean_env(STATE_DIRECTORY=str(workdir), **env)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.umask = -1  # the process's umask; -1: inherit this one
         self.runs = 0
         self.out_path = workdir / "run0.out"
         self.err_path = workdir / "run0.err"
@@ -120,6 +121,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
+                umask=self.umask,
             )
         return self
 

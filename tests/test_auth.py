@@ -13,7 +13,7 @@ import pytest
 from daemon.auth import (
     GENERATED_TOKEN_FILE,
     Authenticator,
-    first_start_token,
+    active_tokens,
     hash_token,
 )
 from daemon.config import TokenConfig
@@ -325,7 +325,8 @@ def test_require_checks_permissions() -> None:
 
 def test_first_start_token_is_made_once_then_reloaded(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    cfg, token = first_start_token(state)
+    made = active_tokens((), state)
+    (cfg,), token = made.tokens, made.new_token
     assert token is not None
     path = state / GENERATED_TOKEN_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -335,8 +336,9 @@ def test_first_start_token_is_made_once_then_reloaded(tmp_path: Path) -> None:
     assert Authenticator([cfg]).identify(f"Bearer {token}").name == cfg.name
 
     content, mtime = path.read_bytes(), path.stat().st_mtime_ns
-    again, no_token = first_start_token(state)
-    assert no_token is None
+    reloaded = active_tokens((), state)
+    (again,) = reloaded.tokens
+    assert reloaded.new_token is None
     assert again == cfg
     assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime
     assert Authenticator([again]).identify(f"Bearer {token}").name == cfg.name

@@ -17,7 +17,8 @@ ROOT = Path(__file__).parents[1]
 def test_example_config_loads_and_matches_the_defaults(tmp_path):
     loaded = config.load(ROOT / "config.example.toml", env={"STATE_DIRECTORY": str(tmp_path)})
     default = config.load(None, env={"STATE_DIRECTORY": str(tmp_path)})
-    assert loaded == default
+    assert dataclasses.replace(loaded, config_dir=None) == default
+    assert loaded.config_dir == ROOT
     assert loaded.db_path == tmp_path / "stepd.db"
     assert loaded.tool_modules == ("daemon.tools.demo",)
 
@@ -28,7 +29,7 @@ def test_example_config_documents_every_setting():
     for key in documented:
         assert f"\n{key} = " in text, f"{key} is not in config.example.toml"
     settable = {attr for section in config._SCHEMA.values() for attr, _ in section.values()}
-    internal = {"tokens", "state_dir"}
+    internal = {"tokens", "state_dir", "config_dir"}
     assert {f.name for f in dataclasses.fields(Config)} - internal == settable
     for key in ("[[auth.tokens]]", "name =", "sha256 =", "permissions ="):
         assert key in text

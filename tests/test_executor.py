@@ -223,11 +223,17 @@ async def test_bad_arguments_fail_at_once(make_client):
     # Arguments are checked at create time where they are literal ...
     resp = await client.post("/api/workflow", json=single("sleep", {"secs": 1}))
     assert resp.status_code == 422 and "unknown argument 'secs'" in resp.json()["error"]
-    # ... and at run time, where a value is wrong.
+    resp = await client.post("/api/workflow", json=single("sleep", {"seconds": "soon"}))
+    assert resp.status_code == 422
+    assert "argument 'seconds' must be float, got str" in resp.json()["error"]
+    # ... and at run time, where a templated value renders to the wrong type.
+    body = single("sleep", {"seconds": "{{input.s}}"}, retry={"max_attempts": 3})
     wf = await wait_for(client, (await client.post(
-        "/api/workflow", json=single("sleep", {"seconds": "soon"}, retry={"max_attempts": 3})
+        "/api/workflow", json={**body, "input": {"s": "soon"}}
     )).json()["id"])  # fmt: skip
-    assert wf["status"] == "failed" and wf["steps"][0]["attempt"] == 1
+    step = wf["steps"][0]
+    assert wf["status"] == "failed" and step["attempt"] == 1
+    assert step["error"] == "tool 'sleep': argument 'seconds' must be float, got str"
 
 
 async def test_retry_then_succeed(make_client):

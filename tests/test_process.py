@@ -322,8 +322,9 @@ def test_first_start_prints_token_once_and_keeps_it(spawn: Spawn) -> None:
     match = re.search(r"export TOKEN=(\S+)", out)
     assert match is not None
     token = match.group(1)
-    # Only the hash is kept on disk, in the state directory.
-    stored = (d.workdir / "stepd-token.sha256").read_text()
+    # Only the hash is kept on disk, beside the database (not in the working directory).
+    stored = (d.workdir.parent / "stepd-token.sha256").read_text()
+    assert not (d.workdir / "stepd-token.sha256").exists()
     assert stored.strip() == hashlib.sha256(token.encode()).hexdigest()
     assert token not in stored
     with d.client(token) as c:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.errors import ConfigError
 from daemon.tools import Registry, ToolError, build_registry, make_tool, tool
 from daemon.tools import builtin as builtin_tools
 
@@ -31,8 +32,8 @@ def test_make_tool_describes_parameters():
         {"name": "query", "required": True, "type": "str"},
         {"name": "limit", "required": False, "type": "int", "default": 5},
     ]
-    assert t.check_args({"query"}) == []
-    assert t.check_args({"limit", "q"}) == [
+    assert t.check_args({"query": "x"}) == []
+    assert t.check_args({"limit": 1, "q": "x"}) == [
         "unknown argument 'q'",
         "missing required argument 'query'",
     ]
@@ -41,7 +42,7 @@ def test_make_tool_describes_parameters():
 def test_registry_rejects_a_name_registered_twice():
     reg = Registry()
     reg.add("a", lambda: 1)
-    with pytest.raises(ValueError, match="registered twice"):
+    with pytest.raises(ConfigError, match="tool 'a' is defined twice: by tests.test_tools"):
         reg.add("a", lambda: 2)
 
 
@@ -63,7 +64,7 @@ def test_decorator_forms():
 
 
 def test_config_module_without_tools_is_an_error():
-    with pytest.raises(ValueError, match="defines no @tool functions"):
+    with pytest.raises(ConfigError, match=r"'json' \(.*json/__init__.py\) defines no @tool"):
         build_registry(["json"], use_entry_points=False)
 
 

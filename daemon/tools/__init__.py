@@ -3,8 +3,9 @@
 A tool is a sync or async function taking its args as keyword parameters. If it
 declares a parameter named `ctx`, it receives a `ToolContext`. Mark functions
 with `@tool` (optionally `@tool("other_name")`) and list the module in the
-config's `[tools] modules`, or expose it through the `stepd.tools` entry-point
-group.
+config's `[tools] modules` (the config file's directory is searched too), or
+expose it through the `stepd.tools` entry-point group. Arguments are checked
+against the parameters' annotations where those are plain JSON types.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+import sys
+import traceback
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from daemon.errors import ConfigError
 
 ENTRY_POINT_GROUP = "stepd.tools"
 _MARK = "__stepd_tool__"
@@ -56,7 +63,8 @@ class Param:
     name: str
     required: bool
     default: Any = None
-    annotation: str | None = None
+    annotation: str | None = None  # as written, for GET /api/tools
+    accepts: tuple[type, ...] | None = None  # the types an argument may have; None: any
 
 
 @dataclass(frozen=True)
@@ -70,9 +78,10 @@ class Tool:
     description: str = ""
     idempotent: bool = True
 
-    def check_args(self, names: Iterable[str]) -> list[str]:
-        """Problems with passing these argument names (unknown or missing required)."""
-        names = set(names)
+    def check_args(self, args: Mapping[str, Any], *, later: Iterable[str] = ()) -> list[str]:
+        """Problems with these arguments: unknown, missing, or of the wrong type (except
+        those named in `later`: templated values, checked once rendered)."""
+        names = set(args)
         known = {p.name for p in self.params}
         problems = []
         if not self.takes_any:
@@ -82,6 +91,15 @@ class Tool:
             for p in self.params
             if p.required and p.name not in names
         ]
+        skip = set(later)
+        for p in self.params:
+            if p.name in names and p.name not in skip and p.accepts is not None:
+                value = args[p.name]
+                if not any(_is(value, t) for t in p.accepts):
+                    problems.append(
+                        f"argument '{p.name}' must be {_type_text(p.accepts)}, "
+                        f"got {_type_text((type(value),))}"
+                    )
         return problems
 
     def describe(self) -> dict[str, Any]:
@@ -121,9 +139,61 @@ def tool(name: str | Callable[..., Any] | None = None, *, idempotent: bool = Tru
     return lambda fn: mark(fn, name)
 
 
+_CHECKED = (str, int, float, bool, list, dict, type(None))
+
+
+def _accepts(annotation: Any) -> tuple[type, ...] | None:
+    """The JSON types an annotation admits; None when it is not checked (Any, classes...)."""
+    if annotation is None:
+        return (type(None),)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        out: list[type] = []
+        for member in typing.get_args(annotation):
+            accepted = _accepts(member)
+            if accepted is None:
+                return None  # one unchecked member admits anything
+            out += accepted
+        return tuple(dict.fromkeys(out))
+    if origin in (list, dict):  # list[str], dict[str, int]: the container only
+        return (origin,)
+    return next(((k,) for k in _CHECKED if annotation is k), None)
+
+
+def _is(value: Any, kind: type) -> bool:
+    """Whether a JSON value passes for `kind`: an int is no bool, a float may be an int."""
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_text(kinds: tuple[type, ...]) -> str:
+    return " | ".join("None" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Resolved annotations (string ones too); those that cannot be resolved are left out."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # one name imported only under TYPE_CHECKING, say: try them one by one
+        pass
+    hints = {}
+    scope = getattr(fn, "__globals__", {})
+    for name, annotation in getattr(fn, "__annotations__", {}).items():
+        one = types.SimpleNamespace(__annotations__={name: annotation})
+        try:
+            hints.update(typing.get_type_hints(one, globalns=scope))
+        except Exception:
+            continue  # unresolvable: not checked
+    return hints
+
+
 def make_tool(name: str, fn: Callable[..., Any], *, idempotent: bool = True) -> Tool:
     """Inspect `fn` into a Tool description."""
     sig = inspect.signature(fn)
+    hints = _hints(fn)
     params: list[Param] = []
     takes_ctx = takes_any = False
     for p in sig.parameters.values():
@@ -136,8 +206,13 @@ def make_tool(name: str, fn: Callable[..., Any], *, idempotent: bool = True) -> 
             ann_text = None
             if ann is not p.empty:
                 ann_text = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+            resolved = hints.get(p.name, ann)
+            accepts = None
+            if resolved is not p.empty and not isinstance(resolved, str):
+                accepts = _accepts(resolved)
             required = p.default is p.empty
-            params.append(Param(p.name, required, None if required else p.default, ann_text))
+            default = None if required else p.default
+            params.append(Param(p.name, required, default, ann_text, accepts))
     doc = inspect.getdoc(fn) or ""
     return Tool(
         name=name,
@@ -159,7 +234,10 @@ class Registry:
 
     def add(self, name: str, fn: Callable[..., Any], *, idempotent: bool = True) -> None:
         if name in self._tools and self._tools[name].fn is not fn:
-            raise ValueError(f"tool '{name}' is registered twice")
+            raise ConfigError(
+                f"tool '{name}' is defined twice: by {_where(self._tools[name].fn)} "
+                f"and by {_where(fn)}"
+            )
         self._tools[name] = make_tool(name, fn, idempotent=idempotent)
 
     def add_module(self, module: ModuleType) -> int:
@@ -185,22 +263,73 @@ class Registry:
         return [self._tools[n].describe() for n in self.names()]
 
 
-def build_registry(modules: Iterable[str], *, use_entry_points: bool = True) -> Registry:
-    """Built-ins, then the configured modules, then the `stepd.tools` entry points."""
+def _where(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def build_registry(
+    modules: Iterable[str], *, search_path: Path | None = None, use_entry_points: bool = True
+) -> Registry:
+    """Built-ins, then the configured modules, then the `stepd.tools` entry points.
+
+    `search_path` (the config file's directory) is appended to the module search path,
+    so a module beside the config is found, while installed modules keep their names.
+    Anything that stops a module from loading is a one-line ConfigError.
+    """
     from daemon.tools import builtin
 
     reg = Registry()
     reg.add_module(builtin)
+    if search_path is not None and str(search_path) not in sys.path:
+        sys.path.append(str(search_path))
+        importlib.invalidate_caches()
     for mod_name in modules:
-        mod = importlib.import_module(mod_name)
+        mod = _import(mod_name, search_path)
         if reg.add_module(mod) == 0:
-            raise ValueError(f"tool module '{mod_name}' defines no @tool functions")
+            raise ConfigError(
+                f"[tools] modules: '{mod_name}' ({getattr(mod, '__file__', None) or 'built in'})"
+                " defines no @tool functions"
+            )
     if use_entry_points:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            obj = ep.load()
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                raise ConfigError(
+                    f"entry point '{ep.name}' ({ep.value}) of {ENTRY_POINT_GROUP} failed to "
+                    f"load: {_one_line(exc)}"
+                ) from None
             if isinstance(obj, ModuleType):
                 reg.add_module(obj)
             elif callable(obj):
                 mark = getattr(obj, _MARK, {})
                 reg.add(ep.name, obj, idempotent=mark.get("idempotent", True))
     return reg
+
+
+def _import(name: str, search_path: Path | None) -> ModuleType:
+    """Import a configured tool module; a failure becomes a one-line ConfigError."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            where = f"the config's directory {search_path} and " if search_path else ""
+            raise ConfigError(
+                f"[tools] modules: no module named '{name}' (searched {where}the Python path)"
+            ) from None
+        raise ConfigError(f"[tools] modules: importing '{name}' failed: {_one_line(exc)}") from None
+    except Exception as exc:  # anything the module itself raised, SyntaxError included
+        raise ConfigError(f"[tools] modules: importing '{name}' failed: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message (file, line N)`, where the error was raised, on one line."""
+    if isinstance(exc, SyntaxError):
+        text, file, line = exc.msg, exc.filename, exc.lineno
+    else:
+        text = str(exc)
+        frames = traceback.extract_tb(exc.__traceback__)
+        file, line = (frames[-1].filename, frames[-1].lineno) if frames else (None, None)
+    text = " ".join(text.split())
+    where = f" ({file}, line {line})" if file else ""
+    return f"{type(exc).__name__}: {text}{where}"

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from daemon import files
 from daemon.tools import ToolContext, ToolError, tool
 
 DB_NAME = "stepd-demo.db"
@@ -49,7 +50,12 @@ _ready_lock = threading.Lock()
 def _connect(ctx: ToolContext) -> Iterator[sqlite3.Connection]:
     """A fresh autocommit connection to the demo database, schema and seed in place."""
     path = Path(ctx.state_dir) / DB_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path not in _ready:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only like the daemon's own database; SQLite copies the mode to -wal/-shm.
+        files.create_private(path)
+        for suffix in ("-wal", "-shm"):
+            files.tighten(f"{path}{suffix}")
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.row_factory = sqlite3.Row

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import orjson
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, StrictUndefined, select_autoescape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.routing import BaseRoute, Route
 
-from daemon import events
+from daemon import assets, events
 from daemon.auth import Authenticator
 from daemon.engine import Engine
 from daemon.errors import Forbidden, NotFound
@@ -29,7 +26,7 @@ from daemon.models import WorkflowStatus
 from daemon.web import session as sessions
 from daemon.web.session import Session
 
-STATIC = Path(__file__).parent / "static"
+STATIC = assets.StaticFiles("daemon.web", "static")  # read now: see daemon.assets
 PAGE_SIZE = 50
 PRETTY_LIMIT = 20_000  # characters of one JSON value shown on a page
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -113,15 +110,8 @@ def is_empty_json(value: Any) -> bool:
     return pretty(value) in ("", "{}", "null")
 
 
-def _static_version() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(STATIC.iterdir()):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:10]
-
-
 ENV = Environment(
-    loader=PackageLoader("daemon.web", "templates"),
+    loader=assets.template_loader("daemon.web", "templates"),
     autoescape=select_autoescape(["html"]),
     undefined=StrictUndefined,
     trim_blocks=True,
@@ -130,7 +120,7 @@ ENV = Environment(
 ENV.filters.update(ago=ago, duration=duration, iso=iso, utc=utc, pretty=pretty)
 ENV.tests["empty_json"] = is_empty_json
 ENV.globals.update(
-    static_version=_static_version(),
+    static_version=STATIC.version,
     terminal=TERMINAL,
     new_key=lambda: secrets.token_urlsafe(12),  # an Idempotency-Key: a double submit is harmless
 )
@@ -343,7 +333,7 @@ ROUTES: list[BaseRoute] = [
     Route("/workflows", workflows_page, methods=["GET"]),
     Route("/workflows/{id:id}", workflow_page, methods=["GET"]),
     Route("/workflows/{id:id}/events", workflow_events, methods=["GET"]),
-    Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+    Route("/static/{name:path}", STATIC.serve, methods=["GET"], name="static"),
 ]
 FALLBACK: list[BaseRoute] = [
     Route("/{path:path}", fallback, methods=["GET", "POST"]),
