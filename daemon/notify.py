@@ -4,6 +4,9 @@ Enqueueing and moving the read cursor are one transaction, and the outbox holds 
 (event, URL) once, so a crash neither loses nor duplicates a notification. Delivery is
 at least once: a receiver sees a delivery again (same X-Stepd-Delivery) if the daemon
 stopped between its answer and our record of it.
+
+Every connection obeys the egress policy (daemon.egress); a refused delivery is given
+up at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import httpx
 import orjson
 
-from daemon import links
+from daemon import egress, links
 from daemon.auth import server_secret, webhook_secret
 from daemon.config import Config
 from daemon.models import Step, Workflow
@@ -200,16 +203,20 @@ class Notifier:
                    "X-Stepd-Delivery": str(row["id"]), "X-Stepd-Timestamp": str(ts),
                    "X-Stepd-Signature": sign(secret, ts, body)}  # fmt: skip
         if self.client is None:
-            self.client = httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False)
-        error = None
+            policy = egress.policy(self.config.http_allow, self.config.http_deny)
+            self.client = egress.client(policy, timeout=TIMEOUT_S, follow_redirects=False)
+        error, refused = None, False
         try:  # streamed and never read: a receiver cannot make us buffer a large answer
             async with self.client.stream("POST", row["url"], content=body, headers=headers) as r:
                 if not 200 <= r.status_code < 300:
                     error = f"HTTP {r.status_code}"
+        except egress.EgressDenied as exc:
+            # The policy is fixed while the daemon runs: trying again would send nothing.
+            error, refused = str(exc)[:500], True
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
         attempts = row["attempts"] + 1
-        dead = error is not None and attempts >= self.config.webhook_max_attempts
+        dead = error is not None and (refused or attempts >= self.config.webhook_max_attempts)
         if error is not None:
             log.log(logging.ERROR if dead else logging.WARNING,
                     "webhook %d (%s) to %s failed, attempt %d%s: %s", row["id"], event,

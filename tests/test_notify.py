@@ -37,28 +37,53 @@ class Receiver:
     in turn (then 200)."""
 
     def __init__(
-        self, port: int = 0, statuses: list[int] | None = None, delay: float = 0.0
+        self,
+        port: int = 0,
+        statuses: list[int] | None = None,
+        delay: float = 0.0,
+        host: str = "127.0.0.1",
+        hold: threading.Event | None = None,
     ) -> None:
+        """`hold`: each answer waits until it is set (or `delay` seconds at most)."""
         self.requests: list[dict[str, Any]] = []
         self.statuses = list(statuses or [])
+        self.connections = self.answered = self.open = self.most_open = 0
+        lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                outer.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": body}
-                )
+                with lock:
+                    outer.open += 1
+                    outer.most_open = max(outer.most_open, outer.open)
+                    outer.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body,
+                         "at": time.monotonic()}
+                    )  # fmt: skip
                 status = outer.statuses.pop(0) if outer.statuses else 200
-                time.sleep(delay)
+                if hold is None:
+                    time.sleep(delay)
+                else:
+                    hold.wait(delay)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                with lock:
+                    outer.open -= 1
+                    outer.answered += 1
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def verify_request(self, request: Any, client_address: Any) -> bool:
+                outer.connections += 1
+                return True
+
+        self.server = Server((host, port), Handler)
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
         )
@@ -66,7 +91,8 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/hook"
 
     def bodies(self, event: str | None = None) -> list[dict[str, Any]]:
         out = [orjson.loads(r["body"]) for r in self.requests]
@@ -361,3 +387,41 @@ async def test_without_an_operator_url_only_workflows_with_their_own_url_are_rea
         assert {e["workflow_id"] for e in events} == {own.json()["id"]}
         events, _, _ = await store.events_of_types(0, notify.EVENTS)
         assert {e["workflow_id"] for e in events} == {plain.json()["id"], own.json()["id"]}
+
+
+async def test_a_refused_delivery_is_given_up_at_once_without_connecting(tmp_path: Path) -> None:
+    """The operator's URL and a workflow's own (a name resolving to a denied address) obey
+    [http] deny; each refused delivery is dead after one attempt, naming address and rule."""
+    operator = Receiver(host="127.0.0.2")
+    own = Receiver(host="127.0.0.3")
+    by_name = f"http://localhost:{own.server.server_address[1]}/hook"
+    try:
+        async with running(tmp_path, webhook_url=operator.url,
+                           http_deny=("127.0.0.2", "127.0.0.0/8")) as (_, client):  # fmt: skip
+            await start_gate(client, notify_url=by_name)
+            await until(lambda: {r["status"] for r in outbox(tmp_path)} == {"dead"})
+    finally:
+        operator.close()
+        own.close()
+    rows = {r["url"]: r for r in outbox(tmp_path)}
+    assert set(rows) == {operator.url, by_name}
+    assert all(r["attempts"] == 1 for r in rows.values())
+    assert rows[operator.url]["last_error"] == (
+        "refused by the egress policy: 127.0.0.2 matches [http] deny 127.0.0.2/32"
+    )
+    assert rows[by_name]["last_error"] == (
+        "refused by the egress policy: 127.0.0.1 matches [http] deny 127.0.0.0/8 (from 'localhost')"
+    )
+    assert operator.connections == 0 and own.connections == 0
+
+
+async def test_deliveries_obey_the_policy_and_go_out_when_allowed(tmp_path: Path) -> None:
+    own = Receiver(host="127.0.0.3")
+    try:
+        async with running(tmp_path, http_deny=("127.0.0.0/8",),
+                           http_allow=("127.0.0.3",)) as (_, client):  # fmt: skip
+            await start_gate(client, notify_url=own.url)
+            await until(lambda: own.bodies("gate_waiting"))
+    finally:
+        own.close()
+    assert [r["status"] for r in outbox(tmp_path)] == ["sent"]
