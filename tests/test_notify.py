@@ -21,6 +21,7 @@ import pytest
 from daemon import notify
 from daemon.api import create_app
 from daemon.auth import server_secret, webhook_secret
+from daemon.store import Store, migrations, split_statements
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
 SECRET = "whsec-test"
@@ -425,3 +426,92 @@ async def test_deliveries_obey_the_policy_and_go_out_when_allowed(tmp_path: Path
     finally:
         own.close()
     assert [r["status"] for r in outbox(tmp_path)] == ["sent"]
+
+
+async def test_one_destinations_backlog_does_not_hide_the_others(tmp_path: Path) -> None:
+    """The due-deliveries query picks per destination: a backlog of 500 old deliveries to
+    one receiver still leaves room for the operator's and another receiver's."""
+    store = Store(tmp_path / "stepd.db")  # no notifier: nothing is sent anywhere
+    await store.open()
+    try:
+        slow = [{"event_id": i, "workflow_id": 1, "url": "http://slow:81/h",
+                 "dest": "http://slow:81", "body_json": "{}"} for i in range(500)]  # fmt: skip
+        await store.enqueue_deliveries("test", 0, slow, now=1000)
+        others = [
+            {"event_id": 1000, "workflow_id": 2, "url": "http://other/h", "dest": "http://other:80",
+             "body_json": "{}"},
+            {"event_id": 1001, "workflow_id": 2, "url": "http://op/h", "dest": notify.OPERATOR,
+             "body_json": "{}"},
+        ]  # fmt: skip
+        await store.enqueue_deliveries("test", 0, others, now=2000)
+        rows = await store.due_deliveries(per_dest=2, per_operator=4, limit=4, now=3000)
+        assert [r["dest"] for r in rows] == [
+            notify.OPERATOR,
+            "http://slow:81",
+            "http://slow:81",
+            "http://other:80",
+        ]
+        assert [r["event_id"] for r in rows[1:3]] == [0, 1]  # oldest first
+        rows = await store.due_deliveries(per_dest=2, per_operator=4, busy=["http://slow:81"],
+                                          limit=4, now=3000)  # fmt: skip
+        assert [r["dest"] for r in rows] == [notify.OPERATOR, "http://other:80"]
+        rows = await store.due_deliveries(per_dest=2, per_operator=4, now=1500)
+        assert [r["dest"] for r in rows] == ["http://slow:81"] * 2  # the others are not due
+    finally:
+        await store.close()
+
+
+async def test_a_slow_receiver_delays_only_its_own_deliveries(tmp_path: Path) -> None:
+    """Thirty deliveries to a receiver that holds each answer are queued first; the
+    operator's URL and another workflow's receiver still get theirs while it holds them,
+    and the slow one never has more than PER_DESTINATION requests open."""
+    release = threading.Event()
+    slow = Receiver(hold=release, delay=5.0)  # answers within 5 s even if never released
+    fast, operator = Receiver(), Receiver()
+    echo = {"start": {"tool": "echo", "args": {}, "done": True}}
+    try:
+        async with running(tmp_path, webhook_url=operator.url) as (app, client):
+            for _ in range(30):
+                body = {"name": "s", "flow": echo, "notify_url": slow.url}
+                resp = await client.post("/api/workflow", json=body)
+                await wait_for(client, resp.json()["id"])
+            await until(lambda: len(outbox(tmp_path)) == 60)
+            resp = await client.post("/api/workflow", json={"name": "f", "flow": echo,
+                                                             "notify_url": fast.url})  # fmt: skip
+            await until(lambda: fast.requests and len(operator.requests) == 31, timeout=20)
+            assert slow.answered == 0  # all of that while the slow receiver held its requests
+            assert slow.most_open == notify.PER_DESTINATION
+            release.set()
+            await until(lambda: slow.answered == 30, timeout=20)
+    finally:
+        release.set()
+        for r in (slow, fast, operator):
+            r.close()
+    assert slow.most_open == notify.PER_DESTINATION
+    assert {r["status"] for r in outbox(tmp_path)} == {"sent"}
+
+
+async def test_the_migration_gives_queued_deliveries_their_destination(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "stepd.db")
+    for number, script in migrations():
+        if number < 5:
+            for statement in split_statements(script):
+                old.execute(statement)
+            old.execute(f"PRAGMA user_version = {number}")
+    for i, url in enumerate(["https://Hooks.Example:8443/a/b?c=d", "http://127.0.0.1:9/hook",
+                             "http://host.example"]):  # fmt: skip
+        old.execute("INSERT INTO outbox (event_id, workflow_id, url, body_json, next_at, "
+                    "created_at) VALUES (?, 1, ?, '{}', 0, 0)", (i, url))  # fmt: skip
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "stepd.db")
+    await store.open()
+    try:
+        rows = await store.due_deliveries(per_dest=2, per_operator=4)
+    finally:
+        await store.close()
+    assert sorted(r["dest"] for r in rows) == [
+        "http://127.0.0.1:9",
+        "http://host.example",
+        "https://hooks.example:8443",
+    ]
