@@ -447,7 +447,8 @@ def create_app(
     )
     store.commit_hooks.append(metrics.committed)
     executor = Executor(store, registry, config)
-    engine = Engine(store, registry, executor, max_states=config.max_states)
+    engine = Engine(store, registry, executor, max_states=config.max_states,
+                    policy=executor.egress)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

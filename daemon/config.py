@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from daemon import egress
 from daemon.errors import ConfigError
 
 PERMISSIONS = ("workflow", "approve")
@@ -52,6 +55,8 @@ class Config:
     webhook_url: str = ""
     webhook_secret: str = ""
     webhook_max_attempts: int = 10
+    http_allow: tuple[str, ...] = ()  # egress policy: CIDRs or addresses (daemon.egress)
+    http_deny: tuple[str, ...] = ()
     public_url: str = ""
     link_ttl_s: float = 86400.0
     session_ttl_s: float = 43200.0
@@ -114,6 +119,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "max_attempts": ("webhook_max_attempts", int),
         "public_url": ("public_url", str),
         "link_ttl_s": ("link_ttl_s", (int, float)),
+    },
+    "http": {
+        "allow": ("http_allow", list),
+        "deny": ("http_deny", list),
     },
     "web": {
         "session_ttl_s": ("session_ttl_s", (int, float)),
@@ -182,6 +191,9 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
         if not all(isinstance(m, str) for m in modules):
             raise ConfigError("[tools] modules must be a list of module names")
         values["tool_modules"] = tuple(modules)
+    for key in ("http_allow", "http_deny"):
+        if key in values:
+            values[key] = _networks(values[key], key.removeprefix("http_"))
     cfg = Config(
         db_path=db_path,
         state_dir=db_path.resolve().parent,
@@ -190,6 +202,19 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
     )
     _check(cfg)
     return cfg
+
+
+def _networks(entries: list[Any], key: str) -> tuple[str, ...]:
+    """[http] allow / deny: every entry a CIDR network or a bare address."""
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise ConfigError(f'[http] {key}: entries must be strings like "10.0.0.0/8"')
+        try:
+            egress.parse_network(entry)
+        except ValueError as exc:
+            raise ConfigError(f"[http] {key}: '{entry}' is not an address or CIDR network "
+                              f"({exc})") from None  # fmt: skip
+    return tuple(entries)
 
 
 def _tokens(auth: Any) -> tuple[TokenConfig, ...]:
@@ -234,6 +259,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{attr} must be >= 1")
     if cfg.webhook_url and not cfg.webhook_url.startswith(("http://", "https://")):
         raise ConfigError("[webhooks] url must start with http:// or https://")
+    if cfg.webhook_url:
+        _check_webhook_url(cfg)
     if cfg.public_url and not cfg.public_url.startswith(("http://", "https://")):
         raise ConfigError("[webhooks] public_url must start with http:// or https://")
     if cfg.link_ttl_s <= 0 or cfg.session_ttl_s <= 0 or cfg.webhook_max_attempts < 1:
@@ -252,3 +279,17 @@ def _check(cfg: Config) -> None:
         raise ConfigError("[server] log_level must be debug, info, warning or error")
     if cfg.log_format not in LOG_FORMATS:
         raise ConfigError(f'[server] log_format must be "text" or "json" (got "{cfg.log_format}")')
+
+
+def _check_webhook_url(cfg: Config) -> None:
+    """An operator's webhook URL naming an address the egress policy refuses is a mistake."""
+    try:
+        host = httpx.URL(cfg.webhook_url).host
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"[webhooks] url: {exc}") from None
+    address = egress.literal_address(host)
+    if address is None:
+        return  # a name: judged on the addresses it resolves to, at each delivery
+    decision = egress.policy(cfg.http_allow, cfg.http_deny).decide(address)
+    if not decision.allowed:
+        raise ConfigError(f"[webhooks] url is refused by the egress policy: {decision.reason()}")

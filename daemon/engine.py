@@ -7,8 +7,10 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
+import httpx
 import orjson
 
+from daemon import egress
 from daemon import flow as flows
 from daemon.config import TokenConfig
 from daemon.errors import (
@@ -51,12 +53,19 @@ class Submission:
 
 class Engine:
     def __init__(
-        self, store: Store, registry: Registry, executor: Executor, *, max_states: int = 200
+        self,
+        store: Store,
+        registry: Registry,
+        executor: Executor,
+        *,
+        max_states: int = 200,
+        policy: egress.Policy | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.executor = executor
         self.max_states = max_states
+        self.policy = policy or egress.Policy()
         self._flows = flows.ParseCache()
 
     # -- create and validate -----------------------------------------------------------
@@ -81,6 +90,8 @@ class Engine:
             or len(notify_url) > 2000
         ):
             errors.append("field 'notify_url' must be an http:// or https:// URL")
+        elif notify_url is not None:
+            errors += self._refused_url("notify_url", notify_url)
         input_ = body.get("input", {})
         if input_ is None:
             input_ = {}
@@ -100,6 +111,19 @@ class Engine:
             return None, errors, result.warnings
         sub = Submission(name, result.flow, flow_json, input_, result.warnings, notify_url)
         return sub, [], result.warnings
+
+    def _refused_url(self, field: str, url: str) -> list[str]:
+        """The URL's problem when its host is an address the egress policy refuses (a
+        name is judged on what it resolves to, when the connection is made)."""
+        try:
+            host = httpx.URL(url).host
+        except httpx.InvalidURL as exc:
+            return [f"field '{field}' is not a valid URL: {exc}"]
+        address = egress.literal_address(host)
+        decision = None if address is None else self.policy.decide(address)
+        if decision is None or decision.allowed:
+            return []
+        return [f"field '{field}' is refused by the egress policy: {decision.reason()}"]
 
     async def validate(self, body: Any) -> dict[str, Any]:
         try:

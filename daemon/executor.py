@@ -27,8 +27,8 @@ from typing import Any
 
 import orjson
 
+from daemon import egress, metrics
 from daemon import flow as flows
-from daemon import metrics
 from daemon.config import Config
 from daemon.evaluator import Evaluator, SandboxUnavailable
 from daemon.logs import StepLogger
@@ -72,6 +72,7 @@ class Executor:
         self.store = store
         self.registry = registry
         self.config = config
+        self.egress = egress.policy(config.http_allow, config.http_deny)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()  # a second stop signal: no more grace (see stop())
@@ -523,6 +524,7 @@ class Executor:
                 attempt=step.attempt, created_by=info.created_by,
                 state_dir=self.config.state_dir,
                 logger=StepLogger(logging.getLogger(f"stepd.tool.{tool.name}"), _fields(step)),
+                max_result_bytes=self.config.max_result_bytes, egress=self.egress,
             )  # fmt: skip
         problems = tool.check_args(args)
         if problems:

@@ -4,6 +4,11 @@ Enqueueing and moving the read cursor are one transaction, and the outbox holds 
 (event, URL) once, so a crash neither loses nor duplicates a notification. Delivery is
 at least once: a receiver sees a delivery again (same X-Stepd-Delivery) if the daemon
 stopped between its answer and our record of it.
+
+Deliveries are isolated per destination (scheme, host, port): each has a few in flight
+at most, workflows' own receivers share a global limit, and the operator's URL has
+slots of its own, so a slow receiver delays only its own deliveries. Every connection
+obeys the egress policy (daemon.egress); a refused delivery is given up at once.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import httpx
 import orjson
 
-from daemon import links
+from daemon import egress, links
 from daemon.auth import server_secret, webhook_secret
 from daemon.config import Config
 from daemon.models import Step, Workflow
@@ -32,7 +37,10 @@ _jitter = random.Random()  # retry jitter, not the process-wide generator
 EVENTS = frozenset({"gate_waiting", "completed", "failed", "cancelled"})
 CURSOR = "webhooks"
 BATCH = 500  # events read per query
-CONCURRENCY = 8  # deliveries in flight
+OPERATOR = "operator"  # the destination key of the [webhooks] url's deliveries
+OPERATOR_CONCURRENCY = 4  # deliveries in flight to the [webhooks] url, on slots of its own
+PER_DESTINATION = 2  # in flight to one receiver of workflows' own notify_url
+CONCURRENCY = 16  # in flight to workflows' own receivers, all together
 TIMEOUT_S = 10.0
 BACKOFF_S = 1.0  # the n-th retry waits about BACKOFF_S * 2**n; tests make it tiny
 MAX_BACKOFF_S = 3600.0
@@ -69,6 +77,16 @@ def build_body(
     return body
 
 
+def destination(url: str) -> str:
+    """A receiver's "scheme://host:port", the unit deliveries are limited by."""
+    try:
+        u = httpx.URL(url)
+    except httpx.InvalidURL:
+        return url  # cannot be sent anyway; a destination of its own
+    host = f"[{u.host}]" if ":" in u.host else u.host
+    return f"{u.scheme}://{host}:{u.port or (443 if u.scheme == 'https' else 80)}"
+
+
 def targets(config: Config, wf: Workflow) -> list[tuple[str, bool]]:
     """(url, chosen by the operator) for each URL a workflow's events go to."""
     out = [(config.webhook_url, True)] if config.webhook_url else []
@@ -84,6 +102,7 @@ class Notifier:
         self.saved = 0  # the cursor as stored
         self.saved_at = float("-inf")  # monotonic time of the last save
         self.inflight: dict[int, asyncio.Task[None]] = {}
+        self.lanes: dict[str, int] = {}  # destination -> deliveries in flight
         self.client: httpx.AsyncClient | None = None
         self._secret: bytes | None = None
 
@@ -173,24 +192,45 @@ class Notifier:
         for url, operator in urls:
             body = build_body(event, wf, step, gate_links if operator or creator_too else None)
             out.append({"event_id": event["id"], "workflow_id": wf.id, "url": url,
+                        "dest": OPERATOR if operator else destination(url),
                         "body_json": orjson.dumps(body).decode()})  # fmt: skip
         return out
 
     async def deliver(self) -> None:
-        """Start due deliveries, at most CONCURRENCY at a time; they finish in the background."""
+        """Start the due deliveries the limits allow; they finish in the background."""
         busy = set(self.inflight)  # before the query: a send ending meanwhile still reads due
-        free = CONCURRENCY - len(busy)
-        if free <= 0:
-            return
-        for row in await self.store.due_deliveries(limit=free + len(busy)):
+        full = [dest for dest, n in self.lanes.items() if n >= _cap(dest)]
+        rows = await self.store.due_deliveries(
+            per_dest=PER_DESTINATION, per_operator=OPERATOR_CONCURRENCY, busy=full,
+            limit=len(busy) + OPERATOR_CONCURRENCY + CONCURRENCY,
+        )  # fmt: skip
+        for row in rows:
+            dest = row["dest"]
             if row["id"] in busy or row["id"] in self.inflight:
                 continue
-            if free <= 0:
-                break
-            task = asyncio.create_task(self.send(row))
-            self.inflight[row["id"]] = task
-            task.add_done_callback(lambda _, i=row["id"]: self.inflight.pop(i, None))
-            free -= 1
+            if self.lanes.get(dest, 0) >= _cap(dest):
+                continue
+            if dest != OPERATOR and self._others() >= CONCURRENCY:
+                continue  # the operator's deliveries come first in `rows` and still start
+            self._start(row)
+
+    def _others(self) -> int:
+        """Deliveries in flight to workflows' own receivers."""
+        return len(self.inflight) - self.lanes.get(OPERATOR, 0)
+
+    def _start(self, row: sqlite3.Row) -> None:
+        dest, delivery = row["dest"], row["id"]
+        self.lanes[dest] = self.lanes.get(dest, 0) + 1
+
+        def done(_: asyncio.Task[None]) -> None:
+            self.inflight.pop(delivery, None)
+            self.lanes[dest] -= 1
+            if not self.lanes[dest]:
+                del self.lanes[dest]
+
+        task = asyncio.create_task(self.send(row))
+        self.inflight[delivery] = task
+        task.add_done_callback(done)
 
     async def send(self, row: sqlite3.Row) -> None:
         body, ts = row["body_json"].encode(), int(time.time())
@@ -200,16 +240,20 @@ class Notifier:
                    "X-Stepd-Delivery": str(row["id"]), "X-Stepd-Timestamp": str(ts),
                    "X-Stepd-Signature": sign(secret, ts, body)}  # fmt: skip
         if self.client is None:
-            self.client = httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False)
-        error = None
+            policy = egress.policy(self.config.http_allow, self.config.http_deny)
+            self.client = egress.client(policy, timeout=TIMEOUT_S, follow_redirects=False)
+        error, refused = None, False
         try:  # streamed and never read: a receiver cannot make us buffer a large answer
             async with self.client.stream("POST", row["url"], content=body, headers=headers) as r:
                 if not 200 <= r.status_code < 300:
                     error = f"HTTP {r.status_code}"
+        except egress.EgressDenied as exc:
+            # The policy is fixed while the daemon runs: trying again would send nothing.
+            error, refused = str(exc)[:500], True
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
         attempts = row["attempts"] + 1
-        dead = error is not None and attempts >= self.config.webhook_max_attempts
+        dead = error is not None and (refused or attempts >= self.config.webhook_max_attempts)
         if error is not None:
             log.log(logging.ERROR if dead else logging.WARNING,
                     "webhook %d (%s) to %s failed, attempt %d%s: %s", row["id"], event,
@@ -226,6 +270,10 @@ class Notifier:
             raise
         except Exception:
             log.exception("webhook %d: recording the attempt failed; it is sent again", row["id"])
+
+
+def _cap(dest: str) -> int:
+    return OPERATOR_CONCURRENCY if dest == OPERATOR else PER_DESTINATION
 
 
 async def run(store: Store, config: Config) -> None:

@@ -146,7 +146,8 @@ SCHEMAS: dict[str, Schema] = {
                 "type": "string",
                 "pattern": "^https?://",
                 "maxLength": 2000,
-                "description": "Webhook for this workflow's gate_waiting and terminal events",
+                "description": "Webhook for this workflow's gate_waiting and terminal events; "
+                "an IP address the egress policy refuses is 422",
             },
         },
         required=["name", "flow"],

@@ -902,9 +902,21 @@ class Store:
 
         await self._write(op)
 
-    async def due_deliveries(self, *, limit: int = 50, now: int | None = None) -> list[sqlite3.Row]:
+    async def due_deliveries(
+        self,
+        *,
+        per_dest: int,
+        per_operator: int,
+        busy: Iterable[str] = (),
+        limit: int = 50,
+        now: int | None = None,
+    ) -> list[sqlite3.Row]:
+        """Due deliveries: at most `per_dest` of each destination not in `busy`
+        (`per_operator` of the operator's), the operator's first, then oldest first."""
         now = now_ms() if now is None else now
-        return list(await self._all(Q["due_deliveries"], {"now": now, "limit": limit}))
+        params = {"now": now, "per_dest": per_dest, "per_operator": per_operator,
+                  "busy": orjson.dumps(list(busy)).decode(), "limit": limit}  # fmt: skip
+        return list(await self._all(Q["due_deliveries"], params))
 
     async def delivery_done(
         self, delivery_id: int, *, error: str | None = None, next_at: int = 0, dead: bool = False

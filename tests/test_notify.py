@@ -21,6 +21,7 @@ import pytest
 from daemon import notify
 from daemon.api import create_app
 from daemon.auth import server_secret, webhook_secret
+from daemon.store import Store, migrations, split_statements
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
 SECRET = "whsec-test"
@@ -37,28 +38,53 @@ class Receiver:
     in turn (then 200)."""
 
     def __init__(
-        self, port: int = 0, statuses: list[int] | None = None, delay: float = 0.0
+        self,
+        port: int = 0,
+        statuses: list[int] | None = None,
+        delay: float = 0.0,
+        host: str = "127.0.0.1",
+        hold: threading.Event | None = None,
     ) -> None:
+        """`hold`: each answer waits until it is set (or `delay` seconds at most)."""
         self.requests: list[dict[str, Any]] = []
         self.statuses = list(statuses or [])
+        self.connections = self.answered = self.open = self.most_open = 0
+        lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                outer.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": body}
-                )
+                with lock:
+                    outer.open += 1
+                    outer.most_open = max(outer.most_open, outer.open)
+                    outer.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body,
+                         "at": time.monotonic()}
+                    )  # fmt: skip
                 status = outer.statuses.pop(0) if outer.statuses else 200
-                time.sleep(delay)
+                if hold is None:
+                    time.sleep(delay)
+                else:
+                    hold.wait(delay)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                with lock:
+                    outer.open -= 1
+                    outer.answered += 1
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def verify_request(self, request: Any, client_address: Any) -> bool:
+                outer.connections += 1
+                return True
+
+        self.server = Server((host, port), Handler)
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
         )
@@ -66,7 +92,8 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/hook"
 
     def bodies(self, event: str | None = None) -> list[dict[str, Any]]:
         out = [orjson.loads(r["body"]) for r in self.requests]
@@ -361,3 +388,130 @@ async def test_without_an_operator_url_only_workflows_with_their_own_url_are_rea
         assert {e["workflow_id"] for e in events} == {own.json()["id"]}
         events, _, _ = await store.events_of_types(0, notify.EVENTS)
         assert {e["workflow_id"] for e in events} == {plain.json()["id"], own.json()["id"]}
+
+
+async def test_a_refused_delivery_is_given_up_at_once_without_connecting(tmp_path: Path) -> None:
+    """The operator's URL and a workflow's own (a name resolving to a denied address) obey
+    [http] deny; each refused delivery is dead after one attempt, naming address and rule."""
+    operator = Receiver(host="127.0.0.2")
+    own = Receiver(host="127.0.0.3")
+    by_name = f"http://localhost:{own.server.server_address[1]}/hook"
+    try:
+        async with running(tmp_path, webhook_url=operator.url,
+                           http_deny=("127.0.0.2", "127.0.0.0/8")) as (_, client):  # fmt: skip
+            await start_gate(client, notify_url=by_name)
+            await until(lambda: {r["status"] for r in outbox(tmp_path)} == {"dead"})
+    finally:
+        operator.close()
+        own.close()
+    rows = {r["url"]: r for r in outbox(tmp_path)}
+    assert set(rows) == {operator.url, by_name}
+    assert all(r["attempts"] == 1 for r in rows.values())
+    assert rows[operator.url]["last_error"] == (
+        "refused by the egress policy: 127.0.0.2 matches [http] deny 127.0.0.2/32"
+    )
+    assert rows[by_name]["last_error"] == (
+        "refused by the egress policy: 127.0.0.1 matches [http] deny 127.0.0.0/8 (from 'localhost')"
+    )
+    assert operator.connections == 0 and own.connections == 0
+
+
+async def test_deliveries_obey_the_policy_and_go_out_when_allowed(tmp_path: Path) -> None:
+    own = Receiver(host="127.0.0.3")
+    try:
+        async with running(tmp_path, http_deny=("127.0.0.0/8",),
+                           http_allow=("127.0.0.3",)) as (_, client):  # fmt: skip
+            await start_gate(client, notify_url=own.url)
+            await until(lambda: own.bodies("gate_waiting"))
+    finally:
+        own.close()
+    assert [r["status"] for r in outbox(tmp_path)] == ["sent"]
+
+
+async def test_one_destinations_backlog_does_not_hide_the_others(tmp_path: Path) -> None:
+    """The due-deliveries query picks per destination: a backlog of 500 old deliveries to
+    one receiver still leaves room for the operator's and another receiver's."""
+    store = Store(tmp_path / "stepd.db")  # no notifier: nothing is sent anywhere
+    await store.open()
+    try:
+        slow = [{"event_id": i, "workflow_id": 1, "url": "http://slow:81/h",
+                 "dest": "http://slow:81", "body_json": "{}"} for i in range(500)]  # fmt: skip
+        await store.enqueue_deliveries("test", 0, slow, now=1000)
+        others = [
+            {"event_id": 1000, "workflow_id": 2, "url": "http://other/h", "dest": "http://other:80",
+             "body_json": "{}"},
+            {"event_id": 1001, "workflow_id": 2, "url": "http://op/h", "dest": notify.OPERATOR,
+             "body_json": "{}"},
+        ]  # fmt: skip
+        await store.enqueue_deliveries("test", 0, others, now=2000)
+        rows = await store.due_deliveries(per_dest=2, per_operator=4, limit=4, now=3000)
+        assert [r["dest"] for r in rows] == [
+            notify.OPERATOR,
+            "http://slow:81",
+            "http://slow:81",
+            "http://other:80",
+        ]
+        assert [r["event_id"] for r in rows[1:3]] == [0, 1]  # oldest first
+        rows = await store.due_deliveries(per_dest=2, per_operator=4, busy=["http://slow:81"],
+                                          limit=4, now=3000)  # fmt: skip
+        assert [r["dest"] for r in rows] == [notify.OPERATOR, "http://other:80"]
+        rows = await store.due_deliveries(per_dest=2, per_operator=4, now=1500)
+        assert [r["dest"] for r in rows] == ["http://slow:81"] * 2  # the others are not due
+    finally:
+        await store.close()
+
+
+async def test_a_slow_receiver_delays_only_its_own_deliveries(tmp_path: Path) -> None:
+    """Thirty deliveries to a receiver that holds each answer are queued first; the
+    operator's URL and another workflow's receiver still get theirs while it holds them,
+    and the slow one never has more than PER_DESTINATION requests open."""
+    release = threading.Event()
+    slow = Receiver(hold=release, delay=5.0)  # answers within 5 s even if never released
+    fast, operator = Receiver(), Receiver()
+    echo = {"start": {"tool": "echo", "args": {}, "done": True}}
+    try:
+        async with running(tmp_path, webhook_url=operator.url) as (app, client):
+            for _ in range(30):
+                body = {"name": "s", "flow": echo, "notify_url": slow.url}
+                resp = await client.post("/api/workflow", json=body)
+                await wait_for(client, resp.json()["id"])
+            await until(lambda: len(outbox(tmp_path)) == 60)
+            resp = await client.post("/api/workflow", json={"name": "f", "flow": echo,
+                                                             "notify_url": fast.url})  # fmt: skip
+            await until(lambda: fast.requests and len(operator.requests) == 31, timeout=20)
+            assert slow.answered == 0  # all of that while the slow receiver held its requests
+            assert slow.most_open == notify.PER_DESTINATION
+            release.set()
+            await until(lambda: slow.answered == 30, timeout=20)
+    finally:
+        release.set()
+        for r in (slow, fast, operator):
+            r.close()
+    assert slow.most_open == notify.PER_DESTINATION
+    assert {r["status"] for r in outbox(tmp_path)} == {"sent"}
+
+
+async def test_the_migration_gives_queued_deliveries_their_destination(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "stepd.db")
+    for number, script in migrations():
+        if number < 5:
+            for statement in split_statements(script):
+                old.execute(statement)
+            old.execute(f"PRAGMA user_version = {number}")
+    for i, url in enumerate(["https://Hooks.Example:8443/a/b?c=d", "http://127.0.0.1:9/hook",
+                             "http://host.example"]):  # fmt: skip
+        old.execute("INSERT INTO outbox (event_id, workflow_id, url, body_json, next_at, "
+                    "created_at) VALUES (?, 1, ?, '{}', 0, 0)", (i, url))  # fmt: skip
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "stepd.db")
+    await store.open()
+    try:
+        rows = await store.due_deliveries(per_dest=2, per_operator=4)
+    finally:
+        await store.close()
+    assert sorted(r["dest"] for r in rows) == [
+        "http://127.0.0.1:9",
+        "http://host.example",
+        "https://hooks.example:8443",
+    ]

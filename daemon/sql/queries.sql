@@ -249,13 +249,29 @@ ON CONFLICT (name) DO UPDATE SET event_id = excluded.event_id;
 
 -- enqueue_delivery --
 -- A webhook delivery to make (once per event and URL).
-INSERT OR IGNORE INTO outbox (event_id, workflow_id, url, body_json, next_at, created_at)
-VALUES (:event_id, :workflow_id, :url, :body_json, :now, :now);
+INSERT OR IGNORE INTO outbox (event_id, workflow_id, url, dest, body_json, next_at, created_at)
+VALUES (:event_id, :workflow_id, :url, :dest, :body_json, :now, :now);
 
 -- due_deliveries --
--- Deliveries whose time has come.
-SELECT * FROM outbox WHERE status = 'pending' AND next_at <= :now ORDER BY next_at, id
-LIMIT :limit;
+-- Each destination's oldest due deliveries, so no backlog hides another; the operator's first.
+WITH RECURSIVE dests (dest) AS (  -- every destination with pending rows, one index seek each
+    SELECT min(dest) FROM outbox WHERE status = 'pending'
+    UNION ALL
+    SELECT (SELECT min(o.dest) FROM outbox o WHERE o.status = 'pending' AND o.dest > d.dest)
+    FROM dests d WHERE d.dest IS NOT NULL
+),
+picked AS (  -- at most :per_dest of each (:per_operator of the operator's), none of :busy
+    SELECT o.* FROM dests d JOIN outbox o ON o.id IN (
+        SELECT id FROM outbox
+        WHERE status = 'pending' AND dest = d.dest AND next_at <= :now
+        ORDER BY next_at, id LIMIT :per_dest)
+    WHERE d.dest <> 'operator' AND d.dest NOT IN (SELECT value FROM json_each(:busy))
+    UNION ALL
+    SELECT * FROM (
+        SELECT * FROM outbox WHERE status = 'pending' AND dest = 'operator' AND next_at <= :now
+        ORDER BY next_at, id LIMIT :per_operator)
+)
+SELECT * FROM picked ORDER BY dest = 'operator' DESC, next_at, id LIMIT :limit;
 
 -- delivery_sent --
 -- A delivery was accepted by its receiver.

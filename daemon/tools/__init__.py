@@ -18,12 +18,13 @@ import traceback
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from daemon.egress import Policy
 from daemon.errors import ConfigError
 
 ENTRY_POINT_GROUP = "stepd.tools"
@@ -51,6 +52,10 @@ class ToolContext:
     # Named stepd.tool.<tool>; every line it writes carries the step's fields
     # (daemon.logs.StepLogger: a LoggerAdapter, with getChild).
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
+    # [executor] max_result_bytes: a tool that reads data in (http) can stop at it.
+    max_result_bytes: int = 1_048_576
+    # The [http] egress policy; daemon.egress.client(ctx.egress) makes requests that obey it.
+    egress: Policy = field(default_factory=Policy)
 
     @property
     def idempotency_key(self) -> str:

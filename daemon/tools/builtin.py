@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json as jsonlib
+import zlib
 from typing import Any
 
 import httpx
 
-from daemon.tools import ToolError, tool
+from daemon import egress
+from daemon.tools import ToolContext, ToolError, bounded, tool
 
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+MAX_REDIRECTS = 20  # as httpx's default
 
 
 @tool
@@ -35,11 +39,53 @@ async def http(
     json: Any = None,
     body: str | None = None,
     timeout: float = 30,
+    *,
+    ctx: ToolContext | None = None,
 ) -> dict[str, Any]:
     """Make an HTTP request; returns {"status", "headers", "json"} or "text" when not JSON.
 
     A status >= 400 fails the attempt; 5xx and 429 may be retried, other 4xx may not.
+    Every connection, redirects included, obeys the [http] egress policy; the body is
+    read up to [executor] max_result_bytes, and `timeout` bounds the whole request.
     """
+    method = _checked(url, method, json, body, timeout)
+    policy = ctx.egress if ctx is not None else egress.Policy()
+    limit = ctx.max_result_bytes if ctx is not None else ToolContext.max_result_bytes
+    what = f"{method} {url}"
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            egress.client(
+                policy, timeout=timeout, headers={"Accept-Encoding": bounded.ACCEPT_ENCODING}
+            ) as client,
+        ):
+            request = client.build_request(method, url, headers=headers or {}, json=json,
+                                           content=body)  # fmt: skip
+            status, resp_headers, data, encoding = await _fetch(client, request, limit)
+    except TimeoutError:
+        raise ToolError(f"{what} timed out after {timeout:g}s") from None
+    except (egress.EgressDenied, bounded.UnsupportedEncoding) as exc:
+        raise ToolError(f"{what}: {exc}", retryable=False) from None
+    except bounded.BodyTooLarge as exc:
+        raise ToolError(f"{what}: the response is larger than the result limit of {limit} "
+                        f"bytes ([executor] max_result_bytes): {exc}; stopped reading",
+                        retryable=False) from None  # fmt: skip
+    except httpx.InvalidURL as exc:
+        raise ToolError(f"{what}: invalid URL: {exc}", retryable=False) from None
+    except (httpx.HTTPError, zlib.error) as exc:
+        raise ToolError(f"{what} failed: {exc!r}") from exc
+    if status >= 400:
+        raise ToolError(f"{what} answered {status}", retryable=status >= 500 or status == 429)
+    out: dict[str, Any] = {"status": status, "headers": resp_headers}
+    try:
+        out["json"] = jsonlib.loads(data)
+    except (ValueError, RecursionError):
+        out["text"] = data.decode(encoding, errors="replace")
+    return out
+
+
+def _checked(url: Any, method: Any, json: Any, body: Any, timeout: Any) -> str:
+    """The upper-cased method, once the arguments make a request (else a ToolError)."""
     method = str(method).upper()
     if method not in _HTTP_METHODS:
         raise ToolError(f"unsupported HTTP method '{method}'", retryable=False)
@@ -47,17 +93,23 @@ async def http(
         raise ToolError("url must start with http:// or https://", retryable=False)
     if json is not None and body is not None:
         raise ToolError("pass either json or body, not both", retryable=False)
-    try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
-            resp = await client.request(method, url, headers=headers or {}, json=json, content=body)
-    except httpx.HTTPError as exc:
-        raise ToolError(f"{method} {url} failed: {exc!r}") from exc
-    out: dict[str, Any] = {"status": resp.status_code, "headers": dict(resp.headers)}
-    try:
-        out["json"] = resp.json()
-    except ValueError:
-        out["text"] = resp.text
-    if resp.status_code >= 400:
-        retryable = resp.status_code >= 500 or resp.status_code == 429
-        raise ToolError(f"{method} {url} answered {resp.status_code}", retryable=retryable)
-    return out
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ToolError("timeout must be a positive number of seconds", retryable=False)
+    return method
+
+
+async def _fetch(
+    client: httpx.AsyncClient, request: httpx.Request, limit: int
+) -> tuple[int, dict[str, str], bytes, str]:
+    """Send, following redirects without reading their bodies; (status, headers, body,
+    text encoding) of the final answer."""
+    for _ in range(MAX_REDIRECTS + 1):
+        resp = await client.send(request, stream=True)
+        try:
+            if resp.next_request is None:
+                data = await bounded.read(resp, limit)
+                return resp.status_code, dict(resp.headers), data, resp.encoding or "utf-8"
+            request = resp.next_request
+        finally:
+            await resp.aclose()
+    raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=request)
