@@ -42,6 +42,7 @@ log = logging.getLogger("stepd.executor")
 # Backoff jitter from a generator of our own: the process-wide one belongs to the host
 # program (tests seed it, and tools may rely on its sequence).
 _jitter = random.Random()
+INFO_CACHE = 4 * 2**20  # characters of flows and inputs kept parsed (Executor.remember)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class WorkflowInfo:
     created_by: str | None
     flow: flows.Flow
     input: Any
+    size: int = 0  # characters of its flow and input as JSON: what caching it costs
 
 
 class StepFailed(Exception):
@@ -82,6 +84,7 @@ class Executor:
         self._records: set[asyncio.Future[Any]] = set()  # outcome writes (and give-backs) under way
         self._grace_over = False  # stop(): running steps are being cancelled
         self._infos: OrderedDict[int, WorkflowInfo] = OrderedDict()
+        self._infos_size = 0
         self._flows = flows.ParseCache()
         self._threads = ThreadPoolExecutor(config.concurrency, thread_name_prefix="stepd-tool")
         self.evaluator = Evaluator(template_ms=config.template_ms, template_mb=config.template_mb)
@@ -621,10 +624,16 @@ class Executor:
     # -- workflow data -----------------------------------------------------------------
 
     def remember(self, info: WorkflowInfo) -> None:
-        """Cache a new workflow's parsed flow and input (the API parsed them already)."""
+        """Cache a workflow's parsed flow and input, within INFO_CACHE characters of their
+        JSON (parsed, a megabyte of small JSON items takes tens of megabytes); a larger one
+        is parsed again when needed."""
+        if info.id in self._infos or info.size > INFO_CACHE // 16:
+            return
         self._infos[info.id] = info
-        if len(self._infos) > 2048:
-            self._infos.popitem(last=False)
+        self._infos_size += info.size
+        while self._infos_size > INFO_CACHE or len(self._infos) > 2048:
+            _, old = self._infos.popitem(last=False)
+            self._infos_size -= old.size
 
     async def workflow_info(self, workflow_id: int) -> WorkflowInfo:
         """The parsed flow and input of a workflow (cached: they never change)."""
@@ -636,7 +645,15 @@ class Executor:
         assert wf is not None and wf.flow_json is not None and wf.input_json is not None
         parsed = await self._flows.aparse(wf.flow_json, max_states=1 << 30)
         assert parsed.flow is not None, parsed.errors
-        info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, orjson.loads(wf.input_json))
+        text = wf.input_json
+        # A large input in a thread: a megabyte of small items takes tens of milliseconds.
+        data = (
+            orjson.loads(text)
+            if len(text) <= 65536
+            else await asyncio.to_thread(orjson.loads, text)
+        )
+        info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, data,
+                            len(wf.flow_json) + len(text))  # fmt: skip
         self.remember(info)
         return info
 

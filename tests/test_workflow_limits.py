@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from daemon.executor import INFO_CACHE
 from daemon.store import Store, migrations, split_statements
 from tests.helpers import auth, wait_for, waiting_gate
 
@@ -141,3 +144,23 @@ async def test_the_migration_counts_running_workflows(tmp_path: Path) -> None:
     counted = dict(db.execute("SELECT id, stored_bytes FROM workflows").fetchall())
     db.close()
     assert counted == {1: 2 + 8 + 4, 2: 0}  # bytes, not characters: ü is two
+
+
+async def test_parsed_inputs_are_not_kept_past_a_budget(make_client: Any) -> None:
+    # A megabyte of `{}` items parses into tens of megabytes: the executor's cache of
+    # parsed flows and inputs is bounded by their size, not by their number.
+    client, app = await make_client()
+    body = {"name": "wide", "input": {"x": [{}] * 150_000},
+            "flow": {"start": {"tool": "echo", "args": {"n": 1}, "done": True}}}  # fmt: skip
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(6):
+            resp = await client.post("/api/workflow", json=body)
+            await wait_for(client, resp.json()["id"])
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 24 * 2**20, f"{(after - before) / 2**20:.0f} MB still held"
+    assert app.state.executor._infos_size <= INFO_CACHE
