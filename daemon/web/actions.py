@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from daemon.api import parse_json
+from daemon.api import parse_body
 from daemon.auth import Authenticator
 from daemon.config import TokenConfig
 from daemon.errors import BadRequest, PayloadTooLarge, StepdError, UnsupportedMediaType
@@ -125,13 +125,13 @@ async def logout(request: Request, session: Session, form: Form) -> Response:
 # -- decisions ---------------------------------------------------------------------------------
 
 
-def parse_result(form: Form) -> Any:
+async def parse_result(form: Form) -> Any:
     """The approval's result: the JSON field, or None when it is empty."""
     raw = form.get("result", "").strip()
     if not raw:
         return None
     try:
-        return parse_json(raw.encode())
+        return await parse_body(raw.encode())
     except BadRequest as exc:
         raise BadRequest(f"The result was refused ({exc.text}); nothing was decided.") from None
 
@@ -144,7 +144,7 @@ def idempotency_key(form: Form) -> str | None:
 async def approve(request: Request, step_id: int, form: Form, token: TokenConfig) -> str:
     await engine_of(request).approve(
         step_id,
-        parse_result(form),
+        await parse_result(form),
         token=token,
         idempotency_key=idempotency_key(form),
         comment=form.get("comment", "").strip() or None,
