@@ -43,6 +43,11 @@ def _attack_flow() -> dict[str, object]:
             "flow": {"start": {"tool": "echo", "args": args, "done": True}}}  # fmt: skip
 
 
+def _ordinary() -> dict[str, object]:
+    return {"name": "after", "input": {"n": 1}, "flow": {"start": {
+        "tool": "echo", "args": {"v": "{{ input.n * 2 }}"}, "done": True}}}  # fmt: skip
+
+
 def test_memory_bombs_fail_and_the_daemon_survives_and_restarts(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path / "stepd.toml", port=port, db=tmp_path / "stepd.db")
@@ -64,6 +69,8 @@ def test_memory_bombs_fail_and_the_daemon_survives_and_restarts(tmp_path: Path) 
                 assert wf["status"] == "failed"
                 assert "template_m" in wf["error"] and "state 'start'" in wf["error"]
             assert slowest < 1.0
+            # The bombs' sandbox processes were stopped; an ordinary expression starts one.
+            assert wait_for(client, create(client, _ordinary()))["status"] == "completed"
             sandboxes = _sandboxes(daemon.pid)
             assert 1 <= len(sandboxes) <= 2
         # SIGKILL: the sandbox processes see their pipe close and exit on their own.
@@ -76,16 +83,7 @@ def test_memory_bombs_fail_and_the_daemon_survives_and_restarts(tmp_path: Path) 
         daemon.started()
         with daemon.client() as client:
             assert [wait_for(client, i)["status"] for i in ids] == ["failed"] * 3
-            ok = create(
-                client,
-                {
-                    "name": "after",
-                    "input": {"n": 1},
-                    "flow": {
-                        "start": {"tool": "echo", "args": {"v": "{{ input.n * 2 }}"}, "done": True}
-                    },
-                },
-            )
+            ok = create(client, _ordinary())
             assert wait_for(client, ok)["steps"][0]["result_json"] == '{"v":2}'
         sandboxes = _sandboxes(daemon.pid)
         assert daemon.stop() == 0
