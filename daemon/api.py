@@ -312,7 +312,10 @@ async def all_events(request: Request) -> Response:
 @needs("read")
 async def list_approvals(request: Request) -> Response:
     """What waits for a person now (gates and interrupted steps), oldest first."""
-    return JSON(await engine_of(request).approvals())
+    limit = int_param(request, "limit", 100, 1, 500)
+    after = int_param(request, "after", 0, 0, 1 << 62)
+    assert limit is not None and after is not None
+    return JSON(await engine_of(request).approvals(limit=limit, after=after))
 
 
 @needs("approve")

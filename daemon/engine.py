@@ -37,6 +37,7 @@ from daemon.tools import Registry
 
 BODY_KEYS = {"name", "flow", "input", "notify_url"}
 MAX_REASON = 2000  # characters of a decision's reason or comment (kept with the step)
+INBOX_JSON = 16384  # bytes of an input or result shown in the approvals inbox
 
 
 @dataclass(frozen=True)
@@ -342,11 +343,12 @@ class Engine:
         if refusal is not None:
             raise Forbidden(refusal)
 
-    async def approvals(self) -> list[dict[str, Any]]:
-        """What waits for a person now, oldest first: gates, and interrupted steps."""
+    async def approvals(self, *, limit: int = 100, after: int = 0) -> list[dict[str, Any]]:
+        """What waits for a person now, oldest first: gates, and interrupted steps. An
+        input or previous result over INBOX_JSON bytes is left out (null, with its size)."""
         out = []
-        for r in await self.store.approvals():
-            flow_state = orjson.loads(r["flow_json"]).get(r["state"], {})
+        for r in await self.store.approvals(limit=limit, after=after, max_json=INBOX_JSON):
+            approvers = orjson.loads(r["approvers_json"]) if r["approvers_json"] else None
             out.append({
                 "step_id": r["step_id"],
                 "workflow_id": r["workflow_id"],
@@ -356,9 +358,11 @@ class Engine:
                 "awaiting": r["awaiting"],
                 "reason": r["error"] if r["awaiting"] == "decision" else None,
                 "created_by": r["created_by"],
-                "input": orjson.Fragment(r["input_json"]),
+                "input": None if r["input_json"] is None else orjson.Fragment(r["input_json"]),
+                "input_bytes": r["input_bytes"],
                 "previous_result_json": r["previous_result_json"],
-                "approvers": flow_state.get("approvers"),
+                "previous_result_bytes": r["previous_result_bytes"],
+                "approvers": approvers if isinstance(approvers, list) else None,
                 "waiting_since": r["started_at"],
                 "expires_at": r["expires_at"],
             })  # fmt: skip

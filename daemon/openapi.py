@@ -183,8 +183,13 @@ SCHEMAS: dict[str, Schema] = {
             "awaiting": {"enum": ["ready", "decision"]},
             "reason": {**nullable(STRING), "description": "why an interrupted step waits"},
             "created_by": nullable(STRING),
-            "input": OBJECT,
-            "previous_result_json": nullable(STRING),
+            "input": {**nullable(OBJECT), "description": "null when over 16 KiB (see input_bytes)"},
+            "input_bytes": {"type": "integer", "description": "the input's size as JSON"},
+            "previous_result_json": {
+                **nullable(STRING),
+                "description": "null when there is none or it is over 16 KiB",
+            },
+            "previous_result_bytes": nullable({"type": "integer"}),
             "approvers": nullable(array(STRING)),
             "waiting_since": nullable(MILLIS),
             "expires_at": nullable(MILLIS),
@@ -378,7 +383,15 @@ PATHS: dict[str, Any] = {
             "listApprovals",
             "What waits for a person now (gates, interrupted steps), oldest first",
             {"200": ok("Waiting steps", array(ref("Approval")))},
-            (*AUTH, 503),
+            (400, *AUTH, 503),
+            parameters=[
+                query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 500},
+                    "How many, 1 to 500 (default 100)",
+                ),
+                query("after", ID, "Only steps with a larger id (the last one seen)"),
+            ],
         )
     },
     "/api/workflow/{step_id}/retry": {

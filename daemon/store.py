@@ -707,10 +707,23 @@ class Store:
         row = await self._one(Q["find_decision_key"], {"created_by": created_by, "key": key})
         return None if row is None else _replay(created_by, key, row)
 
-    async def approvals(self, *, limit: int = 500) -> list[sqlite3.Row]:
-        """Steps waiting for a person now, oldest first, with their workflow's context."""
-        # In a thread: each row carries its workflow's input and flow (up to the body limit).
-        return await self.read_slow(Q["approvals"], {"limit": limit})
+    async def approvals(
+        self, *, limit: int = 100, after: int = 0, max_json: int = 16384
+    ) -> list[sqlite3.Row]:
+        """Steps waiting for a person after step `after`, oldest first, with their
+        workflow's context (input and previous result only up to `max_json` bytes)."""
+        params = {"limit": limit, "after": after, "max_json": max_json}
+        return await self.read_slow(Q["approvals"], params)  # reads flows: in a thread
+
+    async def waiting_count(self) -> int:
+        """How many steps wait for a person now."""
+        (row,) = await self.read_slow(Q["waiting_count"], {})
+        return int(row["n"])
+
+    async def waiting_among(self, workflow_ids: Iterable[int]) -> set[int]:
+        """Those of `workflow_ids` with a step waiting for a person."""
+        ids = orjson.dumps(list(workflow_ids)).decode()
+        return {r[0] for r in await self.read_slow(Q["waiting_among"], {"ids": ids})}
 
     async def retry_decided(
         self, step: Step, *, decided_by: str | None, now: int | None = None

@@ -300,3 +300,45 @@ async def test_event_ids_must_be_ascii_digits(client, value):
     wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
     resp = await client.get(f"/api/workflow/{wf_id}/events", params={"after": value})
     assert resp.status_code == 400 and "event id" in resp.json()["error"]
+
+
+async def test_the_inbox_stays_small_and_cheap_with_large_workflows(make_client) -> None:
+    # Every signed-in page counts the inbox; it used to parse every waiting workflow's
+    # flow and send every input whole (100 MB and a 1.1 s stall for 200 such gates).
+    client, _ = await make_client()
+    big_args = {f"k{i}": [{}] * 1000 for i in range(60)}  # ~200 kB of flow
+    body = {"name": "heavy", "input": {"text": "i" * 200_000},
+            "flow": {"start": {"tool": None, "approvers": ["james"], "next": "after"},
+                     "after": {"tool": "echo", "args": big_args, "done": True}}}  # fmt: skip
+    ids = [(await client.post("/api/workflow", json=body)).json()["id"] for _ in range(30)]
+    small = await client.post("/api/workflow", json={**body, "input": {"x": 1}})
+    await wait_for(client, small.json()["id"], waiting_gate)
+
+    resp = await client.get("/api/approvals")
+    assert resp.status_code == 200
+    assert len(resp.content) < 100_000
+    items = resp.json()
+    assert [i["workflow_id"] for i in items] == [*ids, small.json()["id"]]
+    assert all(i["approvers"] == ["james"] for i in items)
+    assert items[0]["input"] is None and items[0]["input_bytes"] > 200_000
+    assert items[-1]["input"] == {"x": 1} and items[-1]["input_bytes"] == 7
+
+    page = await client.get("/api/approvals", params={"limit": 10, "after": items[9]["step_id"]})
+    assert [i["step_id"] for i in page.json()] == [i["step_id"] for i in items[10:20]]
+    assert (await client.get("/api/approvals?limit=0")).status_code == 400
+
+    lag, stop = 0.0, False
+
+    async def tick() -> None:
+        nonlocal lag
+        while not stop:
+            began = asyncio.get_running_loop().time()
+            await asyncio.sleep(0.002)
+            lag = max(lag, asyncio.get_running_loop().time() - began)
+
+    ticker = asyncio.create_task(tick())
+    for _ in range(3):
+        assert (await client.get("/api/approvals")).status_code == 200
+    stop = True
+    await ticker
+    assert lag < 0.1, f"the event loop stalled {lag * 1000:.0f} ms"

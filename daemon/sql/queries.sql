@@ -130,16 +130,34 @@ INSERT INTO decision_keys (created_by, key, request_hash, status, body_json, cre
 VALUES (:created_by, :key, :request_hash, :status, :body_json, :now);
 
 -- approvals --
--- Steps waiting for a person, oldest first, with the workflow and the previous step's result.
-SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.error, s.attempt,
-       s.started_at, s.expires_at,
-       w.name AS workflow_name, w.input_json, w.flow_json, w.created_by, w.created_at,
-       (SELECT p.result_json FROM steps p
-        WHERE p.workflow_id = s.workflow_id AND p.id < s.id
-        ORDER BY p.id DESC LIMIT 1) AS previous_result_json
-FROM steps s JOIN workflows w ON w.id = s.workflow_id
-WHERE s.awaiting IS NOT NULL AND s.status = 'running'
-ORDER BY s.id LIMIT :limit;
+-- Steps waiting for a person after a step id, oldest first: the workflow's input and the previous step's result when at most :max_json bytes, the gate's approvers read from the flow.
+SELECT a.*, length(CAST(p.result_json AS BLOB)) AS previous_result_bytes,
+       CASE WHEN length(CAST(p.result_json AS BLOB)) <= :max_json THEN p.result_json
+       END AS previous_result_json
+FROM (SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.error, s.attempt,
+             s.started_at, s.expires_at, w.name AS workflow_name, w.created_by, w.created_at,
+             length(CAST(w.input_json AS BLOB)) AS input_bytes,
+             CASE WHEN length(CAST(w.input_json AS BLOB)) <= :max_json THEN w.input_json
+             END AS input_json,
+             (SELECT json_extract(f.value, '$.approvers') FROM json_each(w.flow_json) f
+              WHERE f.key = s.state) AS approvers_json,
+             (SELECT max(p.id) FROM steps p
+              WHERE p.workflow_id = s.workflow_id AND p.id < s.id) AS previous_id
+      FROM steps s JOIN workflows w ON w.id = s.workflow_id
+      WHERE s.awaiting IS NOT NULL AND s.status = 'running' AND s.id > :after
+      ORDER BY s.id LIMIT :limit) a
+LEFT JOIN steps p ON p.id = a.previous_id
+ORDER BY a.step_id;
+
+-- waiting_count --
+-- How many steps wait for a person (the partial index steps_waiting).
+SELECT count(*) AS n FROM steps WHERE awaiting IS NOT NULL AND status = 'running';
+
+-- waiting_among --
+-- Which of some workflows (a JSON array of ids) have a step waiting for a person.
+SELECT DISTINCT workflow_id FROM steps
+WHERE awaiting IS NOT NULL AND status = 'running'
+  AND workflow_id IN (SELECT value FROM json_each(:ids));
 
 -- retry_decided --
 -- Queue an interrupted tool step again, as decided by a person (a planned stop's attempt given back).

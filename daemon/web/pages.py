@@ -28,6 +28,7 @@ from daemon.web.session import Session
 
 STATIC = assets.StaticFiles("daemon.web", "static")  # read now: see daemon.assets
 PAGE_SIZE = 50
+INBOX_PAGE = 100  # approvals shown at once (the nav counts them all)
 PRETTY_LIMIT = 20_000  # characters of one JSON value shown on a page
 TERMINAL = {"completed", "failed", "cancelled"}
 HEADERS = {
@@ -147,19 +148,17 @@ async def render(
     session: Session | None,
     *,
     status: int = 200,
-    approvals: list[dict[str, Any]] | None = None,
     **context: Any,
 ) -> HTMLResponse:
     """A page; signed-in pages get the nav (with the inbox count) and the CSRF token."""
-    if session is not None and approvals is None:
-        approvals = await engine_of(request).approvals()
+    inbox_count = await engine_of(request).store.waiting_count() if session is not None else 0
     message = sessions.flash(request)
     html = ENV.get_template(name).render(
         session=session,
         csrf=session.csrf(request.app.state.config) if session else "",
         can_approve=can(session, "approve"),
         can_cancel=can(session, "workflow"),
-        inbox_count=len(approvals or ()),
+        inbox_count=inbox_count,
         flash=message,
         now_ms=int(time.time() * 1000),
         path=request.url.path,
@@ -237,8 +236,8 @@ async def login_form(
 @signed_in
 async def approvals_page(request: Request, session: Session) -> Response:
     """Gates and interrupted steps that wait for a person, oldest first."""
-    items = await engine_of(request).approvals()
-    return await render(request, "approvals.html", session, approvals=items, items=items)
+    items = await engine_of(request).approvals(limit=INBOX_PAGE)
+    return await render(request, "approvals.html", session, items=items)
 
 
 @signed_in
@@ -252,16 +251,14 @@ async def workflows_page(request: Request, session: Session) -> Response:
     before = int(before_raw) if ok else None
     engine = engine_of(request)
     items = await engine.list(limit=PAGE_SIZE, status=status, before=before)
-    approvals = await engine.approvals()
     return await render(
         request,
         "workflows.html",
         session,
-        approvals=approvals,
         items=items,
         filter_status=status,
         statuses=[s.value for s in WorkflowStatus],
-        waiting={a["workflow_id"] for a in approvals},
+        waiting=await engine.store.waiting_among(w["id"] for w in items),
         before=before,
         older=items[-1]["id"] if len(items) == PAGE_SIZE else None,
     )
