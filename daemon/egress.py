@@ -249,6 +249,16 @@ def client(policy: Policy, **kwargs: Any) -> httpx.AsyncClient:
     """An httpx.AsyncClient whose connections obey `policy`.
 
     Proxy environment variables are ignored (trust_env=False): a proxy would make the
-    connection the policy judges the proxy's, not the destination's.
+    connection the policy judges the proxy's, not the destination's. It keeps no cookies.
     """
-    return httpx.AsyncClient(transport=GuardedTransport(policy), trust_env=False, **kwargs)
+    made = httpx.AsyncClient(transport=GuardedTransport(policy), trust_env=False, **kwargs)
+    made._cookies = _NoCookies()  # the `cookies` property reads it; there is no option
+    return made
+
+
+class _NoCookies(httpx.Cookies):
+    """Cookies the client never keeps: a workflow's requests share no session state, and
+    parsing 16,000 Set-Cookie headers would hold the event loop for 200 ms."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass

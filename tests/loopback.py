@@ -73,6 +73,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._endless()
         elif url.path == "/bomb":
             self._answer(200, self.server.bomb, gzip=True)
+        elif url.path == "/headers":  # many short headers, cookies among them
+            self.send_response(200)
+            count = int(parse_qs(url.query)["n"][0])
+            for i in range(count):  # ~9 bytes each: within httpcore's 100 kB of headers
+                if i % 3:
+                    self.send_header(f"x{i:x}", "1")
+                else:
+                    self.send_header("Set-Cookie", f"c{i:x}=1")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
         elif url.path == "/gzip":
             self._answer(200, gzip.compress(orjson.dumps({"zipped": True})), gzip=True)
         else:

@@ -7,6 +7,7 @@ sure no connection is attempted.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import ssl
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpcore
+import orjson
 import pytest
 import trustme
 
@@ -401,3 +403,29 @@ async def test_a_notify_url_naming_a_denied_address_is_422(
     # A name is judged when the delivery connects, on the addresses it resolves to.
     resp = await client.post("/api/workflow", json={**body, "notify_url": "http://localhost:9/"})
     assert resp.status_code == 201
+
+
+async def test_many_response_headers_cost_linear_time(make_client: Any, allowed: Server) -> None:
+    # 9,000 headers (a third of them Set-Cookie) in ~90 kB: dict(httpx.Headers) scans the
+    # list per name (1.5 s on the event loop), and cookie parsing took 100 ms more.
+    client, _ = await make_client()
+    flow = {"start": {"tool": "http", "args": {"url": f"{allowed.base}/headers?n=9000"},
+                      "done": True}}  # fmt: skip
+    lag, stop = 0.0, False
+
+    async def tick() -> None:
+        nonlocal lag
+        while not stop:
+            began = asyncio.get_running_loop().time()
+            await asyncio.sleep(0.002)
+            lag = max(lag, asyncio.get_running_loop().time() - began)
+
+    ticker = asyncio.create_task(tick())
+    resp = await client.post("/api/workflow", json={"name": "headers", "flow": flow})
+    wf = await wait_for(client, resp.json()["id"], timeout=30)
+    stop = True
+    await ticker
+    assert wf["status"] == "completed", wf
+    result = orjson.loads(wf["steps"][0]["result_json"])
+    assert result["headers"]["x1"] == "1" and result["headers"]["set-cookie"].count("=1") == 3000
+    assert lag < 0.5, f"the event loop stalled {lag * 1000:.0f} ms"
