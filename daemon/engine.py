@@ -186,7 +186,7 @@ class Engine:
         finally:
             if lease_ms is not None:  # also when the write failed: then nothing runs
                 if created is not None and created.started is not None:
-                    info = WorkflowInfo(created.id, sub.name, created_by, sub.flow, sub.input,
+                    info = WorkflowInfo(created.id, sub.name, created_by, sub.flow, input_json,
                                         len(sub.flow_json) + len(input_json))  # fmt: skip
                     self.executor.remember(info)
                 self.executor.release(created.started if created is not None else None)

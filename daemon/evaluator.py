@@ -2,16 +2,16 @@
 
 The sandbox process (`python -m daemon.evaluator`, started on first use, at most
 WORKERS of them) evaluates one request at a time: the args of a step or the
-conditions of a branch, with the part of the scope they use. The daemon watches its
-CPU time and memory while it works and kills it past `[limits] template_ms` of CPU
-per expression or `template_mb` of growth; a C-level loop (a quadratic filter, a huge
-repeat) cannot hold the daemon's event loop, because it never runs there. A killed
-process is replaced on the next request.
+conditions of a branch, with the part of the scope they use, sent as the JSON text it
+is stored as. The daemon watches its CPU time and memory while it works and kills it
+past `[limits] template_ms` of CPU per expression or `template_mb` of growth, parsing
+the scope included; a C-level loop (a quadratic filter, a huge repeat) cannot hold the
+daemon's event loop, because it never runs there. A killed process is replaced on the
+next request.
 
-Frames on the pipes: a 4-byte big-endian length, then JSON. The daemon sends a
-request; the process answers `{"loaded": true}` once it has parsed it (the limits
-start then: reading a large scope is not the expression's cost), then the reply:
-`{"value": ...}`, `{"index": n}` or `{"error": "..."}`.
+Frames on the pipes: a 4-byte big-endian length, then JSON. The daemon sends the
+limits (`{"ms", "mb", "max_out"}`, so that they apply to reading what follows), then
+the request; the process answers `{"value": ...}`, `{"index": n}` or `{"error": "..."}`.
 """
 
 from __future__ import annotations
@@ -32,16 +32,25 @@ import orjson
 from daemon import sandbox
 from daemon.models import MAX_ERROR
 from daemon.placeholders import TemplateError, expressions, quoted
-from daemon.templating import Budget, Fallback, is_plain, render_plain, truthy_plain
+from daemon.templating import (
+    INLINE_PARSE,
+    Budget,
+    Fallback,
+    Scope,
+    is_plain,
+    parsed_size,
+    render_plain,
+    truthy_plain,
+)
 
 log = logging.getLogger("stepd.evaluator")
 FRAME = struct.Struct(">I")
 WORKERS = 2  # sandbox processes at most: requests beyond wait for one
 POLL_S = 0.005  # how often a working process's CPU time and memory are read
 COMPILE_MS = 40  # CPU allowed per expression for compiling it (once per process)
+PARSE_MS_PER_MB = 100  # CPU allowed for parsing the request, per megabyte
 PER_STEP = 10  # one step's expressions together: at most this many times template_ms
 START_TIMEOUT_S = 30.0
-LOAD_TIMEOUT_S = 30.0  # parsing a request's scope (bounded by what a workflow may store)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _ROOT = str(Path(sandbox.__file__).resolve().parent.parent)  # where the `daemon` package is
 _TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
@@ -62,31 +71,35 @@ class Evaluator:
         self._slots: asyncio.Semaphore | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
 
-    async def render(self, value: Any, scope: dict[str, Any]) -> Any:
-        """`value` with its placeholders rendered: a private copy the caller may hand out."""
+    async def render(self, value: Any, scope: Scope) -> Any:
+        """`value` with its placeholders rendered, for this step alone (a tool may change it)."""
         exprs = list(expressions(value))
         if is_plain(exprs):
+            data = await scope.parse(self.mb * 2**20)  # fresh objects: no copy needed
             try:
-                rendered = render_plain(value, scope, Budget(self.ms, self.max_out))
-                return orjson.loads(orjson.dumps(rendered))
+                return render_plain(value, data, Budget(self.ms, self.max_out, self.mb * 2**20))
             except Fallback:
                 pass  # a miss the sandbox words better; it reads plain paths too
-        reply = await self._ask({"op": "render", "value": value}, scope, exprs)
+        reply = await self._ask(b'"op":"render","value":' + orjson.dumps(value), scope, exprs)
         return reply["value"]
 
-    async def choose(self, conditions: list[str], scope: dict[str, Any]) -> int:
+    async def choose(self, conditions: list[str], scope: Scope) -> int:
         """The index of the first condition that holds, or -1."""
         if is_plain(conditions):
+            data = await scope.parse(self.mb * 2**20)
             try:
-                return next((i for i, c in enumerate(conditions) if truthy_plain(c, scope)), -1)
+                return next((i for i, c in enumerate(conditions) if truthy_plain(c, data)), -1)
             except Fallback:
                 pass
-        reply = await self._ask({"op": "choose", "conditions": conditions}, scope, conditions)
+        reply = await self._ask(
+            b'"op":"choose","conditions":' + orjson.dumps(conditions), scope, conditions
+        )
         return int(reply["index"])
 
-    async def _ask(self, request: dict[str, Any], scope: dict[str, Any], exprs: list[str]) -> Any:
-        payload = orjson.dumps({**request, "scope": scope, "ms": self.ms, "mb": self.mb,
-                                "max_out": self.max_out})  # fmt: skip
+    async def _ask(self, request: bytes, scope: Scope, exprs: list[str]) -> Any:
+        limits = orjson.dumps({"ms": self.ms, "mb": self.mb, "max_out": self.max_out})
+        request = b"{" + request + b',"scope":' + scope.payload().encode() + b"}"
+        payload = FRAME.pack(len(limits)) + limits + FRAME.pack(len(request)) + request
         # Shielded: a caller that goes away (a cancelled workflow) must not leave the
         # process half-way through a reply; the exchange ends within its limits anyway.
         task = asyncio.ensure_future(self._exchange(payload, exprs))
@@ -140,7 +153,7 @@ class _Worker:
         worker = cls(proc)
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
-                ready = await worker._read(1024)
+                ready = orjson.loads(await worker._frame(1024))
         except (TimeoutError, SandboxUnavailable, asyncio.IncompleteReadError) as exc:
             await worker.kill()
             raise SandboxUnavailable(f"the expression sandbox did not start: {exc!r}") from None
@@ -164,16 +177,14 @@ class _Worker:
             raise
 
     async def _exchange(self, payload: bytes, exprs: list[str], ev: Evaluator) -> dict[str, Any]:
+        rss0, cpu0 = self._usage()  # idle, before it reads the request: parsing it counts
         stdin = self.proc.stdin
         assert stdin is not None
-        stdin.write(FRAME.pack(len(payload)) + payload)
-        await stdin.drain()
-        async with asyncio.timeout(LOAD_TIMEOUT_S):
-            await self._read(1024)  # {"loaded": true}
-        rss0, cpu0 = self._usage()
-        cpu_limit = min(len(exprs), PER_STEP) * ev.ms + len(exprs) * COMPILE_MS
+        stdin.write(payload)
+        cpu_limit = (min(len(exprs), PER_STEP) * ev.ms + len(exprs) * COMPILE_MS
+                     + PARSE_MS_PER_MB * len(payload) / 2**20)  # fmt: skip
         wall_limit = time.monotonic() + 1 + 4 * cpu_limit / 1000  # a process starved of CPU
-        reply = asyncio.ensure_future(self._read(ev.max_out + 1024))
+        reply = asyncio.ensure_future(self._reply(ev))
         try:
             while True:
                 done, _ = await asyncio.wait({reply}, timeout=POLL_S)
@@ -185,8 +196,8 @@ class _Worker:
                 rss, cpu = self._usage()
                 if rss - rss0 > ev.mb * 2**20:
                     await self.kill()
-                    return {"error": f"{_which(exprs)} used more than {ev.mb} MB "
-                                     "([limits] template_mb)"}  # fmt: skip
+                    return {"error": f"{_which(exprs)} and the data it reads used more than "
+                                     f"{ev.mb} MB ([limits] template_mb)"}  # fmt: skip
                 if cpu - cpu0 > cpu_limit or time.monotonic() > wall_limit:
                     await self.kill()
                     return {"error": f"{_which(exprs)} took more than {ev.ms:g} ms "
@@ -196,14 +207,29 @@ class _Worker:
             with contextlib.suppress(BaseException):
                 await reply
 
-    async def _read(self, max_size: int) -> dict[str, Any]:
+    async def _reply(self, ev: Evaluator) -> dict[str, Any]:
+        """The answer to a request; rendered args that would take more than template_mb once
+        parsed are refused before they are (large ones are parsed in a thread)."""
+        stdin = self.proc.stdin
+        assert stdin is not None
+        await stdin.drain()
+        frame = await self._frame(ev.max_out + 1024)
+        if parsed_size(frame) > ev.mb * 2**20:
+            return {"error": f"the rendered args would take more than {ev.mb} MB once parsed "
+                             "([limits] template_mb)"}  # fmt: skip
+        if len(frame) <= INLINE_PARSE:
+            answer: dict[str, Any] = orjson.loads(frame)
+        else:
+            answer = await asyncio.to_thread(orjson.loads, frame)
+        return answer
+
+    async def _frame(self, max_size: int) -> bytes:
         stdout = self.proc.stdout
         assert stdout is not None
         (size,) = FRAME.unpack(await stdout.readexactly(FRAME.size))
         if size > max_size:
             raise SandboxUnavailable(f"the expression sandbox sent {size} bytes")
-        answer: dict[str, Any] = orjson.loads(await stdout.readexactly(size))
-        return answer
+        return await stdout.readexactly(size)
 
     def _usage(self) -> tuple[int, float]:
         """(resident bytes, CPU ms) of the process; zeros where /proc cannot tell."""
@@ -238,25 +264,29 @@ def _send(out: IO[bytes], message: dict[str, Any]) -> None:
     out.flush()
 
 
-def _handle(request: dict[str, Any]) -> dict[str, Any]:
-    clock = sandbox.Clock(request["ms"], total_ms=request["ms"] * PER_STEP)
-    scope = request["scope"]
+def _handle(limits: dict[str, Any], read: Any) -> dict[str, Any]:
+    """Read one request (with `read()`, under the memory limit: the scope counts) and
+    answer it."""
+    mb = limits["mb"]
     try:
-        with _memory_limit(request["mb"]):
+        with _memory_limit(mb):
+            request = orjson.loads(read())
+            clock = sandbox.Clock(limits["ms"], total_ms=limits["ms"] * PER_STEP)
+            scope = request["scope"]
             if request["op"] == "choose":
                 return {"index": sandbox.first_true(request["conditions"], scope, clock)}
             value = sandbox.render_value(request["value"], scope, clock)
             data = orjson.dumps(value)
     except TemplateError as exc:
         return {"error": str(exc)[:MAX_ERROR]}
-    except MemoryError:
-        return {"error": f"an expression used more than {request['mb']} MB ([limits] "
-                         "template_mb)", "exit": True}  # fmt: skip
+    except (MemoryError, orjson.JSONDecodeError):  # orjson: "not enough memory"
+        return {"error": f"an expression and the data it reads used more than {mb} MB "
+                         "([limits] template_mb)", "exit": True}  # fmt: skip
     except TypeError as exc:  # orjson: e.g. an integer beyond 64 bits
         return {"error": f"the rendered args are not JSON: {exc}"}
-    if len(data) > request["max_out"]:
+    if len(data) > limits["max_out"]:
         return {"error": f"the rendered args are {len(data)} bytes as JSON; the limit is "
-                         f"{request['max_out']} ([limits] template_mb / 8)"}  # fmt: skip
+                         f"{limits['max_out']} ([limits] template_mb / 8)"}  # fmt: skip
     return {"value": orjson.Fragment(data)}
 
 
@@ -290,16 +320,21 @@ def main() -> None:
     inp = sys.stdin.buffer
     _send(out, {"ready": True})
     while True:
-        header = inp.read(FRAME.size)
-        if len(header) < FRAME.size:
+        limits = _receive(inp)
+        if limits is None:
             return  # the daemon closed the pipe (it stopped, or died)
-        (size,) = FRAME.unpack(header)
-        request = orjson.loads(inp.read(size))
-        _send(out, {"loaded": True})
-        reply = _handle(request)
+        reply = _handle(orjson.loads(limits), lambda: _receive(inp))
         _send(out, reply)
         if reply.get("exit"):
             return
+
+
+def _receive(inp: IO[bytes]) -> bytes | None:
+    header = inp.read(FRAME.size)
+    if len(header) < FRAME.size:
+        return None
+    (size,) = FRAME.unpack(header)
+    return inp.read(size)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,14 @@ from daemon.logs import StepLogger
 from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
 from daemon.placeholders import TemplateError
 from daemon.store import Store, WorkflowTooLarge, now_ms
-from daemon.templating import Needs
+from daemon.templating import Needs, Scope
 from daemon.tools import Registry, ToolContext, ToolError
 
 log = logging.getLogger("stepd.executor")
 # Backoff jitter from a generator of our own: the process-wide one belongs to the host
 # program (tests seed it, and tools may rely on its sequence).
 _jitter = random.Random()
-INFO_CACHE = 4 * 2**20  # characters of flows and inputs kept parsed (Executor.remember)
+INFO_CACHE = 16 * 2**20  # characters of flows and inputs cached (Executor.remember)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class WorkflowInfo:
     name: str
     created_by: str | None
     flow: flows.Flow
-    input: Any
+    input_json: str  # as stored: expressions parse it only when they read it (Scope)
     size: int = 0  # characters of its flow and input as JSON: what caching it costs
 
 
@@ -472,7 +472,7 @@ class Executor:
     async def _attempt(self, step: Step) -> Finish:
         info = await self.workflow_info(step.workflow_id)
         state = info.flow[step.state]
-        scope: dict[str, Any] | None = None
+        scope: Scope | None = None
         try:
             if state.templated:
                 scope = await self.scope(info, step)
@@ -490,7 +490,7 @@ class Executor:
         return self._finish(info, step, move, StepStatus.DONE, result_json=result_json,
                             max_workflow_bytes=self.config.max_workflow_bytes)  # fmt: skip
 
-    async def _render(self, state: flows.State, scope: dict[str, Any]) -> Any:
+    async def _render(self, state: flows.State, scope: Scope) -> Any:
         """The state's args with their placeholders rendered (a copy of its own)."""
         try:
             return await self.evaluator.render(state.args, scope)
@@ -500,7 +500,7 @@ class Executor:
             raise StepFailed(str(exc), type_="SandboxUnavailable", retryable=True) from None
 
     async def after_success(
-        self, info: WorkflowInfo, step: Step, result: Any, scope: dict[str, Any] | None = None
+        self, info: WorkflowInfo, step: Step, result: Any, scope: Scope | None = None
     ) -> flows.Move:
         """Where the flow goes once `step` succeeded with `result`: a branch's conditions
         are evaluated here, with `result` bound to it (SandboxUnavailable if they could
@@ -509,8 +509,9 @@ class Executor:
         if not state.branch:
             return flows.after_success(info.flow, step.state)
         scope = scope if scope is not None else await self.scope(info, step)
+        with_result = scope.with_result(orjson.dumps(result).decode())
         try:
-            matched = await self.evaluator.choose(state.conditions, {**scope, "result": result})
+            matched = await self.evaluator.choose(state.conditions, with_result)
         except TemplateError as exc:
             return flows.after_success(info.flow, step.state, error=str(exc))
         return flows.after_success(info.flow, step.state, matched=matched, result=result)
@@ -624,9 +625,9 @@ class Executor:
     # -- workflow data -----------------------------------------------------------------
 
     def remember(self, info: WorkflowInfo) -> None:
-        """Cache a workflow's parsed flow and input, within INFO_CACHE characters of their
-        JSON (parsed, a megabyte of small JSON items takes tens of megabytes); a larger one
-        is parsed again when needed."""
+        """Cache a workflow's parsed flow and its input's text, within INFO_CACHE characters
+        of their JSON (a parsed flow takes several times its text); a larger one is read and
+        parsed again when needed."""
         if info.id in self._infos or info.size > INFO_CACHE // 16:
             return
         self._infos[info.id] = info
@@ -636,7 +637,7 @@ class Executor:
             self._infos_size -= old.size
 
     async def workflow_info(self, workflow_id: int) -> WorkflowInfo:
-        """The parsed flow and input of a workflow (cached: they never change)."""
+        """The parsed flow and the input of a workflow (cached: they never change)."""
         info = self._infos.get(workflow_id)
         if info is not None:
             self._infos.move_to_end(workflow_id)
@@ -645,58 +646,50 @@ class Executor:
         assert wf is not None and wf.flow_json is not None and wf.input_json is not None
         parsed = await self._flows.aparse(wf.flow_json, max_states=1 << 30)
         assert parsed.flow is not None, parsed.errors
-        text = wf.input_json
-        # A large input in a thread: a megabyte of small items takes tens of milliseconds.
-        data = (
-            orjson.loads(text)
-            if len(text) <= 65536
-            else await asyncio.to_thread(orjson.loads, text)
-        )
-        info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, data,
-                            len(wf.flow_json) + len(text))  # fmt: skip
+        info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, wf.input_json,
+                            len(wf.flow_json) + len(wf.input_json))  # fmt: skip
         self.remember(info)
         return info
 
-    async def scope(self, info: WorkflowInfo, step: Step) -> dict[str, Any]:
-        """What the expressions of `step`'s state see: input, steps (latest visit per
-        state), result, error, workflow; only the parts they name (see Needs)."""
-        history = await self.store.scope_steps(info.id, before=step.id)
-        return build_scope(info, history, info.flow[step.state].needs)
+    async def scope(self, info: WorkflowInfo, step: Step) -> Scope:
+        """What the expressions of `step`'s state may read (see build_scope)."""
+        needs = info.flow[step.state].needs
+        history: list[Step] = []
+        previous = None
+        if "steps" in needs.names and needs.states != frozenset():
+            history = await self.store.scope_steps(info.id, before=step.id, states=needs.states)
+        if needs.names & {"result", "error"}:
+            previous = await self.store.previous_step(info.id, before=step.id)
+        return build_scope(info, history, previous, needs)
 
 
 def build_scope(
-    info: WorkflowInfo, history: list[Step], needs: Needs | None = None
-) -> dict[str, Any]:
-    """Template variables from the steps that came before (oldest first). With `needs`,
-    only the names and steps' results it lists: parsing every result of a long workflow
-    for each step would cost more than the step."""
-
-    def result(s: Step) -> Any:
-        return orjson.loads(s.result_json) if s.result_json is not None else None
-
-    names = None if needs is None else needs.names
-    wanted = None if needs is None else needs.states
-    steps: dict[str, Any] = {}
-    if names is None or "steps" in names:
+    info: WorkflowInfo, history: list[Step], previous: Step | None, needs: Needs
+) -> Scope:
+    """What expressions see: input, steps (the latest visit of each state, oldest first in
+    `history`), result (the `previous` step's), error (when it failed), workflow; only the
+    names `needs` lists, and only the steps it names, each as its stored JSON text."""
+    texts: dict[str, str] = {}
+    if "input" in needs.names:
+        texts["input"] = info.input_json
+    if "steps" in needs.names:
+        entries = []
         for s in history:
-            if wanted is None or s.state in wanted:
-                steps[s.state] = {"result": result(s), "status": s.status,
-                                  "attempt": s.attempt, "error": s.error}  # fmt: skip
-    scope: dict[str, Any] = {
-        "input": info.input,
-        "steps": steps,
-        "result": result(history[-1]) if history and (names is None or "result" in names) else None,
-        "workflow": {"id": info.id, "name": info.name, "created_by": info.created_by},
-    }
-    if history and history[-1].status == StepStatus.FAILED:
-        prev = history[-1]
-        scope["error"] = {
-            "type": prev.error_type,
-            "message": prev.error,
-            "state": prev.state,
-            "attempt": prev.attempt,
-        }
-    return scope if names is None else {k: v for k, v in scope.items() if k in names}
+            if needs.states is None or s.state in needs.states:
+                rest = orjson.dumps({"status": s.status, "attempt": s.attempt, "error": s.error})
+                entries.append(f'{orjson.dumps(s.state).decode()}:{{"result":'
+                               f'{s.result_json or "null"},{rest.decode()[1:]}')  # fmt: skip
+        texts["steps"] = "{" + ",".join(entries) + "}"
+    if "result" in needs.names:
+        texts["result"] = (previous.result_json if previous else None) or "null"
+    if "workflow" in needs.names:
+        who = {"id": info.id, "name": info.name, "created_by": info.created_by}
+        texts["workflow"] = orjson.dumps(who).decode()
+    if "error" in needs.names and previous is not None and previous.status == StepStatus.FAILED:
+        error = {"type": previous.error_type, "message": previous.error,
+                 "state": previous.state, "attempt": previous.attempt}  # fmt: skip
+        texts["error"] = orjson.dumps(error).decode()
+    return Scope(texts)
 
 
 def finish_for(

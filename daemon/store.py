@@ -824,10 +824,19 @@ class Store:
         rows = await self._all(Q["expired_gates"], {"now": now, "limit": limit})
         return [Step.from_row(r) for r in rows]
 
-    async def scope_steps(self, workflow_id: int, before: int) -> list[Step]:
-        """The latest visit of each state before step `before`, oldest first."""
-        rows = await self._all(Q["scope_steps"], {"workflow_id": workflow_id, "before": before})
-        return [Step.from_row(r) for r in rows]
+    async def scope_steps(
+        self, workflow_id: int, before: int, states: Iterable[str] | None = None
+    ) -> list[Step]:
+        """The latest visit of each state (of `states`, or every one) before step `before`,
+        oldest first; read in a thread, their results may add up to megabytes."""
+        names = None if states is None else orjson.dumps(sorted(states)).decode()
+        params = {"workflow_id": workflow_id, "before": before, "states": names}
+        return [Step.from_row(r) for r in await self.read_slow(Q["scope_steps"], params)]
+
+    async def previous_step(self, workflow_id: int, before: int) -> Step | None:
+        """The step before step `before` in its workflow, if any."""
+        row = await self._one(Q["previous_step"], {"workflow_id": workflow_id, "before": before})
+        return Step.from_row(row) if row else None
 
     async def gauges(self, now: int) -> Gauges:
         """Counts for /metrics, read in a thread: the step counts read partial indexes of

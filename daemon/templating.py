@@ -4,10 +4,15 @@ An expression that only names a value (`input.title`, `steps.search.result[0].id
 `input['a key']`) is read here, in microseconds, with no code run. Every other
 expression is evaluated by the sandbox process (daemon/evaluator.py) under CPU and
 memory limits, so no expression can hold the event loop or grow the daemon.
+
+What expressions read (input, results) stays the JSON text it is stored as (Scope):
+the sandbox gets the text, and the daemon parses it only for plain paths, after an
+estimate of what it takes once parsed fits [limits] template_mb.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -127,16 +132,82 @@ def needs(exprs: list[str], state_ids: frozenset[str] | set[str]) -> Needs:
 NO_NEEDS = Needs(frozenset(), frozenset())
 
 
-class Budget:
-    """What rendering plain paths in the daemon may cost: a deadline, and the size of the
-    rendered args as JSON (checked before they are copied for the tool)."""
+def parsed_size(text: str | bytes) -> int:
+    """A generous estimate of the memory JSON text takes once parsed: besides its
+    characters, about 64 bytes per object or array and 40 per item (a 3-byte `{},` becomes
+    a 72-byte dict and its slot). Counting is C speed; parsing to find out is not."""
+    if isinstance(text, str):
+        text = text.encode()
+    return len(text) + 64 * (text.count(b"{") + text.count(b"[")) + 40 * text.count(b",")
 
-    def __init__(self, ms: float, max_bytes: int) -> None:
+
+class Scope:
+    """The names expressions may read, each kept as JSON text until it is needed."""
+
+    def __init__(self, texts: dict[str, str]) -> None:
+        self.texts = texts
+
+    def with_result(self, result_json: str) -> Scope:
+        return Scope({**self.texts, "result": result_json})
+
+    def payload(self) -> str:
+        """The scope as one JSON object, built from the texts without parsing them."""
+        return "{" + ",".join(f'"{name}":{text}' for name, text in self.texts.items()) + "}"
+
+    def size(self) -> int:
+        return sum(map(len, self.texts.values()))
+
+    def parsed_size(self) -> int:
+        return sum(map(parsed_size, self.texts.values()))
+
+    async def parse(self, limit: int) -> dict[str, Any]:
+        """The scope as Python values, refused (TemplateError) when it would take more than
+        `limit` bytes; large texts are parsed in a thread."""
+        estimate = self.parsed_size()
+        if estimate > limit:
+            raise TemplateError(
+                f"the stored data these expressions read (input and results) would take "
+                f"about {estimate // 2**20} MB once parsed; the limit is {limit // 2**20} MB "
+                "([limits] template_mb)"
+            )
+        if self.size() <= INLINE_PARSE:
+            return {name: orjson.loads(text) for name, text in self.texts.items()}
+        return await asyncio.to_thread(lambda: {n: orjson.loads(t) for n, t in self.texts.items()})
+
+
+INLINE_PARSE = 65_536  # characters of JSON parsed on the event loop; larger in a thread
+
+
+class Budget:
+    """What rendering plain paths in the daemon may cost: a deadline, the size of the
+    rendered args as JSON, and copies (a value named twice is copied for the second)."""
+
+    def __init__(self, ms: float, max_bytes: int, max_memory: int) -> None:
         self.deadline = time.perf_counter() + ms / 1000
         self.ms = ms
         self.max_bytes = max_bytes
+        self.max_memory = max_memory
         self.used = 0
+        self.memory = 0
         self._json: dict[int, bytes] = {}  # by id: the value is kept alive by the scope
+        self._placed: set[int] = set()  # containers already in the args
+
+    def place(self, value: Any) -> Any:
+        """`value` for the args: itself the first time, a copy after (a tool changing one
+        argument must not change another)."""
+        if not isinstance(value, dict | list):
+            return value
+        if id(value) not in self._placed:
+            self._placed.add(id(value))
+            return value
+        text = self.json(value)
+        self.memory += parsed_size(text)
+        if self.memory > self.max_memory:
+            raise TemplateError(
+                f"copies of the values the args name would take more than "
+                f"{self.max_memory // 2**20} MB ([limits] template_mb)"
+            )
+        return orjson.loads(text)
 
     def json(self, value: Any) -> bytes:
         key = id(value)
@@ -166,7 +237,7 @@ def render_plain(value: Any, scope: dict[str, Any], budget: Budget) -> Any:
         if expr is not None:
             found = read(expr.strip(), scope)
             budget.spend(len(found) if isinstance(found, str) else len(budget.json(found)))
-            return found
+            return budget.place(found)
         out, pos = [], 0
         for start, end, found_expr in scan(value):
             found = read(found_expr.strip(), scope)

@@ -135,3 +135,9 @@ async def chatty(*, ctx: ToolContext) -> None:
     """Writes a line to its own logger."""
     ctx.logger.info("hello from a tool", extra={"rows": 5})
     ctx.logger.getChild("part").info("hello from a part")
+
+
+@tool
+async def empties(n: int) -> list[dict[str, Any]]:
+    """A list of `n` empty objects: 3 bytes of JSON each, ~70 bytes once parsed."""
+    return [{} for _ in range(n)]

@@ -704,7 +704,7 @@ def test_limit_steps_fails_an_advance_past_the_limit(count: int, limit: int) -> 
 
 
 def _info(flow: flows.Flow) -> WorkflowInfo:
-    return WorkflowInfo(id=42, name="wf", created_by="james", flow=flow, input={})
+    return WorkflowInfo(id=42, name="wf", created_by="james", flow=flow, input_json="{}")
 
 
 def _step(state_id: str, seq: int = 1, attempt: int = 1) -> Step:

@@ -10,18 +10,20 @@ did not grow; the bounds are generous, the attacks cost minutes and gigabytes in
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 
 from daemon.evaluator import Evaluator
 from daemon.placeholders import TemplateError
 from daemon.sandbox import render_value
-from daemon.templating import Fallback, needs, path, read
-from tests.helpers import wait_for
+from daemon.templating import Fallback, Scope, needs, path, read
+from tests.helpers import wait_for, waiting_gate
 
 SPLITS = "[" + ",".join(["('ab '*333333).split()"] * 20) + "]|length"  # 462 MB, 470 characters
 CPU_OR_MEMORY = "template_m"  # template_ms or template_mb: whichever limit is reached first
@@ -206,6 +208,10 @@ PATHS = [
 ]
 
 
+def _scope(values: dict[str, Any]) -> Scope:
+    return Scope({name: orjson.dumps(value).decode() for name, value in values.items()})
+
+
 @pytest.mark.parametrize("expr", PATHS)
 async def test_plain_paths_read_in_the_daemon_match_the_sandbox(expr: str) -> None:
     assert path(expr) is not None
@@ -215,7 +221,7 @@ async def test_plain_paths_read_in_the_daemon_match_the_sandbox(expr: str) -> No
         expected = ("error", str(exc))
     evaluator = Evaluator()
     try:
-        got: Any = await evaluator.render("{{" + expr + "}}", SCOPE)
+        got: Any = await evaluator.render("{{" + expr + "}}", _scope(SCOPE))
     except TemplateError as exc:
         got = ("error", str(exc))
     finally:
@@ -260,7 +266,7 @@ async def test_steps_read_as_a_whole_see_every_state(started: Any) -> None:
 async def test_a_cancelled_caller_leaves_the_sandbox_usable() -> None:
     evaluator = Evaluator()
     try:
-        scope = {"input": {"n": 1}}
+        scope = _scope({"input": {"n": 1}})
         assert await evaluator.render("{{ input.n + 1 }}", scope) == 2
         slow = asyncio.ensure_future(
             evaluator.render("{{ ([[0]] * 333333)|sum(start=[])|length }}", scope)
@@ -322,3 +328,44 @@ async def test_a_huge_message_from_an_expression_is_cut(started: Any) -> None:
     wf = await _run(client, {"v": "{{ {}['k' * 999999] }}"})
     assert wf["status"] == "failed"
     assert len(wf["error"]) < 4100 and len(wf["steps"][0]["error"]) < 4100
+
+
+async def test_reading_all_of_a_large_history_is_bounded(started: Any) -> None:
+    # Eight results of 900 kB of `{}` each: ~170 MB once parsed. The daemon never parses
+    # them for an expression that is not a plain path; the sandbox does, within its limit.
+    client, _ = started
+    flow: dict[str, Any] = {
+        f"s{i}": {"tool": "empties", "args": {"n": 300_000}, "next": f"s{i + 1}"} for i in range(8)
+    }
+    flow["start"] = flow.pop("s0")
+    flow["s8"] = {"tool": None, "next": "s9"}  # measured from here on
+    flow["s9"] = {"tool": "echo", "args": {"count": "{{ steps|length }}"}, "done": True}
+    wf_id = (await client.post("/api/workflow", json={"name": "hoard", "flow": flow})).json()["id"]
+    gate = waiting_gate(await wait_for(client, wf_id, waiting_gate, timeout=60))
+    assert gate is not None
+    gc.collect()
+    async with Watch() as watch:
+        await client.post(f"/api/workflow/{gate['id']}/ready")
+        while (await client.get("/api/workflow", params={"limit": 1})).json()[0][
+            "status"
+        ] == "running":
+            await asyncio.sleep(0.01)
+    wf = (await client.get("/api/workflow", params={"limit": 1})).json()[0]
+    assert wf["status"] == "failed"
+    assert "state 's9'" in wf["error"] and "template_mb" in wf["error"], wf["error"]
+    assert watch.lag < 0.5
+    assert watch.rss - watch.rss_before < 48 * 2**20
+
+
+async def test_a_large_value_named_many_times_is_not_copied_past_the_limit(started: Any) -> None:
+    client, _ = started
+    body = {"name": "copies", "input": {"x": [{}] * 300_000},
+            "flow": {"start": {"tool": "echo", "args": {f"a{i}": "{{input.x}}" for i in range(7)},
+                               "done": True}}}  # fmt: skip
+    async with Watch() as watch:
+        resp = await client.post("/api/workflow", json=body)
+        wf = await wait_for(client, resp.json()["id"], timeout=30)
+    assert wf["status"] == "failed"
+    assert "template_mb" in wf["error"], wf["error"]
+    assert watch.lag < 0.5
+    assert watch.rss - watch.rss_before < 96 * 2**20

@@ -223,11 +223,17 @@ WHERE awaiting = 'ready' AND expires_at IS NOT NULL AND expires_at <= :now
 ORDER BY expires_at LIMIT :limit;
 
 -- scope_steps --
--- The latest visit of each state before a step: what templates see as `steps`.
+-- The latest visit of each state (of a JSON array of states, or all when NULL) before a step: what expressions see as `steps`.
 SELECT * FROM steps
 WHERE id IN (SELECT max(id) FROM steps
-             WHERE workflow_id = :workflow_id AND id < :before GROUP BY state)
+             WHERE workflow_id = :workflow_id AND id < :before
+               AND (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
+             GROUP BY state)
 ORDER BY id;
+
+-- previous_step --
+-- The step before a step of the same workflow: whose result expressions see as `result`.
+SELECT * FROM steps WHERE workflow_id = :workflow_id AND id < :before ORDER BY id DESC LIMIT 1;
 
 -- workflow_events --
 -- A workflow's event log, oldest first.
