@@ -35,6 +35,7 @@ from daemon.store import Store, now_ms
 log = logging.getLogger("stepd.notify")
 _jitter = random.Random()  # retry jitter, not the process-wide generator
 EVENTS = frozenset({"gate_waiting", "completed", "failed", "cancelled"})
+MAX_INPUT = 16384  # bytes of a workflow's input sent with each notification
 CURSOR = "webhooks"
 BATCH = 500  # events read per query
 OPERATOR = "operator"  # the destination key of the [webhooks] url's deliveries
@@ -63,12 +64,17 @@ def retry_delay(attempts: int, rand: float) -> float:
 def build_body(
     event: dict[str, Any], wf: Workflow, step: Step | None, urls: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """The JSON POSTed for one event (`urls`: the one-click links of a waiting gate)."""
+    """The JSON POSTed for one event (`urls`: the one-click links of a waiting gate). An
+    input over MAX_INPUT bytes is left out (`null`, with its size): each delivery is
+    stored until sent, and a looping workflow makes many."""
+    text = wf.input_json or "{}"
+    size = len(text.encode())
     body: dict[str, Any] = {
         "event": event["type"], "event_id": event["id"], "at": event["at"],
         "workflow": {"id": wf.id, "name": wf.name, "status": wf.status,
                      "created_by": wf.created_by, "error": wf.error,
-                     "input": orjson.loads(wf.input_json or "{}")},
+                     "input": orjson.Fragment(text) if size <= MAX_INPUT else None,
+                     "input_bytes": size},
     }  # fmt: skip
     if step is not None:
         body["step"] = {"id": step.id, "name": step.name, "state": step.state}

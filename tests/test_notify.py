@@ -212,7 +212,7 @@ async def test_gate_and_completion_are_posted_signed(tmp_path: Path, receiver: R
         waiting, completed = r.bodies()
         assert waiting["workflow"] == {
             "id": wf_id, "name": "review-article", "status": "running", "created_by": "james",
-            "error": None, "input": {"title": "New Policy"},
+            "error": None, "input": {"title": "New Policy"}, "input_bytes": 22,
         }  # fmt: skip
         assert waiting["step"] == {"id": gate["id"], "name": "review", "state": "gate"}
         links = waiting["links"]
@@ -515,3 +515,33 @@ async def test_the_migration_gives_queued_deliveries_their_destination(tmp_path:
         "http://host.example",
         "https://hooks.example:8443",
     ]
+
+
+async def test_large_inputs_stay_out_of_deliveries_and_sent_bodies_are_dropped(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    # A gate looping on itself with a 900 kB input used to store the input again in every
+    # delivery, and kept delivered bodies: 173 MB for one workflow in 9 s.
+    async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+        body = {"name": "looper", "input": {"blob": "b" * 900_000},
+                "flow": {"start": {"tool": None, "next": "start"}}}  # fmt: skip
+        wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
+        decided: set[int] = set()
+        for _ in range(5):
+            wf = await wait_for(client, wf_id, lambda w: (waiting_gate(w) or {}).get("id")
+                                not in (None, *decided))  # fmt: skip
+            gate = waiting_gate(wf)
+            assert gate is not None
+            decided.add(gate["id"])
+            assert (await client.post(f"/api/workflow/{gate['id']}/ready")).status_code == 200
+        await until(lambda: len(receiver.bodies("gate_waiting")) >= 6, timeout=10)
+        first = receiver.bodies()[0]["workflow"]
+        assert first["input"] is None and first["input_bytes"] == 900_011
+        db = sqlite3.connect(tmp_path / "stepd.db")
+        try:
+            pending = "SELECT count(*) FROM outbox WHERE status = 'pending'"
+            await until(lambda: db.execute(pending).fetchone()[0] == 0, timeout=10)
+            (stored,) = db.execute("SELECT sum(length(body_json)) FROM outbox").fetchone()
+        finally:
+            db.close()
+        assert stored == 0

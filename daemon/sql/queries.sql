@@ -298,8 +298,8 @@ picked AS (  -- at most :per_dest of each (:per_operator of the operator's), non
 SELECT * FROM picked ORDER BY dest = 'operator' DESC, next_at, id LIMIT :limit;
 
 -- delivery_sent --
--- A delivery was accepted by its receiver.
-UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_error = NULL
+-- A delivery was accepted by its receiver: its body is not kept.
+UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_error = NULL, body_json = ''
 WHERE id = :id AND status = 'pending';
 
 -- delivery_failed --
