@@ -369,8 +369,13 @@ async def prometheus_metrics(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """Liveness: no auth."""
     executor: Executor = request.app.state.executor
-    healthy = executor.healthy
-    return JSON({"status": "ok" if healthy else "degraded"}, status_code=200 if healthy else 503)
+    failing = executor.evaluator.failing
+    if not executor.healthy or failing is not None:
+        body = {"status": "degraded"}
+        if failing is not None:
+            body["expression_sandbox"] = failing
+        return JSON(body, status_code=503)
+    return JSON({"status": "ok"})
 
 
 def route(path: str, **handlers: Endpoint) -> Route:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import resource
@@ -46,11 +47,12 @@ from daemon.templating import (
 log = logging.getLogger("stepd.evaluator")
 FRAME = struct.Struct(">I")
 WORKERS = 2  # sandbox processes at most: requests beyond wait for one
+COMMAND = (sys.executable, "-m", "daemon.evaluator")  # how a sandbox process is started
 POLL_S = 0.005  # how often a working process's CPU time and memory are read
 COMPILE_MS = 40  # CPU allowed per expression for compiling it (once per process)
 PARSE_MS_PER_MB = 100  # CPU allowed for parsing the request, per megabyte
 PER_STEP = 10  # one step's expressions together: at most this many times template_ms
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 10.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _ROOT = str(Path(sandbox.__file__).resolve().parent.parent)  # where the `daemon` package is
 _TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
@@ -70,6 +72,13 @@ class Evaluator:
         self._idle: list[_Worker] = []
         self._slots: asyncio.Semaphore | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
+        self.failing: str | None = None  # why the last start failed, until one succeeds
+        self._warned = False
+
+    @property
+    def healthy(self) -> bool:
+        """False while the sandbox process cannot be started (for /healthz)."""
+        return self.failing is None
 
     async def render(self, value: Any, scope: Scope) -> Any:
         """`value` with its placeholders rendered, for this step alone (a tool may change it)."""
@@ -97,9 +106,7 @@ class Evaluator:
         return int(reply["index"])
 
     async def _ask(self, request: bytes, scope: Scope, exprs: list[str]) -> Any:
-        limits = orjson.dumps({"ms": self.ms, "mb": self.mb, "max_out": self.max_out})
-        request = b"{" + request + b',"scope":' + scope.payload().encode() + b"}"
-        payload = FRAME.pack(len(limits)) + limits + FRAME.pack(len(request)) + request
+        payload = b"{" + request + b',"scope":' + scope.payload().encode() + b"}"
         # Shielded: a caller that goes away (a cancelled workflow) must not leave the
         # process half-way through a reply; the exchange ends within its limits anyway.
         task = asyncio.ensure_future(self._exchange(payload, exprs))
@@ -114,12 +121,36 @@ class Evaluator:
         if self._slots is None:
             self._slots = asyncio.Semaphore(WORKERS)
         async with self._slots:
-            worker = self._idle.pop() if self._idle else await _Worker.start()
+            worker = await self._worker()
             try:
                 return await worker.exchange(payload, exprs, self)
             finally:
                 if worker.alive:
                     self._idle.append(worker)
+
+    async def _worker(self) -> _Worker:
+        """An idle sandbox process that is still alive (one may have been killed from
+        outside meanwhile), or a new one."""
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.proc.returncode is None:
+                return worker
+            await worker.kill()
+        try:
+            worker = await _Worker.start()
+        except SandboxUnavailable as exc:
+            if self.failing is None:
+                log.error("%s; steps that need it wait and are retried", exc)
+            self.failing = str(exc)
+            raise
+        if self.failing is not None:
+            log.warning("the expression sandbox starts again")
+            self.failing = None
+        if not worker.limits_memory and not self._warned:
+            self._warned = True
+            log.warning("the expression sandbox cannot limit its own address space "
+                        "(setrlimit refused); the daemon watches its memory instead")  # fmt: skip
+        return worker
 
     async def close(self) -> None:
         """Stop every sandbox process (requests under way fail)."""
@@ -137,6 +168,7 @@ class _Worker:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.alive = True
+        self.limits_memory = True  # whether it can set its own RLIMIT_AS
 
     @classmethod
     async def start(cls) -> _Worker:
@@ -145,8 +177,8 @@ class _Worker:
         try:
             # A session of its own: a Ctrl-C in the daemon's terminal is for the daemon.
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "daemon.evaluator", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+                *COMMAND, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=env, start_new_session=True,
             )  # fmt: skip
         except OSError as exc:
             raise SandboxUnavailable(f"cannot start the expression sandbox: {exc}") from None
@@ -154,36 +186,48 @@ class _Worker:
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 ready = orjson.loads(await worker._frame(1024))
-        except (TimeoutError, SandboxUnavailable, asyncio.IncompleteReadError) as exc:
+        except TimeoutError:
             await worker.kill()
-            raise SandboxUnavailable(f"the expression sandbox did not start: {exc!r}") from None
+            raise SandboxUnavailable(
+                f"the expression sandbox did not start within {START_TIMEOUT_S:g} s"
+            ) from None
+        except (SandboxUnavailable, asyncio.IncompleteReadError, ValueError):
+            await worker.kill()
+            raise SandboxUnavailable(
+                f"the expression sandbox did not start (exit status {proc.returncode})"
+            ) from None
         except BaseException:
             await worker.kill()
             raise
         if not ready.get("ready"):
             await worker.kill()
             raise SandboxUnavailable("the expression sandbox did not start")
+        worker.limits_memory = bool(ready.get("limits_memory"))
         log.debug("expression sandbox started (pid %d)", proc.pid)
         return worker
 
     async def exchange(self, payload: bytes, exprs: list[str], ev: Evaluator) -> dict[str, Any]:
         try:
             return await self._exchange(payload, exprs, ev)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        except (ConnectionError, asyncio.IncompleteReadError):
             await self.kill()
-            raise SandboxUnavailable(f"the expression sandbox stopped: {exc!r}") from None
+            raise SandboxUnavailable(
+                f"the expression sandbox stopped (exit status {self.proc.returncode})"
+            ) from None
         except BaseException:
             await self.kill()  # cancelled half-way: the pipe's state is unknown
             raise
 
     async def _exchange(self, payload: bytes, exprs: list[str], ev: Evaluator) -> dict[str, Any]:
         rss0, cpu0 = self._usage()  # idle, before it reads the request: parsing it counts
+        cpu_limit = (min(len(exprs), PER_STEP) * (ev.ms + COMPILE_MS)
+                     + PARSE_MS_PER_MB * len(payload) / 2**20)  # fmt: skip
+        wall_limit = time.monotonic() + wall_s(cpu_limit)
+        limits = orjson.dumps({"ms": ev.ms, "mb": ev.mb, "max_out": ev.max_out,
+                               "wall_s": wall_s(cpu_limit)})  # fmt: skip
         stdin = self.proc.stdin
         assert stdin is not None
-        stdin.write(payload)
-        cpu_limit = (min(len(exprs), PER_STEP) * ev.ms + len(exprs) * COMPILE_MS
-                     + PARSE_MS_PER_MB * len(payload) / 2**20)  # fmt: skip
-        wall_limit = time.monotonic() + 1 + 4 * cpu_limit / 1000  # a process starved of CPU
+        stdin.write(FRAME.pack(len(limits)) + limits + FRAME.pack(len(payload)) + payload)
         reply = asyncio.ensure_future(self._reply(ev))
         try:
             while True:
@@ -250,6 +294,12 @@ class _Worker:
             await self.proc.wait()
 
 
+def wall_s(cpu_limit_ms: float) -> float:
+    """The longest a request may take on the clock (a process starved of CPU): after it,
+    the daemon kills the process, and the process ends itself (see _handle)."""
+    return 1 + 4 * cpu_limit_ms / 1000
+
+
 def _which(exprs: list[str]) -> str:
     worked = [e.strip() for e in exprs if not is_plain([e])]
     return quoted(worked[0]) if len(worked) == 1 else "an expression"
@@ -266,11 +316,17 @@ def _send(out: IO[bytes], message: dict[str, Any]) -> None:
 
 def _handle(limits: dict[str, Any], read: Any) -> dict[str, Any]:
     """Read one request (with `read()`, under the memory limit: the scope counts) and
-    answer it."""
+    answer it. Past the request's time on the clock this process ends itself, from a C
+    thread that needs no GIL: the daemon's own watch runs on its event loop, which some
+    other work could be holding just then."""
     mb = limits["mb"]
+    faulthandler.dump_traceback_later(limits["wall_s"], exit=True, file=_QUIET)
     try:
         with _memory_limit(mb):
-            request = orjson.loads(read())
+            frame = read()
+            if frame is None:
+                return {"error": "the daemon went away", "exit": True}
+            request = orjson.loads(frame)
             clock = sandbox.Clock(limits["ms"], total_ms=limits["ms"] * PER_STEP)
             scope = request["scope"]
             if request["op"] == "choose":
@@ -284,6 +340,8 @@ def _handle(limits: dict[str, Any], read: Any) -> dict[str, Any]:
                          "([limits] template_mb)", "exit": True}  # fmt: skip
     except TypeError as exc:  # orjson: e.g. an integer beyond 64 bits
         return {"error": f"the rendered args are not JSON: {exc}"}
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     if len(data) > limits["max_out"]:
         return {"error": f"the rendered args are {len(data)} bytes as JSON; the limit is "
                          f"{limits['max_out']} ([limits] template_mb / 8)"}  # fmt: skip
@@ -311,22 +369,39 @@ def _memory_limit(mb: int) -> Any:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+_QUIET: IO[str] = sys.stderr  # where the last-resort exit writes: /dev/null in the sandbox
+
+
 def main() -> None:
+    global _QUIET
+    _QUIET = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print must not corrupt the frames
     sys.stdout = sys.stderr
     with contextlib.suppress(OSError):
         os.nice(5)  # a runaway expression yields the CPU to the daemon
     inp = sys.stdin.buffer
-    _send(out, {"ready": True})
+    _send(out, {"ready": True, "limits_memory": _can_limit_memory()})
     while True:
         limits = _receive(inp)
         if limits is None:
             return  # the daemon closed the pipe (it stopped, or died)
         reply = _handle(orjson.loads(limits), lambda: _receive(inp))
-        _send(out, reply)
+        try:
+            _send(out, reply)
+        except OSError:  # BrokenPipeError: the daemon is gone
+            return
         if reply.get("exit"):
             return
+
+
+def _can_limit_memory() -> bool:
+    """Whether setrlimit(RLIMIT_AS) is allowed here (a seccomp filter may refuse it)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, resource.getrlimit(resource.RLIMIT_AS))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _receive(inp: IO[bytes]) -> bytes | None:
@@ -334,7 +409,8 @@ def _receive(inp: IO[bytes]) -> bytes | None:
     if len(header) < FRAME.size:
         return None
     (size,) = FRAME.unpack(header)
-    return inp.read(size)
+    frame = inp.read(size)
+    return frame if len(frame) == size else None
 
 
 if __name__ == "__main__":

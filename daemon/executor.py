@@ -33,7 +33,7 @@ from daemon.config import Config
 from daemon.evaluator import Evaluator, SandboxUnavailable
 from daemon.logs import StepLogger
 from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
-from daemon.placeholders import TemplateError
+from daemon.placeholders import TemplateError, scrub
 from daemon.store import Store, WorkflowTooLarge, now_ms
 from daemon.templating import Needs, Scope
 from daemon.tools import Registry, ToolContext, ToolError
@@ -55,6 +55,11 @@ class WorkflowInfo:
     flow: flows.Flow
     input_json: str  # as stored: expressions parse it only when they read it (Scope)
     size: int = 0  # characters of its flow and input as JSON: what caching it costs
+
+
+class Postponed(Exception):
+    """The step could not start for a fault of the daemon's (the expression sandbox): it
+    goes back to the queue, its attempt not counted."""
 
 
 class StepFailed(Exception):
@@ -91,6 +96,7 @@ class Executor:
         self._loop_task: asyncio.Task[None] | None = None
         self.last_tick = 0.0  # loop time of the last successful tick, for health checks
         self._next_renewal = 0  # epoch ms when running steps' leases are next renewed
+        self._postponed = 0.0  # seconds the last postponed step waits (doubles while it lasts)
 
     # -- control ---------------------------------------------------------------------
 
@@ -401,6 +407,9 @@ class Executor:
                 # Cancelled through the API (the store already says so), or at shutdown
                 # past the grace period (stop() requeues it).
                 return
+            except Postponed as exc:
+                await self._postpone(step, exc)
+                return
             except Exception as exc:  # a bug: fail the workflow rather than leave it hanging
                 log.exception("step crashed", extra=_fields(step))
                 fin = _crashed(step, f"internal error: {type(exc).__name__}: {exc}")
@@ -430,6 +439,18 @@ class Executor:
             self._tasks.pop(step.id, None)
             if not handed_off:
                 self._wake.set()  # a slot is free, and maybe a next step is due
+
+    async def _postpone(self, step: Step, exc: Postponed) -> None:
+        """Back to the queue without using an attempt, to run again after a delay that
+        grows while the fault lasts."""
+        self._postponed = min(self._postponed * 2, 60.0) if self._postponed else 1.0
+        reason = f"{exc}; not started, the attempt does not count"
+        run_at = now_ms() + int(self._postponed * 1000)
+        try:
+            if await self.store.unstart(step, reason, run_at=run_at):
+                log.warning("requeued for %gs: %s", self._postponed, reason, extra=_fields(step))
+        except sqlite3.Error as exc2:  # its lease runs out instead
+            log.warning("could not requeue (%s)", exc2, extra=_fields(step))
 
     def _orphaned(self, record: asyncio.Future[Any]) -> None:
         """An outcome write whose step task was cancelled: give back what it started."""
@@ -481,10 +502,7 @@ class Executor:
                 args = _fresh(state.args)
             result = await self._call(step, args, info)
             result_json = self._encode(result)
-            try:
-                move = await self.after_success(info, step, result, scope)
-            except SandboxUnavailable as exc:
-                raise StepFailed(str(exc), type_="SandboxUnavailable", retryable=True) from None
+            move = await self._branch(info, step, result, scope)
         except StepFailed as exc:
             return self._failure(info, step, exc)
         return self._finish(info, step, move, StepStatus.DONE, result_json=result_json,
@@ -493,11 +511,28 @@ class Executor:
     async def _render(self, state: flows.State, scope: Scope) -> Any:
         """The state's args with their placeholders rendered (a copy of its own)."""
         try:
-            return await self.evaluator.render(state.args, scope)
+            args = await self.evaluator.render(state.args, scope)
+            self._postponed = 0.0
+            return args
         except TemplateError as exc:
             raise StepFailed(f"args: {exc}", type_="TemplateError", retryable=False) from None
-        except SandboxUnavailable as exc:
-            raise StepFailed(str(exc), type_="SandboxUnavailable", retryable=True) from None
+        except SandboxUnavailable as exc:  # the tool has not run: back to the queue
+            raise Postponed(str(exc)) from None
+
+    async def _branch(
+        self, info: WorkflowInfo, step: Step, result: Any, scope: Scope | None
+    ) -> flows.Move:
+        """after_success, waiting while the sandbox cannot be started: the tool has run,
+        and a fault of the daemon's must not fail the step (a stop cancels the wait)."""
+        delay = 1.0
+        while True:
+            try:
+                return await self.after_success(info, step, result, scope)
+            except SandboxUnavailable as exc:
+                log.warning("branch not evaluated (%s); trying again in %gs", exc, delay,
+                            extra=_fields(step))  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def after_success(
         self, info: WorkflowInfo, step: Step, result: Any, scope: Scope | None = None
@@ -762,8 +797,9 @@ def _fresh(args: Any) -> Any:
 
 
 def _clean(text: str) -> str:
-    """Text that SQLite and JSON can store (lone surrogates escaped)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """A tool's error as stored and shown: lone surrogates escaped (SQLite and JSON must
+    store it), object addresses left out (a repr's "at 0x7f..." tells about memory)."""
+    return scrub(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def log_gate_waiting(workflow_id: int, step_id: int, step: NewStep | None) -> None:

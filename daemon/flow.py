@@ -226,9 +226,10 @@ def _expression_size(raw: dict[str, Any]) -> str | None:
             count, text = count + 1, text + len(expr)
         for case in body.get("branch") if isinstance(body.get("branch"), list) else ():
             if isinstance(case, dict) and isinstance(case.get("if"), str):
-                text += len(case["if"])
+                count, text = count + 1, text + len(case["if"])
     if count > MAX_PLACEHOLDERS:
-        return f"flow has {count} placeholders; the limit is {MAX_PLACEHOLDERS}"
+        return (f"flow has {count} placeholders and branch conditions; the limit is "
+                f"{MAX_PLACEHOLDERS}")  # fmt: skip
     if text > MAX_EXPRESSION_TEXT:
         return f"flow has {text} characters of expressions; the limit is {MAX_EXPRESSION_TEXT}"
     return None

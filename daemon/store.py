@@ -738,11 +738,14 @@ class Store:
         data = {"attempt": step.attempt, "reason": reason}
         return await self._step_change("requeue_step", step, {}, "step_requeued", data, now)
 
-    async def unstart(self, step: Step, reason: str, *, now: int | None = None) -> bool:
+    async def unstart(
+        self, step: Step, reason: str, *, run_at: int | None = None, now: int | None = None
+    ) -> bool:
         """Queue a running step again with its attempt not counted: it never started, or a
-        planned stop cut it off."""
+        planned stop cut it off. It is due at `run_at` (default: now)."""
         data = {"attempt": step.attempt, "reason": reason, "attempt_given_back": True}
-        return await self._step_change("unstart_step", step, {}, "step_requeued", data, now)
+        params = {"run_at": run_at if run_at is not None else (now_ms() if now is None else now)}
+        return await self._step_change("unstart_step", step, params, "step_requeued", data, now)
 
     async def await_decision(
         self, step: Step, reason: str, *, stopped: bool = False, now: int | None = None

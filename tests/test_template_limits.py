@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon import evaluator
 from daemon.evaluator import Evaluator
 from daemon.placeholders import TemplateError
 from daemon.sandbox import render_value
@@ -369,3 +371,68 @@ async def test_a_large_value_named_many_times_is_not_copied_past_the_limit(start
     assert "template_mb" in wf["error"], wf["error"]
     assert watch.lag < 0.5
     assert watch.rss - watch.rss_before < 96 * 2**20
+
+
+async def test_a_sandbox_that_cannot_start_fails_no_step(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon's fault, not the step's: the step waits in the queue without using an
+    # attempt, /healthz says why, and the step runs once the sandbox starts again.
+    monkeypatch.setattr(evaluator, "COMMAND", (sys.executable, "-c", "raise SystemExit(3)"))
+    client, _ = await make_client()
+    body = {"name": "waits", "input": {"n": 1},
+            "flow": {"start": {"tool": "echo", "args": {"v": "{{ input.n + 1 }}"},
+                               "done": True}}}  # fmt: skip
+    wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
+    deadline = asyncio.get_running_loop().time() + 10
+    while (health := await client.get("/healthz")).status_code == 200:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    assert health.status_code == 503
+    assert "did not start (exit status 3)" in health.json()["expression_sandbox"]
+    wf = (await client.get(f"/api/workflow/{wf_id}")).json()
+    assert wf["status"] == "running" and wf["steps"][0]["status"] == "pending"
+    assert wf["steps"][0]["attempt"] == 0
+    monkeypatch.undo()
+    wf = await wait_for(client, wf_id, timeout=20)
+    assert wf["status"] == "completed" and wf["steps"][0]["attempt"] == 1
+    assert wf["steps"][0]["result_json"] == '{"v":2}'
+    assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_sandbox_killed_while_idle_is_replaced() -> None:
+    ev = Evaluator()
+    scope = _scope({"input": {"n": 1}})
+    try:
+        assert await ev.render("{{ input.n + 1 }}", scope) == 2
+        (worker,) = ev._idle
+        worker.proc.kill()
+        await worker.proc.wait()
+        assert await ev.render("{{ input.n + 2 }}", scope) == 3
+    finally:
+        await ev.close()
+
+
+@pytest.mark.parametrize(
+    ("expr", "value"),
+    [
+        ("input.s|truncate(9, true, '~', 0)", "some tex~"),
+        ("input.s|truncate", "some text that is long enough"),
+        ("input.d.get('k')", 1),
+        ("input.d.get('missing', 5)", 5),
+        ("input.d.keys()|list", ["k"]),
+    ],
+)
+def test_text_filters_and_dict_methods_work(expr: str, value: Any) -> None:
+    scope = {"input": {"s": "some text that is long enough", "d": {"k": 1}}}
+    assert render_value("{{" + expr + "}}", scope) == value
+
+
+async def test_tool_errors_keep_no_object_addresses(started: Any) -> None:
+    client, _ = started
+    flow = {"start": {"tool": "fail", "args": {
+        "message": "broke at <Thing object at 0x7fe4a5364f10>", "retryable": False},
+        "done": True}}  # fmt: skip
+    resp = await client.post("/api/workflow", json={"name": "leak", "flow": flow})
+    wf = await wait_for(client, resp.json()["id"])
+    assert "0x7fe4" not in wf["steps"][0]["error"] and "<Thing object>" in wf["steps"][0]["error"]

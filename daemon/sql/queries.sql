@@ -184,7 +184,7 @@ WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attemp
 
 -- unstart_step --
 -- Put a running step back in the queue, giving back its attempt (not started, or stopped).
-UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = :now, started_at = NULL,
+UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = :run_at, started_at = NULL,
                  lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
