@@ -117,9 +117,12 @@ class Engine:
         """The URL's problem when its host is an address the egress policy refuses (a
         name is judged on what it resolves to, when the connection is made)."""
         try:
-            host = httpx.URL(url).host
+            parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
             return [f"field '{field}' is not a valid URL: {exc}"]
+        host = parsed.host
+        if not host or "%" in host or not 0 < (parsed.port or 80) < 65536:
+            return [f"field '{field}' is not a valid URL: no valid host and port"]
         address = egress.literal_address(host)
         decision = None if address is None else self.policy.decide(address)
         if decision is None or decision.allowed:

@@ -429,3 +429,20 @@ async def test_many_response_headers_cost_linear_time(make_client: Any, allowed:
     result = orjson.loads(wf["steps"][0]["result_json"])
     assert result["headers"]["x1"] == "1" and result["headers"]["set-cookie"].count("=1") == 3000
     assert lag < 0.5, f"the event loop stalled {lag * 1000:.0f} ms"
+
+
+@pytest.mark.parametrize(
+    "notify_url", ["http://a b/hook", "http://x:99999/hook", "http:///hook", "https://:0/x"]
+)
+async def test_a_notify_url_without_a_valid_host_and_port_is_422(
+    make_client: Any, notify_url: str
+) -> None:
+    client, _ = await make_client()
+    body = {
+        "name": "n",
+        "flow": {"start": {"tool": "echo", "done": True}},
+        "notify_url": notify_url,
+    }
+    resp = await client.post("/api/workflow", json=body)
+    assert resp.status_code == 422, resp.text
+    assert "notify_url" in resp.json()["error"]
