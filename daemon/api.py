@@ -31,6 +31,7 @@ from daemon.errors import (
     PayloadTooLarge,
     StepdError,
     Unauthorized,
+    Unavailable,
     UnsupportedMediaType,
 )
 from daemon.executor import Executor
@@ -46,6 +47,7 @@ OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
 MAX_DEPTH = 64  # nesting of arrays and objects in a request body
 INLINE_PARSE = 65_536  # bytes of JSON checked on the event loop; larger in a thread
+BODIES_IN_MEMORY = 64  # request bodies of max_body_bytes being received at once, at most
 
 
 class JSON(Response):
@@ -123,11 +125,7 @@ async def read_json(request: Request, *, optional: bool = False) -> Any:
     length = request.headers.get("content-length")
     if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    body = await read_body(request, limit)
     if not body.strip():
         if optional:
             return None
@@ -137,7 +135,28 @@ async def read_json(request: Request, *, optional: bool = False) -> Any:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json (got '{ctype or 'none'}')"
         )
-    return await parse_body(bytes(body))
+    return await parse_body(body)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """A request's body, up to `limit` bytes (413 past it). The bodies being read count
+    together against BODIES_IN_MEMORY x max_body_bytes (503 past it): a thousand clients
+    each stalling near the end of a large body must not take a gigabyte."""
+    state = request.app.state
+    budget = BODIES_IN_MEMORY * state.config.max_body_bytes
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            state.body_bytes += len(chunk)
+            if len(body) > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            if state.body_bytes > budget:
+                raise Unavailable("too many request bodies are being received at once; "
+                                  "nothing was changed, retry later")  # fmt: skip
+    finally:
+        state.body_bytes -= len(body)
+    return bytes(body)
 
 
 async def parse_body(body: bytes) -> Any:
@@ -515,6 +534,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.body_bytes = 0  # of request bodies being received (read_body)
     app.state.store = store
     app.state.executor = executor
     app.state.engine = engine

@@ -27,10 +27,10 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from daemon import assets, signing
 from daemon import flow as flows
-from daemon.api import parse_json
+from daemon.api import parse_json, read_body
 from daemon.config import Config, TokenConfig
 from daemon.engine import MAX_REASON
-from daemon.errors import StepdError
+from daemon.errors import PayloadTooLarge, StepdError
 from daemon.models import Step, Workflow
 from daemon.store import LinkSpent
 
@@ -206,13 +206,12 @@ async def _confirm(request: Request, error: str | None = None, status: int = 200
 
 
 async def _read_form(request: Request) -> dict[str, str]:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            raise LinkError(413, "Too large", "The form is too large.")
     try:
-        pairs = parse_qsl(bytes(body).decode(), keep_blank_values=True, max_num_fields=10)
+        body = await read_body(request, MAX_FORM)
+    except PayloadTooLarge:
+        raise LinkError(413, "Too large", "The form is too large.") from None
+    try:
+        pairs = parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=10)
     except (UnicodeDecodeError, ValueError):
         raise LinkError(400, "Bad form", "The form could not be read.") from None
     return {k: v for k, v in reversed(pairs)}  # the first value of each field wins

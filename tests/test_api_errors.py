@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from daemon import api
 from daemon.api import create_app
 from daemon.auth import hash_token
 from daemon.config import TokenConfig
@@ -823,3 +824,27 @@ async def test_a_large_body_is_checked_off_the_event_loop(make_client, shape, bo
     await ticker
     assert resp.status_code == 201, resp.text
     assert lag < bound, f"the event loop stalled {lag * 1000:.0f} ms"
+
+
+async def test_bodies_being_received_are_bounded_together(make_client) -> None:
+    # Clients that stall near the end of a large body: each is within max_body_bytes, and
+    # together they may hold at most BODIES_IN_MEMORY of them; the next one is a 503.
+    client, app = await make_client(max_body_bytes=10_000)
+    release = asyncio.Event()
+
+    async def stalling() -> Any:
+        yield b'{"name": "x", "pad": "' + b"p" * 9_900  # 9,922 bytes of the 10,000
+        await release.wait()
+        yield b'", "flow": {"start": {"tool": "echo", "done": true}}}'
+
+    headers = {"Content-Type": "application/json"}
+    held = [asyncio.create_task(client.post("/api/workflow", content=stalling(), headers=headers))
+            for _ in range(api.BODIES_IN_MEMORY)]  # fmt: skip
+    while app.state.body_bytes < api.BODIES_IN_MEMORY * 9_922:
+        await asyncio.sleep(0.01)
+    over = await client.post("/api/workflow", content=stalling(), headers=headers)
+    assert over.status_code == 503, over.text
+    assert "retry later" in over.json()["error"]
+    release.set()
+    assert {(await t).status_code for t in held} == {422}  # "pad" is no field: all were read
+    assert app.state.body_bytes == 0

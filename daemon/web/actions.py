@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from daemon.api import parse_body
+from daemon.api import parse_body, read_body
 from daemon.auth import Authenticator
 from daemon.config import TokenConfig
-from daemon.errors import BadRequest, PayloadTooLarge, StepdError, UnsupportedMediaType
+from daemon.errors import BadRequest, StepdError, UnsupportedMediaType
 from daemon.ids import MAX_ID
 from daemon.web import session as sessions
 from daemon.web.pages import engine_of, login_form, render, safe_next, signed_in
@@ -28,12 +28,7 @@ Form = dict[str, str]
 
 async def read_form(request: Request) -> Form:
     """A url-encoded form body, size-checked while reading; the first value of each field."""
-    limit: int = request.app.state.config.max_body_bytes
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the form is larger than {limit} bytes")
+    body = await read_body(request, request.app.state.config.max_body_bytes)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if body and ctype != "application/x-www-form-urlencoded":
         raise UnsupportedMediaType("forms must be application/x-www-form-urlencoded")
