@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from daemon import egress
 from daemon.errors import ConfigError
 
 PERMISSIONS = ("workflow", "approve")
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # Not token names: `link` is who decides through a one-click link, and the permission
 # names stand for every token holding them in a gate's `approvers` list.
 RESERVED_TOKEN_NAMES = ("link", *PERMISSIONS)
@@ -227,14 +229,15 @@ def _tokens(auth: Any) -> tuple[TokenConfig, ...]:
             raise ConfigError(f"{where}: expected keys name, sha256, permissions")
         name, digest = tok.get("name"), tok.get("sha256")
         perms = tok.get("permissions", ["workflow"])
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{where}: name must be a non-empty string")
-        if name in RESERVED_TOKEN_NAMES:
+        if not isinstance(name, str) or not TOKEN_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: name must be 1 to 64 letters, digits or . _ @ - "
+                              "(it is shown as created_by and decided_by)")  # fmt: skip
+        if name.lower() in RESERVED_TOKEN_NAMES:
             raise ConfigError(
                 f"{where}: the name '{name}' is reserved ({', '.join(RESERVED_TOKEN_NAMES)} "
                 "mean one-click links and permissions); choose another"
             )
-        if any(t.name == name for t in out):
+        if any(t.name.lower() == name.lower() for t in out):
             raise ConfigError(f"{where}: the name '{name}' is used by another token already")
         if not isinstance(digest, str) or len(digest) != 64:
             raise ConfigError(f"{where} ({name}): sha256 must be 64 hex characters")
@@ -244,6 +247,9 @@ def _tokens(auth: Any) -> tuple[TokenConfig, ...]:
             raise ConfigError(f"{where} ({name}): sha256 is not hex") from None
         if not isinstance(perms, list) or not perms or set(perms) - set(PERMISSIONS):
             raise ConfigError(f"{where} ({name}): permissions must be a subset of {PERMISSIONS}")
+        if any(t.sha256 == digest.lower() for t in out):
+            raise ConfigError(f"{where} ({name}): another token has the same sha256: one "
+                              "token would act as both")  # fmt: skip
         out.append(TokenConfig(name=name, sha256=digest.lower(), permissions=tuple(perms)))
     return tuple(out)
 

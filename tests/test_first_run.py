@@ -260,10 +260,16 @@ def test_every_file_stepd_writes_is_owner_only_whatever_the_umask(
         ([{"name": "approve"}], "the name 'approve' is reserved"),
         ([{"name": "workflow"}], "the name 'workflow' is reserved"),
         ([{"name": "ann"}, {"name": "bob"}, {"name": "ann"}], "#3: the name 'ann' is used"),
+        ([{"name": "Link"}], "the name 'Link' is reserved"),
+        ([{"name": "ann"}, {"name": "ANN"}], "#2: the name 'ANN' is used"),
+        ([{"name": "link "}], "#1: name must be 1 to 64 letters"),
+        ([{"name": "a\nINFO stepd: forged"}], "#1: name must be"),
+        ([{"name": ""}], "#1: name must be"),
+        ([{"name": "ann"}, {"name": "bob", "sha256": "0" * 64}], "#2 (bob): another token"),
     ],
 )
 def test_reserved_and_duplicate_token_names_are_refused(tokens, needle) -> None:
-    entries = [{**t, "sha256": "a" * 64} for t in tokens]
+    entries = [{"sha256": f"{i:064x}", **t} for i, t in enumerate(tokens)]
     with pytest.raises(ConfigError) as info:
         config.from_dict({"auth": {"tokens": entries}}, env={})
     assert needle in str(info.value)
