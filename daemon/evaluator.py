@@ -52,6 +52,7 @@ POLL_S = 0.005  # how often a working process's CPU time and memory are read
 COMPILE_MS = 40  # CPU allowed per expression for compiling it (once per process)
 PARSE_MS_PER_MB = 100  # CPU allowed for parsing the request, per megabyte
 PER_STEP = 10  # one step's expressions together: at most this many times template_ms
+RECYCLE_MB = 256  # an idle sandbox process larger than this is replaced
 START_TIMEOUT_S = 10.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _ROOT = str(Path(sandbox.__file__).resolve().parent.parent)  # where the `daemon` package is
@@ -125,6 +126,8 @@ class Evaluator:
             try:
                 return await worker.exchange(payload, exprs, self)
             finally:
+                if worker.alive and worker._usage()[0] > RECYCLE_MB * 2**20:
+                    await worker.kill()  # grown (caches, fragmentation): start afresh
                 if worker.alive:
                     self._idle.append(worker)
 

@@ -276,7 +276,7 @@ def _const(node: nodes.Node) -> Any:
     return node.value if isinstance(node, nodes.Const) else None
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)  # compiled code takes tens of kilobytes an expression
 def _compile(expr: str) -> Any:
     found = problem(expr)
     if found:

@@ -92,16 +92,23 @@ def read(expr: str, scope: dict[str, Any]) -> Any:
     return value
 
 
-@lru_cache(maxsize=4096)
 def check_expression(expr: str) -> str | None:
-    """A problem with `expr` detectable without data (syntax, depth, unsafe names), else None."""
-    if path(expr) is not None and len(expr) <= sandbox.MAX_EXPRESSION:
+    """A problem with `expr` detectable without data (syntax, depth, unsafe names), else None.
+    Only expressions within the length limit are cached: the caches are keyed by the text."""
+    if len(expr) > sandbox.MAX_EXPRESSION:
+        return f"expression is longer than {sandbox.MAX_EXPRESSION} characters"
+    return _check(expr)
+
+
+@lru_cache(maxsize=4096)
+def _check(expr: str) -> str | None:
+    if path(expr) is not None:
         return None
     return sandbox.problem(expr)
 
 
 def is_plain(exprs: list[str]) -> bool:
-    return all(path(e.strip()) is not None for e in exprs)
+    return all(len(e) <= sandbox.MAX_EXPRESSION and path(e.strip()) is not None for e in exprs)
 
 
 @dataclass(frozen=True)

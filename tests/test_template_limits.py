@@ -24,7 +24,7 @@ from daemon import evaluator
 from daemon.evaluator import Evaluator
 from daemon.placeholders import TemplateError
 from daemon.sandbox import render_value
-from daemon.templating import Fallback, Scope, needs, path, read
+from daemon.templating import Fallback, Scope, _check, check_expression, needs, path, read
 from tests.helpers import wait_for, waiting_gate
 
 SPLITS = "[" + ",".join(["('ab '*333333).split()"] * 20) + "]|length"  # 462 MB, 470 characters
@@ -436,3 +436,19 @@ async def test_tool_errors_keep_no_object_addresses(started: Any) -> None:
     resp = await client.post("/api/workflow", json={"name": "leak", "flow": flow})
     wf = await wait_for(client, resp.json()["id"])
     assert "0x7fe4" not in wf["steps"][0]["error"] and "<Thing object>" in wf["steps"][0]["error"]
+
+
+async def test_refused_long_expressions_are_not_cached(started: Any) -> None:
+    # Each create carried one distinct 48,000-character expression: the caches keyed by
+    # the text kept them all (+385 MB for 12,000 refused creates).
+    client, _ = started
+    assert not hasattr(check_expression, "cache_info")  # the public check is not a cache
+    sizes = _check.cache_info().currsize, path.cache_info().currsize
+    for i in range(20):
+        expr = "input.x" + ".y" * 24_000 + f".z{i}"
+        start = {"tool": "echo", "args": {"v": "{{" + expr + "}}"}, "done": True}
+        body = {"name": "long", "flow": {"start": start}}
+        resp = await client.post("/api/workflow", json=body)
+        assert resp.status_code == 422
+        assert "longer than 500 characters" in resp.json()["error"]
+    assert (_check.cache_info().currsize, path.cache_info().currsize) == sizes
