@@ -176,7 +176,10 @@ class _Worker:
     @classmethod
     async def start(cls) -> _Worker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+            p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p),
+            # One malloc arena: a second thread (the last-resort timer, see _handle) would
+            # otherwise reserve 64 MB of address space, all of RLIMIT_AS's allowance.
+            "MALLOC_ARENA_MAX": "1"}  # fmt: skip
         try:
             # A session of its own: a Ctrl-C in the daemon's terminal is for the daemon.
             proc = await asyncio.create_subprocess_exec(

