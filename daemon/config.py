@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class Config:
     step_limit: int = 1000
     shutdown_grace: float = 30.0
     max_body_bytes: int = 1_048_576
+    max_connections: int = 1000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     max_states: int = 200
     max_result_bytes: int = 1_048_576
     lease_s: float = 30.0
@@ -63,6 +67,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "host": ("host", str),
         "port": ("port", int),
         "max_body_bytes": ("max_body_bytes", int),
+        "max_connections": ("max_connections", int),
+        "header_timeout_s": ("header_timeout_s", (int, float)),
+        "body_timeout_s": ("body_timeout_s", (int, float)),
         "log_level": ("log_level", str),
         "log_format": ("log_format", str),
     },
@@ -158,7 +165,8 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
     if not db_path.is_absolute():
         db_path = state_dir / db_path
     for key in ("poll_interval", "shutdown_grace", "lease_s", "retention_days",
-                "retention_interval_s", "link_ttl_s", "session_ttl_s"):  # fmt: skip
+                "retention_interval_s", "link_ttl_s", "session_ttl_s", "header_timeout_s",
+                "body_timeout_s"):  # fmt: skip
         if key in values:
             values[key] = float(values[key])
     if "tool_modules" in values:
@@ -203,9 +211,12 @@ def _check(cfg: Config) -> None:
     if cfg.poll_interval <= 0:
         raise ConfigError("[executor] poll_interval must be > 0")
     for attr in ("concurrency", "claim_batch", "step_limit", "max_body_bytes", "max_states",
-                 "recovery_attempts", "retention_batch"):  # fmt: skip
+                 "recovery_attempts", "retention_batch", "max_connections"):  # fmt: skip
         if getattr(cfg, attr) < 1:
             raise ConfigError(f"{attr} must be >= 1")
+    for attr in ("header_timeout_s", "body_timeout_s"):
+        if not 0 < getattr(cfg, attr) < math.inf:
+            raise ConfigError(f"[server] {attr} must be a number of seconds > 0")
     if cfg.webhook_url and not cfg.webhook_url.startswith(("http://", "https://")):
         raise ConfigError("[webhooks] url must start with http:// or https://")
     if cfg.public_url and not cfg.public_url.startswith(("http://", "https://")):

@@ -15,6 +15,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from daemon import sdnotify
+from daemon import server as connections
 from daemon.api import create_app
 from daemon.auth import first_start_token
 from daemon.config import Config
@@ -69,6 +70,12 @@ def bind(host: str, port: int) -> socket.socket:
 async def serve(config: Config) -> int:
     """Run API and executor until SIGTERM/SIGINT; then drain and exit 0."""
     config = with_tokens(config)
+    # Before the database and the listener take theirs: file descriptors bound connections.
+    cap = connections.connection_cap(
+        config.max_connections,
+        connections.raise_fd_limit(),
+        connections.reserved_fds(config.concurrency),
+    )
     app = create_app(config)
     # Own the database before anything else: a second daemon must not touch its steps.
     try:
@@ -77,14 +84,14 @@ async def serve(config: Config) -> int:
         print(f"stepd: {exc}", file=sys.stderr)
         return 1
     try:
-        return await _serve_open(app, config)
+        return await _serve_open(app, config, cap)
     finally:
         # Whatever happened (a failed start-up included): the store's reader threads must
         # not keep the process from exiting.
         await app.state.store.close()
 
 
-async def _serve_open(app: Starlette, config: Config) -> int:
+async def _serve_open(app: Starlette, config: Config, max_connections: int) -> int:
     try:
         sock = bind(config.host, config.port)
     except OSError as exc:
@@ -92,10 +99,12 @@ async def _serve_open(app: Starlette, config: Config) -> int:
             f"stepd: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
         )
         return 1
+    limits = connections.Limits(max_connections, config.header_timeout_s, config.body_timeout_s)
     server = _Server(uvicorn.Config(
         app, host=config.host, port=config.port, lifespan="on", access_log=False,
         log_level=config.log_level.lower(), log_config=None, server_header=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=5, http=connections.protocol_class(limits),
+        backlog=connections.ACCEPT_BATCH,
     ))  # fmt: skip
     loop = asyncio.get_running_loop()
 
@@ -115,6 +124,8 @@ async def _serve_open(app: Starlette, config: Config) -> int:
     while not server.started and not serving.done():
         await asyncio.sleep(0.01)
     if server.started:
+        # asyncio listen()ed with the accept batch; the kernel's queue may be longer.
+        sock.listen(connections.LISTEN_BACKLOG)
         log.info(
             "stepd listening on http://%s:%d (database %s)",
             config.host,
