@@ -34,6 +34,7 @@ from daemon.errors import (
     UnsupportedMediaType,
 )
 from daemon.executor import Executor
+from daemon.hub import EventHub
 from daemon.ids import MAX_ID
 from daemon.models import WorkflowStatus
 from daemon.store import Store
@@ -291,13 +292,13 @@ async def reject_step(request: Request) -> Response:
 @needs("read")
 async def workflow_events(request: Request) -> Response:
     """One workflow's events as Server-Sent Events; the stream ends when the workflow does."""
-    return await events.response(request, request.app.state.store, path_id(request, "id"))
+    return await events.response(request, path_id(request, "id"))
 
 
 @needs("read")
 async def all_events(request: Request) -> Response:
     """Every workflow's events as Server-Sent Events."""
-    return await events.response(request, request.app.state.store, None)
+    return await events.response(request, None)
 
 
 @needs("read")
@@ -433,6 +434,7 @@ def create_app(
     store.commit_hooks.append(metrics.committed)
     executor = Executor(store, registry, config)
     engine = Engine(store, registry, executor, max_states=config.max_states)
+    hub = EventHub(store)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -440,6 +442,7 @@ def create_app(
             await store.open()
         try:
             recovered = await executor.recover()
+            await hub.start()
         except BaseException:
             await store.close()  # a failed start-up must not leave connections open
             raise
@@ -455,6 +458,7 @@ def create_app(
         try:
             yield
         finally:
+            await hub.stop()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -482,4 +486,5 @@ def create_app(
     app.state.store = store
     app.state.executor = executor
     app.state.engine = engine
+    app.state.events = hub
     return app

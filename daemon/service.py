@@ -111,6 +111,7 @@ async def _serve_open(app: Starlette, config: Config, max_connections: int) -> i
     def on_signal(sig: signal.Signals) -> None:
         log.info("received %s: stopping (grace %.0fs)", sig.name, config.shutdown_grace)
         sdnotify.notify("STOPPING=1")
+        app.state.events.close()  # open event streams end now instead of holding up the stop
         if server.should_exit:
             server.force_exit = True
         server.should_exit = True
