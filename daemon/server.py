@@ -208,9 +208,11 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel_deadline()
         super().on_message_complete()
-        # The answer went out before the body was all in (a 401, a 413): now idle.
+        # The answer went out before the body was all in (a 401, a 413). uvicorn's
+        # keep-alive timer, armed then, was cancelled by the body's bytes: now idle.
         cycle = self.cycle
-        if cycle is not None and cycle.response_complete and self.timeout_keep_alive_task:
+        if (cycle is not None and cycle.response_complete and not self.pipeline
+                and not self.transport.is_closing()):  # fmt: skip
             self._wait_for_head()
 
     def on_response_complete(self) -> None:

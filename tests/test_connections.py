@@ -183,6 +183,25 @@ def test_a_slow_body_is_cut_off_at_body_timeout_s(strict: Daemon):
         assert client.get("/api/workflow").status_code == 200
 
 
+def test_a_connection_answered_before_its_body_came_must_still_send_the_next_head(
+    strict: Daemon,
+):
+    body = b'{"name": "x", "flow": {}}'
+    head = (
+        "POST /api/workflow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with contextlib.closing(connect(strict.port)) as sock:
+        sock.sendall(head)  # no token: answered 401 before the body is read
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401 ")
+        sock.sendall(body)  # the rest of that request, then nothing
+        _, took = read_until_closed(sock, limit=10)
+    assert took < 5  # header_timeout_s = 1
+
+
 def test_keep_alive_connections_serve_several_requests(strict: Daemon):
     request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with contextlib.closing(connect(strict.port)) as sock:
