@@ -12,8 +12,8 @@ a time over one raw keep-alive connection, 10 ms apart) with no SSE client open,
   all       each client follows GET /api/events: every event of every timed workflow is
             written to every client, so each create also pays for that fan-out.
 
-The SSE clients are raw sockets in this process that read and discard what arrives, and
-count the events they were sent (printed, to show the streams were live).
+The SSE clients are raw sockets in a process of their own that read and discard what
+arrives, and count the events they were sent (printed, to show the streams were live).
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,23 @@ async def close_followers(followers: list[Follower]) -> None:
     await asyncio.gather(*(f.task for f in followers if f.task), return_exceptions=True)
 
 
+def follow_in_child(port: int, paths: list[str], conn: Connection) -> None:
+    """The SSE clients, in a process of their own: reading 500 streams in the timing
+    process would delay its reads of the create answers, and time the client."""
+    asyncio.run(_follow(port, paths, conn))
+
+
+async def _follow(port: int, paths: list[str], conn: Connection) -> None:
+    followers = await open_followers(port, paths)
+    await asyncio.sleep(1.0)  # replays done
+    before = sum(f.events for f in followers)
+    conn.send("ready")
+    await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+    await asyncio.sleep(0.5)  # the last events arrive
+    conn.send(sum(f.events for f in followers) - before)
+    await close_followers(followers)
+
+
 async def scenario(port: int, db: Path, mode: str, clients: int, samples: int) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as c:
@@ -119,15 +138,24 @@ async def scenario(port: int, db: Path, mode: str, clients: int, samples: int) -
             with contextlib.closing(read_only(db)) as conn:
                 (last,) = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
             paths = [f"/api/events?after={last}"] * clients  # live only, no replay
-    followers = await open_followers(port, paths)
-    await asyncio.sleep(1.0)  # replays done
-    before = sum(f.events for f in followers)
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    child = multiprocessing.get_context("spawn").Process(
+        target=follow_in_child, args=(port, paths, theirs), daemon=True
+    )
+    child.start()
     try:
+        if not await asyncio.to_thread(ours.poll, 120):
+            raise RuntimeError("the SSE clients did not start within 120 s")
+        if (ready := ours.recv()) != "ready":
+            raise RuntimeError(f"the SSE clients failed: {ready!r}")
         times = await timed_creates(port, samples)
-        await asyncio.sleep(0.5)
+        ours.send("stop")
+        events = await asyncio.to_thread(ours.recv)
     finally:
-        await close_followers(followers)
-    return {"times": times, "events": sum(f.events for f in followers) - before}
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    return {"times": times, "events": events}
 
 
 def line(label: str, times: list[float]) -> str:
