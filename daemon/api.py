@@ -35,6 +35,7 @@ from daemon.errors import (
     UnsupportedMediaType,
 )
 from daemon.executor import Executor
+from daemon.hub import EventHub
 from daemon.ids import MAX_ID
 from daemon.models import WorkflowStatus
 from daemon.store import Store
@@ -319,13 +320,13 @@ async def reject_step(request: Request) -> Response:
 @needs("read")
 async def workflow_events(request: Request) -> Response:
     """One workflow's events as Server-Sent Events; the stream ends when the workflow does."""
-    return await events.response(request, request.app.state.store, path_id(request, "id"))
+    return await events.response(request, path_id(request, "id"))
 
 
 @needs("read")
 async def all_events(request: Request) -> Response:
     """Every workflow's events as Server-Sent Events."""
-    return await events.response(request, request.app.state.store, None)
+    return await events.response(request, None)
 
 
 @needs("read")
@@ -485,6 +486,7 @@ def create_app(
     executor = Executor(store, registry, config)
     engine = Engine(store, registry, executor, max_states=config.max_states,
                     policy=executor.egress)  # fmt: skip
+    hub = EventHub(store)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -492,6 +494,7 @@ def create_app(
             await store.open()
         try:
             recovered = await executor.recover()
+            await hub.start()
         except BaseException:
             await store.close()  # a failed start-up must not leave connections open
             raise
@@ -509,6 +512,7 @@ def create_app(
         try:
             yield
         finally:
+            await hub.stop()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -538,4 +542,5 @@ def create_app(
     app.state.store = store
     app.state.executor = executor
     app.state.engine = engine
+    app.state.events = hub
     return app

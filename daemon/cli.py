@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import orjson
+from httpx_sse import SSEError, connect_sse
 
 from daemon import config as configuration
 from daemon.auth import hash_token, new_token
@@ -327,12 +328,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
     last, failures = 0, 0
     while True:
         try:
-            headers = {"Last-Event-ID": str(last)}
-            with client.http.stream("GET", f"/api/workflow/{args.id}/events", headers=headers,
-                                    timeout=httpx.Timeout(30, read=None)) as resp:  # fmt: skip
+            with connect_sse(client.http, "GET", f"/api/workflow/{args.id}/events",
+                             headers={"Last-Event-ID": str(last)},
+                             timeout=httpx.Timeout(30, read=None)) as source:  # fmt: skip
+                resp = source.response
                 if resp.status_code >= 400:
                     raise CLIError(f"{resp.status_code}: {resp.read().decode(errors='replace')}")
-                for event in _sse_events(resp.iter_lines()):
+                for sse in source.iter_sse():
+                    if not sse.data:
+                        continue  # the reconnection delay
+                    event = orjson.loads(sse.data)
                     failures = 0
                     last = event["id"]
                     if event["step_id"] is not None and event["step_id"] not in names:
@@ -345,22 +350,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if wf["status"] in WATCH_EXIT:
                 print(f"● {wf['status']}", flush=True)
                 return WATCH_EXIT[wf["status"]]
+        except SSEError as exc:
+            raise CLIError(f"{client.url} did not answer with an event stream: {exc}") from None
         except httpx.HTTPError as exc:
             failures += 1
             if failures > 30:
                 raise CLIError(f"lost the connection to {client.url}: {exc}") from None
             time.sleep(1)
-
-
-def _sse_events(lines: Any) -> Any:
-    """Parse a text/event-stream into the JSON `data` of each event."""
-    data: list[str] = []
-    for line in lines:
-        if line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif line == "" and data:
-            yield orjson.loads("\n".join(data))
-            data = []
 
 
 def _describe(event: dict[str, Any], names: dict[int, str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -43,6 +44,9 @@ class Config:
     step_limit: int = 1000
     shutdown_grace: float = 30.0
     max_body_bytes: int = 1_048_576
+    max_connections: int = 1000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     max_states: int = 200
     template_ms: float = 50.0  # CPU one expression may use
     template_mb: int = 64  # memory one evaluation may grow the sandbox process by
@@ -80,6 +84,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "host": ("host", str),
         "port": ("port", int),
         "max_body_bytes": ("max_body_bytes", int),
+        "max_connections": ("max_connections", int),
+        "header_timeout_s": ("header_timeout_s", (int, float)),
+        "body_timeout_s": ("body_timeout_s", (int, float)),
         "log_level": ("log_level", str),
         "log_format": ("log_format", str),
     },
@@ -185,7 +192,8 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
     if not db_path.is_absolute():
         db_path = base / db_path
     for key in ("poll_interval", "shutdown_grace", "lease_s", "retention_days",
-                "retention_interval_s", "link_ttl_s", "session_ttl_s", "template_ms"):  # fmt: skip
+                "retention_interval_s", "link_ttl_s", "session_ttl_s", "template_ms",
+                "header_timeout_s", "body_timeout_s"):  # fmt: skip
         if key in values:
             values[key] = float(values[key])
     if "tool_modules" in values:
@@ -260,9 +268,13 @@ def _check(cfg: Config) -> None:
     if cfg.poll_interval <= 0:
         raise ConfigError("[executor] poll_interval must be > 0")
     for attr in ("concurrency", "claim_batch", "step_limit", "max_body_bytes", "max_states",
-                 "recovery_attempts", "retention_batch", "max_workflow_bytes"):  # fmt: skip
+                 "recovery_attempts", "retention_batch", "max_workflow_bytes",
+                 "max_connections"):  # fmt: skip
         if getattr(cfg, attr) < 1:
             raise ConfigError(f"{attr} must be >= 1")
+    for attr in ("header_timeout_s", "body_timeout_s"):
+        if not 0 < getattr(cfg, attr) < math.inf:
+            raise ConfigError(f"[server] {attr} must be a number of seconds > 0")
     if cfg.webhook_url and not cfg.webhook_url.startswith(("http://", "https://")):
         raise ConfigError("[webhooks] url must start with http:// or https://")
     if cfg.webhook_url:

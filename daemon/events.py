@@ -1,62 +1,22 @@
-"""Server-Sent Events: replay the event log from Last-Event-ID, then follow it live."""
+"""Server-Sent Events: the event log over HTTP, replayed from Last-Event-ID, then live.
+
+The events come from the process's one EventHub (daemon/hub.py); sse-starlette frames
+them, sends the heartbeats and notices a client that has gone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from contextlib import aclosing
 
-import orjson
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
 
 from daemon.errors import BadRequest, NotFound
-from daemon.store import Store
+from daemon.hub import EventHub
 
-TERMINAL = {"completed", "failed", "cancelled"}
 HEARTBEAT_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
-POLL_S = 1.0  # events committed by other processes are noticed this fast
-
-
-def format_event(event: dict[str, Any]) -> bytes:
-    data = {k: event[k] for k in ("id", "workflow_id", "step_id", "type", "at", "data")}
-    return (
-        f"id: {event['id']}\nevent: {event['type']}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
-    )
-
-
-async def follow(
-    store: Store,
-    *,
-    after: int,
-    workflow_id: int | None = None,
-    heartbeat: float = HEARTBEAT_S,
-    poll: float = POLL_S,
-) -> AsyncIterator[bytes]:
-    """Events after `after`, then new ones as they are committed; a workflow's stream ends
-    after its terminal event."""
-    yield b"retry: 2000\n\n"
-    last, idle = after, 0.0
-    while True:
-        events = await store.events_after(last, workflow_id=workflow_id)
-        for event in events:
-            last = event["id"]
-            yield format_event(event)
-            if workflow_id is not None and event["type"] in TERMINAL:
-                return
-        if events:
-            idle = 0.0
-            continue
-        if workflow_id is not None:
-            wf = await store.get_workflow(workflow_id)
-            if wf is None or wf.status in TERMINAL:  # ended before `after`, or purged
-                return
-        wait = min(poll, heartbeat - idle)
-        if await store.wait_for_change(wait):
-            continue
-        idle += wait
-        if idle >= heartbeat:
-            yield b": heartbeat\n\n"
-            idle = 0.0
+RETRY_MS = 2000  # how long a disconnected EventSource waits before it reconnects
 
 
 def last_event_id(request: Request) -> int:
@@ -67,13 +27,39 @@ def last_event_id(request: Request) -> int:
     return int(raw)
 
 
-async def response(request: Request, store: Store, workflow_id: int | None) -> StreamingResponse:
-    """The SSE response for one workflow's events (404 if unknown), or for all events."""
+async def response(
+    request: Request, workflow_id: int | None, *, named: bool = True
+) -> EventSourceResponse:
+    """The SSE response for one workflow's events (404 if unknown), or for all events.
+    Without `named`, events carry no `event:` line (EventSource's onmessage gets them all)."""
     after = last_event_id(request)
-    if workflow_id is not None and await store.get_workflow(workflow_id) is None:
+    hub: EventHub = request.app.state.events
+    if workflow_id is not None and await hub.store.get_workflow(workflow_id) is None:
         raise NotFound(f"workflow {workflow_id} not found")
-    return StreamingResponse(
-        follow(store, after=after, workflow_id=workflow_id),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    return stream(hub, after, workflow_id, named=named)
+
+
+def stream(
+    hub: EventHub,
+    after: int,
+    workflow_id: int | None,
+    *,
+    named: bool = True,
+    heartbeat: float = HEARTBEAT_S,
+) -> EventSourceResponse:
+    """The events after `after` as an SSE response, with a heartbeat comment every
+    `heartbeat` seconds."""
+
+    async def frames() -> AsyncIterator[bytes]:
+        yield ServerSentEvent(retry=RETRY_MS, sep="\n").encode()
+        async with aclosing(hub.follow(after, workflow_id)) as batches:
+            async for batch in batches:
+                # One write for all that came at once: with many streams, sends cost most.
+                yield b"".join(event.frame(named) for event in batch)
+
+    return EventSourceResponse(
+        frames(),
+        sep="\n",
+        ping=heartbeat,
+        ping_message_factory=lambda: ServerSentEvent(comment="heartbeat", sep="\n"),
     )

@@ -15,6 +15,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from daemon import sdnotify
+from daemon import server as connections
 from daemon.api import create_app
 from daemon.auth import active_tokens, generated_token_path, tighten_generated
 from daemon.config import Config
@@ -91,6 +92,12 @@ async def serve(config: Config) -> int:
     except ConfigError as exc:  # a broken token file, a tool module that does not load
         print(f"stepd: {exc}", file=sys.stderr)
         return 1
+    # Before the database and the listener take theirs: file descriptors bound connections.
+    cap = connections.connection_cap(
+        config.max_connections,
+        connections.raise_fd_limit(),
+        connections.reserved_fds(config.concurrency),
+    )
     # Own the database before anything else: a second daemon must not touch its steps.
     try:
         await app.state.store.open()
@@ -98,14 +105,14 @@ async def serve(config: Config) -> int:
         print(f"stepd: {exc}", file=sys.stderr)
         return 1
     try:
-        return await _serve_open(app, config)
+        return await _serve_open(app, config, cap)
     finally:
         # Whatever happened (a failed start-up included): the store's reader threads must
         # not keep the process from exiting.
         await app.state.store.close()
 
 
-async def _serve_open(app: Starlette, config: Config) -> int:
+async def _serve_open(app: Starlette, config: Config, max_connections: int) -> int:
     try:
         sock = bind(config.host, config.port)
     except OSError as exc:
@@ -113,10 +120,12 @@ async def _serve_open(app: Starlette, config: Config) -> int:
             f"stepd: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
         )
         return 1
+    limits = connections.Limits(max_connections, config.header_timeout_s, config.body_timeout_s)
     server = _Server(uvicorn.Config(
         app, host=config.host, port=config.port, lifespan="on", access_log=False,
         log_level=config.log_level.lower(), log_config=None, server_header=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=5, http=connections.protocol_class(limits),
+        backlog=connections.ACCEPT_BATCH,
     ))  # fmt: skip
     loop = asyncio.get_running_loop()
 
@@ -130,6 +139,7 @@ async def _serve_open(app: Starlette, config: Config) -> int:
         log.info("received %s: stopping (grace %gs; send it again to stop at once)", sig.name,
                  config.shutdown_grace)  # fmt: skip
         sdnotify.notify("STOPPING=1")
+        app.state.events.close()  # open event streams end now instead of holding up the stop
         server.should_exit = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,6 +151,8 @@ async def _serve_open(app: Starlette, config: Config) -> int:
     while not server.started and not serving.done():
         await asyncio.sleep(0.01)
     if server.started:
+        # asyncio listen()ed with the accept batch; the kernel's queue may be longer.
+        sock.listen(connections.LISTEN_BACKLOG)
         log.info(
             "stepd listening on http://%s:%d (database %s)",
             config.host,

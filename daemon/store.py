@@ -867,6 +867,11 @@ class Store:
             return False
         return True
 
+    async def max_event_id(self) -> int:
+        """The newest event's id (0 while the log is empty)."""
+        row = await self._one(Q["max_event_id"], {})
+        return int(row[0]) if row and row[0] is not None else 0
+
     async def events_after(
         self, after: int, *, workflow_id: int | None = None, limit: int = 500
     ) -> list[dict[str, Any]]:

@@ -61,12 +61,15 @@ def write_config(
     poll_interval: float = 0.2,
     shutdown_grace: float = 2.0,
     modules: tuple[str, ...] = ("daemon.tools.demo",),
+    server: dict[str, int | float] | None = None,
 ) -> Path:
-    """A TOML config; `tokens` is (name, token, permission) triples, None for none at all."""
+    """A TOML config; `tokens` is (name, token, permission) triples, None for none at all;
+    `server` adds numeric [server] settings."""
     lines = [
         "[server]",
         'host = "127.0.0.1"',
         f"port = {port}",
+        *(f"{key} = {value}" for key, value in (server or {}).items()),
         "",
         "[database]",
         f'path = "{db}"',
@@ -94,8 +97,17 @@ def write_config(
 class Daemon:
     """One `stepd serve --config FILE` process (restartable; each run logs to its own files)."""
 
-    def __init__(self, workdir: Path, config: Path, port: int, **env: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: Path,
+        port: int,
+        *,
+        preexec_fn: Callable[[], None] | None = None,
+        **env: str,
+    ) -> None:
         self.workdir = workdir
+        self.preexec_fn = preexec_fn  # run in the child before exec (e.g. to set rlimits)
         self.config = config
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -122,6 +134,7 @@ class Daemon:
                 stdout=out,
                 stderr=err,
                 umask=self.umask,
+                preexec_fn=self.preexec_fn,
             )
         return self
 

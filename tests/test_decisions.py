@@ -237,25 +237,30 @@ async def test_a_workflow_event_stream_replays_then_follows_and_ends(client):
 
 
 async def test_the_all_events_stream_follows_live_with_heartbeats(app, client):
-    store = app.state.store
+    # Driven as an ASGI app: httpx's ASGITransport returns a body only once it has ended.
+    response = events.stream(app.state.events, 0, None, heartbeat=0.2)
     seen: list[bytes] = []
+    enough = asyncio.Event()
 
-    async def collect() -> None:
-        async for chunk in events.follow(store, after=0, heartbeat=0.2, poll=0.05):
-            seen.append(chunk)
-            if sum(c.startswith(b": heartbeat") for c in seen) and any(
-                b"event: completed" in c for c in seen
-            ):
-                return
+    async def receive() -> dict[str, str]:
+        await enough.wait()
+        return {"type": "http.disconnect"}
 
-    task = asyncio.create_task(collect())
+    async def send(message: dict[str, object]) -> None:
+        seen.append(message.get("body", b""))  # type: ignore[arg-type]
+        text = b"".join(seen)
+        if b": heartbeat" in text and b"event: completed" in text:
+            enough.set()
+
+    task = asyncio.create_task(response({"type": "http", "method": "GET"}, receive, send))
     await asyncio.sleep(0.05)
     body = {"name": "e", "flow": {"start": {"tool": "echo", "args": {}, "done": True}}}
     await client.post("/api/workflow", json=body)
-    await asyncio.wait_for(task, 10)
+    await asyncio.wait_for(task, 10)  # the disconnect ends it
     text = b"".join(seen).decode()
-    assert text.startswith("retry: 2000")
-    assert "event: step_done" in text and ": heartbeat" in text
+    assert text.startswith("retry: 2000\n\n")
+    assert "event: step_done" in text and ": heartbeat\n\n" in text
+    assert app.state.events.subscribers == 0  # the stream left the hub
 
 
 async def test_a_migrated_database_has_the_fresh_schema(tmp_path: Path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config
+from daemon.server import reserved_fds
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "stepd.service"
 
@@ -72,6 +73,14 @@ def test_exec_start_runs_stepd_serve(service):
     assert Path(argv[0]).name == "stepd" and Path(argv[0]).is_absolute()
     assert argv[1] == "serve"
     assert argv[argv.index("--config") + 1] == "/etc/stepd/stepd.toml"
+
+
+def test_the_open_file_limit_fits_the_connection_cap(service):
+    # The daemon cannot raise it itself under the unit (setrlimit is in ~@resources).
+    assert "~@privileged @resources" in service["SystemCallFilter"]
+    soft, _, hard = one(service, "LimitNOFILE").partition(":")
+    needed = Config().max_connections + reserved_fds(Config().concurrency)
+    assert int(soft) >= needed and int(hard or soft) >= int(soft)
 
 
 def test_identity_and_directories(service):

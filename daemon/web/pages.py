@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -294,18 +293,9 @@ async def workflow_events(request: Request) -> Response:
     wf_id = request.path_params["id"]
     if wf_id > MAX_ID:
         raise NotFound(f"workflow {wf_id} not found")
-    response = await events.response(request, request.app.state.store, wf_id)
-    response.body_iterator = _unnamed(response.body_iterator)
-    return response
-
-
-async def _unnamed(chunks: AsyncIterator[Any]) -> AsyncIterator[bytes]:
-    """Drop the `event:` lines, so EventSource hands every event to `onmessage` (named
-    events reach only listeners for that name, and the page wants them all)."""
-    async with aclosing(chunks):  # type: ignore[type-var]
-        async for chunk in chunks:
-            data = chunk if isinstance(chunk, bytes) else str(chunk).encode()
-            yield re.sub(rb"(?m)^event: [^\n]*\n", b"", data)
+    # Unnamed events: EventSource hands those to `onmessage`; a named one reaches only
+    # listeners for its name, and the page wants them all.
+    return await events.response(request, wf_id, named=False)
 
 
 async def not_found(
