@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from daemon import egress
+from daemon import flow as flows
 from daemon.tools import ToolContext, ToolError, bounded, tool
 
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -24,9 +25,12 @@ async def echo(**args: Any) -> dict[str, Any]:
 
 @tool
 async def sleep(seconds: float) -> dict[str, Any]:
-    """Wait `seconds` (cancellable) and return {"slept": seconds}."""
+    """Wait `seconds` (cancellable, at most a year) and return {"slept": seconds}."""
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
         raise ToolError("seconds must be a non-negative number", retryable=False)
+    if not seconds <= flows.MAX_SECONDS:  # NaN too
+        raise ToolError(f"seconds must be at most {flows.MAX_SECONDS} (a year), like timeouts",
+                        retryable=False)  # fmt: skip
     await asyncio.sleep(seconds)
     return {"slept": seconds}
 
