@@ -1,13 +1,21 @@
-"""Big JSON never holds the event loop: a workflow page of big results."""
+"""Big JSON never holds the event loop: a workflow page of big results, and the http tool
+parsing a big body or reading one sent in tiny chunks."""
 
 from __future__ import annotations
 
 import asyncio
+import http.server
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 
+from daemon.tools import builtin
 from daemon.web import pages
 from tests.test_template_limits import Watch
 from tests.test_web import sign_in
@@ -62,3 +70,94 @@ def test_pretty_cuts_long_values_before_parsing_them():
     assert not pages.is_empty_json(long) and not pages.is_empty_json('{"a":1}')
     # Not valid JSON though it looks like it: shown as it is, never an error.
     assert pages.pretty("[" * 3000) == "[" * 3000
+
+
+# -- the http tool --------------------------------------------------------------------------
+
+
+class _Bodies(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        body = {
+            "/dicts": b"[" + b",".join([b"{}"] * DICTS) + b"]",
+            "/nan": b"[NaN, Infinity, -Infinity]",
+            "/huge": b"[1e999]",
+        }[self.path]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def bodies() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Bodies)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+CHUNKS = 100_000  # one byte each
+# A server in a process of its own (in a thread here, it would hold this process's GIL
+# and blur what is measured): every answer is CHUNKS chunks of one byte.
+CHUNK_SERVER = r"""
+import socket, sys
+srv = socket.create_server(("127.0.0.1", 0))
+srv.settimeout(60)
+print(srv.getsockname()[1], flush=True)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        head = b""
+        while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+            head += data
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        block = b"1\r\nx\r\n" * 10_000
+        for _ in range(int(sys.argv[1]) // 10_000):
+            conn.sendall(block)
+        conn.sendall(b"0\r\n\r\n")
+"""
+
+
+@pytest.fixture
+def chunks() -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, "-c", CHUNK_SERVER, str(CHUNKS)],
+                            stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        yield f"http://127.0.0.1:{int(proc.stdout.readline())}/"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def test_the_http_tool_parses_a_1_mb_json_body(bodies):
+    async with Watch() as watch:
+        out = await builtin.http(f"{bodies}/dicts")
+    assert out["json"] == [{}] * DICTS
+    assert watch.lag < 0.5, f"the event loop waited {watch.lag * 1000:.0f} ms"
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [("/nan", "[NaN, Infinity, -Infinity]"), ("/huge", "[1e999]")],
+)
+async def test_a_body_that_is_not_strict_json_is_text(bodies, path, text):
+    out = await builtin.http(f"{bodies}{path}")
+    assert out["text"] == text and "json" not in out
+
+
+async def test_a_body_of_one_byte_chunks_does_not_hold_the_loop(chunks):
+    async with Watch() as watch:
+        out = await builtin.http(chunks, timeout=60)
+    assert out["text"] == "x" * CHUNKS
+    assert watch.lag < 0.1, f"reading held the event loop for {watch.lag * 1000:.0f} ms"
