@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import ssl
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import httpx
 import orjson
 import pytest
 
+from daemon import egress
 from daemon.tools import builtin
 from daemon.web import pages
 from tests.test_template_limits import Watch
@@ -161,3 +163,18 @@ async def test_a_body_of_one_byte_chunks_does_not_hold_the_loop(chunks):
         out = await builtin.http(chunks, timeout=60)
     assert out["text"] == "x" * CHUNKS
     assert watch.lag < 0.1, f"reading held the event loop for {watch.lag * 1000:.0f} ms"
+
+
+def test_an_http_client_does_not_load_the_ca_bundle_again(monkeypatch):
+    # Loading it takes ~25 ms of the event loop; the process loads it once.
+    egress.client(egress.Policy())
+    loads: list[Any] = []
+    load = ssl.SSLContext.load_verify_locations
+
+    def counted(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        loads.append(args)
+        load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    egress.client(egress.Policy())
+    assert loads == []
