@@ -860,10 +860,19 @@ class Store:
         now = now_ms() if now is None else now
         return await self._one(Q["has_due"], {"now": now}) is not None
 
-    async def next_due(self) -> int | None:
+    async def next_due(self, *, now: int | None = None) -> int | None:
         """When the next gate expires or the next pending step a claim may take is due
         (epoch ms), if any. Steps of a token at max_running_per_token are left out: they
         wait for one of its running steps to finish, which wakes the executor anyway."""
+        row = await self._one(Q["next_due"], {})
+        due = row[0] if row and row[0] < (1 << 62) else None
+        now = now_ms() if now is None else now
+        if due is None or due > now or self.max_running_per_token is None:
+            return due  # nothing, or nothing due yet (a token's share aside: one more tick)
+        return self._next_due_by_token()
+
+    def _next_due_by_token(self) -> int | None:
+        """next_due, token by token: steps due now may be held back by their token's share."""
         if self._reader is None:
             raise sqlite3.ProgrammingError("the store is not open")
         db = self._reader

@@ -103,6 +103,12 @@ SELECT min(run_at) FROM steps WHERE status = 'pending' AND created_by IS :create
 -- When the earliest waiting gate expires.
 SELECT min(expires_at) FROM steps WHERE awaiting = 'ready' AND expires_at IS NOT NULL;
 
+-- next_due --
+-- When the earliest pending step becomes due (whatever its token) or the earliest gate expires.
+SELECT min(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'), 1 << 62),
+           coalesce((SELECT min(expires_at) FROM steps
+                     WHERE awaiting = 'ready' AND expires_at IS NOT NULL), 1 << 62));
+
 -- claim_steps --
 -- Take chosen pending steps (a JSON array of ids): tools become running (a new attempt), gates start waiting.
 UPDATE steps
