@@ -420,15 +420,14 @@ class Store:
         queue behind them, first come, first served, so a busy chain of hand-offs cannot
         starve what was queued before it (steps of tokens at their share are no such
         steps). Nor while its own token has max_running_per_token steps running."""
-        if db.execute(Q["has_due"], {"now": now}).fetchone() is not None and (
-            self.max_running_per_token is None or self._claimable(db, 1, now)
-        ):
-            return False
+        queued = db.execute(Q["has_due"], {"now": now}).fetchone() is not None
         if self.max_running_per_token is None:
-            return True
-        (running,) = db.execute(Q["running_for_workflow_token"],
-                                {"workflow_id": workflow_id}).fetchone()  # fmt: skip
-        return bool(running < self.max_running_per_token)
+            return not queued
+        (token,) = db.execute(Q["workflow_token"], {"workflow_id": workflow_id}).fetchone()
+        running = self._running(db)
+        if self._room(running, token, 1) <= 0:
+            return False
+        return not queued or not self._claimable(db, 1, now, running)
 
     def _room(self, running: dict[str | None, int], token: str | None, limit: int) -> int:
         """How many more steps may start for `token` (at most `limit`)."""
@@ -436,13 +435,20 @@ class Store:
             return limit
         return min(limit, self.max_running_per_token - running.get(token, 0))
 
-    def _claimable(self, db: Conn, limit: int, now: int) -> list[int]:
+    @staticmethod
+    def _running(db: Conn) -> dict[str | None, int]:
+        """How many tool steps run for each token."""
+        return {r[0]: r[1] for r in db.execute(Q["running_by_token"]).fetchall()}
+
+    def _claimable(
+        self, db: Conn, limit: int, now: int, running: dict[str | None, int] | None = None
+    ) -> list[int]:
         """Up to `limit` due pending steps, oldest first, of tokens below their share.
 
         Each token's due steps are read on their own (one index seek, at most `limit`
         rows), so the cost does not grow with any token's backlog, and a token at its
         share holds back only its own steps."""
-        running = {r[0]: r[1] for r in db.execute(Q["running_by_token"]).fetchall()}
+        running = self._running(db) if running is None else running
         due: list[tuple[int, int]] = []
         for (token,) in db.execute(Q["pending_tokens"]).fetchall():
             room = self._room(running, token, limit)
@@ -877,7 +883,7 @@ class Store:
             raise sqlite3.ProgrammingError("the store is not open")
         db = self._reader
         times = [db.execute(Q["next_gate_expiry"]).fetchone()[0]]
-        running = {r[0]: r[1] for r in db.execute(Q["running_by_token"]).fetchall()}
+        running = self._running(db)
         for (token,) in db.execute(Q["pending_tokens"]).fetchall():
             if self._room(running, token, 1) > 0:
                 row = db.execute(Q["next_run_of_token"], {"created_by": token}).fetchone()

@@ -66,15 +66,13 @@ SELECT * FROM steps WHERE workflow_id = :workflow_id ORDER BY id;
 SELECT * FROM steps WHERE id = :id;
 
 -- running_by_token --
--- Tool steps running for each token (the partial index steps_leases: about concurrency rows).
+-- Tool steps running for each token (the partial index steps_running_by: about concurrency entries).
 SELECT created_by, count(*) AS n FROM steps
 WHERE status = 'running' AND awaiting IS NULL GROUP BY created_by;
 
--- running_for_workflow_token --
--- Tool steps running for the token that created a workflow.
-SELECT count(*) AS n FROM steps
-WHERE status = 'running' AND awaiting IS NULL
-  AND created_by IS (SELECT created_by FROM workflows WHERE id = :workflow_id);
+-- workflow_token --
+-- The token that created a workflow.
+SELECT created_by FROM workflows WHERE id = :workflow_id;
 
 -- pending_tokens --
 -- Every token with pending steps (NULL for steps of no token): one index seek each.

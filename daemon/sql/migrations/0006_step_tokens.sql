@@ -12,3 +12,6 @@ WHERE status IN ('pending', 'running');
 -- Each token's due steps, oldest first, found with one seek per token: a token with a
 -- large backlog neither slows the claim nor hides the steps of others behind its own.
 CREATE INDEX steps_runnable_by ON steps (created_by, run_at, id) WHERE status = 'pending';
+
+-- Running tool steps by token: how many run for each, counted without reading a row.
+CREATE INDEX steps_running_by ON steps (created_by) WHERE status = 'running' AND awaiting IS NULL;
