@@ -4,6 +4,7 @@ steps or its backlog never take the slots of the others."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import httpx
 from daemon.auth import hash_token
 from daemon.config import TokenConfig
 from daemon.models import NewStep
-from daemon.store import Store, now_ms
+from daemon.store import Store, migrations, now_ms, split_statements
 from tests.helpers import TOKENS, wait_for
 
 PEOPLE = {**TOKENS, "mallory": ("tok-mallory", ("workflow",)),
@@ -188,5 +189,37 @@ async def test_steps_carry_their_workflows_token(tmp_path: Path):
             (created.first_step_id, "running", "victor"),
             (second.first_step_id, "pending", None),
         ]
+    finally:
+        await store.close()
+
+
+async def test_the_migration_gives_live_steps_their_token(tmp_path: Path):
+    old = sqlite3.connect(tmp_path / "stepd.db")
+    for number, script in migrations():
+        if number < 6:
+            for statement in split_statements(script):
+                old.execute(statement)
+            old.execute(f"PRAGMA user_version = {number}")
+    old.execute(
+        "INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,"
+        " created_at, updated_at) VALUES (1, 'w', '{}', '{}', 'running', 'mallory', 0, 0)"
+    )
+    old.executemany(
+        "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt, run_at,"
+        " created_at, lease_until) VALUES (?, 1, 's', 's', 'echo', ?, 1, 1, 0, 0, ?)",
+        [(10, "done", None), (11, "running", 1 << 50), (12, "pending", None),
+         (13, "pending", None)],
+    )  # fmt: skip
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "stepd.db", max_running_per_token=2)
+    await store.open()
+    try:
+        rows = await store.read_slow("SELECT id, created_by FROM steps ORDER BY id", {})
+        assert [tuple(r) for r in rows] == [
+            (10, None), (11, "mallory"), (12, "mallory"), (13, "mallory")
+        ]  # fmt: skip
+        # Counted as hers: one more of hers may run, not two.
+        assert [s.id for s in await store.claim_steps(64)] == [12]
     finally:
         await store.close()
