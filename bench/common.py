@@ -55,7 +55,9 @@ def write_config(
     db: Path | None = None,
 ) -> Path:
     """The daemon config of every benchmark: loopback, one `workflow` token, `bench_tools`.
-    Written to `tmp/stepd-<port>.toml`; the database is `db` or `tmp/stepd.db`."""
+    Written to `tmp/stepd-<port>.toml`; the database is `db` or `tmp/stepd.db`. The one
+    token may use every run slot (max_running_per_token = concurrency), as before there
+    were shares: the workloads measure throughput, not fairness between tokens."""
     config = tmp / f"stepd-{port}.toml"
     config.write_text(
         f"""
@@ -69,6 +71,7 @@ synchronous = "{synchronous}"
 [executor]
 poll_interval = {poll_interval}
 concurrency = {concurrency}
+max_running_per_token = {concurrency}
 claim_batch = {claim_batch}
 [[auth.tokens]]
 name = "bench"

@@ -8,7 +8,8 @@ seeded in seconds with raw sqlite3 (bench/scale_seed.py):
   poll cost    in-process, the store calls the executor makes on every tick
                (`claim_steps(128)` with nothing runnable, `expired_gates`, `interrupted`,
                `next_due`, and `has_due` where the store has it) and a claim of a small
-               runnable backlog; p50/p95 in us
+               runnable backlog, alone and queued behind 10,000 due steps of another
+               token that is at its share of the run slots; p50/p95 in us
   API latency  a real `stepd serve` per database over loopback HTTP, keep-alive: create
                (a one-state echo flow), get an old finished workflow and a new one, list
                (default page and ?status=completed); p50/p95 in ms, and each p50's ratio
@@ -52,12 +53,14 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # scale_seed and bench_tools, however this is started
 
-from common import CLAIM_BATCH, TOKEN, bench_env, free_port, write_config  # noqa: E402
+from common import CLAIM_BATCH, CONCURRENCY, TOKEN, bench_env, free_port, write_config  # noqa: E402
 from scale_seed import Seeded, seed  # noqa: E402
 
 from daemon.store import Store, now_ms  # noqa: E402
 
 BACKLOG = 32  # runnable steps for the "claim with a backlog" figure
+HELD = 10_000  # due steps of a token at its share, queued before that backlog
+SHARE = CONCURRENCY  # [executor] max_running_per_token of the bench daemons (common.py)
 FLAT_TOLERANCE = 0.20  # target: every p50 within +-20 % of the empty database's
 TARGET_IDLE_MIB = 60.0
 TARGET_GATES_MIB = 150.0
@@ -267,22 +270,30 @@ async def _timed_us(call: Callable[[], Awaitable[Any]]) -> float:
     return (time.perf_counter_ns() - t0) / 1000
 
 
-def _add_backlog(db: Path, first_id: int) -> int:
-    """A running workflow with BACKLOG pending echo steps (ids from first_id); its id."""
+def _add_backlog(
+    db: Path, first_id: int, *, steps: int = BACKLOG, token: str = "bench", running: int = 0
+) -> int:
+    """A running workflow of `token` with `steps` pending echo steps (ids from first_id),
+    and `running` more of them running under a lease; its id."""
     now = now_ms()
     conn = sqlite3.connect(db, isolation_level=None, timeout=10)
     try:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(
             "INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,"
-            " created_at, updated_at) VALUES (?, 'backlog', ?, '{}', 'running', 'bench', ?, ?)",
-            (first_id, json.dumps(ECHO_ONE["flow"]), now, now),
+            " created_at, updated_at) VALUES (?, 'backlog', ?, '{}', 'running', ?, ?, ?)",
+            (first_id, json.dumps(ECHO_ONE["flow"]), token, now, now),
         )
+        # Due a second before the small backlog: a held one is queued ahead of it.
+        due = now - 1000 if running else now
         conn.executemany(
             "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
-            " created_at) VALUES (?, ?, 'start', 'start', 'echo', 'pending', 1, ?, ?)",
-            [(first_id + 1 + i, first_id, now, now) for i in range(BACKLOG)],
-        )
+            " created_at, lease_until, created_by) VALUES (?, ?, 'start', 'start', 'echo', ?,"
+            " 1, ?, ?, ?, ?)",
+            [(first_id + 1 + i, first_id, "running" if i < running else "pending", due, now,
+              now + 3_600_000 if i < running else None, token)
+             for i in range(steps + running)],
+        )  # fmt: skip
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -323,16 +334,19 @@ async def _tick(store: Store) -> dict[str, float]:
 async def poll_cost(dbs: dict[str, Path], reps: int) -> dict[str, dict[str, float]]:
     """What one idle executor tick costs, and a claim of BACKLOG runnable steps, per database.
 
-    The stores are the daemon's own (`daemon.store.Store`, synchronous=FULL), one per
-    database, all open at once; every repetition visits each in a shuffled order, so
-    noise from other work on the machine is shared out evenly between the sizes.
-    See `_tick` for what `tick` sums. The backlog is requeued by another
-    connection between claims, untimed, and removed at the end with its events.
+    The stores are the daemon's own (`daemon.store.Store`, synchronous=FULL, the bench
+    daemons' share of SHARE steps per token), one per database, all open at once; every
+    repetition visits each in a shuffled order, so noise from other work on the machine
+    is shared out evenly between the sizes. See `_tick` for what `tick` sums. The
+    backlog is requeued by another connection between claims, untimed, and removed at
+    the end with its events. Then the same claim again, with HELD due steps of another
+    token queued before the backlog, that token running SHARE steps (at its share).
     """
     rng = random.Random(4)
     stores: dict[str, Store] = {}
     sides: dict[str, sqlite3.Connection] = {}
     backlogs: dict[str, int] = {}
+    held: dict[str, int] = {}
     times: dict[str, dict[str, list[float]]] = {label: {} for label in dbs}
     try:
         for label, db in dbs.items():
@@ -348,7 +362,7 @@ async def poll_cost(dbs: dict[str, Path], reps: int) -> dict[str, dict[str, floa
             side.execute(
                 "UPDATE steps SET status = 'done' WHERE workflow_id = ?", (backlogs[label],)
             )
-            stores[label] = Store(db)
+            stores[label] = Store(db, max_running_per_token=SHARE)
             await stores[label].open()
         labels = list(dbs)
         for i in range(reps + 20):  # the first 20 warm the caches and are not counted
@@ -357,24 +371,43 @@ async def poll_cost(dbs: dict[str, Path], reps: int) -> dict[str, dict[str, floa
                 for name, us in (await _tick(stores[label])).items():
                     if i >= 20:
                         times[label].setdefault(name, []).append(us)
-        key = f"claim_backlog{BACKLOG}"
-        for i in range(reps // 2 + 5):  # each such claim commits with an fsync: fewer
-            rng.shuffle(labels)
-            for label in labels:
-                _requeue_backlog(sides[label], backlogs[label])
-                t0 = time.perf_counter_ns()
-                claimed = await stores[label].claim_steps(CLAIM_BATCH)
-                us = (time.perf_counter_ns() - t0) / 1000
-                assert len(claimed) == BACKLOG, len(claimed)
-                if i >= 5:
-                    times[label].setdefault(key, []).append(us)
+        await _claims(stores, sides, backlogs, times, f"claim_backlog{BACKLOG}", reps, rng)
+        for label, db in dbs.items():
+            held[label] = _add_backlog(db, count(db, sql) + 1, steps=HELD, token="held",
+                                       running=SHARE)  # fmt: skip
+        key = f"claim_backlog{BACKLOG}_behind_held{HELD // 1000}k"
+        await _claims(stores, sides, backlogs, times, key, reps, rng)
     finally:
         for store in stores.values():
             await store.close()
         for label, side in sides.items():
-            side.execute("DELETE FROM workflows WHERE id = ?", (backlogs[label],))  # cascades
+            for wf in (backlogs.get(label), held.get(label)):
+                side.execute("DELETE FROM workflows WHERE id = ?", (wf,))  # cascades
             side.close()
     return {label: _percentiles("poll", "us", t) for label, t in times.items()}
+
+
+async def _claims(
+    stores: dict[str, Store],
+    sides: dict[str, sqlite3.Connection],
+    backlogs: dict[str, int],
+    times: dict[str, dict[str, list[float]]],
+    key: str,
+    reps: int,
+    rng: random.Random,
+) -> None:
+    """Time claims of the requeued BACKLOG, every database in turn (shuffled)."""
+    labels = list(stores)
+    for i in range(reps // 2 + 5):  # each such claim commits with an fsync: fewer
+        rng.shuffle(labels)
+        for label in labels:
+            _requeue_backlog(sides[label], backlogs[label])
+            t0 = time.perf_counter_ns()
+            claimed = await stores[label].claim_steps(CLAIM_BATCH)
+            us = (time.perf_counter_ns() - t0) / 1000
+            assert len(claimed) == BACKLOG, len(claimed)
+            if i >= 5:
+                times[label].setdefault(key, []).append(us)
 
 
 def _percentiles(prefix: str, unit: str, times: dict[str, list[float]]) -> dict[str, float]:
@@ -540,6 +573,7 @@ POLL_ROWS = [
     "next_due",
     "tick",
     f"claim_backlog{BACKLOG}",
+    f"claim_backlog{BACKLOG}_behind_held{HELD // 1000}k",
 ]
 
 

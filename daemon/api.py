@@ -479,9 +479,9 @@ def create_app(
 ) -> Starlette:
     """The API and the executor; the lifespan opens the store and runs the executor."""
     registry = registry or build_registry(config.tool_modules, search_path=config.config_dir)
-    store = Store(
-        config.db_path, synchronous=config.synchronous, busy_timeout_ms=config.busy_timeout_ms
-    )
+    store = Store(config.db_path, synchronous=config.synchronous,
+                  busy_timeout_ms=config.busy_timeout_ms,
+                  max_running_per_token=config.running_share)  # fmt: skip
     store.commit_hooks.append(metrics.committed)
     executor = Executor(store, registry, config)
     engine = Engine(store, registry, executor, max_states=config.max_states,

@@ -40,6 +40,9 @@ class Config:
     busy_timeout_ms: int = 5000
     poll_interval: float = 1.0
     concurrency: int = 16
+    # Steps running at once for one token (the token that created their workflow); None:
+    # half of concurrency (see running_share).
+    max_running_per_token: int | None = None
     claim_batch: int = 64
     step_limit: int = 1000
     shutdown_grace: float = 30.0
@@ -77,6 +80,14 @@ class Config:
     # The config file's directory: [tools] modules are looked for there too.
     config_dir: Path | None = None
 
+    @property
+    def running_share(self) -> int:
+        """Most tool steps running at once for one token: max_running_per_token, or by
+        default half of concurrency (at least 1), so one token cannot take every slot."""
+        if self.max_running_per_token is not None:
+            return self.max_running_per_token
+        return max(1, self.concurrency // 2)
+
 
 _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     # section -> key -> (Config attribute, accepted types)
@@ -98,6 +109,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "executor": {
         "poll_interval": ("poll_interval", (int, float)),
         "concurrency": ("concurrency", int),
+        "max_running_per_token": ("max_running_per_token", int),
         "claim_batch": ("claim_batch", int),
         "step_limit": ("step_limit", int),
         "shutdown_grace": ("shutdown_grace", (int, float)),
@@ -275,6 +287,11 @@ def _check(cfg: Config) -> None:
     for attr in ("header_timeout_s", "body_timeout_s"):
         if not 0 < getattr(cfg, attr) < math.inf:
             raise ConfigError(f"[server] {attr} must be a number of seconds > 0")
+    if not 1 <= cfg.running_share <= cfg.concurrency:
+        raise ConfigError(
+            f"[executor] max_running_per_token must be between 1 and concurrency "
+            f"({cfg.concurrency}); leave it out for half of concurrency"
+        )
     if cfg.webhook_url and not cfg.webhook_url.startswith(("http://", "https://")):
         raise ConfigError("[webhooks] url must start with http:// or https://")
     if cfg.webhook_url:

@@ -231,7 +231,9 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's own transport over a connection pool that connects through GuardedBackend."""
 
     def __init__(self, policy: Policy, limits: httpx.Limits = _LIMITS) -> None:
-        super().__init__(trust_env=False, limits=limits)
+        # With the context given: httpx would otherwise load the CA bundle for a pool that
+        # is thrown away at once (~25 ms on the event loop for every request of the tool).
+        super().__init__(trust_env=False, limits=limits, verify=_ssl_context())
         # httpx takes no network backend; its pool is replaced by one that has ours, built
         # from httpcore's public constructor. Fails loudly should httpx's internals move.
         if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):

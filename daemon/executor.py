@@ -11,6 +11,10 @@ a finished step's successor are written as running under this process's lease
 claim query (oldest first) is for everything else: backlog beyond the
 concurrency, retries, recovered steps, rows written by other processes; while
 there is a backlog, new steps join it rather than overtake it.
+
+Each token gets a share of the slots (`Config.running_share`): the store neither
+claims nor hands off a step of a token that has that many running; such steps wait
+for one of the token's own to finish, which wakes the loop like any finish.
 """
 
 from __future__ import annotations

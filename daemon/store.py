@@ -178,10 +178,23 @@ class Gauges:
 
 
 class Store:
-    """Async access to one SQLite database file."""
+    """Async access to one SQLite database file.
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000):
+    With `max_running_per_token`, no write starts a tool step (a claim or a hand-off) while
+    that many steps run for the token that created its workflow: each token gets a share
+    of the run slots, and its other due steps wait for one of its own to finish.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+        max_running_per_token: int | None = None,
+    ):
         self.path = Path(path)
+        self.max_running_per_token = max_running_per_token
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = busy_timeout_ms
         self._writes: dblib.WriteBatcher | None = None
@@ -401,12 +414,49 @@ class Store:
             self._event(db, workflow_id, step_id, "gate_waiting", now, {"state": step.state})
         return step_id
 
+    def _may_start(self, db: Conn, workflow_id: int, now: int) -> bool:
+        """Whether a step of this workflow written now may be handed off (written as
+        running). Not while due steps a claim could take wait in the queue: it joins the
+        queue behind them, first come, first served, so a busy chain of hand-offs cannot
+        starve what was queued before it (steps of tokens at their share are no such
+        steps). Nor while its own token has max_running_per_token steps running."""
+        queued = db.execute(Q["has_due"], {"now": now}).fetchone() is not None
+        if self.max_running_per_token is None:
+            return not queued
+        (token,) = db.execute(Q["workflow_token"], {"workflow_id": workflow_id}).fetchone()
+        running = self._running(db)
+        if self._room(running, token, 1) <= 0:
+            return False
+        return not queued or not self._claimable(db, 1, now, running)
+
+    def _room(self, running: dict[str | None, int], token: str | None, limit: int) -> int:
+        """How many more steps may start for `token` (at most `limit`)."""
+        if self.max_running_per_token is None:
+            return limit
+        return min(limit, self.max_running_per_token - running.get(token, 0))
+
     @staticmethod
-    def _queued_due(db: Conn, now: int) -> bool:
-        """Whether due steps wait in the queue. A step written now then joins the queue
-        behind them instead of being handed off: first come, first served, so a busy chain
-        of hand-offs cannot starve what was queued before it."""
-        return db.execute(Q["has_due"], {"now": now}).fetchone() is not None
+    def _running(db: Conn) -> dict[str | None, int]:
+        """How many tool steps run for each token."""
+        return {r[0]: r[1] for r in db.execute(Q["running_by_token"]).fetchall()}
+
+    def _claimable(
+        self, db: Conn, limit: int, now: int, running: dict[str | None, int] | None = None
+    ) -> list[int]:
+        """Up to `limit` due pending steps, oldest first, of tokens below their share.
+
+        Each token's due steps are read on their own (one index seek, at most `limit`
+        rows), so the cost does not grow with any token's backlog, and a token at its
+        share holds back only its own steps."""
+        running = self._running(db) if running is None else running
+        due: list[tuple[int, int]] = []
+        for (token,) in db.execute(Q["pending_tokens"]).fetchall():
+            room = self._room(running, token, limit)
+            if room > 0:
+                params = {"created_by": token, "now": now, "limit": room}
+                due += [(r[0], r[1]) for r in db.execute(Q["due_of_token"], params).fetchall()]
+        due.sort()  # (run_at, id): oldest first across tokens
+        return [step_id for _, step_id in due[:limit]]
 
     def _insert_started(
         self, db: Conn, workflow_id: int, step: NewStep, now: int, lease_ms: int
@@ -474,7 +524,7 @@ class Store:
             if (
                 start_lease_ms is not None
                 and first.tool is not None
-                and not self._queued_due(db, now)
+                and self._may_start(db, wf_id, now)
             ):
                 started = self._insert_started(db, wf_id, first, now, start_lease_ms)
                 return Created(wf_id, False, started=started, first_step_id=started.id)
@@ -532,13 +582,15 @@ class Store:
     async def claim_steps(
         self, limit: int, *, lease_ms: int = 30_000, now: int | None = None
     ) -> list[Step]:
-        """Claim up to `limit` due pending steps; tools become running under a lease, gates
-        start waiting."""
+        """Claim up to `limit` due pending steps, oldest first, skipping those of tokens at
+        max_running_per_token; tools become running under a lease, gates start waiting."""
 
         def op(db: Conn) -> list[Step]:
             # The time the transaction runs, not when it was queued: leases start now.
             at = now_ms() if now is None else now
-            params = {"now": at, "limit": limit, "lease_ms": lease_ms}
+            # Chosen and taken in one transaction: no other write sees them in between.
+            ids = orjson.dumps(self._claimable(db, limit, at)).decode()
+            params = {"now": at, "ids": ids, "lease_ms": lease_ms}
             rows = [Step.from_row(r) for r in db.execute(Q["claim_steps"], params).fetchall()]
             for step in rows:
                 if step.tool is None:
@@ -618,7 +670,7 @@ class Store:
         self._event(db, wf, fin.step_id, kind, now, data)
         next_id, started = 0, None
         if (fin.next_step is not None and fin.start_next_lease_ms and fin.next_step.tool
-                and not self._queued_due(db, now)):  # fmt: skip
+                and self._may_start(db, wf, now)):  # fmt: skip
             started = self._insert_started(db, wf, fin.next_step, now, fin.start_next_lease_ms)
             next_id = started.id
             db.execute(Q["touch_workflow"], {"id": wf, "now": now})
@@ -817,10 +869,30 @@ class Store:
         now = now_ms() if now is None else now
         return await self._one(Q["has_due"], {"now": now}) is not None
 
-    async def next_due(self) -> int | None:
-        """When the next pending step is due or the next gate expires (epoch ms), if any."""
+    async def next_due(self, *, now: int | None = None) -> int | None:
+        """When the next gate expires or the next pending step a claim may take is due
+        (epoch ms), if any. Steps of a token at max_running_per_token are left out: they
+        wait for one of its running steps to finish, which wakes the executor anyway."""
         row = await self._one(Q["next_due"], {})
-        return row[0] if row and row[0] < (1 << 62) else None
+        due = row[0] if row and row[0] < (1 << 62) else None
+        now = now_ms() if now is None else now
+        if due is None or due > now or self.max_running_per_token is None:
+            return due  # nothing, or nothing due yet (a token's share aside: one more tick)
+        return self._next_due_by_token()
+
+    def _next_due_by_token(self) -> int | None:
+        """next_due, token by token: steps due now may be held back by their token's share."""
+        if self._reader is None:
+            raise sqlite3.ProgrammingError("the store is not open")
+        db = self._reader
+        times = [db.execute(Q["next_gate_expiry"]).fetchone()[0]]
+        running = self._running(db)
+        for (token,) in db.execute(Q["pending_tokens"]).fetchall():
+            if self._room(running, token, 1) > 0:
+                row = db.execute(Q["next_run_of_token"], {"created_by": token}).fetchone()
+                times.append(row[0])
+        due = [t for t in times if t is not None]
+        return min(due) if due else None
 
     async def expired_gates(self, limit: int, *, now: int | None = None) -> list[Step]:
         now = now_ms() if now is None else now

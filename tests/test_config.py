@@ -27,7 +27,9 @@ def test_example_config_documents_every_setting():
     text = (ROOT / "config.example.toml").read_text()
     documented = {key for section in config._SCHEMA.values() for key in section}
     for key in documented:
-        assert f"\n{key} = " in text, f"{key} is not in config.example.toml"
+        # A setting whose default follows another one is shown commented out.
+        shown = f"\n{key} = " in text or f"\n# {key} = " in text
+        assert shown, f"{key} is not in config.example.toml"
     settable = {attr for section in config._SCHEMA.values() for attr, _ in section.values()}
     internal = {"tokens", "state_dir", "config_dir"}
     assert {f.name for f in dataclasses.fields(Config)} - internal == settable
@@ -76,6 +78,19 @@ def test_bad_config_is_rejected_with_a_clear_message(data, needle):
     with pytest.raises(ConfigError) as info:
         config.from_dict(data, env={})
     assert needle in str(info.value)
+
+
+def test_each_tokens_share_of_the_run_slots():
+    def share(executor: dict) -> int:
+        return config.from_dict({"executor": executor}, env={}).running_share
+
+    assert share({}) == 8  # half of the default concurrency, 16
+    assert share({"concurrency": 40}) == 20  # unset, it follows concurrency
+    assert share({"concurrency": 1}) == 1
+    assert share({"concurrency": 4, "max_running_per_token": 4}) == 4
+    for bad in (0, -1, 5):
+        with pytest.raises(ConfigError, match="max_running_per_token must be between 1 and"):
+            share({"concurrency": 4, "max_running_per_token": bad})
 
 
 def test_token_entries(tmp_path):

@@ -83,7 +83,7 @@ async def test_poll_picks_up_rows_written_by_another_process(make_client, tmp_pa
 
 
 async def test_concurrency_limit_and_parallelism(make_client):
-    client, app = await make_client(concurrency=3)
+    client, app = await make_client(concurrency=3, max_running_per_token=3)
     sample_tools.STARTED.clear()
     ids = [
         (await client.post("/api/workflow", json=single("track", {"label": str(i), "seconds": 0.3}))

@@ -267,7 +267,9 @@ async def test_stop_waits_for_a_hand_off_however_long_its_commit_takes(make_clie
 
 
 async def test_reservations_during_a_claim_keep_within_concurrency(make_client):
-    client, app = await make_client(tool_modules=TOOLS, concurrency=2, poll_interval=60.0)
+    client, app = await make_client(
+        tool_modules=TOOLS, concurrency=2, max_running_per_token=2, poll_interval=60.0
+    )
     store, engine, ex = app.state.store, app.state.engine, app.state.executor
 
     def wf(gate: str) -> dict:

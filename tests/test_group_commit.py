@@ -293,7 +293,7 @@ async def test_a_cancelled_create_whose_write_committed_still_runs_its_step(make
 
 
 async def test_hand_off_respects_the_concurrency_limit(make_client):
-    client, app = await make_client(concurrency=2)
+    client, app = await make_client(concurrency=2, max_running_per_token=2)
     peak = 0
     body = {"name": "s", "flow": {"start": {"tool": "sleep", "args": {"seconds": 0.2},
                                             "next": "b"},

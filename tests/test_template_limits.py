@@ -86,6 +86,7 @@ class Watch:
 
     async def __aenter__(self) -> Watch:
         self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)  # ticking already: a stall right after this is measured too
         return self
 
     async def _tick(self) -> None:
@@ -97,6 +98,7 @@ class Watch:
 
     async def __aexit__(self, *exc: Any) -> None:
         assert self._task is not None
+        await asyncio.sleep(0.005)  # a stall that ended just now is measured too
         self._task.cancel()
 
 

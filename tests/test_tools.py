@@ -104,6 +104,10 @@ async def test_echo_and_sleep():
     with pytest.raises(ToolError) as info:
         await builtin_tools.sleep(-1)
     assert info.value.retryable is False
+    for too_long in (1e9, 366 * 86400 + 1, float("inf"), float("nan")):
+        with pytest.raises(ToolError, match="at most 31622400") as info:
+            await asyncio.wait_for(builtin_tools.sleep(too_long), timeout=1)
+        assert info.value.retryable is False
     task = asyncio.create_task(builtin_tools.sleep(30))
     await asyncio.sleep(0.01)
     task.cancel()

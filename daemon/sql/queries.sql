@@ -16,9 +16,9 @@ VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
         :key, :request_hash, :notify_url, :now, :now, :stored_bytes);
 
 -- insert_step --
--- A state visit: pending for a tool, running and awaiting 'ready' for a gate.
+-- A state visit: pending for a tool, running and awaiting 'ready' for a gate; it counts against its workflow's token.
 INSERT INTO steps (id, workflow_id, state, name, tool, status, awaiting, seq, attempt,
-                   run_at, expires_at, created_at, started_at)
+                   run_at, expires_at, created_at, started_at, created_by)
 VALUES (:id, :workflow_id, :state, :name, :tool,
         CASE WHEN :tool IS NULL THEN 'running' ELSE 'pending' END,
         CASE WHEN :tool IS NULL THEN 'ready' END,
@@ -27,14 +27,15 @@ VALUES (:id, :workflow_id, :state, :name, :tool,
         :now,
         CASE WHEN :tool IS NULL THEN :now + :timeout_ms END,
         :now,
-        CASE WHEN :tool IS NULL THEN :now END);
+        CASE WHEN :tool IS NULL THEN :now END,
+        (SELECT created_by FROM workflows WHERE id = :workflow_id));
 
 -- insert_started_step --
 -- A tool step handed straight to this process: running under a lease, attempt 1.
 INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt, run_at,
-                   created_at, started_at, lease_until)
+                   created_at, started_at, lease_until, created_by)
 VALUES (:id, :workflow_id, :state, :name, :tool, 'running', :seq, 1, :now, :now, :started_at,
-        :started_at + :lease_ms)
+        :started_at + :lease_ms, (SELECT created_by FROM workflows WHERE id = :workflow_id))
 RETURNING *;
 
 -- insert_event --
@@ -64,14 +65,55 @@ SELECT * FROM steps WHERE workflow_id = :workflow_id ORDER BY id;
 -- One step.
 SELECT * FROM steps WHERE id = :id;
 
+-- running_by_token --
+-- Tool steps running for each token (the partial index steps_running_by: about concurrency entries).
+SELECT created_by, count(*) AS n FROM steps
+WHERE status = 'running' AND awaiting IS NULL GROUP BY created_by;
+
+-- workflow_token --
+-- The token that created a workflow.
+SELECT created_by FROM workflows WHERE id = :workflow_id;
+
+-- pending_tokens --
+-- Every token with pending steps (NULL for steps of no token): one index seek each.
+WITH RECURSIVE tokens (t) AS (
+    SELECT min(created_by) FROM steps WHERE status = 'pending'
+    UNION ALL
+    SELECT (SELECT min(s.created_by) FROM steps s
+            WHERE s.status = 'pending' AND s.created_by > tokens.t)
+    FROM tokens WHERE tokens.t IS NOT NULL
+)
+SELECT t FROM tokens WHERE t IS NOT NULL
+UNION ALL
+SELECT NULL WHERE EXISTS (SELECT 1 FROM steps WHERE status = 'pending' AND created_by IS NULL);
+
+-- due_of_token --
+-- One token's oldest due pending steps (the partial index steps_runnable_by).
+SELECT run_at, id FROM steps
+WHERE status = 'pending' AND created_by IS :created_by AND run_at <= :now
+ORDER BY run_at, id LIMIT :limit;
+
+-- next_run_of_token --
+-- When one token's earliest pending step is due.
+SELECT min(run_at) FROM steps WHERE status = 'pending' AND created_by IS :created_by;
+
+-- next_gate_expiry --
+-- When the earliest waiting gate expires.
+SELECT min(expires_at) FROM steps WHERE awaiting = 'ready' AND expires_at IS NOT NULL;
+
+-- next_due --
+-- When the earliest pending step becomes due (whatever its token) or the earliest gate expires.
+SELECT min(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'), 1 << 62),
+           coalesce((SELECT min(expires_at) FROM steps
+                     WHERE awaiting = 'ready' AND expires_at IS NOT NULL), 1 << 62));
+
 -- claim_steps --
--- Take due pending steps: tools become running (a new attempt), gates start waiting.
+-- Take chosen pending steps (a JSON array of ids): tools become running (a new attempt), gates start waiting.
 UPDATE steps
 SET status = 'running', attempt = attempt + 1, started_at = :now,
     awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
     lease_until = CASE WHEN tool IS NOT NULL THEN :now + :lease_ms END
-WHERE id IN (SELECT id FROM steps WHERE status = 'pending' AND run_at <= :now
-             ORDER BY run_at, id LIMIT :limit)
+WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'pending'
 RETURNING *;
 
 -- finish_step --
@@ -205,12 +247,6 @@ ORDER BY w.id LIMIT :limit;
 -- purge_workflow --
 -- Delete one workflow (its steps and events cascade).
 DELETE FROM workflows WHERE id = :id;
-
--- next_due --
--- When the earliest pending step becomes due or the earliest gate expires.
-SELECT min(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'), 1 << 62),
-           coalesce((SELECT min(expires_at) FROM steps
-                     WHERE awaiting = 'ready' AND expires_at IS NOT NULL), 1 << 62));
 
 -- has_due --
 -- Whether any pending step is due (the claim's own condition, as a read).

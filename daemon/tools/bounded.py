@@ -3,11 +3,15 @@
 The body is streamed and decoded here, never by httpx: httpx's decoders inflate a
 whole network chunk at once, and 64 KiB of gzip can inflate to 64 MiB. Each zlib
 step here yields at most STEP bytes, and reading stops as soon as either the bytes
-received or the bytes decoded pass the limit.
+received or the bytes decoded pass the limit. Reading yields to the event loop at
+least every YIELD_S: a body sent in a million one-byte chunks arrives without the
+loop ever waiting, and would otherwise hold it for seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 
@@ -16,6 +20,7 @@ import httpx
 ACCEPT_ENCODING = "gzip, deflate"  # what can be decoded with a bound; sent by default
 STEP = 65536  # most bytes one decoding step yields
 MAX_ENCODINGS = 4  # "gzip, gzip, ..." layers accepted
+YIELD_S = 0.002  # longest the reader runs without letting the event loop serve others
 
 
 class BodyTooLarge(Exception):
@@ -87,6 +92,7 @@ async def read(response: httpx.Response, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"Content-Length is {declared}")
     body, received = bytearray(), 0
+    turn_ends = time.perf_counter() + YIELD_S
     async for raw in response.aiter_raw():
         received += len(raw)
         if received > limit:
@@ -95,4 +101,7 @@ async def read(response: httpx.Response, limit: int) -> bytes:
             if len(body) + len(piece) > limit:
                 raise BodyTooLarge(f"more than {limit} bytes once decoded")
             body += piece
+        if time.perf_counter() > turn_ends:
+            await asyncio.sleep(0)  # the loop's turn (and the tool's timeout's)
+            turn_ends = time.perf_counter() + YIELD_S
     return bytes(body)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json as jsonlib
 import zlib
 from typing import Any
 
 import httpx
+import orjson
 
 from daemon import egress
+from daemon import flow as flows
 from daemon.tools import ToolContext, ToolError, bounded, tool
 
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 MAX_REDIRECTS = 20  # as httpx's default
+PARSE_ON_LOOP = 65536  # bytes of a JSON body parsed on the event loop; a larger one in a thread
 
 
 @tool
@@ -24,9 +26,12 @@ async def echo(**args: Any) -> dict[str, Any]:
 
 @tool
 async def sleep(seconds: float) -> dict[str, Any]:
-    """Wait `seconds` (cancellable) and return {"slept": seconds}."""
+    """Wait `seconds` (cancellable, at most a year) and return {"slept": seconds}."""
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
         raise ToolError("seconds must be a non-negative number", retryable=False)
+    if not seconds <= flows.MAX_SECONDS:  # NaN too
+        raise ToolError(f"seconds must be at most {flows.MAX_SECONDS} (a year), like timeouts",
+                        retryable=False)  # fmt: skip
     await asyncio.sleep(seconds)
     return {"slept": seconds}
 
@@ -42,7 +47,8 @@ async def http(
     *,
     ctx: ToolContext | None = None,
 ) -> dict[str, Any]:
-    """Make an HTTP request; returns {"status", "headers", "json"} or "text" when not JSON.
+    """Make an HTTP request; returns {"status", "headers", "json"}, or "text" when the body
+    is not strict JSON (NaN and Infinity are not).
 
     A status >= 400 fails the attempt; 5xx and 429 may be retried, other 4xx may not.
     Every connection, redirects included, obeys the [http] egress policy; the body is
@@ -76,12 +82,20 @@ async def http(
         raise ToolError(f"{what} failed: {exc!r}") from exc
     if status >= 400:
         raise ToolError(f"{what} answered {status}", retryable=status >= 500 or status == 429)
-    out: dict[str, Any] = {"status": status, "headers": resp_headers}
+    return {"status": status, "headers": resp_headers, **await _body(data, encoding)}
+
+
+async def _body(data: bytes, encoding: str) -> dict[str, Any]:
+    """{"json": value} for a body that is strict JSON, else {"text": text}."""
     try:
-        out["json"] = jsonlib.loads(data)
-    except (ValueError, RecursionError):
-        out["text"] = data.decode(encoding, errors="replace")
-    return out
+        # A large body in a thread, as the evaluator parses its answers. orjson keeps the
+        # GIL while it parses, so the loop still waits for the parse itself: at most
+        # max_result_bytes of it, ~25 ms for 1 MiB of `{}` items, the costliest shape.
+        if len(data) > PARSE_ON_LOOP:
+            return {"json": await asyncio.to_thread(orjson.loads, data)}
+        return {"json": orjson.loads(data)}
+    except orjson.JSONDecodeError:  # also NaN, Infinity, 1e999 and nesting past 1024
+        return {"text": data.decode(encoding, errors="replace")}
 
 
 def _checked(url: Any, method: Any, json: Any, body: Any, timeout: Any) -> str:

@@ -93,21 +93,37 @@ def utc(ms: int | None) -> str:
 
 
 def pretty(value: Any) -> str:
-    """JSON text (or an orjson Fragment) indented for reading, cut at PRETTY_LIMIT."""
+    """JSON text (or an orjson Fragment) indented for reading, cut at PRETTY_LIMIT. A
+    longer text is shown as stored, cut: never parsed (it may be megabytes, and the page
+    is rendered on the event loop)."""
     if value is None:
         return ""
     raw = orjson.dumps(value) if isinstance(value, orjson.Fragment) else value
+    if len(raw) > PRETTY_LIMIT:
+        return _cut(raw)
     try:
         text = orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode()
-    except orjson.JSONDecodeError:
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    if len(text) > PRETTY_LIMIT:
-        text = f"{text[:PRETTY_LIMIT]}\n… {len(text) - PRETTY_LIMIT} more characters"
-    return text
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return _cut(text) if len(text) > PRETTY_LIMIT else text
+
+
+def _cut(raw: str | bytes) -> str:
+    """The first PRETTY_LIMIT characters (or bytes) of a text, and how much is left out."""
+    if isinstance(raw, bytes):  # a cut through a character drops its start
+        head, unit = raw[:PRETTY_LIMIT].decode(errors="ignore"), "bytes"
+    else:
+        head, unit = raw[:PRETTY_LIMIT], "characters"
+    return f"{head}\n… {len(raw) - PRETTY_LIMIT} more {unit}"
 
 
 def is_empty_json(value: Any) -> bool:
-    return pretty(value) in ("", "{}", "null")
+    """Whether a stored JSON value shows as nothing: none, {} or null (a long one is
+    not, and is not parsed to find that out)."""
+    if value is None:
+        return True
+    raw = orjson.dumps(value) if isinstance(value, orjson.Fragment) else value
+    return len(raw) <= 64 and pretty(raw) in ("", "{}", "null")
 
 
 ENV = Environment(
