@@ -39,6 +39,11 @@ _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: 16\r\nconnection: close\r\n\r\nrequest too slow"
 )
+_TOO_LARGE_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; "
+    b"charset=utf-8\r\ncontent-length: 25\r\nconnection: close\r\n\r\nrequest head is too large"
+)
+MAX_HEAD = 65_536  # bytes of a request line and headers
 _BUSY_503 = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: 27\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
@@ -134,6 +139,7 @@ class LimitedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._partial = False  # part of a request's head has arrived
+        self._head: int | None = None  # bytes of the head received, while one is awaited
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -173,6 +179,7 @@ class LimitedProtocol(HttpToolsProtocol):
         """Now idle: the next request's head is due within header_timeout_s."""
         self._cancel_deadline()
         self._partial = False
+        self._head = 0
         self.table.idle[self] = None
         self._deadline = self.loop.call_later(
             self.table.limits.header_timeout_s, self._head_too_slow
@@ -197,7 +204,21 @@ class LimitedProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._partial = True
 
+    def data_received(self, data: bytes) -> None:
+        # httptools keeps a header until it is complete: without a bound, one unfinished
+        # 200 MB header is 200 MB of memory before anyone is authenticated.
+        if self._head is not None:
+            self._head += len(data)
+            if self._head > MAX_HEAD:
+                self._head = None
+                if not self.transport.is_closing():
+                    self.transport.write(_TOO_LARGE_431)
+                self.drop(reason="request head too large")
+                return
+        super().data_received(data)
+
     def on_headers_complete(self) -> None:
+        self._head = None
         self._cancel_deadline()
         self._partial = False
         self.table.idle.pop(self, None)

@@ -259,3 +259,29 @@ def test_at_the_cap_with_every_connection_busy_a_newcomer_gets_503(strict: Daemo
         for sock in streams:
             sock.close()
     assert "refused 1 connection(s) with 503" in strict.stderr()
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm", "rb") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_request_head_over_64_kb_gets_431_before_it_grows_the_daemon(strict: Daemon):
+    # httptools keeps an unfinished header whole: one 200 MB header took 200 MB, unauthenticated.
+    before = rss(strict.pid)
+    with contextlib.closing(connect(strict.port)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: ")
+        sent = 0
+        try:
+            while sent < 32 * 2**20:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:  # the daemon hung up, as it should
+            pass
+        answer, _ = read_until_closed(sock, limit=10)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    assert sent < 32 * 2**20
+    assert rss(strict.pid) - before < 16 * 2**20
+    assert httpx.get(f"{strict.url}/healthz", timeout=5).status_code == 200
+    long_but_fine = {"X-B": "b" * 30_000}
+    assert httpx.get(f"{strict.url}/healthz", headers=long_but_fine, timeout=5).status_code == 200
