@@ -385,7 +385,7 @@ def main() -> None:
     os.dup2(2, 1)  # a stray print must not corrupt the frames
     sys.stdout = sys.stderr
     with contextlib.suppress(OSError):
-        os.nice(5)  # a runaway expression yields the CPU to the daemon
+        os.nice(5)  # a runaway expression yields the CPU to the daemon (where allowed)
     inp = sys.stdin.buffer
     _send(out, {"ready": True, "limits_memory": _can_limit_memory()})
     while True:

@@ -76,8 +76,7 @@ def test_exec_start_runs_stepd_serve(service):
 
 
 def test_the_open_file_limit_fits_the_connection_cap(service):
-    # The daemon cannot raise it itself under the unit (setrlimit is in ~@resources).
-    assert "~@privileged @resources" in service["SystemCallFilter"]
+    # An unprivileged process cannot raise its hard limit: the unit sets it.
     soft, _, hard = one(service, "LimitNOFILE").partition(":")
     needed = Config().max_connections + reserved_fds(Config().concurrency)
     assert int(soft) >= needed and int(hard or soft) >= int(soft)
@@ -141,3 +140,10 @@ def test_systemd_analyze_verify(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "stepd.service" not in output, output
+
+
+def test_the_sandbox_may_cap_its_own_memory(service):
+    # @resources is refused as a group, setrlimit (RLIMIT_AS for template_mb) allowed back
+    # after it: systemd applies the filter lines in order.
+    filters = service["SystemCallFilter"]
+    assert filters.index("~@privileged @resources") < filters.index("setrlimit prlimit64")
