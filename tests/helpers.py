@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -64,3 +66,35 @@ def waiting_gate(wf: dict[str, Any]) -> dict[str, Any] | None:
         if step["awaiting"] == "ready":
             return step
     return None
+
+
+class Watch:
+    """The longest the event loop went without running a 2 ms ticker, and this process's
+    largest resident size, while the block runs."""
+
+    def __init__(self) -> None:
+        self.lag = 0.0
+        self.rss = self.rss_before = _rss()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Watch:
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)  # ticking already: a stall right after this is measured too
+        return self
+
+    async def _tick(self) -> None:
+        while True:
+            began = time.perf_counter()
+            await asyncio.sleep(0.002)
+            self.lag = max(self.lag, time.perf_counter() - began)
+            self.rss = max(self.rss, _rss())
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._task is not None
+        await asyncio.sleep(0.005)  # a stall that ended just now is measured too
+        self._task.cancel()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from daemon import api
 from daemon.api import create_app
 from daemon.auth import hash_token
 from daemon.config import TokenConfig
-from tests.helpers import TOKENS, auth, make_config, wait_for, waiting_gate
+from tests.helpers import TOKENS, Watch, auth, make_config, wait_for, waiting_gate
 
 MISSING_START = "Flow must have a 'start' key"
 JSON_CT = {"Content-Type": "application/json"}
@@ -807,23 +806,11 @@ async def test_a_large_body_is_checked_off_the_event_loop(make_client, shape, bo
     client, _ = await make_client(max_body_bytes=4 * 2**20)
     body = orjson.dumps({"name": "b", "input": {"x": shape},
                          "flow": {"start": {"tool": None, "done": True}}})  # fmt: skip
-    lag, stop = 0.0, False
-
-    async def tick() -> None:
-        nonlocal lag
-        while not stop:
-            began = time.perf_counter()
-            await asyncio.sleep(0.002)
-            lag = max(lag, time.perf_counter() - began)
-
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0.01)
-    resp = await client.post("/api/workflow", content=body,
-                             headers={"Content-Type": "application/json"})  # fmt: skip
-    stop = True
-    await ticker
+    async with Watch() as watch:
+        resp = await client.post("/api/workflow", content=body,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
     assert resp.status_code == 201, resp.text
-    assert lag < bound, f"the event loop stalled {lag * 1000:.0f} ms"
+    assert watch.lag < bound, f"the event loop stalled {watch.lag * 1000:.0f} ms"
 
 
 async def test_bodies_being_received_are_bounded_together(make_client) -> None:

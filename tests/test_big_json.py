@@ -19,7 +19,7 @@ import pytest
 from daemon import egress
 from daemon.tools import builtin
 from daemon.web import pages
-from tests.test_template_limits import Watch
+from tests.helpers import Watch
 from tests.test_web import sign_in
 
 DICTS = 330_000  # `{}` items: about 1 MB of JSON

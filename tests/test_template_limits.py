@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +23,7 @@ from daemon.evaluator import Evaluator
 from daemon.placeholders import TemplateError
 from daemon.sandbox import render_value
 from daemon.templating import Fallback, Scope, _check, check_expression, needs, path, read
-from tests.helpers import wait_for, waiting_gate
+from tests.helpers import Watch, wait_for, waiting_gate
 
 SPLITS = "[" + ",".join(["('ab '*333333).split()"] * 20) + "]|length"  # 462 MB, 470 characters
 # template_ms or template_mb: whichever is reached first (sorting and concatenating lists
@@ -73,38 +71,6 @@ async def _run(client: Any, args: Any = None, branch: str | None = None) -> dict
     resp = await client.post("/api/workflow", json=body)
     assert resp.status_code == 201, resp.text
     return await wait_for(client, resp.json()["id"], timeout=30)
-
-
-class Watch:
-    """The longest the event loop went without running a 2 ms ticker, and this process's
-    largest resident size, while a workflow runs."""
-
-    def __init__(self) -> None:
-        self.lag = 0.0
-        self.rss = self.rss_before = _rss()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Watch:
-        self._task = asyncio.create_task(self._tick())
-        await asyncio.sleep(0)  # ticking already: a stall right after this is measured too
-        return self
-
-    async def _tick(self) -> None:
-        while True:
-            began = time.perf_counter()
-            await asyncio.sleep(0.002)
-            self.lag = max(self.lag, time.perf_counter() - began)
-            self.rss = max(self.rss, _rss())
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None
-        await asyncio.sleep(0.005)  # a stall that ended just now is measured too
-        self._task.cancel()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm", "rb") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.parametrize(("expr", "says"), CORPUS, ids=[c[0][:40] for c in CORPUS])
