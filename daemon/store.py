@@ -17,6 +17,7 @@ import os
 import re
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -204,6 +205,7 @@ class Store:
         self._slow: list[aiosqlite.Connection] = []
         self._next_slow = itertools.cycle(range(SLOW_READERS))
         self._last_id = 0
+        self._tokens: OrderedDict[int, str | None] = OrderedDict()  # workflow id -> creator
         self._owner_fd: int | None = None
         self._changed = asyncio.Event()  # set, and replaced, after every commit
         self.commit_hooks: list[dblib.CommitHook] = []  # (seconds, batch size) per commit
@@ -420,14 +422,31 @@ class Store:
         queue behind them, first come, first served, so a busy chain of hand-offs cannot
         starve what was queued before it (steps of tokens at their share are no such
         steps). Nor while its own token has max_running_per_token steps running."""
-        queued = db.execute(Q["has_due"], {"now": now}).fetchone() is not None
+        oldest = db.execute(Q["oldest_due_token"], {"now": now}).fetchone()
         if self.max_running_per_token is None:
-            return not queued
-        (token,) = db.execute(Q["workflow_token"], {"workflow_id": workflow_id}).fetchone()
-        running = self._running(db)
-        if self._room(running, token, 1) <= 0:
+            return oldest is None
+        token = self._token(db, workflow_id)
+        if not self._has_room(db, token):
             return False
-        return not queued or not self._claimable(db, 1, now, running)
+        if oldest is None:
+            return True
+        if oldest[0] == token or self._has_room(db, oldest[0]):
+            return False  # the oldest due step could be claimed: it goes first
+        return not self._claimable(db, 1, now)
+
+    def _token(self, db: Conn, workflow_id: int) -> str | None:
+        """The token that created a workflow (it never changes: cached)."""
+        if workflow_id not in self._tokens:
+            (token,) = db.execute(Q["workflow_token"], {"workflow_id": workflow_id}).fetchone()
+            self._tokens[workflow_id] = token
+            if len(self._tokens) > 4096:
+                self._tokens.popitem(last=False)
+        return self._tokens[workflow_id]
+
+    def _has_room(self, db: Conn, token: str | None) -> bool:
+        """Whether `token` runs fewer steps than its share."""
+        (running,) = db.execute(Q["running_of_token"], {"created_by": token}).fetchone()
+        return self.max_running_per_token is None or running < self.max_running_per_token
 
     def _room(self, running: dict[str | None, int], token: str | None, limit: int) -> int:
         """How many more steps may start for `token` (at most `limit`)."""
@@ -521,6 +540,7 @@ class Store:
                 },
             )
             self._event(db, wf_id, None, "created", now, {"by": created_by})
+            self._tokens[wf_id] = created_by
             if (
                 start_lease_ms is not None
                 and first.tool is not None
@@ -641,21 +661,26 @@ class Store:
             )
         if cur.rowcount == 0:
             return None
-        self._grow(db, fin)
-        return self._follow(db, fin, now)
+        touched = self._grow(db, fin, now)
+        return self._follow(db, fin, now, touched=touched)
 
     @staticmethod
-    def _grow(db: Conn, fin: Finish) -> None:
-        """Count a result against its workflow's storage; WorkflowTooLarge (and the
-        whole operation rolled back) if that takes it past `fin.max_workflow_bytes`."""
+    def _grow(db: Conn, fin: Finish, now: int) -> bool:
+        """Count a result against its workflow's storage (and mark the workflow changed:
+        True); WorkflowTooLarge, and the whole operation rolled back, if that takes it past
+        `fin.max_workflow_bytes`."""
         if fin.result_json is None or fin.max_workflow_bytes is None:
-            return
+            return False
         size = len(fin.result_json.encode())
-        (total,) = db.execute(Q["grow_workflow"], {"id": fin.workflow_id, "bytes": size}).fetchone()
+        params = {"id": fin.workflow_id, "bytes": size, "now": now}
+        (total,) = db.execute(Q["grow_workflow"], params).fetchone()
         if total > fin.max_workflow_bytes:
             raise WorkflowTooLarge(total - size, size, fin.max_workflow_bytes)
+        return True
 
-    def _follow(self, db: Conn, fin: Finish, now: int) -> tuple[int, Step | None]:
+    def _follow(
+        self, db: Conn, fin: Finish, now: int, *, touched: bool = False
+    ) -> tuple[int, Step | None]:
         """Events, the next step and the workflow's end, after a step changed."""
         wf = fin.workflow_id
         data: dict[str, Any] = {"attempt": fin.attempt}
@@ -673,10 +698,12 @@ class Store:
                 and self._may_start(db, wf, now)):  # fmt: skip
             started = self._insert_started(db, wf, fin.next_step, now, fin.start_next_lease_ms)
             next_id = started.id
-            db.execute(Q["touch_workflow"], {"id": wf, "now": now})
+            if not touched:
+                db.execute(Q["touch_workflow"], {"id": wf, "now": now})
         elif fin.next_step is not None:
             next_id = self._insert_step(db, wf, fin.next_step, now)
-            db.execute(Q["touch_workflow"], {"id": wf, "now": now})
+            if not touched:
+                db.execute(Q["touch_workflow"], {"id": wf, "now": now})
         elif fin.workflow_status is not None:
             db.execute(
                 Q["end_workflow"],
@@ -695,7 +722,7 @@ class Store:
                 now,
                 {"error": fin.workflow_error} if fin.workflow_error else None,
             )
-        else:
+        elif not touched:
             db.execute(Q["touch_workflow"], {"id": wf, "now": now})
         return next_id, started
 
@@ -742,7 +769,7 @@ class Store:
             )  # fmt: skip
             if cur.rowcount == 0:
                 return None
-            self._grow(db, fin)
+            touched = self._grow(db, fin, now)
             kind = "gate_decided" if awaiting == "ready" else "step_decided"
             data = {"decision": decision, "by": decided_by}
             if reason is not None:
@@ -750,7 +777,7 @@ class Store:
             self._event(db, fin.workflow_id, fin.step_id, kind, now, data)
             if replay is not None:
                 db.execute(Q["save_decision_key"], {**replay.params(), "now": now})
-            return self._follow(db, fin, now)
+            return self._follow(db, fin, now, touched=touched)
 
         return await self._write(op)
 

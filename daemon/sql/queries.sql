@@ -70,6 +70,15 @@ SELECT * FROM steps WHERE id = :id;
 SELECT created_by, count(*) AS n FROM steps
 WHERE status = 'running' AND awaiting IS NULL GROUP BY created_by;
 
+-- oldest_due_token --
+-- The token of the oldest due pending step, if any (the claim's order, as a read).
+SELECT created_by FROM steps WHERE status = 'pending' AND run_at <= :now
+ORDER BY run_at, id LIMIT 1;
+
+-- running_of_token --
+-- How many tool steps run for one token (the partial index steps_running_by).
+SELECT count(*) FROM steps WHERE status = 'running' AND awaiting IS NULL AND created_by IS :created_by;
+
 -- workflow_token --
 -- The token that created a workflow.
 SELECT created_by FROM workflows WHERE id = :workflow_id;
@@ -135,8 +144,9 @@ UPDATE workflows SET status = :status, error = :error, completed_at = :now, upda
 WHERE id = :id AND status = 'running';
 
 -- grow_workflow --
--- Count bytes a workflow stores (a result); returns its new total.
-UPDATE workflows SET stored_bytes = stored_bytes + :bytes WHERE id = :id RETURNING stored_bytes;
+-- Count bytes a workflow stores (a result), and mark it changed; returns its new total.
+UPDATE workflows SET stored_bytes = stored_bytes + :bytes, updated_at = :now WHERE id = :id
+RETURNING stored_bytes;
 
 -- touch_workflow --
 -- Mark a workflow as changed.
