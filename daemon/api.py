@@ -38,6 +38,7 @@ from daemon.executor import Executor
 from daemon.hub import EventHub
 from daemon.ids import MAX_ID
 from daemon.models import WorkflowStatus
+from daemon.placeholders import parse_off_loop
 from daemon.store import Store
 from daemon.tools import Registry, build_registry
 
@@ -47,7 +48,6 @@ WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, 
 OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
 MAX_DEPTH = 64  # nesting of arrays and objects in a request body
-INLINE_PARSE = 65_536  # bytes of JSON checked on the event loop; larger in a thread
 BODIES_IN_MEMORY = 64  # request bodies of max_body_bytes being received at once, at most
 
 
@@ -161,11 +161,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def parse_body(body: bytes) -> Any:
-    """parse_json, in a thread for a body over INLINE_PARSE bytes: its duplicate-key and
-    64-bit checks call Python for every item, ~100 ms for a megabyte of small items."""
-    if len(body) <= INLINE_PARSE:
-        return parse_json(body)
-    return await asyncio.to_thread(parse_json, body)
+    """parse_json, in a thread for a large body: its duplicate-key and 64-bit checks call
+    Python for every item, ~100 ms for a megabyte of small items."""
+    return await parse_off_loop(body, parse_json)
 
 
 def parse_json(body: bytes) -> Any:

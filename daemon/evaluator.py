@@ -32,9 +32,8 @@ import orjson
 
 from daemon import sandbox
 from daemon.models import MAX_ERROR
-from daemon.placeholders import TemplateError, expressions, quoted
+from daemon.placeholders import TemplateError, expressions, parse_off_loop, quoted
 from daemon.templating import (
-    INLINE_PARSE,
     Budget,
     Fallback,
     Scope,
@@ -267,10 +266,7 @@ class _Worker:
         if parsed_size(frame) > ev.mb * 2**20:
             return {"error": f"the rendered args would take more than {ev.mb} MB once parsed "
                              "([limits] template_mb)"}  # fmt: skip
-        if len(frame) <= INLINE_PARSE:
-            answer: dict[str, Any] = orjson.loads(frame)
-        else:
-            answer = await asyncio.to_thread(orjson.loads, frame)
+        answer: dict[str, Any] = await parse_off_loop(frame)
         return answer
 
     async def _frame(self, max_size: int) -> bytes:

@@ -6,13 +6,16 @@ process, which evaluates all the others (daemon/evaluator.py).
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import orjson
 
+T = TypeVar("T")
 DELIMITERS = (("<<", ">>"), ("{{", "}}"))
+INLINE_PARSE = 65_536  # bytes of JSON parsed on the event loop; larger in a thread
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -98,6 +101,15 @@ def as_text(value: Any) -> str:
 def quoted(expr: str, limit: int = 120) -> str:
     """An expression in quotes for an error message, cut to `limit` characters."""
     return f"'{expr}'" if len(expr) <= limit else f"'{expr[: limit - 3]}...'"
+
+
+async def parse_off_loop(data: str | bytes, parse: Callable[[Any], T] = orjson.loads) -> T:
+    """`parse(data)`, on the event loop up to INLINE_PARSE, else in a thread: a megabyte of
+    small JSON items takes tens of milliseconds to parse (orjson keeps the GIL meanwhile,
+    but the loop runs between the thread's switch intervals)."""
+    if len(data) <= INLINE_PARSE:
+        return parse(data)
+    return await asyncio.to_thread(parse, data)
 
 
 def scrub(message: str) -> str:

@@ -23,6 +23,7 @@ import orjson
 
 from daemon import sandbox
 from daemon.placeholders import (
+    INLINE_PARSE,
     TemplateError,
     expressions,
     placeholders,
@@ -180,9 +181,6 @@ class Scope:
         if self.size() <= INLINE_PARSE:
             return {name: orjson.loads(text) for name, text in self.texts.items()}
         return await asyncio.to_thread(lambda: {n: orjson.loads(t) for n, t in self.texts.items()})
-
-
-INLINE_PARSE = 65_536  # characters of JSON parsed on the event loop; larger in a thread
 
 
 class Budget:

@@ -11,11 +11,11 @@ import orjson
 
 from daemon import egress
 from daemon import flow as flows
+from daemon.placeholders import parse_off_loop
 from daemon.tools import ToolContext, ToolError, bounded, tool
 
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 MAX_REDIRECTS = 20  # as httpx's default
-PARSE_ON_LOOP = 65536  # bytes of a JSON body parsed on the event loop; a larger one in a thread
 
 
 @tool
@@ -88,12 +88,8 @@ async def http(
 async def _body(data: bytes, encoding: str) -> dict[str, Any]:
     """{"json": value} for a body that is strict JSON, else {"text": text}."""
     try:
-        # A large body in a thread, as the evaluator parses its answers. orjson keeps the
-        # GIL while it parses, so the loop still waits for the parse itself: at most
-        # max_result_bytes of it, ~25 ms for 1 MiB of `{}` items, the costliest shape.
-        if len(data) > PARSE_ON_LOOP:
-            return {"json": await asyncio.to_thread(orjson.loads, data)}
-        return {"json": orjson.loads(data)}
+        # At most max_result_bytes: ~25 ms for 1 MiB of `{}` items, the costliest shape.
+        return {"json": await parse_off_loop(data)}
     except orjson.JSONDecodeError:  # also NaN, Infinity, 1e999 and nesting past 1024
         return {"text": data.decode(encoding, errors="replace")}
 
