@@ -83,6 +83,7 @@ def backup(source: Path, dest: Path) -> int:
     return int(pages)
 
 
+TOKEN_CACHE = 4096  # workflows whose creating token is remembered
 SLOW_READERS = 2  # a workflow's steps and a /metrics scrape need not wait for each other
 
 
@@ -438,10 +439,14 @@ class Store:
         """The token that created a workflow (it never changes: cached)."""
         if workflow_id not in self._tokens:
             (token,) = db.execute(Q["workflow_token"], {"workflow_id": workflow_id}).fetchone()
-            self._tokens[workflow_id] = token
-            if len(self._tokens) > 4096:
-                self._tokens.popitem(last=False)
+            self._remember_token(workflow_id, token)
         return self._tokens[workflow_id]
+
+    def _remember_token(self, workflow_id: int, token: str | None) -> None:
+        """Cache a workflow's token, forgetting the oldest past TOKEN_CACHE entries."""
+        self._tokens[workflow_id] = token
+        while len(self._tokens) > TOKEN_CACHE:
+            self._tokens.popitem(last=False)
 
     def _has_room(self, db: Conn, token: str | None) -> bool:
         """Whether `token` runs fewer steps than its share."""
@@ -540,7 +545,7 @@ class Store:
                 },
             )
             self._event(db, wf_id, None, "created", now, {"by": created_by})
-            self._tokens[wf_id] = created_by
+            self._remember_token(wf_id, created_by)
             if (
                 start_lease_ms is not None
                 and first.tool is not None

@@ -223,3 +223,27 @@ async def test_the_migration_gives_live_steps_their_token(tmp_path: Path):
         assert [s.id for s in await store.claim_steps(64)] == [12]
     finally:
         await store.close()
+
+
+async def test_the_token_cache_stays_bounded_however_many_workflows_are_created(tmp_path: Path):
+    """Creating a workflow remembers its token; past TOKEN_CACHE workflows the oldest are
+    forgotten, and a forgotten one's token is read again when a hand-off needs it."""
+    from daemon.store import TOKEN_CACHE
+
+    store = Store(tmp_path / "s.db", max_running_per_token=2)
+    await store.open()
+    try:
+        first = NewStep("start", "start", None, 1)
+        made = await asyncio.gather(*(
+            store.create_workflow(name=f"w{i}", flow_json="{}", input_json="{}",
+                                  created_by=f"t{i % 3}", first=first)
+            for i in range(TOKEN_CACHE + 500)
+        ))  # fmt: skip
+        assert len(store._tokens) == TOKEN_CACHE
+        oldest = made[0].id
+        assert oldest not in store._tokens
+        assert store._writer is not None
+        assert store._token(store._writer, oldest) == "t0"
+        assert len(store._tokens) == TOKEN_CACHE
+    finally:
+        await store.close()
