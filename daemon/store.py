@@ -450,8 +450,10 @@ class Store:
 
     def _has_room(self, db: Conn, token: str | None) -> bool:
         """Whether `token` runs fewer steps than its share."""
+        if self.max_running_per_token is None:
+            return True
         (running,) = db.execute(Q["running_of_token"], {"created_by": token}).fetchone()
-        return self.max_running_per_token is None or running < self.max_running_per_token
+        return bool(running < self.max_running_per_token)
 
     def _room(self, running: dict[str | None, int], token: str | None, limit: int) -> int:
         """How many more steps may start for `token` (at most `limit`)."""
@@ -703,12 +705,8 @@ class Store:
                 and self._may_start(db, wf, now)):  # fmt: skip
             started = self._insert_started(db, wf, fin.next_step, now, fin.start_next_lease_ms)
             next_id = started.id
-            if not touched:
-                db.execute(Q["touch_workflow"], {"id": wf, "now": now})
         elif fin.next_step is not None:
             next_id = self._insert_step(db, wf, fin.next_step, now)
-            if not touched:
-                db.execute(Q["touch_workflow"], {"id": wf, "now": now})
         elif fin.workflow_status is not None:
             db.execute(
                 Q["end_workflow"],
@@ -727,7 +725,8 @@ class Store:
                 now,
                 {"error": fin.workflow_error} if fin.workflow_error else None,
             )
-        elif not touched:
+            return next_id, started  # end_workflow marked it changed
+        if not touched:
             db.execute(Q["touch_workflow"], {"id": wf, "now": now})
         return next_id, started
 
