@@ -107,9 +107,15 @@ async def parse_off_loop(data: str | bytes, parse: Callable[[Any], T] = orjson.l
     """`parse(data)`, on the event loop up to INLINE_PARSE, else in a thread: a megabyte of
     small JSON items takes tens of milliseconds to parse (orjson keeps the GIL meanwhile,
     but the loop runs between the thread's switch intervals)."""
-    if len(data) <= INLINE_PARSE:
-        return parse(data)
-    return await asyncio.to_thread(parse, data)
+    return await off_loop_if_large(len(data), lambda: parse(data))
+
+
+async def off_loop_if_large(size: int, work: Callable[[], T]) -> T:
+    """`work()` (parsing `size` bytes of JSON), on the loop up to INLINE_PARSE, else in a
+    thread (see parse_off_loop)."""
+    if size <= INLINE_PARSE:
+        return work()
+    return await asyncio.to_thread(work)
 
 
 def scrub(message: str) -> str:

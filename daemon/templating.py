@@ -12,7 +12,6 @@ estimate of what it takes once parsed fits [limits] template_mb.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ import orjson
 
 from daemon import sandbox
 from daemon.placeholders import (
-    INLINE_PARSE,
     TemplateError,
     expressions,
+    off_loop_if_large,
     placeholders,
     scan,
     truncate_json,
@@ -178,9 +177,9 @@ class Scope:
                 f"about {estimate // 2**20} MB once parsed; the limit is {limit // 2**20} MB "
                 "([limits] template_mb)"
             )
-        if self.size() <= INLINE_PARSE:
-            return {name: orjson.loads(text) for name, text in self.texts.items()}
-        return await asyncio.to_thread(lambda: {n: orjson.loads(t) for n, t in self.texts.items()})
+        return await off_loop_if_large(
+            self.size(), lambda: {name: orjson.loads(text) for name, text in self.texts.items()}
+        )
 
 
 class Budget:
