@@ -56,7 +56,8 @@ sys.path.insert(0, str(HERE))  # scale_seed and bench_tools, however this is sta
 from common import CLAIM_BATCH, CONCURRENCY, TOKEN, bench_env, free_port, write_config  # noqa: E402
 from scale_seed import Seeded, seed  # noqa: E402
 
-from daemon.store import Store, now_ms  # noqa: E402
+from daemon.storage import now_ms  # noqa: E402
+from daemon.storage.sqlite.store import SqliteStore as Store  # noqa: E402
 
 BACKLOG = 32  # runnable steps for the "claim with a backlog" figure
 HELD = 10_000  # due steps of a token at its share, queued before that backlog

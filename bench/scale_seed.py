@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.store import Store, now_ms
+from daemon.storage import now_ms
+from daemon.storage.sqlite.store import SqliteStore as Store
 
 # The flow exactly as the daemon stores it for the throughput workload's two-step echo.
 FLOW_JSON = (

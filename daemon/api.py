@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
-import json
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,25 +17,22 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import events, metrics, openapi, retention
+from daemon import events, links, metrics, notify, openapi, retention, signing, web
 from daemon.auth import Authenticator
+from daemon.bodies import read_json
 from daemon.config import Config, TokenConfig
 from daemon.engine import Engine
 from daemon.errors import (
     BadRequest,
     NotFound,
-    PayloadTooLarge,
     StepdError,
     Unauthorized,
-    Unavailable,
-    UnsupportedMediaType,
 )
 from daemon.executor import Executor
 from daemon.hub import EventHub
 from daemon.ids import MAX_ID
 from daemon.models import WorkflowStatus
-from daemon.placeholders import parse_off_loop
-from daemon.store import Store
+from daemon.storage import StorageUnavailable, open_store
 from daemon.tools import Registry, build_registry
 
 log = logging.getLogger("stepd.api")
@@ -47,8 +40,6 @@ PUBLIC_PATHS = frozenset({"/healthz"})
 WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, not bearers
 OPENAPI = openapi.document()
 MAX_IDEMPOTENCY_KEY = 200
-MAX_DEPTH = 64  # nesting of arrays and objects in a request body
-BODIES_IN_MEMORY = 64  # request bodies of max_body_bytes being received at once, at most
 
 
 class JSON(Response):
@@ -118,103 +109,6 @@ def token_of(request: Request) -> TokenConfig:
 def engine_of(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
-
-
-async def read_json(request: Request, *, optional: bool = False) -> Any:
-    """The request body as JSON, size-checked while reading; None for an empty optional body."""
-    limit: int = request.app.state.config.max_body_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
-    body = await read_body(request, limit)
-    if not body.strip():
-        if optional:
-            return None
-        raise BadRequest("request body is empty; expected a JSON object")
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json (got '{ctype or 'none'}')"
-        )
-    return await parse_body(body)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """A request's body, up to `limit` bytes (413 past it). The bodies being read count
-    together against BODIES_IN_MEMORY x max_body_bytes (503 past it): a thousand clients
-    each stalling near the end of a large body must not take a gigabyte."""
-    state = request.app.state
-    budget = BODIES_IN_MEMORY * state.config.max_body_bytes
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            state.body_bytes += len(chunk)
-            if len(body) > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            if state.body_bytes > budget:
-                raise Unavailable("too many request bodies are being received at once; "
-                                  "nothing was changed, retry later")  # fmt: skip
-    finally:
-        state.body_bytes -= len(body)
-    return bytes(body)
-
-
-async def parse_body(body: bytes) -> Any:
-    """parse_json, in a thread for a large body: its duplicate-key and 64-bit checks call
-    Python for every item, ~100 ms for a megabyte of small items."""
-    return await parse_off_loop(body, parse_json)
-
-
-def parse_json(body: bytes) -> Any:
-    """JSON from a client, with every check: what fails them is a 400 (BadRequest)."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"invalid JSON: {exc}") from None
-    _check_values(value)  # first: bounds the depth the stdlib parser below recurses to
-    _check_syntax(body)
-    return value
-
-
-def _check_syntax(body: bytes) -> None:
-    """What orjson lets through: duplicate keys (it keeps the last) and integers beyond
-    64 bits (it turns them into floats). Both would store something else than was sent."""
-
-    def pairs(items: list[tuple[str, Any]]) -> None:
-        seen = set()
-        for key, _ in items:
-            if key in seen:
-                raise BadRequest(f"duplicate key '{key[:50]}' in a JSON object")
-            seen.add(key)
-
-    def parse_int(text: str) -> int:
-        value = int(text)
-        if not -(1 << 63) <= value < (1 << 64):
-            raise BadRequest(f"integer {text[:30]}... does not fit in 64 bits")
-        return value
-
-    json.loads(body, object_pairs_hook=pairs, parse_int=parse_int)
-
-
-def _check_values(value: Any) -> None:
-    """Reject bodies nested deeper than MAX_DEPTH, and strings with NUL characters
-    (C-string tools and logs would cut them short)."""
-    level: list[Any] = [value]
-    for _ in range(MAX_DEPTH + 1):
-        nxt: list[Any] = []
-        for v in level:
-            if isinstance(v, dict):
-                nxt.extend(v.values())
-                nxt.extend(v.keys())
-            elif isinstance(v, list):
-                nxt.extend(v)
-            elif isinstance(v, str) and "\x00" in v:
-                raise BadRequest("strings must not contain NUL (\\u0000) characters")
-        if not nxt:
-            return
-        level = nxt
-    raise BadRequest(f"JSON is nested more than {MAX_DEPTH} levels deep")
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -464,12 +358,8 @@ async def on_crash(request: Request, exc: Exception) -> Response:
 
 
 def web_routes() -> list[Any]:
-    """The web pages (/ui) and the one-click decision links (/link), when present."""
-    routes: list[Any] = []
-    for name in ("daemon.web", "daemon.links"):
-        if importlib.util.find_spec(name) is not None:
-            routes += importlib.import_module(name).routes()
-    return routes
+    """The web pages (/ui) and the one-click decision links (/link)."""
+    return [*web.routes(), *links.routes()]
 
 
 def create_app(
@@ -477,9 +367,7 @@ def create_app(
 ) -> Starlette:
     """The API and the executor; the lifespan opens the store and runs the executor."""
     registry = registry or build_registry(config.tool_modules, search_path=config.config_dir)
-    store = Store(config.db_path, synchronous=config.synchronous,
-                  busy_timeout_ms=config.busy_timeout_ms,
-                  max_running_per_token=config.running_share)  # fmt: skip
+    store = open_store(config)
     store.commit_hooks.append(metrics.committed)
     executor = Executor(store, registry, config)
     engine = Engine(store, registry, executor, max_states=config.max_states,
@@ -491,6 +379,8 @@ def create_app(
         if not store.is_open:  # `stepd serve` opens it before binding the port
             await store.open()
         try:
+            if (key := await store.secret("server")) is not None:
+                signing.remember(config.state_dir, key)
             recovered = await executor.recover()
             await hub.start()
         except BaseException:
@@ -504,9 +394,7 @@ def create_app(
         background = []
         if config.retention_days > 0:
             background.append(asyncio.create_task(retention.run(store, config)))
-        if importlib.util.find_spec("daemon.notify") is not None:
-            notify = importlib.import_module("daemon.notify")
-            background.append(asyncio.create_task(notify.run(store, config)))
+        background.append(asyncio.create_task(notify.run(store, config)))
         try:
             yield
         finally:
@@ -529,7 +417,7 @@ def create_app(
         exception_handlers={
             StepdError: on_stepd_error,
             HTTPException: on_http_error,
-            sqlite3.OperationalError: on_storage_fault,  # disk full, locked past the timeout
+            StorageUnavailable: on_storage_fault,  # disk full, locked past the timeout
             ClientDisconnect: on_client_gone,
             Exception: on_crash,
         },

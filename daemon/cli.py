@@ -18,9 +18,9 @@ from httpx_sse import SSEError, connect_sse
 from daemon import config as configuration
 from daemon.auth import hash_token, new_token
 from daemon.errors import ConfigError
+from daemon.models import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = {"completed", "failed", "cancelled"}
 NO_BODY = object()
 
 
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the daemon (API + executor)")
     s.add_argument("--config", help="TOML config file (default: embedded defaults)")
+    s.add_argument("--database", metavar="URL",
+                   help="overrides [database]: sqlite:///FILE or postgresql://...")  # fmt: skip
+    s.add_argument("--host", help="overrides [server] host")
+    s.add_argument("--port", type=int, help="overrides [server] port")
+    s.add_argument("--node-id", help="overrides [server] node_id")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("backup", help="copy the database consistently, also while serving")
@@ -128,6 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         cfg = configuration.load(args.config)
+        cfg = configuration.override(cfg, database=args.database, host=args.host,
+                                     port=args.port, node_id=args.node_id)  # fmt: skip
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     logs.setup(cfg.log_level, cfg.log_format)
@@ -141,14 +148,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    import sqlite3
-
-    from daemon.store import backup
+    from daemon.storage import StorageError
+    from daemon.storage.sqlite.store import backup
 
     try:
         cfg = configuration.load(args.config)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
+    if cfg.database_url:
+        raise CLIError(
+            "the database is PostgreSQL ([database] url): back it up with its own tools, "
+            "e.g. pg_dump --format=custom --file=stepd.dump DATABASE_URL"
+        )
     if not cfg.db_path.exists():
         raise CLIError(f"no database at {cfg.db_path}")
     dest = Path(args.file)
@@ -156,7 +167,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise CLIError("the backup must not overwrite the database itself")
     try:
         pages = backup(cfg.db_path, dest)
-    except (sqlite3.Error, OSError) as exc:
+    except (StorageError, OSError) as exc:
         raise CLIError(f"backup failed: {exc}") from None
     print(f"backed up {cfg.db_path} to {dest} ({pages} pages, integrity ok)")
     return 0

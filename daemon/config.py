@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,10 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     db_path: Path = Path("stepd.db")
+    # "" for the SQLite file at db_path; postgresql://... for a PostgreSQL database that
+    # several daemons may share ([database] url).
+    database_url: str = ""
+    node_id: str = ""  # this daemon's name among several on one database (see `node`)
     synchronous: str = "FULL"
     busy_timeout_ms: int = 5000
     poll_interval: float = 1.0
@@ -81,6 +86,15 @@ class Config:
     config_dir: Path | None = None
 
     @property
+    def backend(self) -> str:
+        return "postgresql" if self.database_url else "sqlite"
+
+    @property
+    def node(self) -> str:
+        """Who runs a step, written as its owner: [server] node_id, else host name:port."""
+        return self.node_id or f"{socket.gethostname()}:{self.port}"
+
+    @property
     def running_share(self) -> int:
         """Most tool steps running at once for one token: max_running_per_token, or by
         default half of concurrency (at least 1), so one token cannot take every slot."""
@@ -100,9 +114,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "body_timeout_s": ("body_timeout_s", (int, float)),
         "log_level": ("log_level", str),
         "log_format": ("log_format", str),
+        "node_id": ("node_id", str),
     },
     "database": {
         "path": ("db_path", str),
+        "url": ("database_url", str),
         "synchronous": ("synchronous", str),
         "busy_timeout_ms": ("busy_timeout_ms", int),
     },
@@ -200,6 +216,12 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
             values[attr] = value
 
     base = state_directory(env)
+    if "database_url" in values:
+        if "db_path" in values:
+            raise ConfigError("[database] takes url or path, not both")
+        values["database_url"], path = database_url(values["database_url"])
+        if path is not None:
+            values["db_path"] = path
     db_path = Path(values.pop("db_path", "stepd.db"))
     if not db_path.is_absolute():
         db_path = base / db_path
@@ -224,6 +246,55 @@ def from_dict(data: dict[str, Any], env: dict[str, str] | None = None) -> Config
     )
     _check(cfg)
     return cfg
+
+
+def override(
+    cfg: Config,
+    *,
+    database: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    node_id: str | None = None,
+) -> Config:
+    """`cfg` with the command line's choices (stepd serve --database/--host/--port/--node-id)."""
+    changes: dict[str, Any] = {}
+    if database is not None:
+        url, path = database_url(database)
+        changes["database_url"] = url
+        if path is not None:
+            db_path = Path(path)
+            if not db_path.is_absolute():
+                db_path = state_directory() / db_path
+            changes |= {"db_path": db_path, "state_dir": db_path.resolve().parent}
+    if host is not None:
+        changes["host"] = host
+    if port is not None:
+        changes["port"] = port
+    if node_id is not None:
+        changes["node_id"] = node_id
+    if not changes:
+        return cfg
+    out = replace(cfg, **changes)
+    _check(out)
+    return out
+
+
+def database_url(url: str) -> tuple[str, str | None]:
+    """[database] url as (PostgreSQL URL or "", SQLite path or None): sqlite:///relative,
+    sqlite:////absolute, or postgresql://user@host:port/database."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not path or path.endswith("/"):
+            raise ConfigError(
+                "[database] url: sqlite:/// needs a file name, e.g. sqlite:///stepd.db"
+            )
+        return "", path
+    if url.startswith(("postgresql://", "postgres://")):
+        return url, None
+    raise ConfigError(
+        "[database] url must start with sqlite:/// (a file) or postgresql:// (a server), "
+        f"not {url.split(':', 1)[0]!r}"
+    )
 
 
 def _networks(entries: list[Any], key: str) -> tuple[str, ...]:

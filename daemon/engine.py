@@ -32,7 +32,8 @@ from daemon.executor import (
     new_step,
 )
 from daemon.models import Finish, Step, StepStatus
-from daemon.store import Cancelled, Created, Replay, Replayed, Store, WorkflowTooLarge
+from daemon.storage import Cancelled, Created, Replay, Replayed, WorkflowTooLarge
+from daemon.storage.base import BaseStore
 from daemon.tools import Registry
 
 BODY_KEYS = {"name", "flow", "input", "notify_url"}
@@ -55,7 +56,7 @@ class Submission:
 class Engine:
     def __init__(
         self,
-        store: Store,
+        store: BaseStore,
         registry: Registry,
         executor: Executor,
         *,
@@ -308,7 +309,7 @@ class Engine:
         return 200, answer
 
     async def _decide(self, fin: Finish, **decision: Any) -> bool:
-        """Store a decision; a next tool step starts at once when a run slot is free.
+        """BaseStore a decision; a next tool step starts at once when a run slot is free.
 
         Shielded like create: a decision that commits must start its next step."""
         return await asyncio.shield(self._decide_and_start(fin, **decision))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sqlite3
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,8 @@ from daemon.evaluator import Evaluator, SandboxUnavailable
 from daemon.logs import StepLogger
 from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
 from daemon.placeholders import TemplateError, scrub
-from daemon.store import Store, WorkflowTooLarge, now_ms
+from daemon.storage import StorageError, StorageUnavailable, WorkflowTooLarge, now_ms
+from daemon.storage.base import BaseStore
 from daemon.templating import Needs, Scope
 from daemon.tools import Registry, ToolContext, ToolError
 
@@ -79,7 +79,7 @@ class StepFailed(Exception):
 
 
 class Executor:
-    def __init__(self, store: Store, registry: Registry, config: Config) -> None:
+    def __init__(self, store: BaseStore, registry: Registry, config: Config) -> None:
         self.store = store
         self.registry = registry
         self.config = config
@@ -184,7 +184,7 @@ class Executor:
                 if await self.store.unstart(step, "not started: the daemon is stopping"):
                     log.info("requeued, not started: the daemon is stopping",
                              extra=_fields(step))  # fmt: skip
-            except sqlite3.Error as exc:  # the store closed: its lease runs out instead
+            except StorageError as exc:  # the store closed: its lease runs out instead
                 log.warning("could not requeue a step that did not start (%s)", exc,
                             extra=_fields(step))  # fmt: skip
 
@@ -213,7 +213,7 @@ class Executor:
                 failures += 1
                 timeout = min(self.config.poll_interval * 2**failures, 30.0)
                 log.error("executor pass failed (%s); retrying in %.1fs", exc, timeout,
-                          exc_info=not isinstance(exc, sqlite3.OperationalError))  # fmt: skip
+                          exc_info=not isinstance(exc, StorageUnavailable))  # fmt: skip
             waker = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(self._stopping.wait())
             try:
@@ -233,8 +233,9 @@ class Executor:
             return None
         now_ = now_ms() if now is None else now
         await self._heartbeat(now_)
-        for gate in await self.store.expired_gates(self.config.claim_batch, now=now):
-            await self._expire(gate)
+        if await self.store.lead("gates"):  # one daemon of several expires gates
+            for gate in await self.store.expired_gates(self.config.claim_batch, now=now):
+                await self._expire(gate)
         for step in await self.store.interrupted(limit=self.config.claim_batch, now=now_):
             if step.id not in self._tasks:
                 await self.recover_step(step, "its lease expired while it ran")
@@ -273,7 +274,7 @@ class Executor:
     async def recover(self) -> int:
         """At start-up: every tool step left running by an earlier process is interrupted."""
         count = 0
-        while steps := await self.store.interrupted(limit=500, now=1 << 62):
+        while steps := await self.store.recoverable(limit=500):
             for step in steps:
                 await self.recover_step(
                     step, "interrupted: the daemon ended without a clean stop while it ran"
@@ -383,7 +384,7 @@ class Executor:
                     log.warning("waiting for a decision: %s", why, extra=_fields(step))
             elif await self.store.unstart(step, reason):
                 log.info("requeued: %s", reason, extra=_fields(step))
-        except sqlite3.Error as exc:  # e.g. locked: its lease runs out, and recovery counts it
+        except StorageError as exc:  # e.g. locked: its lease runs out, and recovery counts it
             log.warning("could not requeue a step at shutdown (%s)", exc, extra=_fields(step))
 
     def cancel_steps(self, step_ids: list[int]) -> None:
@@ -453,7 +454,7 @@ class Executor:
         try:
             if await self.store.unstart(step, reason, run_at=run_at):
                 log.warning("requeued for %gs: %s", self._postponed, reason, extra=_fields(step))
-        except sqlite3.Error as exc2:  # its lease runs out instead
+        except StorageError as exc2:  # its lease runs out instead
             log.warning("could not requeue (%s)", exc2, extra=_fields(step))
 
     def _orphaned(self, record: asyncio.Future[Any]) -> None:
@@ -480,12 +481,12 @@ class Executor:
             except WorkflowTooLarge as exc:
                 log.warning("step failed: %s; the workflow fails", exc, extra=_fields(step))
                 fin = too_large(step, str(exc))
-            except sqlite3.OperationalError as exc:  # locked / busy past busy_timeout, disk full
+            except StorageUnavailable as exc:  # locked / busy past busy_timeout, disk full
                 log.warning("recording the outcome failed (%s); retrying in %.2fs", exc, delay,
                             extra=_fields(step))  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-            except (sqlite3.Error, OverflowError, UnicodeError, ValueError) as exc:
+            except (StorageError, OverflowError, UnicodeError, ValueError) as exc:
                 if fell_back or not self.store.is_open:
                     log.exception("cannot store even a failure", extra=_fields(step))
                     return None, None

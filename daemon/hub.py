@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -23,11 +22,12 @@ from typing import Any
 import orjson
 from sse_starlette import ServerSentEvent
 
-from daemon.store import Store
+from daemon.models import TERMINAL
+from daemon.storage import StorageError
+from daemon.storage.base import BaseStore
 
 log = logging.getLogger("stepd.events")
 
-TERMINAL = {"completed", "failed", "cancelled"}
 POLL_S = 1.0  # events committed by other processes are noticed this fast
 PAGE = 500  # events per read of the log
 QUEUE_SIZE = 1000  # live events a stream may fall behind before it reads the log instead
@@ -91,7 +91,7 @@ class EventHub:
 
     def __init__(
         self,
-        store: Store,
+        store: BaseStore,
         *,
         poll: float = POLL_S,
         queue_size: int = QUEUE_SIZE,
@@ -146,7 +146,7 @@ class EventHub:
             self._committed.clear()  # a commit from now on wakes the next pass
             try:
                 await self._read()
-            except sqlite3.Error as exc:  # a storage fault: streams wait for the next pass
+            except StorageError as exc:  # a storage fault: streams wait for the next pass
                 log.warning("event streams: reading the event log failed: %s", exc)
 
     async def _read(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,12 +26,12 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from daemon import assets, signing
 from daemon import flow as flows
-from daemon.api import parse_json, read_body
+from daemon.bodies import parse_json, read_body
 from daemon.config import Config, TokenConfig
 from daemon.engine import MAX_REASON
 from daemon.errors import PayloadTooLarge, StepdError
 from daemon.models import Step, Workflow
-from daemon.store import LinkSpent
+from daemon.storage import LinkSpent, StorageUnavailable
 
 log = logging.getLogger("stepd.links")
 LINK_TOKEN = TokenConfig(name="link", sha256="0" * 64, permissions=("approve",))
@@ -269,7 +268,7 @@ async def endpoint(request: Request) -> Response:
         titles = {403: "Not allowed", 404: "Not found", 409: "Already decided"}
         return page("message.html", exc.status, title=titles.get(exc.status, "Refused"),
                     text=f"{exc.text}; nothing changed.")  # fmt: skip
-    except sqlite3.OperationalError as exc:
+    except StorageUnavailable as exc:
         log.error("storage fault on a decision link: %s", exc)
         return page("message.html", 503, title="Try again later",
                     text="Storage is unavailable, so nothing was decided. Try again later; "

@@ -21,7 +21,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from daemon.store import Store, now_ms
+from daemon.storage import now_ms
+from daemon.storage.base import BaseStore
 
 # No `*_created` series beside every counter and histogram: they double what a scrape
 # carries and Prometheus does not use them. (prometheus-client's switch is process-wide:
@@ -142,7 +143,7 @@ def committed(seconds: float, batch_size: int) -> None:
     COMMIT_BATCH.observe(batch_size)
 
 
-async def refresh(store: Store, *, now: int | None = None) -> None:
+async def refresh(store: BaseStore, *, now: int | None = None) -> None:
     """Set the gauges that describe the database now."""
     gauges = await store.gauges(now_ms() if now is None else now)
     STEPS_RUNNABLE.set(gauges.runnable)
@@ -154,7 +155,7 @@ async def refresh(store: Store, *, now: int | None = None) -> None:
         WORKFLOWS.labels(status=status).set(gauges.workflows.get(status, 0))
 
 
-async def render(store: Store, accept: str | None = None) -> tuple[bytes, str]:
+async def render(store: BaseStore, accept: str | None = None) -> tuple[bytes, str]:
     """The exposition (Prometheus text, or OpenMetrics when `accept` asks for it) and its
     content type, after refreshing the database gauges."""
     await refresh(store)

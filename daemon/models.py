@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sqlite3
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Self
@@ -18,6 +17,10 @@ class WorkflowStatus(StrEnum):
     CANCELLED = "cancelled"  # DELETE /api/workflow/{id}
 
 
+# The statuses a workflow ends in (also the names of the events that end it).
+TERMINAL = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
+
+
 class StepStatus(StrEnum):
     PENDING = "pending"  # queued, or waiting for a retry's backoff (run_at)
     RUNNING = "running"  # a tool is running, or a gate waits (awaiting = "ready")
@@ -28,7 +31,7 @@ class StepStatus(StrEnum):
 
 class _Row:
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Self:
+    def from_row(cls, row: Any) -> Self:
         return cls(**{name: row[i] for name, i in _columns(cls, tuple(row.keys()))})
 
 

@@ -19,18 +19,18 @@ import hashlib
 import hmac
 import logging
 import random
-import sqlite3
 import time
 from typing import Any
 
 import httpx
 import orjson
 
-from daemon import egress, links
-from daemon.auth import server_secret, webhook_secret
+from daemon import egress, links, signing
+from daemon.auth import webhook_secret
 from daemon.config import Config
 from daemon.models import Step, Workflow
-from daemon.store import Store, now_ms
+from daemon.storage import Row, now_ms
+from daemon.storage.base import BaseStore
 
 log = logging.getLogger("stepd.notify")
 _jitter = random.Random()  # retry jitter, not the process-wide generator
@@ -43,6 +43,8 @@ OPERATOR_CONCURRENCY = 4  # deliveries in flight to the [webhooks] url, on slots
 PER_DESTINATION = 2  # in flight to one receiver of workflows' own notify_url
 CONCURRENCY = 16  # in flight to workflows' own receivers, all together
 TIMEOUT_S = 10.0
+# A delivery one daemon took is not taken by another for this long (it dies sending it).
+VISIBILITY_MS = 60_000
 BACKOFF_S = 1.0  # the n-th retry waits about BACKOFF_S * 2**n; tests make it tiny
 MAX_BACKOFF_S = 3600.0
 IDLE_WAIT_S = 1.0  # longest sleep between passes when nothing is written
@@ -102,7 +104,7 @@ def targets(config: Config, wf: Workflow) -> list[tuple[str, bool]]:
 
 
 class Notifier:
-    def __init__(self, store: Store, config: Config) -> None:
+    def __init__(self, store: BaseStore, config: Config) -> None:
         self.store, self.config = store, config
         self.cursor: int | None = None  # read up to here
         self.saved = 0  # the cursor as stored
@@ -114,15 +116,16 @@ class Notifier:
 
     def server_secret(self) -> bytes:
         """The daemon's own key, for the one-click links."""
-        return server_secret(self.config.state_dir)
+        return signing.secret(self.config.state_dir)
 
     def webhook_secret(self) -> bytes:
-        if self._secret is None:
+        if self._secret is None:  # not shared by the database: the state directory's
             self._secret = webhook_secret(self.config.state_dir)
         return self._secret
 
     async def run(self) -> None:
         failures = 0
+        self._secret = await self.store.secret("webhook")  # None: the state directory's
         try:
             while True:
                 started = time.monotonic()
@@ -151,7 +154,11 @@ class Notifier:
                 await self.client.aclose()
 
     async def enqueue(self, now: float) -> None:
-        """Turn new events into outbox rows; the cursor moves in the same transaction."""
+        """Turn new events into outbox rows; the cursor moves in the same transaction.
+        Of several daemons on one database, one does this (the others only send)."""
+        if not await self.store.lead("notifier"):
+            self.cursor = None  # read again from the database when this one leads
+            return
         if self.cursor is None:
             self.cursor = self.saved = await self.store.cursor(CURSOR)
         while True:
@@ -210,21 +217,33 @@ class Notifier:
             per_dest=PER_DESTINATION, per_operator=OPERATOR_CONCURRENCY, busy=full,
             limit=len(busy) + OPERATOR_CONCURRENCY + CONCURRENCY,
         )  # fmt: skip
+        chosen = []
+        lanes = dict(self.lanes)
+        others = self._others()
         for row in rows:
             dest = row["dest"]
             if row["id"] in busy or row["id"] in self.inflight:
                 continue
-            if self.lanes.get(dest, 0) >= _cap(dest):
+            if lanes.get(dest, 0) >= _cap(dest):
                 continue
-            if dest != OPERATOR and self._others() >= CONCURRENCY:
+            if dest != OPERATOR and others >= CONCURRENCY:
                 continue  # the operator's deliveries come first in `rows` and still start
-            self._start(row)
+            lanes[dest] = lanes.get(dest, 0) + 1
+            others += dest != OPERATOR
+            chosen.append(row)
+        # Of several daemons, the one whose claim takes a delivery sends it; a daemon that
+        # dies while sending leaves it to be taken again after VISIBILITY_MS.
+        claimed = set(await self.store.claim_deliveries([r["id"] for r in chosen],
+                                                        visibility_ms=VISIBILITY_MS))  # fmt: skip
+        for row in chosen:
+            if row["id"] in claimed:
+                self._start(row)
 
     def _others(self) -> int:
         """Deliveries in flight to workflows' own receivers."""
         return len(self.inflight) - self.lanes.get(OPERATOR, 0)
 
-    def _start(self, row: sqlite3.Row) -> None:
+    def _start(self, row: Row) -> None:
         dest, delivery = row["dest"], row["id"]
         self.lanes[dest] = self.lanes.get(dest, 0) + 1
 
@@ -238,7 +257,7 @@ class Notifier:
         self.inflight[delivery] = task
         task.add_done_callback(done)
 
-    async def send(self, row: sqlite3.Row) -> None:
+    async def send(self, row: Row) -> None:
         body, ts = row["body_json"].encode(), int(time.time())
         secret = self.config.webhook_secret.encode() or self.webhook_secret()
         event = orjson.loads(body)["event"]
@@ -282,6 +301,6 @@ def _cap(dest: str) -> int:
     return OPERATOR_CONCURRENCY if dest == OPERATOR else PER_DESTINATION
 
 
-async def run(store: Store, config: Config) -> None:
+async def run(store: BaseStore, config: Config) -> None:
     """Tail the event log into the outbox and deliver it, until cancelled; never dies."""
     await Notifier(store, config).run()

@@ -6,13 +6,14 @@ import asyncio
 import logging
 
 from daemon.config import Config
-from daemon.store import Store, now_ms
+from daemon.storage import now_ms
+from daemon.storage.base import BaseStore
 
 log = logging.getLogger("stepd.retention")
 DAY_MS = 86_400_000
 
 
-async def purge(store: Store, *, days: float, batch: int, now: int | None = None) -> int:
+async def purge(store: BaseStore, *, days: float, batch: int, now: int | None = None) -> int:
     """Delete finished workflows last changed more than `days` ago; returns how many.
 
     Each batch is its own short transaction, and the loop yields between batches so
@@ -26,10 +27,13 @@ async def purge(store: Store, *, days: float, batch: int, now: int | None = None
     return total
 
 
-async def run(store: Store, config: Config) -> None:
+async def run(store: BaseStore, config: Config) -> None:
     """Purge every `interval_s` until cancelled; a failing pass is logged and retried later."""
     while True:
         try:
+            if not await store.lead("retention"):  # another daemon on this database purges
+                await asyncio.sleep(config.retention_interval_s)
+                continue
             purged = await purge(store, days=config.retention_days, batch=config.retention_batch)
             if purged:
                 log.info("purged %d workflows finished over %g days ago", purged,

@@ -20,7 +20,7 @@ from daemon.api import create_app
 from daemon.auth import active_tokens, generated_token_path, tighten_generated
 from daemon.config import Config
 from daemon.errors import ConfigError
-from daemon.store import DatabaseLocked
+from daemon.storage import DatabaseLocked
 
 log = logging.getLogger("stepd")
 

@@ -7,7 +7,6 @@ refused for every other (a link, a flash message). The webhook secret signs none
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,20 @@ def _salt(purpose: str) -> bytes:
     return f"stepd.{purpose}".encode()
 
 
-@functools.lru_cache(maxsize=8)
+_secrets: dict[Path, bytes] = {}  # state directory -> its daemon's signing secret
+
+
 def secret(state_dir: Path) -> bytes:
-    """The daemon's own signing secret (read once per state directory)."""
-    return server_secret(state_dir)
+    """The daemon's own signing secret: the one its database shares among several daemons
+    (remembered at start-up), else the one in the state directory (read once)."""
+    if state_dir not in _secrets:
+        _secrets[state_dir] = server_secret(state_dir)
+    return _secrets[state_dir]
+
+
+def remember(state_dir: Path, key: bytes) -> None:
+    """Use `key` as the signing secret of the daemon at `state_dir` (from its database)."""
+    _secrets[state_dir] = key
 
 
 def serializer(key: bytes, purpose: str) -> URLSafeSerializer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,38 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         config.load(bad)
+
+
+def test_database_url_picks_the_backend(tmp_path):
+    env = {"STATE_DIRECTORY": str(tmp_path)}
+    cfg = config.from_dict({"database": {"url": "sqlite:///x/y.db"}}, env=env)
+    assert (cfg.db_path, cfg.database_url, cfg.backend) == (tmp_path / "x/y.db", "", "sqlite")
+    cfg = config.from_dict({"database": {"url": "sqlite:////abs/s.db"}}, env=env)
+    assert cfg.db_path == Path("/abs/s.db") and cfg.state_dir == Path("/abs")
+    url = "postgresql://stepd@127.0.0.1:5432/stepd"
+    cfg = config.from_dict({"database": {"url": url}}, env=env)
+    assert (cfg.database_url, cfg.backend) == (url, "postgresql")
+    assert cfg.state_dir == tmp_path  # the token hash and the demo database stay local
+    for bad, needle in (
+        ({"url": "mysql://x/y"}, "must start with sqlite:/// (a file) or postgresql://"),
+        ({"url": "sqlite:///"}, "needs a file name"),
+        ({"url": url, "path": "x.db"}, "url or path, not both"),
+        ({"url": 5}, "wrong type"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            config.from_dict({"database": bad}, env=env)
+
+
+def test_node_id_and_command_line_overrides(tmp_path):
+    cfg = config.from_dict({"server": {"port": 8123}}, env={})
+    assert cfg.node.endswith(":8123") and cfg.node_id == ""
+    cfg = config.from_dict({"server": {"node_id": "worker-1"}}, env={})
+    assert cfg.node == "worker-1"
+    url = "postgresql://stepd@127.0.0.1/stepd"
+    out = config.override(cfg, database=url, port=9001, host="127.0.0.2", node_id="w2")
+    assert (out.database_url, out.port, out.host, out.node) == (url, 9001, "127.0.0.2", "w2")
+    out = config.override(cfg, database=f"sqlite:///{tmp_path}/a.db")  # sqlite:////tmp/...
+    assert out.db_path == tmp_path / "a.db" and out.database_url == ""
+    assert config.override(cfg) is cfg
+    with pytest.raises(ConfigError, match="port"):
+        config.override(cfg, port=0)

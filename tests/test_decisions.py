@@ -15,7 +15,8 @@ from daemon import events
 from daemon.api import create_app
 from daemon.auth import hash_token
 from daemon.config import TokenConfig
-from daemon.store import Store, migrations, split_statements
+from daemon.storage.sqlite.store import SqliteStore as Store
+from daemon.storage.sqlite.store import migrations, split_statements
 from tests.helpers import TOKENS, Watch, auth, make_config, wait_for, waiting_gate
 
 

@@ -14,7 +14,9 @@ import httpx
 from daemon.auth import hash_token
 from daemon.config import TokenConfig
 from daemon.models import NewStep
-from daemon.store import Store, migrations, now_ms, split_statements
+from daemon.storage import now_ms
+from daemon.storage.sqlite.store import SqliteStore as Store
+from daemon.storage.sqlite.store import migrations, split_statements
 from tests.helpers import TOKENS, wait_for
 
 PEOPLE = {**TOKENS, "mallory": ("tok-mallory", ("workflow",)),
@@ -228,7 +230,7 @@ async def test_the_migration_gives_live_steps_their_token(tmp_path: Path):
 async def test_the_token_cache_stays_bounded_however_many_workflows_are_created(tmp_path: Path):
     """Creating a workflow remembers its token; past TOKEN_CACHE workflows the oldest are
     forgotten, and a forgotten one's token is read again when a hand-off needs it."""
-    from daemon.store import TOKEN_CACHE
+    from daemon.storage.base import TOKEN_CACHE
 
     store = Store(tmp_path / "s.db", max_running_per_token=2)
     await store.open()

@@ -1,4 +1,4 @@
-"""Group commit (daemon/db.py) and the executor's hand-off of due steps.
+"""Group commit (daemon/storage/sqlite/batcher.py) and the executor's hand-off of due steps.
 
 Writes queued together share one transaction and one fsync; each still succeeds
 or fails on its own, and none is acknowledged before its COMMIT.
@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from daemon.models import Finish, NewStep, StepStatus, WorkflowStatus
-from daemon.store import Store
+from daemon.storage import StorageError, StorageUnavailable
+from daemon.storage.sqlite.store import SqliteStore as Store
 from tests.helpers import wait_for
 
 ECHO = NewStep(state="start", name="start", tool="echo", seq=1)
@@ -103,7 +104,7 @@ async def test_a_failed_commit_fails_every_write_in_it_and_keeps_none(store: Sto
         return created.id
 
     results = await asyncio.gather(*(create_big(i) for i in range(5)), return_exceptions=True)
-    assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+    assert all(isinstance(r, StorageUnavailable) for r in results), results
     assert count_rows(store.path, "workflows") == 1
     await store._write(lambda db: db.execute("PRAGMA max_page_count = 1073741823").fetchone())
     assert await create_big(99) > 0  # the writer carries on once space is back
@@ -178,7 +179,7 @@ async def test_odd_failures_of_one_write_do_not_stop_the_writer(store: Store):
 
     with pytest.raises(RuntimeError, match="StopIteration"):
         await store._write(stop_iteration)
-    with pytest.raises(sqlite3.ProgrammingError, match="ended the shared transaction"):
+    with pytest.raises(StorageError, match="ended the shared transaction"):
         await store._write(commits_itself)
 
     def broken_hook(seconds: float, size: int) -> None:
@@ -219,7 +220,7 @@ async def test_writes_from_threads_are_refused_once_closed(tmp_path: Path):
     store = Store(tmp_path / "x.db")
     await store.open()
     await store.close()
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(StorageError):
         await create(store)
 
 
@@ -353,7 +354,7 @@ async def test_a_writer_cancelled_during_commit_reports_what_committed(store: St
     batcher._task.cancel()
     wf_id = await write
     assert count_rows(store.path, "workflows") == 1 and wf_id > 0
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(StorageError):
         await asyncio.wait_for(create(store, "later"), 2)
 
 

@@ -23,7 +23,7 @@ from daemon import metrics, openapi
 from daemon.api import create_app
 from daemon.config import Config
 from daemon.errors import ConfigError
-from daemon.store import Q
+from daemon.storage.sqlite.store import SqliteStore
 from daemon.tools import Registry, build_registry
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
@@ -191,10 +191,10 @@ async def test_gauge_queries_read_only_their_indexes(tmp_path):
     async with serving(make_config(tmp_path)) as client:
         await scrape(client)  # the schema exists
     expected = {
-        Q["gauge_pending"]: "SCAN steps USING INDEX steps_runnable",
-        Q["gauge_running"]: "SCAN steps USING INDEX steps_leases",
-        Q["gauge_waiting"]: "SCAN steps USING INDEX steps_waiting",
-        Q["gauge_workflows"]: "SCAN workflows USING COVERING INDEX workflows_status",
+        SqliteStore.Q["gauge_pending"]: "SCAN steps USING INDEX steps_runnable",
+        SqliteStore.Q["gauge_running"]: "SCAN steps USING INDEX steps_leases",
+        SqliteStore.Q["gauge_waiting"]: "SCAN steps USING INDEX steps_waiting",
+        SqliteStore.Q["gauge_workflows"]: "SCAN workflows USING COVERING INDEX workflows_status",
     }
     db = sqlite3.connect(tmp_path / "stepd.db")
     try:
@@ -207,7 +207,7 @@ async def test_gauge_queries_read_only_their_indexes(tmp_path):
 
 
 # -- counters and histograms fed by the executor and the store --------------------------
-# These depend on the calls into daemon.metrics in daemon/executor.py and daemon/store.py.
+# These depend on the calls into daemon.metrics in daemon/executor.py and daemon/storage/base.py.
 
 
 async def test_counters_and_histograms_move_when_workflows_run(tmp_path):

@@ -21,7 +21,8 @@ import pytest
 from daemon import notify
 from daemon.api import create_app
 from daemon.auth import server_secret, webhook_secret
-from daemon.store import Store, migrations, split_statements
+from daemon.storage.sqlite.store import SqliteStore as Store
+from daemon.storage.sqlite.store import migrations, split_statements
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
 SECRET = "whsec-test"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from starlette.routing import Mount, Route
 from daemon import openapi
 from daemon.api import create_app
 from daemon.config import Config
+from daemon.storage import StorageUnavailable
 from daemon.tools import Registry, build_registry
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 from tests.test_reference import APPROVAL, LINEAR
@@ -325,7 +325,7 @@ async def test_errors_conform(client):
 
 async def test_storage_fault_conforms(app, client, monkeypatch):
     async def locked(*args: Any, **kwargs: Any) -> None:
-        raise sqlite3.OperationalError("database is locked")
+        raise StorageUnavailable("database is locked")
 
     monkeypatch.setattr(app.state.store, "list_workflows", locked)
     resp = await client.get("/api/workflow")

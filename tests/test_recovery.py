@@ -12,7 +12,8 @@ import pytest
 
 from daemon.api import create_app
 from daemon.models import NewStep
-from daemon.store import Store, now_ms
+from daemon.storage import now_ms
+from daemon.storage.sqlite.store import SqliteStore as Store
 from tests import sample_tools
 from tests.helpers import auth, make_config, wait_for
 

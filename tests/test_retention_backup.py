@@ -9,7 +9,9 @@ from pathlib import Path
 from daemon import retention
 from daemon.cli import main
 from daemon.models import NewStep
-from daemon.store import Store, backup, now_ms
+from daemon.storage import now_ms
+from daemon.storage.sqlite.store import SqliteStore as Store
+from daemon.storage.sqlite.store import backup
 from tests.helpers import wait_for
 
 ECHO = {"name": "e", "flow": {"start": {"tool": "echo", "args": {}, "done": True}}}

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from daemon.models import Finish, NewStep, StepStatus, WorkflowStatus
-from daemon.store import Q, Store, load_queries, migrations, now_ms, split_statements
+from daemon.storage import StorageError, now_ms
+from daemon.storage.base import load_queries
+from daemon.storage.sqlite.store import SqliteStore as Store
+from daemon.storage.sqlite.store import migrations, split_statements
 from tests.helpers import wait_for
 
 ECHO = NewStep(state="start", name="start", tool="echo", seq=1)
@@ -32,11 +35,11 @@ async def create(store: Store, first: NewStep = ECHO, **kw) -> int:
 
 
 def test_every_query_block_loads():
-    text = (Path(__file__).parents[1] / "daemon/sql/queries.sql").read_text()
+    text = (Path(__file__).parents[1] / "daemon/storage/sqlite/queries.sql").read_text()
     names = [line[3:-3] for line in text.splitlines() if line.startswith("-- ") and
              line.endswith(" --")]  # fmt: skip
-    assert sorted(Q) == sorted(names)
-    assert all(sql and not sql.startswith("--") for sql in Q.values())
+    assert sorted(Store.Q) == sorted(names)
+    assert all(sql and not sql.startswith("--") for sql in Store.Q.values())
     assert load_queries("-- a --\n-- what\nSELECT 1;\n\n-- b --\n-- why\nSELECT 2;") == {
         "a": "SELECT 1;",
         "b": "SELECT 2;",
@@ -58,7 +61,7 @@ async def test_pragmas_and_schema_version(store: Store, tmp_path: Path):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
     assert await store._write(lambda db: db.execute("PRAGMA foreign_keys").fetchone()[0]) == 1
-    # Readers wait for a busy database; the writer never blocks the loop (see daemon/db.py).
+    # Readers wait for a busy database; the writer never blocks the loop (sqlite/batcher.py).
     assert (await store._one("PRAGMA busy_timeout", {}))[0] == 5000
     assert await store._write(lambda db: db.execute("PRAGMA busy_timeout").fetchone()[0]) == 0
 
@@ -157,7 +160,7 @@ async def test_a_failing_write_leaves_nothing_half_done(store: Store):
     bad = NewStep(state="b", name=None, tool="echo", seq=2)  # type: ignore[arg-type]
     fin = Finish(step_id=step.id, workflow_id=wf_id, attempt=1, status=StepStatus.DONE,
                  result_json="1", next_step=bad)  # fmt: skip
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StorageError):
         await store.finish_step(fin)
     (row,) = await store.steps(wf_id)
     assert row.status == "running" and row.result_json is None
@@ -285,7 +288,7 @@ async def test_claim_skips_finished_steps_at_any_volume(store: Store, tmp_path: 
 
 
 async def test_foreign_keys_are_enforced(store: Store):
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StorageError):
         await store._write(
             lambda db: db.execute(
                 "INSERT INTO steps (id, workflow_id, state, name, status, seq, run_at, created_at)"
@@ -357,4 +360,4 @@ async def test_a_conflicting_id_while_closing_fails_cleanly(tmp_path: Path):
     creating = asyncio.create_task(create(store, now=now))
     await asyncio.sleep(0)  # queued; its retry would come after close() began
     results = await asyncio.gather(creating, store.close(), return_exceptions=True)
-    assert isinstance(results[0], sqlite3.ProgrammingError), results
+    assert isinstance(results[0], StorageError), results

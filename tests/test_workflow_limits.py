@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.executor import INFO_CACHE
-from daemon.store import Store, migrations, split_statements
+from daemon.storage.sqlite.store import SqliteStore as Store
+from daemon.storage.sqlite.store import migrations, split_statements
 from tests.helpers import auth, wait_for, waiting_gate
 
 BLOB = "x" * 100_000

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from daemon.api import parse_body, read_body
 from daemon.auth import Authenticator
+from daemon.bodies import parse_body, read_body
 from daemon.config import TokenConfig
 from daemon.errors import BadRequest, StepdError, UnsupportedMediaType
 from daemon.ids import MAX_ID

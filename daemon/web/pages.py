@@ -21,7 +21,7 @@ from daemon.auth import Authenticator
 from daemon.engine import Engine
 from daemon.errors import Forbidden, NotFound
 from daemon.ids import MAX_ID
-from daemon.models import WorkflowStatus
+from daemon.models import TERMINAL, WorkflowStatus
 from daemon.web import session as sessions
 from daemon.web.session import Session
 
@@ -29,7 +29,6 @@ STATIC = assets.StaticFiles("daemon.web", "static")  # read now: see daemon.asse
 PAGE_SIZE = 50
 INBOX_PAGE = 100  # approvals shown at once (the nav counts them all)
 PRETTY_LIMIT = 20_000  # characters of one JSON value shown on a page
-TERMINAL = {"completed", "failed", "cancelled"}
 HEADERS = {
     # Scripts and styles come only from /ui/static; nothing inline, no framing.
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "

@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from daemon import signing
 from daemon.config import Config, TokenConfig
-from daemon.store import Store
+from daemon.storage.base import BaseStore
 
 PATH = "/ui"
 SESSION_COOKIE = "stepd_session"
@@ -60,7 +60,7 @@ class Session:
 
 
 async def issue(
-    store: Store, config: Config, token: TokenConfig, *, now: float | None = None
+    store: BaseStore, config: Config, token: TokenConfig, *, now: float | None = None
 ) -> str:
     """Start a session for `token`: the new session cookie's value."""
     now = time.time() if now is None else now
@@ -82,7 +82,7 @@ def _session_id(config: Config, value: str | None) -> str | None:
 
 
 async def load(
-    store: Store, config: Config, value: str | None, *, now: float | None = None
+    store: BaseStore, config: Config, value: str | None, *, now: float | None = None
 ) -> Session | None:
     """The session a cookie value carries, if it is genuine, has not ended or expired, and
     its token still exists with the same hash."""
@@ -101,7 +101,7 @@ async def load(
     return None
 
 
-async def end(store: Store, session: Session) -> None:
+async def end(store: BaseStore, session: Session) -> None:
     """Sign out: the session ends for every copy of its cookie."""
     await store.end_web_session(_id_hash(session.id))
 

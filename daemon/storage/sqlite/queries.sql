@@ -33,9 +33,10 @@ VALUES (:id, :workflow_id, :state, :name, :tool,
 -- insert_started_step --
 -- A tool step handed straight to this process: running under a lease, attempt 1.
 INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt, run_at,
-                   created_at, started_at, lease_until, created_by)
+                   created_at, started_at, lease_until, created_by, owner)
 VALUES (:id, :workflow_id, :state, :name, :tool, 'running', :seq, 1, :now, :now, :started_at,
-        :started_at + :lease_ms, (SELECT created_by FROM workflows WHERE id = :workflow_id))
+        :started_at + :lease_ms, (SELECT created_by FROM workflows WHERE id = :workflow_id),
+        :node)
 RETURNING *;
 
 -- insert_event --
@@ -121,7 +122,7 @@ SELECT min(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'), 1 
 UPDATE steps
 SET status = 'running', attempt = attempt + 1, started_at = :now,
     awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
-    lease_until = CASE WHEN tool IS NOT NULL THEN :now + :lease_ms END
+    lease_until = CASE WHEN tool IS NOT NULL THEN :now + :lease_ms END, owner = :node
 WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'pending'
 RETURNING *;
 
@@ -222,6 +223,12 @@ WHERE id = :id AND status = 'running' AND awaiting = 'decision' AND attempt = :a
 -- Running tool steps whose lease ended before :now (all of them at start-up).
 SELECT * FROM steps
 WHERE status = 'running' AND awaiting IS NULL AND lease_until < :now
+ORDER BY lease_until LIMIT :limit;
+
+-- recoverable_steps --
+-- At start-up, tool steps an earlier process left running: with one daemon per file, every one.
+SELECT * FROM steps
+WHERE status = 'running' AND awaiting IS NULL
 ORDER BY lease_until LIMIT :limit;
 
 -- renew_lease --
@@ -398,3 +405,7 @@ DELETE FROM web_sessions WHERE id_hash = :id_hash;
 -- purge_web_sessions --
 -- Forget sessions that expired.
 DELETE FROM web_sessions WHERE expires_at <= :now;
+
+-- workflow_exists --
+-- Whether a workflow exists.
+SELECT 1 FROM workflows WHERE id = :id;

@@ -1,39 +1,41 @@
-"""SQLite storage: the only module that talks to the database.
+"""The storage interface, written once for every backend.
 
-One writer connection whose writes are group-committed (daemon/db.py: every
-write is a function run inside a shared BEGIN IMMEDIATE transaction, and is
-acknowledged after its COMMIT), and reader connections, which in WAL mode never
-wait behind the writer. The interface is narrow and async so that another
-backend can implement it.
+`BaseStore` holds what the daemon asks of its database: the public async methods and the
+transaction bodies behind them. A transaction body is a plain function of a `Tx` (run in
+one transaction by the backend's `_write`) that reads and writes through named queries,
+`self.Q[name]`, loaded from the backend's own `queries.sql`: the same names and the same
+result columns in every dialect. A backend (daemon/storage/sqlite, daemon/storage/postgres)
+provides the connections, `_write`, the reads, ids, and how other processes' changes are
+noticed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
-import itertools
-import os
 import re
-import sqlite3
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import Enum
-from importlib import resources
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
-import aiosqlite
 import orjson
 
-from daemon import db as dblib
-from daemon import files
 from daemon.models import Finish, NewStep, Step, StepStatus, Workflow
+from daemon.storage.types import (
+    NEVER,
+    Cancelled,
+    Created,
+    Gauges,
+    LinkSpent,
+    Replay,
+    Replayed,
+    Row,
+    WorkflowTooLarge,
+    now_ms,
+)
 
 T = TypeVar("T")
-Conn = sqlite3.Connection
+CommitHook = Callable[[float, int], None]  # (seconds, operations in the transaction)
+TOKEN_CACHE = 4096  # workflows whose creating token is remembered
 
 _BLOCK = re.compile(r"^-- (\w+) --\n--[^\n]*\n(.*?)(?=^-- \w+ --$|\Z)", re.M | re.S)
 
@@ -43,344 +45,109 @@ def load_queries(text: str) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in _BLOCK.finditer(text)}
 
 
-_SQL = resources.files("daemon") / "sql"
-Q = load_queries((_SQL / "queries.sql").read_text())
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
 
 
-def migrations() -> list[tuple[int, str]]:
-    """(version, script) for every numbered file in sql/migrations, in order."""
-    out = []
-    for entry in (_SQL / "migrations").iterdir():
-        m = re.match(r"(\d+)_.*\.sql$", entry.name)
-        if m:
-            out.append((int(m.group(1)), entry.read_text()))
-    return sorted(out)
+class Tx(Protocol):
+    """What a transaction body may do: run named queries (`:name` parameters)."""
+
+    def execute(self, sql: str, params: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, params: Any, /) -> Any: ...
 
 
-def backup(source: Path, dest: Path) -> int:
-    """A consistent copy of a live database with SQLite's online backup API; returns pages.
-
-    The copy is written beside `dest`, checked with PRAGMA integrity_check, then renamed,
-    so `dest` is either the old file or a complete, valid copy.
-    """
-    partial = dest.with_name(dest.name + ".partial")
-    partial.unlink(missing_ok=True)
-    files.create_private(partial)  # a copy of the database is as private as the database
-    src = sqlite3.connect(source, timeout=30)
-    try:
-        dst = sqlite3.connect(partial)
-        try:
-            src.backup(dst)  # one step: a single read transaction, a consistent snapshot
-            (check,) = dst.execute("PRAGMA integrity_check").fetchone()
-            if check != "ok":
-                raise sqlite3.DatabaseError(f"backup failed its integrity check: {check}")
-            (pages,) = dst.execute("PRAGMA page_count").fetchone()
-        finally:
-            dst.close()
-    finally:
-        src.close()
-    os.replace(partial, dest)
-    return int(pages)
-
-
-TOKEN_CACHE = 4096  # workflows whose creating token is remembered
-SLOW_READERS = 2  # a workflow's steps and a /metrics scrape need not wait for each other
-
-
-def _replay(created_by: str | None, key: str, row: sqlite3.Row) -> Replay:
+def _replay(created_by: str | None, key: str, row: Row) -> Replay:
     return Replay(created_by, key, row["request_hash"], row["status"], row["body_json"])
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def split_statements(script: str) -> list[str]:
-    """Split a migration script into statements (sqlite3.complete_statement decides)."""
-    out, buf = [], ""
-    for line in script.splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    if buf.strip() and not all(
-        ln.strip().startswith("--") for ln in buf.splitlines() if ln.strip()
-    ):
-        raise ValueError(f"incomplete SQL statement: {buf.strip()[:80]}")
-    return [s for s in out if s]
-
-
-class DatabaseLocked(Exception):
-    """Another process owns the database file."""
-
-
-@dataclass(frozen=True)
-class Replay:
-    """A decision's answer, remembered under (created_by, Idempotency-Key)."""
-
-    created_by: str | None
-    key: str
-    request_hash: str
-    status: int
-    body_json: str
-
-    def params(self) -> dict[str, Any]:
-        return {"created_by": self.created_by, "key": self.key,
-                "request_hash": self.request_hash, "status": self.status,
-                "body_json": self.body_json}  # fmt: skip
-
-
-class WorkflowTooLarge(Exception):
-    """Storing a result would take a workflow past its [limits] max_workflow_bytes."""
-
-    def __init__(self, stored: int, adding: int, limit: int) -> None:
-        super().__init__(
-            f"storing a result of {adding} bytes would bring the workflow to "
-            f"{stored + adding} bytes; the limit is {limit} ([limits] max_workflow_bytes)"
-        )
-
-
-class LinkSpent(Exception):
-    """A one-click link's nonce was used before."""
-
-
-class Replayed(Exception):
-    """A decision's Idempotency-Key was used before: `earlier` is what it was answered."""
-
-    def __init__(self, earlier: Replay) -> None:
-        super().__init__(f"Idempotency-Key {earlier.key!r} was used before")
-        self.earlier = earlier
-
-
-class Cancelled(Enum):
-    OK = "ok"
-    NOT_FOUND = "not_found"
-    FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class Created:
-    id: int
-    replayed: bool  # an earlier request with the same Idempotency-Key made it
-    conflict: bool = False  # same key, different request
-    started: Step | None = None  # the first step, when it was handed to the executor
-    first_step_id: int = 0  # 0 for a replay
-
-
-@dataclass(frozen=True)
-class Gauges:
-    """What the database holds now, for /metrics."""
-
-    runnable: int  # pending and due
-    delayed: int  # pending, waiting out a retry's backoff
-    running: int  # tool steps holding a lease
-    gates_waiting: int
-    decisions_waiting: int
-    workflows: dict[str, int]  # by status
-
-
-class Store:
-    """Async access to one SQLite database file.
+class BaseStore:
+    """Async access to the daemon's database.
 
     With `max_running_per_token`, no write starts a tool step (a claim or a hand-off) while
     that many steps run for the token that created its workflow: each token gets a share
     of the run slots, and its other due steps wait for one of its own to finish.
     """
 
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        synchronous: str = "FULL",
-        busy_timeout_ms: int = 5000,
-        max_running_per_token: int | None = None,
-    ):
-        self.path = Path(path)
+    Q: ClassVar[dict[str, str]]  # the backend's named queries
+    backend: ClassVar[str]
+
+    def __init__(self, *, max_running_per_token: int | None = None, node: str = "") -> None:
         self.max_running_per_token = max_running_per_token
-        self.synchronous = synchronous.upper()
-        self.busy_timeout_ms = busy_timeout_ms
-        self._writes: dblib.WriteBatcher | None = None
-        self._reader: Conn | None = None  # small indexed reads, on the loop
-        # Reads that may be big or scan (metrics, a workflow's steps): off the loop, on
-        # aiosqlite connections (a thread each), taken in turn.
-        self._slow: list[aiosqlite.Connection] = []
-        self._next_slow = itertools.cycle(range(SLOW_READERS))
-        self._last_id = 0
+        self.node = node  # written as the owner of the steps this process runs
         self._tokens: OrderedDict[int, str | None] = OrderedDict()  # workflow id -> creator
-        self._owner_fd: int | None = None
         self._changed = asyncio.Event()  # set, and replaced, after every commit
-        self.commit_hooks: list[dblib.CommitHook] = []  # (seconds, batch size) per commit
+        self.commit_hooks: list[CommitHook] = []  # (seconds, batch size) per commit
+        # Tests inject storage faults here: called with an operation's name before it runs;
+        # what it raises, the operation raises, having changed nothing.
+        self.faults: Callable[[str], None] | None = None
+
+    # -- what a backend provides ---------------------------------------------------
 
     @property
     def is_open(self) -> bool:
-        return self._writes is not None
-
-    @property
-    def _writer(self) -> Conn | None:
-        """The writer connection (tests use it to simulate faults between writes)."""
-        return self._writes.conn if self._writes is not None else None
-
-    # -- lifecycle -----------------------------------------------------------------
+        raise NotImplementedError
 
     async def open(self) -> None:
-        """Take ownership of the file (one daemon per database), migrate, connect."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._take_ownership()
-        writer: Conn | None = None
-        try:
-            # SQLite gives the -wal, -shm and -journal files the database file's mode; those
-            # left by an older run are tightened here.
-            files.create_private(self.path)
-            for suffix in ("-wal", "-shm", "-journal"):
-                files.tighten(f"{self.path}{suffix}")
-            writer = self._connect()
-            writer.execute("PRAGMA journal_mode = WAL")
-            self._migrate(writer)
-            (row,) = writer.execute(Q["max_id"]).fetchall()
-            self._last_id = int(row[0]) if row else 0
-            self._reader = self._connect()
-            for _ in range(SLOW_READERS):
-                self._slow.append(await self._connect_slow())
-        except BaseException:
-            await self._close_readers(writer)
-            self._release_ownership()
-            raise
-        self._writes = dblib.WriteBatcher(
-            writer, busy_timeout_ms=self.busy_timeout_ms, on_commit=self._committed
-        )
-        self._writes.start()
+        raise NotImplementedError
 
-    def _connect(self) -> Conn:
-        return dblib.connect(self.path, synchronous=self.synchronous,
-                             busy_timeout_ms=self.busy_timeout_ms)  # fmt: skip
+    async def close(self) -> None:
+        raise NotImplementedError
 
-    async def _connect_slow(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            await conn.execute("PRAGMA query_only = ON")
-        except BaseException:
-            await conn.close()  # its thread would keep the process from exiting
-            raise
-        return conn
+    async def schema_version(self) -> int:
+        raise NotImplementedError
+
+    async def _write(self, op: Callable[[Tx], T], *, blocking: bool = False) -> T:
+        """Run `op` in one write transaction; its value once committed."""
+        raise NotImplementedError
+
+    async def _one(self, sql: str, params: dict[str, Any]) -> Row | None:
+        """One row of a small, indexed query."""
+        raise NotImplementedError
+
+    async def _all(self, sql: str, params: dict[str, Any]) -> list[Row]:
+        """All rows of a small, indexed, LIMITed query."""
+        raise NotImplementedError
+
+    async def read_slow(self, sql: str, params: dict[str, Any]) -> list[Row]:
+        """All rows of a query that may scan or return much, read off the event loop."""
+        raise NotImplementedError
+
+    def _new_id(self, now: int) -> int:
+        """A new id shaped like epoch ms, unique and increasing; called inside a write op."""
+        raise NotImplementedError
+
+    async def lead(self, job: str) -> bool:
+        """Whether this process runs the named singleton job (the notifier's cursor,
+        retention, gate expiry): with one daemon per database, always."""
+        return True
+
+    async def secret(self, name: str) -> bytes | None:
+        """A secret every daemon on this database shares ("server": signs links and
+        sessions; "webhook": signs webhooks), made at first use; None when the backend
+        keeps none (one daemon per database: the state directory's files hold them)."""
+        return None
 
     def _committed(self, seconds: float, batch: int) -> None:
+        """A write of this process committed: wake waiters, run the commit hooks."""
         self._changed.set()
         self._changed = asyncio.Event()
         for hook in self.commit_hooks:
             hook(seconds, batch)
 
-    def _take_ownership(self) -> None:
-        # An advisory lock on a side file, held while open: a second daemon on the same
-        # database would requeue this one's running steps and run them twice. The kernel
-        # drops the lock when the process dies, so kill -9 leaves nothing to clean up.
-        lock_path = f"{self.path}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, files.PRIVATE)
-        with contextlib.suppress(PermissionError):  # another user's lock file still locks
-            os.fchmod(fd, files.PRIVATE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DatabaseLocked(
-                f"{self.path} is in use by another stepd process (lock file {lock_path})"
-            ) from None
-        self._owner_fd = fd
+    async def write(self, name: str, op: Callable[[Tx], T], *, blocking: bool = False) -> T:
+        """`_write`, after the fault-injection hook had its say about operation `name`."""
+        if self.faults is not None:
+            self.faults(name)
+        return await self._write(op, blocking=blocking)
 
-    def _release_ownership(self) -> None:
-        if self._owner_fd is not None:
-            os.close(self._owner_fd)  # releases the lock
-            self._owner_fd = None
-
-    async def close(self) -> None:
-        """Commit queued writes, then close every connection and release the file."""
-        if self._writes is not None:
-            writes, self._writes = self._writes, None
-            await writes.close()
-            writes.conn.close()
-        await self._close_readers()
-        self._release_ownership()
-
-    async def _close_readers(self, *others: Conn | None) -> None:
-        slow, self._slow = self._slow, []
-        for aconn in slow:
-            await aconn.close()
-        for conn in (self._reader, *others):
-            if conn is not None:
-                conn.close()
-        self._reader = None
-
-    @staticmethod
-    def _migrate(db: Conn) -> None:
-        """Apply every migration newer than PRAGMA user_version, in one transaction."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in migrations():
-                if number > version:
-                    for statement in split_statements(script):
-                        db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {number}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    async def schema_version(self) -> int:
-        return int((await self._one("PRAGMA user_version", {}))[0])
-
-    async def _write(self, op: Callable[[Conn], T], *, blocking: bool = False) -> T:
-        """Run `op` in a write transaction (group-committed); its value once committed.
-        A `blocking` op may take long and runs off the loop (see WriteBatcher.submit)."""
-        writes = self._writes  # close() clears it before the queue is drained
-        if writes is None:
-            raise sqlite3.ProgrammingError("the store is not open")
-        try:
-            return await writes.submit(op, blocking=blocking)
-        except sqlite3.IntegrityError as exc:
-            if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
-                raise
-
-            # Another process inserted rows with ids this one was about to use (ids are
-            # handed out from memory): catch up with the largest id in use, and try again.
-            # The failed attempt was rolled back in its savepoint.
-            def again(db: Conn) -> T:
-                (row,) = db.execute(Q["max_id"]).fetchall()
-                self._last_id = max(self._last_id, int(row[0]))
-                return op(db)
-
-            return await writes.submit(again, blocking=blocking)
-
-    def _new_id(self, now: int) -> int:
-        """Millisecond-epoch shaped ids, unique and increasing; call inside a write op."""
-        self._last_id = max(now, self._last_id + 1)
-        return self._last_id
-
-    async def _one(self, sql: str, params: dict[str, Any]) -> sqlite3.Row | None:
-        """One row, read on the loop: every such query is small and indexed, and a WAL
-        reader never waits for the writer, so a thread hop would cost more than the read."""
-        if self._reader is None:
-            raise sqlite3.ProgrammingError("the store is not open")
-        return self._reader.execute(sql, params).fetchone()
-
-    async def _all(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
-        """All rows of a small, indexed, LIMITed query, read on the loop (see _one)."""
-        if self._reader is None:
-            raise sqlite3.ProgrammingError("the store is not open")
-        return self._reader.execute(sql, params).fetchall()
-
-    async def read_slow(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
-        """All rows of a query that may scan or return much (counts for /metrics, a
-        workflow's steps with their results), read in a thread."""
-        if not self._slow:
-            raise sqlite3.ProgrammingError("the store is not open")
-        conn = self._slow[next(self._next_slow)]
-        return list(await conn.execute_fetchall(sql, params))
-
-    @staticmethod
     def _event(
-        db: Conn,
+        self,
+        db: Tx,
         workflow_id: int,
         step_id: int | None,
         type_: str,
@@ -388,7 +155,7 @@ class Store:
         data: dict[str, Any] | None = None,
     ) -> None:
         db.execute(
-            Q["insert_event"],
+            self.Q["insert_event"],
             {
                 "workflow_id": workflow_id,
                 "step_id": step_id,
@@ -398,10 +165,10 @@ class Store:
             },
         )
 
-    def _insert_step(self, db: Conn, workflow_id: int, step: NewStep, now: int) -> int:
+    def _insert_step(self, db: Tx, workflow_id: int, step: NewStep, now: int) -> int:
         step_id = self._new_id(now)
         db.execute(
-            Q["insert_step"],
+            self.Q["insert_step"],
             {
                 "id": step_id,
                 "workflow_id": workflow_id,
@@ -417,13 +184,13 @@ class Store:
             self._event(db, workflow_id, step_id, "gate_waiting", now, {"state": step.state})
         return step_id
 
-    def _may_start(self, db: Conn, workflow_id: int, now: int) -> bool:
+    def _may_start(self, db: Tx, workflow_id: int, now: int) -> bool:
         """Whether a step of this workflow written now may be handed off (written as
         running). Not while due steps a claim could take wait in the queue: it joins the
         queue behind them, first come, first served, so a busy chain of hand-offs cannot
         starve what was queued before it (steps of tokens at their share are no such
         steps). Nor while its own token has max_running_per_token steps running."""
-        oldest = db.execute(Q["oldest_due_token"], {"now": now}).fetchone()
+        oldest = db.execute(self.Q["oldest_due_token"], {"now": now}).fetchone()
         if self.max_running_per_token is None:
             return oldest is None
         token = self._token(db, workflow_id)
@@ -435,10 +202,10 @@ class Store:
             return False  # the oldest due step could be claimed: it goes first
         return not self._claimable(db, 1, now)
 
-    def _token(self, db: Conn, workflow_id: int) -> str | None:
+    def _token(self, db: Tx, workflow_id: int) -> str | None:
         """The token that created a workflow (it never changes: cached)."""
         if workflow_id not in self._tokens:
-            (token,) = db.execute(Q["workflow_token"], {"workflow_id": workflow_id}).fetchone()
+            (token,) = db.execute(self.Q["workflow_token"], {"workflow_id": workflow_id}).fetchone()
             self._remember_token(workflow_id, token)
         return self._tokens[workflow_id]
 
@@ -448,11 +215,11 @@ class Store:
         while len(self._tokens) > TOKEN_CACHE:
             self._tokens.popitem(last=False)
 
-    def _has_room(self, db: Conn, token: str | None) -> bool:
+    def _has_room(self, db: Tx, token: str | None) -> bool:
         """Whether `token` runs fewer steps than its share."""
         if self.max_running_per_token is None:
             return True
-        (running,) = db.execute(Q["running_of_token"], {"created_by": token}).fetchone()
+        (running,) = db.execute(self.Q["running_of_token"], {"created_by": token}).fetchone()
         return bool(running < self.max_running_per_token)
 
     def _room(self, running: dict[str | None, int], token: str | None, limit: int) -> int:
@@ -461,13 +228,12 @@ class Store:
             return limit
         return min(limit, self.max_running_per_token - running.get(token, 0))
 
-    @staticmethod
-    def _running(db: Conn) -> dict[str | None, int]:
+    def _running(self, db: Tx) -> dict[str | None, int]:
         """How many tool steps run for each token."""
-        return {r[0]: r[1] for r in db.execute(Q["running_by_token"]).fetchall()}
+        return {r[0]: r[1] for r in db.execute(self.Q["running_by_token"]).fetchall()}
 
     def _claimable(
-        self, db: Conn, limit: int, now: int, running: dict[str | None, int] | None = None
+        self, db: Tx, limit: int, now: int, running: dict[str | None, int] | None = None
     ) -> list[int]:
         """Up to `limit` due pending steps, oldest first, of tokens below their share.
 
@@ -476,25 +242,25 @@ class Store:
         share holds back only its own steps."""
         running = self._running(db) if running is None else running
         due: list[tuple[int, int]] = []
-        for (token,) in db.execute(Q["pending_tokens"]).fetchall():
+        for (token,) in db.execute(self.Q["pending_tokens"]).fetchall():
             room = self._room(running, token, limit)
             if room > 0:
                 params = {"created_by": token, "now": now, "limit": room}
-                due += [(r[0], r[1]) for r in db.execute(Q["due_of_token"], params).fetchall()]
+                due += [(r[0], r[1]) for r in db.execute(self.Q["due_of_token"], params).fetchall()]
         due.sort()  # (run_at, id): oldest first across tokens
         return [step_id for _, step_id in due[:limit]]
 
     def _insert_started(
-        self, db: Conn, workflow_id: int, step: NewStep, now: int, lease_ms: int
+        self, db: Tx, workflow_id: int, step: NewStep, now: int, lease_ms: int
     ) -> Step:
         """Insert a tool step as running under a lease (see Finish.start_next_lease_ms)."""
         assert step.tool is not None, "a gate cannot be started"
         started_at = max(now, now_ms())  # the lease runs from the transaction, not the request
         row = db.execute(
-            Q["insert_started_step"],
+            self.Q["insert_started_step"],
             {"id": self._new_id(now), "workflow_id": workflow_id, "state": step.state,
              "name": step.name, "tool": step.tool, "seq": step.seq, "now": now,
-             "started_at": started_at, "lease_ms": lease_ms},
+             "started_at": started_at, "lease_ms": lease_ms, "node": self.node},
         ).fetchone()  # fmt: skip
         started = Step.from_row(row)
         self._event(db, workflow_id, started.id, "step_started", now,
@@ -524,15 +290,15 @@ class Store:
         """
         now = now_ms() if now is None else now
 
-        def op(db: Conn) -> Created:
+        def op(db: Tx) -> Created:
             if idempotency_key is not None:
                 params = {"created_by": created_by, "key": idempotency_key}
-                row = db.execute(Q["find_idempotent"], params).fetchone()
+                row = db.execute(self.Q["find_idempotent"], params).fetchone()
                 if row is not None:
                     return Created(row["id"], True, conflict=row["request_hash"] != request_hash)
             wf_id = self._new_id(now)
             db.execute(
-                Q["insert_workflow"],
+                self.Q["insert_workflow"],
                 {
                     "id": wf_id,
                     "name": name,
@@ -557,30 +323,30 @@ class Store:
                 return Created(wf_id, False, started=started, first_step_id=started.id)
             return Created(wf_id, False, first_step_id=self._insert_step(db, wf_id, first, now))
 
-        return await self._write(op)
+        return await self.write("create_workflow", op)
 
     async def get_workflow(self, workflow_id: int) -> Workflow | None:
-        row = await self._one(Q["get_workflow"], {"id": workflow_id})
+        row = await self._one(self.Q["get_workflow"], {"id": workflow_id})
         return Workflow.from_row(row) if row else None
 
     async def list_workflows(
         self, *, limit: int = 50, status: str | None = None, before: int | None = None
     ) -> list[Workflow]:
-        params = {"limit": limit, "status": status, "before": before or (1 << 62)}
-        sql = Q["list_workflows_by_status"] if status else Q["list_workflows"]
+        params = {"limit": limit, "status": status, "before": before or NEVER}
+        sql = self.Q["list_workflows_by_status"] if status else self.Q["list_workflows"]
         return [Workflow.from_row(r) for r in await self._all(sql, params)]
 
     async def steps(self, workflow_id: int) -> list[Step]:
         # In a thread: results may add up to many megabytes for a long workflow.
-        rows = await self.read_slow(Q["workflow_steps"], {"workflow_id": workflow_id})
+        rows = await self.read_slow(self.Q["workflow_steps"], {"workflow_id": workflow_id})
         return [Step.from_row(r) for r in rows]
 
     async def get_step(self, step_id: int) -> Step | None:
-        row = await self._one(Q["get_step"], {"id": step_id})
+        row = await self._one(self.Q["get_step"], {"id": step_id})
         return Step.from_row(row) if row else None
 
     async def events(self, workflow_id: int) -> list[dict[str, Any]]:
-        rows = await self._all(Q["workflow_events"], {"workflow_id": workflow_id})
+        rows = await self._all(self.Q["workflow_events"], {"workflow_id": workflow_id})
         return [
             {**dict(r), "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
             for r in rows
@@ -592,17 +358,17 @@ class Store:
         """Cancel a running workflow and its open steps; returns the cancelled step ids."""
         now = now_ms() if now is None else now
 
-        def op(db: Conn) -> tuple[Cancelled, list[int]]:
-            cur = db.execute(Q["cancel_workflow"], {"id": workflow_id, "now": now})
+        def op(db: Tx) -> tuple[Cancelled, list[int]]:
+            cur = db.execute(self.Q["cancel_workflow"], {"id": workflow_id, "now": now})
             if cur.rowcount == 0:
-                exists = db.execute("SELECT 1 FROM workflows WHERE id = ?", (workflow_id,))
+                exists = db.execute(self.Q["workflow_exists"], {"id": workflow_id})
                 return (Cancelled.FINISHED if exists.fetchone() else Cancelled.NOT_FOUND), []
-            rows = db.execute(Q["cancel_steps"], {"workflow_id": workflow_id, "now": now})
+            rows = db.execute(self.Q["cancel_steps"], {"workflow_id": workflow_id, "now": now})
             step_ids = [r[0] for r in rows.fetchall()]
             self._event(db, workflow_id, None, "cancelled", now, {"by": by})
             return Cancelled.OK, step_ids
 
-        return await self._write(op)
+        return await self.write("cancel_workflow", op)
 
     # -- steps ---------------------------------------------------------------------
 
@@ -612,13 +378,13 @@ class Store:
         """Claim up to `limit` due pending steps, oldest first, skipping those of tokens at
         max_running_per_token; tools become running under a lease, gates start waiting."""
 
-        def op(db: Conn) -> list[Step]:
+        def op(db: Tx) -> list[Step]:
             # The time the transaction runs, not when it was queued: leases start now.
             at = now_ms() if now is None else now
             # Chosen and taken in one transaction: no other write sees them in between.
             ids = orjson.dumps(self._claimable(db, limit, at)).decode()
-            params = {"now": at, "ids": ids, "lease_ms": lease_ms}
-            rows = [Step.from_row(r) for r in db.execute(Q["claim_steps"], params).fetchall()]
+            params = {"now": at, "ids": ids, "lease_ms": lease_ms, "node": self.node}
+            rows = [Step.from_row(r) for r in db.execute(self.Q["claim_steps"], params).fetchall()]
             for step in rows:
                 if step.tool is None:
                     self._event(
@@ -630,7 +396,7 @@ class Store:
             rows.sort(key=lambda s: s.id)
             return rows
 
-        return await self._write(op)
+        return await self.write("claim_steps", op)
 
     async def finish_step(self, fin: Finish, *, now: int | None = None) -> int | None:
         """Record an attempt and what follows it in one transaction.
@@ -639,7 +405,7 @@ class Store:
         no longer owns the step (cancelled, or requeued) and nothing was written.
         """
         now = now_ms() if now is None else now
-        done = await self._write(lambda db: self._finish(db, fin, now))
+        done = await self.write("finish_step", lambda db: self._finish(db, fin, now))
         return None if done is None else done[0]
 
     async def finish_and_start(
@@ -648,10 +414,10 @@ class Store:
         """finish_step, and the next step when it was written as running
         (`fin.start_next_lease_ms`): (next id or 0 or None, started step or None)."""
         now = now_ms() if now is None else now
-        done = await self._write(lambda db: self._finish(db, fin, now))
+        done = await self.write("finish_and_start", lambda db: self._finish(db, fin, now))
         return (None, None) if done is None else done
 
-    def _finish(self, db: Conn, fin: Finish, now: int) -> tuple[int, Step | None] | None:
+    def _finish(self, db: Tx, fin: Finish, now: int) -> tuple[int, Step | None] | None:
         params = {
             "id": fin.step_id,
             "attempt": fin.attempt,
@@ -660,10 +426,10 @@ class Store:
             "error_type": fin.error_type,
         }
         if fin.status is StepStatus.PENDING:
-            cur = db.execute(Q["retry_step"], {**params, "run_at": fin.retry_at})
+            cur = db.execute(self.Q["retry_step"], {**params, "run_at": fin.retry_at})
         else:
             cur = db.execute(
-                Q["finish_step"],
+                self.Q["finish_step"],
                 {**params, "status": fin.status.value, "result_json": fin.result_json},
             )
         if cur.rowcount == 0:
@@ -671,8 +437,7 @@ class Store:
         touched = self._grow(db, fin, now)
         return self._follow(db, fin, now, touched=touched)
 
-    @staticmethod
-    def _grow(db: Conn, fin: Finish, now: int) -> bool:
+    def _grow(self, db: Tx, fin: Finish, now: int) -> bool:
         """Count a result against its workflow's storage (and mark the workflow changed:
         True); WorkflowTooLarge, and the whole operation rolled back, if that takes it past
         `fin.max_workflow_bytes`."""
@@ -680,13 +445,13 @@ class Store:
             return False
         size = len(fin.result_json.encode())
         params = {"id": fin.workflow_id, "bytes": size, "now": now}
-        (total,) = db.execute(Q["grow_workflow"], params).fetchone()
+        (total,) = db.execute(self.Q["grow_workflow"], params).fetchone()
         if total > fin.max_workflow_bytes:
             raise WorkflowTooLarge(total - size, size, fin.max_workflow_bytes)
         return True
 
     def _follow(
-        self, db: Conn, fin: Finish, now: int, *, touched: bool = False
+        self, db: Tx, fin: Finish, now: int, *, touched: bool = False
     ) -> tuple[int, Step | None]:
         """Events, the next step and the workflow's end, after a step changed."""
         wf = fin.workflow_id
@@ -709,7 +474,7 @@ class Store:
             next_id = self._insert_step(db, wf, fin.next_step, now)
         elif fin.workflow_status is not None:
             db.execute(
-                Q["end_workflow"],
+                self.Q["end_workflow"],
                 {
                     "id": wf,
                     "status": fin.workflow_status.value,
@@ -727,7 +492,7 @@ class Store:
             )
             return next_id, started  # end_workflow marked it changed
         if not touched:
-            db.execute(Q["touch_workflow"], {"id": wf, "now": now})
+            db.execute(self.Q["touch_workflow"], {"id": wf, "now": now})
         return next_id, started
 
     async def decide(
@@ -753,19 +518,19 @@ class Store:
         """
         now = now_ms() if now is None else now
 
-        def op(db: Conn) -> tuple[int, Step | None] | None:
+        def op(db: Tx) -> tuple[int, Step | None] | None:
             if replay is not None:
                 # Checked here, in the transaction that saves the key: of two requests
                 # with one key, the second sees the first's answer (Replayed).
-                row = db.execute(Q["find_decision_key"], replay.params()).fetchone()
+                row = db.execute(self.Q["find_decision_key"], replay.params()).fetchone()
                 if row is not None:
                     raise Replayed(_replay(replay.created_by, replay.key, row))
             if link_nonce is not None:
                 params = {"nonce": link_nonce, "step_id": fin.step_id, "now": now}
-                if db.execute(Q["use_link"], params).rowcount != 1:
+                if db.execute(self.Q["use_link"], params).rowcount != 1:
                     raise LinkSpent(f"link {link_nonce} was used before")
             cur = db.execute(
-                Q["decide"],
+                self.Q["decide"],
                 {"id": fin.step_id, "attempt": fin.attempt, "awaiting": awaiting,
                  "status": fin.status.value, "result_json": fin.result_json,
                  "error": fin.error, "error_type": fin.error_type, "decided_by": decided_by,
@@ -780,33 +545,33 @@ class Store:
                 data["reason"] = reason
             self._event(db, fin.workflow_id, fin.step_id, kind, now, data)
             if replay is not None:
-                db.execute(Q["save_decision_key"], {**replay.params(), "now": now})
+                db.execute(self.Q["save_decision_key"], {**replay.params(), "now": now})
             return self._follow(db, fin, now, touched=touched)
 
-        return await self._write(op)
+        return await self.write("decide", op)
 
     async def decision_replay(self, created_by: str | None, key: str) -> Replay | None:
         """The remembered answer to a decision sent with this Idempotency-Key, if any."""
-        row = await self._one(Q["find_decision_key"], {"created_by": created_by, "key": key})
+        row = await self._one(self.Q["find_decision_key"], {"created_by": created_by, "key": key})
         return None if row is None else _replay(created_by, key, row)
 
     async def approvals(
         self, *, limit: int = 100, after: int = 0, max_json: int = 16384
-    ) -> list[sqlite3.Row]:
+    ) -> list[Row]:
         """Steps waiting for a person after step `after`, oldest first, with their
         workflow's context (input and previous result only up to `max_json` bytes)."""
         params = {"limit": limit, "after": after, "max_json": max_json}
-        return await self.read_slow(Q["approvals"], params)  # reads flows: in a thread
+        return await self.read_slow(self.Q["approvals"], params)  # reads flows: in a thread
 
     async def waiting_count(self) -> int:
         """How many steps wait for a person now."""
-        (row,) = await self.read_slow(Q["waiting_count"], {})
+        (row,) = await self.read_slow(self.Q["waiting_count"], {})
         return int(row["n"])
 
     async def waiting_among(self, workflow_ids: Iterable[int]) -> set[int]:
         """Those of `workflow_ids` with a step waiting for a person."""
         ids = orjson.dumps(list(workflow_ids)).decode()
-        return {r[0] for r in await self.read_slow(Q["waiting_among"], {"ids": ids})}
+        return {r[0] for r in await self.read_slow(self.Q["waiting_among"], {"ids": ids})}
 
     async def retry_decided(
         self, step: Step, *, decided_by: str | None, now: int | None = None
@@ -854,27 +619,35 @@ class Store:
         """A compare-and-set on one attempt of a step, with its event, in one transaction."""
         now = now_ms() if now is None else now
 
-        def op(db: Conn) -> bool:
+        def op(db: Tx) -> bool:
             cur = db.execute(
-                Q[query], {"id": step.id, "attempt": step.attempt, "now": now, **params}
+                self.Q[query], {"id": step.id, "attempt": step.attempt, "now": now, **params}
             )
             if cur.rowcount:
                 self._event(db, step.workflow_id, step.id, kind, now, data)
             return bool(cur.rowcount)
 
-        return await self._write(op)
+        return await self.write(query, op)
 
     async def interrupted(self, *, limit: int, now: int | None = None) -> list[Step]:
         """Running tool steps whose lease ended before `now`."""
         now = now_ms() if now is None else now
-        rows = await self._all(Q["interrupted_steps"], {"now": now, "limit": limit})
+        rows = await self._all(self.Q["interrupted_steps"], {"now": now, "limit": limit})
         return [Step.from_row(r) for r in rows]
+
+    async def recoverable(self, *, limit: int) -> list[Step]:
+        """At start-up: tool steps left running by an earlier process of this node, and
+        those of any node whose lease ended (never another live daemon's)."""
+        params = {"node": self.node, "now": now_ms(), "limit": limit}
+        return [Step.from_row(r) for r in await self._all(self.Q["recoverable_steps"], params)]
 
     async def renew_leases(self, steps: Iterable[Step], lease_until: int) -> None:
         """Extend the leases of steps this process runs (one transaction)."""
         params = [{"id": s.id, "attempt": s.attempt, "lease_until": lease_until} for s in steps]
         if params:
-            await self._write(lambda db: db.executemany(Q["renew_lease"], params))
+            await self.write(
+                "renew_leases", lambda db: db.executemany(self.Q["renew_lease"], params)
+            )
 
     async def purge_finished(self, *, cutoff: int, limit: int, max_steps: int = 5000) -> int:
         """Delete up to `limit` workflows finished before `cutoff` (epoch ms), with their
@@ -883,51 +656,48 @@ class Store:
         workflows that may have a thousand steps each. Returns how many were deleted."""
         params = {"cutoff": cutoff, "limit": limit}
 
-        def op(db: Conn) -> int:
+        def op(db: Tx) -> int:
             deleted = steps = 0
-            for row in db.execute(Q["purge_candidates"], params).fetchall():
+            for row in db.execute(self.Q["purge_candidates"], params).fetchall():
                 steps += row["steps"]
                 if deleted and steps > max_steps:
                     break
-                db.execute(Q["purge_workflow"], {"id": row["id"]})
+                db.execute(self.Q["purge_workflow"], {"id": row["id"]})
                 deleted += 1
             return deleted
 
-        return await self._write(op, blocking=True)
+        return await self.write("purge_finished", op, blocking=True)
 
     async def has_due(self, *, now: int | None = None) -> bool:
         """Whether a pending step is due (a cheap read before a claim transaction)."""
         now = now_ms() if now is None else now
-        return await self._one(Q["has_due"], {"now": now}) is not None
+        return await self._one(self.Q["has_due"], {"now": now}) is not None
 
     async def next_due(self, *, now: int | None = None) -> int | None:
         """When the next gate expires or the next pending step a claim may take is due
         (epoch ms), if any. Steps of a token at max_running_per_token are left out: they
         wait for one of its running steps to finish, which wakes the executor anyway."""
-        row = await self._one(Q["next_due"], {})
-        due = row[0] if row and row[0] < (1 << 62) else None
+        row = await self._one(self.Q["next_due"], {})
+        due = row[0] if row and row[0] < NEVER else None
         now = now_ms() if now is None else now
         if due is None or due > now or self.max_running_per_token is None:
             return due  # nothing, or nothing due yet (a token's share aside: one more tick)
-        return self._next_due_by_token()
+        return await self._next_due_by_token()
 
-    def _next_due_by_token(self) -> int | None:
+    async def _next_due_by_token(self) -> int | None:
         """next_due, token by token: steps due now may be held back by their token's share."""
-        if self._reader is None:
-            raise sqlite3.ProgrammingError("the store is not open")
-        db = self._reader
-        times = [db.execute(Q["next_gate_expiry"]).fetchone()[0]]
-        running = self._running(db)
-        for (token,) in db.execute(Q["pending_tokens"]).fetchall():
+        times = [(await self._one(self.Q["next_gate_expiry"], {}))[0]]
+        running = {r[0]: r[1] for r in await self._all(self.Q["running_by_token"], {})}
+        for (token,) in await self._all(self.Q["pending_tokens"], {}):
             if self._room(running, token, 1) > 0:
-                row = db.execute(Q["next_run_of_token"], {"created_by": token}).fetchone()
+                row = await self._one(self.Q["next_run_of_token"], {"created_by": token})
                 times.append(row[0])
         due = [t for t in times if t is not None]
         return min(due) if due else None
 
     async def expired_gates(self, limit: int, *, now: int | None = None) -> list[Step]:
         now = now_ms() if now is None else now
-        rows = await self._all(Q["expired_gates"], {"now": now, "limit": limit})
+        rows = await self._all(self.Q["expired_gates"], {"now": now, "limit": limit})
         return [Step.from_row(r) for r in rows]
 
     async def scope_steps(
@@ -937,20 +707,24 @@ class Store:
         oldest first; read in a thread, their results may add up to megabytes."""
         names = None if states is None else orjson.dumps(sorted(states)).decode()
         params = {"workflow_id": workflow_id, "before": before, "states": names}
-        return [Step.from_row(r) for r in await self.read_slow(Q["scope_steps"], params)]
+        return [Step.from_row(r) for r in await self.read_slow(self.Q["scope_steps"], params)]
 
     async def previous_step(self, workflow_id: int, before: int) -> Step | None:
         """The step before step `before` in its workflow, if any."""
-        row = await self._one(Q["previous_step"], {"workflow_id": workflow_id, "before": before})
+        row = await self._one(
+            self.Q["previous_step"], {"workflow_id": workflow_id, "before": before}
+        )
         return Step.from_row(row) if row else None
 
     async def gauges(self, now: int) -> Gauges:
         """Counts for /metrics, read in a thread: the step counts read partial indexes of
         unfinished steps, but counting workflows reads every workflow's index entry."""
-        (pending,) = await self.read_slow(Q["gauge_pending"], {"now": now})
-        (running,) = await self.read_slow(Q["gauge_running"], {})
-        waiting = {r["awaiting"]: r["n"] for r in await self.read_slow(Q["gauge_waiting"], {})}
-        workflows = {r["status"]: r["n"] for r in await self.read_slow(Q["gauge_workflows"], {})}
+        (pending,) = await self.read_slow(self.Q["gauge_pending"], {"now": now})
+        (running,) = await self.read_slow(self.Q["gauge_running"], {})
+        waiting = {r["awaiting"]: r["n"] for r in await self.read_slow(self.Q["gauge_waiting"], {})}
+        workflows = {
+            r["status"]: r["n"] for r in await self.read_slow(self.Q["gauge_workflows"], {})
+        }
         return Gauges(
             runnable=pending["due"], delayed=pending["total"] - pending["due"],
             running=running["n"], gates_waiting=waiting.get("ready", 0),
@@ -972,7 +746,7 @@ class Store:
 
     async def max_event_id(self) -> int:
         """The newest event's id (0 while the log is empty)."""
-        row = await self._one(Q["max_event_id"], {})
+        row = await self._one(self.Q["max_event_id"], {})
         return int(row[0]) if row and row[0] is not None else 0
 
     async def events_after(
@@ -980,10 +754,10 @@ class Store:
     ) -> list[dict[str, Any]]:
         """Events with ids above `after`, oldest first (of one workflow, or all)."""
         if workflow_id is None:
-            rows = await self._all(Q["events_after"], {"after": after, "limit": limit})
+            rows = await self._all(self.Q["events_after"], {"after": after, "limit": limit})
         else:
             rows = await self._all(
-                Q["workflow_events_after"],
+                self.Q["workflow_events_after"],
                 {"workflow_id": workflow_id, "after": after, "limit": limit},
             )
         return [
@@ -1004,12 +778,12 @@ class Store:
         to which the log was read (events of other types included); and whether that is
         the newest event. One call reads at most `span` ids of the log (a few ms on the
         loop), so catching up after a long time goes in steps."""
-        top_row = await self._one(Q["max_event_id"], {})
+        top_row = await self._one(self.Q["max_event_id"], {})
         top = int(top_row[0]) if top_row and top_row[0] is not None else after
         up_to = min(top, after + span)
         params = {"after": after, "up_to": up_to, "limit": limit, "with_url_only": with_url_only,
                   "types": orjson.dumps(sorted(types)).decode()}  # fmt: skip
-        rows = await self._all(Q["events_of_types_after"], params)
+        rows = await self._all(self.Q["events_of_types_after"], params)
         events = [
             {**dict(r), "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
             for r in rows
@@ -1020,7 +794,7 @@ class Store:
         return events, up_to, up_to >= top
 
     async def cursor(self, name: str) -> int:
-        row = await self._one(Q["get_cursor"], {"name": name})
+        row = await self._one(self.Q["get_cursor"], {"name": name})
         return int(row[0]) if row else 0
 
     async def enqueue_deliveries(
@@ -1029,11 +803,11 @@ class Store:
         """Add webhook deliveries and move reader `name` to event `up_to`, atomically."""
         now = now_ms() if now is None else now
 
-        def op(db: Conn) -> None:
-            db.executemany(Q["enqueue_delivery"], [{**r, "now": now} for r in rows])
-            db.execute(Q["set_cursor"], {"name": name, "event_id": up_to})
+        def op(db: Tx) -> None:
+            db.executemany(self.Q["enqueue_delivery"], [{**r, "now": now} for r in rows])
+            db.execute(self.Q["set_cursor"], {"name": name, "event_id": up_to})
 
-        await self._write(op)
+        await self.write("enqueue_deliveries", op)
 
     async def due_deliveries(
         self,
@@ -1043,7 +817,7 @@ class Store:
         busy: Iterable[str] = (),
         limit: int = 50,
         now: int | None = None,
-    ) -> list[sqlite3.Row]:
+    ) -> list[Row]:
         """Due deliveries: at most `per_dest` of each destination not in `busy`
         (`per_operator` of the operator's), the operator's first, then oldest first. Read
         in a thread: it visits every destination with pending deliveries, and a token can
@@ -1051,27 +825,32 @@ class Store:
         now = now_ms() if now is None else now
         params = {"now": now, "per_dest": per_dest, "per_operator": per_operator,
                   "busy": orjson.dumps(list(busy)).decode(), "limit": limit}  # fmt: skip
-        return await self.read_slow(Q["due_deliveries"], params)
+        return await self.read_slow(self.Q["due_deliveries"], params)
+
+    async def claim_deliveries(self, ids: list[int], *, visibility_ms: int) -> list[int]:
+        """Of the due deliveries `ids`, those this process may send now: with one daemon
+        per database, every one (several daemons each claim theirs for `visibility_ms`)."""
+        return list(ids)
 
     async def delivery_done(
         self, delivery_id: int, *, error: str | None = None, next_at: int = 0, dead: bool = False
     ) -> None:
         """Record a delivery attempt: sent (no error), or failed and retried at `next_at`."""
 
-        def op(db: Conn) -> None:
+        def op(db: Tx) -> None:
             if error is None:
-                db.execute(Q["delivery_sent"], {"id": delivery_id})
+                db.execute(self.Q["delivery_sent"], {"id": delivery_id})
             else:
                 db.execute(
-                    Q["delivery_failed"],
+                    self.Q["delivery_failed"],
                     {"id": delivery_id, "error": error, "next_at": next_at, "dead": dead},
                 )
 
-        await self._write(op)
+        await self.write("delivery_done", op)
 
     async def link_used(self, nonce: str) -> bool:
         """Whether a one-click link was spent (Store.decide spends it)."""
-        return await self._one(Q["link_used"], {"nonce": nonce}) is not None
+        return await self._one(self.Q["link_used"], {"nonce": nonce}) is not None
 
     # -- web sessions -------------------------------------------------------------------
 
@@ -1084,19 +863,22 @@ class Store:
         params = {"id_hash": id_hash, "token_name": token_name, "token_hash": token_hash,
                   "expires_at": expires_at, "now": now}  # fmt: skip
 
-        def op(db: Conn) -> None:
-            db.execute(Q["purge_web_sessions"], {"now": now})
-            db.execute(Q["insert_web_session"], params)
+        def op(db: Tx) -> None:
+            db.execute(self.Q["purge_web_sessions"], {"now": now})
+            db.execute(self.Q["insert_web_session"], params)
 
-        await self._write(op)
+        await self.write("add_web_session", op)
 
-    async def web_session(self, id_hash: str, *, now: int | None = None) -> sqlite3.Row | None:
+    async def web_session(self, id_hash: str, *, now: int | None = None) -> Row | None:
         """A session that has not ended or expired (one read of the primary key)."""
         now = now_ms() if now is None else now
-        return await self._one(Q["get_web_session"], {"id_hash": id_hash, "now": now})
+        return await self._one(self.Q["get_web_session"], {"id_hash": id_hash, "now": now})
 
     async def end_web_session(self, id_hash: str) -> None:
-        await self._write(lambda db: db.execute(Q["delete_web_session"], {"id_hash": id_hash}))
+        await self.write(
+            "end_web_session",
+            lambda db: db.execute(self.Q["delete_web_session"], {"id_hash": id_hash}),
+        )
 
     async def ping(self) -> bool:
         """A cheap read, for health checks."""
