@@ -101,6 +101,8 @@ class Executor:
         self.last_tick = 0.0  # loop time of the last successful tick, for health checks
         self._next_renewal = 0  # epoch ms when running steps' leases are next renewed
         self._postponed = 0.0  # seconds the last postponed step waits (doubles while it lasts)
+        # Another daemon on the database wrote (or news of it may have been lost): look now.
+        store.change_hooks.append(lambda kind: kind != "commit" and self.wake())
 
     # -- control ---------------------------------------------------------------------
 

@@ -108,7 +108,7 @@ class EventHub:
         self._committed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        store.commit_hooks.append(lambda _seconds, _batch: self._committed.set())
+        store.change_hooks.append(lambda _kind: self._committed.set())
 
     @property
     def subscribers(self) -> int:

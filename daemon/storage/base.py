@@ -82,6 +82,10 @@ class BaseStore:
         self._tokens: OrderedDict[int, str | None] = OrderedDict()  # workflow id -> creator
         self._changed = asyncio.Event()  # set, and replaced, after every commit
         self.commit_hooks: list[CommitHook] = []  # (seconds, batch size) per commit
+        # Called with "commit" after a write of this process, "remote" when another daemon
+        # on the database wrote (PostgreSQL's NOTIFY), "reconnect" when such news may have
+        # been missed (look at everything again).
+        self.change_hooks: list[Callable[[str], None]] = []
         # Tests inject storage faults here: called with an operation's name before it runs;
         # what it raises, the operation raises, having changed nothing.
         self.faults: Callable[[str], None] | None = None
@@ -134,10 +138,16 @@ class BaseStore:
 
     def _committed(self, seconds: float, batch: int) -> None:
         """A write of this process committed: wake waiters, run the commit hooks."""
-        self._changed.set()
-        self._changed = asyncio.Event()
         for hook in self.commit_hooks:
             hook(seconds, batch)
+        self.changed("commit")
+
+    def changed(self, kind: str) -> None:
+        """Something was written ("commit", "remote" or "reconnect": see change_hooks)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for hook in self.change_hooks:
+            hook(kind)
 
     async def write(self, name: str, op: Callable[[Tx], T], *, blocking: bool = False) -> T:
         """`_write`, after the fault-injection hook had its say about operation `name`."""
@@ -734,7 +744,8 @@ class BaseStore:
     # -- the event log and notifications ---------------------------------------------
 
     async def wait_for_change(self, timeout: float) -> bool:
-        """Wait until this process commits a write (True) or `timeout` passes (False)."""
+        """Wait until a write is committed, by this process or (as far as the backend can
+        tell) another on the same database (True), or `timeout` passes (False)."""
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as the event fires, which hung shutdown.
         try:
