@@ -31,6 +31,7 @@ from daemon.errors import (
 from daemon.executor import Executor
 from daemon.hub import EventHub
 from daemon.ids import MAX_ID
+from daemon.limits import MAX_IDEMPOTENCY_KEY
 from daemon.models import WorkflowStatus
 from daemon.storage import StorageUnavailable, open_store
 from daemon.tools import Registry, build_registry
@@ -39,7 +40,6 @@ log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = frozenset({"/healthz"})
 WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, not bearers
 OPENAPI = openapi.document()
-MAX_IDEMPOTENCY_KEY = 200
 
 
 class JSON(Response):

@@ -11,9 +11,9 @@ import orjson
 from starlette.requests import Request
 
 from daemon.errors import BadRequest, PayloadTooLarge, Unavailable, UnsupportedMediaType
+from daemon.limits import MAX_BODY_DEPTH
 from daemon.placeholders import parse_off_loop
 
-MAX_DEPTH = 64  # nesting of arrays and objects in a request body
 BODIES_IN_MEMORY = 64  # request bodies of max_body_bytes being received at once, at most
 
 
@@ -95,10 +95,10 @@ def _check_syntax(body: bytes) -> None:
 
 
 def _check_values(value: Any) -> None:
-    """Reject bodies nested deeper than MAX_DEPTH, and strings with NUL characters
+    """Reject bodies nested deeper than MAX_BODY_DEPTH, and strings with NUL characters
     (C-string tools and logs would cut them short)."""
     level: list[Any] = [value]
-    for _ in range(MAX_DEPTH + 1):
+    for _ in range(MAX_BODY_DEPTH + 1):
         nxt: list[Any] = []
         for v in level:
             if isinstance(v, dict):
@@ -111,4 +111,4 @@ def _check_values(value: Any) -> None:
         if not nxt:
             return
         level = nxt
-    raise BadRequest(f"JSON is nested more than {MAX_DEPTH} levels deep")
+    raise BadRequest(f"JSON is nested more than {MAX_BODY_DEPTH} levels deep")

@@ -31,13 +31,13 @@ from daemon.executor import (
     log_gate_waiting,
     new_step,
 )
+from daemon.limits import MAX_REASON
 from daemon.models import Finish, Step, StepStatus
 from daemon.storage import Cancelled, Created, Replay, Replayed, WorkflowTooLarge
 from daemon.storage.base import BaseStore
 from daemon.tools import Registry
 
 BODY_KEYS = {"name", "flow", "input", "notify_url"}
-MAX_REASON = 2000  # characters of a decision's reason or comment (kept with the step)
 INBOX_JSON = 16384  # bytes of an input or result shown in the approvals inbox
 
 

@@ -31,7 +31,7 @@ from typing import IO, Any
 import orjson
 
 from daemon import sandbox
-from daemon.models import MAX_ERROR
+from daemon.limits import MAX_ERROR
 from daemon.placeholders import TemplateError, expressions, parse_off_loop, quoted
 from daemon.templating import (
     Budget,

@@ -28,8 +28,8 @@ from daemon import assets, signing
 from daemon import flow as flows
 from daemon.bodies import parse_json, read_body
 from daemon.config import Config, TokenConfig
-from daemon.engine import MAX_REASON
 from daemon.errors import PayloadTooLarge, StepdError
+from daemon.limits import MAX_REASON, PRETTY_LIMIT
 from daemon.models import Step, Workflow
 from daemon.storage import LinkSpent, StorageUnavailable
 
@@ -38,7 +38,6 @@ LINK_TOKEN = TokenConfig(name="link", sha256="0" * 64, permissions=("approve",))
 DECISIONS = ("approve", "reject")
 MAX_TOKEN = 1000  # characters; ours are about 140
 MAX_FORM = 65_536  # bytes of a POSTed form
-PRETTY_LIMIT = 20_000  # characters of one JSON value shown on the page
 HEADERS = {
     "Cache-Control": "no-store",
     "X-Robots-Tag": "noindex, nofollow",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Self
 
-MAX_ERROR = 4000  # characters of an error message kept with a step or a workflow
+from daemon.limits import MAX_ERROR
 
 
 class WorkflowStatus(StrEnum):

@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from daemon import api
+from daemon import bodies
 from daemon.api import create_app
 from daemon.auth import hash_token
 from daemon.config import TokenConfig
@@ -826,8 +826,8 @@ async def test_bodies_being_received_are_bounded_together(make_client) -> None:
 
     headers = {"Content-Type": "application/json"}
     held = [asyncio.create_task(client.post("/api/workflow", content=stalling(), headers=headers))
-            for _ in range(api.BODIES_IN_MEMORY)]  # fmt: skip
-    while app.state.body_bytes < api.BODIES_IN_MEMORY * 9_922:
+            for _ in range(bodies.BODIES_IN_MEMORY)]  # fmt: skip
+    while app.state.body_bytes < bodies.BODIES_IN_MEMORY * 9_922:
         await asyncio.sleep(0.01)
     over = await client.post("/api/workflow", content=stalling(), headers=headers)
     assert over.status_code == 503, over.text

@@ -16,12 +16,12 @@ from daemon.bodies import parse_body, read_body
 from daemon.config import TokenConfig
 from daemon.errors import BadRequest, StepdError, UnsupportedMediaType
 from daemon.ids import MAX_ID
+from daemon.limits import MAX_IDEMPOTENCY_KEY
 from daemon.web import session as sessions
 from daemon.web.pages import engine_of, login_form, render, safe_next, signed_in
 from daemon.web.session import Session
 
 MAX_FIELDS = 20
-MAX_KEY = 200  # an Idempotency-Key, as the API allows
 
 Form = dict[str, str]
 
@@ -133,7 +133,7 @@ async def parse_result(form: Form) -> Any:
 
 def idempotency_key(form: Form) -> str | None:
     key = form.get("key") or None
-    return key if key is None or len(key) <= MAX_KEY else None
+    return key if key is None or len(key) <= MAX_IDEMPOTENCY_KEY else None
 
 
 async def approve(request: Request, step_id: int, form: Form, token: TokenConfig) -> str:

@@ -21,6 +21,7 @@ from daemon.auth import Authenticator
 from daemon.engine import Engine
 from daemon.errors import Forbidden, NotFound
 from daemon.ids import MAX_ID
+from daemon.limits import PRETTY_LIMIT
 from daemon.models import TERMINAL, WorkflowStatus
 from daemon.web import session as sessions
 from daemon.web.session import Session
@@ -28,7 +29,6 @@ from daemon.web.session import Session
 STATIC = assets.StaticFiles("daemon.web", "static")  # read now: see daemon.assets
 PAGE_SIZE = 50
 INBOX_PAGE = 100  # approvals shown at once (the nav counts them all)
-PRETTY_LIMIT = 20_000  # characters of one JSON value shown on a page
 HEADERS = {
     # Scripts and styles come only from /ui/static; nothing inline, no framing.
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
