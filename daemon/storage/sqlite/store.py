@@ -275,19 +275,18 @@ class SqliteStore(BaseStore):
     async def _one(self, sql: str, params: dict[str, Any]) -> Row | None:
         """One row, read on the loop: every such query is small and indexed, and a WAL
         reader never waits for the writer, so a thread hop would cost more than the read."""
-        if self._reader is None:
-            raise StorageError("the store is not open")
-        try:
-            return self._reader.execute(sql, params).fetchone()
-        except sqlite3.Error as exc:
-            raise _translated(exc) from exc
+        return self._read(sql, params, all_rows=False)
 
     async def _all(self, sql: str, params: dict[str, Any]) -> list[Row]:
         """All rows of a small, indexed, LIMITed query, read on the loop (see _one)."""
+        return self._read(sql, params, all_rows=True)
+
+    def _read(self, sql: str, params: dict[str, Any], *, all_rows: bool) -> Any:
         if self._reader is None:
             raise StorageError("the store is not open")
         try:
-            return self._reader.execute(sql, params).fetchall()
+            cur = self._reader.execute(sql, params)
+            return cur.fetchall() if all_rows else cur.fetchone()
         except sqlite3.Error as exc:
             raise _translated(exc) from exc
 
