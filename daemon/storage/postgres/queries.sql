@@ -1,0 +1,490 @@
+-- max_id --
+-- The largest id in use (ids come from stepd_new_id; kept for the shared interface).
+SELECT GREATEST(coalesce((SELECT max(id) FROM workflows), 0), coalesce((SELECT max(id) FROM steps), 0));
+
+-- new_id --
+-- The next workflow or step id: max(now, last id + 1), shared by every daemon.
+SELECT stepd_new_id(:now::bigint);
+
+-- find_idempotent --
+-- A workflow created earlier by the same token with the same Idempotency-Key.
+SELECT id, request_hash FROM workflows
+WHERE idempotency_key = :key AND created_by IS NOT DISTINCT FROM :created_by::text;
+
+-- insert_workflow --
+-- A new running workflow.
+INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,
+                       idempotency_key, request_hash, notify_url, created_at, updated_at,
+                       stored_bytes)
+VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
+        :key, :request_hash, :notify_url, :now, :now, :stored_bytes);
+
+-- insert_step --
+-- A state visit: pending for a tool, running and awaiting 'ready' for a gate; it counts against its workflow's token.
+INSERT INTO steps (id, workflow_id, state, name, tool, status, awaiting, seq, attempt,
+                   run_at, expires_at, created_at, started_at, created_by)
+VALUES (:id, :workflow_id, :state, :name, :tool::text,
+        CASE WHEN :tool::text IS NULL THEN 'running' ELSE 'pending' END,
+        CASE WHEN :tool::text IS NULL THEN 'ready' END,
+        :seq,
+        CASE WHEN :tool::text IS NULL THEN 1 ELSE 0 END,
+        :now::bigint,
+        CASE WHEN :tool::text IS NULL THEN :now::bigint + :timeout_ms::bigint END,
+        :now::bigint,
+        CASE WHEN :tool::text IS NULL THEN :now::bigint END,
+        (SELECT created_by FROM workflows WHERE id = :workflow_id));
+
+-- insert_started_step --
+-- A tool step handed straight to this process: running under a lease, attempt 1, owned by this node.
+INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt, run_at,
+                   created_at, started_at, lease_until, created_by, owner)
+VALUES (:id, :workflow_id, :state, :name, :tool, 'running', :seq, 1, :now, :now, :started_at,
+        :started_at::bigint + :lease_ms::bigint,
+        (SELECT created_by FROM workflows WHERE id = :workflow_id), :node)
+RETURNING *;
+
+-- insert_event --
+-- Append to the event log (its txid, the writing transaction's, orders it for readers).
+INSERT INTO events (workflow_id, step_id, type, at, data_json)
+VALUES (:workflow_id, :step_id::bigint, :type, :now, :data_json::text);
+
+-- get_workflow --
+-- One workflow with its definition and input.
+SELECT * FROM workflows WHERE id = :id;
+
+-- list_workflows --
+-- Newest first, before a cursor id.
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at
+FROM workflows WHERE id < :before ORDER BY id DESC LIMIT :limit;
+
+-- list_workflows_by_status --
+-- Newest first with one status, before a cursor id.
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at
+FROM workflows WHERE status = :status AND id < :before ORDER BY id DESC LIMIT :limit;
+
+-- workflow_exists --
+-- Whether a workflow exists.
+SELECT 1 FROM workflows WHERE id = :id;
+
+-- workflow_steps --
+-- Every state visit of a workflow, in order.
+SELECT * FROM steps WHERE workflow_id = :workflow_id ORDER BY id;
+
+-- get_step --
+-- One step.
+SELECT * FROM steps WHERE id = :id;
+
+-- running_by_token --
+-- Tool steps running for each token (the partial index steps_running_by).
+SELECT created_by, count(*) AS n FROM steps
+WHERE status = 'running' AND awaiting IS NULL GROUP BY created_by;
+
+-- oldest_due_token --
+-- The token of the oldest due pending step, if any (the claim's order, as a read).
+SELECT created_by FROM steps WHERE status = 'pending' AND run_at <= :now
+ORDER BY run_at, id LIMIT 1;
+
+-- running_of_token --
+-- How many tool steps run for one token (the partial index steps_running_by).
+SELECT count(*) FROM steps
+WHERE status = 'running' AND awaiting IS NULL AND created_by IS NOT DISTINCT FROM :created_by::text;
+
+-- workflow_token --
+-- The token that created a workflow.
+SELECT created_by FROM workflows WHERE id = :workflow_id;
+
+-- pending_tokens --
+-- Every token with pending steps (NULL for steps of no token): one index seek each.
+WITH RECURSIVE tokens (t) AS (
+    SELECT min(created_by) FROM steps WHERE status = 'pending'
+    UNION ALL
+    SELECT (SELECT min(s.created_by) FROM steps s
+            WHERE s.status = 'pending' AND s.created_by > tokens.t)
+    FROM tokens WHERE tokens.t IS NOT NULL
+)
+SELECT t FROM tokens WHERE t IS NOT NULL
+UNION ALL
+SELECT NULL::text WHERE EXISTS (SELECT 1 FROM steps WHERE status = 'pending' AND created_by IS NULL);
+
+-- due_of_token --
+-- One token's oldest due pending steps (the partial index steps_runnable_by; one branch per NULL-ness, each an index seek).
+SELECT run_at, id FROM (
+    (SELECT run_at, id FROM steps
+     WHERE status = 'pending' AND created_by = :created_by::text AND run_at <= :now::bigint
+     ORDER BY run_at, id LIMIT :limit)
+    UNION ALL
+    (SELECT run_at, id FROM steps
+     WHERE status = 'pending' AND created_by IS NULL AND :created_by::text IS NULL
+       AND run_at <= :now::bigint
+     ORDER BY run_at, id LIMIT :limit)
+) due ORDER BY run_at, id LIMIT :limit;
+
+-- next_run_of_token --
+-- When one token's earliest pending step is due.
+SELECT LEAST((SELECT min(run_at) FROM steps
+              WHERE status = 'pending' AND created_by = :created_by::text),
+             (SELECT min(run_at) FROM steps
+              WHERE status = 'pending' AND created_by IS NULL AND :created_by::text IS NULL));
+
+-- next_gate_expiry --
+-- When the earliest waiting gate expires.
+SELECT min(expires_at) FROM steps WHERE awaiting = 'ready' AND expires_at IS NOT NULL;
+
+-- next_due --
+-- When the earliest pending step becomes due (whatever its token) or the earliest gate expires.
+SELECT LEAST(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'),
+                      4611686018427387904::bigint),
+             coalesce((SELECT min(expires_at) FROM steps
+                       WHERE awaiting = 'ready' AND expires_at IS NOT NULL),
+                      4611686018427387904::bigint));
+
+-- claim_steps --
+-- Take chosen pending steps (a JSON array of ids) no other transaction holds: tools become running (a new attempt) owned by this node, gates start waiting.
+UPDATE steps
+SET status = 'running', attempt = attempt + 1, started_at = :now::bigint,
+    awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
+    lease_until = CASE WHEN tool IS NOT NULL THEN :now::bigint + :lease_ms::bigint END,
+    owner = CASE WHEN tool IS NOT NULL THEN :node::text END
+WHERE id IN (SELECT id FROM steps
+             WHERE id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint)
+               AND status = 'pending'
+             FOR UPDATE SKIP LOCKED)
+RETURNING *;
+
+-- claim_due --
+-- Take up to :limit due pending steps, oldest first, skipping those another daemon is taking: tools become running owned by this node, gates start waiting.
+UPDATE steps
+SET status = 'running', attempt = attempt + 1, started_at = :now::bigint,
+    awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
+    lease_until = CASE WHEN tool IS NOT NULL THEN :now::bigint + :lease_ms::bigint END,
+    owner = CASE WHEN tool IS NOT NULL THEN :node::text END
+WHERE id IN (SELECT id FROM steps WHERE status = 'pending' AND run_at <= :now::bigint
+             ORDER BY run_at, id LIMIT :limit
+             FOR UPDATE SKIP LOCKED)
+RETURNING *;
+
+-- finish_step --
+-- Record an attempt's outcome, only if that attempt still owns the step.
+UPDATE steps
+SET status = :status, result_json = :result_json, error = :error, error_type = :error_type,
+    awaiting = NULL, completed_at = :now
+WHERE id = :id AND status = 'running' AND attempt = :attempt;
+
+-- retry_step --
+-- Put a failed attempt back in the queue until run_at.
+UPDATE steps
+SET status = 'pending', error = :error, error_type = :error_type, run_at = :run_at,
+    owner = NULL
+WHERE id = :id AND status = 'running' AND attempt = :attempt;
+
+-- end_workflow --
+-- Complete or fail a running workflow.
+UPDATE workflows SET status = :status, error = :error, completed_at = :now, updated_at = :now
+WHERE id = :id AND status = 'running';
+
+-- grow_workflow --
+-- Count bytes a workflow stores (a result), and mark it changed; returns its new total.
+UPDATE workflows SET stored_bytes = stored_bytes + :bytes, updated_at = :now WHERE id = :id
+RETURNING stored_bytes;
+
+-- touch_workflow --
+-- Mark a workflow as changed.
+UPDATE workflows SET updated_at = :now WHERE id = :id;
+
+-- cancel_workflow --
+-- Cancel a running workflow.
+UPDATE workflows SET status = 'cancelled', cancelled_at = :now, updated_at = :now
+WHERE id = :id AND status = 'running';
+
+-- cancel_steps --
+-- Cancel a workflow's queued, running and waiting steps.
+UPDATE steps SET status = 'cancelled', awaiting = NULL, completed_at = :now
+WHERE workflow_id = :workflow_id AND status IN ('pending', 'running')
+RETURNING id;
+
+-- decide --
+-- Settle a step that waits for a person (a gate, or an interrupted tool), if it still waits.
+UPDATE steps
+SET status = :status, awaiting = NULL, result_json = :result_json, error = :error,
+    error_type = :error_type, decided_by = :decided_by, decided_at = :now, reason = :reason,
+    completed_at = :now
+WHERE id = :id AND status = 'running' AND awaiting = :awaiting AND attempt = :attempt;
+
+-- find_decision_key --
+-- The answer given earlier to a decision with this Idempotency-Key.
+SELECT request_hash, status, body_json FROM decision_keys
+WHERE key = :key AND created_by IS NOT DISTINCT FROM :created_by::text;
+
+-- save_decision_key --
+-- Remember a decision's answer under its Idempotency-Key.
+INSERT INTO decision_keys (created_by, key, request_hash, status, body_json, created_at)
+VALUES (:created_by, :key, :request_hash, :status, :body_json, :now);
+
+-- approvals --
+-- Steps waiting for a person after a step id, oldest first: the workflow's input and the previous step's result when at most :max_json bytes, the gate's approvers read from the flow.
+SELECT a.*, octet_length(p.result_json) AS previous_result_bytes,
+       CASE WHEN octet_length(p.result_json) <= :max_json THEN p.result_json
+       END AS previous_result_json
+FROM (SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.error, s.attempt,
+             s.started_at, s.expires_at, w.name AS workflow_name, w.created_by, w.created_at,
+             octet_length(w.input_json) AS input_bytes,
+             CASE WHEN octet_length(w.input_json) <= :max_json THEN w.input_json
+             END AS input_json,
+             (w.flow_json::jsonb -> s.state) ->> 'approvers' AS approvers_json,
+             (SELECT max(p.id) FROM steps p
+              WHERE p.workflow_id = s.workflow_id AND p.id < s.id) AS previous_id
+      FROM steps s JOIN workflows w ON w.id = s.workflow_id
+      WHERE s.awaiting IS NOT NULL AND s.status = 'running' AND s.id > :after
+      ORDER BY s.id LIMIT :limit) a
+LEFT JOIN steps p ON p.id = a.previous_id
+ORDER BY a.step_id;
+
+-- waiting_count --
+-- How many steps wait for a person (the partial index steps_waiting).
+SELECT count(*) AS n FROM steps WHERE awaiting IS NOT NULL AND status = 'running';
+
+-- waiting_among --
+-- Which of some workflows (a JSON array of ids) have a step waiting for a person.
+SELECT DISTINCT workflow_id FROM steps
+WHERE awaiting IS NOT NULL AND status = 'running'
+  AND workflow_id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint);
+
+-- retry_decided --
+-- Queue an interrupted tool step again, as decided by a person (a planned stop's attempt given back).
+UPDATE steps
+SET status = 'pending', awaiting = NULL, run_at = :now, decided_by = :decided_by,
+    decided_at = :now, owner = NULL,
+    attempt = attempt - CASE WHEN error_type = 'Stopped' THEN 1 ELSE 0 END
+WHERE id = :id AND status = 'running' AND awaiting = 'decision' AND attempt = :attempt;
+
+-- interrupted_steps --
+-- Running tool steps whose lease ended before :now (whichever daemon ran them).
+SELECT * FROM steps
+WHERE status = 'running' AND awaiting IS NULL AND lease_until < :now
+ORDER BY lease_until LIMIT :limit;
+
+-- recoverable_steps --
+-- At start-up: running tool steps whose lease ended before :now, or that this node ran before it restarted (never another live daemon's).
+SELECT * FROM steps
+WHERE status = 'running' AND awaiting IS NULL AND (lease_until < :now OR owner = :node)
+ORDER BY lease_until LIMIT :limit;
+
+-- renew_lease --
+-- Extend the lease of a step this process is running.
+UPDATE steps SET lease_until = :lease_until
+WHERE id = :id AND status = 'running' AND attempt = :attempt;
+
+-- requeue_step --
+-- Put one running attempt back in the queue.
+UPDATE steps SET status = 'pending', run_at = :now, lease_until = NULL, owner = NULL
+WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
+
+-- unstart_step --
+-- Put a running step back in the queue, giving back its attempt (not started, or stopped).
+UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = :run_at, started_at = NULL,
+                 lease_until = NULL, owner = NULL
+WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
+
+-- await_decision --
+-- An interrupted non-idempotent tool step waits for a person to retry or fail it.
+UPDATE steps SET awaiting = 'decision', error = :error, error_type = :error_type,
+                 lease_until = NULL, owner = NULL
+WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
+
+-- purge_candidates --
+-- Up to :limit finished workflows last changed before :cutoff, oldest first, with their step counts.
+SELECT w.id, (SELECT count(*) FROM steps s WHERE s.workflow_id = w.id) AS steps
+FROM workflows w
+WHERE w.status IN ('completed', 'failed', 'cancelled') AND w.id < :cutoff
+  AND w.updated_at < :cutoff
+ORDER BY w.id LIMIT :limit;
+
+-- purge_workflow --
+-- Delete one workflow (its steps and events cascade).
+DELETE FROM workflows WHERE id = :id;
+
+-- has_due --
+-- Whether any pending step is due (the claim's own condition, as a read).
+SELECT 1 FROM steps WHERE status = 'pending' AND run_at <= :now LIMIT 1;
+
+-- expired_gates --
+-- Waiting gates whose timeout has passed.
+SELECT * FROM steps
+WHERE awaiting = 'ready' AND expires_at IS NOT NULL AND expires_at <= :now
+ORDER BY expires_at LIMIT :limit;
+
+-- scope_steps --
+-- The latest visit of each state (of a JSON array of states, or all when NULL) before a step: what expressions see as `steps`.
+SELECT * FROM steps
+WHERE id IN (SELECT max(id) FROM steps
+             WHERE workflow_id = :workflow_id AND id < :before
+               AND (:states::jsonb IS NULL
+                    OR state IN (SELECT jsonb_array_elements_text(:states::jsonb)))
+             GROUP BY state)
+ORDER BY id;
+
+-- previous_step --
+-- The step before a step of the same workflow: whose result expressions see as `result`.
+SELECT * FROM steps WHERE workflow_id = :workflow_id AND id < :before ORDER BY id DESC LIMIT 1;
+
+-- workflow_events --
+-- A workflow's event log, in commit order.
+SELECT id, workflow_id, step_id, type, at, data_json FROM events
+WHERE workflow_id = :workflow_id ORDER BY txid, id;
+
+-- events_after --
+-- Events after an event (in commit order: (txid, id)), of transactions older than every running one, so none appears later before one read now.
+SELECT id, workflow_id, step_id, type, at, data_json FROM events
+WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+  AND (txid, id) > (SELECT coalesce(
+          (SELECT (txid, id) FROM events WHERE id = :after),
+          -- the event is gone (purged): from the first event after it by id
+          (SELECT (txid, :after::bigint) FROM events WHERE id > :after ORDER BY id LIMIT 1),
+          ('0'::xid8, :after::bigint)))
+ORDER BY txid, id LIMIT :limit;
+
+-- max_event_id --
+-- The newest event's id: the last one in commit order that readers may read now.
+SELECT id FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY txid DESC, id DESC LIMIT 1;
+
+-- events_of_types_after --
+-- Events of some types (a JSON array) among the :span events after an event in commit order (as events_after), oldest first; maybe only of workflows with a notify_url.
+WITH win AS MATERIALIZED (
+    SELECT * FROM events
+    WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+      AND (txid, id) > (SELECT coalesce(
+              (SELECT (txid, id) FROM events WHERE id = :after),
+              (SELECT (txid, :after::bigint) FROM events WHERE id > :after ORDER BY id LIMIT 1),
+              ('0'::xid8, :after::bigint)))
+    ORDER BY txid, id LIMIT :span
+)
+SELECT id, workflow_id, step_id, type, at, data_json,
+       (SELECT id FROM win ORDER BY txid DESC, id DESC LIMIT 1) AS window_last,
+       (SELECT count(*) FROM win) AS window_size
+FROM (SELECT * FROM win e
+      WHERE type IN (SELECT jsonb_array_elements_text(:types::jsonb))
+        AND (NOT :with_url_only OR EXISTS (SELECT 1 FROM workflows w
+                                           WHERE w.id = e.workflow_id AND w.notify_url IS NOT NULL))
+      ORDER BY txid, id LIMIT :limit) matched
+UNION ALL  -- one row without an event: where the window ends, even when nothing matched
+SELECT NULL, NULL, NULL, NULL, NULL, NULL,
+       (SELECT id FROM win ORDER BY txid DESC, id DESC LIMIT 1), (SELECT count(*) FROM win);
+
+-- workflow_events_after --
+-- One workflow's events after one of its events, in commit order (as events_after).
+SELECT id, workflow_id, step_id, type, at, data_json FROM events
+WHERE workflow_id = :workflow_id
+  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+  AND (txid, id) > (SELECT coalesce(
+          (SELECT (txid, id) FROM events WHERE id = :after),
+          (SELECT (txid, :after::bigint) FROM events
+           WHERE workflow_id = :workflow_id AND id > :after ORDER BY id LIMIT 1),
+          ('0'::xid8, :after::bigint)))
+ORDER BY txid, id LIMIT :limit;
+
+-- get_cursor --
+-- How far a reader of the event log has got.
+SELECT event_id FROM cursors WHERE name = :name;
+
+-- set_cursor --
+-- Move a reader of the event log forward.
+INSERT INTO cursors (name, event_id) VALUES (:name, :event_id)
+ON CONFLICT (name) DO UPDATE SET event_id = excluded.event_id;
+
+-- enqueue_delivery --
+-- A webhook delivery to make (once per event and URL).
+INSERT INTO outbox (event_id, workflow_id, url, dest, body_json, next_at, created_at)
+VALUES (:event_id, :workflow_id, :url, :dest, :body_json, :now, :now)
+ON CONFLICT DO NOTHING;
+
+-- due_deliveries --
+-- Each destination's oldest due deliveries no daemon has claimed, so no backlog hides another; the operator's first.
+WITH RECURSIVE dests (dest) AS (  -- every destination with pending rows, one index seek each
+    SELECT min(dest) FROM outbox WHERE status = 'pending'
+    UNION ALL
+    SELECT (SELECT min(o.dest) FROM outbox o WHERE o.status = 'pending' AND o.dest > d.dest)
+    FROM dests d WHERE d.dest IS NOT NULL
+),
+picked AS (  -- at most :per_dest of each (:per_operator of the operator's), none of :busy
+    SELECT o.* FROM dests d JOIN outbox o ON o.id IN (
+        SELECT id FROM outbox
+        WHERE status = 'pending' AND dest = d.dest AND next_at <= :now
+          AND (claimed_until IS NULL OR claimed_until <= :now)
+        ORDER BY next_at, id LIMIT :per_dest)
+    WHERE d.dest <> 'operator'
+      AND d.dest NOT IN (SELECT jsonb_array_elements_text(:busy::jsonb))
+    UNION ALL
+    SELECT * FROM (
+        SELECT * FROM outbox WHERE status = 'pending' AND dest = 'operator' AND next_at <= :now
+          AND (claimed_until IS NULL OR claimed_until <= :now)
+        ORDER BY next_at, id LIMIT :per_operator) op
+)
+SELECT * FROM picked ORDER BY dest = 'operator' DESC, next_at, id LIMIT :limit;
+
+-- claim_deliveries --
+-- Take some due deliveries (a JSON array of ids) for :visibility_ms, skipping those another daemon is taking or holds: one daemon sends each.
+UPDATE outbox SET claimed_until = :now::bigint + :visibility_ms::bigint
+WHERE id IN (SELECT id FROM outbox
+             WHERE id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint)
+               AND status = 'pending' AND (claimed_until IS NULL OR claimed_until <= :now::bigint)
+             FOR UPDATE SKIP LOCKED)
+RETURNING *;
+
+-- delivery_sent --
+-- A delivery was accepted by its receiver: its body is not kept.
+UPDATE outbox SET status = 'sent', attempts = attempts + 1, last_error = NULL, body_json = '',
+                  claimed_until = NULL
+WHERE id = :id AND status = 'pending';
+
+-- delivery_failed --
+-- A delivery failed: try again at :next_at, or give up (dead).
+UPDATE outbox
+SET status = CASE WHEN :dead THEN 'dead' ELSE 'pending' END,
+    attempts = attempts + 1, last_error = :error, next_at = :next_at, claimed_until = NULL
+WHERE id = :id AND status = 'pending';
+
+-- use_link --
+-- Spend a one-click link's nonce; nothing is inserted if it was spent before.
+INSERT INTO used_links (nonce, step_id, used_at) VALUES (:nonce, :step_id, :now)
+ON CONFLICT DO NOTHING;
+
+-- link_used --
+-- Whether a one-click link's nonce was spent.
+SELECT 1 FROM used_links WHERE nonce = :nonce;
+
+-- gauge_pending --
+-- Pending steps, and how many of them are due (reads the partial index steps_runnable).
+SELECT count(*) AS total, coalesce(sum(CASE WHEN run_at <= :now THEN 1 ELSE 0 END), 0) AS due
+FROM steps WHERE status = 'pending';
+
+-- gauge_running --
+-- Tool steps holding a lease (the partial index steps_leases).
+SELECT count(*) AS n FROM steps WHERE status = 'running' AND awaiting IS NULL;
+
+-- gauge_waiting --
+-- Waiting gates and decisions, by what they await (the partial index steps_waiting).
+SELECT awaiting, count(*) AS n FROM steps
+WHERE awaiting IS NOT NULL AND status = 'running' GROUP BY awaiting;
+
+-- gauge_workflows --
+-- Workflows by status (the covering index workflows_status, finished ones included).
+SELECT status, count(*) AS n FROM workflows GROUP BY status;
+
+-- insert_web_session --
+-- A new sign-in session.
+INSERT INTO web_sessions (id_hash, token_name, token_hash, created_at, expires_at)
+VALUES (:id_hash, :token_name, :token_hash, :now, :expires_at);
+
+-- get_web_session --
+-- A session that has not ended or expired.
+SELECT token_name, token_hash, expires_at FROM web_sessions
+WHERE id_hash = :id_hash AND expires_at > :now;
+
+-- delete_web_session --
+-- Sign out: the session ends, whoever holds a copy of its cookie.
+DELETE FROM web_sessions WHERE id_hash = :id_hash;
+
+-- purge_web_sessions --
+-- Forget sessions that expired.
+DELETE FROM web_sessions WHERE expires_at <= :now;

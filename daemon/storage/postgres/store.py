@@ -1,0 +1,447 @@
+"""PostgreSQL storage: any number of daemons share one database.
+
+Every write is one transaction on a pooled connection, run in a worker thread (a write
+is a plain synchronous function of the connection, the same function as on SQLite);
+serialization failures and deadlocks are retried, a lost connection is StorageUnavailable.
+Reads run the same way, in autocommit. Other daemons' writes are heard by LISTEN on a
+dedicated connection (channel `stepd`): each daemon NOTIFYs after its commits, at most one
+NOTIFY in flight at a time (a burst of commits costs one or two). Singleton jobs hold
+session advisory locks on another dedicated connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.rows import RowMaker
+from psycopg_pool import ConnectionPool
+
+try:
+    from daemon.storage.types import StorageError, StorageUnavailable, now_ms
+except ImportError:  # pragma: no cover - until the storage package's types land
+
+    class StorageError(Exception):  # type: ignore[no-redef]
+        """The database could not do what was asked."""
+
+    class StorageUnavailable(StorageError):  # type: ignore[no-redef]
+        """The database cannot take writes or answer now; nothing was changed."""
+
+    def now_ms() -> int:  # type: ignore[misc]
+        return time.time_ns() // 1_000_000
+
+
+log = logging.getLogger("stepd.storage.postgres")
+T = TypeVar("T")
+
+CHANNEL = "stepd"
+LOCK_SPACE = 7355608  # advisory lock key space: (LOCK_SPACE, 0) migrations, 1 ids
+JOB_SPACE = 7355609  # (JOB_SPACE, crc32(job)): singleton jobs
+RETRIES = 5  # attempts of a write that hit a serialization failure, a deadlock, a duplicate
+POOL_SIZE = 16
+RECONNECT_MAX_S = 5.0
+
+_BLOCK = re.compile(r"^-- (\w+) --\n--[^\n]*\n(.*?)(?=^-- \w+ --$|\Z)", re.M | re.S)
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+# Errors after which the same write may simply run again: it changed nothing.
+_RETRY = (pgerrors.SerializationFailure, pgerrors.DeadlockDetected, pgerrors.UniqueViolation)
+
+
+def translate(sql: str) -> str:
+    """`:name` parameters (both backends' queries.sql) as psycopg's `%(name)s`."""
+    return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+def load_queries(text: str) -> dict[str, str]:
+    """Named SQL blocks (`-- name --`, one comment line, the statement), translated."""
+    return {m.group(1): translate(m.group(2).strip()) for m in _BLOCK.finditer(text)}
+
+
+_SQL = resources.files("daemon.storage.postgres")
+Q = load_queries((_SQL / "queries.sql").read_text())
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, script) for every numbered file in migrations/, in order."""
+    out = []
+    for entry in (_SQL / "migrations").iterdir():
+        m = re.match(r"(\d+)_.*\.sql$", entry.name)
+        if m:
+            out.append((int(m.group(1)), entry.read_text()))
+    return sorted(out)
+
+
+# -- rows --------------------------------------------------------------------------
+
+
+class Row(tuple):  # type: ignore[type-arg]
+    """A result row like sqlite3.Row: `row[0]`, `row["col"]`, `keys()`, `dict(row)`."""
+
+    __slots__ = ()
+    _index: dict[str, int] = {}
+    _keys: tuple[str, ...] = ()
+
+    def __getitem__(self, key: Any) -> Any:
+        if key.__class__ is str:
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __repr__(self) -> str:
+        return f"Row({dict(zip(self._keys, self, strict=True))!r})"
+
+
+_shapes: dict[tuple[str, ...], type[Row]] = {}
+
+
+def _row_class(names: tuple[str, ...]) -> type[Row]:
+    cls = _shapes.get(names)
+    if cls is None:
+        index = {}
+        for i, name in enumerate(names):
+            index.setdefault(name, i)  # a repeated name reads its first column, as SQLite
+        cls = type("Row", (Row,), {"__slots__": (), "_index": index, "_keys": names})
+        if len(_shapes) < 1024:
+            _shapes[names] = cls
+    return cls
+
+
+def rows(cursor: psycopg.Cursor[Any]) -> RowMaker[Row]:
+    """psycopg row factory: Row instances of one class per result shape."""
+    desc = cursor.description
+    if desc is None:
+        return tuple  # type: ignore[return-value]
+    cls = _row_class(tuple(c.name for c in desc))
+    return cls  # type: ignore[return-value]
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """A connection, server or resource problem (not a bug, not a constraint)."""
+    return isinstance(exc, psycopg.OperationalError) or (
+        isinstance(exc, psycopg.Error)
+        and exc.sqlstate is not None
+        and exc.sqlstate[:2] in ("08", "53", "57", "58")  # connection, resources, operator
+    )
+
+
+def storage_error(exc: psycopg.Error) -> StorageError:
+    if _unavailable(exc):
+        return StorageUnavailable(f"PostgreSQL: {exc}".strip())
+    return StorageError(f"PostgreSQL: {exc}".strip())
+
+
+# -- the transaction a write runs in -------------------------------------------------
+
+
+class Tx:
+    """What a write operation sees: execute/executemany on its transaction's connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Any = None, /) -> psycopg.Cursor[Any]:
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, params: Iterable[Any], /) -> psycopg.Cursor[Any]:
+        cur = self.conn.cursor()
+        cur.executemany(sql, params)
+        return cur
+
+
+class PostgresConnections:
+    """The PostgreSQL machinery of a store: pool, threads, transactions with retry, reads,
+    ids, migrations, the LISTEN/NOTIFY wake-ups and singleton-job locks.
+
+    Runs every database call in its own worker threads (as many as pooled connections),
+    so a slow statement never holds up the event loop.
+    """
+
+    def __init__(self, url: str, *, node: str, pool_size: int = POOL_SIZE) -> None:
+        self.url = url
+        self.node = node
+        self.pool_size = pool_size
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._local = threading.local()  # the connection of the write running in a thread
+        self._listener: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._dirty = asyncio.Event()  # a commit to tell other daemons about
+        self._listening = asyncio.Event()
+        self._jobs_conn: psycopg.Connection[Any] | None = None
+        self._jobs_lock = threading.Lock()
+        self._jobs: set[str] = set()
+        self.on_remote_change: Callable[[], None] = lambda: None
+        self.retries = 0  # writes run again after a serialization failure or a deadlock
+        self.notify_sent = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    async def open(self) -> None:
+        threads = ThreadPoolExecutor(self.pool_size + 2, thread_name_prefix="stepd-pg")
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self.url,
+            min_size=min(4, self.pool_size),
+            max_size=self.pool_size,
+            kwargs={"autocommit": True, "row_factory": rows,
+                    "application_name": f"stepd {self.node}"[:63]},  # fmt: skip
+            open=False,
+            timeout=10.0,  # waiting for a free connection
+            reconnect_timeout=60.0,
+            name="stepd",
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(threads, self._open_pool, pool)
+        except psycopg.Error as exc:
+            threads.shutdown(wait=False)
+            raise storage_error(exc) from exc
+        except BaseException:
+            threads.shutdown(wait=False)
+            raise
+        self._pool, self._threads = pool, threads
+        self._listener = asyncio.create_task(self._listen(), name="stepd-pg-listen")
+        self._sender = asyncio.create_task(self._send(), name="stepd-pg-notify")
+        with contextlib.suppress(TimeoutError):  # not listening yet is no reason to fail
+            async with asyncio.timeout(5):
+                await self._listening.wait()
+
+    def _open_pool(self, pool: ConnectionPool[psycopg.Connection[Any]]) -> None:
+        try:
+            pool.open(wait=True, timeout=10.0)
+            with pool.connection() as conn:
+                migrate(conn)
+        except BaseException:
+            pool.close()
+            raise
+
+    async def close(self) -> None:
+        for task in (self._listener, self._sender):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._listener = self._sender = None
+        pool, self._pool = self._pool, None
+        threads, self._threads = self._threads, None
+        if threads is not None:
+            await asyncio.get_running_loop().run_in_executor(threads, self._close, pool)
+            threads.shutdown(wait=True)
+
+    def _close(self, pool: ConnectionPool[psycopg.Connection[Any]] | None) -> None:
+        with self._jobs_lock:
+            if self._jobs_conn is not None:
+                self._jobs_conn.close()  # ends the session: its advisory locks go with it
+                self._jobs_conn = None
+            self._jobs.clear()
+        if pool is not None:
+            pool.close(timeout=5.0)
+
+    # -- running things in the threads ----------------------------------------------
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._threads is None:
+            raise StorageError("the store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    def transaction(self, op: Callable[[Tx], T]) -> T:
+        """Run `op` in one transaction (in the calling thread), again after a
+        serialization failure, a deadlock or a duplicate key (the next run sees the row
+        that collided); StorageUnavailable when the server cannot be reached."""
+        pool = self._pool
+        if pool is None:
+            raise StorageError("the store is not open")
+        for attempt in range(RETRIES):
+            try:
+                with pool.connection() as conn:
+                    self._local.conn = conn
+                    try:
+                        with conn.transaction():
+                            return op(Tx(conn))
+                    finally:
+                        self._local.conn = None
+            except _RETRY as exc:
+                if attempt == RETRIES - 1:
+                    raise storage_error(exc) from exc
+                self.retries += 1
+                time.sleep(0.001 * (attempt + 1))
+            except psycopg.Error as exc:
+                raise storage_error(exc) from exc
+        raise AssertionError("unreachable")
+
+    def read(self, sql: str, params: Any, one: bool) -> Any:
+        pool = self._pool
+        if pool is None:
+            raise StorageError("the store is not open")
+        try:
+            with pool.connection() as conn:
+                cur = conn.execute(sql, params)
+                return cur.fetchone() if one else cur.fetchall()
+        except psycopg.Error as exc:
+            raise storage_error(exc) from exc
+
+    def read_in_snapshot(self, queries: Sequence[tuple[str, Any]]) -> list[list[Any]]:
+        """Several reads that must see one snapshot (REPEATABLE READ, read only)."""
+        pool = self._pool
+        if pool is None:
+            raise StorageError("the store is not open")
+        try:
+            with pool.connection() as conn:
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                try:
+                    out = [conn.execute(sql, params).fetchall() for sql, params in queries]
+                finally:
+                    conn.execute("ROLLBACK")
+                return out
+        except psycopg.Error as exc:
+            raise storage_error(exc) from exc
+
+    def new_id(self, now: int) -> int:
+        """An id for a row a write inserts: max(now, the last id handed out + 1), shared by
+        every daemon (a sequence, stepd_new_id), taken on the write's own connection.
+        Not in blocks per daemon: a step one daemon writes after a step another daemon
+        wrote must get the larger id, or a workflow's steps would be out of order."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            raise StorageError("ids are handed out inside a write")
+        return int(conn.execute(Q["new_id"], {"now": now}).fetchone()[0])
+
+    # -- wake-ups ------------------------------------------------------------------
+
+    def committed(self) -> None:
+        """This process committed a write: tell the other daemons (coalesced)."""
+        self._dirty.set()
+
+    async def _send(self) -> None:
+        """NOTIFY after commits, one at a time: commits made meanwhile share the next."""
+        conn: psycopg.AsyncConnection[Any] | None = None
+        backoff = 0.05
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                try:
+                    if conn is None or conn.closed:
+                        conn = await psycopg.AsyncConnection.connect(
+                            self.url, autocommit=True, application_name="stepd notify"
+                        )
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.node))
+                    self.notify_sent += 1
+                    backoff = 0.05
+                except psycopg.Error as exc:
+                    log.warning("PostgreSQL: NOTIFY failed (other daemons poll): %s", exc)
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RECONNECT_MAX_S)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _listen(self) -> None:
+        """LISTEN on a dedicated connection; after a reconnect everything may have changed
+        meanwhile, so it counts as a change (a full poll)."""
+        backoff = 0.05
+        first = True
+        while True:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, application_name="stepd listen"
+                )
+                await conn.execute(f"LISTEN {CHANNEL}")
+                self._listening.set()
+                if not first:
+                    log.info("PostgreSQL: listening again for other daemons' changes")
+                    self.on_remote_change()
+                first = False
+                backoff = 0.05
+                async for note in conn.notifies():
+                    if note.payload != self.node:
+                        self.on_remote_change()
+            except psycopg.Error as exc:
+                log.warning("PostgreSQL: the LISTEN connection failed: %s", exc)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX_S)
+
+    # -- singleton jobs ------------------------------------------------------------
+
+    async def lead(self, job: str) -> bool:
+        return await self.call(self._lead, job)
+
+    def _lead(self, job: str) -> bool:
+        """Whether this process holds the job's session advisory lock (taking it if free).
+        A lost connection loses the locks: they are taken again on a new one."""
+        key = zlib.crc32(job.encode()) - (1 << 31)  # int4
+        with self._jobs_lock:
+            for attempt in range(2):
+                try:
+                    if self._jobs_conn is None or self._jobs_conn.closed:
+                        self._jobs.clear()
+                        self._jobs_conn = psycopg.Connection.connect(
+                            self.url, autocommit=True, application_name="stepd jobs"
+                        )
+                    conn = self._jobs_conn
+                    if job in self._jobs:
+                        conn.execute("SELECT 1")  # still connected: still held
+                        return True
+                    (got,) = conn.execute(
+                        "SELECT pg_try_advisory_lock(%s, %s)", (JOB_SPACE, key)
+                    ).fetchone()  # fmt: skip
+                    if got:
+                        self._jobs.add(job)
+                    return bool(got)
+                except psycopg.Error as exc:
+                    if self._jobs_conn is not None:
+                        self._jobs_conn.close()
+                    self._jobs_conn = None
+                    self._jobs.clear()
+                    if attempt == 1:
+                        raise storage_error(exc) from exc
+        return False
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Apply every migration newer than the schema_version table says, in one transaction
+    under an advisory lock: daemons starting together migrate once. Returns the version."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_SPACE,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        (version,) = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+        for number, script in migrations():
+            if number > version:
+                conn.execute(script)  # type: ignore[arg-type]  # no parameters: many statements
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+                version = number
+        return int(version)
