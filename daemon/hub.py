@@ -152,7 +152,9 @@ class EventHub:
     async def _read(self) -> None:
         if not self._count:
             # Nobody to hand events to: only keep up, so a first stream starts from here.
-            self.last = max(self.last, await self.store.max_event_id())
+            # Not max() with the last id: on PostgreSQL the log is read in commit order,
+            # where a later event may have a smaller id.
+            self.last = await self.store.max_event_id()
             return
         while True:
             rows = await self.store.events_after(self.last, limit=PAGE)

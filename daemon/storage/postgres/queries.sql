@@ -336,11 +336,12 @@ WHERE workflow_id = :workflow_id ORDER BY txid, id;
 -- Events after an event (in commit order: (txid, id)), of transactions older than every running one, so none appears later before one read now.
 SELECT id, workflow_id, step_id, type, at, data_json FROM events
 WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
-  AND (txid, id) > (SELECT coalesce(
-          (SELECT (txid, id) FROM events WHERE id = :after),
-          -- the event is gone (purged): from the first event after it by id
-          (SELECT (txid, :after::bigint) FROM events WHERE id > :after ORDER BY id LIMIT 1),
-          ('0'::xid8, :after::bigint)))
+  AND (txid, id) > (coalesce((SELECT txid FROM events WHERE id = :after),
+                              -- that event is gone (purged), or :after is 0: from the
+                              -- earliest transaction of an event after it by id
+                              (SELECT min(txid) FROM events WHERE id > :after),
+                              pg_snapshot_xmin(pg_current_snapshot())),
+                     :after::bigint)
 ORDER BY txid, id LIMIT :limit;
 
 -- max_event_id --
@@ -353,10 +354,10 @@ ORDER BY txid DESC, id DESC LIMIT 1;
 WITH win AS MATERIALIZED (
     SELECT * FROM events
     WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
-      AND (txid, id) > (SELECT coalesce(
-              (SELECT (txid, id) FROM events WHERE id = :after),
-              (SELECT (txid, :after::bigint) FROM events WHERE id > :after ORDER BY id LIMIT 1),
-              ('0'::xid8, :after::bigint)))
+      AND (txid, id) > (coalesce((SELECT txid FROM events WHERE id = :after),
+                                  (SELECT min(txid) FROM events WHERE id > :after),
+                                  pg_snapshot_xmin(pg_current_snapshot())),
+                         :after::bigint)
     ORDER BY txid, id LIMIT :span
 )
 SELECT id, workflow_id, step_id, type, at, data_json,
@@ -376,11 +377,11 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL,
 SELECT id, workflow_id, step_id, type, at, data_json FROM events
 WHERE workflow_id = :workflow_id
   AND txid < pg_snapshot_xmin(pg_current_snapshot())
-  AND (txid, id) > (SELECT coalesce(
-          (SELECT (txid, id) FROM events WHERE id = :after),
-          (SELECT (txid, :after::bigint) FROM events
-           WHERE workflow_id = :workflow_id AND id > :after ORDER BY id LIMIT 1),
-          ('0'::xid8, :after::bigint)))
+  AND (txid, id) > (coalesce((SELECT txid FROM events WHERE id = :after),
+                              (SELECT min(txid) FROM events
+                               WHERE workflow_id = :workflow_id AND id > :after),
+                              pg_snapshot_xmin(pg_current_snapshot())),
+                     :after::bigint)
 ORDER BY txid, id LIMIT :limit;
 
 -- get_cursor --
@@ -488,3 +489,21 @@ DELETE FROM web_sessions WHERE id_hash = :id_hash;
 -- purge_web_sessions --
 -- Forget sessions that expired.
 DELETE FROM web_sessions WHERE expires_at <= :now;
+
+-- claimable --
+-- Up to :limit due pending steps, oldest first, that no other transaction holds, locked until this one ends (so a claim never waits for, nor takes, another daemon's).
+SELECT id FROM steps WHERE status = 'pending' AND run_at <= :now
+ORDER BY run_at, id LIMIT :limit
+FOR UPDATE SKIP LOCKED;
+
+-- make_secret --
+-- A shared secret, made by the first daemon that asks for it.
+INSERT INTO secrets (name, value) VALUES (:name, :value) ON CONFLICT (name) DO NOTHING;
+
+-- get_secret --
+-- A shared secret.
+SELECT value FROM secrets WHERE name = :name;
+
+-- schema_version --
+-- The schema's version (the newest migration applied).
+SELECT coalesce(max(version), 0) FROM schema_version;

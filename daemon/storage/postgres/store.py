@@ -14,33 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg.rows import RowMaker
 from psycopg_pool import ConnectionPool
 
-try:
-    from daemon.storage.types import StorageError, StorageUnavailable, now_ms
-except ImportError:  # pragma: no cover - until the storage package's types land
-
-    class StorageError(Exception):  # type: ignore[no-redef]
-        """The database could not do what was asked."""
-
-    class StorageUnavailable(StorageError):  # type: ignore[no-redef]
-        """The database cannot take writes or answer now; nothing was changed."""
-
-    def now_ms() -> int:  # type: ignore[misc]
-        return time.time_ns() // 1_000_000
-
+from daemon.storage.base import BaseStore
+from daemon.storage.types import Row as RowProtocol
+from daemon.storage.types import StorageError, StorageUnavailable, now_ms
 
 log = logging.getLogger("stepd.storage.postgres")
 T = TypeVar("T")
@@ -167,17 +159,27 @@ class Tx:
         return cur
 
 
-class PostgresConnections:
-    """The PostgreSQL machinery of a store: pool, threads, transactions with retry, reads,
-    ids, migrations, the LISTEN/NOTIFY wake-ups and singleton-job locks.
+class PostgresStore(BaseStore):
+    """The storage interface on a PostgreSQL database that several daemons share.
 
-    Runs every database call in its own worker threads (as many as pooled connections),
-    so a slow statement never holds up the event loop.
+    Every database call runs in this store's worker threads (one per pooled connection),
+    so a slow statement never holds up the event loop, and a write is the same plain
+    function of a connection as on SQLite.
     """
 
-    def __init__(self, url: str, *, node: str, pool_size: int = POOL_SIZE) -> None:
+    Q = Q
+    backend = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node: str = "",
+        max_running_per_token: int | None = None,
+        pool_size: int = POOL_SIZE,
+    ) -> None:
+        super().__init__(max_running_per_token=max_running_per_token, node=node or _node())
         self.url = url
-        self.node = node
         self.pool_size = pool_size
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._threads: ThreadPoolExecutor | None = None
@@ -189,9 +191,9 @@ class PostgresConnections:
         self._jobs_conn: psycopg.Connection[Any] | None = None
         self._jobs_lock = threading.Lock()
         self._jobs: set[str] = set()
-        self.on_remote_change: Callable[[], None] = lambda: None
         self.retries = 0  # writes run again after a serialization failure or a deadlock
         self.notify_sent = 0
+        self.notify_heard = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -200,13 +202,19 @@ class PostgresConnections:
         return self._pool is not None
 
     async def open(self) -> None:
+        """Connect, migrate (under a lock: daemons starting together migrate once), listen."""
+        self._dirty = asyncio.Event()
+        self._listening = asyncio.Event()
         threads = ThreadPoolExecutor(self.pool_size + 2, thread_name_prefix="stepd-pg")
         pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self.url,
             min_size=min(4, self.pool_size),
             max_size=self.pool_size,
-            kwargs={"autocommit": True, "row_factory": rows,
-                    "application_name": f"stepd {self.node}"[:63]},  # fmt: skip
+            kwargs={
+                "autocommit": True,
+                "row_factory": rows,
+                "application_name": f"stepd {self.node}"[:63],
+            },  # fmt: skip
             open=False,
             timeout=10.0,  # waiting for a free connection
             reconnect_timeout=60.0,
@@ -259,14 +267,27 @@ class PostgresConnections:
         if pool is not None:
             pool.close(timeout=5.0)
 
+    async def schema_version(self) -> int:
+        row = await self._one(self.Q["schema_version"], {})
+        return int(row[0]) if row else 0
+
     # -- running things in the threads ----------------------------------------------
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._threads is None:
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        threads = self._threads
+        if threads is None:
             raise StorageError("the store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(threads, fn, *args)
 
-    def transaction(self, op: Callable[[Tx], T]) -> T:
+    async def _write(self, op: Callable[[Tx], T], *, blocking: bool = False) -> T:
+        """Run `op` in one transaction on a pooled connection, in a worker thread."""
+        started = time.perf_counter()
+        value = await self._call(self._transaction, op)
+        self._committed(time.perf_counter() - started, 1)
+        self._dirty.set()  # tell the other daemons
+        return value
+
+    def _transaction(self, op: Callable[[Tx], T]) -> T:
         """Run `op` in one transaction (in the calling thread), again after a
         serialization failure, a deadlock or a duplicate key (the next run sees the row
         that collided); StorageUnavailable when the server cannot be reached."""
@@ -291,7 +312,7 @@ class PostgresConnections:
                 raise storage_error(exc) from exc
         raise AssertionError("unreachable")
 
-    def read(self, sql: str, params: Any, one: bool) -> Any:
+    def _read(self, sql: str, params: Any, one: bool) -> Any:
         pool = self._pool
         if pool is None:
             raise StorageError("the store is not open")
@@ -302,37 +323,96 @@ class PostgresConnections:
         except psycopg.Error as exc:
             raise storage_error(exc) from exc
 
-    def read_in_snapshot(self, queries: Sequence[tuple[str, Any]]) -> list[list[Any]]:
-        """Several reads that must see one snapshot (REPEATABLE READ, read only)."""
-        pool = self._pool
-        if pool is None:
-            raise StorageError("the store is not open")
-        try:
-            with pool.connection() as conn:
-                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                try:
-                    out = [conn.execute(sql, params).fetchall() for sql, params in queries]
-                finally:
-                    conn.execute("ROLLBACK")
-                return out
-        except psycopg.Error as exc:
-            raise storage_error(exc) from exc
+    async def _one(self, sql: str, params: dict[str, Any]) -> RowProtocol | None:
+        return await self._call(self._read, sql, params, True)  # type: ignore[no-any-return]
 
-    def new_id(self, now: int) -> int:
+    async def _all(self, sql: str, params: dict[str, Any]) -> list[RowProtocol]:
+        return await self._call(self._read, sql, params, False)  # type: ignore[no-any-return]
+
+    async def read_slow(self, sql: str, params: dict[str, Any]) -> list[RowProtocol]:
+        return await self._call(self._read, sql, params, False)  # type: ignore[no-any-return]
+
+    def _new_id(self, now: int) -> int:
         """An id for a row a write inserts: max(now, the last id handed out + 1), shared by
-        every daemon (a sequence, stepd_new_id), taken on the write's own connection.
-        Not in blocks per daemon: a step one daemon writes after a step another daemon
-        wrote must get the larger id, or a workflow's steps would be out of order."""
+        every daemon (the sequence behind stepd_new_id), taken on the write's own
+        connection. Not blocks of ids per daemon: a step one daemon writes after a step
+        another daemon wrote must get the larger id, or a workflow's steps (ordered by
+        id) would be out of order, whichever daemon was less busy."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             raise StorageError("ids are handed out inside a write")
-        return int(conn.execute(Q["new_id"], {"now": now}).fetchone()[0])
+        return int(conn.execute(self.Q["new_id"], {"now": now}).fetchone()[0])
+
+    # -- what PostgreSQL does its own way --------------------------------------------
+
+    def _claimable(
+        self, db: Tx, limit: int, now: int, running: dict[str | None, int] | None = None
+    ) -> list[int]:
+        """Without token shares: the oldest due steps no other transaction holds, locked
+        (FOR UPDATE SKIP LOCKED), so daemons claiming at once take different steps and
+        never wait for each other. With shares: chosen token by token (BaseStore), and
+        claim_steps skips those another daemon holds."""
+        if self.max_running_per_token is not None:
+            return super()._claimable(db, limit, now, running)
+        params = {"now": now, "limit": limit}
+        return [r[0] for r in db.execute(self.Q["claimable"], params).fetchall()]
+
+    async def events_of_types(
+        self,
+        after: int,
+        types: Iterable[str],
+        *,
+        limit: int = 500,
+        with_url_only: bool = False,
+        span: int = 20_000,
+    ) -> tuple[list[dict[str, Any]], int, bool]:
+        """As BaseStore.events_of_types, in commit order: ids are not, so the window is
+        the next `span` events after event `after`, and `up_to` the last event read."""
+        params = {"after": after, "limit": limit, "with_url_only": with_url_only,
+                  "span": span, "types": orjson.dumps(sorted(types)).decode()}  # fmt: skip
+        rows = await self._all(self.Q["events_of_types_after"], params)
+        tail = rows[-1]  # where the window ends (no event)
+        window_last, window_size = tail["window_last"], tail["window_size"]
+        events = [
+            {"id": r["id"], "workflow_id": r["workflow_id"], "step_id": r["step_id"],
+             "type": r["type"], "at": r["at"], "data_json": r["data_json"],
+             "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
+            for r in rows[:-1]
+        ]  # fmt: skip
+        if len(events) == limit:
+            return events, events[-1]["id"], False
+        if window_last is None:
+            return events, after, True
+        return events, int(window_last), window_size < span
+
+    async def claim_deliveries(self, ids: list[int], *, visibility_ms: int) -> list[int]:
+        """Of the due deliveries `ids`, those no other daemon holds, now held by this one
+        for `visibility_ms` (then another may take them, if this one died sending)."""
+        if not ids:
+            return []
+        params = {"ids": orjson.dumps(ids).decode(), "now": now_ms(),
+                  "visibility_ms": visibility_ms}  # fmt: skip
+
+        def op(db: Tx) -> list[int]:
+            return [r["id"] for r in db.execute(self.Q["claim_deliveries"], params).fetchall()]
+
+        return await self.write("claim_deliveries", op)
+
+    async def secret(self, name: str) -> bytes | None:
+        """A secret every daemon on this database shares, made at first use."""
+        params = {"name": name, "value": os.urandom(32)}
+
+        def op(db: Tx) -> bytes:
+            db.execute(self.Q["make_secret"], params)
+            return bytes(db.execute(self.Q["get_secret"], params).fetchone()[0])
+
+        return await self._call(self._transaction, op)
 
     # -- wake-ups ------------------------------------------------------------------
 
-    def committed(self) -> None:
-        """This process committed a write: tell the other daemons (coalesced)."""
-        self._dirty.set()
+    def _remote_change(self, kind: str = "remote") -> None:
+        self.notify_heard += 1
+        self.changed(kind)
 
     async def _send(self) -> None:
         """NOTIFY after commits, one at a time: commits made meanwhile share the next."""
@@ -355,6 +435,7 @@ class PostgresConnections:
                     if conn is not None:
                         await conn.close()
                     conn = None
+                    self._dirty.set()  # to be told once connected again
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, RECONNECT_MAX_S)
         finally:
@@ -377,12 +458,12 @@ class PostgresConnections:
                 self._listening.set()
                 if not first:
                     log.info("PostgreSQL: listening again for other daemons' changes")
-                    self.on_remote_change()
+                    self._remote_change("reconnect")
                 first = False
                 backoff = 0.05
                 async for note in conn.notifies():
                     if note.payload != self.node:
-                        self.on_remote_change()
+                        self._remote_change()
             except psycopg.Error as exc:
                 log.warning("PostgreSQL: the LISTEN connection failed: %s", exc)
             finally:
@@ -395,17 +476,18 @@ class PostgresConnections:
     # -- singleton jobs ------------------------------------------------------------
 
     async def lead(self, job: str) -> bool:
-        return await self.call(self._lead, job)
+        """Whether this process runs the named singleton job: it holds the job's session
+        advisory lock, on a connection of its own (taken if free; a daemon that dies
+        drops it with its connection, and another daemon takes the job over)."""
+        return await self._call(self._lead, job)
 
     def _lead(self, job: str) -> bool:
-        """Whether this process holds the job's session advisory lock (taking it if free).
-        A lost connection loses the locks: they are taken again on a new one."""
-        key = zlib.crc32(job.encode()) - (1 << 31)  # int4
+        key = zlib.crc32(job.encode()) - (1 << 31)  # an int4
         with self._jobs_lock:
             for attempt in range(2):
                 try:
                     if self._jobs_conn is None or self._jobs_conn.closed:
-                        self._jobs.clear()
+                        self._jobs.clear()  # a lost connection lost its locks
                         self._jobs_conn = psycopg.Connection.connect(
                             self.url, autocommit=True, application_name="stepd jobs"
                         )
@@ -424,9 +506,15 @@ class PostgresConnections:
                         self._jobs_conn.close()
                     self._jobs_conn = None
                     self._jobs.clear()
-                    if attempt == 1:
+                    if attempt == 1 or not _unavailable(exc):
                         raise storage_error(exc) from exc
         return False
+
+
+def _node() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def migrate(conn: psycopg.Connection[Any]) -> int:

@@ -165,9 +165,9 @@ BEGIN
 END
 $$;
 
--- Ids handed out in blocks: one row, for callers that take many ids at once (imports).
-CREATE TABLE id_alloc (
-    one  boolean PRIMARY KEY DEFAULT true CHECK (one),
-    next bigint  NOT NULL
+-- Secrets every daemon on this database signs with ("server": links and sessions,
+-- "webhook": webhook signatures), made by the first daemon that needs one.
+CREATE TABLE secrets (
+    name  text  PRIMARY KEY,
+    value bytea NOT NULL
 );
-INSERT INTO id_alloc (next) VALUES (0);
