@@ -151,18 +151,6 @@ WHERE id IN (SELECT id FROM steps
              FOR UPDATE SKIP LOCKED)
 RETURNING *;
 
--- claim_due --
--- Take up to :limit due pending steps, oldest first, skipping those another daemon is taking: tools become running owned by this node, gates start waiting.
-UPDATE steps
-SET status = 'running', attempt = attempt + 1, started_at = :now::bigint,
-    awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
-    lease_until = CASE WHEN tool IS NOT NULL THEN :now::bigint + :lease_ms::bigint END,
-    owner = CASE WHEN tool IS NOT NULL THEN :node::text END
-WHERE id IN (SELECT id FROM steps WHERE status = 'pending' AND run_at <= :now::bigint
-             ORDER BY run_at, id LIMIT :limit
-             FOR UPDATE SKIP LOCKED)
-RETURNING *;
-
 -- finish_step --
 -- Record an attempt's outcome, only if that attempt still owns the step.
 UPDATE steps
@@ -490,12 +478,6 @@ DELETE FROM web_sessions WHERE id_hash = :id_hash;
 -- Forget sessions that expired.
 DELETE FROM web_sessions WHERE expires_at <= :now;
 
--- claimable --
--- Up to :limit due pending steps, oldest first, that no other transaction holds, locked until this one ends (so a claim never waits for, nor takes, another daemon's).
-SELECT id FROM steps WHERE status = 'pending' AND run_at <= :now
-ORDER BY run_at, id LIMIT :limit
-FOR UPDATE SKIP LOCKED;
-
 -- make_secret --
 -- A shared secret, made by the first daemon that asks for it.
 INSERT INTO secrets (name, value) VALUES (:name, :value) ON CONFLICT (name) DO NOTHING;
@@ -507,3 +489,48 @@ SELECT value FROM secrets WHERE name = :name;
 -- schema_version --
 -- The schema's version (the newest migration applied).
 SELECT coalesce(max(version), 0) FROM schema_version;
+
+-- claim_due_logged --
+-- claim_due and its events in one statement: step_started for a tool (its attempt), gate_waiting for a gate.
+WITH claimed AS (
+    UPDATE steps
+    SET status = 'running', attempt = attempt + 1, started_at = :now::bigint,
+        awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
+        lease_until = CASE WHEN tool IS NOT NULL THEN :now::bigint + :lease_ms::bigint END,
+        owner = CASE WHEN tool IS NOT NULL THEN :node::text END
+    WHERE id IN (SELECT id FROM steps WHERE status = 'pending' AND run_at <= :now::bigint
+                 ORDER BY run_at, id LIMIT :limit
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING *
+), logged AS (
+    INSERT INTO events (workflow_id, step_id, type, at, data_json)
+    SELECT workflow_id, id, CASE WHEN tool IS NULL THEN 'gate_waiting' ELSE 'step_started' END,
+           :now::bigint,
+           CASE WHEN tool IS NULL THEN jsonb_build_object('state', state)
+                ELSE jsonb_build_object('state', state, 'attempt', attempt) END::text
+    FROM claimed ORDER BY id
+)
+SELECT * FROM claimed ORDER BY id;
+
+-- claim_steps_logged --
+-- claim_steps (chosen ids, a JSON array) and their events in one statement, as claim_due_logged.
+WITH claimed AS (
+    UPDATE steps
+    SET status = 'running', attempt = attempt + 1, started_at = :now::bigint,
+        awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
+        lease_until = CASE WHEN tool IS NOT NULL THEN :now::bigint + :lease_ms::bigint END,
+        owner = CASE WHEN tool IS NOT NULL THEN :node::text END
+    WHERE id IN (SELECT id FROM steps
+                 WHERE id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint)
+                   AND status = 'pending'
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING *
+), logged AS (
+    INSERT INTO events (workflow_id, step_id, type, at, data_json)
+    SELECT workflow_id, id, CASE WHEN tool IS NULL THEN 'gate_waiting' ELSE 'step_started' END,
+           :now::bigint,
+           CASE WHEN tool IS NULL THEN jsonb_build_object('state', state)
+                ELSE jsonb_build_object('state', state, 'attempt', attempt) END::text
+    FROM claimed ORDER BY id
+)
+SELECT * FROM claimed ORDER BY id;
