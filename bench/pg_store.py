@@ -100,7 +100,7 @@ async def notify(url: str) -> None:
     await b.open()
     try:
         woke = asyncio.Event()
-        b.change_hooks.append(woke.set)
+        b.change_hooks.append(lambda kind: kind == "remote" and woke.set())
         lat = []
         for _ in range(200):
             woke.clear()

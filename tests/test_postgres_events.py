@@ -233,9 +233,9 @@ async def test_one_store_leads_a_job_until_it_closes(pg_url: str) -> None:
 async def test_a_write_on_one_store_wakes_the_other(stores: list[PostgresStore]) -> None:
     a, b = stores
     woke = asyncio.Event()
-    b.change_hooks.append(woke.set)
+    b.change_hooks.append(lambda kind: kind == "remote" and woke.set())
     own = asyncio.Event()
-    a.change_hooks.append(own.set)
+    a.change_hooks.append(lambda kind: kind != "commit" and own.set())
     latencies = []
     for _ in range(20):
         woke.clear()

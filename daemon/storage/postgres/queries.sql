@@ -321,30 +321,30 @@ SELECT id, workflow_id, step_id, type, at, data_json FROM events
 WHERE workflow_id = :workflow_id ORDER BY txid, id;
 
 -- events_after --
--- Events after an event (in commit order: (txid, id)), of transactions older than every running one, so none appears later before one read now.
+-- Events after an event (in commit order: (txid, id)), of transactions older than every running one of this database, so none appears later before one read now.
 SELECT id, workflow_id, step_id, type, at, data_json FROM events
-WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+WHERE txid < (SELECT stepd_event_horizon())
   AND (txid, id) > (coalesce((SELECT txid FROM events WHERE id = :after),
                               -- that event is gone (purged), or :after is 0: from the
                               -- earliest transaction of an event after it by id
                               (SELECT min(txid) FROM events WHERE id > :after),
-                              pg_snapshot_xmin(pg_current_snapshot())),
+                              (SELECT stepd_event_horizon())),
                      :after::bigint)
 ORDER BY txid, id LIMIT :limit;
 
 -- max_event_id --
 -- The newest event's id: the last one in commit order that readers may read now.
-SELECT id FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+SELECT id FROM events WHERE txid < (SELECT stepd_event_horizon())
 ORDER BY txid DESC, id DESC LIMIT 1;
 
 -- events_of_types_after --
 -- Events of some types (a JSON array) among the :span events after an event in commit order (as events_after), oldest first; maybe only of workflows with a notify_url.
 WITH win AS MATERIALIZED (
     SELECT * FROM events
-    WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+    WHERE txid < (SELECT stepd_event_horizon())
       AND (txid, id) > (coalesce((SELECT txid FROM events WHERE id = :after),
                                   (SELECT min(txid) FROM events WHERE id > :after),
-                                  pg_snapshot_xmin(pg_current_snapshot())),
+                                  (SELECT stepd_event_horizon())),
                          :after::bigint)
     ORDER BY txid, id LIMIT :span
 )
@@ -364,11 +364,11 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL,
 -- One workflow's events after one of its events, in commit order (as events_after).
 SELECT id, workflow_id, step_id, type, at, data_json FROM events
 WHERE workflow_id = :workflow_id
-  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+  AND txid < (SELECT stepd_event_horizon())
   AND (txid, id) > (coalesce((SELECT txid FROM events WHERE id = :after),
                               (SELECT min(txid) FROM events
                                WHERE workflow_id = :workflow_id AND id > :after),
-                              pg_snapshot_xmin(pg_current_snapshot())),
+                              (SELECT stepd_event_horizon())),
                      :after::bigint)
 ORDER BY txid, id LIMIT :limit;
 
@@ -534,3 +534,7 @@ WITH claimed AS (
     FROM claimed ORDER BY id
 )
 SELECT * FROM claimed ORDER BY id;
+
+-- events_held_back --
+-- Whether committed events wait behind a transaction still running (readers look again soon).
+SELECT 1 FROM events WHERE txid >= (SELECT stepd_event_horizon()) LIMIT 1;

@@ -225,6 +225,8 @@ class PostgresStore(BaseStore):
         self.retries = 0  # writes run again after a serialization failure or a deadlock
         self.notify_sent = 0
         self.notify_heard = 0
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._held_delay = 0.0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -277,6 +279,9 @@ class PostgresStore(BaseStore):
             raise
 
     async def close(self) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
         for task in (self._listener, self._sender):
             if task is not None:
                 task.cancel()
@@ -398,6 +403,32 @@ class PostgresStore(BaseStore):
 
         return await self.write("claim_steps", op)
 
+    async def events_after(
+        self, after: int, *, workflow_id: int | None = None, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        """As BaseStore.events_after (in commit order); see _held_back."""
+        events = await super().events_after(after, workflow_id=workflow_id, limit=limit)
+        if len(events) < limit:
+            await self._held_back()
+        return events
+
+    async def _held_back(self) -> None:
+        """Readers stop below the oldest transaction of this database still running, so
+        events committed after it wait for it to end (an instant, usually). If some do,
+        readers are woken again shortly (sooner than their poll), backing off while it
+        lasts."""
+        if await self._one(self.Q["events_held_back"], {}) is None:
+            self._held_delay = 0.0
+            return
+        if self._held_timer is not None:
+            return  # a wake-up is due already
+        self._held_delay = min(max(self._held_delay * 2, 0.002), 1.0)
+        self._held_timer = asyncio.get_running_loop().call_later(self._held_delay, self._held_wake)
+
+    def _held_wake(self) -> None:
+        self._held_timer = None
+        self.changed("remote")
+
     async def events_of_types(
         self,
         after: int,
@@ -422,6 +453,8 @@ class PostgresStore(BaseStore):
         ]  # fmt: skip
         if len(events) == limit:
             return events, events[-1]["id"], False
+        if window_size < span:
+            await self._held_back()
         if window_last is None:
             return events, after, True
         return events, int(window_last), window_size < span
