@@ -219,6 +219,11 @@ class BaseStore:
             self._remember_token(workflow_id, token)
         return self._tokens[workflow_id]
 
+    def _one_at_a_time(self, db: Tx, key: str) -> None:
+        """Transactions that call this with the same key run one after the other from here
+        on, and each sees what those before it committed. Writes are serial on SQLite
+        already; PostgreSQL takes a transaction advisory lock."""
+
     def _remember_token(self, workflow_id: int, token: str | None) -> None:
         """Cache a workflow's token, forgetting the oldest past TOKEN_CACHE entries."""
         self._tokens[workflow_id] = token
@@ -532,6 +537,7 @@ class BaseStore:
             if replay is not None:
                 # Checked here, in the transaction that saves the key: of two requests
                 # with one key, the second sees the first's answer (Replayed).
+                self._one_at_a_time(db, f"decision {replay.created_by}\n{replay.key}")
                 row = db.execute(self.Q["find_decision_key"], replay.params()).fetchone()
                 if row is not None:
                     raise Replayed(_replay(replay.created_by, replay.key, row))

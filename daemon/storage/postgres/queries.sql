@@ -538,3 +538,7 @@ SELECT * FROM claimed ORDER BY id;
 -- events_held_back --
 -- Whether committed events wait behind a transaction still running (readers look again soon).
 SELECT 1 FROM events WHERE txid >= (SELECT stepd_event_horizon()) LIMIT 1;
+
+-- lock_key --
+-- Wait for other transactions holding the same key until they end (a transaction advisory lock).
+SELECT pg_advisory_xact_lock(7355610, hashtext(:key));

@@ -381,6 +381,11 @@ class PostgresStore(BaseStore):
 
     # -- what PostgreSQL does its own way --------------------------------------------
 
+    def _one_at_a_time(self, db: Tx, key: str) -> None:
+        """A transaction advisory lock on the key: a second transaction waits here for
+        the first to end, and its next statement (READ COMMITTED) sees what it wrote."""
+        db.execute(self.Q["lock_key"], {"key": key}).fetchone()
+
     async def claim_steps(
         self, limit: int, *, lease_ms: int = 30_000, now: int | None = None
     ) -> list[Step]:
