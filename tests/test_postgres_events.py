@@ -270,3 +270,34 @@ async def test_deliveries_are_claimed_by_one_store(stores: list[PostgresStore]) 
     assert sorted(got_a + got_b) == sorted(ids)
     assert not set(got_a) & set(got_b)
     assert await b.due_deliveries(per_dest=50, per_operator=5, limit=50) == []  # held
+
+
+async def test_connections_the_server_dropped_are_replaced(stores: list[PostgresStore]) -> None:
+    a, _ = stores
+    await _workflow(a)
+    kinds: list[str] = []
+    a.change_hooks.append(kinds.append)
+    with psycopg.connect(SERVER, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (a.url.rpartition("/")[2],),
+        )
+    await asyncio.sleep(0.1)
+    # Every pooled connection is dead: writes and reads take fresh ones, nothing fails.
+    for _ in range(10):
+        await _workflow(a)
+        assert len(await a.list_workflows(limit=100)) >= 2
+    # And the LISTEN connection comes back (a reconnect counts as a change).
+    deadline = time.monotonic() + 10
+    while "reconnect" not in kinds:
+        assert time.monotonic() < deadline, kinds
+        await asyncio.sleep(0.05)
+
+
+async def test_an_unreachable_server_is_storage_unavailable() -> None:
+    from daemon.storage.types import StorageUnavailable
+
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/nothing", node="x", pool_size=1)
+    with pytest.raises(StorageUnavailable):
+        await store.open()

@@ -326,17 +326,24 @@ class PostgresStore(BaseStore):
     def _transaction(self, op: Callable[[Tx], T]) -> T:
         """Run `op` in one transaction (in the calling thread), again after a
         serialization failure, a deadlock or a duplicate key (the next run sees the row
-        that collided); StorageUnavailable when the server cannot be reached."""
+        that collided), or when its connection turned out dead before the COMMIT (a
+        pooled connection the server dropped: the transaction cannot have committed);
+        StorageUnavailable when the server cannot be reached. A connection lost during
+        the COMMIT is StorageUnavailable too: the write may or may not have happened."""
         pool = self._pool
         if pool is None:
             raise StorageError("the store is not open")
         for attempt in range(RETRIES):
+            before_commit = False
             try:
                 with pool.connection() as conn:
                     self._local.conn = conn
                     try:
+                        before_commit = True
                         with conn.pipeline() as pipeline, conn.transaction():
-                            return op(Tx(conn, pipeline))
+                            value = op(Tx(conn, pipeline))
+                            before_commit = False
+                        return value
                     finally:
                         self._local.conn = None
             except _RETRY as exc:
@@ -344,6 +351,10 @@ class PostgresStore(BaseStore):
                     raise storage_error(exc) from exc
                 self.retries += 1
                 time.sleep(0.001 * (attempt + 1))
+            except psycopg.OperationalError as exc:
+                if not (before_commit and conn.broken) or attempt == RETRIES - 1:
+                    raise storage_error(exc) from exc
+                self.retries += 1
             except psycopg.Error as exc:
                 raise storage_error(exc) from exc
         raise AssertionError("unreachable")
@@ -352,12 +363,17 @@ class PostgresStore(BaseStore):
         pool = self._pool
         if pool is None:
             raise StorageError("the store is not open")
-        try:
-            with pool.connection() as conn:
-                cur = conn.execute(sql, params)
-                return cur.fetchone() if one else cur.fetchall()
-        except psycopg.Error as exc:
-            raise storage_error(exc) from exc
+        for attempt in range(2):
+            try:
+                with pool.connection() as conn:
+                    cur = conn.execute(sql, params)
+                    return cur.fetchone() if one else cur.fetchall()
+            except psycopg.OperationalError as exc:
+                if attempt or not conn.broken:  # a pooled connection the server dropped
+                    raise storage_error(exc) from exc
+            except psycopg.Error as exc:
+                raise storage_error(exc) from exc
+        raise AssertionError("unreachable")
 
     async def _one(self, sql: str, params: dict[str, Any]) -> RowProtocol | None:
         return await self._call(self._read, sql, params, True)  # type: ignore[no-any-return]
