@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from daemon.auth import hash_token
+from tests import backend
 
 TERMINAL = {"completed", "failed", "cancelled"}
 TOKEN = "tok-process-james"
@@ -73,6 +74,7 @@ def write_config(
         "",
         "[database]",
         f'path = "{db}"',
+        *([f'url = "{backend.database_url(db)}"'] if backend.POSTGRES else []),
         "",
         "[executor]",
         f"poll_interval = {poll_interval}",
