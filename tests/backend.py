@@ -11,8 +11,10 @@ same database, as the same file would be.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -161,3 +163,25 @@ def summary() -> str:
         f"{databases.template_s:.2f}s; {databases.created} test databases, "
         f"{per:.1f} ms each to create and drop"
     )
+
+
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+def query(db_path: Path, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    """Run one statement on the test's database for `db_path` (committed), whichever the
+    backend: for tests that look at or change stored rows behind the daemon's back. Named
+    parameters are written `:name` on both. Returns the rows (none for a statement that
+    returns none)."""
+    params = params or {}
+    if SQLITE:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db, db:
+            return db.execute(sql, params).fetchall()
+    import psycopg
+
+    text = _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+    with psycopg.connect(databases.url(db_path), autocommit=True) as db:
+        cur = db.execute(text, params)
+        return cur.fetchall() if cur.description else []
