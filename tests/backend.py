@@ -130,22 +130,20 @@ def database_url(db_path: Path) -> str:
     return databases.url(db_path) if POSTGRES else ""
 
 
-def open_store(path: Path, **overrides: Any) -> Any:
-    """A store (not yet opened) for the database at `path` on the backend under test, the
-    way the daemon makes one: `Store(path)` in a test that is not about SQLite."""
-    try:
-        from daemon.storage import open_store as open_for
-    except ImportError:  # until daemon/storage lands: today's SQLite store
-        from daemon.store import Store
+def open_store(path: Path, **kwargs: Any) -> Any:
+    """A store (not yet opened) for the database at `path` on the backend under test: what
+    `SqliteStore(path, **kwargs)` makes in a test that is not about SQLite itself. Options
+    only SQLite has (synchronous, busy_timeout_ms) are left out on PostgreSQL."""
+    if SQLITE:
+        from daemon.storage.sqlite.store import SqliteStore
 
-        def open_for(config: Any) -> Any:
-            return Store(config.db_path, synchronous=config.synchronous,
-                         busy_timeout_ms=config.busy_timeout_ms,
-                         max_running_per_token=config.max_running_per_token)  # fmt: skip
+        return SqliteStore(path, **kwargs)
+    from daemon.storage.postgres.store import PostgresStore
 
-    from tests.helpers import make_config
-
-    return open_for(make_config(Path(path).parent, db_path=Path(path), **overrides))
+    for sqlite_only in ("synchronous", "busy_timeout_ms"):
+        kwargs.pop(sqlite_only, None)
+    kwargs.setdefault("node", "test")
+    return PostgresStore(databases.url(path), **kwargs)
 
 
 def summary() -> str:

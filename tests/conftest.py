@@ -110,7 +110,7 @@ async def make_client(tmp_path) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def make_store() -> AsyncIterator[Callable[..., Any]]:
-    """`make_store(path, **config_overrides)`: a store (not opened) for that database on the
+    """`make_store(path, **kwargs)`: a store (not opened) for that database on the
     backend under test; any still open when the test ends are closed."""
     made: list[Any] = []
 

@@ -73,8 +73,8 @@ def write_config(
         *(f"{key} = {value}" for key, value in (server or {}).items()),
         "",
         "[database]",
-        f'path = "{db}"',
-        *([f'url = "{backend.database_url(db)}"'] if backend.POSTGRES else []),
+        # On PostgreSQL, the test's database that stands for this path.
+        f'url = "{backend.database_url(db)}"' if backend.POSTGRES else f'path = "{db}"',
         "",
         "[executor]",
         f"poll_interval = {poll_interval}",

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from daemon.models import Finish, NewStep, StepStatus, WorkflowStatus
-from daemon.store import Cancelled, LinkSpent, Replay, Replayed, WorkflowTooLarge, now_ms
+from daemon.storage import Cancelled, LinkSpent, Replay, Replayed, WorkflowTooLarge, now_ms
 
 ECHO = NewStep(state="start", name="start", tool="echo", seq=1)
 GATE = NewStep(state="ok", name="ok", tool=None, seq=1)
