@@ -73,11 +73,18 @@ class Databases:
                 self._by_path[key] = name
             return postgres.server().url_for(name)
 
-    def drop_all(self) -> None:
-        """Drop this test's databases, in the background (any daemon still connected to
-        them is disconnected)."""
+    def names(self) -> set[str]:
+        """The databases handed out so far and not dropped."""
         with self._lock:
-            names, self._by_path = list(self._by_path.values()), {}
+            return set(self._by_path.values())
+
+    def drop_new(self, kept: set[str]) -> None:
+        """Drop the databases handed out since `names()` returned `kept`, in the background
+        (any daemon still connected to them is disconnected). Those of module or session
+        fixtures, made before, stay until the end."""
+        with self._lock:
+            names = [n for n in self._by_path.values() if n not in kept]
+            self._by_path = {p: n for p, n in self._by_path.items() if n in kept}
         if names:
             self._jobs.put(("drop", names))
 
@@ -196,7 +203,12 @@ def database_url(db_path: Path) -> str:
 def open_store(path: Path, **kwargs: Any) -> Any:
     """A store (not yet opened) for the database at `path` on the backend under test: what
     `SqliteStore(path, **kwargs)` makes in a test that is not about SQLite itself. Options
-    only SQLite has (synchronous, busy_timeout_ms) are left out on PostgreSQL."""
+    only SQLite has (synchronous, busy_timeout_ms) are left out on PostgreSQL. Its node is
+    the one a test's app has by default, so a step it leaves running counts as the app's own
+    after a restart, as with one daemon per SQLite file."""
+    from daemon.config import Config
+
+    kwargs.setdefault("node", Config().node)
     if SQLITE:
         from daemon.storage.sqlite.store import SqliteStore
 
@@ -205,7 +217,6 @@ def open_store(path: Path, **kwargs: Any) -> Any:
 
     for sqlite_only in ("synchronous", "busy_timeout_ms"):
         kwargs.pop(sqlite_only, None)
-    kwargs.setdefault("node", "test")
     return PostgresStore(databases.url(path), **kwargs)
 
 
@@ -235,15 +246,40 @@ def query(db_path: Path, sql: str, params: dict[str, Any] | None = None) -> list
     backend: for tests that look at or change stored rows behind the daemon's back. Named
     parameters are written `:name` on both. Returns the rows (none for a statement that
     returns none)."""
-    params = params or {}
+    return write(db_path, (sql, params or {}))[0]
+
+
+def records(db_path: Path, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`query`, each row as a dict by column name."""
+    return write(db_path, (sql, params or {}), dicts=True)[0]
+
+
+def write(
+    db_path: Path, *statements: tuple[str, dict[str, Any]], dicts: bool = False
+) -> list[list[Any]]:
+    """Run statements `(sql, params)` in one transaction on the test's database for
+    `db_path`, as another process would; each one's rows."""
+    out: list[list[Any]] = []
+
+    def rows(cur: Any) -> list[Any]:
+        if cur.description is None:
+            return []
+        found = cur.fetchall()
+        if not dicts:
+            return [tuple(r) for r in found]
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in found]
+
     if SQLITE:
         import sqlite3
 
         with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db, db:
-            return db.execute(sql, params).fetchall()
+            for sql, params in statements:
+                out.append(rows(db.execute(sql, params)))
+        return out
     import psycopg
 
-    text = _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
-    with psycopg.connect(databases.url(db_path), autocommit=True) as db:
-        cur = db.execute(text, params)
-        return cur.fetchall() if cur.description else []
+    with psycopg.connect(databases.url(db_path)) as db, db.transaction():
+        for sql, params in statements:
+            out.append(rows(db.execute(_PARAM.sub(r"%(\1)s", sql.replace("%", "%%")), params)))
+    return out

@@ -48,10 +48,12 @@ def postgres_server() -> Iterator[Any]:
 
 @pytest.fixture(autouse=True)
 def _test_databases() -> Iterator[None]:
-    """Drops the PostgreSQL databases a test used (nothing to do on SQLite: tmp_path)."""
+    """Drops the PostgreSQL databases a test made (nothing to do on SQLite: tmp_path).
+    Fixtures of a wider scope were set up before this one: theirs stay."""
+    kept = backend.databases.names() if backend.POSTGRES else set()
     yield
     if backend.POSTGRES:
-        backend.databases.drop_all()
+        backend.databases.drop_new(kept)
 
 
 @pytest.fixture
