@@ -255,10 +255,13 @@ def records(db_path: Path, sql: str, params: dict[str, Any] | None = None) -> li
 
 
 def write(
-    db_path: Path, *statements: tuple[str, dict[str, Any]], dicts: bool = False
+    db_path: Path,
+    *statements: tuple[str, dict[str, Any] | list[dict[str, Any]]],
+    dicts: bool = False,
 ) -> list[list[Any]]:
     """Run statements `(sql, params)` in one transaction on the test's database for
-    `db_path`, as another process would; each one's rows."""
+    `db_path`, as another process would; each one's rows. A list of params runs the
+    statement once for each (executemany), and returns no rows."""
     out: list[list[Any]] = []
 
     def rows(cur: Any) -> list[Any]:
@@ -275,11 +278,20 @@ def write(
 
         with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db, db:
             for sql, params in statements:
-                out.append(rows(db.execute(sql, params)))
+                if isinstance(params, list):
+                    db.executemany(sql, params)
+                    out.append([])
+                else:
+                    out.append(rows(db.execute(sql, params)))
         return out
     import psycopg
 
     with psycopg.connect(databases.url(db_path)) as db, db.transaction():
         for sql, params in statements:
-            out.append(rows(db.execute(_PARAM.sub(r"%(\1)s", sql.replace("%", "%%")), params)))
+            text = _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+            if isinstance(params, list):
+                db.cursor().executemany(text, params)
+                out.append([])
+            else:
+                out.append(rows(db.execute(text, params)))
     return out
