@@ -1,8 +1,9 @@
-"""Shared fixtures: a real SQLite file in tmp_path and the real app over httpx."""
+"""Shared fixtures: a real database (a SQLite file in tmp_path, or a PostgreSQL database of
+the test's own with STEPD_TEST_BACKEND=postgresql) and the real app over httpx."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,48 @@ import pytest
 
 from daemon.api import create_app
 from daemon.config import Config
+from tests import backend
 from tests.helpers import auth, make_config
+
+# Tests about one backend itself (SQLite's group commit, PRAGMAs, file lock, backup; or
+# PostgreSQL's several daemons on one database) say so with one of these markers.
+ONLY = {"sqlite_only": "sqlite", "postgresql_only": "postgresql"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker, name in ONLY.items():
+            if item.get_closest_marker(marker) and backend.BACKEND != name:
+                item.add_marker(pytest.mark.skip(reason=f"{marker}: runs on {name} only"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"storage backend: {backend.BACKEND} (STEPD_TEST_BACKEND)"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(backend.summary())
+
+
+@pytest.fixture(scope="session", autouse=backend.POSTGRES)
+def postgres_server() -> Iterator[Any]:
+    """The session's PostgreSQL server (started before the first test, not inside it)."""
+    from tests import postgres
+
+    server = postgres.server()
+    yield server
+    backend.databases.close()
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _test_databases() -> Iterator[None]:
+    """Drops the PostgreSQL databases a test made (nothing to do on SQLite: tmp_path).
+    Fixtures of a wider scope were set up before this one: theirs stay."""
+    kept = backend.databases.names() if backend.POSTGRES else set()
+    yield
+    if backend.POSTGRES:
+        backend.databases.drop_new(kept)
 
 
 @pytest.fixture
@@ -66,3 +108,20 @@ async def make_client(tmp_path) -> AsyncIterator[Any]:
     for client, lifespan in reversed(stack):
         await client.aclose()
         await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def make_store() -> AsyncIterator[Callable[..., Any]]:
+    """`make_store(path, **kwargs)`: a store (not opened) for that database on the
+    backend under test; any still open when the test ends are closed."""
+    made: list[Any] = []
+
+    def build(path: Path, **overrides: Any) -> Any:
+        store = backend.open_store(path, **overrides)
+        made.append(store)
+        return store
+
+    yield build
+    for store in made:
+        if store.is_open:
+            await store.close()

@@ -14,6 +14,7 @@ import httpx
 
 from daemon.auth import hash_token
 from daemon.config import Config, TokenConfig
+from tests import backend
 
 TOKENS = {
     "james": ("tok-james", ("workflow",)),
@@ -37,7 +38,11 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
         poll_interval=1.0,
         shutdown_grace=2.0,
     )
-    return replace(base, **overrides)
+    config = replace(base, **overrides)
+    if backend.POSTGRES and "database_url" not in overrides:
+        # The backend under test: a database of this test's own for this db_path.
+        config = replace(config, database_url=backend.database_url(config.db_path))
+    return config
 
 
 async def wait_for(

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from daemon.auth import hash_token
+from tests import backend
 
 TERMINAL = {"completed", "failed", "cancelled"}
 TOKEN = "tok-process-james"
@@ -72,7 +73,8 @@ def write_config(
         *(f"{key} = {value}" for key, value in (server or {}).items()),
         "",
         "[database]",
-        f'path = "{db}"',
+        # On PostgreSQL, the test's database that stands for this path.
+        f'url = "{backend.database_url(db)}"' if backend.POSTGRES else f'path = "{db}"',
         "",
         "[executor]",
         f"poll_interval = {poll_interval}",

@@ -14,7 +14,7 @@ non-idempotent step. Then:
   person failed), so a completed workflow did exactly the expected states, in order;
 - the tools' own log (tests/chaos_tools.py) shows no idempotent step executed more
   often than its final attempt, and no non-idempotent step executed twice;
-- both SQLite files pass `PRAGMA integrity_check`.
+- both SQLite files (the chaos tools' log, and stepd.db on SQLite) pass `PRAGMA integrity_check`.
 
 Deterministic given STEPD_CHAOS_SEED (default 1): the flows, the gate answers and
 the kill delays come from one seeded RNG (where a kill lands still depends on timing).
@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -40,7 +39,7 @@ import httpx
 import pytest
 
 from daemon.auth import hash_token
-from tests import chaos_tools
+from tests import backend, chaos_tools
 from tests.process_helpers import TERMINAL, TOKEN, Daemon, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +176,8 @@ def make_plans(rng: random.Random, count: int, seed: int) -> list[Plan]:
 
 
 def write_chaos_config(path: Path, *, port: int, db: Path, concurrency: int = 8) -> Path:
+    # On PostgreSQL, the test's database that stands for this path.
+    database = f'url = "{backend.database_url(db)}"' if backend.POSTGRES else f'path = "{db}"'
     path.write_text(
         f"""[server]
 host = "127.0.0.1"
@@ -184,7 +185,7 @@ port = {port}
 log_level = "warning"
 
 [database]
-path = "{db}"
+{database}
 
 [executor]
 poll_interval = 0.05
@@ -564,13 +565,10 @@ class ChaosRun:
                 continue
             self.check_walk(self.plans[index], wf)
             self.check_executions(wf, per_key, given_back)
-        r.integrity["stepd.db"] = chaos_tools.integrity(db)
+        if backend.SQLITE:
+            r.integrity["stepd.db"] = chaos_tools.integrity(db)
         r.integrity["chaos.db"] = chaos_tools.integrity(self.daemon.workdir / chaos_tools.DB_NAME)
-        stored = sqlite3.connect(db, timeout=10)
-        try:
-            (count,) = stored.execute("SELECT count(*) FROM workflows").fetchone()
-        finally:
-            stored.close()
+        [(count,)] = backend.query(db, "SELECT count(*) FROM workflows")
         if count != len(self.plans):
             r.problems.append(f"{count} workflows in the database for {len(self.plans)} plans")
 
@@ -674,15 +672,8 @@ class ChaosRun:
 
 def attempts_given_back(db: Path) -> Counter[int]:
     """Per step id: how often a stop put it back in the queue without counting its attempt."""
-    conn = sqlite3.connect(db, timeout=10)
-    try:
-        rows = conn.execute(
-            "SELECT step_id, count(*) FROM events WHERE type = 'step_requeued'"
-            " AND json_extract(data_json, '$.attempt_given_back') GROUP BY step_id"
-        ).fetchall()
-    finally:
-        conn.close()
-    return Counter(dict(rows))
+    rows = backend.query(db, "SELECT step_id, data_json FROM events WHERE type = 'step_requeued'")
+    return Counter(step for step, data in rows if json.loads(data).get("attempt_given_back"))
 
 
 def _by_tool(counts: Counter[str]) -> str:

@@ -264,6 +264,7 @@ async def test_the_all_events_stream_follows_live_with_heartbeats(app, client):
     assert app.state.events.subscribers == 0  # the stream left the hub
 
 
+@pytest.mark.sqlite_only  # SQLite's schema migration
 async def test_a_migrated_database_has_the_fresh_schema(tmp_path: Path):
     fresh = Store(tmp_path / "fresh.db")
     await fresh.open()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from typing import Any
 
@@ -12,7 +11,7 @@ import orjson
 import pytest
 
 from daemon.api import create_app
-from tests import sample_tools
+from tests import backend, sample_tools
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
 MODULES = ("daemon.tools.demo", "tests.sample_tools")
@@ -60,23 +59,17 @@ async def test_ready_wakes_the_executor(make_client):
 
 async def test_poll_picks_up_rows_written_by_another_process(make_client, tmp_path):
     client, app = await make_client(poll_interval=0.1)
-    # Another writer: a workflow and its first step inserted with plain sqlite3.
-    db = sqlite3.connect(tmp_path / "stepd.db", isolation_level=None)
+    # Another writer: a workflow and its first step inserted in one transaction of its own.
     now = int(time.time() * 1000)
     flow = {"start": {"tool": "echo", "args": {"from": "outside"}, "done": True}}
-    db.execute("BEGIN IMMEDIATE")
-    db.execute(
-        "INSERT INTO workflows (id, name, flow_json, input_json, status, created_at, updated_at)"
-        " VALUES (?, 'outside', ?, '{}', 'running', ?, ?)",
-        (now - 5000, orjson.dumps(flow).decode(), now, now),
-    )
-    db.execute(
-        "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at, created_at)"
-        " VALUES (?, ?, 'start', 'start', 'echo', 'pending', 1, ?, ?)",
-        (now - 4999, now - 5000, now, now),
-    )
-    db.execute("COMMIT")
-    db.close()
+    params = {"wf": now - 5000, "step": now - 4999, "flow": orjson.dumps(flow).decode(), "now": now}
+    backend.write(
+        tmp_path / "stepd.db",
+        ("INSERT INTO workflows (id, name, flow_json, input_json, status, created_at, updated_at)"
+         " VALUES (:wf, 'outside', :flow, '{}', 'running', :now, :now)", params),
+        ("INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at, created_at)"
+         " VALUES (:step, :wf, 'start', 'start', 'echo', 'pending', 1, :now, :now)", params),
+    )  # fmt: skip
     wf = await wait_for(client, now - 5000, timeout=5)
     assert wf["status"] == "completed"
     assert orjson.loads(wf["steps"][0]["result_json"]) == {"from": "outside"}

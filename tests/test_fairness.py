@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from daemon.auth import hash_token
 from daemon.config import TokenConfig
@@ -17,6 +18,7 @@ from daemon.models import NewStep
 from daemon.storage import now_ms
 from daemon.storage.sqlite.store import SqliteStore as Store
 from daemon.storage.sqlite.store import migrations, split_statements
+from tests import backend
 from tests.helpers import TOKENS, wait_for
 
 PEOPLE = {**TOKENS, "mallory": ("tok-mallory", ("workflow",)),
@@ -137,29 +139,24 @@ async def test_a_templated_sleep_beyond_a_year_fails_without_retry(make_client):
 
 
 async def test_the_claim_skips_a_token_at_its_share_whatever_its_backlog(tmp_path: Path):
-    store = Store(tmp_path / "s.db", max_running_per_token=2)
+    path = tmp_path / "s.db"
+    store = backend.open_store(path, max_running_per_token=2)
     await store.open()
     try:
         now = now_ms()
-
-        def seed(db: Any) -> None:
-            for wf, who in ((1, "mallory"), (2, "victor")):
-                db.execute(
-                    "INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,"
-                    " created_at, updated_at) VALUES (?, 'w', '{}', '{}', 'running', ?, 0, 0)",
-                    (wf, who),
-                )
-            rows = [(10 + i, 1, "running", now + 60_000, "mallory") for i in range(2)]
-            rows += [(100 + i, 1, "pending", None, "mallory") for i in range(5000)]
-            rows += [(90_000, 2, "pending", None, "victor")]  # queued behind all of hers
-            db.executemany(
-                "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt,"
-                " run_at, created_at, lease_until, created_by)"
-                " VALUES (?, ?, 's', 's', 'echo', ?, 1, 0, 1, 1, ?, ?)",
-                rows,
-            )
-
-        await store._write(seed)
+        rows = [(10 + i, 1, "running", now + 60_000, "mallory") for i in range(2)]
+        rows += [(100 + i, 1, "pending", None, "mallory") for i in range(5000)]
+        rows += [(90_000, 2, "pending", None, "victor")]  # queued behind all of hers
+        backend.write(
+            path,
+            ("INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,"
+             " created_at, updated_at) VALUES (:id, 'w', '{}', '{}', 'running', :who, 0, 0)",
+             [{"id": 1, "who": "mallory"}, {"id": 2, "who": "victor"}]),
+            ("INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt,"
+             " run_at, created_at, lease_until, created_by)"
+             " VALUES (:id, :wf, 's', 's', 'echo', :status, 1, 0, 1, 1, :lease, :who)",
+             [dict(zip(("id", "wf", "status", "lease", "who"), r, strict=True)) for r in rows]),
+        )  # fmt: skip
         # The due step of victor is known to be due, none of mallory's: no busy claiming.
         assert await store.next_due() == 1
         claimed = await store.claim_steps(64, now=now)
@@ -167,7 +164,7 @@ async def test_the_claim_skips_a_token_at_its_share_whatever_its_backlog(tmp_pat
         assert await store.next_due() is None  # hers wait for a slot of her own
         assert await store.claim_steps(64, now=now) == []
         # One of hers ends: one more of hers, the oldest.
-        await store._write(lambda db: db.execute("UPDATE steps SET status = 'done' WHERE id = 10"))
+        backend.query(path, "UPDATE steps SET status = 'done' WHERE id = 10")
         assert await store.next_due() == 1
         assert [s.id for s in await store.claim_steps(64, now=now)] == [100]
     finally:
@@ -175,7 +172,7 @@ async def test_the_claim_skips_a_token_at_its_share_whatever_its_backlog(tmp_pat
 
 
 async def test_steps_carry_their_workflows_token(tmp_path: Path):
-    store = Store(tmp_path / "s.db")
+    store = backend.open_store(tmp_path / "s.db")
     await store.open()
     try:
         created = await store.create_workflow(
@@ -195,6 +192,7 @@ async def test_steps_carry_their_workflows_token(tmp_path: Path):
         await store.close()
 
 
+@pytest.mark.sqlite_only  # SQLite's schema migration
 async def test_the_migration_gives_live_steps_their_token(tmp_path: Path):
     old = sqlite3.connect(tmp_path / "stepd.db")
     for number, script in migrations():
@@ -227,6 +225,7 @@ async def test_the_migration_gives_live_steps_their_token(tmp_path: Path):
         await store.close()
 
 
+@pytest.mark.sqlite_only  # reads a token on the SQLite writer's connection
 async def test_the_token_cache_stays_bounded_however_many_workflows_are_created(tmp_path: Path):
     """Creating a workflow remembers its token; past TOKEN_CACHE workflows the oldest are
     forgotten, and a forgotten one's token is read again when a hand-off needs it."""

@@ -287,8 +287,12 @@ def _readme_block(after: str) -> str:
 
 def test_ci_runs_the_readme_test_command_in_a_venv_of_its_own() -> None:
     serve = _readme_block("## Quick start")
-    test = _readme_block("and run the tests:")
+    test = _readme_block("and run the tests, once on SQLite and once on PostgreSQL:")
     assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+    # Both passes: the default backend (SQLite), then PostgreSQL.
+    passes = test.split(" && ")[2:]
+    assert passes == [".venv-test/bin/python -m pytest",
+                      "STEPD_TEST_BACKEND=postgresql .venv-test/bin/python -m pytest"]  # fmt: skip
 
     def venvs(command: str) -> set[str]:
         return {w.split("/")[0] for w in shlex.split(command) if w.startswith(".venv")}

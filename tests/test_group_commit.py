@@ -46,6 +46,7 @@ async def create(store: Store, name: str = "w") -> int:
     return created.id
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_concurrent_writes_share_transactions_and_are_all_committed(store: Store):
     batches: list[int] = []
     store.commit_hooks.append(lambda seconds, size: batches.append(size))
@@ -56,6 +57,7 @@ async def test_concurrent_writes_share_transactions_and_are_all_committed(store:
     assert len(batches) < 300 and max(batches) > 1  # fewer commits than writes
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_an_acknowledged_write_is_already_committed(store: Store):
     wf_id = await create(store)
     db = sqlite3.connect(store.path)
@@ -65,6 +67,7 @@ async def test_an_acknowledged_write_is_already_committed(store: Store):
         db.close()
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_a_failing_write_is_rolled_back_alone(store: Store):
     def insert_then_fail(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO cursors (name, event_id) VALUES ('doomed', 1)")
@@ -91,6 +94,7 @@ async def test_a_failing_write_is_rolled_back_alone(store: Store):
     assert {"before", "after"} <= names and "doomed" not in names
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_a_failed_commit_fails_every_write_in_it_and_keeps_none(store: Store):
     await create(store)
     (pages,) = await store._write(lambda db: db.execute("PRAGMA page_count").fetchone())
@@ -111,6 +115,7 @@ async def test_a_failed_commit_fails_every_write_in_it_and_keeps_none(store: Sto
     assert count_rows(store.path, "workflows") == 2
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_a_write_cancelled_before_its_turn_never_runs(store: Store):
     ran: list[str] = []
 
@@ -128,6 +133,7 @@ async def test_a_write_cancelled_before_its_turn_never_runs(store: Store):
     assert ran == []
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_close_commits_what_is_queued(tmp_path: Path):
     store = Store(tmp_path / "c.db")
     await store.open()
@@ -138,6 +144,7 @@ async def test_close_commits_what_is_queued(tmp_path: Path):
     assert len(ids) == 20 and count_rows(tmp_path / "c.db", "workflows") == 20
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_a_write_waits_for_another_process_holding_the_lock(store: Store):
     # Another connection holds the write lock for a moment: the write waits (off the
     # loop, which keeps serving reads) and then succeeds.
@@ -152,6 +159,7 @@ async def test_a_write_waits_for_another_process_holding_the_lock(store: Store):
     assert await asyncio.wait_for(pending, 5) > 0
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_a_write_cancelled_while_begin_waits_for_the_lock_never_runs(store: Store):
     ran: list[str] = []
 
@@ -170,6 +178,7 @@ async def test_a_write_cancelled_while_begin_waits_for_the_lock_never_runs(store
     assert ran == []
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_odd_failures_of_one_write_do_not_stop_the_writer(store: Store):
     def stop_iteration(db: sqlite3.Connection) -> None:
         next(iter(()))  # StopIteration cannot be set on a future as it is
@@ -192,6 +201,7 @@ async def test_odd_failures_of_one_write_do_not_stop_the_writer(store: Store):
     assert count_rows(store.path, "workflows") == 2
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_a_blocking_write_runs_off_the_loop_in_the_shared_transaction(store: Store):
     import threading
 
@@ -216,6 +226,7 @@ async def test_a_blocking_write_runs_off_the_loop_in_the_shared_transaction(stor
     assert count_rows(store.path, "cursors") == 2
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_writes_from_threads_are_refused_once_closed(tmp_path: Path):
     store = Store(tmp_path / "x.db")
     await store.open()
@@ -338,6 +349,7 @@ async def test_a_chain_of_hand_offs_does_not_starve_a_queued_step(make_client):
     assert long_wf["status"] == short_wf["status"] == "completed"
 
 
+@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_a_writer_cancelled_during_commit_reports_what_committed(store: Store):
     # The COMMIT goes through in its thread while the writer task is cancelled (loop
     # teardown): its callers learn the truth, and later writes fail instead of hanging.

@@ -16,7 +16,6 @@ import pytest
 from itsdangerous import URLSafeSerializer
 
 from daemon import links, signing
-from daemon.auth import server_secret
 from daemon.config import Config
 from tests.helpers import wait_for, waiting_gate
 from tests.test_notify import GATE_FLOW, Receiver, fast_notifier, running, start_gate, until
@@ -178,7 +177,7 @@ async def test_tampered_links_are_refused(env: Env, mangle: Any, status: int, te
 
 async def test_expired_link_is_refused(env: Env) -> None:
     wf_id, gate, _ = await env.gate()
-    secret = server_secret(env.tmp)
+    secret = signing.secret(env.config.state_dir)
     old = links.make_links(env.config, secret, gate["id"], time.time() - 2 * env.config.link_ttl_s)
     assert_page(await env.browser.get(old["approve"]), 410, "expired")
     assert_page(await env.browser.post(old["approve"], data={"decision": "approve"}), 410)
@@ -207,7 +206,9 @@ async def test_gate_restricted_to_named_approvers_gets_no_links(env: Env) -> Non
     flow = {**GATE_FLOW, "gate": {**GATE_FLOW["gate"], "approvers": ["alice"]}}
     wf_id, gate, body = await env.gate(flow=flow)
     assert "links" not in body
-    made = links.make_links(env.config, server_secret(env.tmp), gate["id"], time.time())
+    made = links.make_links(
+        env.config, signing.secret(env.config.state_dir), gate["id"], time.time()
+    )
     assert_page(await env.browser.get(made["approve"]), 403, "does not accept decisions by link")
     resp = await env.browser.post(made["approve"], data={"decision": "approve"})
     assert_page(resp, 403, "does not accept decisions by link")
@@ -224,7 +225,7 @@ async def test_gate_for_approvers_by_permission_takes_links(env: Env) -> None:
 
 
 async def test_link_for_a_missing_step(env: Env) -> None:
-    made = links.make_links(env.config, server_secret(env.tmp), 12345, time.time())
+    made = links.make_links(env.config, signing.secret(env.config.state_dir), 12345, time.time())
     assert_page(await env.browser.get(made["approve"]), 404, "no longer exists")
     assert_page(await env.browser.post(made["reject"], data={"decision": "reject"}), 404)
     assert (await env.browser.put(made["approve"])).status_code == 405
@@ -254,7 +255,7 @@ def test_tokens_round_trip_and_need_the_same_secret_and_purpose() -> None:
 async def test_links_of_the_old_format_no_longer_work(env: Env) -> None:
     wf_id, gate, _ = await env.gate()
     # The earlier hand-made format: base64url(JSON).base64url(HMAC(HMAC(secret, "stepd-links"))).
-    key = hmac.new(server_secret(env.tmp), b"stepd-links", hashlib.sha256).digest()
+    key = hmac.new(signing.secret(env.config.state_dir), b"stepd-links", hashlib.sha256).digest()
     payload = base64.urlsafe_b64encode(orjson.dumps(
         {"s": gate["id"], "d": "approve", "e": int(time.time()) + 600, "n": "old"}
     )).rstrip(b"=").decode()  # fmt: skip

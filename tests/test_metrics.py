@@ -185,6 +185,7 @@ async def test_interrupted_non_idempotent_steps_count_as_decisions_waiting(tmp_p
         assert value(samples, "stepd_workflows", status="running") == 1
 
 
+@pytest.mark.sqlite_only  # SQLite's query plans
 async def test_gauge_queries_read_only_their_indexes(tmp_path):
     """The scrape must stay cheap with millions of finished rows: every step query reads
     a partial index of unfinished steps, the workflow count a covering index."""

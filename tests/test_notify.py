@@ -18,11 +18,12 @@ import httpx
 import orjson
 import pytest
 
-from daemon import notify
+from daemon import notify, signing
 from daemon.api import create_app
-from daemon.auth import server_secret, webhook_secret
+from daemon.auth import webhook_secret
 from daemon.storage.sqlite.store import SqliteStore as Store
 from daemon.storage.sqlite.store import migrations, split_statements
+from tests import backend
 from tests.helpers import auth, make_config, wait_for, waiting_gate
 
 SECRET = "whsec-test"
@@ -162,12 +163,7 @@ async def start_gate(client: httpx.AsyncClient, **extra: Any) -> tuple[int, dict
 
 
 def outbox(tmp_path: Path) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{tmp_path / 'stepd.db'}?mode=ro", uri=True)
-    try:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM outbox ORDER BY id")]
-    finally:
-        db.close()
+    return backend.records(tmp_path / "stepd.db", "SELECT * FROM outbox ORDER BY id")
 
 
 def check_signature(request: dict[str, Any], secret: bytes) -> None:
@@ -236,18 +232,21 @@ async def test_creator_url_gets_no_links_when_creator_may_not_decide(
     own = Receiver()
     flow = {**GATE_FLOW, "gate": {**GATE_FLOW["gate"], "allow_self_approval": False}}
     try:
-        async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+        async with running(tmp_path, webhook_url=receiver.url) as (app, client):
             await start_gate(client, notify_url=own.url, flow=flow)
             await until(lambda: receiver.bodies("gate_waiting") and own.bodies("gate_waiting"))
+            # The daemon's keys: shared through the database on PostgreSQL, else its files.
+            hook_key = await app.state.store.secret("webhook") or webhook_secret(tmp_path)
+            server_key = signing.secret(app.state.config.state_dir)
     finally:
         own.close()
     assert "links" in receiver.bodies("gate_waiting")[0]
     assert "links" not in own.bodies("gate_waiting")[0]
     # Without [webhooks] secret a generated key of its own signs: not the daemon's secret,
     # which signs sessions and links (a receiver holding it could forge links).
-    check_signature(receiver.requests[0], webhook_secret(tmp_path))
+    check_signature(receiver.requests[0], hook_key)
     with pytest.raises(AssertionError):
-        check_signature(receiver.requests[0], server_secret(tmp_path))
+        check_signature(receiver.requests[0], server_key)
 
 
 async def test_links_expire_with_the_gate(tmp_path: Path, receiver: Receiver) -> None:
@@ -432,7 +431,7 @@ async def test_deliveries_obey_the_policy_and_go_out_when_allowed(tmp_path: Path
 async def test_one_destinations_backlog_does_not_hide_the_others(tmp_path: Path) -> None:
     """The due-deliveries query picks per destination: a backlog of 500 old deliveries to
     one receiver still leaves room for the operator's and another receiver's."""
-    store = Store(tmp_path / "stepd.db")  # no notifier: nothing is sent anywhere
+    store = backend.open_store(tmp_path / "stepd.db")  # no notifier: nothing is sent anywhere
     await store.open()
     try:
         slow = [{"event_id": i, "workflow_id": 1, "url": "http://slow:81/h",
@@ -492,6 +491,7 @@ async def test_a_slow_receiver_delays_only_its_own_deliveries(tmp_path: Path) ->
     assert {r["status"] for r in outbox(tmp_path)} == {"sent"}
 
 
+@pytest.mark.sqlite_only  # SQLite's schema migration
 async def test_the_migration_gives_queued_deliveries_their_destination(tmp_path: Path) -> None:
     old = sqlite3.connect(tmp_path / "stepd.db")
     for number, script in migrations():
@@ -538,11 +538,8 @@ async def test_large_inputs_stay_out_of_deliveries_and_sent_bodies_are_dropped(
         await until(lambda: len(receiver.bodies("gate_waiting")) >= 6, timeout=10)
         first = receiver.bodies()[0]["workflow"]
         assert first["input"] is None and first["input_bytes"] == 900_011
-        db = sqlite3.connect(tmp_path / "stepd.db")
-        try:
-            pending = "SELECT count(*) FROM outbox WHERE status = 'pending'"
-            await until(lambda: db.execute(pending).fetchone()[0] == 0, timeout=10)
-            (stored,) = db.execute("SELECT sum(length(body_json)) FROM outbox").fetchone()
-        finally:
-            db.close()
+        db = tmp_path / "stepd.db"
+        pending = "SELECT count(*) FROM outbox WHERE status = 'pending'"
+        await until(lambda: backend.query(db, pending)[0][0] == 0, timeout=10)
+        [(stored,)] = backend.query(db, "SELECT sum(length(body_json)) FROM outbox")
         assert stored == 0

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import signal
 import socket
-import sqlite3
 import time
 
+import orjson
 import pytest
 
+from tests import backend
 from tests.process_helpers import (
     TOKEN,
     Daemon,
@@ -29,28 +30,22 @@ __all__ = ["spawn"]  # the fixture, shared with test_process
 
 def step_row(daemon: Daemon, wf_id: int) -> tuple[str, int, str | None]:
     """(status, attempt, awaiting) of the workflow's first step, read from the database."""
-    db = sqlite3.connect(daemon.workdir.parent / "stepd.db")
-    try:
-        row = db.execute(
-            "SELECT status, attempt, awaiting FROM steps WHERE workflow_id = ? ORDER BY id",
-            (wf_id,),
-        ).fetchone()
-    finally:
-        db.close()
-    return row[0], row[1], row[2]
+    rows = backend.query(
+        daemon.workdir.parent / "stepd.db",
+        "SELECT status, attempt, awaiting FROM steps WHERE workflow_id = :wf ORDER BY id",
+        {"wf": wf_id},
+    )
+    return rows[0][0], rows[0][1], rows[0][2]
 
 
 def requeue_reasons(daemon: Daemon, wf_id: int) -> list[str]:
-    db = sqlite3.connect(daemon.workdir.parent / "stepd.db")
-    try:
-        rows = db.execute(
-            "SELECT json_extract(data_json, '$.reason') FROM events"
-            " WHERE workflow_id = ? AND type = 'step_requeued' ORDER BY id",
-            (wf_id,),
-        ).fetchall()
-    finally:
-        db.close()
-    return [r[0] for r in rows]
+    rows = backend.query(
+        daemon.workdir.parent / "stepd.db",
+        "SELECT data_json FROM events WHERE workflow_id = :wf AND type = 'step_requeued'"
+        " ORDER BY id",
+        {"wf": wf_id},
+    )
+    return [orjson.loads(r[0])["reason"] for r in rows]
 
 
 def wait_for_log(daemon: Daemon, text: str, timeout: float = 10.0) -> None:

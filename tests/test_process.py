@@ -13,7 +13,6 @@ import json
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ import orjson
 import pytest
 
 from daemon.config import from_dict
+from tests import backend
 from tests.process_helpers import (
     TOKEN,
     Daemon,
@@ -254,9 +254,7 @@ def test_every_acknowledged_create_survives_kill_9(spawn: Spawn, tmp_path: Path)
                 acknowledged.append(wf_id)
     assert d.wait(timeout=5) == -signal.SIGKILL
     assert len(acknowledged) >= 150
-    db = sqlite3.connect(tmp_path / "stepd.db")
-    stored = {r[0] for r in db.execute("SELECT id FROM workflows")}
-    db.close()
+    stored = {r[0] for r in backend.query(tmp_path / "stepd.db", "SELECT id FROM workflows")}
     assert set(acknowledged) <= stored
 
 
@@ -370,20 +368,14 @@ def test_serve_exits_when_start_up_fails_after_the_store_opened(spawn: Spawn) ->
     daemon = spawn("broken")
     db = daemon.workdir.parent / "stepd.db"
     daemon.started().stop()  # makes the schema
-    conn = sqlite3.connect(db)
-    try:
-        conn.execute(
-            "INSERT INTO workflows (id, name, flow_json, input_json, status, created_at,"
-            " updated_at) VALUES (1, 'bad', '{\"start\": 1}', '{}', 'running', 0, 0)"
-        )
-        conn.execute(
-            "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
-            " created_at, started_at, lease_until, attempt)"
-            " VALUES (2, 1, 'start', 'start', 'echo', 'running', 1, 0, 0, 0, 0, 1)"
-        )
-        conn.commit()
-    finally:
-        conn.close()
+    backend.write(
+        db,
+        ("INSERT INTO workflows (id, name, flow_json, input_json, status, created_at,"
+         " updated_at) VALUES (1, 'bad', '{\"start\": 1}', '{}', 'running', 0, 0)", {}),
+        ("INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
+         " created_at, started_at, lease_until, attempt)"
+         " VALUES (2, 1, 'start', 'start', 'echo', 'running', 1, 0, 0, 0, 0, 1)", {}),
+    )  # fmt: skip
     rc = daemon.start().wait(timeout=15)  # it used to hang here: reader threads left open
     assert rc != 0, daemon.stderr()
     assert "startup failed" in daemon.stderr().lower(), daemon.stderr()
@@ -588,13 +580,11 @@ def test_sigterm_does_not_wait_for_a_blocked_sync_tool(spawn: Spawn) -> None:
     d.signal(signal.SIGTERM)
     assert d.wait(timeout=8) == 0, d.stderr()
     assert time.monotonic() - t0 < 5  # not the 20 s the thread still sleeps
-    import sqlite3
-
-    db = sqlite3.connect(d.workdir.parent / "stepd.db")
-    status, attempt = db.execute(
-        "SELECT status, attempt FROM steps WHERE workflow_id = ?", (wf_id,)
-    ).fetchone()
-    db.close()
+    [(status, attempt)] = backend.query(
+        d.workdir.parent / "stepd.db",
+        "SELECT status, attempt FROM steps WHERE workflow_id = :wf",
+        {"wf": wf_id},
+    )
     assert (status, attempt) == ("pending", 0)  # requeued, its attempt given back
 
 

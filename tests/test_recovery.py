@@ -13,8 +13,7 @@ import pytest
 from daemon.api import create_app
 from daemon.models import NewStep
 from daemon.storage import now_ms
-from daemon.storage.sqlite.store import SqliteStore as Store
-from tests import sample_tools
+from tests import backend, sample_tools
 from tests.helpers import auth, make_config, wait_for
 
 MODULES = ("daemon.tools.demo", "tests.sample_tools")
@@ -22,7 +21,7 @@ MODULES = ("daemon.tools.demo", "tests.sample_tools")
 
 async def interrupted_workflow(path: Path, flow: dict[str, Any], *, attempts: int = 1) -> int:
     """A workflow whose first step was running when its daemon died (`attempts` tries so far)."""
-    store = Store(path)
+    store = backend.open_store(path)
     await store.open()
     start = flow["start"]
     created = await store.create_workflow(
@@ -199,13 +198,12 @@ async def test_an_expired_lease_is_recovered_while_running(started, tmp_path):
         name="orphan", flow_json=orjson.dumps(ECHO).decode(), input_json="{}",
         created_by="james", first=NewStep("start", "start", None, 1),
     )  # fmt: skip
-    await store._write(
-        lambda db: db.execute(
-            "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt,"
-            " run_at, created_at, lease_until) VALUES (?, ?, 'start', 'start', 'echo',"
-            " 'running', 2, 1, 0, 0, ?)",
-            (created.id + 10_000, created.id, now_ms() - 1),
-        )
+    backend.query(
+        tmp_path / "stepd.db",
+        "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt,"
+        " run_at, created_at, lease_until) VALUES (:id, :wf, 'start', 'start', 'echo',"
+        " 'running', 2, 1, 0, 0, :lease_until)",
+        {"id": created.id + 10_000, "wf": created.id, "lease_until": now_ms() - 1},
     )
     wf = await wait_for(
         client, created.id,
@@ -220,7 +218,6 @@ async def test_an_expired_lease_is_recovered_while_running(started, tmp_path):
 
 async def test_running_steps_renew_their_leases(started, tmp_path):
     import asyncio
-    import sqlite3
 
     client = await started(lease_s=1.0, poll_interval=0.05)
     body = {"name": "s", "flow": {"start": {"tool": "sleep", "args": {"seconds": 1.6},
@@ -228,10 +225,9 @@ async def test_running_steps_renew_their_leases(started, tmp_path):
     wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
     wf = await wait_for(client, wf_id, lambda w: w["steps"][0]["status"] == "running")
     await asyncio.sleep(1.2)
-    db = sqlite3.connect(tmp_path / "stepd.db")
-    (lease_until,) = db.execute("SELECT lease_until FROM steps WHERE workflow_id = ?",
-                                (wf_id,)).fetchone()  # fmt: skip
-    db.close()
+    [(lease_until,)] = backend.query(tmp_path / "stepd.db",
+                                     "SELECT lease_until FROM steps WHERE workflow_id = :wf",
+                                     {"wf": wf_id})  # fmt: skip
     # Renewed past the first lease (started_at + 1 s) while the tool still runs.
     assert lease_until > wf["steps"][0]["started_at"] + 1000
     wf = await wait_for(client, wf_id, timeout=10)

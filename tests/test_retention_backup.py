@@ -6,12 +6,15 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from daemon import retention
 from daemon.cli import main
 from daemon.models import NewStep
 from daemon.storage import now_ms
 from daemon.storage.sqlite.store import SqliteStore as Store
 from daemon.storage.sqlite.store import backup
+from tests import backend
 from tests.helpers import wait_for
 
 ECHO = {"name": "e", "flow": {"start": {"tool": "echo", "args": {}, "done": True}}}
@@ -20,7 +23,7 @@ GATE = {"name": "g", "flow": {"start": {"tool": None, "done": True}}}
 
 async def created_workflows(path: Path, n: int) -> list[int]:
     """`n` workflows of one pending echo step in a new database at `path`; their ids."""
-    store = Store(path)
+    store = backend.open_store(path)
     await store.open()
     try:
         first = NewStep("start", "start", "echo", 1)
@@ -37,19 +40,19 @@ async def test_purge_deletes_old_finished_workflows_in_batches(tmp_path: Path):
     ids = await created_workflows(tmp_path / "s.db", 7)
     day = retention.DAY_MS
     now = now_ms()
-    db = sqlite3.connect(tmp_path / "s.db")
     # Seen three days from now: 5 finished three days ago, 1 still running, 1 finished
     # half a day ago.
-    for wf_id, status in zip(ids[:5], ["completed", "failed", "cancelled", "completed",
-                                       "failed"], strict=True):  # fmt: skip
-        db.execute("UPDATE workflows SET status = ? WHERE id = ?", (status, wf_id))
-    db.execute("UPDATE workflows SET status = 'completed', updated_at = ? WHERE id = ?",
-               (now + int(2.5 * day), ids[6]))  # fmt: skip
+    update = "UPDATE workflows SET status = :status, updated_at = :at WHERE id = :id"
+    statuses = ["completed", "failed", "cancelled", "completed", "failed"]
+    backend.write(
+        tmp_path / "s.db",
+        *[(update.replace(", updated_at = :at", ""), {"status": status, "id": wf_id})
+          for wf_id, status in zip(ids[:5], statuses, strict=True)],
+        (update, {"status": "completed", "at": now + int(2.5 * day), "id": ids[6]}),
+    )  # fmt: skip
     now += 3 * day
-    db.commit()
-    db.close()
 
-    store = Store(tmp_path / "s.db")
+    store = backend.open_store(tmp_path / "s.db")
     await store.open()
     batches = []
     real = store.purge_finished
@@ -72,17 +75,18 @@ async def test_purge_deletes_old_finished_workflows_in_batches(tmp_path: Path):
 
 async def test_a_purge_batch_is_bounded_by_steps_not_only_by_workflows(tmp_path: Path):
     ids = await created_workflows(tmp_path / "s.db", 4)
-    db = sqlite3.connect(tmp_path / "s.db")
-    db.execute("UPDATE workflows SET status = 'completed'")
-    for wf_id in ids[:3]:  # 1 + 40 steps each; the last workflow keeps its one step
-        db.executemany(
-            "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
-            " created_at) VALUES (?, ?, 's', 's', 'echo', 'done', ?, 0, 0)",
-            [(wf_id * 1000 + i, wf_id, i + 2) for i in range(40)],
-        )
-    db.commit()
-    db.close()
-    store = Store(tmp_path / "s.db")
+    insert = (
+        "INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, run_at,"
+        " created_at) VALUES (:id, :wf, 's', 's', 'echo', 'done', :seq, 0, 0)"
+    )
+    backend.write(
+        tmp_path / "s.db",
+        ("UPDATE workflows SET status = 'completed'", {}),
+        # 1 + 40 steps each; the last workflow keeps its one step
+        *[(insert, {"id": wf_id * 1000 + i, "wf": wf_id, "seq": i + 2})
+          for wf_id in ids[:3] for i in range(40)],
+    )  # fmt: skip
+    store = backend.open_store(tmp_path / "s.db")
     await store.open()
     later = now_ms() + retention.DAY_MS
     batches = []
@@ -114,6 +118,7 @@ async def test_the_daemon_purges_on_its_own(make_app):
             assert (await client.get(f"/api/workflow/{waiting}")).json()["status"] == "running"
 
 
+@pytest.mark.sqlite_only  # SQLite's online backup (PostgreSQL: pg_dump)
 async def test_backup_while_writing_is_consistent(client, app, tmp_path: Path):
     async def writer() -> None:
         for _ in range(60):
@@ -142,6 +147,7 @@ async def test_backup_while_writing_is_consistent(client, app, tmp_path: Path):
     assert not [p for p in copies if p.with_name(p.name + ".partial").exists()]  # noqa: ASYNC240
 
 
+@pytest.mark.sqlite_only
 def test_backup_command(tmp_path: Path, capsys):
     db_path = tmp_path / "live.db"
 

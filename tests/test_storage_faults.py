@@ -40,6 +40,7 @@ async def count(client: httpx.AsyncClient) -> int:
     return len((await client.get("/api/workflow?limit=1000")).json())
 
 
+@pytest.mark.sqlite_only  # fills the disk with PRAGMA max_page_count
 async def test_a_full_disk_answers_503_and_stores_nothing(client, app):
     before = await count(client)
     await fill_disk(app)
@@ -54,6 +55,7 @@ async def test_a_full_disk_answers_503_and_stores_nothing(client, app):
     assert (await wait_for(client, resp.json()["id"]))["status"] == "completed"
 
 
+@pytest.mark.sqlite_only  # fills the disk with PRAGMA max_page_count
 @pytest.mark.timeout(60)
 async def test_the_executor_carries_on_when_the_fault_clears(client, app):
     wf_id = (await client.post("/api/workflow", json=SLEEP_THEN_ECHO)).json()["id"]

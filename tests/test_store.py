@@ -1,4 +1,5 @@
-"""The SQLite store on real files: schema, ids, compare-and-set transitions, recovery, plans."""
+"""The store on real databases: schema, ids, compare-and-set transitions, recovery, plans
+(the tests marked sqlite_only are about the SQLite store itself)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from daemon.storage import StorageError, now_ms
 from daemon.storage.base import load_queries
 from daemon.storage.sqlite.store import SqliteStore as Store
 from daemon.storage.sqlite.store import migrations, split_statements
+from tests import backend
 from tests.helpers import wait_for
 
 ECHO = NewStep(state="start", name="start", tool="echo", seq=1)
@@ -21,7 +23,7 @@ GATE = NewStep(state="start", name="gate", tool=None, seq=1)
 
 @pytest.fixture
 async def store(tmp_path: Path):
-    s = Store(tmp_path / "s.db")
+    s = backend.open_store(tmp_path / "s.db")  # the backend under test (SqliteStore here)
     await s.open()
     yield s
     await s.close()
@@ -34,6 +36,7 @@ async def create(store: Store, first: NewStep = ECHO, **kw) -> int:
     return created.id
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 def test_every_query_block_loads():
     text = (Path(__file__).parents[1] / "daemon/storage/sqlite/queries.sql").read_text()
     names = [line[3:-3] for line in text.splitlines() if line.startswith("-- ") and
@@ -46,6 +49,7 @@ def test_every_query_block_loads():
     }
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 def test_split_statements():
     assert split_statements("CREATE TABLE a (x);\n-- note\nCREATE TABLE b (y);\n") == [
         "CREATE TABLE a (x);",
@@ -55,6 +59,7 @@ def test_split_statements():
         split_statements("CREATE TABLE a (x")
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 async def test_pragmas_and_schema_version(store: Store, tmp_path: Path):
     assert await store.schema_version() == migrations()[-1][0]
     db = sqlite3.connect(tmp_path / "s.db")
@@ -66,6 +71,7 @@ async def test_pragmas_and_schema_version(store: Store, tmp_path: Path):
     assert await store._write(lambda db: db.execute("PRAGMA busy_timeout").fetchone()[0]) == 0
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path: Path):
     s = Store(tmp_path / "s.db")
     await s.open()
@@ -108,6 +114,7 @@ async def test_ids_are_unique_and_increasing_under_concurrent_creation(client):
     assert not steps & set(ids)
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 async def test_ids_look_like_millisecond_epochs(store: Store):
     import time
 
@@ -238,6 +245,7 @@ async def test_idempotency_key_replays_and_detects_reuse(store: Store):
     assert d.id != a.id and not d.replayed
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 @pytest.mark.parametrize(
     ("query", "index"),
     [
@@ -263,6 +271,7 @@ async def test_hot_queries_use_their_indexes(store: Store, tmp_path: Path, query
     assert "SCAN steps" not in plan and "SCAN workflows" not in plan
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 async def test_claim_skips_finished_steps_at_any_volume(store: Store, tmp_path: Path):
     # 20,000 finished steps beside one pending: the partial index holds only the pending one.
     db = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
@@ -287,6 +296,7 @@ async def test_claim_skips_finished_steps_at_any_volume(store: Store, tmp_path: 
     assert len(claimed) == 1 and claimed[0].tool == "echo"
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 async def test_foreign_keys_are_enforced(store: Store):
     with pytest.raises(StorageError):
         await store._write(
@@ -306,6 +316,7 @@ async def test_cancel_reports_not_found_and_finished(client):
     assert (await client.delete("/api/workflow/42")).status_code == 404
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 async def test_a_cancelled_write_does_not_leave_the_connection_in_a_transaction(store: Store):
     # Cancel a create while it waits for its BEGIN: the next writes must still work.
     for _ in range(20):
@@ -318,6 +329,7 @@ async def test_a_cancelled_write_does_not_leave_the_connection_in_a_transaction(
     assert store._writer is not None and not store._writer.in_transaction
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 async def test_ids_taken_by_another_process_are_skipped(store: Store):
     first = await create(store)
     # Another process writes a workflow and a step with the ids this store would take
@@ -344,6 +356,7 @@ async def test_ids_taken_by_another_process_are_skipped(store: Store):
     assert len(steps) == 1 and steps[0].id > second
 
 
+@pytest.mark.sqlite_only  # the SQLite store itself
 async def test_a_conflicting_id_while_closing_fails_cleanly(tmp_path: Path):
     store = Store(tmp_path / "s.db")
     await store.open()

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import hmac
 import re
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -22,6 +21,7 @@ from daemon.api import create_app
 from daemon.auth import server_secret
 from daemon.web import pages
 from daemon.web import session as sessions
+from tests import backend
 from tests.helpers import TOKENS, make_config, wait_for, waiting_gate
 from tests.test_recovery import CHARGE, MODULES, interrupted_workflow
 
@@ -236,11 +236,7 @@ async def test_the_database_keeps_session_hashes_and_forgets_expired_ones(app, w
     await sessions.issue(store, config, token, now=time.time() - 2 * config.session_ttl_s)
     await sign_in(web)
     session_id = web.cookies[sessions.SESSION_COOKIE].rpartition(".")[0]
-    db = sqlite3.connect(config.db_path)
-    try:
-        rows = db.execute("SELECT id_hash, token_name FROM web_sessions").fetchall()
-    finally:
-        db.close()
+    rows = backend.query(config.db_path, "SELECT id_hash, token_name FROM web_sessions")
     assert rows == [(hashlib.sha256(session_id.encode()).hexdigest(), "approver")]
 
 

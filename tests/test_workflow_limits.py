@@ -8,9 +8,12 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from daemon.executor import INFO_CACHE
 from daemon.storage.sqlite.store import SqliteStore as Store
 from daemon.storage.sqlite.store import migrations, split_statements
+from tests import backend
 from tests.helpers import auth, wait_for, waiting_gate
 
 BLOB = "x" * 100_000
@@ -32,9 +35,7 @@ async def test_a_looping_flow_stops_at_the_storage_limit(make_client: Any, tmp_p
     last = wf["steps"][-1]
     assert last["status"] == "failed" and last["result_json"] is None
     assert last["attempt"] == 1
-    db = sqlite3.connect(tmp_path / "stepd.db")
-    (total,) = db.execute("SELECT sum(length(result_json)) FROM steps").fetchone()
-    db.close()
+    [(total,)] = backend.query(tmp_path / "stepd.db", "SELECT sum(length(result_json)) FROM steps")
     assert total <= 1_000_000
 
 
@@ -113,6 +114,7 @@ async def test_long_reasons_are_refused(make_client: Any) -> None:
     assert resp.status_code == 200
 
 
+@pytest.mark.sqlite_only  # SQLite's schema migration
 async def test_the_migration_counts_running_workflows(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
