@@ -360,9 +360,9 @@ async def test_a_sandbox_that_cannot_start_fails_no_step(
         await asyncio.sleep(0.02)
     assert health.status_code == 503
     assert "did not start" in health.json()["expression_sandbox"]
-    wf = (await client.get(f"/api/workflow/{wf_id}")).json()
-    assert wf["status"] == "running" and wf["steps"][0]["status"] == "pending"
-    assert wf["steps"][0]["attempt"] == 0
+    # The step is given back to the queue just after the sandbox is found broken.
+    wf = await wait_for(client, wf_id, lambda w: w["steps"][0]["status"] == "pending", timeout=5)
+    assert wf["status"] == "running" and wf["steps"][0]["attempt"] == 0
     monkeypatch.undo()
     wf = await wait_for(client, wf_id, timeout=20)
     assert wf["status"] == "completed" and wf["steps"][0]["attempt"] == 1
