@@ -5,9 +5,11 @@ queries per commit. Here one task reads what is new once per commit (and every p
 interval, for rows written by other processes) and hands it to the streams that want it:
 one workflow's, or all. A stream starts by replaying the log after its Last-Event-ID and
 then takes the live events, skipping those it replayed already, so none is missed or sent
-twice. A stream that does not keep up (its queue full) is dropped from the fan-out and
-goes back to reading the log from its last event, so a stalled client costs a bounded
-queue, not memory without end.
+twice. Events come in the log's order, which is not id order on PostgreSQL (ids are taken
+when a transaction writes, rows become visible when it commits): what was replayed is told
+by id, never by comparing ids. A stream that does not keep up (its queue full) is dropped
+from the fan-out and goes back to reading the log from its last event, so a stalled client
+costs a bounded queue, not memory without end.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ QUEUE_SIZE = 1000  # live events a stream may fall behind before it reads the lo
 # streams wait 0.1 s; a stream that was quiet sends at once.
 WRITES_PER_S = 5000
 MIN_PAUSE_S = 0.002  # shorter pauses are not worth it (the loop's timers tick in ms)
+# Replayed ids kept to skip them among the first live events: those the hub had not yet
+# handed out when the stream subscribed (more than a full queue would drop the stream).
+REPLAY_OVERLAP = 4 * QUEUE_SIZE
 
 
 class Event:
@@ -211,11 +216,13 @@ class EventHub:
             # Subscribe first, then read the log: whatever is committed after the read
             # arrives in the queue, and what both hold is skipped by id.
             sub = self._subscribe(workflow_id)
+            replayed: dict[int, None] = {}  # sent by the replay; the hub may hand them out too
             try:
                 while not self._closed:  # replay
                     batch, more = await self._page(cursor, workflow_id)
                     if batch:
                         cursor = batch[-1].id
+                        _remember(replayed, batch)
                         yield batch
                         if _ends(batch, workflow_id):
                             return
@@ -231,7 +238,9 @@ class EventHub:
                     pause = sent + self._count / self.writes_per_s - loop.time()
                     if pause > MIN_PAUSE_S:
                         await asyncio.sleep(pause)  # events go on queuing meanwhile
-                    batch = [e for e in sub.take() if e.id > cursor]
+                    batch = sub.take()
+                    if replayed:
+                        batch = _after_replay(batch, replayed)
                     if batch:
                         batch = _through_terminal(batch, workflow_id)
                         cursor = batch[-1].id
@@ -257,6 +266,25 @@ class EventHub:
             return False
         # Ended (or purged) after the replay's read: what it wrote since is in the log.
         return not await self.store.events_after(cursor, workflow_id=workflow_id, limit=1)
+
+
+def _remember(replayed: dict[int, None], batch: list[Event]) -> None:
+    """Note a replayed batch's ids (the newest REPLAY_OVERLAP of them)."""
+    for event in batch:
+        replayed[event.id] = None
+    while len(replayed) > REPLAY_OVERLAP:
+        del replayed[next(iter(replayed))]
+
+
+def _after_replay(batch: list[Event], replayed: dict[int, None]) -> list[Event]:
+    """Of the first live events, those the replay did not send. The hub hands events out
+    in the log's order, so the ones the replay sent as well come first: from the first it
+    did not send on, all are new (and `replayed` is forgotten)."""
+    for i, event in enumerate(batch):
+        if event.id not in replayed:
+            replayed.clear()
+            return batch[i:]
+    return []
 
 
 def _through_terminal(batch: list[Event], workflow_id: int | None) -> list[Event]:

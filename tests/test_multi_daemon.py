@@ -102,6 +102,7 @@ class Cluster:
         self.state.mkdir()
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         self.daemons: dict[str, Daemon] = {}
+        self.clients: list[httpx.Client] = []  # closed with the cluster
         for name in NAMES:
             workdir = tmp_path / name
             workdir.mkdir()
@@ -125,6 +126,8 @@ class Cluster:
         return self
 
     def kill(self) -> None:
+        for client in self.clients:
+            client.close()
         for daemon in self.daemons.values():
             daemon.kill()
 
@@ -152,14 +155,15 @@ def cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
 
 
 def flow(*states: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
-    """A linear flow of (state, tool, args)."""
+    """A linear flow of (step name, tool, args); the first state is `start`."""
+    keys = ["start", *(name for name, _, _ in states[1:])]
     out: dict[str, Any] = {}
     for i, (name, tool, args) in enumerate(states):
-        out[name] = {"tool": tool, "args": args}
+        out[keys[i]] = {"name": name, "tool": tool, "args": args}
         if i + 1 < len(states):
-            out[name]["next"] = states[i + 1][0]
+            out[keys[i]]["next"] = keys[i + 1]
         else:
-            out[name]["done"] = True
+            out[keys[i]]["done"] = True
     return {"name": "multi", "flow": out, "input": {}}
 
 
@@ -188,6 +192,7 @@ def test_a_step_created_on_a_busy_daemon_starts_on_a_free_one_at_once(
     # Polls 5 s apart: a start within a second is the NOTIFY's doing, not a poll's.
     c = cluster(poll_interval=5.0, concurrency={"a": 1})
     a = c["a"].client()
+    c.clients.append(a)
     # a's one slot is taken: what is created through a cannot start there.
     busy = create(a, flow(("nap", "linger", {"seconds": 60})))
     wait_for(a, busy, lambda wf: wf["steps"] and wf["steps"][0]["status"] == "running")
