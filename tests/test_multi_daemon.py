@@ -411,3 +411,15 @@ def test_a_restarted_daemon_takes_back_its_own_steps_at_once(
     took = time.monotonic() - restarted
     assert took < 15, took  # far less than the 60 s lease
     assert sorted(att for _, att, _, _ in c.executions()) == [1, 1, 2, 2]
+
+
+def test_a_long_step_keeps_its_lease_between_polls(cluster: Callable[..., Cluster]) -> None:
+    # Leases of 2 s, polls 5 s apart: the renewals must not wait for the poll, or the others
+    # would take a step that is still running and run it a second time.
+    c = cluster(poll_interval=5.0, lease_s=2.0)
+    with c["a"].client() as a:
+        wf_id = create(a, flow(("nap", "linger", {"seconds": 7}), ("after", "whereami", {})))
+        wf = wait_for(a, wf_id, timeout=20)
+    assert wf["status"] == "completed", (wf, c.logs())
+    assert wf["steps"][0]["attempt"] == 1, wf
+    assert [(att, t) for _, att, t, _ in c.executions()] == [(1, "linger@a")]
