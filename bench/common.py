@@ -53,21 +53,29 @@ def write_config(
     concurrency: int = CONCURRENCY,
     claim_batch: int = CLAIM_BATCH,
     db: Path | None = None,
+    database_url: str = "",
+    node_id: str = "",
 ) -> Path:
     """The daemon config of every benchmark: loopback, one `workflow` token, `bench_tools`.
-    Written to `tmp/stepd-<port>.toml`; the database is `db` or `tmp/stepd.db`. The one
+    Written to `tmp/stepd-<port>.toml`; the database is the PostgreSQL `database_url` (this
+    daemon then named `node_id`), else the SQLite file `db` or `tmp/stepd.db`. The one
     token may use every run slot (max_running_per_token = concurrency), as before there
     were shares: the workloads measure throughput, not fairness between tokens."""
     config = tmp / f"stepd-{port}.toml"
+    if database_url:
+        database = f'url = "{database_url}"'
+    else:
+        database = f'path = "{db or tmp / "stepd.db"}"\nsynchronous = "{synchronous}"'
+    node = f'node_id = "{node_id}"' if node_id else ""
     config.write_text(
         f"""
 [server]
 host = "127.0.0.1"
 port = {port}
 log_level = "warning"
+{node}
 [database]
-path = "{db or tmp / "stepd.db"}"
-synchronous = "{synchronous}"
+{database}
 [executor]
 poll_interval = {poll_interval}
 concurrency = {concurrency}
@@ -100,6 +108,8 @@ def start_daemon(
     claim_batch: int = CLAIM_BATCH,
     log: IO[bytes] | None = None,
     timeout: float = 30.0,
+    database_url: str = "",
+    node_id: str = "",
 ) -> subprocess.Popen[bytes]:
     """Start `python -m daemon serve` in `tmp` and wait until /healthz answers.
 
@@ -108,7 +118,8 @@ def start_daemon(
     """
     config = write_config(
         tmp, port, poll_interval=poll_interval, synchronous=synchronous,
-        concurrency=concurrency, claim_batch=claim_batch,
+        concurrency=concurrency, claim_batch=claim_batch, database_url=database_url,
+        node_id=node_id,
     )  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "serve", "--config", str(config)],

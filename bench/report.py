@@ -20,6 +20,9 @@ THROUGHPUT = {
     "stepd_http_full": "stepd HTTP, synchronous=FULL",
     "stepd_inproc_full": "stepd in-process, synchronous=FULL",
     "stepd_http_normal": "stepd HTTP, synchronous=NORMAL",
+    "stepd_pg_1": "stepd HTTP, PostgreSQL, 1 daemon",
+    "stepd_pg_2": "stepd HTTP, PostgreSQL, 2 daemons, one database",
+    "stepd_pg_3": "stepd HTTP, PostgreSQL, 3 daemons, one database",
     "dbos": "DBOS {dbos} (SQLite system db)",
     "huey_default": "Huey {huey}, default polling",
     "huey_tuned": "Huey {huey}, tuned polling (-d 0.01 -m 0.01)",
@@ -28,6 +31,9 @@ SHORT = {
     "stepd_http_full": "stepd HTTP\nFULL",
     "stepd_inproc_full": "stepd in-proc\nFULL",
     "stepd_http_normal": "stepd HTTP\nNORMAL",
+    "stepd_pg_1": "stepd PG\n1 daemon",
+    "stepd_pg_2": "stepd PG\n2 daemons",
+    "stepd_pg_3": "stepd PG\n3 daemons",
     "dbos": "DBOS",
     "huey_default": "Huey\ndefault",
     "huey_tuned": "Huey\ntuned",
@@ -38,6 +44,9 @@ LATENCY = {
     ("stepd", "step_to_next"): "stepd   step done -> next step started",
     ("stepd", "ready_to_start"): "stepd   ready -> next step started (in-process wake)",
     ("stepd", "poll_to_start"): "stepd   other process's row -> started (1 s poll)",
+    ("stepd_pg", "create_to_start"): "stepd   PostgreSQL: create -> first step started",
+    ("stepd_pg", "step_to_next"): "stepd   PostgreSQL: step done -> next step started",
+    ("stepd_pg", "across_daemons"): "stepd   PostgreSQL: written on daemon A -> started on B",
     ("dbos", "create_to_start"): "DBOS    start_workflow -> step 1 started",
     ("dbos", "step_to_next"): "DBOS    step 1 done -> step 2 started",
     ("huey_default", "create_to_start"): "Huey    enqueue -> task 1 started (default polling)",
@@ -98,6 +107,12 @@ def table(results: dict[str, Any]) -> str:
         f"({m.get('cpu_model', '?')}), Python {m['python']}, SQLite {m['sqlite']}",
         f"W = {p['workflows']} two-step workflows, {p['runs']} run(s) each, medians; "
         f"{p['samples']} latency samples ({p['poll_samples']} for the poll path)",
+        *([f"PostgreSQL {m['postgresql']}"] if m.get("postgresql") else []),
+        *(
+            [f"PostgreSQL rows: n/a, {results['postgresql_error']}"]
+            if results.get("postgresql_error")
+            else []
+        ),
         "",
         f"{'Throughput':<52}{'wf/s':>9}{'steps/s':>10}{'min-max wf/s':>16}{'runs':>6}",
     ]

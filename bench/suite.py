@@ -10,6 +10,10 @@ Runs, each in a subprocess of its own with a fresh temp dir, on loopback, under 
               default polling and tuned (bench/stepd_bench.py, bench/peers/*.py)
   latency     idle, one workflow at a time: stepd's create / step-done / ready / poll
               paths, and the peers' submit -> first step and step 1 -> step 2
+  postgresql  stepd on PostgreSQL (bench/multi_daemon.py): the same throughput workload with
+              1, 2 and 3 daemons on one database, and create -> first step, step -> next
+              and a step written by one daemon -> started on another; on the server of
+              STEPD_BENCH_PG_URL, else a durable throwaway one (bench/pg_server.py)
   huey kill   Huey's consumer SIGKILLed mid-run: how many tasks it loses (not a timing)
   scale       bench/scale.py (claim cost, API latency and RSS as the database grows)
 
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pg_server
 import report
 from common import CLAIM_BATCH, CONCURRENCY, CONNECTIONS, stats
 
@@ -49,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 PACKAGES = ("stepd", "dbos", "huey", "sqlalchemy", "starlette", "uvicorn", "aiosqlite",
             "orjson", "httpx", "matplotlib")  # fmt: skip
-GROUPS = ("stepd", "dbos", "huey", "latency", "scale")
+GROUPS = ("stepd", "postgresql", "dbos", "huey", "latency", "scale")
 
 _children: set[subprocess.Popen[str]] = set()
 
@@ -178,6 +183,9 @@ def throughput_scenarios(args: argparse.Namespace) -> list[tuple[str, str, list[
         ("stepd_http_full", "stepd", [*stepd, "http", "--synchronous", "FULL", *common]),
         ("stepd_inproc_full", "stepd", [*stepd, "inproc", "--synchronous", "FULL", *common]),
         ("stepd_http_normal", "stepd", [*stepd, "http", "--synchronous", "NORMAL", *common]),
+        *((f"stepd_pg_{n}", "postgresql",
+           [PY, "multi_daemon.py", "throughput", "--daemons", str(n), *common])
+          for n in (1, 2, 3)),
         ("dbos", "dbos", [PY, "peers/dbos_bench.py", "throughput", *common]),
         ("huey_default", "huey",
          [PY, "peers/huey_bench.py", "throughput", "--polling", "default", *common]),
@@ -191,6 +199,7 @@ def latency_scenarios(args: argparse.Namespace) -> list[tuple[str, str, list[str
     return [
         ("stepd", "stepd",
          [PY, "stepd_bench.py", "latency", *n, "--poll-samples", str(args.poll_samples)]),
+        ("stepd_pg", "postgresql", [PY, "multi_daemon.py", "latency", *n]),
         ("dbos", "dbos", [PY, "peers/dbos_bench.py", "latency", *n]),
         ("huey_default", "huey",
          [PY, "peers/huey_bench.py", "latency", "--polling", "default", *n]),
@@ -201,6 +210,30 @@ def latency_scenarios(args: argparse.Namespace) -> list[tuple[str, str, list[str
 def progress(step: list[int], total: int, text: str) -> None:
     step[0] += 1
     print(f"[{step[0]:>2}/{total}] {text}", flush=True)
+
+
+def postgres_server(results: dict[str, Any]) -> str | None:
+    """Why the PostgreSQL rows cannot run, or None once a server is up for them (its URL
+    in STEPD_BENCH_PG_URL, which the children inherit)."""
+    try:
+        url = pg_server.server()
+    except (SystemExit, RuntimeError, OSError) as exc:
+        return f"no PostgreSQL server: {exc}"
+    results["machine"]["postgresql"] = _server_version(url)
+    return None
+
+
+def _server_version(url: str) -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            fsync = conn.execute("SHOW fsync").fetchone()
+            sync = conn.execute("SHOW synchronous_commit").fetchone()
+        return f"{row[0]} (fsync {fsync[0]}, synchronous_commit {sync[0]})"
+    except Exception as exc:  # noqa: BLE001 - a note in the results, not a failure
+        return f"? ({exc})"
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,6 +248,10 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "throughput": {},
         "latency": {},
     }  # fmt: skip
+    if "postgresql" not in skip and (why := postgres_server(results)):
+        print(f"PostgreSQL rows skipped: {why}", flush=True)
+        skip.add("postgresql")
+        results["postgresql_error"] = why
     tput = [s for s in throughput_scenarios(args) if s[1] not in skip]
     lat = [] if "latency" in skip else [s for s in latency_scenarios(args) if s[1] not in skip]
     scale = "scale" not in skip
