@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
@@ -157,7 +158,7 @@ async def _serve_open(app: Starlette, config: Config, max_connections: int) -> i
             "stepd listening on http://%s:%d (database %s)",
             config.host,
             config.port,
-            config.db_path,
+            database_name(config),
         )
         sdnotify.notify(f"READY=1\nSTATUS=listening on {config.host}:{config.port}")
         interval = sdnotify.watchdog_interval()
@@ -172,3 +173,15 @@ async def _serve_open(app: Starlette, config: Config, max_connections: int) -> i
             watchdog.cancel()
     # uvicorn reports start-up failures (port in use, lifespan error) by not starting.
     return 0 if server.started else 1
+
+
+def database_name(config: Config) -> str:
+    """The database as the start-up line names it: the SQLite file, or the PostgreSQL URL
+    without its password and this daemon's node id."""
+    if not config.database_url:
+        return str(config.db_path)
+    url = urlsplit(config.database_url)
+    if url.password is not None:
+        host = url.netloc.rpartition("@")[2]
+        url = url._replace(netloc=f"{url.username}:***@{host}")
+    return f"{url.geturl()}, node {config.node}"
