@@ -103,6 +103,7 @@ class Executor:
         self._postponed = 0.0  # seconds the last postponed step waits (doubles while it lasts)
         # Another daemon on the database wrote (or news of it may have been lost): look now.
         store.change_hooks.append(lambda kind: kind != "commit" and self.wake())
+        self._sleep_until = 0.0  # time.monotonic() when the loop's current wait ends
 
     # -- control ---------------------------------------------------------------------
 
@@ -168,6 +169,11 @@ class Executor:
         metrics.claimed(lag_s)
         task = asyncio.create_task(self._run(step), name=f"step-{step.id}")
         self._tasks[step.id] = (task, step)
+        if self._sleep_until > time.monotonic() + self._lease_ms / 3000:
+            # The loop sleeps past this step's first lease renewal (polls further apart
+            # than a third of the lease): it must tick in time, or another daemon takes
+            # the step while it runs.
+            self._wake.set()
 
         def done(t: asyncio.Task[None], sid: int = step.id) -> None:
             entry = self._tasks.get(sid)
@@ -205,6 +211,8 @@ class Executor:
             timeout = self.config.poll_interval
             try:
                 due = await self.tick()
+                if self._tasks:  # leases are renewed on time, not at the next poll
+                    due = min(due or self._next_renewal, self._next_renewal)
                 if due is not None:
                     timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
                 self.last_tick = loop.time()
@@ -216,6 +224,7 @@ class Executor:
                 timeout = min(self.config.poll_interval * 2**failures, 30.0)
                 log.error("executor pass failed (%s); retrying in %.1fs", exc, timeout,
                           exc_info=not isinstance(exc, StorageUnavailable))  # fmt: skip
+            self._sleep_until = time.monotonic() + timeout
             waker = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(self._stopping.wait())
             try:

@@ -119,10 +119,10 @@ class Cluster:
     def __getitem__(self, name: str) -> Daemon:
         return self.daemons[name]
 
-    def start(self) -> Cluster:
+    def start(self, names: str | tuple[str, ...] = NAMES) -> Cluster:
         # One at a time: the first migrates the database.
-        for daemon in self.daemons.values():
-            daemon.started(timeout=30)
+        for name in names:
+            self.daemons[name].started(timeout=30)
         return self
 
     def kill(self) -> None:
@@ -145,9 +145,9 @@ class Cluster:
 def cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
-    def build(**kwargs: Any) -> Cluster:
+    def build(start: str | tuple[str, ...] = NAMES, **kwargs: Any) -> Cluster:
         made.append(Cluster(tmp_path, **kwargs))
-        return made[-1].start()
+        return made[-1].start(start)
 
     yield build
     for c in made:
@@ -414,12 +414,16 @@ def test_a_restarted_daemon_takes_back_its_own_steps_at_once(
 
 
 def test_a_long_step_keeps_its_lease_between_polls(cluster: Callable[..., Cluster]) -> None:
-    # Leases of 2 s, polls 5 s apart: the renewals must not wait for the poll, or the others
-    # would take a step that is still running and run it a second time.
-    c = cluster(poll_interval=5.0, lease_s=2.0)
+    # Leases of 2 s, polls 5 s apart: the renewals must not wait for the poll, or another
+    # daemon would take a step that is still running and run it a second time. b and c
+    # start while it runs, so their first look at the leases is off a's poll cycle.
+    c = cluster(poll_interval=5.0, lease_s=2.0, start="a")
     with c["a"].client() as a:
-        wf_id = create(a, flow(("nap", "linger", {"seconds": 7}), ("after", "whereami", {})))
+        wf_id = create(a, flow(("nap", "linger", {"seconds": 8}), ("after", "whereami", {})))
+        linger_running(c, 1)
+        time.sleep(1.0)
+        c.start("bc")
         wf = wait_for(a, wf_id, timeout=20)
     assert wf["status"] == "completed", (wf, c.logs())
+    assert [(att, t) for _, att, t, _ in c.executions()] == [(1, "linger@a")], c.logs()
     assert wf["steps"][0]["attempt"] == 1, wf
-    assert [(att, t) for _, att, t, _ in c.executions()] == [(1, "linger@a")]
