@@ -4,14 +4,13 @@ The event log never skips a row while writers commit out of id order; two stores
 claiming at once never take the same step; ids stay in order across stores; one store
 holds a singleton job; a write on one store wakes the other (NOTIFY).
 
-Runs against STEPD_TEST_PG_URL (a server where it may create databases), by default the
-dev server at 127.0.0.1:55432; skipped when there is none.
+Runs in the PostgreSQL pass (STEPD_TEST_BACKEND=postgresql), on the session's server
+(tests/postgres.py: a throwaway one, or STEPD_TEST_PG_URL).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import threading
 import time
@@ -24,26 +23,20 @@ psycopg = pytest.importorskip("psycopg")
 
 from daemon.models import NewStep  # noqa: E402
 from daemon.storage.postgres.store import PostgresStore  # noqa: E402
+from tests import postgres  # noqa: E402
 
-SERVER = os.environ.get("STEPD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:55432/postgres")
-
-
-def _server_url(dbname: str) -> str:
-    base, _, _ = SERVER.rpartition("/")
-    return f"{base}/{dbname}"
+pytestmark = pytest.mark.postgresql_only
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    """A fresh database on the server, dropped after the test."""
-    try:
-        admin = psycopg.connect(SERVER, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server at {SERVER}: {exc}")
+    """A fresh, empty database on the session's server, dropped after the test."""
+    server = postgres.server()
+    admin = psycopg.connect(server.url, autocommit=True, connect_timeout=3)
     name = f"pg_events_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield _server_url(name)
+        yield server.url_for(name)
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
@@ -277,7 +270,7 @@ async def test_connections_the_server_dropped_are_replaced(stores: list[Postgres
     await _workflow(a)
     kinds: list[str] = []
     a.change_hooks.append(kinds.append)
-    with psycopg.connect(SERVER, autocommit=True) as admin:
+    with psycopg.connect(postgres.server().url, autocommit=True) as admin:
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE datname = %s AND pid <> pg_backend_pid()",
