@@ -128,6 +128,7 @@ async def notify(url: str) -> None:
             await sender.execute("NOTIFY bench, 'x'")
             await anext(gen)
             lat.append((time.perf_counter() - t) * 1e3)
+        await gen.aclose()  # it holds the connection until closed
         print(f"bare NOTIFY -> LISTEN (two async connections): p50 {pct(lat, 0.5):.2f} ms")
 
 
