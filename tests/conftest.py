@@ -20,8 +20,20 @@ from tests.helpers import auth, make_config
 ONLY = {"sqlite_only": "sqlite", "postgresql_only": "postgresql"}
 
 
+# Modules that never open a store (flow validation, templates, configuration, tools
+# alone, the unit file): their pass on SQLite covers them; the PostgreSQL pass skips them.
+NO_STORAGE = frozenset({"test_flow", "test_templating", "test_config", "test_systemd_unit",
+                        "test_sdnotify", "test_demo_tools", "test_tools"})  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        if (
+            backend.POSTGRES
+            and item.module is not None
+            and (item.module.__name__.rpartition(".")[2] in NO_STORAGE)
+        ):
+            item.add_marker(pytest.mark.skip(reason="opens no store: covered by the SQLite pass"))
         for marker, name in ONLY.items():
             if item.get_closest_marker(marker) and backend.BACKEND != name:
                 item.add_marker(pytest.mark.skip(reason=f"{marker}: runs on {name} only"))

@@ -90,6 +90,7 @@ def tokens_line(daemon: Daemon) -> str:
 # -- the generated admin token -------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # files kept beside the SQLite database file
 def test_generated_token_survives_new_tokens_and_other_directories(
     spawn: Spawn, tmp_path: Path
 ) -> None:
@@ -121,6 +122,7 @@ def test_generated_token_survives_new_tokens_and_other_directories(
     assert second.stop() == 0
 
 
+@pytest.mark.sqlite_only  # files kept beside the SQLite database file
 def test_admin_token_command_mints_a_new_admin_token(spawn: Spawn, tmp_path: Path) -> None:
     data = tmp_path / "data"
     daemon = spawn("d", db=data / "stepd.db", tokens=None).started()
@@ -146,6 +148,7 @@ def test_admin_token_command_mints_a_new_admin_token(spawn: Spawn, tmp_path: Pat
     assert daemon.stop() == 0
 
 
+@pytest.mark.sqlite_only  # files kept beside the SQLite database file
 def test_a_configured_admin_replaces_the_generated_one(spawn: Spawn, tmp_path: Path) -> None:
     data = tmp_path / "data"
     daemon = spawn("d", db=data / "stepd.db", tokens=None).started()
@@ -209,6 +212,7 @@ def _wait_for_files(directory: Path, names: set[str], timeout: float = 10.0) -> 
         time.sleep(0.05)
 
 
+@pytest.mark.sqlite_only  # files kept beside the SQLite database file
 def test_every_file_stepd_writes_is_owner_only_whatever_the_umask(
     spawn: Spawn, tmp_path: Path
 ) -> None:

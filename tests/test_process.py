@@ -313,6 +313,7 @@ def test_systemd_notify_ready_and_stopping(spawn: Spawn) -> None:
 # -- 5. first-start token ----------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # files kept beside the SQLite database file
 def test_first_start_prints_token_once_and_keeps_it(spawn: Spawn) -> None:
     d = spawn("t", tokens=None).started()
     out = d.stdout()
