@@ -102,6 +102,9 @@ class EventHub:
         self.queue_size = queue_size
         self.writes_per_s = writes_per_s
         self.last = 0  # events up to here have been handed out
+        # True while no stream is open: the log is not read then, and `last` is brought up
+        # to date when the next stream joins (see _join).
+        self._behind = False
         self._all: set[Subscription] = set()
         self._by_workflow: dict[int, set[Subscription]] = {}
         self._count = 0  # subscriptions in both
@@ -151,8 +154,9 @@ class EventHub:
 
     async def _read(self) -> None:
         if not self._count:
-            # Nobody to hand events to: only keep up, so a first stream starts from here.
-            self.last = max(self.last, await self.store.max_event_id())
+            # Nobody to hand events to: read nothing (each commit would cost a query), and
+            # let the next stream to join bring `last` up to date.
+            self._behind = True
             return
         while True:
             rows = await self.store.events_after(self.last, limit=PAGE)
@@ -181,6 +185,18 @@ class EventHub:
     def _subscriptions(self) -> list[Subscription]:
         return [*self._all, *(s for subs in self._by_workflow.values() for s in subs)]
 
+    async def _join(self, workflow_id: int | None) -> Subscription:
+        """Subscribe, the hub's cursor brought up to the log's end first if it idled."""
+        if self._behind and not self._count:
+            newest = await self.store.max_event_id()
+            # Unless a stream joined meanwhile (the hub hands out from where it read):
+            # every event up to `newest` is committed, and the new stream's replay, which
+            # starts after it subscribed, reads the log past them.
+            if not self._count:
+                self.last = max(self.last, newest)
+                self._behind = False
+        return self._subscribe(workflow_id)
+
     def _subscribe(self, workflow_id: int | None) -> Subscription:
         sub = Subscription(workflow_id)
         if workflow_id is None:
@@ -208,7 +224,7 @@ class EventHub:
         while not self._closed:
             # Subscribe first, then read the log: whatever is committed after the read
             # arrives in the queue, and what both hold is skipped by id.
-            sub = self._subscribe(workflow_id)
+            sub = await self._join(workflow_id)
             try:
                 while not self._closed:  # replay
                     batch, more = await self._page(cursor, workflow_id)
