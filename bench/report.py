@@ -23,6 +23,7 @@ THROUGHPUT = {
     "stepd_pg_1": "stepd HTTP, PostgreSQL, 1 daemon",
     "stepd_pg_2": "stepd HTTP, PostgreSQL, 2 daemons, one database",
     "stepd_pg_3": "stepd HTTP, PostgreSQL, 3 daemons, one database",
+    "stepd_plain_full": "stepd HTTP, plain client (16 http.client threads)",
     "dbos": "DBOS {dbos} (SQLite system db)",
     "huey_default": "Huey {huey}, default polling",
     "huey_tuned": "Huey {huey}, tuned polling (-d 0.01 -m 0.01)",
@@ -34,6 +35,7 @@ SHORT = {
     "stepd_pg_1": "stepd PG\n1 daemon",
     "stepd_pg_2": "stepd PG\n2 daemons",
     "stepd_pg_3": "stepd PG\n3 daemons",
+    "stepd_plain_full": "stepd plain\nclient",
     "dbos": "DBOS",
     "huey_default": "Huey\ndefault",
     "huey_tuned": "Huey\ntuned",
@@ -84,7 +86,12 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     for peer in PEERS:
         peer_wf, peer_lat = median_wf(results, peer), p50(results, peer)
         row: dict[str, float | None] = {}
-        for key in ("stepd_http_full", "stepd_inproc_full", "stepd_http_normal"):
+        for key in (
+            "stepd_http_full",
+            "stepd_inproc_full",
+            "stepd_http_normal",
+            "stepd_plain_full",
+        ):
             ours = median_wf(results, key)
             row[f"throughput_{key}"] = ours / peer_wf if ours and peer_wf else None
         ours_lat = p50(results, "stepd")
@@ -157,6 +164,7 @@ def table(results: dict[str, Any]) -> str:
             f"  vs {PEERS[peer]:<13} throughput HTTP FULL {times(http)} (target >= "
             f"{target:.0f}x){met}; in-process {times(row.get('throughput_stepd_inproc_full'))}"
             f"; HTTP NORMAL {times(row.get('throughput_stepd_http_normal'))}"
+            f"; plain client {times(row.get('throughput_stepd_plain_full'))}"
         )
         lines.append(
             f"  {'':<16} latency p50: submit -> first step "

@@ -6,8 +6,9 @@ Runs, each in a subprocess of its own with a fresh temp dir, on loopback, under 
 
   throughput  W two-step workflows (step 2 consumes step 1's result), `--runs` times each,
               interleaved so that machine noise hits every system alike: stepd over HTTP
-              (synchronous FULL and NORMAL), stepd in-process (FULL), DBOS, Huey at its
-              default polling and tuned (bench/stepd_bench.py, bench/peers/*.py)
+              (synchronous FULL and NORMAL), stepd in-process (FULL), stepd from a plain
+              client (16 http.client threads, FULL), DBOS, Huey at its default polling and
+              tuned (bench/stepd_bench.py, bench/plain_client.py, bench/peers/*.py)
   latency     idle, one workflow at a time: stepd's create / step-done / ready / poll
               paths, and the peers' submit -> first step and step 1 -> step 2
   postgresql  stepd on PostgreSQL (bench/multi_daemon.py): the same throughput workload with
@@ -186,6 +187,7 @@ def throughput_scenarios(args: argparse.Namespace) -> list[tuple[str, str, list[
         *((f"stepd_pg_{n}", "postgresql",
            [PY, "multi_daemon.py", "throughput", "--daemons", str(n), *common])
           for n in (1, 2, 3)),
+        ("stepd_plain_full", "stepd", [PY, "plain_client.py", "--synchronous", "FULL", *common]),
         ("dbos", "dbos", [PY, "peers/dbos_bench.py", "throughput", *common]),
         ("huey_default", "huey",
          [PY, "peers/huey_bench.py", "throughput", "--polling", "default", *common]),

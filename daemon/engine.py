@@ -195,8 +195,12 @@ class Engine:
                     self.executor.remember(info)
                 self.executor.release(created.started if created is not None else None)
         if not created.replayed:
-            log_gate_waiting(created.id, created.first_step_id, new_step(start, seq=1))
-            if lease_ms is None:
+            first = new_step(start, seq=1)
+            log_gate_waiting(created.id, created.first_step_id, first)
+            # A queued tool step is for the executor to claim, and a gate's deadline may
+            # be sooner than its next pass; a gate without one is written waiting, with
+            # nothing for the executor to do (a wake-up would cost a pass of reads).
+            if lease_ms is None and (first.tool is not None or first.timeout_ms is not None):
                 self.executor.wake()
         return created
 

@@ -107,6 +107,9 @@ class EventHub:
         self.queue_size = queue_size
         self.writes_per_s = writes_per_s
         self.last = 0  # events up to here have been handed out
+        # True while no stream is open: the log is not read then, and `last` is brought up
+        # to date when the next stream joins (see _join).
+        self._behind = False
         self._all: set[Subscription] = set()
         self._by_workflow: dict[int, set[Subscription]] = {}
         self._count = 0  # subscriptions in both
@@ -156,10 +159,9 @@ class EventHub:
 
     async def _read(self) -> None:
         if not self._count:
-            # Nobody to hand events to: only keep up, so a first stream starts from here.
-            # Not max() with the last id: on PostgreSQL the log is read in commit order,
-            # where a later event may have a smaller id.
-            self.last = await self.store.max_event_id()
+            # Nobody to hand events to: read nothing (each commit would cost a query), and
+            # let the next stream to join bring `last` up to date.
+            self._behind = True
             return
         while True:
             rows = await self.store.events_after(self.last, limit=PAGE)
@@ -188,6 +190,20 @@ class EventHub:
     def _subscriptions(self) -> list[Subscription]:
         return [*self._all, *(s for subs in self._by_workflow.values() for s in subs)]
 
+    async def _join(self, workflow_id: int | None) -> Subscription:
+        """Subscribe, the hub's cursor brought up to the log's end first if it idled."""
+        if self._behind and not self._count:
+            newest = await self.store.max_event_id()
+            # Unless a stream joined meanwhile (the hub hands out from where it read):
+            # every event up to `newest` is committed, and the new stream's replay, which
+            # starts after it subscribed, reads the log past them.
+            # Not max() with the last id: on PostgreSQL the log is read in commit order,
+            # where a later event may have a smaller id.
+            if not self._count:
+                self.last = newest
+                self._behind = False
+        return self._subscribe(workflow_id)
+
     def _subscribe(self, workflow_id: int | None) -> Subscription:
         sub = Subscription(workflow_id)
         if workflow_id is None:
@@ -215,7 +231,7 @@ class EventHub:
         while not self._closed:
             # Subscribe first, then read the log: whatever is committed after the read
             # arrives in the queue, and what both hold is skipped by id.
-            sub = self._subscribe(workflow_id)
+            sub = await self._join(workflow_id)
             replayed: dict[int, None] = {}  # sent by the replay; the hub may hand them out too
             try:
                 while not self._closed:  # replay

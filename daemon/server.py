@@ -225,6 +225,8 @@ class LimitedProtocol(HttpToolsProtocol):
         # Until on_message_complete, which for a request without a body comes at once.
         self._deadline = self.loop.call_later(self.table.limits.body_timeout_s, self._body_too_slow)
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = OneSend(self.transport, self.loop)
 
     def on_message_complete(self) -> None:
         self._cancel_deadline()
@@ -241,3 +243,45 @@ class LimitedProtocol(HttpToolsProtocol):
         # uvicorn arms its keep-alive timer exactly when it waits for another request.
         if self.timeout_keep_alive_task is not None and self._deadline is None:
             self._wait_for_head()
+
+
+class OneSend:
+    """A response's transport that sends its head together with the first part of its
+    body: uvicorn writes the head at `http.response.start` and the body at the next
+    message, two send() calls (and two wake-ups of the client) for one small answer.
+    The head is held until the body's first write, or the loop's next pass if that
+    does not come at once (a stream whose first event is still to come)."""
+
+    __slots__ = ("transport", "loop", "head", "passing")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.head: bytes | None = None
+        self.passing = False  # the head went out: writes go straight through
+
+    def write(self, data: bytes) -> None:
+        if self.passing:
+            self.transport.write(data)
+        elif self.head is None:
+            self.head = bytes(data)
+            self.loop.call_soon(self.flush)
+        else:
+            head, self.head, self.passing = self.head, None, True
+            self.transport.write(head + data)
+
+    def flush(self) -> None:
+        if self.head is not None:
+            head, self.head, self.passing = self.head, None, True
+            if not self.transport.is_closing():
+                self.transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
