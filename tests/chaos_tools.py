@@ -7,12 +7,14 @@ table says how often each step's tool really started, whatever the daemon's
 own database claims.
 
 The daemon loads this module through `[tools] modules`; the test reads the
-table with `executions()`.
+table with `executions()`. Several daemons sharing one state directory each say their
+name in STEPD_TEST_NODE, and every execution records it (`nodes()`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -22,7 +24,9 @@ from typing import Any
 from daemon.tools import ToolContext, ToolError, tool
 
 DB_NAME = "chaos.db"
-_SCHEMA = "CREATE TABLE IF NOT EXISTS executions (key TEXT, attempt INT, tool TEXT, at INT)"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS executions (key TEXT, attempt INT, tool TEXT, at INT, node TEXT)"
+)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -40,8 +44,14 @@ def record(ctx: ToolContext, name: str) -> None:
     db = connect(ctx.state_dir / DB_NAME)
     try:
         db.execute(
-            "INSERT INTO executions (key, attempt, tool, at) VALUES (?, ?, ?, ?)",
-            (ctx.idempotency_key, ctx.attempt, name, time.time_ns() // 1_000_000),
+            "INSERT INTO executions (key, attempt, tool, at, node) VALUES (?, ?, ?, ?, ?)",
+            (
+                ctx.idempotency_key,
+                ctx.attempt,
+                name,
+                time.time_ns() // 1_000_000,
+                os.environ.get("STEPD_TEST_NODE"),
+            ),  # fmt: skip
         )
     finally:
         db.close()
@@ -92,6 +102,18 @@ def executions(state_dir: Path) -> list[tuple[str, int, str, int]]:
     db = connect(path)
     try:
         return list(db.execute("SELECT key, attempt, tool, at FROM executions ORDER BY rowid"))
+    finally:
+        db.close()
+
+
+def nodes(state_dir: Path) -> list[tuple[str, int, str | None]]:
+    """Which daemon (its STEPD_TEST_NODE) ran each recorded execution: (key, attempt, node)."""
+    path = state_dir / DB_NAME
+    if not path.exists():
+        return []
+    db = connect(path)
+    try:
+        return list(db.execute("SELECT key, attempt, node FROM executions ORDER BY rowid"))
     finally:
         db.close()
 

@@ -16,6 +16,11 @@ non-idempotent step. Then:
   often than its final attempt, and no non-idempotent step executed twice;
 - both SQLite files (the chaos tools' log, and stepd.db on SQLite) pass `PRAGMA integrity_check`.
 
+The same run against three daemons on one PostgreSQL database (`ClusterChaosRun`: each
+kill picks one of them, some stay down until the others take their steps over, the
+clients send each request to whichever daemon is up) runs on the PostgreSQL pass, and at
+scale as `python bench/chaos.py --database postgresql`.
+
 Deterministic given STEPD_CHAOS_SEED (default 1): the flows, the gate answers and
 the kill delays come from one seeded RNG (where a kill lands still depends on timing).
 The same scenario, bigger, is `python bench/chaos.py`.
@@ -237,6 +242,7 @@ class Report:
     executions: int = 0
     steps_rerun: Counter[str] = field(default_factory=Counter)  # tool -> steps run > once
     reruns: Counter[str] = field(default_factory=Counter)  # tool -> runs beyond the first
+    flaky_retries: int = 0  # of the reruns: retries of a flaky step's deliberate failures
     retry_failures: int = 0  # flaky steps out of retries
     recovery_failures: int = 0  # steps out of recovery attempts after interruptions
     lost: list[int] = field(default_factory=list)
@@ -273,6 +279,7 @@ class Report:
             ("tool executions recorded", str(self.executions)),
             ("steps re-run (ran > once)", _by_tool(self.steps_rerun)),
             ("executions beyond the first per step", _by_tool(self.reruns)),
+            ("  of which retries of deliberate failures", str(self.flaky_retries)),
             ("flaky steps out of retries", str(self.retry_failures)),
             ("steps out of recovery attempts", str(self.recovery_failures)),
             ("lost", "0" if not self.lost else ", ".join(map(str, self.lost))),
@@ -316,7 +323,7 @@ class ChaosRun:
         self.graceful = [
             rng.uniform(0.0, 0.4) if rng.random() < 0.25 else None for _ in range(kills)
         ]
-        self.daemon = chaos_daemon(workdir, concurrency=concurrency)
+        self.setup(workdir, concurrency)
         self.settle_timeout = settle_timeout
         self.report = Report(seed=seed)
         self.ids: dict[int, int] = {}  # plan index -> acknowledged workflow id
@@ -324,6 +331,33 @@ class ChaosRun:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.submitted_all = threading.Event()
+
+    def setup(self, workdir: Path, concurrency: int) -> None:
+        """Make the daemon (not started yet)."""
+        self.daemon = chaos_daemon(workdir, concurrency=concurrency)
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the chaos tools keep their log of executions (chaos.db)."""
+        return self.daemon.workdir
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """One statement on the daemon's database, as another process would run it."""
+        return backend.query(self.daemon.workdir / "stepd.db", sql)
+
+    def check_integrity(self) -> None:
+        if backend.SQLITE:
+            self.report.integrity["stepd.db"] = chaos_tools.integrity(
+                self.daemon.workdir / "stepd.db"
+            )
+        self.report.integrity["chaos.db"] = chaos_tools.integrity(
+            self.state_dir / chaos_tools.DB_NAME
+        )
+
+    def close(self) -> None:
+        """Stop the threads and SIGKILL whatever still runs (after a failure)."""
+        self.stop.set()
+        self.daemon.kill()
 
     # -- HTTP, tolerant of a daemon that is down ------------------------------------
 
@@ -514,24 +548,30 @@ class ChaosRun:
     def finish(self) -> None:
         """Read every acknowledged workflow, stop the daemon, check the logs and the files."""
         workflows: dict[int, dict[str, Any]] = {}
-        if self.daemon.proc is not None and self.daemon.proc.poll() is None:
-            with self._client() as c:
-                for index, wf_id in sorted(self.ids.items()):
-                    try:
-                        resp = self._note(c.get(f"/api/workflow/{wf_id}"), f"GET {wf_id}")
-                    except httpx.HTTPError as exc:
-                        self.report.problems.append(f"GET workflow {wf_id}: {exc!r}")
-                        continue
-                    if resp.status_code == 404:
-                        self.report.lost.append(wf_id)
-                    elif resp.status_code == 200:
-                        workflows[index] = resp.json()
+        if self.alive():
+            workflows = self.read_workflows()
             self.daemon.signal(signal.SIGTERM)
             code = self.daemon.wait(15)
             if code != 0:
                 self.report.problems.append(f"stepd exited {code} on SIGTERM")
         self.daemon.kill()
         self.verify(workflows)
+
+    def read_workflows(self) -> dict[int, dict[str, Any]]:
+        """Every acknowledged workflow as the API shows it, by plan index (404s: lost)."""
+        workflows: dict[int, dict[str, Any]] = {}
+        with self._client() as c:
+            for index, wf_id in sorted(self.ids.items()):
+                try:
+                    resp = self._note(c.get(f"/api/workflow/{wf_id}"), f"GET {wf_id}")
+                except httpx.HTTPError as exc:
+                    self.report.problems.append(f"GET workflow {wf_id}: {exc!r}")
+                    continue
+                if resp.status_code == 404:
+                    self.report.lost.append(wf_id)
+                elif resp.status_code == 200:
+                    workflows[index] = resp.json()
+        return workflows
 
     # -- checks -------------------------------------------------------------------
 
@@ -548,7 +588,7 @@ class ChaosRun:
             )
         if len(set(self.ids.values())) != len(self.ids):
             r.problems.append("two plans were acknowledged with the same workflow id")
-        runs = chaos_tools.executions(self.daemon.workdir)
+        runs = chaos_tools.executions(self.state_dir)
         per_key = Counter(key for key, _, _, _ in runs)
         tool_of = {key: tool for key, _, tool, _ in runs}
         r.executions = len(runs)
@@ -556,8 +596,9 @@ class ChaosRun:
             if n > 1:
                 r.steps_rerun[tool_of[key]] += 1
                 r.reruns[tool_of[key]] += n - 1
-        db = self.daemon.workdir / "stepd.db"
-        given_back = attempts_given_back(db)
+        given_back = attempts_given_back(
+            self.query("SELECT step_id, data_json FROM events WHERE type = 'step_requeued'")
+        )
         for index, wf in sorted(workflows.items()):
             r.statuses[wf["status"]] += 1
             if wf["status"] not in TERMINAL:
@@ -565,10 +606,9 @@ class ChaosRun:
                 continue
             self.check_walk(self.plans[index], wf)
             self.check_executions(wf, per_key, given_back)
-        if backend.SQLITE:
-            r.integrity["stepd.db"] = chaos_tools.integrity(db)
-        r.integrity["chaos.db"] = chaos_tools.integrity(self.daemon.workdir / chaos_tools.DB_NAME)
-        [(count,)] = backend.query(db, "SELECT count(*) FROM workflows")
+            r.flaky_retries += flaky_retries(self.plans[index], wf, per_key)
+        self.check_integrity()
+        [(count,)] = self.query("SELECT count(*) FROM workflows")
         if count != len(self.plans):
             r.problems.append(f"{count} workflows in the database for {len(self.plans)} plans")
 
@@ -670,10 +710,350 @@ class ChaosRun:
                     r.problems.append(f"{where}: done, but its tool never ran")
 
 
-def attempts_given_back(db: Path) -> Counter[int]:
-    """Per step id: how often a stop put it back in the queue without counting its attempt."""
-    rows = backend.query(db, "SELECT step_id, data_json FROM events WHERE type = 'step_requeued'")
-    return Counter(step for step, data in rows if json.loads(data).get("attempt_given_back"))
+def attempts_given_back(requeued: list[tuple[Any, ...]]) -> Counter[int]:
+    """Per step id: how often a stop put it back in the queue without counting its attempt,
+    from the (step_id, data_json) of the `step_requeued` events."""
+    return Counter(step for step, data in requeued if json.loads(data).get("attempt_given_back"))
+
+
+def flaky_retries(plan: Plan, wf: dict[str, Any], per_key: Counter[str]) -> int:
+    """Executions of the workflow's flaky step beyond its first that retried one of its
+    deliberate failures (attempts 1..fail_first fail on purpose while retries last); the
+    rest of its re-runs come from interruptions."""
+    if plan.kind != "flaky":
+        return 0
+    spec = plan.flow["start"]
+    planned = min(spec["args"]["fail_first"], spec["retry"]["max_attempts"] - 1)
+    runs = sum(
+        per_key.get(f"{wf['id']}:{s['id']}", 0) for s in wf["steps"] if s["tool"] == "chaos_flaky"
+    )
+    return max(0, min(runs - 1, planned))
+
+
+# -- several daemons on one PostgreSQL database -------------------------------------------
+
+
+NODES = ("a", "b", "c")
+
+
+def write_cluster_config(
+    path: Path, *, port: int, url: str, node: str, concurrency: int, lease_s: float
+) -> Path:
+    """The chaos config of one daemon among several on the database at `url`."""
+    path.write_text(
+        f"""[server]
+host = "127.0.0.1"
+port = {port}
+log_level = "warning"
+node_id = "{node}"
+
+[database]
+url = "{url}"
+
+[executor]
+poll_interval = 0.05
+shutdown_grace = 0.5
+concurrency = {concurrency}
+recovery_attempts = {RECOVERY_ATTEMPTS}
+lease_s = {lease_s}
+
+[tools]
+modules = ["daemon.tools.demo", "tests.chaos_tools"]
+
+[[auth.tokens]]
+name = "{PERSON}"
+sha256 = "{hash_token(TOKEN)}"
+permissions = ["workflow"]
+"""
+    )
+    return path
+
+
+@dataclass
+class ClusterReport(Report):
+    nodes: tuple[str, ...] = NODES
+    lease_s: float = 0.0
+    kills_by: Counter[str] = field(default_factory=Counter)
+    left_down: int = 0  # kills after which the daemon stayed down while work went on
+    most_down: int = 0  # the most daemons down at once
+    down_s: dict[str, float] = field(default_factory=dict)  # per daemon: time not serving
+    executions_by: Counter[str] = field(default_factory=Counter)
+    moved: int = 0  # steps whose executions ran on more than one daemon
+    answers_by: Counter[str] = field(default_factory=Counter)  # HTTP answers per daemon
+
+    def _shares(self, counts: Counter[str]) -> str:
+        total = sum(counts.values()) or 1
+        return ", ".join(f"{n} {counts[n]} ({100 * counts[n] / total:.0f}%)" for n in self.nodes)
+
+    def rows(self) -> list[tuple[str, str]]:
+        extra = {
+            "kills during a graceful stop (of SIGTERMs)": [
+                (
+                    "daemons on one PostgreSQL database",
+                    f"{len(self.nodes)} (lease {self.lease_s} s)",
+                ),
+                ("kills per daemon", ", ".join(f"{n} {self.kills_by[n]}" for n in self.nodes)),
+                ("kills leaving the daemon down a while", str(self.left_down)),
+                ("most daemons down at once", str(self.most_down)),
+                (
+                    "time down per daemon",
+                    ", ".join(f"{n} {self.down_s.get(n, 0.0):.1f} s" for n in self.nodes),
+                ),  # fmt: skip
+            ],
+            "tool executions recorded": [
+                ("executions per daemon", self._shares(self.executions_by)),
+                ("steps run on more than one daemon", str(self.moved)),
+            ],
+            "5xx answers": [("HTTP answers per daemon", self._shares(self.answers_by))],
+        }
+        out: list[tuple[str, str]] = []
+        for row in super().rows():
+            out.append(row)
+            out += extra.get(row[0], [])
+        return out
+
+
+class _Router(httpx.BaseTransport):
+    """Sends each request to the next daemon in turn, passing over those that refuse the
+    connection (down, or not listening yet): the request was not sent, so another may
+    take it. Raises the last ConnectError when none would."""
+
+    def __init__(self, run: ClusterChaosRun) -> None:
+        self.run = run
+        self.inner = httpx.HTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        error: httpx.ConnectError | None = None
+        for name in self.run.rotation():
+            port = self.run.daemons[name].port
+            request.url = request.url.copy_with(port=port)
+            request.headers["Host"] = f"127.0.0.1:{port}"
+            try:
+                resp = self.inner.handle_request(request)
+            except httpx.ConnectError as exc:
+                error = exc
+                continue
+            with self.run.lock:
+                self.run.report.answers_by[name] += 1
+            return resp
+        assert error is not None
+        raise error
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class ClusterChaosRun(ChaosRun):
+    """The chaos run against several daemons (a, b, c) on one PostgreSQL database.
+
+    Each kill picks one of the daemons that are up; it is restarted under the same
+    node_id at once (and perhaps killed again while it starts up), or, after about one
+    kill in three, left down for up to two leases while the kills go on (unless no
+    other daemon is up), so that the others take its steps over when its leases run
+    out. The submitter and the person send each request to the next daemon in turn,
+    passing over those that are down. All share one state directory: the chaos tools'
+    log says which daemon ran each execution.
+    """
+
+    report: ClusterReport
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        url: str,
+        nodes: tuple[str, ...] = NODES,
+        lease_s: float = 3.0,
+        **kwargs: Any,
+    ) -> None:
+        self.url = url
+        self.nodes = nodes
+        self.lease_s = lease_s
+        super().__init__(workdir, **kwargs)
+        rng = random.Random(f"cluster-{self.seed}")  # leaves the base run's draws as they are
+        self.pick = rng
+        self.down_for = [
+            rng.uniform(1.0, 2 * lease_s) if rng.random() < 0.3 else None for _ in self.delays
+        ]
+        self.down_until: dict[str, float] = {}
+        self.down_since: dict[str, float] = {}  # name -> when it was last killed
+        self.turn = 0
+        self.report = ClusterReport(seed=self.seed, nodes=nodes, lease_s=lease_s)
+
+    def setup(self, workdir: Path, concurrency: int) -> None:
+        self.workdir = workdir
+        state = workdir / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        self.daemons: dict[str, Daemon] = {}
+        for name in self.nodes:
+            home = workdir / name
+            home.mkdir(exist_ok=True)
+            port = free_port()
+            cfg = write_cluster_config(home / "stepd.toml", port=port, url=self.url, node=name,
+                                       concurrency=concurrency, lease_s=self.lease_s)  # fmt: skip
+            daemon = Daemon(home, cfg, port, PYTHONPATH=pythonpath, STEPD_TEST_NODE=name)
+            daemon.env["STATE_DIRECTORY"] = str(state)  # shared: chaos.db, secrets
+            self.daemons[name] = daemon
+        self.daemon = self.daemons[self.nodes[0]]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return [tuple(row) for row in conn.execute(sql).fetchall()]
+
+    def check_integrity(self) -> None:
+        self.report.integrity["chaos.db"] = chaos_tools.integrity(
+            self.state_dir / chaos_tools.DB_NAME
+        )
+
+    def close(self) -> None:
+        self.stop.set()
+        for daemon in self.daemons.values():
+            daemon.kill()
+
+    def logs(self, chars: int = 2000) -> str:
+        return "\n".join(
+            f"--- {name} (run {d.runs}) stderr ---\n{d.stderr()[-chars:]}"
+            for name, d in self.daemons.items()
+        )
+
+    # -- HTTP through whichever daemons are up --------------------------------------
+
+    def rotation(self) -> list[str]:
+        """The daemons to try for the next request: the next in turn first, those up
+        before those down."""
+        with self.lock:
+            self.turn += 1
+            turn = self.turn
+        order = [self.nodes[(turn + i) % len(self.nodes)] for i in range(len(self.nodes))]
+        return sorted(order, key=lambda n: not self.up(n))
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.daemons[self.nodes[0]].url,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=5.0,
+            transport=_Router(self),
+        )
+
+    # -- the kills -------------------------------------------------------------------
+
+    def up(self, name: str) -> bool:
+        proc = self.daemons[name].proc
+        return proc is not None and proc.poll() is None
+
+    def alive(self) -> bool:
+        return any(self.up(n) for n in self.nodes)
+
+    def restart(self, name: str) -> None:
+        self.down_until.pop(name, None)
+        self.daemons[name].started(timeout=30)
+        self.report.restarts += 1
+        since = self.down_since.pop(name, None)
+        if since is not None:
+            down = self.report.down_s
+            down[name] = down.get(name, 0.0) + time.monotonic() - since
+
+    def run(self) -> Report:
+        t0 = time.monotonic()
+        threads = self._threads()
+        r = self.report
+        try:
+            for name in self.nodes:  # one at a time: the first migrates the database
+                self.daemons[name].started(timeout=30)
+            for t in threads:
+                t.start()
+            events = zip(self.delays, self.early, self.graceful, self.down_for, strict=True)
+            for delay, early, graceful, down in events:
+                time.sleep(delay)
+                for name, until in sorted(self.down_until.items()):
+                    if time.monotonic() >= until:
+                        self.restart(name)
+                victim = self.pick.choice([n for n in self.nodes if self.up(n)])
+                self.kill_node(victim, graceful)
+                daemon = self.daemons[victim]
+                if early is not None:
+                    daemon.start()
+                    r.restarts += 1
+                    time.sleep(early)
+                    if self.up(victim):
+                        daemon.kill()
+                        r.kills += 1
+                        r.startup_kills += 1
+                        r.kills_by[victim] += 1
+                if down is None or not self.alive():  # one at least stays up
+                    self.restart(victim)
+                else:
+                    self.down_until[victim] = time.monotonic() + down
+                    r.left_down += 1
+                r.most_down = max(r.most_down, sum(not self.up(n) for n in self.nodes))
+                self.phase += 1
+            for name, until in sorted(self.down_until.items()):
+                time.sleep(max(0.0, until - time.monotonic()))
+                self.restart(name)
+            self.settle()
+        finally:
+            self.stop.set()
+            for t in threads:
+                if t.is_alive():
+                    t.join(10)
+            self.finish()
+        r.seconds = time.monotonic() - t0
+        return r
+
+    def kill_node(self, name: str, after_sigterm: float | None) -> None:
+        """SIGKILL daemon `name` (reaped); with `after_sigterm`, that long into a graceful
+        stop (unless it exited by then)."""
+        daemon, r = self.daemons[name], self.report
+        self.down_since[name] = time.monotonic()  # from the SIGTERM, if any, on
+        if after_sigterm is not None:
+            daemon.signal(signal.SIGTERM)
+            r.sigterms += 1
+            deadline = time.monotonic() + after_sigterm
+            while self.up(name) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not self.up(name):
+                assert daemon.proc is not None
+                if daemon.proc.returncode != 0:
+                    r.problems.append(
+                        f"stepd {name} exited {daemon.proc.returncode} on SIGTERM: "
+                        + daemon.stderr()[-500:]
+                    )
+                return
+            r.stopping_kills += 1
+        daemon.kill()
+        r.kills += 1
+        r.kills_by[name] += 1
+
+    def finish(self) -> None:
+        """Read every acknowledged workflow, stop the daemons, check the logs."""
+        workflows: dict[int, dict[str, Any]] = {}
+        if self.alive():
+            workflows = self.read_workflows()
+        for name, daemon in self.daemons.items():
+            if self.up(name):
+                daemon.signal(signal.SIGTERM)
+        for name, daemon in self.daemons.items():
+            if daemon.proc is not None and daemon.proc.returncode is None:
+                code = daemon.wait(15)
+                if code != 0:
+                    self.report.problems.append(f"stepd {name} exited {code} on SIGTERM")
+        self.close()
+        self.verify(workflows)
+        r = self.report
+        by_key: dict[str, set[str]] = {}
+        for key, _, node in chaos_tools.nodes(self.state_dir):
+            r.executions_by[node or "?"] += 1
+            by_key.setdefault(key, set()).add(node or "?")
+        r.moved = sum(len(nodes) > 1 for nodes in by_key.values())
+        if r.executions_by["?"]:
+            r.problems.append(f"{r.executions_by['?']} executions by no known daemon")
 
 
 def _by_tool(counts: Counter[str]) -> str:
@@ -690,8 +1070,7 @@ def chaos(tmp_path: Path) -> Iterator[list[ChaosRun]]:
     runs: list[ChaosRun] = []
     yield runs
     for run in runs:
-        run.stop.set()
-        run.daemon.kill()
+        run.close()
 
 
 def test_sigkill_chaos_loses_nothing_and_repeats_no_side_effect(
@@ -707,3 +1086,24 @@ def test_sigkill_chaos_loses_nothing_and_repeats_no_side_effect(
     assert report.workflows == 200
     failures = report.failures()
     assert not failures, f"seed {seed}: " + "\n".join(failures[:30])
+
+
+@pytest.mark.postgresql_only
+@pytest.mark.timeout(240)
+def test_sigkill_chaos_on_three_daemons_loses_nothing_and_repeats_no_side_effect(
+    chaos: list[ChaosRun], tmp_path: Path
+) -> None:
+    seed = chaos_seed()
+    print(f"\n{SEED_ENV}={seed}")
+    url = backend.database_url(tmp_path / "cluster.db")
+    run = ClusterChaosRun(
+        tmp_path / "chaos", url=url, seed=seed, workflows=100, kills=6, settle_timeout=60
+    )
+    chaos.append(run)
+    report = run.run()
+    print(report.table())
+    assert report.kills >= 4
+    assert report.workflows == 100
+    assert len(+report.executions_by) == 3, report.executions_by  # every daemon worked
+    failures = report.failures()
+    assert not failures, f"seed {seed}: " + "\n".join(failures[:30]) + "\n" + run.logs()
