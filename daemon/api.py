@@ -54,42 +54,18 @@ def error_response(status: int, message: str, **extra: Any) -> JSON:
     return JSON({"error": message, **extra}, status_code=status, headers=headers)
 
 
-class InFlight:
-    """How many HTTP requests the app is handling now (an event stream counts while open)."""
-
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-
 class AuthMiddleware:
     """Every path but the public ones (/healthz, and /metrics when configured so) needs a
-    valid bearer token; the token lands in scope state. Counts requests in flight."""
+    valid bearer token; the token lands in scope state."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        authenticator: Authenticator,
-        public: frozenset[str] = PUBLIC_PATHS,
-        in_flight: InFlight | None = None,
+        self, app: ASGIApp, authenticator: Authenticator, public: frozenset[str] = PUBLIC_PATHS
     ) -> None:
         self.app = app
         self.auth = authenticator
         self.public = public
-        self.in_flight = in_flight or InFlight()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # the lifespan lasts as long as the app
-            await self._call(scope, receive, send)
-            return
-        self.in_flight.n += 1
-        try:
-            await self._call(scope, receive, send)
-        finally:
-            self.in_flight.n -= 1
-
-    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         web = any(path == p or path.startswith(p + "/") for p in WEB_PREFIXES)
         if scope["type"] == "http" and path not in self.public and not web:
@@ -397,12 +373,6 @@ def create_app(
     engine = Engine(store, registry, executor, max_states=config.max_states,
                     policy=executor.egress)  # fmt: skip
     hub = EventHub(store)
-    in_flight = InFlight()
-    # A lone write commits without a thread hand-off when the daemon does nothing else:
-    # no other request (the writer's own, if any, is the one), no step running or about
-    # to start (a create or decision that hands off a step keeps the thread: measured, the
-    # step's start after an on-loop commit made such a create slower, not faster).
-    store.quiet = lambda: in_flight.n <= 1 and executor.idle
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -442,7 +412,6 @@ def create_app(
                 AuthMiddleware,
                 authenticator=Authenticator(list(config.tokens) if tokens is None else tokens),
                 public=PUBLIC_PATHS if config.metrics_auth else PUBLIC_PATHS | {"/metrics"},
-                in_flight=in_flight,
             ),
         ],
         exception_handlers={

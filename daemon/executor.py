@@ -139,11 +139,6 @@ class Executor:
     def running(self) -> int:
         return len(self._tasks)
 
-    @property
-    def idle(self) -> bool:
-        """No step running, none about to start (a slot reserved for a hand-off)."""
-        return not self._tasks and not self._reserved
-
     # -- hand-off: steps written as running, started without a claim ---------------------
 
     def reserve(self) -> int | None:

@@ -227,37 +227,6 @@ async def test_a_blocking_write_runs_off_the_loop_in_the_shared_transaction(stor
 
 
 @pytest.mark.sqlite_only  # SQLite's group commit
-async def test_a_lone_write_commits_on_the_loop_only_when_the_process_is_quiet(store: Store):
-    import threading
-
-    committed_in: list[str] = []
-    conn = store._writes.conn
-    original = store._writes._commit
-
-    def commit() -> None:
-        committed_in.append(threading.current_thread().name)
-        original()
-
-    store._writes._commit = commit  # type: ignore[method-assign]
-    await create(store, "no hook")  # no quiet check: the commit thread, as always
-    quiet = [True]
-    store.quiet = lambda: quiet[0]
-    wf_id = await create(store, "quiet")
-    assert count_rows(store.path, "workflows") == 2  # acknowledged: committed
-    quiet[0] = False
-    await create(store, "busy")
-    quiet[0] = True
-    await asyncio.gather(create(store, "a"), create(store, "b"))  # two in one transaction
-    loop_thread = threading.current_thread().name
-    assert committed_in[0].startswith("stepd-commit")
-    assert committed_in[1] == loop_thread
-    assert committed_in[2].startswith("stepd-commit")
-    assert committed_in[3].startswith("stepd-commit")
-    assert not conn.in_transaction and wf_id > 0
-    assert count_rows(store.path, "workflows") == 5
-
-
-@pytest.mark.sqlite_only  # SQLite's group commit
 async def test_writes_from_threads_are_refused_once_closed(tmp_path: Path):
     store = Store(tmp_path / "x.db")
     await store.open()

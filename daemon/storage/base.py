@@ -89,10 +89,6 @@ class BaseStore:
         # Tests inject storage faults here: called with an operation's name before it runs;
         # what it raises, the operation raises, having changed nothing.
         self.faults: Callable[[str], None] | None = None
-        # Whether nothing else is under way in the process (no request but the caller's,
-        # no step running): a backend may then finish a lone write on the spot rather than
-        # hand its commit to a thread, since nothing could use the loop meanwhile.
-        self.quiet: Callable[[], bool] | None = None
 
     # -- what a backend provides ---------------------------------------------------
 

@@ -12,12 +12,8 @@ The statements themselves run on the event loop thread (microseconds each, no
 thread hop per statement); only the parts that can block leave it: COMMIT (the
 fsync, and the occasional checkpoint), a BEGIN that has to wait for another
 process's write lock, and writes submitted as blocking (a retention purge), which
-run in the commit thread inside the same transaction. One exception: a write alone in
-its transaction while the process does nothing else (the store's `quiet` says so: no
-other request, no step running) commits on the loop, since nothing could use the loop
-during its fsync and the two thread hand-offs cost more than the rest of the write.
-Reads use other connections: in WAL mode they see the last commit and never wait for
-the writer.
+run in the commit thread inside the same transaction. Reads use other connections:
+in WAL mode they see the last commit and never wait for the writer.
 """
 
 from __future__ import annotations
@@ -63,15 +59,9 @@ class WriteBatcher:
     """Runs queued write operations in shared transactions (group commit)."""
 
     def __init__(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        busy_timeout_ms: int,
-        on_commit: CommitHook,
-        quiet: Callable[[], bool] | None = None,
+        self, conn: sqlite3.Connection, *, busy_timeout_ms: int, on_commit: CommitHook
     ) -> None:
         self.conn = conn
-        self._quiet = quiet
         self._busy_timeout_ms = busy_timeout_ms
         self._on_commit = on_commit
         self._queue: list[Queued] = []
@@ -149,13 +139,7 @@ class WriteBatcher:
                     outcomes.append((fut, *await self._in_thread(self._apply, op)))
                 else:
                     outcomes.append((fut, *self._apply(op)))
-            if len(outcomes) == 1 and not batch[0][2] and self._quiet and self._quiet():
-                # One write, and nothing else under way that the loop could serve while
-                # the fsync runs: commit here. Two thread hand-offs (to the commit thread
-                # and back to the loop) cost more than the rest of such a write.
-                self._commit()
-            else:
-                await self._in_thread(self._commit)
+            await self._in_thread(self._commit)
         except BaseException as exc:  # noqa: BLE001 - every caller must hear of it
             if self._commit_done:
                 # Cancelled while the COMMIT went through: the writes are durable, and

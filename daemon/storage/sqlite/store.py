@@ -164,9 +164,8 @@ class SqliteStore(BaseStore):
             self._release_ownership()
             raise
         self._writes = WriteBatcher(
-            writer, busy_timeout_ms=self.busy_timeout_ms, on_commit=self._committed,
-            quiet=lambda: self.quiet is not None and self.quiet(),
-        )  # fmt: skip
+            writer, busy_timeout_ms=self.busy_timeout_ms, on_commit=self._committed
+        )
         self._writes.start()
 
     def _connect(self) -> Conn:
