@@ -7,6 +7,7 @@ backend internals, so the same tests hold any store to the same behaviour.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,16 @@ async def create(store: Any, first: NewStep = ECHO, *, by: str | None = "james",
     )
     assert not created.replayed
     return created.id
+
+
+async def committed_events(store: Any) -> list[dict[str, Any]]:
+    """The log from the start, once it shows anything: on PostgreSQL, an event committed
+    while another transaction of the database still runs is read once that one ends."""
+    for _ in range(200):
+        if events := await store.events_after(0):
+            return events
+        await asyncio.sleep(0.01)
+    raise AssertionError("no event became readable within 2 s")
 
 
 async def claim_one(store: Any, now: int, lease_ms: int = 30_000) -> Any:
@@ -449,7 +460,7 @@ async def test_purge_deletes_finished_workflows_only(store: Any):
 async def test_outbox_deliveries(store: Any):
     t0 = now_ms()
     wf_id = await create(store, now=t0)
-    (event,) = await store.events_after(0)
+    (event,) = await committed_events(store)
     assert await store.cursor("notifier") == 0
 
     def row(url: str, dest: str) -> dict[str, Any]:
@@ -479,7 +490,7 @@ async def test_outbox_deliveries(store: Any):
 async def test_due_deliveries_skip_busy_destinations(store: Any):
     t0 = now_ms()
     wf_id = await create(store, now=t0)
-    (event,) = await store.events_after(0)
+    (event,) = await committed_events(store)
     rows = [{"event_id": event["id"], "workflow_id": wf_id, "url": f"http://127.0.0.1:9/{d}",
              "dest": d, "body_json": "{}"} for d in ("a", "b")]  # fmt: skip
     await store.enqueue_deliveries("notifier", event["id"], rows, now=t0)
