@@ -15,6 +15,7 @@ import asyncio
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from importlib.resources.abc import Traversable
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import orjson
@@ -43,6 +44,16 @@ _BLOCK = re.compile(r"^-- (\w+) --\n--[^\n]*\n(.*?)(?=^-- \w+ --$|\Z)", re.M | r
 def load_queries(text: str) -> dict[str, str]:
     """Named SQL blocks: a `-- name --` line, one comment line, then the statement."""
     return {m.group(1): m.group(2).strip() for m in _BLOCK.finditer(text)}
+
+
+def numbered_migrations(folder: Traversable) -> list[tuple[int, str]]:
+    """(version, script) for every numbered `NNNN_name.sql` file in `folder`, in order."""
+    out = []
+    for entry in folder.iterdir():
+        m = re.match(r"(\d+)_.*\.sql$", entry.name)
+        if m:
+            out.append((int(m.group(1)), entry.read_text()))
+    return sorted(out)
 
 
 class Cursor(Protocol):

@@ -31,7 +31,8 @@ from psycopg.rows import RowMaker
 from psycopg_pool import ConnectionPool
 
 from daemon.models import Step
-from daemon.storage.base import BaseStore
+from daemon.storage import base
+from daemon.storage.base import BaseStore, numbered_migrations
 from daemon.storage.types import Row as RowProtocol
 from daemon.storage.types import StorageError, StorageUnavailable, now_ms
 
@@ -45,7 +46,6 @@ RETRIES = 5  # attempts of a write that hit a serialization failure, a deadlock,
 POOL_SIZE = 16
 RECONNECT_MAX_S = 5.0
 
-_BLOCK = re.compile(r"^-- (\w+) --\n--[^\n]*\n(.*?)(?=^-- \w+ --$|\Z)", re.M | re.S)
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 # Errors after which the same write may simply run again: it changed nothing.
@@ -59,7 +59,7 @@ def translate(sql: str) -> str:
 
 def load_queries(text: str) -> dict[str, str]:
     """Named SQL blocks (`-- name --`, one comment line, the statement), translated."""
-    return {m.group(1): translate(m.group(2).strip()) for m in _BLOCK.finditer(text)}
+    return {name: translate(sql) for name, sql in base.load_queries(text).items()}
 
 
 _SQL = resources.files("daemon.storage.postgres")
@@ -68,12 +68,7 @@ Q = load_queries((_SQL / "queries.sql").read_text())
 
 def migrations() -> list[tuple[int, str]]:
     """(version, script) for every numbered file in migrations/, in order."""
-    out = []
-    for entry in (_SQL / "migrations").iterdir():
-        m = re.match(r"(\d+)_.*\.sql$", entry.name)
-        if m:
-            out.append((int(m.group(1)), entry.read_text()))
-    return sorted(out)
+    return numbered_migrations(_SQL / "migrations")
 
 
 # -- rows --------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import itertools
 import os
-import re
 import sqlite3
 from collections.abc import Callable
 from importlib import resources
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from daemon import files
-from daemon.storage.base import BaseStore, load_queries
+from daemon.storage.base import BaseStore, load_queries, numbered_migrations
 from daemon.storage.sqlite.batcher import WriteBatcher, connect
 from daemon.storage.types import (
     DatabaseLocked,
@@ -41,12 +40,7 @@ SLOW_READERS = 2  # a workflow's steps and a /metrics scrape need not wait for e
 
 def migrations() -> list[tuple[int, str]]:
     """(version, script) for every numbered file in migrations/, in order."""
-    out = []
-    for entry in (_SQL / "migrations").iterdir():
-        m = re.match(r"(\d+)_.*\.sql$", entry.name)
-        if m:
-            out.append((int(m.group(1)), entry.read_text()))
-    return sorted(out)
+    return numbered_migrations(_SQL / "migrations")
 
 
 def split_statements(script: str) -> list[str]:
