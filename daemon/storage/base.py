@@ -72,6 +72,11 @@ class Tx(Protocol):
     def executemany(self, sql: str, params: Any, /) -> Any: ...
 
 
+def _event_dict(row: Row) -> dict[str, Any]:
+    """An event row as a dict, its data decoded."""
+    return {**dict(row), "data": orjson.loads(row["data_json"]) if row["data_json"] else None}
+
+
 def _replay(created_by: str | None, key: str, row: Row) -> Replay:
     return Replay(created_by, key, row["request_hash"], row["status"], row["body_json"])
 
@@ -373,10 +378,7 @@ class BaseStore:
 
     async def events(self, workflow_id: int) -> list[dict[str, Any]]:
         rows = await self._all(self.Q["workflow_events"], {"workflow_id": workflow_id})
-        return [
-            {**dict(r), "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
-            for r in rows
-        ]
+        return [_event_dict(r) for r in rows]
 
     async def cancel_workflow(
         self, workflow_id: int, *, by: str | None, now: int | None = None
@@ -788,10 +790,7 @@ class BaseStore:
                 self.Q["workflow_events_after"],
                 {"workflow_id": workflow_id, "after": after, "limit": limit},
             )
-        return [
-            {**dict(r), "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
-            for r in rows
-        ]
+        return [_event_dict(r) for r in rows]
 
     async def events_of_types(
         self,
@@ -812,10 +811,7 @@ class BaseStore:
         params = {"after": after, "up_to": up_to, "limit": limit, "with_url_only": with_url_only,
                   "types": orjson.dumps(sorted(types)).decode()}  # fmt: skip
         rows = await self._all(self.Q["events_of_types_after"], params)
-        events = [
-            {**dict(r), "data": orjson.loads(r["data_json"]) if r["data_json"] else None}
-            for r in rows
-        ]
+        events = [_event_dict(r) for r in rows]
         if len(events) == limit:
             up_to = events[-1]["id"]
         up_to = max(up_to, after)
