@@ -12,16 +12,26 @@ import threading
 from collections import OrderedDict
 from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
 
-from daemon import templating
+from daemon import placeholders, templating
 
 STATE_KEYS = {
     "name", "tool", "args", "next", "branch", "done", "timeout", "retry", "on_error",
-    "approvers", "allow_self_approval",
+    "approvers", "allow_self_approval", "parallel", "map", "wait", "join",
 }  # fmt: skip
+ACTIONS = ("tool", "parallel", "map", "wait")  # a state has exactly one
+# The `tool` column of a step row for the states that run no tool: the executor runs them
+# itself (a colon starts no registered tool's name).
+KIND_TOOLS = {"parallel": ":parallel", "map": ":map", "wait": ":wait"}
+JOINS = ("fail_fast", "all_settled")
+MAP_KEYS = {"items", "as", "max_concurrency", "tolerated_failures", "flow"}
+WAIT_KEYS = {"seconds", "until", "signal", "timeout"}
+TOP_NAMES = frozenset({"input", "steps", "result", "error", "workflow"})
+MAX_DEPTH = 5  # parallel and map states nested in each other
 GATE_ONLY_KEYS = ("approvers", "allow_self_approval")
 RETRY_KEYS = {"max_attempts", "backoff_s", "backoff_factor", "max_backoff_s"}
 MISSING_START = "Flow must have a 'start' key"
@@ -53,10 +63,27 @@ class Case:
 
 
 @dataclass(frozen=True)
+class MapSpec:
+    items: Any  # a list, or a string with one placeholder giving a list
+    as_: str
+    max_concurrency: int
+    tolerated_failures: int
+    flow: Flow
+
+
+@dataclass(frozen=True)
+class WaitSpec:
+    seconds: float | None = None
+    until: Any = None  # ISO 8601 text, epoch ms, or a placeholder giving either
+    signal: str | None = None
+    timeout: float | None = None  # for a signal: how long it may wait
+
+
+@dataclass(frozen=True)
 class State:
     id: str
     name: str
-    tool: str | None  # None: an approval gate
+    tool: str | None  # None: an approval gate (or a parallel, map or wait state: see kind)
     args: dict[str, Any]
     next: str | None = None
     branch: tuple[Case, ...] | None = None
@@ -68,6 +95,16 @@ class State:
     approvers: tuple[str, ...] | None = None  # gate: token names or permissions who may decide
     allow_self_approval: bool | None = None  # gate: None = the config's default
     needs: templating.Needs = templating.NO_NEEDS  # what its args and conditions read
+    kind: str = "tool"  # tool, gate, parallel, map or wait
+    branches: dict[str, Flow] | None = None  # parallel
+    join: str = "fail_fast"  # parallel: fail_fast or all_settled
+    map: MapSpec | None = None
+    wait: WaitSpec | None = None
+
+    @property
+    def step_tool(self) -> str | None:
+        """What a visit's step row records as its tool (see KIND_TOOLS)."""
+        return KIND_TOOLS.get(self.kind, self.tool)
 
     @property
     def conditions(self) -> list[str]:
@@ -76,7 +113,7 @@ class State:
 
     @property
     def is_gate(self) -> bool:
-        return self.tool is None
+        return self.kind == "gate"
 
     def targets(self) -> Iterator[str]:
         if self.next is not None:
@@ -93,6 +130,29 @@ class Flow:
 
     def __getitem__(self, state_id: str) -> State:
         return self.states[state_id]
+
+    def resolve(self, scope: Sequence[Any] | None) -> Flow:
+        """The flow a step of `scope` runs in: scope is a path of (state id, branch name
+        or item index) pairs from the workflow's flow inwards (None or empty: this flow)."""
+        flow = self
+        for i in range(0, len(scope or ()), 2):
+            assert scope is not None
+            state = flow[scope[i]]
+            if state.branches is not None:
+                flow = state.branches[scope[i + 1]]
+            else:
+                assert state.map is not None
+                flow = state.map.flow
+        return flow
+
+    def walk(self, scope: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], State]]:
+        """Every state with the scope path of its flow, nested flows included."""
+        for state in self.states.values():
+            yield scope, state
+            for name, sub in (state.branches or {}).items():
+                yield from sub.walk((*scope, state.id, name))
+            if state.map is not None:
+                yield from state.map.flow.walk((*scope, state.id, "*"))
 
 
 @dataclass(frozen=True)
@@ -192,41 +252,66 @@ def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) 
     errors: list[str] = []
     if "start" not in raw:
         errors.append(MISSING_START)
-    if len(raw) > max_states:
-        errors.append(f"flow has {len(raw)} states; the limit is {max_states}")
+    count = _count_states(raw, 0)
+    if count > max_states:
+        errors.append(f"flow has {count} states; the limit is {max_states}")
         return Validation(None, errors, [])
     # The expressions' size first, from a cheap scan: parsing each costs microseconds
     # per character, so an oversized flow is refused before any of them is parsed.
     size = _expression_size(raw)
     if size is not None:
         return Validation(None, [*errors, size], [])
-    states: dict[str, State] = {}
-    ids = frozenset(raw)
-    for sid, body in raw.items():
-        state = _parse_state(sid, body, tools, errors, ids)
-        if state is not None:
-            states[sid] = state
-    for sid, body in raw.items():
-        for key, target in _raw_targets(body):
-            if target not in raw:
-                errors.append(f"state '{sid}': field '{key}' refers to unknown state '{target}'")
-    warnings = [f"state '{s}' is unreachable from 'start'" for s in _unreachable(raw)]
-    if errors:
+    warnings: list[str] = []
+    flow = _parse_flow(raw, tools, errors, warnings, "", frozenset(), 0)
+    if errors or flow is None:
         return Validation(None, errors, warnings)
-    return Validation(Flow(states), [], warnings)
+    return Validation(flow, [], warnings)
 
 
-def _expression_size(raw: dict[str, Any]) -> str | None:
+def _nested(body: Any) -> Iterator[Any]:
+    """The raw flows nested in a raw state (parallel branches, a map's flow)."""
+    if not isinstance(body, dict):
+        return
+    if isinstance(body.get("parallel"), dict):
+        yield from body["parallel"].values()
+    if isinstance(body.get("map"), dict) and "flow" in body["map"]:
+        yield body["map"]["flow"]
+
+
+def _count_states(raw: Any, depth: int) -> int:
+    """States in a raw flow and the flows nested in it (deeper than MAX_DEPTH: not
+    counted further; parsing reports the depth)."""
+    if not isinstance(raw, dict) or depth > MAX_DEPTH:
+        return 0
+    return len(raw) + sum(_count_states(sub, depth + 1) for b in raw.values() for sub in _nested(b))
+
+
+def _state_expressions(body: dict[str, Any]) -> Iterator[str]:
+    """Every expression of a raw state: args, branch conditions, map items, wait until."""
+    yield from templating.expressions(body.get("args"))
+    for case in body.get("branch") if isinstance(body.get("branch"), list) else ():
+        if isinstance(case, dict) and isinstance(case.get("if"), str):
+            yield case["if"]
+    if isinstance(body.get("map"), dict):
+        yield from templating.expressions(body["map"].get("items"))
+    if isinstance(body.get("wait"), dict):
+        yield from templating.expressions(body["wait"].get("until"))
+
+
+def _expression_size(raw: dict[str, Any], depth: int = 0) -> str | None:
     """Why the flow's expressions are too many or too long together, if they are."""
     count = text = 0
-    for body in raw.values():
-        if not isinstance(body, dict):
+    todo = [(raw, depth)]
+    while todo:
+        flow, d = todo.pop()
+        if d > MAX_DEPTH:
             continue
-        for expr in templating.expressions(body.get("args")):
-            count, text = count + 1, text + len(expr)
-        for case in body.get("branch") if isinstance(body.get("branch"), list) else ():
-            if isinstance(case, dict) and isinstance(case.get("if"), str):
-                count, text = count + 1, text + len(case["if"])
+        for body in flow.values():
+            if not isinstance(body, dict):
+                continue
+            for expr in _state_expressions(body):
+                count, text = count + 1, text + len(expr)
+            todo += [(sub, d + 1) for sub in _nested(body) if isinstance(sub, dict)]
     if count > MAX_PLACEHOLDERS:
         return (f"flow has {count} placeholders and branch conditions; the limit is "
                 f"{MAX_PLACEHOLDERS}")  # fmt: skip
@@ -235,19 +320,65 @@ def _expression_size(raw: dict[str, Any]) -> str | None:
     return None
 
 
+def _parse_flow(
+    raw: Any,
+    tools: Container[str] | None,
+    errors: list[str],
+    warnings: list[str],
+    where: str,
+    outer: frozenset[str],
+    depth: int,
+) -> Flow | None:
+    """Parse one flow (the workflow's, or one nested in a parallel or map state); `where`
+    prefixes its messages, `outer` holds the state ids of the flows around it."""
+    if not isinstance(raw, dict) or (where and not raw):
+        errors.append(f"{where}must be a flow: an object of states keyed by state id")
+        return None
+    if where and "start" not in raw:
+        errors.append(f"{where}{MISSING_START}")
+    states: dict[str, State] = {}
+    ids = frozenset(raw)
+    for sid, body in raw.items():
+        state = _parse_state(sid, body, tools, errors, warnings, where, ids | outer, depth)
+        if state is not None:
+            states[sid] = state
+    for sid, body in raw.items():
+        for key, target in _raw_targets(body):
+            if target not in raw:
+                errors.append(
+                    f"{where}state '{sid}': field '{key}' refers to unknown state '{target}'"
+                )
+    warnings += [f"{where}state '{s}' is unreachable from 'start'" for s in _unreachable(raw)]
+    return Flow(states) if len(states) == len(raw) else None
+
+
 def _parse_state(
-    sid: str, body: Any, tools: Container[str] | None, errors: list[str], ids: frozenset[str]
+    sid: str,
+    body: Any,
+    tools: Container[str] | None,
+    errors: list[str],
+    warnings: list[str],
+    prefix: str,
+    ids: frozenset[str],
+    depth: int,
 ) -> State | None:
-    where = f"state '{sid}'"
+    where = f"{prefix}state '{sid}'"
     if not isinstance(body, dict):
         errors.append(f"{where}: must be an object")
         return None
     before = len(errors)
     for key in sorted(set(body) - STATE_KEYS):
         errors.append(f"{where}: unknown field '{key}'")
-    if "tool" not in body:
-        errors.append(f"{where}: field 'tool' is required (a tool name, or null for a gate)")
+    actions = [k for k in ACTIONS if k in body]
+    if not actions:
+        errors.append(f"{where}: field 'tool' is required (a tool name, or null for a gate), "
+                      "unless the state is a 'parallel', 'map' or 'wait'")  # fmt: skip
+    elif len(actions) > 1:
+        errors.append(f"{where}: has {len(actions)} actions ({', '.join(actions)}); a state "
+                      "has exactly one of 'tool', 'parallel', 'map' or 'wait'")  # fmt: skip
+    action = actions[0] if len(actions) == 1 else "tool"
     tool = body.get("tool")
+    kind = action if action != "tool" else ("gate" if tool is None else "tool")
     if tool is not None and not isinstance(tool, str):
         errors.append(f"{where}: field 'tool' must be a string or null")
     elif isinstance(tool, str) and tools is not None and tool not in tools:
@@ -261,6 +392,10 @@ def _parse_state(
     if not isinstance(args, dict):
         errors.append(f"{where}: field 'args' must be an object")
         args = {}
+    if "args" in body and kind not in ("tool", "gate"):
+        errors.append(f"{where}: field 'args' applies only to a tool or a gate")
+    if "join" in body and kind != "parallel":
+        errors.append(f"{where}: field 'join' applies only to a parallel state")
     exprs = list(templating.expressions(args))
     for expr in exprs[:MAX_PLACEHOLDERS]:
         problem = templating.check_expression(expr)
@@ -280,14 +415,14 @@ def _parse_state(
         errors.append(
             f"{where}: field 'timeout' must be a number of seconds > 0 and <= {MAX_SECONDS}"
         )
-    if tool is None and "retry" in body:
+    if kind == "gate" and "retry" in body:
         errors.append(f"{where}: field 'retry' does not apply to a gate (tool null)")
     retry = _parse_retry(where, body.get("retry"), errors)
     on_error = body.get("on_error")
     if on_error is not None and not isinstance(on_error, str):
         errors.append(f"{where}: field 'on_error' must be a state id")
     for key in GATE_ONLY_KEYS:
-        if key in body and tool is not None:
+        if key in body and kind != "gate":
             errors.append(f"{where}: field '{key}' applies only to a gate (tool null)")
     approvers = body.get("approvers")
     if approvers is not None and (
@@ -300,12 +435,29 @@ def _parse_state(
     self_ok = body.get("allow_self_approval")
     if self_ok is not None and not isinstance(self_ok, bool):
         errors.append(f"{where}: field 'allow_self_approval' must be true or false")
+    join = body.get("join", "fail_fast")
+    if join not in JOINS:
+        errors.append(f"{where}: field 'join' must be 'fail_fast' or 'all_settled'")
+    if kind in ("parallel", "map") and depth >= MAX_DEPTH:
+        errors.append(f"{where}: parallel and map states may be nested at most {MAX_DEPTH} deep")
+        return None
+    branches = mapped = waited = None
+    if kind == "parallel":
+        branches = _parse_parallel(where, body["parallel"], tools, errors, warnings, ids, depth)
+    elif kind == "map":
+        mapped = _parse_map(where, body["map"], tools, errors, warnings, ids, depth)
+        if mapped is not None and isinstance(mapped.items, str):
+            exprs += templating.expressions(mapped.items)
+    elif kind == "wait":
+        waited = _parse_wait(where, body["wait"], errors)
+        if waited is not None:
+            exprs += templating.expressions(waited.until)
     if len(errors) > before:
         return None
     return State(
         id=sid,
         name=name,
-        tool=tool,
+        tool=tool if kind == "tool" else None,
         args=args,
         next=body.get("next"),
         branch=branch,
@@ -317,7 +469,143 @@ def _parse_state(
         needs=templating.needs([*exprs, *(c.condition for c in branch if c.condition)], ids),
         approvers=tuple(approvers) if approvers else None,
         allow_self_approval=self_ok,
+        kind=kind,
+        branches=branches,
+        join=join,
+        map=mapped,
+        wait=waited,
     )
+
+
+def _parse_parallel(
+    where: str,
+    raw: Any,
+    tools: Container[str] | None,
+    errors: list[str],
+    warnings: list[str],
+    ids: frozenset[str],
+    depth: int,
+) -> dict[str, Flow] | None:
+    if not isinstance(raw, dict) or not raw:
+        errors.append(f"{where}: field 'parallel' must be an object of branches, each a flow")
+        return None
+    branches: dict[str, Flow] = {}
+    for name, sub in raw.items():
+        flow = _parse_flow(
+            sub, tools, errors, warnings, f"{where}: branch '{name}': ", ids, depth + 1
+        )
+        if flow is not None:
+            branches[name] = flow
+    return branches if len(branches) == len(raw) else None
+
+
+def _parse_map(
+    where: str,
+    raw: Any,
+    tools: Container[str] | None,
+    errors: list[str],
+    warnings: list[str],
+    ids: frozenset[str],
+    depth: int,
+) -> MapSpec | None:
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: field 'map' must be an object with 'items' and 'flow'")
+        return None
+    before = len(errors)
+    for key in sorted(set(raw) - MAP_KEYS):
+        errors.append(f"{where}: map: unknown field '{key}'")
+    items = raw.get("items")
+    if "items" not in raw:
+        errors.append(f"{where}: map: field 'items' is required (a list, or \"<<expr>>\")")
+    elif isinstance(items, str):
+        exprs = list(templating.expressions(items))
+        if len(exprs) != 1 or placeholders.whole(items) is None:
+            errors.append(f"{where}: map: field 'items' must be a list or one placeholder "
+                          'such as "<<input.users>>"')  # fmt: skip
+        for expr in exprs:
+            problem = templating.check_expression(expr)
+            if problem:
+                errors.append(f"{where}: map: field 'items': {problem}")
+    elif not isinstance(items, list):
+        errors.append(f"{where}: map: field 'items' must be a list or one placeholder")
+    as_ = raw.get("as", "item")
+    if not isinstance(as_, str) or not as_.isidentifier() or as_ in TOP_NAMES | {"index"}:
+        errors.append(f"{where}: map: field 'as' must be a name (not one of "
+                      f"{', '.join(sorted(TOP_NAMES | {'index'}))})")  # fmt: skip
+    limit = raw.get("max_concurrency", 10)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        errors.append(f"{where}: map: field 'max_concurrency' must be an integer from 1 to 1000")
+    tolerated = raw.get("tolerated_failures", 0)
+    if isinstance(tolerated, bool) or not isinstance(tolerated, int) or tolerated < 0:
+        errors.append(f"{where}: map: field 'tolerated_failures' must be an integer >= 0")
+    if "flow" not in raw:
+        errors.append(f"{where}: map: field 'flow' is required")
+        return None
+    flow = _parse_flow(raw["flow"], tools, errors, warnings, f"{where}: map: ", ids, depth + 1)
+    if flow is None or len(errors) > before:
+        return None
+    return MapSpec(items, as_, limit, tolerated, flow)
+
+
+def _parse_wait(where: str, raw: Any, errors: list[str]) -> WaitSpec | None:
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: field 'wait' must be an object: seconds, until or signal")
+        return None
+    before = len(errors)
+    for key in sorted(set(raw) - WAIT_KEYS):
+        errors.append(f"{where}: wait: unknown field '{key}'")
+    kinds = [k for k in ("seconds", "until", "signal") if k in raw]
+    if len(kinds) != 1:
+        errors.append(f"{where}: wait: needs exactly one of 'seconds', 'until' or 'signal'")
+    seconds = raw.get("seconds")
+    if seconds is not None and (not _is_number(seconds) or not 0 <= seconds <= MAX_SECONDS):
+        errors.append(f"{where}: wait: field 'seconds' must be a number from 0 to {MAX_SECONDS}")
+    until = raw.get("until")
+    if "until" in raw:
+        if isinstance(until, str) and next(templating.expressions(until), None) is not None:
+            for expr in templating.expressions(until):
+                problem = templating.check_expression(expr)
+                if problem:
+                    errors.append(f"{where}: wait: field 'until': {problem}")
+        elif parse_instant(until) is None:
+            errors.append(f"{where}: wait: field 'until' must be an ISO 8601 time with a time "
+                          "zone, epoch milliseconds, or a placeholder giving one")  # fmt: skip
+    signal = raw.get("signal")
+    if "signal" in raw and (not isinstance(signal, str) or not 0 < len(signal) <= 200):
+        errors.append(f"{where}: wait: field 'signal' must be a name of 1 to 200 characters")
+    timeout = raw.get("timeout")
+    if timeout is not None:
+        if "signal" not in raw:
+            errors.append(f"{where}: wait: field 'timeout' applies only to a signal wait")
+        elif not _is_number(timeout) or not 0 < timeout <= MAX_SECONDS:
+            errors.append(f"{where}: wait: field 'timeout' must be a number of seconds > 0 "
+                          f"and <= {MAX_SECONDS}")  # fmt: skip
+    if len(errors) > before:
+        return None
+    return WaitSpec(
+        seconds=float(seconds) if seconds is not None else None,
+        until=until,
+        signal=signal,
+        timeout=float(timeout) if timeout is not None else None,
+    )
+
+
+def parse_instant(value: Any) -> int | None:
+    """Epoch milliseconds from epoch milliseconds or an ISO 8601 time with its offset (a
+    time without one is ambiguous: refused)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float) and _is_number(value) and 0 <= value < 2**53:
+        return int(value)
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            return None
+        if when.tzinfo is None:
+            return None
+        return int(when.timestamp() * 1000)
+    return None
 
 
 def _parse_transitions(where: str, body: dict[str, Any], errors: list[str]) -> tuple[Case, ...]:
