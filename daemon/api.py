@@ -182,6 +182,68 @@ async def cancel_workflow(request: Request) -> Response:
     return JSON({"cancelled": True})
 
 
+async def _control_body(request: Request, allowed: set[str]) -> dict[str, Any]:
+    """An optional JSON object body with only `allowed` fields (a reason is text)."""
+    body = await read_json(request, optional=True)
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown field '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+    for key in ("reason", "from_step", "name"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise BadRequest(f"field '{key}' must be a string")
+    return body
+
+
+@needs("workflow")
+async def pause_workflow(request: Request) -> Response:
+    """Pause a running workflow: nothing new starts, running tools finish."""
+    body = await _control_body(request, {"reason"})
+    workflow_id = path_id(request, "id")
+    await engine_of(request).pause(workflow_id, by=token_of(request).name,
+                                   reason=body.get("reason"))  # fmt: skip
+    return JSON({"id": workflow_id, "status": "paused"})
+
+
+@needs("workflow")
+async def resume_workflow(request: Request) -> Response:
+    """Resume a paused workflow, or redrive a failed or cancelled one."""
+    body = await _control_body(request, {"reason", "from_step"})
+    workflow_id = path_id(request, "id")
+    redriven = await engine_of(request).resume(
+        workflow_id, by=token_of(request).name, from_step=body.get("from_step"),
+        reason=body.get("reason"),
+    )  # fmt: skip
+    return JSON({"id": workflow_id, "status": "running", "redriven": redriven})
+
+
+@needs("workflow")
+async def intervene_workflow(request: Request) -> Response:
+    """Merge-patch the input of a paused workflow or one waiting at a gate."""
+    body = await _control_body(request, {"input", "reason"})
+    if "input" not in body:
+        raise BadRequest("Missing required field: input")
+    workflow_id = path_id(request, "id")
+    new = await engine_of(request).intervene(
+        workflow_id, body["input"], by=token_of(request).name, reason=body.get("reason")
+    )
+    return JSON({"id": workflow_id, "input": new})
+
+
+@needs("workflow")
+async def signal_workflow(request: Request) -> Response:
+    """Send a signal to a workflow: {"name", "data"}."""
+    body = await _control_body(request, {"name", "data"})
+    if "name" not in body:
+        raise BadRequest("Missing required field: name")
+    await engine_of(request).signal(path_id(request, "id"), body["name"], body.get("data"),
+                                    by=token_of(request).name)  # fmt: skip
+    return JSON({"accepted": True}, status_code=202)
+
+
 @needs("approve")
 async def ready_step(request: Request) -> Response:
     """Release (approve) a waiting gate; an optional JSON body becomes its result."""
@@ -315,6 +377,10 @@ ROUTES = [
     route("/api/workflow/{step_id:id}/reject", POST=reject_step),
     route("/api/workflow/{step_id:id}/retry", POST=retry_step),
     route("/api/workflow/{step_id:id}/fail", POST=fail_step),
+    route("/api/workflow/{id:id}/pause", POST=pause_workflow),
+    route("/api/workflow/{id:id}/resume", POST=resume_workflow),
+    route("/api/workflow/{id:id}/intervene", POST=intervene_workflow),
+    route("/api/workflow/{id:id}/signal", POST=signal_workflow),
 ]
 
 

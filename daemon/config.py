@@ -59,6 +59,7 @@ class Config:
     template_ms: float = 50.0  # CPU one expression may use
     template_mb: int = 64  # memory one evaluation may grow the sandbox process by
     max_workflow_bytes: int = 32 * 2**20  # input, flow and results one workflow may store
+    max_map_items: int = 10_000  # items one map state may run
     max_result_bytes: int = 1_048_576
     lease_s: float = 30.0
     recovery_attempts: int = 3
@@ -143,6 +144,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "template_ms": ("template_ms", (int, float)),
         "template_mb": ("template_mb", int),
         "max_workflow_bytes": ("max_workflow_bytes", int),
+        "max_map_items": ("max_map_items", int),
     },
     "tools": {
         "modules": ("tool_modules", list),
@@ -352,7 +354,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("[executor] poll_interval must be > 0")
     for attr in ("concurrency", "claim_batch", "step_limit", "max_body_bytes", "max_states",
                  "recovery_attempts", "retention_batch", "max_workflow_bytes",
-                 "max_connections"):  # fmt: skip
+                 "max_connections", "max_map_items"):  # fmt: skip
         if getattr(cfg, attr) < 1:
             raise ConfigError(f"{attr} must be >= 1")
     for attr in ("header_timeout_s", "body_timeout_s"):

@@ -32,9 +32,9 @@ from daemon.executor import (
     new_step,
 )
 from daemon.limits import MAX_REASON
-from daemon.models import Finish, Step, StepStatus
+from daemon.models import TERMINAL, Finish, Step, StepStatus
 from daemon.storage import Cancelled, Created, Replay, Replayed, WorkflowTooLarge
-from daemon.storage.base import BaseStore
+from daemon.storage.base import BaseStore, Redrive
 from daemon.tools import Registry
 
 BODY_KEYS = {"name", "flow", "input", "notify_url"}
@@ -404,6 +404,96 @@ class Engine:
         if not await self._decide(fin, awaiting="decision", decision="fail", decided_by=by):
             raise Conflict(f"step {step_id} is no longer waiting")
 
+    # -- run control ------------------------------------------------------------------
+
+    async def pause(self, workflow_id: int, *, by: str | None, reason: str | None = None) -> None:
+        """Nothing new starts; running tools finish and their results are kept; timers and
+        signals that come due wait."""
+        _check_reason(reason)
+        outcome = await self.store.pause(workflow_id, by=by, reason=reason)
+        _controlled(outcome, workflow_id, "paused", "a running")
+
+    async def resume(
+        self,
+        workflow_id: int,
+        *,
+        by: str | None,
+        from_step: str | None = None,
+        reason: str | None = None,
+    ) -> bool:
+        """Carry on a paused workflow, or redrive a failed or cancelled one (at the state
+        that failed, or at `from_step`; inside a parallel or map only the failed branches
+        or items run again). Returns whether it was a redrive."""
+        _check_reason(reason)
+        wf = await self.store.get_workflow(workflow_id)
+        if wf is None:
+            raise NotFound(f"workflow {workflow_id} not found")
+        if wf.public_status == "paused":
+            if from_step is not None:
+                raise Conflict(f"workflow {workflow_id} is paused: resume it without "
+                               "from_step (it redrives a failed or cancelled one)")  # fmt: skip
+            outcome = await self.store.unpause(workflow_id, by=by, reason=reason)
+            _controlled(outcome, workflow_id, "resumed", "a paused, failed or cancelled")
+            self.executor.wake()
+            return False
+        info = await self.executor.workflow_info(workflow_id)
+        if from_step is not None and from_step not in info.flow.states:
+            known = ", ".join(sorted(info.flow.states)[:50])
+            raise Unprocessable(f"from_step: the flow has no top-level state '{from_step}' "
+                                f"(states: {known})")  # fmt: skip
+        outcome = await self.store.redrive(
+            workflow_id,
+            lambda last: redrive_plan(info, last, from_step),
+            by=by,
+            reason=reason,
+            from_step=from_step,
+        )
+        _controlled(outcome, workflow_id, "resumed", "a paused, failed or cancelled")
+        self.executor.wake()
+        return True
+
+    async def intervene(
+        self, workflow_id: int, patch: Any, *, by: str | None, reason: str | None = None
+    ) -> Any:
+        """Merge-patch (RFC 7386) the input of a paused workflow or of one waiting at a
+        gate; later templates see the new input. Returns the new input."""
+        _check_reason(reason)
+        if not isinstance(patch, dict):
+            raise BadRequest("field 'input' must be an object (a JSON merge patch)")
+
+        def change(old: str) -> str:
+            return orjson.dumps(merge_patch(orjson.loads(old), patch)).decode()
+
+        try:
+            outcome, new = await self.store.intervene(
+                workflow_id, change, by=by, reason=reason,
+                max_workflow_bytes=self.executor.config.max_workflow_bytes,
+            )  # fmt: skip
+        except WorkflowTooLarge as exc:
+            raise PayloadTooLarge(f"{exc}; the input was not changed") from None
+        if outcome != "ok" and outcome in TERMINAL | {"running"}:
+            raise Conflict(f"workflow {workflow_id} is {outcome} and not waiting at a gate; "
+                           "its input can change only while paused or at a gate")  # fmt: skip
+        _controlled(outcome, workflow_id, "intervened", "a paused")
+        self.executor.forget(workflow_id)
+        assert new is not None
+        return orjson.Fragment(new)
+
+    async def signal(self, workflow_id: int, name: Any, data: Any, *, by: str | None) -> None:
+        """Send a signal: the oldest wait for it takes it, or it is kept, first in first
+        out, for a wait reached later."""
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise BadRequest("field 'name' must be a signal name of 1 to 200 characters")
+        outcome = await self.store.send_signal(
+            workflow_id, name, orjson.dumps(data).decode(), by=by
+        )
+        if outcome == "not_found":
+            raise NotFound(f"workflow {workflow_id} not found")
+        if outcome != "ok":
+            raise Conflict(f"workflow {workflow_id} is {outcome}; signals go to running or "
+                           "paused workflows")  # fmt: skip
+        self.executor.wake()
+
     async def cancel(self, workflow_id: int, *, by: str | None) -> None:
         outcome, step_ids = await self.store.cancel_workflow(workflow_id, by=by)
         if outcome is Cancelled.NOT_FOUND:
@@ -423,7 +513,9 @@ class Engine:
         return {
             **wf.summary(),
             "input": orjson.Fragment(wf.input_json or "{}"),
+            "output": orjson.Fragment(wf.output_json or "null"),
             "flow": orjson.Fragment(wf.flow_json or "{}"),
+            "dag": orjson.Fragment(wf.dag_json) if wf.dag_json else None,
             "steps": [s.public() for s in steps],
         }
 
@@ -432,6 +524,52 @@ class Engine:
     ) -> list[dict[str, Any]]:
         rows = await self.store.list_workflows(limit=limit, status=status, before=before)
         return [w.summary() for w in rows]
+
+
+def _controlled(outcome: str, workflow_id: int, done: str, allowed: str) -> None:
+    """Raise for a run-control outcome other than "ok": 404, or 409 naming the status."""
+    if outcome == "not_found":
+        raise NotFound(f"workflow {workflow_id} not found")
+    if outcome != "ok":
+        raise Conflict(f"workflow {workflow_id} is {outcome}; only {allowed} workflow can be "
+                       f"{done}")  # fmt: skip
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge, null removes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def redrive_plan(info: WorkflowInfo, last: Step | None, from_step: str | None) -> Redrive:
+    """What a redrive runs again: `from_step`; else the failed or cancelled branches of a
+    parallel or map step that failed; else a new visit of the latest top-level state (the
+    one that failed, or was cancelled)."""
+    if from_step is not None or last is None:
+        state = info.flow[from_step or "start"]
+        return Redrive(state.id, step=new_step(state, 0))
+    state = info.state(last)
+    if state.kind in ("parallel", "map") and last.status in ("failed", "cancelled"):
+        if state.map is not None:
+            first = new_step(state.map.flow["start"], last.seq + 1)
+            scope = orjson.dumps([state.id, "*"]).decode()
+            firsts = {"*": replace(first, scope=scope)}
+            return Redrive(state.id, parent=last, firsts=firsts, limit=state.map.max_concurrency)
+        assert state.branches is not None
+        firsts = {}
+        for name, sub in state.branches.items():
+            first = new_step(sub["start"], last.seq + 1)
+            scope = orjson.dumps([state.id, name]).decode()
+            firsts[name] = replace(first, parent_id=last.id, branch=name, scope=scope)
+        return Redrive(state.id, parent=last, firsts=firsts)
+    return Redrive(state.id, step=new_step(state, 0))
 
 
 def _replayed(earlier: Replay, now: Replay) -> tuple[int, dict[str, Any]]:

@@ -30,12 +30,12 @@ from typing import Any
 
 import orjson
 
-from daemon import egress, metrics
+from daemon import egress, metrics, templating
 from daemon import flow as flows
 from daemon.config import Config
 from daemon.evaluator import Evaluator, SandboxUnavailable
 from daemon.logs import StepLogger
-from daemon.models import Finish, NewStep, Step, StepStatus, WorkflowStatus
+from daemon.models import BranchEnd, Branches, Finish, NewStep, Step, StepStatus, WorkflowStatus
 from daemon.placeholders import TemplateError, scrub
 from daemon.storage import StorageError, StorageUnavailable, WorkflowTooLarge, now_ms
 from daemon.storage.base import BaseStore
@@ -59,6 +59,14 @@ class WorkflowInfo:
     flow: flows.Flow
     input_json: str  # as stored: expressions parse it only when they read it (Scope)
     size: int = 0  # characters of its flow and input as JSON: what caching it costs
+    input_rev: int = 0  # changed by intervene
+
+    def flow_of(self, step: Step) -> flows.Flow:
+        """The flow `step` runs in (the workflow's, or a branch's or map's inside it)."""
+        return self.flow.resolve(step.path)
+
+    def state(self, step: Step) -> flows.State:
+        return self.flow.resolve(step.path)[step.state]
 
 
 class Postponed(Exception):
@@ -103,6 +111,7 @@ class Executor:
         self._postponed = 0.0  # seconds the last postponed step waits (doubles while it lasts)
         # Another daemon on the database wrote (or news of it may have been lost): look now.
         store.change_hooks.append(lambda kind: kind != "commit" and self.wake())
+        store.cancel_hooks.append(self.cancel_steps)
         self._sleep_until = 0.0  # time.monotonic() when the loop's current wait ends
 
     # -- control ---------------------------------------------------------------------
@@ -245,8 +254,11 @@ class Executor:
         now_ = now_ms() if now is None else now
         await self._heartbeat(now_)
         if await self.store.lead("gates"):  # one daemon of several expires gates
-            for gate in await self.store.expired_gates(self.config.claim_batch, now=now):
-                await self._expire(gate)
+            for waiting in await self.store.expired_gates(self.config.claim_batch, now=now):
+                if waiting.awaiting == "ready":
+                    await self._expire(waiting)
+                else:
+                    await self._deadline(waiting)
         for step in await self.store.interrupted(limit=self.config.claim_batch, now=now_):
             if step.id not in self._tasks:
                 await self.recover_step(step, "its lease expired while it ran")
@@ -297,7 +309,7 @@ class Executor:
         """Requeue an interrupted step, fail it when out of attempts, or, for a tool that is
         not idempotent, let a person decide (it may have had its effect already)."""
         info = await self.workflow_info(step.workflow_id)
-        state = info.flow[step.state]
+        state = info.state(step)
         tool = self.registry.get(step.tool or "")
         if tool is not None and not tool.idempotent:
             why = f"{reason}; tool '{tool.name}' is not idempotent: retry or fail it"
@@ -318,13 +330,27 @@ class Executor:
     async def _expire(self, gate: Step) -> None:
         """A gate waited past its timeout: it fails, and the flow goes to on_error or fails."""
         info = await self.workflow_info(gate.workflow_id)
-        timeout = info.flow[gate.state].timeout or 0
+        timeout = info.state(gate).timeout or 0
         error = f"gate expired after {timeout:g}s without a decision"
         fin = failed_for_good(info, gate, error, "GateExpired", self.config.step_limit)
         next_id = await self.store.finish_step(fin)
         if next_id is not None:
             log.info("gate expired", extra=_fields(gate))
             log_gate_waiting(gate.workflow_id, next_id, fin.next_step)
+
+    async def _deadline(self, step: Step) -> None:
+        """A wait's timer fired, or a signal wait or a parallel or map step timed out."""
+        if step.awaiting == "timer":
+            await self.store.wake(step, result_json="null")
+            return
+        info = await self.workflow_info(step.workflow_id)
+        state = info.state(step)
+        if step.awaiting == "signal":
+            error, type_ = "wait timed out", "WaitTimeout"
+        else:
+            error, type_ = f"timed out after {state.timeout or 0:g}s", "Timeout"
+        if await self.store.wake(step, error=error, error_type=type_):
+            log.info("%s", error, extra=_fields(step))
 
     def hurry(self) -> None:
         """Stop at once (a second stop signal): no more grace, before or during stop()."""
@@ -429,6 +455,8 @@ class Executor:
             except Exception as exc:  # a bug: fail the workflow rather than leave it hanging
                 log.exception("step crashed", extra=_fields(step))
                 fin = _crashed(step, f"internal error: {type(exc).__name__}: {exc}")
+            if fin is None:  # a parallel, map or wait step now waits, holding no slot
+                return
             metrics.step_finished(tool, _outcome(fin), time.perf_counter() - began)
             nxt = fin.next_step
             if nxt is not None and nxt.tool is not None and not self._stopping.is_set():
@@ -506,9 +534,11 @@ class Executor:
                 fin = _crashed(step, f"internal error: the outcome could not be stored: {exc}")
                 fell_back = True
 
-    async def _attempt(self, step: Step) -> Finish:
+    async def _attempt(self, step: Step) -> Finish | None:
         info = await self.workflow_info(step.workflow_id)
-        state = info.flow[step.state]
+        state = info.state(step)
+        if state.kind in ("parallel", "map", "wait"):
+            return await self._composite(info, state, step)
         scope: Scope | None = None
         try:
             if state.templated:
@@ -523,6 +553,109 @@ class Executor:
             return self._failure(info, step, exc)
         return self._finish(info, step, move, StepStatus.DONE, result_json=result_json,
                             max_workflow_bytes=self.config.max_workflow_bytes)  # fmt: skip
+
+    async def _composite(self, info: WorkflowInfo, state: flows.State, step: Step) -> Finish | None:
+        """A parallel, map or wait step. Its first run starts the branches or the wait and
+        gives up the run slot (None: nothing more to record now); once it is woken (joined,
+        fired, signalled, timed out) it runs again to move its flow on, like a tool that
+        returned its result or failed."""
+        scope: Scope | None = None
+        try:
+            if step.woken:
+                if step.error is not None:
+                    raise StepFailed(step.error, type_=step.error_type or "Failed",
+                                     retryable=True)  # fmt: skip
+                result_json = step.result_json or "null"
+            else:
+                result_json = await self._begin(info, state, step)
+                if result_json is None:
+                    return None
+            result = orjson.loads(result_json)
+            move = await self._branch(info, step, result, scope)
+        except StepFailed as exc:
+            return self._failure(info, step, exc)
+        return self._finish(info, step, move, StepStatus.DONE, result_json=result_json,
+                            max_workflow_bytes=self.config.max_workflow_bytes)  # fmt: skip
+
+    async def _begin(self, info: WorkflowInfo, state: flows.State, step: Step) -> str | None:
+        """Start a parallel's branches, a map's items or a wait. Returns the state's result
+        when there is nothing to wait for (no items, a time already past, a signal that
+        came first), else None."""
+        timeout = state.timeout
+        expires = None if timeout is None else now_ms() + int(timeout * 1000)
+        if state.kind == "parallel":
+            assert state.branches is not None
+            keys = [(name, None) for name in state.branches]
+            firsts = {name: self._first(step, state, name, sub) for name, sub in
+                      state.branches.items()}  # fmt: skip
+            branches = Branches(keys, len(keys), firsts)
+            await self.store.start_branches(step, branches, expires_at=expires)
+            return None
+        if state.kind == "map":
+            assert state.map is not None
+            items = await self._items(info, state, step)
+            if not items:
+                return "[]"
+            keys = [(str(i), orjson.dumps(item).decode()) for i, item in enumerate(items)]
+            first = self._first(step, state, "*", state.map.flow)
+            branches = Branches(keys, state.map.max_concurrency, {"*": first})
+            await self.store.start_branches(step, branches, expires_at=expires)
+            return None
+        wait = state.wait
+        assert wait is not None
+        if wait.signal is not None:
+            limit = wait.timeout if wait.timeout is not None else timeout
+            until = None if limit is None else now_ms() + int(limit * 1000)
+            return await self.store.begin_wait(step, awaiting="signal", signal=wait.signal,
+                                               expires_at=until)  # fmt: skip
+        if wait.seconds is not None:
+            until = now_ms() + int(wait.seconds * 1000)
+        else:
+            value = wait.until
+            if isinstance(value, str) and next(templating.expressions(value), None):
+                value = await self._value(info, state, step, value, "wait.until")
+            until = flows.parse_instant(value)
+            if until is None:
+                raise StepFailed(f"wait.until gave {templating.truncate_json(value)}; it must "
+                                 "be an ISO 8601 time with a time zone or epoch milliseconds",
+                                 type_="BadWait", retryable=False)  # fmt: skip
+        if until <= now_ms():
+            return "null"
+        await self.store.begin_wait(step, awaiting="timer", signal=None, expires_at=until)
+        return None
+
+    def _first(self, step: Step, state: flows.State, branch: str, sub: flows.Flow) -> NewStep:
+        """The first step of a branch (or, with branch "*", of every map item)."""
+        scope = orjson.dumps([*step.path, state.id, branch]).decode()
+        first = new_step(sub["start"], step.seq + 1)
+        return replace(first, parent_id=step.id, branch=None if branch == "*" else branch,
+                       scope=scope)  # fmt: skip
+
+    async def _items(self, info: WorkflowInfo, state: flows.State, step: Step) -> list[Any]:
+        assert state.map is not None
+        items = state.map.items
+        if isinstance(items, str):
+            items = await self._value(info, state, step, items, "map.items")
+        if not isinstance(items, list):
+            raise StepFailed(f"map.items gave {templating.truncate_json(items)}, not a list",
+                             type_="BadItems", retryable=False)  # fmt: skip
+        if len(items) > self.config.max_map_items:
+            raise StepFailed(f"map.items has {len(items)} items; the limit is "
+                             f"{self.config.max_map_items} ([limits] max_map_items)",
+                             type_="TooManyItems", retryable=False)  # fmt: skip
+        return items
+
+    async def _value(
+        self, info: WorkflowInfo, state: flows.State, step: Step, text: str, where: str
+    ) -> Any:
+        """One templated value of a state (a map's items, a wait's until)."""
+        scope = await self.scope(info, step)
+        try:
+            return (await self.evaluator.render({"v": text}, scope))["v"]
+        except TemplateError as exc:
+            raise StepFailed(f"{where}: {exc}", type_="TemplateError", retryable=False) from None
+        except SandboxUnavailable as exc:
+            raise Postponed(str(exc)) from None
 
     async def _render(self, state: flows.State, scope: Scope) -> Any:
         """The state's args with their placeholders rendered (a copy of its own)."""
@@ -556,16 +689,16 @@ class Executor:
         """Where the flow goes once `step` succeeded with `result`: a branch's conditions
         are evaluated here, with `result` bound to it (SandboxUnavailable if they could
         not be)."""
-        state = info.flow[step.state]
+        state = info.state(step)
         if not state.branch:
-            return flows.after_success(info.flow, step.state)
+            return flows.after_success(info.flow_of(step), step.state)
         scope = scope if scope is not None else await self.scope(info, step)
         with_result = scope.with_result(orjson.dumps(result).decode())
         try:
             matched = await self.evaluator.choose(state.conditions, with_result)
         except TemplateError as exc:
-            return flows.after_success(info.flow, step.state, error=str(exc))
-        return flows.after_success(info.flow, step.state, matched=matched, result=result)
+            return flows.after_success(info.flow_of(step), step.state, error=str(exc))
+        return flows.after_success(info.flow_of(step), step.state, matched=matched, result=result)
 
     async def _call(self, step: Step, args: Any, info: WorkflowInfo) -> Any:
         assert step.tool is not None
@@ -586,7 +719,7 @@ class Executor:
             raise StepFailed(
                 f"tool '{tool.name}': {'; '.join(problems)}", type_="BadArguments", retryable=False
             )
-        state = info.flow[step.state]
+        state = info.state(step)
         deadline = asyncio.timeout(state.timeout)
         try:
             async with deadline:
@@ -641,7 +774,7 @@ class Executor:
 
     def _failure(self, info: WorkflowInfo, step: Step, exc: StepFailed) -> Finish:
         move = flows.after_failure(
-            info.flow,
+            info.flow_of(step),
             step.state,
             str(exc),
             attempt=step.attempt,
@@ -687,10 +820,19 @@ class Executor:
             _, old = self._infos.popitem(last=False)
             self._infos_size -= old.size
 
+    def forget(self, workflow_id: int) -> None:
+        """Drop a workflow's cached info (its input changed)."""
+        old = self._infos.pop(workflow_id, None)
+        if old is not None:
+            self._infos_size -= old.size
+
     async def workflow_info(self, workflow_id: int) -> WorkflowInfo:
         """The parsed flow and the input of a workflow (cached: they never change)."""
         info = self._infos.get(workflow_id)
-        if info is not None:
+        if info is not None and (
+            self.store.backend == "sqlite"  # one daemon: intervene here forgets it
+            or await self.store.input_rev(workflow_id) == info.input_rev
+        ):
             self._infos.move_to_end(workflow_id)
             return info
         wf = await self.store.get_workflow(workflow_id)
@@ -698,24 +840,54 @@ class Executor:
         parsed = await self._flows.aparse(wf.flow_json, max_states=1 << 30)
         assert parsed.flow is not None, parsed.errors
         info = WorkflowInfo(wf.id, wf.name, wf.created_by, parsed.flow, wf.input_json,
-                            len(wf.flow_json) + len(wf.input_json))  # fmt: skip
+                            len(wf.flow_json) + len(wf.input_json), wf.input_rev)  # fmt: skip
+        self.forget(wf.id)
         self.remember(info)
         return info
 
     async def scope(self, info: WorkflowInfo, step: Step) -> Scope:
-        """What the expressions of `step`'s state may read (see build_scope)."""
-        needs = info.flow[step.state].needs
+        """What the expressions of `step`'s state may read (see build_scope). Inside a
+        branch or map item, `steps` holds the branch's own visits over those of the flows
+        around it, `result` is the previous step's in the branch (for its first step, the
+        one before the parallel or map step), and a map item adds its value and index."""
+        needs = info.state(step).needs
         history: list[Step] = []
         previous = None
-        if "steps" in needs.names and needs.states != frozenset():
-            history = await self.store.scope_steps(info.id, before=step.id, states=needs.states)
-        if needs.names & {"result", "error"}:
-            previous = await self.store.previous_step(info.id, before=step.id)
-        return build_scope(info, history, previous, needs)
+        extra: dict[str, str] = {}
+        want_steps = "steps" in needs.names and needs.states != frozenset()
+        want_previous = bool(needs.names & {"result", "error"})
+        at: Step | None = step
+        while at is not None:
+            if at.parent_id is None:
+                if want_steps:
+                    outer = await self.store.scope_steps(info.id, at.id, needs.states)
+                    history = [*outer, *history]
+                if want_previous and previous is None:
+                    previous = await self.store.previous_step(info.id, before=at.id)
+                break
+            assert at.branch is not None
+            if want_steps:
+                own = await self.store.scope_steps_in(at.parent_id, at.branch, at.id, needs.states)
+                history = [*own, *history]
+            if want_previous and previous is None:
+                previous = await self.store.previous_step_in(at.parent_id, at.branch, at.id)
+            path = at.path
+            owner = info.flow.resolve(path[:-2])[path[-2]]
+            if owner.map is not None and "index" not in extra:
+                row = await self.store.branch(at.parent_id, at.branch)
+                if row is not None:
+                    extra[owner.map.as_] = row["item_json"] or "null"
+                    extra["index"] = str(row["idx"])
+            at = await self.store.get_step(at.parent_id)
+        return build_scope(info, history, previous, needs, extra)
 
 
 def build_scope(
-    info: WorkflowInfo, history: list[Step], previous: Step | None, needs: Needs
+    info: WorkflowInfo,
+    history: list[Step],
+    previous: Step | None,
+    needs: Needs,
+    extra: dict[str, str] | None = None,
 ) -> Scope:
     """What expressions see: input, steps (the latest visit of each state, oldest first in
     `history`), result (the `previous` step's), error (when it failed), workflow; only the
@@ -740,6 +912,9 @@ def build_scope(
         error = {"type": previous.error_type, "message": previous.error,
                  "state": previous.state, "attempt": previous.attempt}  # fmt: skip
         texts["error"] = orjson.dumps(error).decode()
+    for name, text in (extra or {}).items():
+        if name in needs.names:
+            texts[name] = text
     return Scope(texts)
 
 
@@ -757,11 +932,31 @@ def finish_for(
         step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt, status=status, **fields
     )
     if isinstance(move, flows.Advance):
-        return replace(base, next_step=new_step(info.flow[move.target], step.seq + 1))
+        nxt = new_step(info.flow_of(step)[move.target], step.seq + 1)
+        nxt = replace(nxt, parent_id=step.parent_id, branch=step.branch, scope=step.scope)
+        return replace(base, next_step=nxt)
+    if step.parent_id is not None:  # the end of a branch or map item, not of the workflow
+        error = move.error if isinstance(move, flows.Fail) else None
+        return replace(base, branch_end=_branch_end(info, step, move), workflow_error=error)
     if isinstance(move, flows.Complete):
         return replace(base, workflow_status=WorkflowStatus.COMPLETED)
     assert isinstance(move, flows.Fail)
     return replace(base, workflow_status=WorkflowStatus.FAILED, workflow_error=move.error)
+
+
+def _branch_end(info: WorkflowInfo, step: Step, move: flows.Move) -> BranchEnd:
+    path = step.path
+    owner = info.flow.resolve(path[:-2])[path[-2]]  # the parallel or map state
+    assert step.parent_id is not None and step.branch is not None
+    first = None
+    tolerated = 0
+    if owner.map is not None:
+        tolerated = owner.map.tolerated_failures
+        scope = orjson.dumps([*path[:-1], "*"]).decode()
+        first = replace(new_step(owner.map.flow["start"], step.seq), scope=scope)
+    return BranchEnd(parent_id=step.parent_id, key=step.branch,
+                     ok=isinstance(move, flows.Complete), kind=owner.kind, join=owner.join,
+                     tolerated=tolerated, first=first)  # fmt: skip
 
 
 def failed_for_good(
@@ -770,7 +965,7 @@ def failed_for_good(
     """A step that failed in a way no retry helps (rejected, expired, out of attempts):
     the flow goes on at on_error, or the workflow fails."""
     move = flows.after_failure(
-        info.flow, step.state, error, attempt=step.attempt, retryable=False, rand=0.0
+        info.flow_of(step), step.state, error, attempt=step.attempt, retryable=False, rand=0.0
     )
     return finish_for(info, step, move, StepStatus.FAILED, step_limit, error=error,
                       error_type=error_type)  # fmt: skip
@@ -781,7 +976,7 @@ def new_step(state: flows.State, seq: int) -> NewStep:
     timeout_ms = None
     if state.is_gate and state.timeout is not None:
         timeout_ms = int(state.timeout * 1000)
-    return NewStep(state=state.id, name=state.name, tool=state.tool, seq=seq,
+    return NewStep(state=state.id, name=state.name, tool=state.step_tool, seq=seq,
                    timeout_ms=timeout_ms)  # fmt: skip
 
 

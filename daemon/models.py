@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Self
 
+import orjson
+
 from daemon.limits import MAX_ERROR
 
 
@@ -15,6 +17,7 @@ class WorkflowStatus(StrEnum):
     COMPLETED = "completed"  # a `done: true` state finished
     FAILED = "failed"  # a step failed with nowhere to go, or the flow broke
     CANCELLED = "cancelled"  # DELETE /api/workflow/{id}
+    PAUSED = "paused"  # POST /api/workflow/{id}/pause (stored as running with paused_at)
 
 
 # The statuses a workflow ends in (also the names of the events that end it).
@@ -57,18 +60,28 @@ class Workflow(_Row):
     flow_json: str | None = None
     input_json: str | None = None
     notify_url: str | None = None
+    paused_at: int | None = None
+    output_json: str | None = None
+    dag_json: str | None = None
+    input_rev: int = 0
+
+    @property
+    def public_status(self) -> str:
+        """The status clients see: a paused workflow is stored as running with paused_at."""
+        return "paused" if self.paused_at is not None and self.status == "running" else self.status
 
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.name,
-            "status": self.status,
+            "status": self.public_status,
             "created_by": self.created_by,
             "error": self.error,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "completed_at": self.completed_at,
             "cancelled_at": self.cancelled_at,
+            "paused_at": self.paused_at,
         }
 
 
@@ -94,13 +107,33 @@ class Step(_Row):
     reason: str | None = None
     started_at: int | None = None
     completed_at: int | None = None
+    parent_id: int | None = None
+    branch: str | None = None
+    scope: str | None = None  # JSON: the path of its flow (see flow.Flow.resolve)
+    signal: str | None = None
+    held_at: int | None = None
+    woken: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """tool, gate, parallel, map or wait (see flow.KIND_TOOLS)."""
+        if self.tool is None:
+            return "gate"
+        return self.tool[1:] if self.tool.startswith(":") else "tool"
+
+    @property
+    def path(self) -> tuple[Any, ...]:
+        return tuple(_scope(self.scope)) if self.scope else ()
 
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.name,
             "state": self.state,
-            "tool": self.tool,
+            "kind": self.kind,
+            "tool": None if self.tool is None or self.tool.startswith(":") else self.tool,
+            "parent_id": self.parent_id,
+            "scope": None if self.scope is None else orjson.Fragment(self.scope),
             "status": self.status,
             "awaiting": self.awaiting,
             "attempt": self.attempt,
@@ -117,6 +150,11 @@ class Step(_Row):
         }
 
 
+@functools.lru_cache(maxsize=4096)
+def _scope(text: str) -> tuple[Any, ...]:
+    return tuple(orjson.loads(text))
+
+
 @dataclass(frozen=True)
 class NewStep:
     """A state visit to insert: a pending tool step, or a gate that starts waiting."""
@@ -126,6 +164,33 @@ class NewStep:
     tool: str | None
     seq: int
     timeout_ms: int | None = None  # for a gate: how long it may wait
+    parent_id: int | None = None  # inside a parallel branch or map item: see Step
+    branch: str | None = None
+    scope: str | None = None
+
+
+@dataclass(frozen=True)
+class BranchEnd:
+    """A parallel branch or map item reached its end (done, or failed with nowhere to go):
+    settled in the transaction that finishes its last step."""
+
+    parent_id: int
+    key: str
+    ok: bool
+    kind: str  # parallel or map
+    join: str = "fail_fast"  # parallel: fail_fast or all_settled
+    tolerated: int = 0  # map: failed items allowed
+    first: NewStep | None = None  # map: the first step of the next item to start
+
+
+@dataclass(frozen=True)
+class Branches:
+    """The branches (or items) a parallel or map step starts: (key, item JSON) in order,
+    at most `limit` at once, each beginning with `first(key)`."""
+
+    keys: list[tuple[str, str | None]]
+    limit: int
+    firsts: dict[str, NewStep]  # parallel: per branch; map: under "*"
 
 
 @dataclass(frozen=True)
@@ -148,6 +213,7 @@ class Finish:
     workflow_error: str | None = None
     # With a result: refuse it (WorkflowTooLarge) if the workflow would then store more.
     max_workflow_bytes: int | None = None
+    branch_end: BranchEnd | None = None  # the end of a branch or item instead of the workflow's
 
     def __post_init__(self) -> None:
         # Every error stored with a step or a workflow passes here: a tool's exception or

@@ -15,12 +15,13 @@ import asyncio
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from importlib.resources.abc import Traversable
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import orjson
 
-from daemon.models import Finish, NewStep, Step, StepStatus, Workflow
+from daemon.models import Branches, Finish, NewStep, Step, StepStatus, Workflow, WorkflowStatus
 from daemon.storage.types import (
     NEVER,
     Cancelled,
@@ -105,6 +106,9 @@ class BaseStore:
         # Tests inject storage faults here: called with an operation's name before it runs;
         # what it raises, the operation raises, having changed nothing.
         self.faults: Callable[[str], None] | None = None
+        # Called with the ids of steps a transaction of this process cancelled (a branch
+        # failed: its siblings stop), once it committed: the executor stops their tools.
+        self.cancel_hooks: list[Callable[[list[int]], None]] = []
 
     # -- what a backend provides ---------------------------------------------------
 
@@ -204,6 +208,9 @@ class BaseStore:
                 "seq": step.seq,
                 "timeout_ms": step.timeout_ms,
                 "now": now,
+                "parent_id": step.parent_id,
+                "branch": step.branch,
+                "scope": step.scope,
             },
         )
         if step.tool is None:
@@ -216,6 +223,9 @@ class BaseStore:
         queue behind them, first come, first served, so a busy chain of hand-offs cannot
         starve what was queued before it (steps of tokens at their share are no such
         steps). Nor while its own token has max_running_per_token steps running."""
+        (paused,) = db.execute(self.Q["workflow_paused"], {"workflow_id": workflow_id}).fetchone()
+        if paused is not None:
+            return False  # its steps are held until it resumes
         oldest = db.execute(self.Q["oldest_due_token"], {"now": now}).fetchone()
         if self.max_running_per_token is None:
             return oldest is None
@@ -291,7 +301,8 @@ class BaseStore:
             self.Q["insert_started_step"],
             {"id": self._new_id(now), "workflow_id": workflow_id, "state": step.state,
              "name": step.name, "tool": step.tool, "seq": step.seq, "now": now,
-             "started_at": started_at, "lease_ms": lease_ms, "node": self.node},
+             "started_at": started_at, "lease_ms": lease_ms, "node": self.node,
+             "parent_id": step.parent_id, "branch": step.branch, "scope": step.scope},
         ).fetchone()  # fmt: skip
         started = Step.from_row(row)
         self._event(db, workflow_id, started.id, "step_started", now,
@@ -364,7 +375,10 @@ class BaseStore:
         self, *, limit: int = 50, status: str | None = None, before: int | None = None
     ) -> list[Workflow]:
         params = {"limit": limit, "status": status, "before": before or NEVER}
-        sql = self.Q["list_workflows_by_status"] if status else self.Q["list_workflows"]
+        if status == "paused":
+            sql = self.Q["list_workflows_paused"]
+        else:
+            sql = self.Q["list_workflows_by_status"] if status else self.Q["list_workflows"]
         return [Workflow.from_row(r) for r in await self._all(sql, params)]
 
     async def steps(self, workflow_id: int) -> list[Step]:
@@ -393,6 +407,7 @@ class BaseStore:
                 return (Cancelled.FINISHED if exists.fetchone() else Cancelled.NOT_FOUND), []
             rows = db.execute(self.Q["cancel_steps"], {"workflow_id": workflow_id, "now": now})
             step_ids = [r[0] for r in rows.fetchall()]
+            db.execute(self.Q["cancel_workflow_branches"], {"workflow_id": workflow_id})
             self._event(db, workflow_id, None, "cancelled", now, {"by": by})
             return Cancelled.OK, step_ids
 
@@ -433,7 +448,9 @@ class BaseStore:
         no longer owns the step (cancelled, or requeued) and nothing was written.
         """
         now = now_ms() if now is None else now
-        done = await self.write("finish_step", lambda db: self._finish(db, fin, now))
+        cancels: list[int] = []
+        done = await self.write("finish_step", lambda db: self._finish(db, fin, now, cancels))
+        self._cancelled(cancels)
         return None if done is None else done[0]
 
     async def finish_and_start(
@@ -442,10 +459,20 @@ class BaseStore:
         """finish_step, and the next step when it was written as running
         (`fin.start_next_lease_ms`): (next id or 0 or None, started step or None)."""
         now = now_ms() if now is None else now
-        done = await self.write("finish_and_start", lambda db: self._finish(db, fin, now))
+        cancels: list[int] = []
+        done = await self.write("finish_and_start", lambda db: self._finish(db, fin, now, cancels))
+        self._cancelled(cancels)
         return (None, None) if done is None else done
 
-    def _finish(self, db: Tx, fin: Finish, now: int) -> tuple[int, Step | None] | None:
+    def _cancelled(self, step_ids: list[int]) -> None:
+        if step_ids:
+            for hook in self.cancel_hooks:
+                hook(step_ids)
+
+    def _finish(
+        self, db: Tx, fin: Finish, now: int, cancels: list[int]
+    ) -> tuple[int, Step | None] | None:
+        cancels.clear()  # the operation may run again (a retried transaction)
         params = {
             "id": fin.step_id,
             "attempt": fin.attempt,
@@ -463,7 +490,7 @@ class BaseStore:
         if cur.rowcount == 0:
             return None
         touched = self._grow(db, fin, now)
-        return self._follow(db, fin, now, touched=touched)
+        return self._follow(db, fin, now, touched=touched, cancels=cancels)
 
     def _grow(self, db: Tx, fin: Finish, now: int) -> bool:
         """Count a result against its workflow's storage (and mark the workflow changed:
@@ -479,7 +506,13 @@ class BaseStore:
         return True
 
     def _follow(
-        self, db: Tx, fin: Finish, now: int, *, touched: bool = False
+        self,
+        db: Tx,
+        fin: Finish,
+        now: int,
+        *,
+        touched: bool = False,
+        cancels: list[int] | None = None,
     ) -> tuple[int, Step | None]:
         """Events, the next step and the workflow's end, after a step changed."""
         wf = fin.workflow_id
@@ -500,7 +533,10 @@ class BaseStore:
             next_id = started.id
         elif fin.next_step is not None:
             next_id = self._insert_step(db, wf, fin.next_step, now)
+        elif fin.branch_end is not None:
+            self._settle_branch(db, fin, now, [] if cancels is None else cancels)
         elif fin.workflow_status is not None:
+            completed = fin.workflow_status is WorkflowStatus.COMPLETED
             db.execute(
                 self.Q["end_workflow"],
                 {
@@ -508,6 +544,7 @@ class BaseStore:
                     "status": fin.workflow_status.value,
                     "error": fin.workflow_error,
                     "now": now,
+                    "output_json": (fin.result_json or "null") if completed else None,
                 },
             )
             self._event(
@@ -547,6 +584,7 @@ class BaseStore:
         now = now_ms() if now is None else now
 
         def op(db: Tx) -> tuple[int, Step | None] | None:
+            cancels.clear()
             if replay is not None:
                 # Checked here, in the transaction that saves the key: of two requests
                 # with one key, the second sees the first's answer (Replayed).
@@ -575,9 +613,12 @@ class BaseStore:
             self._event(db, fin.workflow_id, fin.step_id, kind, now, data)
             if replay is not None:
                 db.execute(self.Q["save_decision_key"], {**replay.params(), "now": now})
-            return self._follow(db, fin, now, touched=touched)
+            return self._follow(db, fin, now, touched=touched, cancels=cancels)
 
-        return await self.write("decide", op)
+        cancels: list[int] = []
+        decided = await self.write("decide", op)
+        self._cancelled(cancels)
+        return decided
 
     async def decision_replay(self, created_by: str | None, key: str) -> Replay | None:
         """The remembered answer to a decision sent with this Idempotency-Key, if any."""
@@ -904,6 +945,418 @@ class BaseStore:
             lambda db: db.execute(self.Q["delete_web_session"], {"id_hash": id_hash}),
         )
 
+    # -- parallel and map branches, waits and signals ----------------------------------
+
+    def _settle_branch(self, db: Tx, fin: Finish, now: int, cancels: list[int]) -> None:
+        """A branch or map item ended (its last step just finished): start the next item,
+        join the parallel or map step when none is left, or fail it at once (fail fast,
+        or more failed items than tolerated), cancelling what still runs inside it."""
+        be = fin.branch_end
+        assert be is not None
+        # Branches ending at once see each other's outcome: the last one joins.
+        self._one_at_a_time(db, f"branches {be.parent_id}")
+        error = None if be.ok else (fin.workflow_error or fin.error)
+        params = {"parent_id": be.parent_id, "key": be.key,
+                  "status": "done" if be.ok else "failed",
+                  "result_json": (fin.result_json or "null") if be.ok else None,
+                  "error": error,
+                  "error_type": None if be.ok else (fin.error_type or "Failed")}  # fmt: skip
+        if db.execute(self.Q["settle_branch"], params).rowcount == 0:
+            return  # cancelled meanwhile (a sibling failed, or the workflow was cancelled)
+        wf = fin.workflow_id
+        kind = "branch_done" if be.ok else "branch_failed"
+        data: dict[str, Any] = {"parent_id": be.parent_id, "branch": be.key}
+        if error is not None:
+            data["error"] = error
+        self._event(db, wf, fin.step_id, kind, now, data)
+        counts = {r[0]: r[1] for r in db.execute(self.Q["branch_counts"], params).fetchall()}
+        failing = not be.ok and (
+            (be.kind == "parallel" and be.join == "fail_fast")
+            or (be.kind == "map" and counts.get("failed", 0) > be.tolerated)
+        )
+        if failing:
+            what = f"branch '{be.key}'" if be.kind == "parallel" else f"item {be.key}"
+            cancels += self._cancel_inside(db, be.parent_id, now, "sibling failed")
+            self._wake(db, wf, be.parent_id, "branches", now, error=f"{what} failed: {error}",
+                       error_type="BranchFailed")  # fmt: skip
+            return
+        if counts.get("pending") and be.first is not None:
+            self._start_branches(db, wf, be.parent_id, {"*": be.first}, 1, now)
+            return
+        if counts.get("pending") or counts.get("running"):
+            return
+        rows = db.execute(self.Q["branch_results"], params).fetchall()
+        self._wake(db, wf, be.parent_id, "branches", now,
+                   result_json=_joined(rows, be.kind, be.join))  # fmt: skip
+
+    def _cancel_inside(self, db: Tx, parent_id: int, now: int, reason: str) -> list[int]:
+        """Cancel every open step and branch inside a parallel or map step."""
+        params = {"parent_id": parent_id, "now": now, "reason": reason}
+        ids = [r[0] for r in db.execute(self.Q["cancel_descendants"], params).fetchall()]
+        db.execute(self.Q["cancel_open_branches"], {"parent_id": parent_id})
+        return ids
+
+    def _start_branches(
+        self,
+        db: Tx,
+        workflow_id: int,
+        parent_id: int,
+        firsts: dict[str, NewStep],
+        limit: int,
+        now: int,
+    ) -> int:
+        """Start up to `limit` waiting branches of a parallel or map step, in order; each
+        begins at its own first step, or a map item at firsts["*"] (see Branches.firsts)."""
+        params = {"parent_id": parent_id, "limit": limit}
+        started = 0
+        for idx, key in db.execute(self.Q["next_branches"], params).fetchall():
+            db.execute(self.Q["start_branch"], {"parent_id": parent_id, "idx": idx})
+            first = firsts.get(key) or in_branch(firsts["*"], parent_id, key)
+            self._insert_step(db, workflow_id, first, now)
+            started += 1
+        return started
+
+    def _wake(
+        self,
+        db: Tx,
+        workflow_id: int,
+        step_id: int,
+        awaiting: str,
+        now: int,
+        *,
+        attempt: int | None = None,
+        result_json: str | None = None,
+        error: str | None = None,
+        error_type: str | None = None,
+    ) -> bool:
+        """A waiting parallel, map or wait step has its outcome: queue it for the executor."""
+        cur = db.execute(
+            self.Q["wake_step"],
+            {"id": step_id, "workflow_id": workflow_id, "awaiting": awaiting, "now": now,
+             "attempt": attempt, "result_json": result_json, "error": error,
+             "error_type": error_type},
+        )  # fmt: skip
+        if cur.rowcount:
+            kind = "branches_joined" if awaiting == "branches" else "wait_ended"
+            self._event(db, workflow_id, step_id, kind, now, {"error": error} if error else None)
+        return bool(cur.rowcount)
+
+    async def start_branches(
+        self, step: Step, branches: Branches, *, expires_at: int | None = None,
+        now: int | None = None,
+    ) -> bool:  # fmt: skip
+        """A parallel or map step starts its branches (or items): it gives up its run slot
+        and waits (awaiting 'branches', until `expires_at` if its state has a timeout)."""
+        now = now_ms() if now is None else now
+
+        def op(db: Tx) -> bool:
+            params = {"id": step.id, "attempt": step.attempt, "awaiting": "branches",
+                      "signal": None, "expires_at": expires_at}  # fmt: skip
+            if db.execute(self.Q["start_waiting"], params).rowcount == 0:
+                return False
+            db.execute(self.Q["delete_branches"], {"parent_id": step.id})  # an earlier attempt's
+            db.executemany(
+                self.Q["insert_branch"],
+                [{"parent_id": step.id, "idx": i, "workflow_id": step.workflow_id, "key": key,
+                  "item_json": item} for i, (key, item) in enumerate(branches.keys)],
+            )  # fmt: skip
+            self._event(db, step.workflow_id, step.id, "branches_started", now,
+                        {"count": len(branches.keys)})  # fmt: skip
+            self._start_branches(db, step.workflow_id, step.id, branches.firsts,
+                                 branches.limit, now)  # fmt: skip
+            db.execute(self.Q["touch_workflow"], {"id": step.workflow_id, "now": now})
+            return True
+
+        return await self.write("start_branches", op)
+
+    async def begin_wait(
+        self, step: Step, *, awaiting: str, signal: str | None, expires_at: int | None,
+        now: int | None = None,
+    ) -> str | None:  # fmt: skip
+        """A wait state starts waiting ("timer" or "signal"), giving up its run slot; or,
+        for a signal that arrived before, consumes it (oldest first) and returns its data
+        (JSON text) without waiting. None also when the attempt no longer owns the step."""
+        now = now_ms() if now is None else now
+
+        def op(db: Tx) -> str | None:
+            wf = step.workflow_id
+            if signal is not None:
+                self._one_at_a_time(db, f"signal {wf}")
+                row = db.execute(self.Q["oldest_signal"], {"workflow_id": wf, "name": signal})
+                found = row.fetchone()
+                if found is not None:
+                    db.execute(self.Q["consume_signal"],
+                               {"id": found[0], "step_id": step.id, "now": now})  # fmt: skip
+                    self._event(db, wf, step.id, "signal_consumed", now, {"name": signal})
+                    return found[1] or "null"
+            params = {"id": step.id, "attempt": step.attempt, "awaiting": awaiting,
+                      "signal": signal, "expires_at": expires_at}  # fmt: skip
+            if db.execute(self.Q["start_waiting"], params).rowcount:
+                data: dict[str, Any] = {"until": expires_at}
+                if signal is not None:
+                    data["signal"] = signal
+                self._event(db, wf, step.id, "wait_started", now, data)
+            return None
+
+        return await self.write("begin_wait", op)
+
+    async def wake(
+        self, step: Step, *, result_json: str | None = None, error: str | None = None,
+        error_type: str | None = None, now: int | None = None,
+    ) -> bool:  # fmt: skip
+        """A waiting step's deadline passed: a timer fired (result), a signal wait or a
+        parallel or map step timed out (error; what runs inside it is cancelled)."""
+        now = now_ms() if now is None else now
+        cancels: list[int] = []
+
+        def op(db: Tx) -> bool:
+            cancels.clear()
+            assert step.awaiting is not None
+            woke = self._wake(db, step.workflow_id, step.id, step.awaiting, now,
+                              attempt=step.attempt, result_json=result_json, error=error,
+                              error_type=error_type)  # fmt: skip
+            if woke and step.awaiting == "branches":
+                cancels.extend(self._cancel_inside(db, step.id, now, "timed out"))
+            return woke
+
+        woke = await self.write("wake", op)
+        self._cancelled(cancels)
+        return woke
+
+    async def send_signal(
+        self, workflow_id: int, name: str, data_json: str, *, by: str | None,
+        now: int | None = None,
+    ) -> str:  # fmt: skip
+        """Deliver a signal: to the oldest step waiting for it, or kept for a later wait.
+        Returns "ok", "not_found", or the status of a workflow that has ended."""
+        now = now_ms() if now is None else now
+
+        def op(db: Tx) -> str:
+            self._one_at_a_time(db, f"signal {workflow_id}")
+            row = db.execute(self.Q["get_workflow"], {"id": workflow_id}).fetchone()
+            if row is None:
+                return "not_found"
+            if row["status"] != "running":
+                return str(row["status"])
+            params = {"workflow_id": workflow_id, "name": name, "data_json": data_json,
+                      "sent_by": by, "now": now}  # fmt: skip
+            (signal_id,) = db.execute(self.Q["insert_signal"], params).fetchone()
+            self._event(db, workflow_id, None, "signal_received", now, {"name": name, "by": by})
+            waiter = db.execute(self.Q["signal_waiter"], params).fetchone()
+            if waiter is not None:
+                db.execute(self.Q["consume_signal"],
+                           {"id": signal_id, "step_id": waiter["id"], "now": now})  # fmt: skip
+                self._event(db, workflow_id, waiter["id"], "signal_consumed", now, {"name": name})
+                self._wake(db, workflow_id, waiter["id"], "signal", now, result_json=data_json)
+            db.execute(self.Q["touch_workflow"], {"id": workflow_id, "now": now})
+            return "ok"
+
+        return await self.write("send_signal", op)
+
+    async def branch(self, parent_id: int, key: str) -> Row | None:
+        """One branch of a parallel or map step (a map item's value is in item_json)."""
+        return await self._one(self.Q["get_branch"], {"parent_id": parent_id, "key": key})
+
+    async def scope_steps_in(
+        self, parent_id: int, branch: str, before: int, states: Iterable[str] | None = None
+    ) -> list[Step]:
+        """scope_steps inside one branch or map item."""
+        names = None if states is None else orjson.dumps(sorted(states)).decode()
+        params = {"parent_id": parent_id, "branch": branch, "before": before, "states": names}
+        return [Step.from_row(r) for r in await self.read_slow(self.Q["scope_steps_in"], params)]
+
+    async def previous_step_in(self, parent_id: int, branch: str, before: int) -> Step | None:
+        """The step before step `before` in its branch or map item, if any."""
+        params = {"parent_id": parent_id, "branch": branch, "before": before}
+        row = await self._one(self.Q["previous_step_in"], params)
+        return Step.from_row(row) if row else None
+
+    async def input_rev(self, workflow_id: int) -> int:
+        """How many times the workflow's input was changed (intervene)."""
+        row = await self._one(self.Q["input_rev"], {"id": workflow_id})
+        return 0 if row is None else int(row[0])
+
+    # -- run control -------------------------------------------------------------------
+
+    async def pause(self, workflow_id: int, *, by: str | None, reason: str | None) -> str:
+        """Pause a running workflow: its queued steps wait; running tools finish. Returns
+        "ok", "not_found", or the workflow's status (also "paused") when it cannot."""
+        return await self._control("pause", workflow_id, by, reason)
+
+    async def unpause(self, workflow_id: int, *, by: str | None, reason: str | None) -> str:
+        """Resume a paused workflow: its held steps are due when they were."""
+        return await self._control("unpause", workflow_id, by, reason)
+
+    async def _control(
+        self, what: str, workflow_id: int, by: str | None, reason: str | None
+    ) -> str:
+        now = now_ms()
+
+        def op(db: Tx) -> str:
+            row = db.execute(self.Q["get_workflow"], {"id": workflow_id}).fetchone()
+            if row is None:
+                return "not_found"
+            params = {"id": workflow_id, "workflow_id": workflow_id, "now": now}
+            if what == "pause":
+                if db.execute(self.Q["pause_workflow"], params).rowcount == 0:
+                    return _status(row)
+                db.execute(self.Q["hold_steps"], params)
+                kind = "paused"
+            else:
+                if db.execute(self.Q["unpause_workflow"], params).rowcount == 0:
+                    return _status(row)
+                db.execute(self.Q["release_steps"], params)
+                kind = "resumed"
+            self._event(db, workflow_id, None, kind, now, _who(by, reason))
+            return "ok"
+
+        return await self.write(what, op)
+
+    async def redrive(
+        self,
+        workflow_id: int,
+        plan: Callable[[Step | None], Redrive],
+        *,
+        by: str | None,
+        reason: str | None,
+        from_step: str | None,
+    ) -> str:
+        """Carry on a failed or cancelled workflow. `plan` says, given its latest top-level
+        step, what runs again: a new visit of a state, or the failed branches of a parallel
+        or map step. Returns "ok", "not_found", or the status that forbids it."""
+        now = now_ms()
+
+        def op(db: Tx) -> str:
+            row = db.execute(self.Q["get_workflow"], {"id": workflow_id}).fetchone()
+            if row is None:
+                return "not_found"
+            params = {"id": workflow_id, "workflow_id": workflow_id, "now": now}
+            if db.execute(self.Q["reopen_workflow"], params).rowcount == 0:
+                return _status(row)
+            last = db.execute(self.Q["last_top_step"], params).fetchone()
+            (seq,) = db.execute(self.Q["max_seq"], params).fetchone()
+            todo = plan(None if last is None else Step.from_row(last))
+            if todo.step is not None:
+                self._insert_step(db, workflow_id, replace(todo.step, seq=(seq or 0) + 1), now)
+            else:
+                assert todo.parent is not None and todo.firsts is not None
+                parent = todo.parent
+                db.execute(self.Q["reopen_parent"], {"id": parent.id})
+                failed = db.execute(self.Q["failed_branches"], {"parent_id": parent.id})
+                for idx, _ in failed.fetchall():
+                    db.execute(self.Q["reopen_branch"], {"parent_id": parent.id, "idx": idx})
+                self._start_branches(db, workflow_id, parent.id, todo.firsts, todo.limit, now)
+            data = _who(by, reason) | {"from_step": todo.state}
+            self._event(db, workflow_id, None, "redriven", now, data)
+            return "ok"
+
+        return await self.write("redrive", op)
+
+    async def intervene(
+        self,
+        workflow_id: int,
+        change: Callable[[str], str],
+        *,
+        by: str | None,
+        reason: str,
+        max_workflow_bytes: int | None = None,
+    ) -> tuple[str, str | None]:
+        """Replace a paused (or gate-waiting) workflow's input by `change(old input JSON)`;
+        the event keeps both. Returns ("ok", new input JSON), or ("not_found" or the
+        status that forbids it, None)."""
+        now = now_ms()
+
+        def op(db: Tx) -> tuple[str, str | None]:
+            row = db.execute(self.Q["get_workflow"], {"id": workflow_id}).fetchone()
+            if row is None:
+                return "not_found", None
+            wf = Workflow.from_row(row)
+            ids = orjson.dumps([workflow_id]).decode()
+            waiting = db.execute(self.Q["waiting_among"], {"ids": ids}).fetchone()
+            if wf.status != "running" or (wf.paused_at is None and waiting is None):
+                return wf.public_status, None
+            old = wf.input_json or "{}"
+            new = change(old)
+            delta = len(new.encode()) - len(old.encode())
+            params = {"id": workflow_id, "input_json": new, "rev": wf.input_rev, "now": now,
+                      "delta": delta}  # fmt: skip
+            if db.execute(self.Q["set_input"], params).rowcount == 0:
+                return wf.public_status, None
+            total = row["stored_bytes"] + delta
+            if max_workflow_bytes is not None and delta > 0 and total > max_workflow_bytes:
+                raise WorkflowTooLarge(total - delta, delta, max_workflow_bytes)
+            data = _who(by, reason) | {
+                "before": orjson.Fragment(old),
+                "after": orjson.Fragment(new),
+            }
+            self._event(db, workflow_id, None, "intervened", now, data)
+            return "ok", new
+
+        return await self.write("intervene", op)
+
     async def ping(self) -> bool:
         """A cheap read, for health checks."""
         return (await self._one("SELECT 1", {})) is not None
+
+
+@dataclass(frozen=True)
+class Redrive:
+    """What a redrive runs again: a new visit of a state (`step`), or the failed and
+    cancelled branches of a parallel or map step (`parent`, each starting at `first`, at
+    most `limit` at once)."""
+
+    state: str
+    step: NewStep | None = None
+    parent: Step | None = None
+    firsts: dict[str, NewStep] | None = None  # see Branches.firsts
+    limit: int = 1 << 30
+
+
+def in_branch(first: NewStep, parent_id: int, key: str) -> NewStep:
+    """`first` (a map's start state, with the map's scope path in `scope`) for item `key`."""
+    prefix = orjson.loads(first.scope or "[]")
+    assert prefix and prefix[-1] == "*", first.scope
+    scope = orjson.dumps([*prefix[:-1], int(key)]).decode()
+    return replace(first, parent_id=parent_id, branch=key, scope=scope)
+
+
+def _joined(rows: list[Any], kind: str, join: str) -> str:
+    """A parallel step's result (an object by branch) or a map step's (a list in item
+    order), built from the branches' stored JSON without parsing it."""
+
+    def error(r: Any) -> str:
+        return orjson.dumps({"message": r["error"], "type": r["error_type"]}).decode()
+
+    if kind == "map":
+        return (
+            "["
+            + ",".join(
+                (r["result_json"] or "null") if r["status"] == "done" else f'{{"error":{error(r)}}}'
+                for r in rows
+            )
+            + "]"
+        )
+    parts = []
+    for r in rows:
+        key = orjson.dumps(r["key"]).decode()
+        if join == "all_settled":
+            if r["status"] == "done":
+                value = f'{{"status":"done","result":{r["result_json"] or "null"}}}'
+            else:
+                value = f'{{"status":"failed","error":{error(r)}}}'
+        else:
+            value = r["result_json"] or "null"
+        parts.append(f"{key}:{value}")
+    return "{" + ",".join(parts) + "}"
+
+
+def _status(row: Any) -> str:
+    """A workflow row's status as clients see it."""
+    return Workflow.from_row(row).public_status
+
+
+def _who(by: str | None, reason: str | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"by": by}
+    if reason is not None:
+        data["reason"] = reason
+    return data

@@ -20,27 +20,31 @@ VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
         :key, :request_hash, :notify_url, :now, :now, :stored_bytes);
 
 -- insert_step --
--- A state visit: pending for a tool, running and awaiting 'ready' for a gate; it counts against its workflow's token.
+-- A state visit: pending for a tool (held while its workflow is paused), running and awaiting 'ready' for a gate; it counts against its workflow's token.
 INSERT INTO steps (id, workflow_id, state, name, tool, status, awaiting, seq, attempt,
-                   run_at, expires_at, created_at, started_at, created_by)
+                   run_at, held_at, expires_at, created_at, started_at, created_by,
+                   parent_id, branch, scope)
 VALUES (:id, :workflow_id, :state, :name, :tool::text,
         CASE WHEN :tool::text IS NULL THEN 'running' ELSE 'pending' END,
         CASE WHEN :tool::text IS NULL THEN 'ready' END,
         :seq,
         CASE WHEN :tool::text IS NULL THEN 1 ELSE 0 END,
-        :now::bigint,
+        CASE WHEN :tool::text IS NOT NULL AND (SELECT paused_at FROM workflows WHERE id = :workflow_id) IS NOT NULL THEN 4611686018427387904::bigint ELSE :now::bigint END,
+        CASE WHEN :tool::text IS NOT NULL AND (SELECT paused_at FROM workflows WHERE id = :workflow_id) IS NOT NULL THEN :now::bigint END,
         CASE WHEN :tool::text IS NULL THEN :now::bigint + :timeout_ms::bigint END,
         :now::bigint,
         CASE WHEN :tool::text IS NULL THEN :now::bigint END,
-        (SELECT created_by FROM workflows WHERE id = :workflow_id));
-
+        (SELECT created_by FROM workflows WHERE id = :workflow_id),
+        :parent_id::bigint, :branch::text, :scope::text);
 -- insert_started_step --
 -- A tool step handed straight to this process: running under a lease, attempt 1, owned by this node.
 INSERT INTO steps (id, workflow_id, state, name, tool, status, seq, attempt, run_at,
-                   created_at, started_at, lease_until, created_by, owner)
+                   created_at, started_at, lease_until, created_by, owner,
+                   parent_id, branch, scope)
 VALUES (:id, :workflow_id, :state, :name, :tool, 'running', :seq, 1, :now, :now, :started_at,
         :started_at::bigint + :lease_ms::bigint,
-        (SELECT created_by FROM workflows WHERE id = :workflow_id), :node)
+        (SELECT created_by FROM workflows WHERE id = :workflow_id), :node,
+        :parent_id::bigint, :branch::text, :scope::text)
 RETURNING *;
 
 -- insert_event --
@@ -54,13 +58,16 @@ SELECT * FROM workflows WHERE id = :id;
 
 -- list_workflows --
 -- Newest first, before a cursor id.
-SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at,
+       paused_at
 FROM workflows WHERE id < :before ORDER BY id DESC LIMIT :limit;
 
 -- list_workflows_by_status --
 -- Newest first with one status, before a cursor id.
-SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at
-FROM workflows WHERE status = :status AND id < :before ORDER BY id DESC LIMIT :limit;
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at,
+       paused_at
+FROM workflows WHERE status = :status AND paused_at IS NULL AND id < :before
+ORDER BY id DESC LIMIT :limit;
 
 -- workflow_exists --
 -- Whether a workflow exists.
@@ -128,14 +135,14 @@ SELECT LEAST((SELECT min(run_at) FROM steps
 
 -- next_gate_expiry --
 -- When the earliest waiting gate expires.
-SELECT min(expires_at) FROM steps WHERE awaiting = 'ready' AND expires_at IS NOT NULL;
+SELECT min(expires_at) FROM steps WHERE awaiting IS NOT NULL AND expires_at IS NOT NULL;
 
 -- next_due --
 -- When the earliest pending step becomes due (whatever its token) or the earliest gate expires.
 SELECT LEAST(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'),
                       4611686018427387904::bigint),
              coalesce((SELECT min(expires_at) FROM steps
-                       WHERE awaiting = 'ready' AND expires_at IS NOT NULL),
+                       WHERE awaiting IS NOT NULL AND expires_at IS NOT NULL),
                       4611686018427387904::bigint));
 
 -- claim_steps --
@@ -161,15 +168,15 @@ WHERE id = :id AND status = 'running' AND attempt = :attempt;
 -- retry_step --
 -- Put a failed attempt back in the queue until run_at.
 UPDATE steps
-SET status = 'pending', error = :error, error_type = :error_type, run_at = :run_at,
+SET status = 'pending', error = :error, error_type = :error_type, run_at = :run_at, woken = NULL,
     owner = NULL
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
 -- end_workflow --
--- Complete or fail a running workflow.
-UPDATE workflows SET status = :status, error = :error, completed_at = :now, updated_at = :now
+-- Complete or fail a running workflow (its output: the result of the state that ended it).
+UPDATE workflows SET status = :status, error = :error, completed_at = :now, updated_at = :now,
+                     output_json = :output_json, paused_at = NULL
 WHERE id = :id AND status = 'running';
-
 -- grow_workflow --
 -- Count bytes a workflow stores (a result), and mark it changed; returns its new total.
 UPDATE workflows SET stored_bytes = stored_bytes + :bytes, updated_at = :now WHERE id = :id
@@ -181,7 +188,7 @@ UPDATE workflows SET updated_at = :now WHERE id = :id;
 
 -- cancel_workflow --
 -- Cancel a running workflow.
-UPDATE workflows SET status = 'cancelled', cancelled_at = :now, updated_at = :now
+UPDATE workflows SET status = 'cancelled', cancelled_at = :now, updated_at = :now, paused_at = NULL
 WHERE id = :id AND status = 'running';
 
 -- cancel_steps --
@@ -222,19 +229,20 @@ FROM (SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.erro
              (SELECT max(p.id) FROM steps p
               WHERE p.workflow_id = s.workflow_id AND p.id < s.id) AS previous_id
       FROM steps s JOIN workflows w ON w.id = s.workflow_id
-      WHERE s.awaiting IS NOT NULL AND s.status = 'running' AND s.id > :after
+      WHERE s.awaiting IN ('ready', 'decision') AND s.status = 'running' AND s.id > :after
       ORDER BY s.id LIMIT :limit) a
 LEFT JOIN steps p ON p.id = a.previous_id
 ORDER BY a.step_id;
 
 -- waiting_count --
 -- How many steps wait for a person (the partial index steps_waiting).
-SELECT count(*) AS n FROM steps WHERE awaiting IS NOT NULL AND status = 'running';
+SELECT count(*) AS n FROM steps
+WHERE awaiting IN ('ready', 'decision') AND status = 'running';
 
 -- waiting_among --
 -- Which of some workflows (a JSON array of ids) have a step waiting for a person.
 SELECT DISTINCT workflow_id FROM steps
-WHERE awaiting IS NOT NULL AND status = 'running'
+WHERE awaiting IN ('ready', 'decision') AND status = 'running'
   AND workflow_id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint);
 
 -- retry_decided --
@@ -298,23 +306,23 @@ SELECT 1 FROM steps WHERE status = 'pending' AND run_at <= :now LIMIT 1;
 -- expired_gates --
 -- Waiting gates whose timeout has passed.
 SELECT * FROM steps
-WHERE awaiting = 'ready' AND expires_at IS NOT NULL AND expires_at <= :now
+WHERE awaiting IS NOT NULL AND expires_at IS NOT NULL AND expires_at <= :now
 ORDER BY expires_at LIMIT :limit;
 
 -- scope_steps --
 -- The latest visit of each state (of a JSON array of states, or all when NULL) before a step: what expressions see as `steps`.
 SELECT * FROM steps
 WHERE id IN (SELECT max(id) FROM steps
-             WHERE workflow_id = :workflow_id AND id < :before
+             WHERE workflow_id = :workflow_id AND id < :before AND parent_id IS NULL
                AND (:states::jsonb IS NULL
                     OR state IN (SELECT jsonb_array_elements_text(:states::jsonb)))
              GROUP BY state)
 ORDER BY id;
 
 -- previous_step --
--- The step before a step of the same workflow: whose result expressions see as `result`.
-SELECT * FROM steps WHERE workflow_id = :workflow_id AND id < :before ORDER BY id DESC LIMIT 1;
-
+-- The top-level step before a step of the same workflow: whose result expressions see as `result`.
+SELECT * FROM steps WHERE workflow_id = :workflow_id AND id < :before AND parent_id IS NULL
+ORDER BY id DESC LIMIT 1;
 -- workflow_events --
 -- A workflow's event log, in commit order.
 SELECT id, workflow_id, step_id, type, at, data_json FROM events
@@ -542,3 +550,199 @@ SELECT 1 FROM events WHERE txid >= (SELECT stepd_event_horizon()) LIMIT 1;
 -- lock_key --
 -- Wait for other transactions holding the same key until they end (a transaction advisory lock).
 SELECT pg_advisory_xact_lock(7355610, hashtext(:key));
+
+-- list_workflows_paused --
+-- Paused workflows, newest first, before a cursor id.
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at,
+       paused_at
+FROM workflows WHERE status = 'running' AND paused_at IS NOT NULL AND id < :before
+ORDER BY id DESC LIMIT :limit;
+
+-- workflow_paused --
+-- Whether a workflow is paused (its steps are then held, never handed off).
+SELECT paused_at FROM workflows WHERE id = :workflow_id;
+
+-- scope_steps_in --
+-- Like scope_steps, for a step inside a branch or map item: that branch's own visits.
+SELECT * FROM steps
+WHERE id IN (SELECT max(id) FROM steps
+             WHERE parent_id = :parent_id AND branch = :branch AND id < :before
+               AND (:states::text IS NULL OR state IN (SELECT jsonb_array_elements_text(:states::jsonb)))
+             GROUP BY state)
+ORDER BY id;
+
+-- previous_step_in --
+-- The step before a step in the same branch or map item.
+SELECT * FROM steps WHERE parent_id = :parent_id AND branch = :branch AND id < :before
+ORDER BY id DESC LIMIT 1;
+
+-- start_waiting --
+-- A wait (or a parallel or map step whose branches now run) gives up its run slot and lease.
+UPDATE steps SET awaiting = :awaiting, signal = :signal::text, expires_at = :expires_at::bigint,
+                 lease_until = NULL
+WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
+
+-- wake_step --
+-- A waiting parallel, map or wait step has its outcome: queued for the executor to move its flow on (held while its workflow is paused), its attempt not counted again.
+UPDATE steps
+SET status = 'pending', attempt = attempt - 1, awaiting = NULL, woken = 1, lease_until = NULL,
+    result_json = :result_json::text, error = :error::text, error_type = :error_type::text,
+    run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = :workflow_id) IS NOT NULL THEN 4611686018427387904::bigint ELSE :now::bigint END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = :workflow_id) IS NOT NULL THEN :now::bigint END
+WHERE id = :id AND status = 'running' AND awaiting = :awaiting
+  AND (:attempt::integer IS NULL OR attempt = :attempt::integer);
+
+-- insert_signal --
+-- A signal sent to a workflow.
+INSERT INTO signals (workflow_id, name, data_json, sent_by, created_at)
+VALUES (:workflow_id, :name, :data_json, :sent_by, :now)
+RETURNING id;
+
+-- oldest_signal --
+-- The oldest signal of a name not yet consumed.
+SELECT id, data_json FROM signals
+WHERE workflow_id = :workflow_id AND name = :name AND consumed_by IS NULL
+ORDER BY id LIMIT 1;
+
+-- consume_signal --
+-- A wait takes a signal.
+UPDATE signals SET consumed_by = :step_id, consumed_at = :now WHERE id = :id;
+
+-- signal_waiter --
+-- The oldest step of a workflow waiting for a signal of a name.
+SELECT * FROM steps
+WHERE workflow_id = :workflow_id AND awaiting = 'signal' AND signal = :name AND status = 'running'
+ORDER BY id LIMIT 1;
+
+-- insert_branch --
+-- A branch of a parallel step or an item of a map step, waiting to start.
+INSERT INTO branches (parent_id, idx, workflow_id, key, item_json, status)
+VALUES (:parent_id, :idx, :workflow_id, :key, :item_json, 'pending');
+
+-- delete_branches --
+-- Forget a parallel or map step's branches (it runs them again: a new attempt).
+DELETE FROM branches WHERE parent_id = :parent_id;
+
+-- next_branches --
+-- The first branches of a parallel or map step waiting to start.
+SELECT idx, key FROM branches WHERE parent_id = :parent_id AND status = 'pending'
+ORDER BY idx LIMIT :limit;
+
+-- start_branch --
+-- A branch starts.
+UPDATE branches SET status = 'running' WHERE parent_id = :parent_id AND idx = :idx;
+
+-- settle_branch --
+-- A running branch ended.
+UPDATE branches SET status = :status, result_json = :result_json::text, error = :error::text,
+                    error_type = :error_type::text
+WHERE parent_id = :parent_id AND key = :key AND status = 'running';
+
+-- branch_counts --
+-- A parallel or map step's branches by status.
+SELECT status, count(*) AS n FROM branches WHERE parent_id = :parent_id GROUP BY status;
+
+-- branch_results --
+-- A parallel or map step's branches in order, with their outcomes.
+SELECT key, status, result_json, error, error_type FROM branches
+WHERE parent_id = :parent_id ORDER BY idx;
+
+-- get_branch --
+-- One branch (a map item's value and index).
+SELECT * FROM branches WHERE parent_id = :parent_id AND key = :key;
+
+-- failed_branches --
+-- Branches that failed or were cancelled (a redrive runs them again).
+SELECT idx, key FROM branches
+WHERE parent_id = :parent_id AND status IN ('failed', 'cancelled') ORDER BY idx;
+
+-- reopen_branch --
+-- A failed or cancelled branch waits to start again.
+UPDATE branches SET status = 'pending', result_json = NULL, error = NULL, error_type = NULL
+WHERE parent_id = :parent_id AND idx = :idx;
+
+-- cancel_descendants --
+-- Cancel the open steps inside a parallel or map step, at any depth; waiting gates say why.
+WITH RECURSIVE sub (id) AS (
+    SELECT id FROM steps WHERE parent_id = :parent_id
+    UNION ALL
+    SELECT s.id FROM steps s JOIN sub ON s.parent_id = sub.id
+)
+UPDATE steps
+SET status = 'cancelled', awaiting = NULL, completed_at = :now,
+    reason = CASE WHEN awaiting = 'ready' THEN :reason::text ELSE reason END
+WHERE id IN (SELECT id FROM sub) AND status IN ('pending', 'running')
+RETURNING id;
+
+-- cancel_open_branches --
+-- The branches of a parallel or map step (and of those inside it) that had not ended.
+WITH RECURSIVE sub (id) AS (
+    SELECT :parent_id::bigint
+    UNION ALL
+    SELECT s.id FROM steps s JOIN sub ON s.parent_id = sub.id
+)
+UPDATE branches SET status = 'cancelled'
+WHERE parent_id IN (SELECT id FROM sub) AND status IN ('pending', 'running');
+
+-- cancel_workflow_branches --
+-- A cancelled workflow's branches that had not ended.
+UPDATE branches SET status = 'cancelled'
+WHERE workflow_id = :workflow_id AND status IN ('pending', 'running');
+
+-- pause_workflow --
+-- Pause a running workflow.
+UPDATE workflows SET paused_at = :now, updated_at = :now
+WHERE id = :id AND status = 'running' AND paused_at IS NULL;
+
+-- hold_steps --
+-- A paused workflow's queued steps wait (their due time kept in held_at).
+UPDATE steps SET held_at = run_at, run_at = 4611686018427387904::bigint
+WHERE workflow_id = :workflow_id AND status = 'pending' AND held_at IS NULL;
+
+-- unpause_workflow --
+-- Resume a paused workflow.
+UPDATE workflows SET paused_at = NULL, updated_at = :now
+WHERE id = :id AND status = 'running' AND paused_at IS NOT NULL;
+
+-- release_steps --
+-- A resumed workflow's held steps are due again when they were due.
+UPDATE steps SET run_at = held_at, held_at = NULL
+WHERE workflow_id = :workflow_id AND status = 'pending' AND held_at IS NOT NULL;
+
+-- reopen_workflow --
+-- Redrive a failed or cancelled workflow.
+UPDATE workflows
+SET status = 'running', error = NULL, completed_at = NULL, cancelled_at = NULL,
+    output_json = NULL, paused_at = NULL, updated_at = :now
+WHERE id = :id AND status IN ('failed', 'cancelled');
+
+-- last_top_step --
+-- A workflow's latest top-level step.
+SELECT * FROM steps WHERE workflow_id = :workflow_id AND parent_id IS NULL
+ORDER BY id DESC LIMIT 1;
+
+-- last_branch_step --
+-- A branch's latest step.
+SELECT * FROM steps WHERE parent_id = :parent_id AND branch = :branch ORDER BY id DESC LIMIT 1;
+
+-- max_seq --
+-- The longest path walked so far (the step limit counts it).
+SELECT max(seq) FROM steps WHERE workflow_id = :workflow_id;
+
+-- reopen_parent --
+-- A parallel or map step runs its failed branches again (redrive).
+UPDATE steps
+SET status = 'running', awaiting = 'branches', woken = NULL, result_json = NULL, error = NULL,
+    error_type = NULL, completed_at = NULL, lease_until = NULL, held_at = NULL
+WHERE id = :id AND status IN ('failed', 'cancelled', 'done');
+
+-- set_input --
+-- Replace a workflow's input (intervene), if it is still the one that was read.
+UPDATE workflows
+SET input_json = :input_json, input_rev = input_rev + 1, updated_at = :now,
+    stored_bytes = stored_bytes + :delta
+WHERE id = :id AND input_rev = :rev;
+
+-- input_rev --
+-- How many times a workflow's input was changed.
+SELECT input_rev FROM workflows WHERE id = :id;
