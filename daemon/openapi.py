@@ -49,7 +49,7 @@ def array(schema: Schema) -> Schema:
 
 # -- schemas -------------------------------------------------------------------------
 
-WORKFLOW_STATUS = ["running", "completed", "failed", "cancelled"]
+WORKFLOW_STATUS = ["running", "paused", "completed", "failed", "cancelled"]
 SUMMARY: dict[str, Schema] = {
     "id": ID,
     "name": STRING,
@@ -60,18 +60,28 @@ SUMMARY: dict[str, Schema] = {
     "updated_at": MILLIS,
     "completed_at": nullable(MILLIS),
     "cancelled_at": nullable(MILLIS),
+    "paused_at": nullable(MILLIS),
 }
 STEP = closed(
     {
         "id": ID,
         "name": STRING,
         "state": STRING,
-        "tool": {**nullable(STRING), "description": "null for an approval gate"},
+        "kind": {"enum": ["tool", "gate", "parallel", "map", "wait"]},
+        "tool": {**nullable(STRING), "description": "null for a gate, parallel, map or wait"},
+        "parent_id": {**nullable(ID), "description": "the parallel or map step it runs in"},
+        "scope": {
+            **nullable(array({"type": ["string", "integer"]})),
+            "description": "the path of its flow: (parallel or map state, branch name or item "
+            "index) pairs; null at the top level",
+        },
         "status": {"enum": ["pending", "running", "done", "failed", "cancelled"]},
         "awaiting": {
-            "enum": ["ready", "decision", None],
+            "enum": ["ready", "decision", "branches", "timer", "signal", None],
             "description": "'ready': a gate waits for .../ready; 'decision': a non-idempotent "
-            "tool was interrupted by a stop or crash and waits for .../retry or .../fail",
+            "tool was interrupted by a stop or crash and waits for .../retry or .../fail; "
+            "'branches': a parallel or map step waits for its branches; 'timer' and 'signal': "
+            "a wait state",
         },
         "attempt": {"type": "integer", "minimum": 0},
         "result_json": {**nullable(STRING), "description": "the result, JSON-encoded"},
@@ -155,7 +165,16 @@ SCHEMAS: dict[str, Schema] = {
     "State": STATE,
     "Created": closed({"id": ID, "status": {"const": "started"}}),
     "WorkflowSummary": closed(SUMMARY),
-    "Workflow": closed({**SUMMARY, "input": OBJECT, "flow": OBJECT, "steps": array(STEP)}),
+    "Workflow": closed(
+        {
+            **SUMMARY,
+            "input": OBJECT,
+            "output": {"description": "the result of the state that ended it (completed)"},
+            "flow": OBJECT,
+            "dag": {**nullable(array(OBJECT)), "description": "the submitted DAG steps, if any"},
+            "steps": array(STEP),
+        }
+    ),
     "Validation": closed({"valid": BOOL, "errors": STRINGS, "warnings": STRINGS}),
     "Tool": closed(
         {
@@ -411,6 +430,64 @@ PATHS: dict[str, Any] = {
             flag("failed", "Failed; the flow goes on at on_error, or the workflow fails"),
             (*BODY, *AUTH, 404, 409, 503),
             **body(closed({"reason": STRING}, required=[]), "Optional: why", required=False),
+        ),
+    },
+    "/api/workflow/{id}/pause": {
+        **path_id("id", "The workflow's id"),
+        "post": op(
+            "pauseWorkflow",
+            "Pause a running workflow: nothing new starts; running tools finish",
+            {"200": ok("Paused", closed({"id": ID, "status": {"const": "paused"}}))},
+            (*BODY, *AUTH, 404, 409, 503),
+            **body(closed({"reason": STRING}, required=[]), "Optional: why", required=False),
+        ),
+    },
+    "/api/workflow/{id}/resume": {
+        **path_id("id", "The workflow's id"),
+        "post": op(
+            "resumeWorkflow",
+            "Resume a paused workflow, or redrive a failed or cancelled one (at the state that "
+            "failed or at from_step; only failed branches or items of a parallel or map)",
+            {
+                "200": ok(
+                    "Running", closed({"id": ID, "status": {"const": "running"}, "redriven": BOOL})
+                )
+            },  # fmt: skip
+            (*BODY, *AUTH, 404, 409, 422, 503),
+            **body(
+                closed({"reason": STRING, "from_step": STRING}, required=[]),
+                "Optional: why, and a top-level state to carry on at",
+                required=False,
+            ),
+        ),
+    },
+    "/api/workflow/{id}/intervene": {
+        **path_id("id", "The workflow's id"),
+        "post": op(
+            "interveneWorkflow",
+            "Merge-patch (RFC 7386) the input of a paused workflow or one waiting at a gate",
+            {"200": ok("The new input", closed({"id": ID, "input": OBJECT}))},
+            (*BODY, *AUTH, 404, 409, 503),
+            **body(
+                closed({"input": OBJECT, "reason": STRING}, required=["input"]),
+                "The patch, and why",
+            ),
+        ),
+    },
+    "/api/workflow/{id}/signal": {
+        **path_id("id", "The workflow's id"),
+        "post": op(
+            "signalWorkflow",
+            "Send a signal: the oldest wait for it takes it, or it is kept for a later one",
+            {"202": ok("Accepted", closed({"accepted": {"const": True}}))},
+            (*BODY, *AUTH, 404, 409, 503),
+            **body(
+                closed(
+                    {"name": {"type": "string", "minLength": 1, "maxLength": 200}, "data": {}},
+                    required=["name"],
+                ),
+                "The signal",
+            ),
         ),
     },
     "/api/tools": {
