@@ -708,6 +708,22 @@ def _unreachable(raw: dict[str, Any]) -> list[str]:
     return [s for s in raw if s not in seen]
 
 
+def raw_state(raw: Any, scope: Sequence[Any], state_id: str) -> dict[str, Any]:
+    """A state of a raw (stored) flow, in the flow nested at `scope` (see Flow.resolve);
+    {} when there is none."""
+    flow = raw if isinstance(raw, dict) else {}
+    for i in range(0, len(scope), 2):
+        state = flow.get(scope[i])
+        state = state if isinstance(state, dict) else {}
+        if isinstance(state.get("parallel"), dict):
+            flow = state["parallel"].get(scope[i + 1], {})
+        else:
+            flow = (state.get("map") or {}).get("flow", {})
+        flow = flow if isinstance(flow, dict) else {}
+    found = flow.get(state_id)
+    return found if isinstance(found, dict) else {}
+
+
 def after_success(
     flow: Flow, state_id: str, *, matched: int = -1, error: str | None = None, result: Any = None
 ) -> Move:

@@ -169,7 +169,7 @@ async def _context(request: Request) -> tuple[Link, Step, Workflow, dict[str, An
     wf = None if step is None else await app.store.get_workflow(step.workflow_id)
     if step is None or wf is None:
         raise LinkError(404, "Not found", "This step no longer exists.")
-    state = orjson.loads(wf.flow_json or "{}").get(step.state, {})
+    state = flows.raw_state(orjson.loads(wf.flow_json or "{}"), step.path, step.state)
     if step.tool is not None:
         raise LinkError(403, "Not allowed", "This step is not an approval gate.")
     if not admits_links(state, wf.created_by, app.config):

@@ -26,6 +26,7 @@ import httpx
 import orjson
 
 from daemon import egress, links, signing
+from daemon import flow as flows
 from daemon.auth import webhook_secret
 from daemon.config import Config
 from daemon.models import Step, Workflow
@@ -193,7 +194,7 @@ class Notifier:
             step = await self.store.get_step(event["step_id"])
             if step is None:
                 return []
-            state = orjson.loads(wf.flow_json or "{}").get(step.state, {})
+            state = flows.raw_state(orjson.loads(wf.flow_json or "{}"), step.path, step.state)
             if (self.config.public_url and step.awaiting == "ready"
                     and links.admits_links(state, wf.created_by, self.config)):  # fmt: skip
                 gate_links = links.make_links(self.config, self.server_secret(), step.id, now,

@@ -969,10 +969,10 @@ class BaseStore:
         if error is not None:
             data["error"] = error
         self._event(db, wf, fin.step_id, kind, now, data)
-        counts = {r[0]: r[1] for r in db.execute(self.Q["branch_counts"], params).fetchall()}
+        counts = db.execute(self.Q["branch_counts"], params).fetchone()
         failing = not be.ok and (
             (be.kind == "parallel" and be.join == "fail_fast")
-            or (be.kind == "map" and counts.get("failed", 0) > be.tolerated)
+            or (be.kind == "map" and counts["failed"] > be.tolerated)
         )
         if failing:
             what = f"branch '{be.key}'" if be.kind == "parallel" else f"item {be.key}"
@@ -980,10 +980,10 @@ class BaseStore:
             self._wake(db, wf, be.parent_id, "branches", now, error=f"{what} failed: {error}",
                        error_type="BranchFailed")  # fmt: skip
             return
-        if counts.get("pending") and be.first is not None:
+        if counts["pending"] and be.first is not None:
             self._start_branches(db, wf, be.parent_id, {"*": be.first}, 1, now)
             return
-        if counts.get("pending") or counts.get("running"):
+        if counts["pending"] or counts["running"]:
             return
         rows = db.execute(self.Q["branch_results"], params).fetchall()
         self._wake(db, wf, be.parent_id, "branches", now,

@@ -505,8 +505,10 @@ UPDATE branches SET status = :status, result_json = :result_json, error = :error
 WHERE parent_id = :parent_id AND key = :key AND status = 'running';
 
 -- branch_counts --
--- A parallel or map step's branches by status.
-SELECT status, count(*) AS n FROM branches WHERE parent_id = :parent_id GROUP BY status;
+-- Whether a parallel or map step has branches waiting to start and running, and how many failed (index seeks: a 10,000-item map's last item costs no more than its first).
+SELECT EXISTS (SELECT 1 FROM branches WHERE parent_id = :parent_id AND status = 'pending') AS pending,
+       EXISTS (SELECT 1 FROM branches WHERE parent_id = :parent_id AND status = 'running') AS running,
+       (SELECT count(*) FROM branches WHERE parent_id = :parent_id AND status = 'failed') AS failed;
 
 -- branch_results --
 -- A parallel or map step's branches in order, with their outcomes.

@@ -38,6 +38,7 @@ CREATE TABLE branches (
     PRIMARY KEY (parent_id, idx)
 );
 CREATE INDEX branches_open ON branches (parent_id, status, idx);
+CREATE UNIQUE INDEX branches_key ON branches (parent_id, key);
 CREATE INDEX branches_workflow ON branches (workflow_id);
 
 -- Signals sent to workflows; kept until a wait consumes them, first in first out.
