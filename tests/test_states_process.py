@@ -49,7 +49,11 @@ def restart(daemon: Daemon) -> None:
 
 
 def test_kill_9_in_parallel_map_and_waits_loses_and_repeats_nothing(daemon: Daemon) -> None:
-    client = daemon.client()
+    with daemon.client() as client:
+        run(daemon, client)
+
+
+def run(daemon: Daemon, client: Any) -> None:
     wf_id = create(client, {"name": "states", "flow": FLOW})
     finished: dict[int, tuple[Any, ...]] = {}
 
