@@ -357,6 +357,10 @@ class Engine:
         out = []
         for r in await self.store.approvals(limit=limit, after=after, max_json=INBOX_JSON):
             approvers = orjson.loads(r["approvers_json"]) if r["approvers_json"] else None
+            if r["scope"] is not None:  # a gate inside a branch: its own state's approvers
+                info = await self.executor.workflow_info(r["workflow_id"])
+                state = info.flow.resolve(orjson.loads(r["scope"]))[r["state"]]
+                approvers = list(state.approvers) if state.approvers else None
             out.append({
                 "step_id": r["step_id"],
                 "workflow_id": r["workflow_id"],

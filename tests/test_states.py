@@ -226,3 +226,67 @@ async def test_intervene_changes_input(make_client: Any) -> None:
     assert wf["output"] == {"v": 2, "w": {"a": 1}}
     resp = await client.post(f"/api/workflow/{wf_id}/intervene", json={"input": {"v": 3}})
     assert resp.status_code == 409
+
+
+async def test_cancel_reaches_every_branch_and_item(make_client: Any) -> None:
+    client, app = await make_client()
+    flow = {"start": {"parallel": {
+        "gate": {"start": {"tool": None, "done": True}},
+        "items": {"start": {"map": {"items": [1, 2, 3, 4], "max_concurrency": 2,
+                                    "flow": {"start": {"tool": "sleep", "args": {"seconds": 30},
+                                                       "done": True}}}, "done": True}},
+    }, "done": True}}  # fmt: skip
+    wf_id = await create(client, flow)
+    await wait_for(client, wf_id, lambda w: sum(s["status"] == "running" and s["kind"] == "tool"
+                                                for s in w["steps"]) == 2)  # fmt: skip
+    assert (await client.delete(f"/api/workflow/{wf_id}")).status_code == 200
+    wf = (await client.get(f"/api/workflow/{wf_id}")).json()
+    assert wf["status"] == "cancelled"
+    assert {s["status"] for s in wf["steps"]} == {"cancelled"}, wf["steps"]
+    await asyncio.sleep(0.3)
+    assert app.state.executor.running == 0  # the sleeping tools were stopped
+
+
+async def test_pause_holds_items_not_yet_started_and_resume_runs_them(make_client: Any) -> None:
+    client, _ = await make_client()
+    inner = {"start": {"tool": "sleep", "args": {"seconds": 0.3}, "done": True}}
+    flow = {"start": {"map": {"items": [1, 2, 3, 4, 5], "max_concurrency": 2, "flow": inner},
+                      "done": True}}  # fmt: skip
+    wf_id = await create(client, flow)
+    await wait_for(client, wf_id, lambda w: sum(s["kind"] == "tool" and s["status"] == "running"
+                                                for s in w["steps"]) == 2)  # fmt: skip
+    assert (await client.post(f"/api/workflow/{wf_id}/pause")).status_code == 200
+    await asyncio.sleep(1.0)
+    wf = (await client.get(f"/api/workflow/{wf_id}")).json()
+    assert wf["status"] == "paused"
+    items = [s for s in wf["steps"] if s["kind"] == "tool"]
+    # The two running items finished; the items they started wait, held.
+    assert sum(s["status"] == "done" for s in items) == 2
+    assert all(s["status"] in ("done", "pending") for s in items), items
+    assert (await client.post(f"/api/workflow/{wf_id}/resume")).status_code == 200
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed" and len(wf["output"]) == 5
+
+
+async def test_run_control_errors(make_client: Any) -> None:
+    client, _ = await make_client()
+    missing = 1_700_000_000_000
+    for action in ("pause", "resume", "signal", "intervene"):
+        body = {"pause": {}, "resume": {}, "signal": {"name": "x"}, "intervene": {"input": {}}}
+        resp = await client.post(f"/api/workflow/{missing}/{action}", json=body[action])
+        assert resp.status_code == 404 and "not found" in resp.json()["error"]
+    wf_id = await create(client, {"start": {"tool": None, "done": True}})
+    bad = [("pause", {"why": 1}, 400), ("resume", {"from_step": 3}, 400),
+           ("signal", {"data": 1}, 400), ("signal", {"name": ""}, 400),
+           ("intervene", {"input": [1]}, 400), ("intervene", {}, 400),
+           ("resume", {}, 409)]  # fmt: skip
+    for action, body, status in bad:
+        resp = await client.post(f"/api/workflow/{wf_id}/{action}", json=body)
+        assert resp.status_code == status, (action, body, resp.text)
+        assert "error" in resp.json()
+    await client.delete(f"/api/workflow/{wf_id}")
+    resp = await client.post(f"/api/workflow/{wf_id}/resume", json={"from_step": "nope"})
+    assert resp.status_code == 422 and "nope" in resp.json()["error"]
+    approver = {"Authorization": "Bearer tok-approver"}
+    resp = await client.post(f"/api/workflow/{wf_id}/pause", headers=approver)
+    assert resp.status_code == 403

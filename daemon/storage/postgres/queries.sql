@@ -220,7 +220,7 @@ VALUES (:created_by, :key, :request_hash, :status, :body_json, :now);
 SELECT a.*, octet_length(p.result_json) AS previous_result_bytes,
        CASE WHEN octet_length(p.result_json) <= :max_json THEN p.result_json
        END AS previous_result_json
-FROM (SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.error, s.attempt,
+FROM (SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.error, s.attempt, s.scope,
              s.started_at, s.expires_at, w.name AS workflow_name, w.created_by, w.created_at,
              octet_length(w.input_json) AS input_bytes,
              CASE WHEN octet_length(w.input_json) <= :max_json THEN w.input_json

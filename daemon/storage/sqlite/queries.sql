@@ -193,7 +193,7 @@ VALUES (:created_by, :key, :request_hash, :status, :body_json, :now);
 SELECT a.*, length(CAST(p.result_json AS BLOB)) AS previous_result_bytes,
        CASE WHEN length(CAST(p.result_json AS BLOB)) <= :max_json THEN p.result_json
        END AS previous_result_json
-FROM (SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.error, s.attempt,
+FROM (SELECT s.id AS step_id, s.workflow_id, s.state, s.name, s.awaiting, s.error, s.attempt, s.scope,
              s.started_at, s.expires_at, w.name AS workflow_name, w.created_by, w.created_at,
              length(CAST(w.input_json AS BLOB)) AS input_bytes,
              CASE WHEN length(CAST(w.input_json AS BLOB)) <= :max_json THEN w.input_json
