@@ -173,7 +173,7 @@ class Engine:
         start = sub.flow["start"]
         # A free run slot: the first step is written as running and starts when the write
         # commits, without waiting for a claim.
-        lease_ms = self.executor.reserve() if start.tool is not None else None
+        lease_ms = self.executor.reserve() if start.step_tool is not None else None
         created: Created | None = None
         try:
             created = await self.store.create_workflow(
