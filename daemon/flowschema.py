@@ -5,10 +5,11 @@ create body) and the same definitions are components of /openapi.json. The schem
 the structure: which keys, which types, exactly one action and one transition. What it
 does not say, and daemon/flow.py checks on top: that a transition names a state that
 exists, expressions (syntax, names, the sandbox's rules), tool names and their
-arguments, that a branch's `else` is the last case, the configured limits (states,
-placeholders, body size), and JSON's 2.0 versus 2 (one number to JSON Schema; the
-parser wants an integer where it says so). tests/test_flowschema.py runs the flow
-tables through both and keeps them agreeing.
+arguments, that a branch's `else` is the last case, the forms of ISO 8601 a wait's
+`until` may take, a map's `as` beyond ASCII names (the parser takes any Python
+identifier), the limits (states, nesting depth, placeholders, body size), and JSON's
+2.0 versus 2 (one number to JSON Schema; the parser wants an integer where it says so).
+tests/test_flowschema.py runs the flow tables through both and keeps them agreeing.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def definitions(prefix: str = "#/$defs/") -> dict[str, Schema]:
     text: Schema = {"type": "string", "minLength": 1}
     placeholder: Schema = {
         "type": "string",
-        "pattern": r"^\s*(<<[\s\S]+>>|\{\{[\s\S]+\}\})\s*$",
-        "description": "one placeholder: <<expr>> or {{expr}}",
+        "pattern": r"^(<<[\s\S](?:(?!>>)[\s\S])*>>|\{\{[\s\S](?:(?!\}\})[\s\S])*\}\})$",
+        "description": "exactly one placeholder: <<expr>> or {{expr}}",
     }
     # State-level keys every kind has, and the transitions (exactly one of them).
     common: dict[str, Schema] = {
@@ -127,7 +128,7 @@ def definitions(prefix: str = "#/$defs/") -> dict[str, Schema]:
                         "not": {"enum": [n for n in NAMES if n != "item"]},
                         "description": "the item's name in the flow's templates (default item)",
                     },
-                    "max_concurrency": {"type": "integer", "minimum": 1},
+                    "max_concurrency": {"type": "integer", "minimum": 1, "maximum": 1000},
                     "tolerated_failures": {"type": "integer", "minimum": 0},
                     "flow": ref("Flow"),
                 },
@@ -141,17 +142,24 @@ def definitions(prefix: str = "#/$defs/") -> dict[str, Schema]:
         "wait",
         {
             "wait": {
-                "oneOf": [
-                    _closed({"seconds": seconds}),
-                    _closed({"until": {"anyOf": [
-                        {"type": "string", "minLength": 1,
-                         "description": "ISO 8601, or one <<expr>> placeholder"},
-                        {"type": "integer", "minimum": 0, "description": "epoch ms"},
-                    ]}}),
-                    _closed({"signal": text, "timeout": seconds}, required=["signal"]),
-                ],
-                "description": "a durable timer, or a wait for a signal (its data is the "
-                "result)",
+                "description": "a durable timer (seconds, or until a time), or a wait for a "
+                "signal (its data is the result; `timeout` only for a signal)",
+                "type": "object",
+                "properties": {
+                    "seconds": {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
+                    "until": {"anyOf": [
+                        {"type": "string", "minLength": 1, "description": "ISO 8601 with "
+                         "a time zone, or a placeholder giving a time"},
+                        {"type": "number", "minimum": 0, "exclusiveMaximum": 2**53,
+                         "description": "epoch milliseconds"},
+                    ]},
+                    "signal": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "timeout": nullable(seconds),
+                },
+                "additionalProperties": False,
+                "oneOf": [{"required": [k]} for k in ("seconds", "until", "signal")],
+                "if": {"not": {"required": ["signal"]}},
+                "then": {"properties": {"timeout": {"type": "null"}}},
             }
         },
         "A durable timer or a wait for a signal",
