@@ -48,6 +48,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from daemon.flowcheck import components
 from daemon.placeholders import scan
 
 HTTP_TYPES = {"http_request": "GET", "webhook": "POST"}  # type -> default method
@@ -166,7 +167,7 @@ def _cycles(by_id: dict[str, Any], deps: dict[str, list[str]]) -> list[list[str]
             if d in after:
                 after[d].append(sid)
     found = []
-    for group in _components(list(by_id), after):
+    for group in components(list(by_id), after):
         if len(group) == 1 and group[0] not in after[group[0]]:
             continue
         members = set(group)
@@ -196,48 +197,6 @@ def _path_back(first: str, after: dict[str, list[str]], members: set[str]) -> li
                     nxt.append(succ)
         todo = nxt
     return [first, first]  # not reached: `first` is on a cycle of its component
-
-
-def _components(nodes: list[str], edges: dict[str, list[str]]) -> Iterator[list[str]]:
-    """Strongly connected components (Tarjan's, iterative: a long chain must not recurse)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    counter = 0
-    for root in nodes:
-        if root in index:
-            continue
-        work = [(root, iter(edges.get(root, ())))]
-        index[root] = low[root] = counter
-        counter += 1
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, it = work[-1]
-            for succ in it:
-                if succ not in index:
-                    index[succ] = low[succ] = counter
-                    counter += 1
-                    stack.append(succ)
-                    on_stack.add(succ)
-                    work.append((succ, iter(edges.get(succ, ()))))
-                    break
-                if succ in on_stack:
-                    low[node] = min(low[node], index[succ])
-            else:
-                work.pop()
-                if work:
-                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
-                if low[node] == index[node]:
-                    group = []
-                    while True:
-                        member = stack.pop()
-                        on_stack.discard(member)
-                        group.append(member)
-                        if member == node:
-                            break
-                    yield group
 
 
 def _levels(by_id: dict[str, Any], deps: dict[str, list[str]]) -> list[list[str]]:

@@ -4,8 +4,9 @@ Anti-drift: every flow below, and random ones, goes through both the schema (the
 `jsonschema` library) and daemon.flow.parse. A flow the schema rejects is a structural
 problem, which the parser must reject too; a flow the parser rejects must be rejected by
 the schema, unless its problem is one the schema does not describe (listed in
-SEMANTIC: a transition to a state that does not exist, expressions, unknown tools and
-their arguments, `else` before the last case, the configured limits). Tool names are not
+SEMANTIC: a transition to a state that does not exist, expressions and the names they
+read, loops that never reach done, unknown tools and their arguments, `else` before the
+last case, the configured limits). Tool names are not
 checked here (parse without a registry): they are outside the schema.
 """
 
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from daemon import flowschema, openapi
+from daemon import flowcheck, flowschema, openapi
 from daemon.flow import parse
 from tests.helpers import auth
 from tests.test_flow import INVALID, REFERENCE_FLOWS
@@ -310,7 +311,10 @@ NEW_FLOW = flows({**OPTIONAL, **KINDS})
 
 def semantic_only(raw: dict[str, Any]) -> bool:
     """The flow has a problem the schema does not describe: a transition to a state that
-    does not exist, or an `else` before the last case."""
+    does not exist, an `else` before the last case, or one of daemon.flowcheck's (a
+    loop that never reaches done, a template naming no state or an unknown name)."""
+    if flowcheck.check(raw)[0]:
+        return True
     for body in raw.values():
         if not isinstance(body, dict):
             continue
