@@ -51,10 +51,17 @@ class Refs:
     states: frozenset[str]
 
 
-@lru_cache(maxsize=4096)
 def refs(expr: str) -> Refs | None:
-    """The names `expr` reads, or None when it does not parse (the parser reports that)."""
+    """The names `expr` reads, or None when it does not parse or is too long (the parser
+    reports that). Only expressions within the length limit are cached, as the parser's."""
     expr = expr.strip()
+    if len(expr) > sandbox.MAX_EXPRESSION:
+        return None
+    return _refs(expr)
+
+
+@lru_cache(maxsize=4096)
+def _refs(expr: str) -> Refs | None:
     found = templating.path(expr)
     if found is not None:
         root, keys = found
