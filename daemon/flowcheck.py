@@ -10,6 +10,8 @@ On the raw flow object, into parallel branches and map flows:
   only to each other (no path from any of them to a `done` state, on_error included): an
   error;
 - a loop with no gate or wait state in it: a warning (the step limit is what stops it);
+  found among the states that do not wait, so a gate on one path of a larger loop does
+  not hide a shorter loop that spins without it;
 - an unknown tool: the parser's message gains `did you mean 'x'?` when a registered
   name is close (difflib).
 
@@ -38,7 +40,7 @@ from daemon import sandbox, templating
 
 NAMES = frozenset({"input", "steps", "result", "error", "workflow"})
 MAP_NAMES = frozenset({"index"})  # with the map's `as` name (default item)
-ACTIONS = ("tool", "parallel", "map", "wait")
+LISTED = 10  # states named in a message about a loop
 _UNKNOWN_TOOL = re.compile(r"unknown tool '(?P<name>[^']*)'$")
 
 
@@ -241,19 +243,34 @@ def _loops(raw: dict[str, Any], where: str, errors: list[str], warnings: list[st
             if source not in finishing:
                 finishing.add(source)
                 todo.append(source)
-    order = [s for s in raw if s in reachable]
-    sub = {s: [t for t in edges[s] if t in reachable] for s in order}
-    for group in components(order, sub):
-        if len(group) == 1 and group[0] not in sub[group[0]]:
-            continue
-        group.sort(key=order.index)
-        listed = ", ".join(f"'{s}'" for s in group)
+    order = {s: i for i, s in enumerate(s for s in raw if s in reachable)}
+    stuck: set[str] = set()
+    for group in _loops_among(order, edges):
         if not finishing & set(group):
-            errors.append(f"{where}loop through {listed} can never reach a state with "
-                          "done: true (nor leave it by on_error)")  # fmt: skip
-        elif not any(_pauses(raw[s]) for s in group):
-            warnings.append(f"{where}loop through {listed} has no gate or wait: only the "
-                            "step limit stops it if it never leaves")  # fmt: skip
+            stuck.update(group)
+            errors.append(f"{where}loop through {_listed(group)} can never reach a state "
+                          "with done: true (nor leave it by on_error)")  # fmt: skip
+    # Without the states that wait (gates, waits), what still loops spins on its own.
+    spinning = {s: i for s, i in order.items() if s not in stuck and not _pauses(raw[s])}
+    for group in _loops_among(spinning, edges):
+        warnings.append(f"{where}loop through {_listed(group)} has no gate or wait: only "
+                        "the step limit stops it if it never leaves")  # fmt: skip
+
+
+def _loops_among(order: dict[str, int], edges: dict[str, list[str]]) -> Iterator[list[str]]:
+    """The loops (strongly connected sets with a cycle) among these states, each in the
+    flow's order."""
+    sub = {s: [t for t in edges[s] if t in order] for s in order}
+    for group in components(list(order), sub):
+        if len(group) > 1 or group[0] in sub[group[0]]:
+            yield sorted(group, key=order.__getitem__)
+
+
+def _listed(group: list[str]) -> str:
+    listed = ", ".join(f"'{s}'" for s in group[:LISTED])
+    if len(group) > LISTED:
+        listed += f" and {len(group) - LISTED} more states"
+    return listed
 
 
 def _pauses(body: Any) -> bool:

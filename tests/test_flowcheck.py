@@ -260,3 +260,26 @@ async def test_create_refuses_a_loop_that_never_ends(client: httpx.AsyncClient) 
     resp = await client.post("/api/workflow", json={"name": "c", "flow": flow})
     assert resp.status_code == 422
     assert "loop through 'start' can never reach a state with done: true" in resp.json()["error"]
+
+
+def test_a_long_loop_is_named_by_its_first_states() -> None:
+    raw = {"start": tool(next="s1"), **{f"s{i}": tool(next=f"s{i + 1}") for i in range(1, 30)},
+           "s30": tool(next="start")}  # fmt: skip
+    (error,) = flowcheck.check(raw)[0]
+    assert error.startswith("loop through 'start', 's1', 's2', 's3', 's4', 's5', 's6', 's7', "
+                            "'s8', 's9' and 21 more states can never reach")  # fmt: skip
+
+
+def test_a_gate_on_one_path_does_not_hide_a_loop_without_one() -> None:
+    # a <-> b spins on its own; the gate only sits on the way b -> g -> a.
+    raw = {
+        "start": tool(next="a"),
+        "a": tool(branch=[{"if": "result", "then": "end"}, {"else": "b"}]),
+        "b": tool(branch=[{"if": "result", "then": "g"}, {"else": "a"}]),
+        "g": {"tool": None, "next": "a"},
+        "end": END,
+    }
+    v = parse(raw)
+    assert v.errors == []
+    assert v.warnings == ["loop through 'a', 'b' has no gate or wait: only the step limit "
+                          "stops it if it never leaves"]  # fmt: skip
