@@ -201,6 +201,7 @@ class Engine:
                 request_hash=request_hash,
                 notify_url=sub.notify_url,
                 start_lease_ms=lease_ms,
+                dag_json=sub.dag_json,
             )
         finally:
             if lease_ms is not None:  # also when the write failed: then nothing runs

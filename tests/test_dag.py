@@ -356,6 +356,34 @@ async def test_create_from_steps_runs_the_compiled_flow(client: httpx.AsyncClien
     assert [s["name"] for s in wf["steps"]] == ["a", "b"]
     assert wf["flow"]["b"]["args"] == {"got": "<<steps.start.result.v>>"}
     assert wf["steps"][1]["result_json"] == '{"got":7}'
+    assert wf["dag"] == body["steps"]  # the submitted steps, beside the compiled flow
+
+
+async def test_a_workflow_from_a_flow_has_no_dag(client: httpx.AsyncClient) -> None:
+    from tests.helpers import wait_for
+
+    body = {"name": "plain", "flow": {"start": {"tool": "echo", "done": True}}}
+    resp = await client.post("/api/workflow", json=body)
+    wf = await wait_for(client, resp.json()["id"])
+    assert wf["dag"] is None
+
+
+async def test_parallel_steps_run_and_later_steps_read_them(client: httpx.AsyncClient) -> None:
+    from tests.helpers import wait_for
+
+    body = {"name": "dag-par", "input": {"v": 2}, "steps": [
+        step("a", args={"v": "<<input.v>>"}),
+        step("b", "a", args={"x": "<<steps.a.result.v * 10>>"}),
+        step("c", "a", args={"y": "<<steps.a.result.v + 1>>"}),
+        step("d", "b", "c", args={"sum": "<<steps.b.result.x + steps.c.result.y>>",
+                                  "st": "<<steps.b.status>>"}),
+    ]}  # fmt: skip
+    resp = await client.post("/api/workflow", json=body)
+    assert resp.status_code == 201, resp.text
+    wf = await wait_for(client, resp.json()["id"])
+    assert wf["status"] == "completed", wf
+    assert wf["output"] == {"sum": 23, "st": "done"}
+    assert sorted(wf["flow"]) == ["a", "d", "parallel_1", "start"]  # echo start: see dag.py
 
 
 # -- random DAGs ---------------------------------------------------------------------------
