@@ -112,7 +112,10 @@ SCHEMAS: dict[str, Schema] = {
             "input": OBJECT,
             "output": {"description": "the result of the state that ended it (completed)"},
             "flow": OBJECT,
-            "dag": {**nullable(array(OBJECT)), "description": "the submitted DAG steps, if any"},
+            "dag": {
+                **nullable(array(ref("DagStep"))),
+                "description": "the submitted DAG steps, if any",
+            },
             "steps": array(STEP),
         }
     ),

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon import openapi
 from daemon.dag import compile_steps
 from daemon.flow import parse
 
@@ -357,6 +359,9 @@ async def test_create_from_steps_runs_the_compiled_flow(client: httpx.AsyncClien
     assert wf["flow"]["b"]["args"] == {"got": "<<steps.start.result.v>>"}
     assert wf["steps"][1]["result_json"] == '{"got":7}'
     assert wf["dag"] == body["steps"]  # the submitted steps, beside the compiled flow
+    doc = openapi.document()
+    schema = {"$ref": "#/components/schemas/Workflow", "components": doc["components"]}
+    jsonschema.Draft202012Validator(schema).validate(wf)
 
 
 async def test_a_workflow_from_a_flow_has_no_dag(client: httpx.AsyncClient) -> None:
