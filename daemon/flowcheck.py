@@ -41,6 +41,7 @@ from daemon import sandbox, templating
 NAMES = frozenset({"input", "steps", "result", "error", "workflow"})
 MAP_NAMES = frozenset({"index"})  # with the map's `as` name (default item)
 LISTED = 10  # states named in a message about a loop
+MAX_DEPTH = 8  # nested flows looked into (the parser refuses more than 5 levels)
 _UNKNOWN_TOOL = re.compile(r"unknown tool '(?P<name>[^']*)'$")
 
 
@@ -98,7 +99,7 @@ def check(raw: Any, tools: Container[str] | None = None) -> tuple[list[str], lis
     errors: list[str] = []
     warnings: list[str] = []
     if isinstance(raw, dict):
-        _flow(raw, "", (), NAMES, errors, warnings)
+        _flow(raw, "", (), NAMES, errors, warnings, 0)
     return errors, warnings
 
 
@@ -138,9 +139,12 @@ def _flow(
     names: frozenset[str],
     errors: list[str],
     warnings: list[str],
+    depth: int,
 ) -> None:
     """Check one flow: `where` is the path to it ('' at the top), `outer` the state ids of
     the enclosing flows, `names` the top-level names its expressions may use."""
+    if depth > MAX_DEPTH:
+        return
     visible = (frozenset(raw), *outer)
     for sid, body in raw.items():
         if not isinstance(body, dict):
@@ -151,12 +155,13 @@ def _flow(
         if isinstance(body.get("parallel"), dict):
             for branch, sub in body["parallel"].items():
                 if isinstance(sub, dict):
-                    _flow(sub, f"{at}: branch '{branch}': ", visible, names, errors, warnings)
+                    sub_at = f"{at}: branch '{branch}': "
+                    _flow(sub, sub_at, visible, names, errors, warnings, depth + 1)
         spec = body.get("map")
         if isinstance(spec, dict) and isinstance(spec.get("flow"), dict):
             item = spec.get("as", "item")
             inner = names | MAP_NAMES | ({item} if isinstance(item, str) else set())
-            _flow(spec["flow"], f"{at}: map: ", visible, inner, errors, warnings)
+            _flow(spec["flow"], f"{at}: map: ", visible, inner, errors, warnings, depth + 1)
     _loops(raw, where, errors, warnings)
 
 
@@ -273,16 +278,18 @@ def _listed(group: list[str]) -> str:
     return listed
 
 
-def _pauses(body: Any) -> bool:
+def _pauses(body: Any, depth: int = 0) -> bool:
     """A gate, a wait, or a parallel or map with one inside: the loop waits there."""
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) or depth > MAX_DEPTH:
         return False
     if ("tool" in body and body["tool"] is None) or "wait" in body:
         return True
     flows = list(body["parallel"].values()) if isinstance(body.get("parallel"), dict) else []
     if isinstance(body.get("map"), dict):
         flows.append(body["map"].get("flow"))
-    return any(isinstance(f, dict) and any(_pauses(b) for b in f.values()) for f in flows)
+    return any(
+        isinstance(f, dict) and any(_pauses(b, depth + 1) for b in f.values()) for f in flows
+    )
 
 
 def components(nodes_: list[str], edges: dict[str, list[str]]) -> Iterator[list[str]]:

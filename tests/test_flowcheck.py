@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon import flowcheck
 from daemon.flow import parse
@@ -283,3 +285,28 @@ def test_a_gate_on_one_path_does_not_hide_a_loop_without_one() -> None:
     assert v.errors == []
     assert v.warnings == ["loop through 'a', 'b' has no gate or wait: only the step limit "
                           "stops it if it never leaves"]  # fmt: skip
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.sampled_from(
+        ["start", "a", "<<steps.a.result>>", "<<item>>", "{{ x +", "result"]),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(["start", "a", "tool", "next", "branch", "done", "args",
+                                       "parallel", "map", "wait", "flow", "items", "as", "if",
+                                       "then", "else", "on_error", "until"]), inner, max_size=4),
+    max_leaves=30,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON)
+def test_junk_never_raises(raw: Any) -> None:
+    errors, warnings = flowcheck.check(raw)
+    assert all(isinstance(m, str) for m in [*errors, *warnings])
+
+
+def test_deep_nesting_is_looked_into_only_so_far() -> None:
+    raw: dict[str, Any] = {"start": args("<<nope>>", done=True)}
+    for _ in range(200):
+        raw = {"start": {"parallel": {"p": raw}, "done": True}}
+    assert flowcheck.check(raw) == ([], [])
