@@ -138,32 +138,40 @@ def definitions(prefix: str = "#/$defs/") -> dict[str, Schema]:
         },
         "A flow run once per item of a list; the result is a list in item order",
     )  # fmt: skip
+    wait_spec: Schema = {
+        "description": "a durable timer (seconds, or until a time), or a wait for a "
+        "signal (its data is the result; `timeout` only for a signal)",
+        "type": "object",
+        "properties": {
+            "seconds": {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
+            "until": {
+                "anyOf": [
+                    {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "ISO 8601 with a time zone, or a placeholder giving a time",
+                    },
+                    {
+                        "type": "number",
+                        "minimum": 0,
+                        "exclusiveMaximum": 2**53,
+                        "description": "epoch milliseconds",
+                    },
+                ]
+            },
+            "signal": {"type": "string", "minLength": 1, "maxLength": 200},
+            "timeout": nullable(seconds),
+        },
+        "additionalProperties": False,
+        "oneOf": [{"required": [k]} for k in ("seconds", "until", "signal")],
+        "if": {"not": {"required": ["signal"]}},
+        "then": {"properties": {"timeout": {"type": "null"}}},
+    }
     wait = kind(
         "wait",
-        {
-            "wait": {
-                "description": "a durable timer (seconds, or until a time), or a wait for a "
-                "signal (its data is the result; `timeout` only for a signal)",
-                "type": "object",
-                "properties": {
-                    "seconds": {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
-                    "until": {"anyOf": [
-                        {"type": "string", "minLength": 1, "description": "ISO 8601 with "
-                         "a time zone, or a placeholder giving a time"},
-                        {"type": "number", "minimum": 0, "exclusiveMaximum": 2**53,
-                         "description": "epoch milliseconds"},
-                    ]},
-                    "signal": {"type": "string", "minLength": 1, "maxLength": 200},
-                    "timeout": nullable(seconds),
-                },
-                "additionalProperties": False,
-                "oneOf": [{"required": [k]} for k in ("seconds", "until", "signal")],
-                "if": {"not": {"required": ["signal"]}},
-                "then": {"properties": {"timeout": {"type": "null"}}},
-            }
-        },
+        {"wait": ref("Wait")},
         "A durable timer or a wait for a signal",
-    )  # fmt: skip
+    )
     return {
         "Flow": {
             "description": "States keyed by state id; the flow begins at 'start'",
@@ -182,6 +190,7 @@ def definitions(prefix: str = "#/$defs/") -> dict[str, Schema]:
         "ParallelState": parallel,
         "MapState": map_,
         "WaitState": wait,
+        "Wait": wait_spec,
         "Case": {
             "oneOf": [
                 _closed(
@@ -230,6 +239,19 @@ def definitions(prefix: str = "#/$defs/") -> dict[str, Schema]:
             "additionalProperties": False,
             "oneOf": [{"required": [k]} for k in ("tool", "type", "agent")],
             "not": {"required": ["args", "config"]},
+            "allOf": [
+                {  # a wait step's config (or args) is the wait itself
+                    "if": {"properties": {"type": {"const": "wait"}}, "required": ["type"]},
+                    "then": {
+                        "properties": {"config": ref("Wait"), "args": ref("Wait")},
+                        "anyOf": [{"required": ["config"]}, {"required": ["args"]}],
+                    },
+                },
+                {  # a step that is a gate has no retry
+                    "if": {"properties": {"tool": {"type": "null"}}, "required": ["tool"]},
+                    "then": {"properties": {"retry": False}},
+                },
+            ],
         },
         "Submission": {
             "description": "A workflow to create (or validate): a `flow`, or `steps` in the "

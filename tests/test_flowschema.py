@@ -431,3 +431,40 @@ def test_openapi_create_body_is_the_same_schema() -> None:
     prefixed = flowschema.definitions("#/components/schemas/")
     for name, schema in prefixed.items():
         assert schemas[name] == schema, name
+
+
+# -- random DAG steps: the schema agrees with compiling and parsing ----------------------------
+
+DAG_VALUES = st.sampled_from([None, True, 0, -1, "", "a", [], ["a"], {}, {"k": 1}])
+DAG_FIELDS = {
+    "tool": st.sampled_from(["echo", None]) | DAG_VALUES,
+    "type": st.sampled_from(["http_request", "webhook", "wait", "agent_task"]) | DAG_VALUES,
+    "agent": st.sampled_from(["web_search"]) | DAG_VALUES,
+    "args": st.sampled_from([{}, {"url": "u"}, None, {"seconds": 5}]) | DAG_VALUES,
+    "config": st.sampled_from([{"url": "u"}, {"seconds": 5}, {"signal": "s", "timeout": 9},
+                               {"seconds": 1, "timeout": 9}, {"until": True}, {"minutes": 1},
+                               {}]) | DAG_VALUES,
+    "depends_on": st.sampled_from([["a"], ["b"], [], None, "a", [1]]),
+    "needs_human": st.sampled_from([True, False, None, "yes"]),
+    "name": st.sampled_from(["Step", "", None, 3]),
+    "timeout": st.sampled_from([5, 0, None, "5"]),
+    "retry": st.sampled_from([{"max_attempts": 2}, {"max_attempts": 0}, None, 3]),
+    "action": DAG_VALUES,
+    "after": DAG_VALUES,
+}  # fmt: skip
+DAG_STEP = st.fixed_dictionaries(
+    {"id": st.sampled_from(["a", "b"])}, optional=DAG_FIELDS
+) | st.fixed_dictionaries({}, optional={"id": DAG_VALUES, "tool": DAG_FIELDS["tool"]})
+SEMANTIC_DAG = ("Step '", "Cycle detected", "Duplicate step id")
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(DAG_STEP, min_size=1, max_size=3))
+def test_random_dag_steps_agree(steps: list[Any]) -> None:
+    from daemon.dag import compile_steps
+
+    flow, errors = compile_steps(copy.deepcopy(steps))
+    assume(not any(e.startswith(SEMANTIC_DAG) for e in errors))
+    ok = flow is not None and parse(flow).errors == []
+    body = {"name": "n", "steps": steps}
+    assert BODIES.is_valid(body) == ok, (errors, flow and parse(flow).errors)
