@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import events, links, metrics, notify, openapi, retention, signing, web
+from daemon import events, flowschema, links, metrics, notify, openapi, retention, signing, web
 from daemon.auth import Authenticator
 from daemon.bodies import read_json
 from daemon.config import Config, TokenConfig
@@ -40,6 +40,7 @@ log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = frozenset({"/healthz"})
 WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, not bearers
 OPENAPI = openapi.document()
+FLOW_SCHEMA = flowschema.document()
 
 
 class JSON(Response):
@@ -327,6 +328,12 @@ async def list_tools(request: Request) -> Response:
 
 
 @needs("read")
+async def flow_schema(request: Request) -> Response:
+    """The flow format (and the create body) as JSON Schema 2020-12."""
+    return JSON(FLOW_SCHEMA)
+
+
+@needs("read")
 async def openapi_json(request: Request) -> Response:
     """The OpenAPI document of this API."""
     return JSON(OPENAPI)
@@ -367,6 +374,7 @@ ROUTES = [
     route("/openapi.json", GET=openapi_json),
     route("/metrics", GET=prometheus_metrics),
     route("/api/tools", GET=list_tools),
+    route("/api/schema/flow", GET=flow_schema),
     route("/api/workflow", GET=list_workflows, POST=create_workflow),
     route("/api/workflow/validate", POST=validate_workflow),
     route("/api/workflow/{id:id}", GET=get_workflow, DELETE=cancel_workflow),

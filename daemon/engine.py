@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from daemon import egress
+from daemon import dag, egress
 from daemon import flow as flows
 from daemon.config import TokenConfig
 from daemon.errors import (
@@ -37,7 +37,7 @@ from daemon.storage import Cancelled, Created, Replay, Replayed, WorkflowTooLarg
 from daemon.storage.base import BaseStore, Redrive
 from daemon.tools import Registry
 
-BODY_KEYS = {"name", "flow", "input", "notify_url"}
+BODY_KEYS = {"name", "flow", "steps", "input", "notify_url"}
 INBOX_JSON = 16384  # bytes of an input or result shown in the approvals inbox
 
 
@@ -51,6 +51,7 @@ class Submission:
     input: dict[str, Any]
     warnings: list[str]
     notify_url: str | None = None
+    dag_json: str | None = None  # the submitted `steps` when the body had the DAG shape
 
 
 class Engine:
@@ -75,16 +76,19 @@ class Engine:
     async def check(self, body: Any) -> tuple[Submission | None, list[str], list[str]]:
         """Every problem with a create body: (submission or None, errors, warnings).
 
-        Raises BadRequest for a body that is not an object or lacks `name` / `flow`.
+        Raises BadRequest for a body that is not an object or lacks `name` or both `flow`
+        and `steps`. A body with `steps` (the DAG shape) is compiled into a flow first.
         """
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         name = body.get("name")
         if not isinstance(name, str) or not name.strip():
             raise BadRequest("Missing required field: name")
-        if "flow" not in body:
+        if "flow" not in body and "steps" not in body:
             raise BadRequest("Missing required field: flow")
         errors = [f"unknown field '{k}'" for k in sorted(set(body) - BODY_KEYS)]
+        if "flow" in body and "steps" in body:
+            errors.append("give either 'flow' or 'steps' (the DAG shape), not both")
         notify_url = body.get("notify_url")
         if notify_url is not None and (
             not isinstance(notify_url, str)
@@ -101,17 +105,26 @@ class Engine:
             errors.append("field 'input' must be an object")
         if len(name) > 200:
             errors.append("field 'name' must be at most 200 characters")
+        raw_flow, dag_json = body.get("flow"), None
+        if "flow" not in body:
+            try:
+                dag_json = orjson.dumps(body["steps"]).decode()
+            except TypeError as exc:  # not from a JSON body
+                raise BadRequest(f"field 'steps' is not JSON: {exc}") from None
+            raw_flow, dag_errors = dag.compile_steps(body["steps"])
+            if raw_flow is None:
+                return None, errors + dag_errors, []
         try:
-            flow_json = orjson.dumps(body["flow"]).decode()
+            flow_json = orjson.dumps(raw_flow).decode()
         except TypeError as exc:  # not from a JSON body (the parser refuses such numbers)
             raise BadRequest(f"field 'flow' is not JSON: {exc}") from None
-        result = await self._flows.aparse(
-            flow_json, self.registry, self.max_states, raw=body["flow"]
-        )
+        result = await self._flows.aparse(flow_json, self.registry, self.max_states, raw=raw_flow)
         errors += result.errors
         if errors or result.flow is None:
             return None, errors, result.warnings
-        sub = Submission(name, result.flow, flow_json, input_, result.warnings, notify_url)
+        sub = Submission(
+            name, result.flow, flow_json, input_, result.warnings, notify_url, dag_json
+        )
         return sub, [], result.warnings
 
     def _refused_url(self, field: str, url: str) -> list[str]:
@@ -145,6 +158,8 @@ class Engine:
             raise Unprocessable("; ".join(errors))
         input_json = orjson.dumps(sub.input).decode()
         stored = len(sub.flow_json.encode()) + len(input_json.encode())
+        if sub.dag_json is not None:  # kept beside the compiled flow
+            stored += len(sub.dag_json.encode())
         if stored > self.executor.config.max_workflow_bytes:
             raise PayloadTooLarge(f"the flow and input are {stored} bytes; a workflow may store "
                                   f"{self.executor.config.max_workflow_bytes} "
@@ -186,6 +201,7 @@ class Engine:
                 request_hash=request_hash,
                 notify_url=sub.notify_url,
                 start_lease_ms=lease_ms,
+                dag_json=sub.dag_json,
             )
         finally:
             if lease_ms is not None:  # also when the write failed: then nothing runs

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from daemon import placeholders, templating
+from daemon import flowcheck, placeholders, templating
 
 STATE_KEYS = {
     "name", "tool", "args", "next", "branch", "done", "timeout", "retry", "on_error",
@@ -263,6 +263,7 @@ def parse(raw: Any, tools: Container[str] | None = None, max_states: int = 200) 
         return Validation(None, [*errors, size], [])
     warnings: list[str] = []
     flow = _parse_flow(raw, tools, errors, warnings, "", frozenset(), 0)
+    errors, warnings = flowcheck.amend(raw, tools, errors, warnings)
     if errors or flow is None:
         return Validation(None, errors, warnings)
     return Validation(flow, [], warnings)

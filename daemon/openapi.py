@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from daemon import __version__
+from daemon import __version__, flowschema
 
 Schema = dict[str, Any]
 
@@ -96,73 +96,14 @@ STEP = closed(
         "completed_at": nullable(MILLIS),
     }
 )
-STATE = {
-    "description": "A tool call, or an approval gate (tool null), with exactly one transition",
-    **closed(
-        {
-            "name": {"type": "string", "minLength": 1},
-            "tool": nullable(STRING),
-            "args": OBJECT,
-            "next": STRING,
-            "branch": {
-                **array(
-                    {"type": "object", "properties": {"if": STRING, "then": STRING, "else": STRING}}
-                ),
-                "minItems": 1,
-            },
-            "done": {"const": True},
-            "timeout": {**SECONDS, "exclusiveMinimum": 0, "description": "seconds"},
-            "retry": closed(
-                {
-                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
-                    "backoff_s": {**SECONDS, "minimum": 0},
-                    "backoff_factor": {"type": "number", "minimum": 0},
-                    "max_backoff_s": {**SECONDS, "minimum": 0},
-                },
-                required=[],
-            ),
-            "on_error": STRING,
-            "approvers": {
-                **array({"type": "string", "minLength": 1}),
-                "minItems": 1,
-                "description": "gate only: token names or permissions that may decide",
-            },
-            "allow_self_approval": {
-                **BOOL,
-                "description": "gate only: may the workflow's creator decide (default: config)",
-            },
-        },
-        required=["tool"],
-    ),
-    "oneOf": [{"required": [key]} for key in ("next", "branch", "done")],
-}
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
         "properties": {"error": STRING, "errors": STRINGS},
         "required": ["error"],
     },
-    "Submission": closed(
-        {
-            "name": {"type": "string", "minLength": 1, "maxLength": 200},
-            "flow": {
-                "type": "object",
-                "description": "States by state id; the first is 'start'",
-                "required": ["start"],
-                "additionalProperties": ref("State"),
-            },
-            "input": {**OBJECT, "description": "The values of {{input.*}} placeholders"},
-            "notify_url": {
-                "type": "string",
-                "pattern": "^https?://",
-                "maxLength": 2000,
-                "description": "Webhook for this workflow's gate_waiting and terminal events; "
-                "an IP address the egress policy refuses is 422",
-            },
-        },
-        required=["name", "flow"],
-    ),
-    "State": STATE,
+    # The flow format and the create body: the schema /api/schema/flow serves.
+    **flowschema.definitions("#/components/schemas/"),
     "Created": closed({"id": ID, "status": {"const": "started"}}),
     "WorkflowSummary": closed(SUMMARY),
     "Workflow": closed(
@@ -171,7 +112,10 @@ SCHEMAS: dict[str, Schema] = {
             "input": OBJECT,
             "output": {"description": "the result of the state that ended it (completed)"},
             "flow": OBJECT,
-            "dag": {**nullable(array(OBJECT)), "description": "the submitted DAG steps, if any"},
+            "dag": {
+                **nullable(array(ref("DagStep"))),
+                "description": "the submitted DAG steps, if any",
+            },
             "steps": array(STEP),
         }
     ),
@@ -493,6 +437,15 @@ PATHS: dict[str, Any] = {
     "/api/tools": {
         "get": op(
             "listTools", "Registered tools", {"200": ok("Tools by name", array(ref("Tool")))}, AUTH
+        )
+    },
+    "/api/schema/flow": {
+        "get": op(
+            "getFlowSchema",
+            "The flow format as JSON Schema 2020-12 (the root is a flow; $defs/Submission is "
+            "the body of POST /api/workflow)",
+            {"200": ok("JSON Schema 2020-12", OBJECT)},
+            AUTH,
         )
     },
     "/openapi.json": {

@@ -43,6 +43,7 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/api/workflow/{step}/ready", None),
     ("POST", "/api/workflow/validate", ECHO_BODY),
     ("GET", "/api/tools", None),
+    ("GET", "/api/schema/flow", None),
     ("GET", "/api/unknown", None),
     ("GET", "/", None),
     ("POST", "/api/workflow/{wf}/nope", None),
@@ -164,6 +165,7 @@ APPROVER_ALLOWED = [
     ("GET", "/api/workflow", None, 200),
     ("GET", "/api/workflow/{wf}", None, 200),
     ("GET", "/api/tools", None, 200),
+    ("GET", "/api/schema/flow", None, 200),
     ("POST", "/api/workflow/{step}/ready", None, 200),
 ]
 
@@ -212,6 +214,7 @@ WORKFLOW_ALLOWED = [
     ("DELETE", "/api/workflow/{wf}", None, 200),
     ("POST", "/api/workflow/validate", ECHO_BODY, 200),
     ("GET", "/api/tools", None, 200),
+    ("GET", "/api/schema/flow", None, 200),
     ("GET", "/api/unknown", None, 404),
 ]
 

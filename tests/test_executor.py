@@ -143,7 +143,13 @@ async def test_step_limit_stops_a_runaway_loop(make_client):
         "name": "loop",
         "flow": {
             "start": {"tool": "echo", "args": {}, "next": "again"},
-            "again": {"tool": "echo", "args": {}, "next": "start"},
+            # A way out that is never taken: a loop that cannot reach done is refused.
+            "again": {
+                "tool": "echo",
+                "args": {"stop": False},
+                "branch": [{"if": "result.stop", "then": "end"}, {"else": "start"}],
+            },
+            "end": {"tool": "echo", "done": True},
         },
     }
     wf = await wait_for(client, (await client.post("/api/workflow", json=flow)).json()["id"])

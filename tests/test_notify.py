@@ -524,8 +524,10 @@ async def test_large_inputs_stay_out_of_deliveries_and_sent_bodies_are_dropped(
     # A gate looping on itself with a 900 kB input used to store the input again in every
     # delivery, and kept delivered bodies: 173 MB for one workflow in 9 s.
     async with running(tmp_path, webhook_url=receiver.url) as (_, client):
+        loop = [{"if": "result == 'stop'", "then": "end"}, {"else": "start"}]  # never stops
         body = {"name": "looper", "input": {"blob": "b" * 900_000},
-                "flow": {"start": {"tool": None, "next": "start"}}}  # fmt: skip
+                "flow": {"start": {"tool": None, "branch": loop},
+                         "end": {"tool": "echo", "done": True}}}  # fmt: skip
         wf_id = (await client.post("/api/workflow", json=body)).json()["id"]
         decided: set[int] = set()
         for _ in range(5):

@@ -38,8 +38,8 @@ CORPUS = [
     # big repeats and allocations: 462 MB of split strings in half a second
     (SPLITS, CPU_OR_MEMORY),
     ("[" + ",".join(["('x'*999999)|list"] * 20) + "]|length", CPU_OR_MEMORY),
-    # big ranges and repeats refused outright
-    ("range(10**9)|length", "undefined"),
+    # big repeats refused outright (a big range names `range`, no name templates know:
+    # refused at create, below)
     ("'a' * 10**9", "would build"),
     ("[1] * 10**9", "would build"),
     ("(2 ** 10000) ** 1000", "too large"),
@@ -93,6 +93,15 @@ async def test_attack_in_args_fails_the_step_and_leaves_the_daemon_alone(
     ok = await _run(client, {"v": "{{ input.n + 1 }}", "w": "<<input.s>>"})
     assert ok["status"] == "completed"
     assert ok["steps"][0]["result_json"] == '{"v":2,"w":"text"}'
+
+
+async def test_a_global_such_as_range_is_refused_at_create(started: Any) -> None:
+    client, _ = started
+    body = {"name": "attack", "flow": {"start": {"tool": "echo", "args": {
+        "v": "{{range(10**9)|length}}"}, "done": True}}}  # fmt: skip
+    resp = await client.post("/api/workflow", json=body)
+    assert resp.status_code == 422
+    assert "'range'" in resp.json()["error"] and "not a name" in resp.json()["error"]
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,15 @@ async def test_a_looping_flow_stops_at_the_storage_limit(make_client: Any, tmp_p
     body = {
         "name": "hoarder",
         "input": {"blob": BLOB},
-        "flow": {"start": {"tool": "echo", "args": {"blob": "<<input.blob>>"}, "next": "start"}},
+        # A way out that is never taken: a loop that cannot reach done is refused.
+        "flow": {
+            "start": {
+                "tool": "echo",
+                "args": {"blob": "<<input.blob>>", "stop": False},
+                "branch": [{"if": "result.stop", "then": "end"}, {"else": "start"}],
+            },
+            "end": {"tool": "echo", "done": True},
+        },
     }
     resp = await client.post("/api/workflow", json=body)
     wf = await wait_for(client, resp.json()["id"], timeout=20)

@@ -324,11 +324,13 @@ class BaseStore:
         notify_url: str | None = None,
         start_lease_ms: int | None = None,
         now: int | None = None,
+        dag_json: str | None = None,
     ) -> Created:
         """Insert a workflow and its first step; replays an earlier Idempotency-Key.
 
         With `start_lease_ms` the first (tool) step is written as running and returned in
-        `Created.started`, for the caller to run at once.
+        `Created.started`, for the caller to run at once. `dag_json`: the submitted steps
+        of a workflow created from the DAG shape, kept beside the compiled flow.
         """
         now = now_ms() if now is None else now
 
@@ -351,7 +353,10 @@ class BaseStore:
                     "request_hash": request_hash,
                     "notify_url": notify_url,
                     "now": now,
-                    "stored_bytes": len(flow_json.encode()) + len(input_json.encode()),
+                    "stored_bytes": len(flow_json.encode())
+                    + len(input_json.encode())
+                    + len((dag_json or "").encode()),
+                    "dag_json": dag_json,
                 },
             )
             self._event(db, wf_id, None, "created", now, {"by": created_by})

@@ -11,9 +11,9 @@ WHERE created_by IS :created_by AND idempotency_key = :key;
 -- A new running workflow.
 INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,
                        idempotency_key, request_hash, notify_url, created_at, updated_at,
-                       stored_bytes)
+                       stored_bytes, dag_json)
 VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
-        :key, :request_hash, :notify_url, :now, :now, :stored_bytes);
+        :key, :request_hash, :notify_url, :now, :now, :stored_bytes, :dag_json);
 
 -- insert_step --
 -- A state visit: pending for a tool (held while its workflow is paused), running and awaiting 'ready' for a gate; it counts against its workflow's token.
