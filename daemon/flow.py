@@ -559,7 +559,7 @@ def _parse_wait(where: str, raw: Any, errors: list[str]) -> WaitSpec | None:
     if len(kinds) != 1:
         errors.append(f"{where}: wait: needs exactly one of 'seconds', 'until' or 'signal'")
     seconds = raw.get("seconds")
-    if seconds is not None and (not _is_number(seconds) or not 0 <= seconds <= MAX_SECONDS):
+    if "seconds" in raw and (not _is_number(seconds) or not 0 <= seconds <= MAX_SECONDS):
         errors.append(f"{where}: wait: field 'seconds' must be a number from 0 to {MAX_SECONDS}")
     until = raw.get("until")
     if "until" in raw:

@@ -204,7 +204,6 @@ def test_the_schema_refuses_malformed_new_kinds(raw: dict[str, Any]) -> None:
 
 
 @NEW_KINDS
-@pytest.mark.xfail(strict=True, reason="the parser takes a wait of {'seconds': null}")
 def test_wait_seconds_null_is_refused_by_both() -> None:
     raw = {"start": {"wait": {"seconds": None}, "done": True}}
     assert not schema_ok(raw)
