@@ -452,6 +452,14 @@ def test_redrive_a_failed_workflow_from_a_step(daemon: Daemon, tmp_path: Path) -
         wf = wait_for(c, wf_id, timeout=5)
     assert len([s for s in wf["steps"] if s["state"] == "start"]) == 2
 
+    # watch reads on past a failure that was redriven, to the end of the last run.
+    r = stepd(daemon, "watch", str(wf_id))
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert len([line for line in lines if " failed" in line and "●" in line]) == 3, r.stdout
+    assert len([line for line in lines if "redriven" in line]) == 2, r.stdout
+    assert "● failed" in lines[-1], r.stdout
+
 
 def test_intervene_patches_the_input_at_a_gate(daemon: Daemon, tmp_path: Path) -> None:
     body = {
