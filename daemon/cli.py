@@ -48,7 +48,7 @@ exit status:
   1  an error (one line on stderr), or the workflow failed or was cancelled
      (submit --wait; watch exits 2 for cancelled)
   2  submit --stop-at-gate: the workflow waits for a person (a gate, a retry-or-fail
-     decision, or it is paused)
+     decision, or it is paused); also a command line that does not parse
   3  submit --timeout: still running when the time ran out
 """
 
@@ -95,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--stop-at-gate",
         action="store_true",
-        help="with --wait: stop when it waits for a person (gate, decision, paused); exit 2",
+        help="wait, but stop when it waits for a person (gate, decision, paused); exit 2",
     )
     s.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",
-        help="with --wait: give up after this long; exit 3 if still running",
+        help="wait at most this long; exit 3 if still running",
     )
     s.add_argument(
         "--json", action="store_true", help="print the workflow as JSON instead of one line"
