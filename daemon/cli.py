@@ -628,10 +628,13 @@ def _render_workflow(wf: dict[str, Any]) -> list[str]:
         if depth and isinstance(scope, list) and scope:
             state = f"[{scope[-1]}] {state}"
         tool = step.get("tool")
+        if tool is None:  # a gate shows "-"; a parallel, map or wait state its kind
+            kind = step.get("kind")
+            tool = f"({kind})" if kind and kind not in ("gate", "tool") else "-"
         rows.append((
             str(step["id"]),
             "  " * depth + state,
-            "-" if tool is None else str(tool),
+            str(tool),
             str(step.get("status") or ""),
             str(step.get("attempt", "")),
             _duration(step.get("started_at"), step.get("completed_at")) or "-",
