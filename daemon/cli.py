@@ -491,6 +491,7 @@ MARKS = {
     "cancelled": "●", "paused": "⏸", "resumed": "▶", "redriven": "↻", "intervened": "✎",
     "signal_received": "⚑", "signal_consumed": "⚑", "wait_started": "⏲", "wait_ended": "▶",
     "branches_started": "⑂", "branch_done": "✓", "branch_failed": "✗",
+    "branches_joined": "▶",
 }  # fmt: skip
 
 
@@ -570,10 +571,22 @@ def _describe(event: dict[str, Any], names: dict[int, str]) -> str:
     elif kind in ("signal_received", "signal_consumed") and data.get("name"):
         detail = f": {data['name']}"
     elif kind in ("branch_done", "branch_failed"):
-        branch = data.get("branch", data.get("index", data.get("item")))
+        branch = data.get("branch")
         detail = f" [{branch}]" if branch is not None else ""
         if data.get("error"):
             detail += f": {data['error']}"
+    elif kind == "branches_started" and data.get("count") is not None:
+        detail = f": {data['count']}"
+    elif kind == "wait_started":
+        if data.get("signal"):
+            name = data["signal"]
+            detail = f": signal {name} (stepd signal {event.get('workflow_id')} {name})"
+            if data.get("until"):
+                detail += f", times out {_when(data['until'])}"
+        elif data.get("until"):
+            detail = f": until {_when(data['until'])}"
+    elif kind in ("wait_ended", "branches_joined") and data.get("error"):
+        detail = f": {data['error']}"
     label = f" {step}" if step else ""
     return f"{when} {MARKS.get(kind, '·')} {kind}{label}{detail}"
 

@@ -366,6 +366,17 @@ def test_show_and_submit_a_fan_out_flow_end_to_end(daemon: Daemon, tmp_path: Pat
     assert re.fullmatch(rf"workflow {wf_id} completed in \S+: output (.*)", line), line
     assert json.loads(line.split(": output ", 1)[1]) == {"sent": 3, "paid": {"amount": 42}}
 
+    # watch replays it with the new kinds of events.
+    r = stepd(daemon, "watch", str(wf_id))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"⑂ branches_started enrich: 2$", r.stdout, re.M), r.stdout
+    assert re.search(r"✓ branch_done start \[geo\]$", r.stdout, re.M), r.stdout
+    assert re.search(r"✓ branch_done start \[2\]$", r.stdout, re.M), r.stdout
+    assert re.search(rf"⏲ wait_started settle: signal paid \(stepd signal {wf_id} paid\), "
+                     r"times out \d{4}-", r.stdout, re.M), r.stdout  # fmt: skip
+    assert re.search(r"⚑ signal_received: paid$", r.stdout, re.M), r.stdout
+    assert r.stdout.splitlines()[-1].endswith("● completed")
+
 
 # -- approvals, reject, tools -----------------------------------------------------------------
 
