@@ -40,8 +40,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+EXIT_CODES = """\
+client commands talk to STEPD_URL (default http://127.0.0.1:8000) with STEPD_TOKEN.
+
+exit status:
+  0  done (submit --wait, watch: the workflow completed)
+  1  an error (one line on stderr), or the workflow failed or was cancelled
+     (submit --wait; watch exits 2 for cancelled)
+  2  submit --stop-at-gate: the workflow waits for a person (a gate, a retry-or-fail
+     decision, or it is paused); also a command line that does not parse
+  3  submit --timeout: still running when the time ran out
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stepd", description="Durable workflow executor daemon.")
+    p = argparse.ArgumentParser(
+        prog="stepd",
+        description="Durable workflow executor daemon.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the daemon (API + executor)")
@@ -69,14 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--name", help="workflow name (default: the file's, or its stem)")
     s.add_argument(
-        "--wait", action="store_true", help="wait until it finishes; exit 0 only if it completed"
+        "--wait",
+        action="store_true",
+        help="wait until it ends and print a one-line outcome; "
+        "exit 0 completed, 1 failed or cancelled",
+    )
+    s.add_argument(
+        "--stop-at-gate",
+        action="store_true",
+        help="wait, but stop when it waits for a person (gate, decision, paused); exit 2",
+    )
+    s.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait at most this long; exit 3 if still running",
+    )
+    s.add_argument(
+        "--json", action="store_true", help="print the workflow as JSON instead of one line"
     )
     s.add_argument("--idempotency-key", help="send an Idempotency-Key header")
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("list", help="list workflows, newest first")
     s.add_argument("--limit", type=int, default=20)
-    s.add_argument("--status", choices=["running", "completed", "failed", "cancelled"])
+    s.add_argument("--status", choices=["running", "paused", "completed", "failed", "cancelled"])
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_list)
 
@@ -84,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id", type=int)
     s.set_defaults(func=cmd_watch)
 
-    s = sub.add_parser("show", help="show a workflow with its steps (JSON)")
+    s = sub.add_parser("show", help="show a workflow with its steps")
     s.add_argument("id", type=int)
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("ready", help="release a waiting approval gate")
@@ -105,6 +141,61 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cancel", help="cancel a running workflow")
     s.add_argument("id", type=int)
     s.set_defaults(func=cmd_cancel)
+
+    s = sub.add_parser("reject", help="reject a waiting approval gate")
+    s.add_argument("step_id", type=int)
+    s.add_argument("--reason", required=True, help="why (required)")
+    s.set_defaults(func=cmd_reject)
+
+    s = sub.add_parser("approvals", help="what waits for a person: gates and decisions")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    s.set_defaults(func=cmd_approvals)
+
+    s = sub.add_parser("pause", help="pause a running workflow: nothing new starts")
+    s.add_argument("id", type=int)
+    s.add_argument("--reason", help="why (recorded in its events)")
+    s.set_defaults(func=cmd_pause)
+
+    s = sub.add_parser(
+        "resume", help="carry on a paused workflow, or redrive a failed or cancelled one"
+    )
+    s.add_argument("id", type=int)
+    s.add_argument("--from-step", metavar="STATE", help="state id to continue at")
+    s.add_argument("--reason", help="why (recorded in its events)")
+    s.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser(
+        "redrive",
+        help="run a failed or cancelled workflow again from where it failed (same as resume)",
+    )
+    s.add_argument("id", type=int)
+    s.add_argument("--from-step", metavar="STATE", help="state id to continue at")
+    s.add_argument("--reason", help="why (recorded in its events)")
+    s.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser(
+        "intervene", help="merge-patch the input of a paused workflow or one waiting at a gate"
+    )
+    s.add_argument("id", type=int)
+    s.add_argument(
+        "--input",
+        required=True,
+        metavar="JSON|@FILE",
+        help="a JSON merge patch (RFC 7386), or @FILE to read it from a file ('@-': stdin)",
+    )
+    s.add_argument("--reason", help="why (recorded in its events)")
+    s.set_defaults(func=cmd_intervene)
+
+    s = sub.add_parser("signal", help="send a named signal to a workflow")
+    s.add_argument("id", type=int)
+    s.add_argument("name", help="the signal's name")
+    s.add_argument("--data", metavar="JSON", help="JSON value delivered with the signal")
+    s.set_defaults(func=cmd_signal)
+
+    s = sub.add_parser("tools", help="the daemon's tools and their parameters")
+    s.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    s.set_defaults(func=cmd_tools)
 
     s = sub.add_parser("validate", help="check a workflow file without running it")
     s.add_argument("file")
@@ -280,25 +371,97 @@ def cmd_submit(args: argparse.Namespace) -> int:
     client = Client()
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     created = client.call("POST", "/api/workflow", _body_from_file(args), headers)
-    if not args.wait:
+    if not (args.wait or args.stop_at_gate or args.timeout is not None):
         _print(created)
         return 0
     wf_id = created["id"]
     print(f"workflow {wf_id} started; waiting...", file=sys.stderr)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     announced: set[int] = set()
     while True:
         wf = client.call("GET", f"/api/workflow/{wf_id}")
+        steps = wf.get("steps") or []
         if wf["status"] in TERMINAL:
-            _print(wf)
-            return 0 if wf["status"] == "completed" else 1
-        for step in wf["steps"]:
-            if step["awaiting"] == "ready" and step["id"] not in announced:
+            return _outcome(args, wf, 0 if wf["status"] == "completed" else 1)
+        person = _waiting_for_person(wf)
+        if args.stop_at_gate and person is not None:
+            return _outcome(args, wf, 2)
+        if deadline is not None and time.monotonic() >= deadline:
+            return _outcome(args, wf, 3)
+        for step in steps:
+            if step.get("awaiting") in ("ready", "decision") and step["id"] not in announced:
                 announced.add(step["id"])
-                print(
-                    f"step {step['id']} ({step['name']}) awaits approval: stepd ready {step['id']}",
-                    file=sys.stderr,
-                )
+                print(f"step {step['id']} ({step['name']}) {_awaits(step)}", file=sys.stderr)
         time.sleep(0.2)
+
+
+def _waiting_for_person(wf: dict[str, Any]) -> dict[str, Any] | None:
+    """The step a person must act on (a gate, an interrupted step), or the workflow if it
+    is paused; None if it is not waiting for anyone."""
+    if wf["status"] == "paused":
+        return wf
+    for step in wf.get("steps") or []:
+        if step.get("status") == "running" and step.get("awaiting") in ("ready", "decision"):
+            return step
+    return None
+
+
+def _awaits(step: dict[str, Any]) -> str:
+    """What a waiting step waits for, with the command that moves it on."""
+    sid = step["id"]
+    awaiting = step.get("awaiting")
+    if awaiting == "ready":
+        return f"awaits approval: stepd ready {sid} (or stepd reject {sid} --reason ...)"
+    if awaiting == "decision":
+        return f"was interrupted: stepd retry {sid} or stepd fail {sid}"
+    if awaiting == "timer":
+        return f"waits until {_when(step.get('expires_at'))}"
+    if awaiting == "signal":
+        until = step.get("expires_at")
+        return "waits for a signal" + (f" (times out {_when(until)})" if until else "")
+    if awaiting == "branches":
+        return "waits for its branches"
+    return f"awaits {awaiting}"
+
+
+def _outcome(args: argparse.Namespace, wf: dict[str, Any], code: int) -> int:
+    """Print the end of `submit --wait`: the workflow as JSON, or one line."""
+    if args.json:
+        _print(wf)
+    else:
+        print(_outcome_line(wf))
+    return code
+
+
+def _outcome_line(wf: dict[str, Any]) -> str:
+    head = f"workflow {wf['id']}"
+    status = wf["status"]
+    took = _duration(wf.get("created_at"), wf.get("completed_at") or wf.get("cancelled_at"))
+    if status == "completed":
+        line = f"{head} completed" + (f" in {took}" if took else "")
+        if "output" in wf:
+            line += f": output {_short(wf['output'], 200)}"
+        else:  # an older daemon: the result of the last step, the one that ended it
+            done = [s for s in wf.get("steps") or [] if s.get("status") == "done"]
+            if done and done[-1].get("result_json") is not None:
+                line += f": output {_decoded(done[-1]['result_json'], 200)}"
+        return line
+    if status in ("failed", "cancelled"):
+        line = f"{head} {status}" + (f" after {took}" if took else "")
+        return line + (f": {_one_line(wf['error'])}" if wf.get("error") else "")
+    if status == "paused":
+        return f"{head} is paused: stepd resume {wf['id']}"
+    step = _waiting_for_person(wf)
+    if step is not None and step.get("awaiting") == "ready":
+        return (
+            f"{head} waiting at gate '{step['name']}' (step {step['id']}): stepd ready {step['id']}"
+        )
+    if step is not None:
+        return (
+            f"{head} waiting: step '{step['name']}' ({step['id']}) was interrupted: "
+            f"stepd retry {step['id']} or stepd fail {step['id']}"
+        )
+    return f"{head} still {status}: stepd show {wf['id']}"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -325,7 +488,10 @@ MARKS = {
     "created": "+", "step_started": ">", "step_done": "✓", "step_failed": "✗",
     "step_retrying": "↻", "step_requeued": "↻", "gate_waiting": "⏸", "gate_decided": "▶",
     "decision_waiting": "⏸", "step_decided": "▶", "completed": "●", "failed": "●",
-    "cancelled": "●",
+    "cancelled": "●", "paused": "⏸", "resumed": "▶", "redriven": "↻", "intervened": "✎",
+    "signal_received": "⚑", "signal_consumed": "⚑", "wait_started": "⏲", "wait_ended": "▶",
+    "branches_started": "⑂", "branch_done": "✓", "branch_failed": "✗",
+    "branches_joined": "▶",
 }  # fmt: skip
 
 
@@ -338,6 +504,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     print(f"watching workflow {wf['id']} ({wf['name']}), {wf['status']}", flush=True)
     last, failures = 0, 0
     while True:
+        ended: dict[str, Any] | None = None  # the terminal event this stream ended with
+        before = last
         try:
             with connect_sse(client.http, "GET", f"/api/workflow/{args.id}/events",
                              headers={"Last-Event-ID": str(last)},
@@ -356,11 +524,19 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         names.update({s["id"]: s["name"] for s in fresh["steps"]})
                     print(_describe(event, names), flush=True)
                     if event["type"] in WATCH_EXIT:
-                        return WATCH_EXIT[event["type"]]
-            wf = client.call("GET", f"/api/workflow/{args.id}")  # the stream ended early
+                        ended = event
+                        break
+            wf = client.call("GET", f"/api/workflow/{args.id}")
             if wf["status"] in WATCH_EXIT:
-                print(f"● {wf['status']}", flush=True)
-                return WATCH_EXIT[wf["status"]]
+                # A failed or cancelled workflow may have been redriven since the terminal
+                # event just replayed: then more events follow it, so read on.
+                if ended is not None and (wf.get("updated_at") or 0) <= ended["at"]:
+                    return WATCH_EXIT[ended["type"]]
+                if ended is None:  # the stream ended early
+                    print(f"● {wf['status']}", flush=True)
+                    return WATCH_EXIT[wf["status"]]
+            if last == before:
+                time.sleep(0.2)
         except SSEError as exc:
             raise CLIError(f"{client.url} did not answer with an event stream: {exc}") from None
         except httpx.HTTPError as exc:
@@ -386,13 +562,210 @@ def _describe(event: dict[str, Any], names: dict[int, str]) -> str:
             detail += f" ({data['reason']})"
     elif kind in ("step_requeued", "decision_waiting"):
         detail = f": {data.get('reason')}"
+    elif kind in ("paused", "resumed", "redriven", "intervened"):
+        detail = f" by {data['by']}" if data.get("by") else ""
+        if data.get("from_step"):
+            detail += f" from {data['from_step']}"
+        if data.get("reason"):
+            detail += f" ({data['reason']})"
+    elif kind in ("signal_received", "signal_consumed") and data.get("name"):
+        detail = f": {data['name']}"
+    elif kind in ("branch_done", "branch_failed"):
+        branch = data.get("branch")
+        detail = f" [{branch}]" if branch is not None else ""
+        if data.get("error"):
+            detail += f": {data['error']}"
+    elif kind == "branches_started" and data.get("count") is not None:
+        detail = f": {data['count']}"
+    elif kind == "wait_started":
+        if data.get("signal"):
+            name = data["signal"]
+            detail = f": signal {name} (stepd signal {event.get('workflow_id')} {name})"
+            if data.get("until"):
+                detail += f", times out {_when(data['until'])}"
+        elif data.get("until"):
+            detail = f": until {_when(data['until'])}"
+    elif kind in ("wait_ended", "branches_joined") and data.get("error"):
+        detail = f": {data['error']}"
     label = f" {step}" if step else ""
     return f"{when} {MARKS.get(kind, '·')} {kind}{label}{detail}"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    _print(Client().call("GET", f"/api/workflow/{args.id}"))
+    wf = Client().call("GET", f"/api/workflow/{args.id}")
+    if args.json:
+        _print(wf)
+        return 0
+    for line in _render_workflow(wf):
+        print(line)
     return 0
+
+
+def _render_workflow(wf: dict[str, Any]) -> list[str]:
+    """A workflow for a person: a header, then one line per step (nested ones indented
+    under their parallel or map step). Fields an older daemon lacks are left out."""
+    out = [f"workflow {wf['id']}  {wf.get('name', '')}".rstrip()]
+
+    def field(label: str, value: str) -> None:
+        out.append(f"  {label:<13}{value}")
+
+    field("status", str(wf.get("status")))
+    field("created by", str(wf.get("created_by") or "-"))
+    created = wf.get("created_at")
+    field("created", _when(created))
+    if wf.get("updated_at"):
+        field("updated", _when(wf["updated_at"]))
+    if wf.get("paused_at"):
+        field("paused", _when(wf["paused_at"]))
+    for label in ("completed", "cancelled"):
+        at = wf.get(f"{label}_at")
+        if at:
+            field(label, f"{_when(at)} (took {_duration(created, at)})")
+    if wf.get("status") in ("running", "paused") and created:
+        field("running for", _duration(created, int(time.time() * 1000)))
+    if wf.get("error"):
+        field("error", _one_line(wf["error"]))
+    if wf.get("output") is not None:
+        field("output", _short(wf["output"], 200))
+    steps = wf.get("steps") or []
+    if not steps:
+        out.append("")
+        out.append("no steps")
+        return out
+    rows = [("STEP", "STATE", "TOOL", "STATUS", "ATTEMPT", "DURATION", "RESULT")]
+    for depth, step in _step_tree(steps):
+        state = str(step.get("state") or step.get("name") or "")
+        if step.get("name") and step["name"] != state:
+            state += f" ({step['name']})"
+        scope = step.get("scope")
+        if depth and isinstance(scope, list) and scope:
+            state = f"[{scope[-1]}] {state}"
+        tool = step.get("tool")
+        if tool is None:  # a gate shows "-"; a parallel, map or wait state its kind
+            kind = step.get("kind")
+            tool = f"({kind})" if kind and kind not in ("gate", "tool") else "-"
+        rows.append((
+            str(step["id"]),
+            "  " * depth + state,
+            str(tool),
+            str(step.get("status") or ""),
+            str(step.get("attempt", "")),
+            _duration(step.get("started_at"), step.get("completed_at")) or "-",
+            _step_detail(step),
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    out.append("")
+    for r in rows:
+        cells = [r[i].ljust(widths[i]) for i in range(len(widths))]
+        out.append("  ".join([*cells, r[-1]]).rstrip())
+    return out
+
+
+def _step_tree(steps: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """Steps in order, each nested one right after its parallel or map step (grouped by
+    branch or item), with its depth."""
+    ids = {s["id"] for s in steps}
+    children: dict[int, list[dict[str, Any]]] = {}
+    top: list[dict[str, Any]] = []
+    for step in steps:
+        parent = step.get("parent_id")
+        if parent is not None and parent in ids and parent != step["id"]:
+            children.setdefault(parent, []).append(step)
+        else:
+            top.append(step)
+
+    def branch_key(step: dict[str, Any], order: dict[Any, int]) -> tuple[int, Any]:
+        scope = step.get("scope")
+        last = scope[-1] if isinstance(scope, list) and scope else None
+        if isinstance(last, int):
+            return (0, last)
+        return (1, order.setdefault(str(last), len(order)))
+
+    out: list[tuple[int, dict[str, Any]]] = []
+    seen: set[int] = set()
+
+    def visit(step: dict[str, Any], depth: int) -> None:
+        if step["id"] in seen:
+            return
+        seen.add(step["id"])
+        out.append((depth, step))
+        kids = children.get(step["id"], [])
+        order: dict[Any, int] = {}
+        for kid in sorted(kids, key=lambda k: branch_key(k, order)):
+            visit(kid, depth + 1)
+
+    for step in top:
+        scope = step.get("scope")
+        visit(step, len(scope) // 2 if isinstance(scope, list) else 0)
+    for step in steps:  # a cycle or a missing parent: never lose a step
+        visit(step, 0)
+    return out
+
+
+def _step_detail(step: dict[str, Any]) -> str:
+    """The last column: what a running step waits for, its error, or its result."""
+    if step.get("status") == "running" and step.get("awaiting"):
+        return f"awaiting {step['awaiting']}: " + _awaits(step).split(": ", 1)[-1]
+    if step.get("error"):
+        return "error: " + _one_line(step["error"], 100)
+    raw = step.get("result_json")
+    return "" if raw is None else _decoded(raw, 80)
+
+
+def _decoded(raw: str, width: int) -> str:
+    """A stored JSON text (result_json) on one line, cut to `width` characters."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _one_line(str(raw), width)
+    return _short(value, width)
+
+
+def _short(value: Any, width: int) -> str:
+    """A JSON value on one line, cut to `width` characters."""
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    return _one_line(text, width)
+
+
+def _one_line(text: str, width: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _when(ms: int | None) -> str:
+    """A local time like 2026-12-03 13:04:05 (milliseconds since the epoch in)."""
+    if not ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+def _duration(start: int | None, end: int | None) -> str:
+    """How long from `start` to `end` (ms), e.g. 850ms, 2.3s, 4m05s, 2h03m, 3d04h; '' if
+    either is unknown."""
+    if not start or not end:
+        return ""
+    ms = max(0, end - start)
+    if ms < 1000:
+        return f"{ms}ms"
+    s = ms / 1000
+    if s < 60:
+        return f"{s:.1f}s"
+    s = int(s)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _ago(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    took = _duration(ms, int(time.time() * 1000))
+    return f"{_when(ms)} ({took} ago)"
 
 
 def cmd_ready(args: argparse.Namespace) -> int:
@@ -419,6 +792,109 @@ def cmd_fail(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     _print(Client().call("DELETE", f"/api/workflow/{args.id}"))
+    return 0
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason}
+    _print(Client().call("POST", f"/api/workflow/{args.step_id}/reject", body))
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    items = Client().call("GET", f"/api/approvals?limit={args.limit}")
+    if args.json:
+        _print(items)
+        return 0
+    if not items:
+        print("nothing waits for a person")
+        return 0
+    rows = [("STEP", "WORKFLOW", "STATE", "WAITING SINCE", "WHO MAY DECIDE", "TO DO")]
+    for item in items:
+        sid = item["step_id"]
+        approvers = item.get("approvers")
+        if item.get("awaiting") == "decision":
+            todo = f"stepd retry {sid} | stepd fail {sid}"
+        else:
+            todo = f"stepd ready {sid} | stepd reject {sid} --reason ..."
+        rows.append((
+            str(sid),
+            f"{item['workflow_id']} ({item.get('workflow_name') or '-'})",
+            str(item.get("state") or item.get("name") or ""),
+            _ago(item.get("waiting_since")),
+            ", ".join(approvers) if approvers else "any token with approve",
+            todo,
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join([*(r[i].ljust(widths[i]) for i in range(len(widths))), r[-1]]).rstrip())
+    return 0
+
+
+def _reason(args: argparse.Namespace, body: dict[str, Any]) -> Any:
+    if args.reason:
+        body["reason"] = args.reason
+    return body or NO_BODY
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _print(Client().call("POST", f"/api/workflow/{args.id}/pause", _reason(args, {})))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """`resume` and `redrive`: the server decides which one a workflow's status allows."""
+    body = _reason(args, {"from_step": args.from_step} if args.from_step else {})
+    _print(Client().call("POST", f"/api/workflow/{args.id}/resume", body))
+    return 0
+
+
+def cmd_intervene(args: argparse.Namespace) -> int:
+    raw = args.input
+    if raw.startswith("@"):
+        patch = _read_json_file(raw[1:])
+    else:
+        try:
+            patch = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise CLIError(f"--input is not valid JSON: {exc} (use @FILE to read a file)") from None
+    body = _reason(args, {"input": patch})
+    _print(Client().call("POST", f"/api/workflow/{args.id}/intervene", body))
+    return 0
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name}
+    if args.data is not None:
+        try:
+            body["data"] = orjson.loads(args.data)
+        except orjson.JSONDecodeError as exc:
+            raise CLIError(f"--data is not valid JSON: {exc}") from None
+    _print(Client().call("POST", f"/api/workflow/{args.id}/signal", body))
+    return 0
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    tools = Client().call("GET", "/api/tools")
+    if args.json:
+        _print(tools)
+        return 0
+    for t in tools:
+        params = []
+        for p in t.get("parameters") or []:
+            text = p["name"] + (f": {p['type']}" if p.get("type") else "")
+            if not p.get("required", True):
+                text += f" = {_short(p.get('default'), 40)}"
+            params.append(text)
+        if t.get("accepts_any_args"):
+            params.append("**args")
+        line = f"{t['name']}({', '.join(params)})"
+        if t.get("idempotent") is False:
+            line += "  [not idempotent]"
+        doc = (t.get("description") or "").strip().splitlines()
+        if doc:
+            line += f"  {doc[0]}"
+        print(line)
     return 0
 
 

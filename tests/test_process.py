@@ -427,8 +427,8 @@ def test_cli_against_running_daemon(shared: Daemon, tmp_path: Path) -> None:
         json.dumps(echo_flow(name="cli-flow", msg="{{input.msg}}") | {"input": {"msg": "hi"}})
     )
 
-    # submit --wait: exit 0 once completed, the workflow printed as JSON.
-    r = stepd("submit", str(flow), "--wait", url=url)
+    # submit --wait --json: exit 0 once completed, the workflow printed as JSON.
+    r = stepd("submit", str(flow), "--wait", "--json", url=url)
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
     assert shown["status"] == "completed"
@@ -441,7 +441,7 @@ def test_cli_against_running_daemon(shared: Daemon, tmp_path: Path) -> None:
     assert str(wf_id) in r.stdout
     assert "cli-flow" in r.stdout
 
-    r = stepd("show", str(wf_id), url=url)
+    r = stepd("show", str(wf_id), "--json", url=url)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["id"] == wf_id
 
@@ -555,7 +555,7 @@ def test_cli_submit_wait_exits_nonzero_for_failed_flow(shared: Daemon, tmp_path:
             }
         ).decode()
     )
-    r = stepd("submit", str(flow), "--wait", url=shared.url)
+    r = stepd("submit", str(flow), "--wait", "--json", url=shared.url)
     assert r.returncode == 1, r.stdout + r.stderr
     assert json.loads(r.stdout)["status"] == "failed"
 
