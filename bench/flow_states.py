@@ -104,9 +104,8 @@ def main() -> None:
             idle_waiting = idle_cpu(proc.pid, args.idle_s)
             mapped = big_map(client, proc.pid, args.items, args.concurrency)
     print(f"idle poll, no workflow:          {idle_empty:6.2f} ms CPU per second")
-    print(
-        f"idle poll, {2 * args.waiting:5d} waiting (timer+signal): {idle_waiting:6.2f} ms CPU per second"
-    )
+    waiting = f"{2 * args.waiting:5d} waiting (timer+signal)"
+    print(f"idle poll, {waiting}: {idle_waiting:6.2f} ms CPU per second")
     print(
         f"map of {mapped['items']} items (max_concurrency {args.concurrency}): {mapped['status']} "
         f"in {mapped['wall_s']} s ({mapped['items_per_s']} items/s); daemon peak RSS "
