@@ -1,5 +1,6 @@
-"""The forms: sign in and out, approve, reject, retry, fail, cancel. Every POST checks
-its CSRF token; decisions answer with a redirect and a flash message, never a 500."""
+"""The forms: sign in and out, approve, reject, retry, fail, cancel, and run control (pause,
+resume or redrive, intervene, signal). Every POST checks its CSRF token; decisions answer
+with a redirect and a flash message, never a 500."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -14,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from daemon.auth import Authenticator
 from daemon.bodies import parse_body, read_body
 from daemon.config import TokenConfig
-from daemon.errors import BadRequest, StepdError, UnsupportedMediaType
+from daemon.errors import BadRequest, StepdError, Unprocessable, UnsupportedMediaType
 from daemon.ids import MAX_ID
 from daemon.limits import MAX_IDEMPOTENCY_KEY
 from daemon.web import session as sessions
@@ -210,9 +212,109 @@ async def cancel(request: Request, session: Session, form: Form) -> Response:
     return back(request, form, here, "ok", f"Cancelled workflow {wf_id}.")
 
 
+# -- run control ---------------------------------------------------------------------------
+
+MAX_SIGNAL_NAME = 200
+
+
+def merge_patch(before: Any, after: Any) -> Any:
+    """The RFC 7386 merge patch that turns `before` into `after`: changed and new keys,
+    removed keys as null (objects recursively; anything else is replaced whole)."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return after
+    patch: dict[str, Any] = {key: None for key in before if key not in after}
+    for key, value in after.items():
+        if key not in before:
+            patch[key] = value
+        elif before[key] != value:
+            patch[key] = merge_patch(before[key], value)
+    return patch
+
+
+async def parse_json_field(form: Form, field: str, what: str) -> Any:
+    raw = form.get(field, "").strip()
+    if not raw:
+        return None
+    try:
+        return await parse_body(raw.encode())
+    except BadRequest as exc:
+        raise BadRequest(f"{what} is not valid JSON ({exc.text}); nothing was changed.") from None
+
+
+def control_refusal(exc: StepdError) -> str:
+    if exc.status == 403:
+        return f"You may not do this: {exc.text}."
+    if exc.status in (404, 409, 422):
+        return f"Nothing changed: {exc.text}."
+    return exc.text
+
+
+def reason_of(form: Form) -> str | None:
+    return form.get("reason", "").strip() or None
+
+
+async def pause_run(request: Request, wf_id: int, form: Form, by: str) -> str:
+    await engine_of(request).pause(wf_id, by=by, reason=reason_of(form))
+    return f"Paused workflow {wf_id}: nothing new starts until it is resumed."
+
+
+async def resume_run(request: Request, wf_id: int, form: Form, by: str) -> str:
+    from_step = form.get("from_step", "").strip() or None
+    answer = await engine_of(request).resume(wf_id, by=by, from_step=from_step,
+                                             reason=reason_of(form))  # fmt: skip
+    redriven = isinstance(answer, dict) and answer.get("redriven")
+    where = f" from {from_step}" if from_step else ""
+    return f"{'Redriven' if redriven else 'Resumed'} workflow {wf_id}{where}."
+
+
+async def intervene_run(request: Request, wf_id: int, form: Form, by: str) -> str:
+    reason = reason_of(form)
+    if reason is None:
+        raise BadRequest("Changing the input needs a reason; nothing was changed.")
+    new = await parse_json_field(form, "input", "The input")
+    if not isinstance(new, dict):
+        raise Unprocessable("the input must be a JSON object; nothing was changed")
+    engine = engine_of(request)
+    before = orjson.loads(orjson.dumps((await engine.get(wf_id))["input"]))
+    patch = merge_patch(before, new)
+    if not patch:
+        return "The input is unchanged; nothing was done."
+    await engine.intervene(wf_id, patch, by=by, reason=reason)
+    return f"Changed the input of workflow {wf_id}."
+
+
+async def signal_run(request: Request, wf_id: int, form: Form, by: str) -> str:
+    name = form.get("name", "").strip()
+    if not name or len(name) > MAX_SIGNAL_NAME:
+        raise BadRequest(f"A signal needs a name of 1 to {MAX_SIGNAL_NAME} characters.")
+    data = await parse_json_field(form, "data", "The signal's data")
+    await engine_of(request).signal(wf_id, name, data, by=by)
+    return f"Sent signal “{name}” to workflow {wf_id}."
+
+
+RUN_CONTROL = {"pause": pause_run, "resume": resume_run, "intervene": intervene_run,
+               "signal": signal_run}  # fmt: skip
+
+
+@form_action
+async def control(request: Request, session: Session, form: Form) -> Response:
+    """Pause, resume (or redrive), intervene or signal, then back with a message."""
+    wf_id, action = request.path_params["id"], request.path_params["action"]
+    here = f"/ui/workflows/{wf_id}"
+    try:
+        Authenticator.require(session.token, "workflow")
+        if action not in RUN_CONTROL or wf_id > MAX_ID:
+            raise BadRequest("there is no such workflow or action")
+        done = await RUN_CONTROL[action](request, wf_id, form, session.token.name)
+    except StepdError as exc:
+        return back(request, form, here, "error", control_refusal(exc))
+    return back(request, form, here, "ok", done)
+
+
 ROUTES: list[BaseRoute] = [
     Route("/login", login, methods=["POST"]),
     Route("/logout", logout, methods=["POST"]),
     Route("/steps/{step_id:id}/{action:str}", decide, methods=["POST"]),
     Route("/workflows/{id:id}/cancel", cancel, methods=["POST"]),
+    Route("/workflows/{id:id}/{action:str}", control, methods=["POST"]),
 ]

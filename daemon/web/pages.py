@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -23,11 +24,14 @@ from daemon.errors import Forbidden, NotFound
 from daemon.ids import MAX_ID
 from daemon.limits import PRETTY_LIMIT
 from daemon.models import TERMINAL, WorkflowStatus
+from daemon.web import graph
 from daemon.web import session as sessions
 from daemon.web.session import Session
 
 STATIC = assets.StaticFiles("daemon.web", "static")  # read now: see daemon.assets
 PAGE_SIZE = 50
+STEP_ROWS = 100  # a workflow's latest top-level steps shown at first ("show older" for more)
+INNER_ROWS = 50  # a parallel's or map's latest inner steps shown under its row
 INBOX_PAGE = 100  # approvals shown at once (the nav counts them all)
 HEADERS = {
     # Scripts and styles come only from /ui/static; nothing inline, no framing.
@@ -97,7 +101,9 @@ def pretty(value: Any) -> str:
     is rendered on the event loop)."""
     if value is None:
         return ""
-    raw = orjson.dumps(value) if isinstance(value, orjson.Fragment) else value
+    if not isinstance(value, str | bytes):  # an orjson Fragment, or a value already parsed
+        value = orjson.dumps(value)
+    raw = value
     if len(raw) > PRETTY_LIMIT:
         return _cut(raw)
     try:
@@ -250,8 +256,9 @@ async def login_form(
 @signed_in
 async def approvals_page(request: Request, session: Session) -> Response:
     """Gates and interrupted steps that wait for a person, oldest first."""
+    last_event = await request.app.state.store.max_event_id()  # first: see workflow_page
     items = await engine_of(request).approvals(limit=INBOX_PAGE)
-    return await render(request, "approvals.html", session, items=items)
+    return await render(request, "approvals.html", session, items=items, last_event=last_event)
 
 
 @signed_in
@@ -264,6 +271,7 @@ async def workflows_page(request: Request, session: Session) -> Response:
     ok = before_raw.isascii() and before_raw.isdigit() and len(before_raw) < 19
     before = int(before_raw) if ok else None
     engine = engine_of(request)
+    last_event = await engine.store.max_event_id()  # first: see workflow_page
     items = await engine.list(limit=PAGE_SIZE, status=status, before=before)
     return await render(
         request,
@@ -275,12 +283,65 @@ async def workflows_page(request: Request, session: Session) -> Response:
         waiting=await engine.store.waiting_among(w["id"] for w in items),
         before=before,
         older=items[-1]["id"] if len(items) == PAGE_SIZE else None,
+        last_event=last_event,
     )
+
+
+def step_tree(steps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, Any]]:
+    """The top-level steps, and each parallel's or map's inner steps by its step id."""
+    top: list[dict[str, Any]] = []
+    inner: dict[int, list[dict[str, Any]]] = {}
+    for step in steps:
+        parent = step.get("parent_id")
+        if parent is None:
+            top.append(step)
+        else:
+            inner.setdefault(parent, []).append(step)
+    return top, inner
+
+
+def fold(inner: dict[int, Any], step_id: int) -> dict[str, Any]:
+    """What the row of a parallel or map step folds: its latest inner steps, how many there
+    are by status, whether one needs attention (then the fold starts open)."""
+    rows = inner.get(step_id, [])
+    counts: dict[str, int] = {}
+    attention = False
+    stack = list(rows)
+    while stack:  # nested parallels and maps count too
+        row = stack.pop()
+        status = graph.shown_status(row)
+        counts[status] = counts.get(status, 0) + 1
+        attention = attention or status in ("waiting", "decision", "failed")
+        stack.extend(inner.get(row["id"], ()))
+    return {
+        "rows": rows[-INNER_ROWS:],
+        "hidden": max(len(rows) - INNER_ROWS, 0),
+        "total": len(rows),
+        "counts": graph.counts_text(Counter(counts)),
+        "open": attention,
+    }
+
+
+def state_ids(flow: Any) -> list[str]:
+    """The top-level state ids of a stored flow (the choices for resuming from a state)."""
+    try:
+        raw = orjson.loads(orjson.dumps(flow)) if flow is not None else None
+    except orjson.JSONDecodeError:
+        return []
+    return [str(k) for k, v in raw.items() if isinstance(v, dict)] if isinstance(raw, dict) else []
+
+
+def editable_input(value: Any) -> str | None:
+    """The input as indented JSON for the intervene form; None when it is too long to edit
+    here (it is not parsed then)."""
+    text = pretty(value) or "{}"
+    return None if text.endswith(("more characters", "more bytes")) else text
 
 
 @signed_in
 async def workflow_page(request: Request, session: Session) -> Response:
-    """One workflow: its input, the timeline of steps, decisions; updated live."""
+    """One workflow: its flow as a graph, its input, the timeline of steps (the latest
+    STEP_ROWS, inner steps folded under their parallel or map), run control; updated live."""
     wf_id = request.path_params["id"]
     if wf_id > MAX_ID:
         return await not_found(request, session, f"There is no workflow {wf_id}.")
@@ -290,14 +351,27 @@ async def workflow_page(request: Request, session: Session) -> Response:
         wf = await engine_of(request).get(wf_id)
     except NotFound:
         return await not_found(request, session, f"There is no workflow {wf_id}.")
+    steps = wf["steps"]
+    top, inner = step_tree(steps)
+    raw = request.query_params.get("steps", "")
+    shown = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 9 else STEP_ROWS
+    shown = len(top) if raw == "all" else max(shown, STEP_ROWS)
+    running = [s for s in steps if s["status"] == "running"]
     return await render(
         request,
         "workflow.html",
         session,
         wf=wf,
-        steps=wf["steps"],
+        steps=top[-shown:],
+        older=max(len(top) - shown, 0),
+        shown=shown,
+        folds={parent: fold(inner, parent) for parent in inner},
+        graph=graph.build(wf["flow"], steps, wf["status"]),
+        states=state_ids(wf["flow"]),
+        input_text=editable_input(wf["input"]),
         last_event=log[-1]["id"] if log else 0,
-        waiting=any(s["awaiting"] for s in wf["steps"] if s["status"] == "running"),
+        waiting=any(s["awaiting"] in ("ready", "decision") for s in running),
+        at_gate=any(s["awaiting"] == "ready" for s in running),
     )
 
 
@@ -311,6 +385,14 @@ async def workflow_events(request: Request) -> Response:
     # Unnamed events: EventSource hands those to `onmessage`; a named one reaches only
     # listeners for its name, and the page wants them all.
     return await events.response(request, wf_id, named=False)
+
+
+async def all_events(request: Request) -> Response:
+    """Every workflow's Server-Sent Events, for the live inbox and list (401 without a
+    session): the pages reload their list when anything happens."""
+    if await sessions.current(request) is None:
+        return PlainTextResponse("sign in first", status_code=401)
+    return await events.response(request, None, named=False)
 
 
 async def not_found(
@@ -335,6 +417,7 @@ ROUTES: list[BaseRoute] = [
     Route("/workflows", workflows_page, methods=["GET"]),
     Route("/workflows/{id:id}", workflow_page, methods=["GET"]),
     Route("/workflows/{id:id}/events", workflow_events, methods=["GET"]),
+    Route("/events", all_events, methods=["GET"]),
     Route("/static/{name:path}", STATIC.serve, methods=["GET"], name="static"),
 ]
 FALLBACK: list[BaseRoute] = [
