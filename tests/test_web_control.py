@@ -13,6 +13,7 @@ import pytest
 
 from daemon.web import graph, pages
 from daemon.web.actions import merge_patch
+from tests.helpers import wait_for, waiting_gate
 from tests.test_web import create_gate, sign_in
 
 ACTIONS = ("pause", "resume", "intervene", "signal")
@@ -107,6 +108,90 @@ async def test_bad_json_changes_nothing_and_says_why(web, client):
     assert "A signal needs a name" in await flash_after(web, resp)
     wf = (await client.get(f"/api/workflow/{wf_id}")).json()
     assert wf["input"] == {"title": "New Policy"}
+
+
+# -- the forms at work ---------------------------------------------------------------------------
+
+SIGNAL_FLOW = {
+    "start": {"wait": {"signal": "go"}, "next": "review"},
+    "review": {"tool": None, "next": "publish"},
+    "publish": {"tool": "echo", "args": {"v": "<<input.v>>", "got": "<<steps.start.result>>"},
+                "done": True},
+}  # fmt: skip
+
+
+async def test_pause_intervene_resume_and_signal_through_the_forms(web, client, app):
+    resp = await client.post("/api/workflow", json={"name": "signalled", "flow": SIGNAL_FLOW,
+                                                    "input": {"v": 1, "drop": True}})  # fmt: skip
+    wf_id = resp.json()["id"]
+    here = f"/ui/workflows/{wf_id}"
+    await wait_for(client, wf_id, lambda w: any(s["awaiting"] == "signal" for s in w["steps"]))
+    csrf = await sign_in(web, "james")
+    page = (await web.get(here)).text
+    assert "waiting for a signal" in page and f'action="{here}/intervene"' not in page
+
+    resp = await web.post(f"{here}/pause", data={"csrf": csrf, "reason": "check the data"})
+    assert await flash_after(web, resp) == (
+        f"ok: Paused workflow {wf_id}: nothing new starts until it is resumed."
+    )
+    page = (await web.get(here)).text
+    assert 'id="wf-status" class="badge s-paused">paused<' in page
+    assert f'action="{here}/resume"' in page and f'action="{here}/pause"' not in page
+    assert f'action="{here}/intervene"' in page
+    assert 'name="from_step"' not in page  # a paused workflow carries on where it stopped
+
+    resp = await web.post(f"{here}/pause", data={"csrf": csrf})
+    message = await flash_after(web, resp)
+    assert message.startswith(f"error: Nothing changed: workflow {wf_id} is paused"), message
+
+    new_input = '{"v": 2}'  # "drop" removed, "v" changed
+    form = {"csrf": csrf, "input": new_input, "reason": "v was wrong"}
+    resp = await web.post(f"{here}/intervene", data=form)
+    assert await flash_after(web, resp) == f"ok: Changed the input of workflow {wf_id}."
+    assert (await client.get(f"/api/workflow/{wf_id}")).json()["input"] == {"v": 2}
+    resp = await web.post(f"{here}/intervene",
+                          data={"csrf": csrf, "input": new_input, "reason": "again"})  # fmt: skip
+    assert "unchanged" in await flash_after(web, resp)
+
+    resp = await web.post(f"{here}/resume", data={"csrf": csrf, "reason": "fixed"})
+    assert await flash_after(web, resp) == f"ok: Resumed workflow {wf_id}."
+    resp = await web.post(f"{here}/signal", data={"csrf": csrf, "name": "go",
+                                                  "data": '{"ok": true}'})  # fmt: skip
+    assert await flash_after(web, resp) == f"ok: Sent signal “go” to workflow {wf_id}."
+    wf = await wait_for(client, wf_id, lambda w: any(s["awaiting"] == "ready" for s in w["steps"]))
+    gate = next(s for s in wf["steps"] if s["awaiting"] == "ready")
+    await client.post(f"/api/workflow/{gate['id']}/ready")
+    wf = await wait_for(client, wf_id)
+    assert wf["output"] == {"v": 2, "got": {"ok": True}}
+
+    # The workflow has ended: each form answers with the engine's 409, as a message.
+    page = (await web.get(here)).text
+    assert "Run control" not in page
+    for action, form in (("pause", {}), ("resume", {}), ("signal", {"name": "go"}),
+                         ("intervene", {"input": "{}", "reason": "late"})):  # fmt: skip
+        resp = await web.post(f"{here}/{action}", data={"csrf": csrf, **form})
+        message = await flash_after(web, resp)
+        assert message.startswith("error: Nothing changed: workflow"), (action, message)
+        assert "completed" in message
+    events = [e["type"] for e in await app.state.store.events(wf_id)]
+    assert {"paused", "intervened", "resumed", "signal_received"} <= set(events)
+
+
+async def test_redrive_a_rejected_workflow_from_a_chosen_state(web, client):
+    wf_id, step_id = await create_gate(client)
+    await client.post(f"/api/workflow/{step_id}/reject", json={"reason": "not yet"})
+    await wait_for(client, wf_id)
+    here = f"/ui/workflows/{wf_id}"
+    csrf = await sign_in(web, "james")
+    page = (await web.get(here)).text
+    assert '<option value="start">from start</option>' in page and "Redrive" in page
+    resp = await web.post(f"{here}/resume", data={"csrf": csrf, "from_step": "nowhere"})
+    message = await flash_after(web, resp)
+    assert message.startswith("error: Nothing changed: from_step: the flow has no top-level")
+    resp = await web.post(f"{here}/resume", data={"csrf": csrf, "from_step": "start"})
+    assert await flash_after(web, resp) == f"ok: Redriven workflow {wf_id} from start."
+    wf = await wait_for(client, wf_id, lambda w: waiting_gate(w) is not None)
+    assert wf["status"] == "running"
 
 
 # -- the live inbox and list -------------------------------------------------------------------

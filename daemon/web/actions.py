@@ -262,7 +262,7 @@ async def resume_run(request: Request, wf_id: int, form: Form, by: str) -> str:
     from_step = form.get("from_step", "").strip() or None
     answer = await engine_of(request).resume(wf_id, by=by, from_step=from_step,
                                              reason=reason_of(form))  # fmt: skip
-    redriven = isinstance(answer, dict) and answer.get("redriven")
+    redriven = answer is True  # a failed or cancelled workflow was redriven
     where = f" from {from_step}" if from_step else ""
     return f"{'Redriven' if redriven else 'Resumed'} workflow {wf_id}{where}."
 

@@ -41,6 +41,8 @@ def shown_status(step: dict[str, Any]) -> str:
 def scope_of(step: dict[str, Any]) -> Scope:
     """The step's scope as a tuple: () at the top level."""
     raw = step.get("scope")
+    if isinstance(raw, orjson.Fragment):
+        raw = orjson.dumps(raw)
     if isinstance(raw, str | bytes):  # stored JSON text
         try:
             raw = orjson.loads(raw)

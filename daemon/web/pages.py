@@ -352,6 +352,8 @@ async def workflow_page(request: Request, session: Session) -> Response:
     except NotFound:
         return await not_found(request, session, f"There is no workflow {wf_id}.")
     steps = wf["steps"]
+    for step in steps:  # the scope as a list (it comes as stored JSON)
+        step["scope"] = list(graph.scope_of(step)) or None
     top, inner = step_tree(steps)
     raw = request.query_params.get("steps", "")
     shown = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 9 else STEP_ROWS
