@@ -355,7 +355,7 @@ class Engine:
 
     def check_decider(self, info: WorkflowInfo, step: Step, token: TokenConfig) -> None:
         """The gate's rules: who may decide (approvers), and whether its creator may."""
-        state = info.flow[step.state]
+        state = info.state(step)  # a gate inside a parallel branch or a map item too
         refusal = flows.decision_refusal(
             state.approvers,
             state.allow_self_approval,

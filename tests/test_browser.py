@@ -4,6 +4,7 @@ the real `stepd serve`. Screenshots of every page land in tests/screenshots/."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,227 @@ def test_sign_in_approve_watch_live_reject(daemon: Daemon, browser: Any) -> None
     expect(page).to_have_url(f"{daemon.url}/ui/login?next=/ui/workflows")
     assert problems == [], problems
     context.close()
+
+
+def flow_with_groups(users: int) -> dict[str, Any]:
+    """A parallel with a gate in one branch, a map over `users`, then a gate that branches."""
+    return {
+        "name": "Onboard the new team",
+        "flow": {
+            "start": {"name": "fetch roster", "tool": "echo", "args": {"n": users},
+                      "next": "enrich"},
+            "enrich": {"parallel": {
+                "geo": {"start": {"tool": "sleep", "args": {"seconds": 0.1}, "done": True}},
+                "crm": {"start": {"tool": "echo", "args": {}, "next": "check"},
+                        "check": {"name": "check contracts", "tool": None, "done": True}},
+            }, "next": "notify"},
+            "notify": {"map": {"items": "<<input.users>>", "as": "user", "max_concurrency": 2,
+                               "flow": {"start": {"name": "send invite", "tool": "sleep",
+                                                  "args": {"seconds": 0.4}, "done": True}}},
+                       "next": "review", "on_error": "report"},
+            "review": {"name": "sign off", "tool": None,
+                       "branch": [{"if": "result.ok", "then": "publish"}, {"else": "report"}]},
+            "publish": {"tool": "echo", "args": {"users": "<<input.users>>"}, "done": True},
+            "report": {"tool": "echo", "args": {"error": "<<error>>"}, "done": True},
+        },
+        "input": {"users": [f"user{i}@example.com" for i in range(users)]},
+    }  # fmt: skip
+
+
+def watch(page: Any) -> list[str]:
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on(
+        "response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None
+    )
+    return problems
+
+
+def signed_in_page(browser: Any, daemon: Daemon, token: str, width: int = 1100) -> Any:
+    context = browser.new_context(viewport={"width": width, "height": 900}, base_url=daemon.url)
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    page.goto("/ui/login")
+    page.fill("#token", token)
+    page.click("button:has-text('Sign in')")
+    sync_api.expect(page).to_have_url(f"{daemon.url}/ui/approvals")
+    return page
+
+
+def node(page: Any, state: str, kind: str | None = None) -> Any:
+    selector = f"svg.flow .g-node[data-state='{state}']"
+    return page.locator(selector + (f".k-{kind}" if kind else ""))
+
+
+def test_the_flow_graph_follows_a_parallel_a_map_and_gates(daemon: Daemon, browser: Any) -> None:
+    expect = sync_api.expect
+    with daemon.client(JAMES) as api:
+        wf_id = create(api, flow_with_groups(users=6))
+        wait_for(api, wf_id, lambda w: any(s["awaiting"] == "ready" for s in w["steps"]))
+    page = signed_in_page(browser, daemon, JAMES)
+    problems = watch(page)
+    page.goto(f"/ui/workflows/{wf_id}")
+    graph = page.locator("#graph svg.flow")
+    expect(graph).to_be_visible()
+    # Groups: the parallel with its two branches, the map.
+    labels = page.locator("svg.flow .group-label").all_text_contents()
+    assert labels == ["parallel enrich", "map notify", "branch crm", "branch geo"] or sorted(
+        labels
+    ) == sorted(["parallel enrich", "map notify", "branch crm", "branch geo"]), labels
+    expect(node(page, "start", "tool").first).to_have_class(re.compile(r"\bs-done\b"))
+    expect(node(page, "check")).to_have_class(re.compile(r"\bs-waiting\b"))
+    expect(node(page, "enrich", "parallel-fork")).to_have_class(re.compile(r"\bs-running\b"))
+    expect(node(page, "review")).to_have_class(re.compile(r"\bs-none\b"))
+    expect(page.locator("svg.flow .edge-label", has_text="result.ok")).to_have_count(1)
+    expect(page.locator("svg.flow .g-edge.k-error")).to_have_count(1)
+    # The parallel's row folds its inner steps; the gate inside is open to decide.
+    expect(page.locator("details.inner[open] .step.s-waiting")).to_have_count(1)
+    shot(page, "11-flow-parallel-gate")
+
+    # Approve the gate in the branch: the graph follows without a reload.
+    page.evaluate("window.__notReloaded = true")
+    page.locator(".step.s-waiting button:has-text('Approve')").click()
+    expect(node(page, "check")).to_have_class(re.compile(r"\bs-done\b"))
+    page.goto(f"/ui/workflows/{wf_id}")
+    page.evaluate("window.__notReloaded = true")
+    fork = node(page, "notify", "map-fork")
+    expect(fork).to_have_class(re.compile(r"\bs-running\b"))
+    expect(fork.locator("text.counts")).to_contain_text("pending")
+    shot(page, "12-flow-map-running")
+    expect(node(page, "review")).to_have_class(re.compile(r"\bs-waiting\b"), timeout=15_000)
+    expect(fork.locator("text.counts")).to_have_text("6 done")
+    assert page.evaluate("window.__notReloaded === true"), "the page reloaded instead of updating"
+    page.locator(".step.s-waiting summary:has-text('Add a result')").click()
+    page.locator(".step.s-waiting textarea[name=result]").fill('{"ok": true}')
+    page.locator(".step.s-waiting button:has-text('Approve')").click()
+    expect(page.locator("#wf-status")).to_have_text("completed")
+    expect(node(page, "publish")).to_have_class(re.compile(r"\bs-done\b"))
+    expect(node(page, "report")).to_have_class(re.compile(r"\bs-none\b"))
+    expect(page.locator("svg.flow .g-node.k-end")).to_have_class(re.compile(r"\bs-done\b"))
+    shot(page, "13-flow-completed")
+
+    # A phone: the graph shrinks to fit, the page does not scroll sideways.
+    page.set_viewport_size({"width": 375, "height": 812})
+    page.reload()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"the workflow page scrolls sideways on a phone ({width}px)"
+    assert problems == [], problems
+
+
+def test_pause_intervene_and_resume_from_the_page(daemon: Daemon, browser: Any) -> None:
+    expect = sync_api.expect
+    body = {
+        "name": "Settle the invoice",
+        "flow": {
+            "start": {"name": "wait for payment", "wait": {"signal": "paid"}, "next": "book"},
+            "book": {
+                "tool": "echo",
+                "args": {"amount": "<<input.amount>>", "paid": "<<steps.start.result>>"},
+                "done": True,
+            },
+        },  # fmt: skip
+        "input": {"amount": 120, "currency": "EUR", "note": "typo"},
+    }
+    with daemon.client(JAMES) as api:
+        wf_id = create(api, body)
+        wait_for(api, wf_id, lambda w: any(s["awaiting"] == "signal" for s in w["steps"]))
+    page = signed_in_page(browser, daemon, JAMES)
+    problems = watch(page)
+    page.goto(f"/ui/workflows/{wf_id}")
+    expect(node(page, "start")).to_have_class(re.compile(r"\bs-waiting\b"))
+    page.fill("#pause-reason", "the amount looks wrong")
+    page.click("form.pause button")
+    expect(page.locator(".flash.ok")).to_contain_text(f"Paused workflow {wf_id}")
+    expect(page.locator("#wf-status")).to_have_text("paused")
+    expect(page.locator("form.resume")).to_be_visible()
+    shot(page, "14-paused")
+
+    # Edit the input while the page follows its events: a signal arrives meanwhile (kept
+    # for later: the workflow is paused) and the form keeps what was typed.
+    text = page.locator("#intervene-input")
+    text.fill('{\n  "amount": 150,\n  "currency": "EUR"\n}')
+    page.fill("#intervene-reason", "the customer paid 150")
+    with daemon.client(JAMES) as api:
+        resp = api.post(f"/api/workflow/{wf_id}/signal", json={"name": "paid", "data": 150})
+        assert resp.status_code == 202, resp.text
+    page.wait_for_timeout(1500)  # the page has reloaded its live part by now
+    expect(text).to_have_value('{\n  "amount": 150,\n  "currency": "EUR"\n}')
+    shot(page, "15-intervene-form")
+    page.click("form.intervene button")
+    expect(page.locator(".flash.ok")).to_contain_text(f"Changed the input of workflow {wf_id}")
+    expect(page.locator("details.json").first).to_contain_text('"amount": 150')
+    expect(page.locator("details.json").first).not_to_contain_text("typo")
+
+    page.click("form.resume button")
+    expect(page.locator(".flash.ok")).to_contain_text(f"Resumed workflow {wf_id}")
+    expect(page.locator("#wf-status")).to_have_text("completed", timeout=15_000)
+    expect(page.locator(".step").last).to_contain_text('"amount": 150')
+    assert problems == [], problems
+
+
+def test_the_inbox_and_the_list_update_live(daemon: Daemon, browser: Any) -> None:
+    expect = sync_api.expect
+    page = signed_in_page(browser, daemon, APPROVER)
+    problems = watch(page)
+    expect(page.locator(".empty")).to_contain_text("Nothing is waiting for you")
+    page.evaluate("window.__notReloaded = true")
+    with daemon.client(JAMES) as api:
+        first = create(api, review_flow("Renew the certificate", pause=0.1))
+        create(api, review_flow("Close the quarter", pause=0.1))
+    expect(page.locator("article.gate")).to_have_count(2)
+    expect(page.locator("#inbox-count")).to_have_text("2")
+    shot(page, "16-inbox-live")
+
+    page.click("nav a:has-text('Workflows')")
+    page.evaluate("window.__notReloaded = true")
+    row = page.locator(f".list li:has(a[href='/ui/workflows/{first}'])")
+    expect(row.locator(".badge.s-running")).to_have_count(1)
+    with daemon.client(APPROVER) as api:
+        wf = wait_for(api, first, lambda w: any(s["awaiting"] == "ready" for s in w["steps"]))
+        gate = next(s for s in wf["steps"] if s["awaiting"] == "ready")
+        assert api.post(f"/api/workflow/{gate['id']}/ready").status_code == 200
+    expect(row.locator(".badge.s-completed")).to_have_count(1)
+    expect(page.locator("#inbox-count")).to_have_text("1")
+    assert page.evaluate("window.__notReloaded === true"), "the list reloaded instead of updating"
+    shot(page, "17-list-live")
+    assert problems == [], problems
+
+
+def test_long_workflows_fold_and_page_their_steps(daemon: Daemon, browser: Any) -> None:
+    expect = sync_api.expect
+    body = {
+        "name": "Count to 150, then fan out",
+        "flow": {
+            "start": {"tool": "echo", "args": {"i": 0}, "next": "count"},
+            "count": {"tool": "echo", "args": {"i": "<<result.i + 1>>"},
+                      "branch": [{"if": "result.i < 150", "then": "count"}, {"else": "fan"}]},
+            "fan": {"map": {"items": "<<input.items>>", "max_concurrency": 50,
+                            "flow": {"start": {"tool": "echo", "args": {"x": "<<item>>"},
+                                               "done": True}}}, "done": True},
+        },
+        "input": {"items": list(range(300))},
+    }  # fmt: skip
+    with daemon.client(JAMES) as api:
+        wf_id = create(api, body)
+        wf = wait_for(api, wf_id, timeout=60)
+        assert wf["status"] == "completed", wf["error"]
+        assert len(wf["steps"]) == 1 + 151 + 1 + 300
+    page = signed_in_page(browser, daemon, JAMES)
+    problems = watch(page)
+    page.goto(f"/ui/workflows/{wf_id}")
+    # The latest 100 top-level steps, the map's 300 items folded under its row.
+    expect(page.locator(".timeline:not(.nested) > .step")).to_have_count(100)
+    expect(page.locator(".older-steps")).to_contain_text("53 older steps not shown")
+    fold = page.locator("details.inner")
+    expect(fold).to_have_count(1)
+    expect(fold.locator("summary")).to_have_text("300 inner steps: 300 done")
+    assert not fold.evaluate("d => d.open")
+    fold.locator("summary").click()
+    expect(fold.locator(".step")).to_have_count(50)
+    expect(fold.locator(".older-inner")).to_contain_text("250 earlier inner steps not shown")
+    shot(page, "18-long-workflow")
+    page.click(".older-steps a:has-text('Show all')")
+    expect(page.locator(".timeline:not(.nested) > .step")).to_have_count(153)
+    expect(page.locator(".older-steps")).to_have_count(0)
+    assert problems == [], problems

@@ -194,6 +194,42 @@ async def test_redrive_a_rejected_workflow_from_a_chosen_state(web, client):
     assert wf["status"] == "running"
 
 
+async def test_a_gate_in_a_parallel_branch_is_drawn_folded_and_decided_from_the_page(web, client):
+    flow = {
+        "start": {"parallel": {
+            "geo": {"start": {"tool": "echo", "args": {}, "done": True}},
+            "crm": {"start": {"name": "check contracts", "tool": None, "done": True}},
+        }, "next": "fan"},
+        "fan": {"map": {"items": [1, 2, 3], "flow": {"start": {"tool": "echo", "args": {},
+                                                               "done": True}}}, "done": True},
+    }  # fmt: skip
+    resp = await client.post("/api/workflow", json={"name": "nested", "flow": flow})
+    wf_id = resp.json()["id"]
+    wf = await wait_for(client, wf_id, lambda w: waiting_gate(w) is not None)
+    gate = waiting_gate(wf)
+    assert gate is not None
+    csrf = await sign_in(web, "approver")
+    here = f"/ui/workflows/{wf_id}"
+    page = (await web.get(here)).text
+    g = graph_of(page)
+    check = next(n for n in g["nodes"] if n["label"] == "check contracts")
+    assert check["status"] == "waiting" and check["step"] == gate["id"]
+    # The gate's row is folded under its parallel's row, and the fold starts open.
+    fold = re.search(r'<details class="inner" id="inner-(\d+)" open>', page)
+    assert fold, page
+    assert page.index(f'id="step-{gate["id"]}"') > fold.start()
+    assert "<span>in <code>start / crm</code></span>" in page
+    resp = await web.post(f"/ui/steps/{gate['id']}/approve", data={"csrf": csrf, "next": here})
+    assert resp.headers["location"] == here
+    assert "ok: Approved" in await flash_after(web, resp)
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed", wf
+    g = graph_of((await web.get(here)).text)
+    fork = next(n for n in g["nodes"] if n["kind"] == "map-fork")
+    assert fork["status"] == "done" and fork["counts"] == "3 done"
+    assert next(n for n in g["nodes"] if n["kind"] == "end")["status"] == "done"
+
+
 # -- the live inbox and list -------------------------------------------------------------------
 
 
