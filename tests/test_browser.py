@@ -198,7 +198,7 @@ def flow_with_groups(users: int) -> dict[str, Any]:
             }, "next": "notify"},
             "notify": {"map": {"items": "<<input.users>>", "as": "user", "max_concurrency": 2,
                                "flow": {"start": {"name": "send invite", "tool": "sleep",
-                                                  "args": {"seconds": 0.4}, "done": True}}},
+                                                  "args": {"seconds": 0.5}, "done": True}}},
                        "next": "review", "on_error": "report"},
             "review": {"name": "sign off", "tool": None,
                        "branch": [{"if": "result.ok", "then": "publish"}, {"else": "report"}]},
@@ -238,7 +238,7 @@ def node(page: Any, state: str, kind: str | None = None) -> Any:
 def test_the_flow_graph_follows_a_parallel_a_map_and_gates(daemon: Daemon, browser: Any) -> None:
     expect = sync_api.expect
     with daemon.client(JAMES) as api:
-        wf_id = create(api, flow_with_groups(users=6))
+        wf_id = create(api, flow_with_groups(users=12))
         wait_for(api, wf_id, lambda w: any(s["awaiting"] == "ready" for s in w["steps"]))
     page = signed_in_page(browser, daemon, JAMES)
     problems = watch(page)
@@ -247,9 +247,7 @@ def test_the_flow_graph_follows_a_parallel_a_map_and_gates(daemon: Daemon, brows
     expect(graph).to_be_visible()
     # Groups: the parallel with its two branches, the map.
     labels = page.locator("svg.flow .group-label").all_text_contents()
-    assert labels == ["parallel enrich", "map notify", "branch crm", "branch geo"] or sorted(
-        labels
-    ) == sorted(["parallel enrich", "map notify", "branch crm", "branch geo"]), labels
+    assert sorted(labels) == ["branch crm", "branch geo", "map notify", "parallel enrich"]
     expect(node(page, "start", "tool").first).to_have_class(re.compile(r"\bs-done\b"))
     expect(node(page, "check")).to_have_class(re.compile(r"\bs-waiting\b"))
     expect(node(page, "enrich", "parallel-fork")).to_have_class(re.compile(r"\bs-running\b"))
@@ -264,14 +262,13 @@ def test_the_flow_graph_follows_a_parallel_a_map_and_gates(daemon: Daemon, brows
     page.evaluate("window.__notReloaded = true")
     page.locator(".step.s-waiting button:has-text('Approve')").click()
     expect(node(page, "check")).to_have_class(re.compile(r"\bs-done\b"))
-    page.goto(f"/ui/workflows/{wf_id}")
-    page.evaluate("window.__notReloaded = true")
+    page.evaluate("window.__notReloaded = true")  # the approve form's redirect was a load
     fork = node(page, "notify", "map-fork")
     expect(fork).to_have_class(re.compile(r"\bs-running\b"))
     expect(fork.locator("text.counts")).to_contain_text("pending")
     shot(page, "12-flow-map-running")
     expect(node(page, "review")).to_have_class(re.compile(r"\bs-waiting\b"), timeout=15_000)
-    expect(fork.locator("text.counts")).to_have_text("6 done")
+    expect(fork.locator("text.counts")).to_have_text("12 done")
     assert page.evaluate("window.__notReloaded === true"), "the page reloaded instead of updating"
     page.locator(".step.s-waiting summary:has-text('Add a result')").click()
     page.locator(".step.s-waiting textarea[name=result]").fill('{"ok": true}')

@@ -177,6 +177,21 @@ async def test_pause_intervene_resume_and_signal_through_the_forms(web, client, 
     assert {"paused", "intervened", "resumed", "signal_received"} <= set(events)
 
 
+async def test_a_paused_wait_that_got_its_signal_shows_without_a_time(web, client):
+    resp = await client.post("/api/workflow", json={"name": "held", "flow": SIGNAL_FLOW,
+                                                    "input": {"v": 1}})  # fmt: skip
+    wf_id = resp.json()["id"]
+    await wait_for(client, wf_id, lambda w: any(s["awaiting"] == "signal" for s in w["steps"]))
+    assert (await client.post(f"/api/workflow/{wf_id}/pause")).status_code == 200
+    resp = await client.post(f"/api/workflow/{wf_id}/signal", json={"name": "go", "data": 1})
+    assert resp.status_code == 202
+    await sign_in(web, "james")
+    # The woken step waits for the resume: its run_at is past any date shown.
+    page = await web.get(f"/ui/workflows/{wf_id}")
+    assert page.status_code == 200, page.text
+    assert "next try" not in page.text and "s-paused" in page.text
+
+
 async def test_redrive_a_rejected_workflow_from_a_chosen_state(web, client):
     wf_id, step_id = await create_gate(client)
     await client.post(f"/api/workflow/{step_id}/reject", json={"reason": "not yet"})
@@ -310,6 +325,13 @@ def test_the_graph_has_groups_for_parallels_and_maps_and_live_statuses():
     assert groups[("branch", "geo")]["status"] == "done"
     assert groups[("branch", "geo")]["parent"] == groups[("parallel", "enrich")]["id"]
     assert groups[("map", "notify")]["counts"] == "3 done · 2 running · 2 failed"
+    # Items not started yet are pending, once the map's branches_started event tells how many.
+    totals = graph.item_totals([{"type": "branches_started", "step_id": 7, "data": {"count": 10}}])
+    counted = graph.build(FLOW, steps, item_totals=totals)
+    assert counted is not None
+    assert [x["counts"] for x in counted["groups"] if x["kind"] == "map"] == [
+        "3 done · 2 running · 2 failed · 3 pending"
+    ]
     nodes = {(n["kind"], n["label"]): n for n in g["nodes"]}
     assert nodes[("tool", "fetch order")]["status"] == "done"
     assert nodes[("tool", "fetch order")]["step"] == 2

@@ -98,14 +98,28 @@ class _Index:
         return [step] if step is not None else []
 
 
+def item_totals(events: Iterable[dict[str, Any]]) -> dict[int, int]:
+    """How many items (or branches) each parallel or map step started: the count of its
+    latest branches_started event, by step id."""
+    totals: dict[int, int] = {}
+    for event in events:
+        data = event.get("data")
+        if event.get("type") == "branches_started" and isinstance(data, dict):
+            count = data.get("count")
+            if isinstance(count, int) and isinstance(event.get("step_id"), int):
+                totals[event["step_id"]] = count
+    return totals
+
+
 def counts_text(counts: Counter[str]) -> str:
     order = ("done", "running", "waiting", "decision", "failed", "pending", "cancelled")
     return " · ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
 
 
 class _Builder:
-    def __init__(self, index: _Index) -> None:
+    def __init__(self, index: _Index, item_totals: dict[int, int]) -> None:
         self.index = index
+        self.item_totals = item_totals
         self.nodes: list[dict[str, Any]] = []
         self.edges: list[dict[str, Any]] = []
         self.groups: list[dict[str, Any]] = []
@@ -260,6 +274,8 @@ class _Builder:
         if isinstance(spec.get("items"), list):
             total = len(spec["items"])
         step = self.index.latest.get((scope, state_id))
+        if step is not None and step.get("id") in self.item_totals:
+            total = self.item_totals[step["id"]]
         if step is not None and step.get("status") == "done" and step.get("result_json"):
             try:
                 result = orjson.loads(step["result_json"])
@@ -273,17 +289,22 @@ class _Builder:
 
 
 def build(
-    flow: Any, steps: Sequence[dict[str, Any]], workflow_status: str = "running"
+    flow: Any,
+    steps: Sequence[dict[str, Any]],
+    workflow_status: str = "running",
+    item_totals: dict[int, int] | None = None,
 ) -> dict[str, Any] | None:
     """The graph of a flow (a dict, JSON text or an orjson Fragment) with the statuses of
-    `steps`; None when there is nothing to draw or too much."""
+    `steps`; None when there is nothing to draw or too much. `item_totals`: how many items
+    each map step started (by step id; from its branches_started events), so the items
+    not started yet count as pending."""
     if isinstance(flow, orjson.Fragment):
         flow = orjson.loads(orjson.dumps(flow))
     elif isinstance(flow, str | bytes):
         flow = orjson.loads(flow)
     if not isinstance(flow, dict) or not flow:
         return None
-    builder = _Builder(_Index(steps))
+    builder = _Builder(_Index(steps), item_totals or {})
     first = builder.node(kind="start", label="start", detail="", state="", status="done",
                          step=None, counts="", parent=None)  # fmt: skip
     ended = "done" if workflow_status == "completed" else "none"

@@ -32,6 +32,7 @@ STATIC = assets.StaticFiles("daemon.web", "static")  # read now: see daemon.asse
 PAGE_SIZE = 50
 STEP_ROWS = 100  # a workflow's latest top-level steps shown at first ("show older" for more)
 INNER_ROWS = 50  # a parallel's or map's latest inner steps shown under its row
+LATEST_MS = 253_402_300_799_999  # 9999-12-31: a later time (held while paused) is not shown
 INBOX_PAGE = 100  # approvals shown at once (the nav counts them all)
 HEADERS = {
     # Scripts and styles come only from /ui/static; nothing inline, no framing.
@@ -51,7 +52,7 @@ Handler = Callable[[Request, Session], Awaitable[Response]]
 
 def ago(ms: int | None, now_ms: int | None = None) -> str:
     """A time relative to now: "just now", "5 min ago", "in 2 h", "3 d ago"."""
-    if ms is None:
+    if ms is None or not 0 <= ms <= LATEST_MS:
         return ""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     delta = (now_ms - ms) / 1000
@@ -85,7 +86,7 @@ def duration(ms: int) -> str:
 
 def iso(ms: int | None) -> str:
     """An epoch-milliseconds time as ISO 8601 UTC (for the datetime attribute)."""
-    if ms is None:
+    if ms is None or not 0 <= ms <= LATEST_MS:
         return ""
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -141,6 +142,7 @@ ENV = Environment(
 ENV.filters.update(ago=ago, duration=duration, iso=iso, utc=utc, pretty=pretty)
 ENV.tests["empty_json"] = is_empty_json
 ENV.globals.update(
+    latest_ms=LATEST_MS,
     static_version=STATIC.version,
     terminal=TERMINAL,
     new_key=lambda: secrets.token_urlsafe(12),  # an Idempotency-Key: a double submit is harmless
@@ -368,7 +370,7 @@ async def workflow_page(request: Request, session: Session) -> Response:
         older=max(len(top) - shown, 0),
         shown=shown,
         folds={parent: fold(inner, parent) for parent in inner},
-        graph=graph.build(wf["flow"], steps, wf["status"]),
+        graph=graph.build(wf["flow"], steps, wf["status"], graph.item_totals(log)),
         states=state_ids(wf["flow"]),
         input_text=editable_input(wf["input"]),
         last_event=log[-1]["id"] if log else 0,
