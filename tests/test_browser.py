@@ -278,6 +278,10 @@ def test_the_flow_graph_follows_a_parallel_a_map_and_gates(daemon: Daemon, brows
     expect(node(page, "report")).to_have_class(re.compile(r"\bs-none\b"))
     expect(page.locator("svg.flow .g-node.k-end")).to_have_class(re.compile(r"\bs-done\b"))
     shot(page, "13-flow-completed")
+    # A node links to its step's row, opening the fold it is in.
+    expect(page.locator("details.inner[open]")).to_have_count(0)
+    node(page, "check").click()
+    expect(page.locator("details.inner[open] .step:has-text('check contracts')")).to_be_visible()
 
     # A phone: the graph shrinks to fit, the page does not scroll sideways.
     page.set_viewport_size({"width": 375, "height": 812})

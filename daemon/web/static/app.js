@@ -223,9 +223,19 @@ function drawGraph() {
   holder.replaceChildren(svg);
 }
 
+// A link to a step (a graph node) opens the folds the step's row is in.
+function reveal() {
+  const target = location.hash.startsWith("#step-") && document.getElementById(location.hash.slice(1));
+  if (!target) return;
+  for (let d = target.closest("details"); d; d = d.parentElement.closest("details")) d.open = true;
+  target.scrollIntoView({ block: "center" });
+}
+window.addEventListener("hashchange", reveal);
+
 document.addEventListener("DOMContentLoaded", () => {
   refreshTimes(document);
   drawGraph();
+  reveal();
   setInterval(() => refreshTimes(document), 15000);
   const live = document.getElementById("live");
   if (live && live.dataset.events) follow(live);
