@@ -129,6 +129,8 @@ async def test_wait_seconds_and_until(make_client: Any) -> None:
     assert wf["status"] == "running"
     wf = await wait_for(client, wf_id)
     assert wf["status"] == "completed", wf
+    first = wf["steps"][0]  # started when it began waiting, not when it was woken
+    assert first["completed_at"] - first["started_at"] >= 300, first
 
 
 async def test_signal_buffered_and_waiting(make_client: Any) -> None:

@@ -148,7 +148,8 @@ SELECT LEAST(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'),
 -- claim_steps --
 -- Take chosen pending steps (a JSON array of ids) no other transaction holds: tools become running (a new attempt) owned by this node, gates start waiting.
 UPDATE steps
-SET status = 'running', attempt = attempt + 1, started_at = :now::bigint,
+SET status = 'running', attempt = attempt + 1,
+    started_at = CASE WHEN woken = 1 THEN started_at ELSE :now::bigint END,
     awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
     lease_until = CASE WHEN tool IS NOT NULL THEN :now::bigint + :lease_ms::bigint END,
     owner = CASE WHEN tool IS NOT NULL THEN :node::text END
@@ -502,7 +503,8 @@ SELECT coalesce(max(version), 0) FROM schema_version;
 -- claim_due and its events in one statement: step_started for a tool (its attempt), gate_waiting for a gate.
 WITH claimed AS (
     UPDATE steps
-    SET status = 'running', attempt = attempt + 1, started_at = :now::bigint,
+    SET status = 'running', attempt = attempt + 1,
+    started_at = CASE WHEN woken = 1 THEN started_at ELSE :now::bigint END,
         awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
         lease_until = CASE WHEN tool IS NOT NULL THEN :now::bigint + :lease_ms::bigint END,
         owner = CASE WHEN tool IS NOT NULL THEN :node::text END
@@ -524,7 +526,8 @@ SELECT * FROM claimed ORDER BY id;
 -- claim_steps (chosen ids, a JSON array) and their events in one statement, as claim_due_logged.
 WITH claimed AS (
     UPDATE steps
-    SET status = 'running', attempt = attempt + 1, started_at = :now::bigint,
+    SET status = 'running', attempt = attempt + 1,
+    started_at = CASE WHEN woken = 1 THEN started_at ELSE :now::bigint END,
         awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
         lease_until = CASE WHEN tool IS NOT NULL THEN :now::bigint + :lease_ms::bigint END,
         owner = CASE WHEN tool IS NOT NULL THEN :node::text END

@@ -126,7 +126,8 @@ SELECT min(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'), 1 
 -- claim_steps --
 -- Take chosen pending steps (a JSON array of ids): tools become running (a new attempt), gates start waiting.
 UPDATE steps
-SET status = 'running', attempt = attempt + 1, started_at = :now,
+SET status = 'running', attempt = attempt + 1,
+    started_at = CASE WHEN woken = 1 THEN started_at ELSE :now END,
     awaiting = CASE WHEN tool IS NULL THEN 'ready' END,
     lease_until = CASE WHEN tool IS NOT NULL THEN :now + :lease_ms END, owner = :node
 WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'pending'
