@@ -94,6 +94,17 @@ async def chaos_flaky(fail_first: int, *, ctx: ToolContext) -> dict[str, Any]:
     return _result(ctx, 0)
 
 
+@tool
+async def chaos_item(i: int, v: int, fail: bool = False, ms: int = 5, *, ctx: ToolContext) -> Any:
+    """A map item's work: record the execution, sleep `ms`, then give {"i", "v"}, or fail
+    (not retryable) when `fail`."""
+    await asyncio.to_thread(record, ctx, "chaos_item")
+    await asyncio.sleep(ms / 1000)
+    if fail:
+        raise ToolError(f"chaos_item failure of item {i}", retryable=False)
+    return {"i": i, "v": v}
+
+
 def executions(state_dir: Path) -> list[tuple[str, int, str, int]]:
     """Every recorded execution: (key, attempt, tool, at)."""
     path = state_dir / DB_NAME

@@ -28,6 +28,7 @@ The same scenario, bigger, is `python bench/chaos.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -51,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 PERSON = "james"  # the token's name: created_by, and decided_by of gates and decisions
 RECOVERY_ATTEMPTS = 3  # the daemon's default [executor] recovery_attempts
 FLAKY_RETRY = {"max_attempts": 3, "backoff_s": 0.01}
-IDEMPOTENT_TOOLS = {"chaos_work", "chaos_work_sync", "chaos_flaky"}
+IDEMPOTENT_TOOLS = {"chaos_work", "chaos_work_sync", "chaos_flaky", "chaos_item"}
 SEED_ENV = "STEPD_CHAOS_SEED"
 
 
@@ -72,12 +73,18 @@ class Plan:
     success: dict[str, str | None]  # state -> the state after it succeeds (None: done)
     answers: dict[str, dict[str, Any]]  # gate state -> the body the person sends to ready
     key: str  # Idempotency-Key: a submission lost in a kill is retried with the same key
+    input: dict[str, Any] = field(default_factory=dict)  # more input (a map's items)
+    output: Any = None  # the output of a completed run that went as planned (None: unchecked)
+    signal: str | None = None  # "early" (sent on creation) or "late" (sent once it waits)
+    signal_data: Any = None
+    pause: float | None = None  # pause it once while it runs, for this long
+    fails: bool = False  # a branch or more items than tolerated fail: on_error handles it
 
     def body(self, seed: int) -> dict[str, Any]:
         return {
             "name": f"chaos-{self.kind}",
             "flow": self.flow,
-            "input": {"plan": self.index, "seed": seed},
+            "input": {"plan": self.index, "seed": seed, **self.input},
         }
 
     def expected(self) -> list[str]:
@@ -116,13 +123,115 @@ class _Builder:
         self._add(state, {"tool": "echo", "args": args}, nxt)
 
 
+def gate_key(state: str, scope: list[Any] | None) -> str:
+    """Where a gate is, for Plan.answers: its state, after its scope path if nested."""
+    return "/".join([*(str(p) for p in scope or ()), state])
+
+
+def _parallel(b: _Builder, plan: dict[str, Any]) -> None:
+    """start (work) -> fan (two or three branches: work, a gate, a short sleep or a step that
+    fails) -> after (echo of the joined result); a failed fan goes to handle."""
+    rng = b.rng
+    b.work("start", "fan", ms=rng.randint(5, 40))
+    top_ms = b.flow["start"]["args"]["ms"]
+    inner_ms = rng.randint(41, 80)  # not the top-level start's: the branch's own is seen
+    branches: dict[str, Any] = {
+        "a": {
+            "start": {
+                "tool": rng.choice(["chaos_work", "chaos_work_sync"]),
+                "args": {"ms": inner_ms},
+                "next": "a_end",
+            },
+            "a_end": {
+                "tool": "echo",
+                "args": {"branch": "a", "ms": "<<steps.start.result.ms>>"},
+                "done": True,
+            },
+        },  # fmt: skip
+        "b": {
+            "start": {"tool": None, "args": {}, "next": "b_end"},
+            "b_end": {
+                "tool": "echo",
+                "done": True,
+                "args": {"branch": "b", "approved": "<<steps.start.result.approve>>"},
+            },
+        },  # fmt: skip
+    }
+    b.answers["fan/b/start"] = {"approve": True}
+    expected: dict[str, Any] = {
+        "a": {"branch": "a", "ms": inner_ms},
+        "b": {"branch": "b", "approved": True},
+    }
+    fails = rng.random() < 0.25
+    if fails:
+        branches["c"] = {"start": {"tool": "chaos_item", "args": {"i": 0, "v": 0, "fail": True,
+                                                                  "ms": rng.randint(5, 40)},
+                                   "done": True}}  # fmt: skip
+    elif rng.random() < 0.5:
+        seconds = rng.choice([0.05, 0.1, 0.2])
+        branches["c"] = {
+            "start": {"tool": "sleep", "args": {"seconds": seconds}, "next": "c_end"},
+            "c_end": {"tool": "echo", "args": {"branch": "c", "slept": "<<result.slept>>"},
+                      "done": True},
+        }  # fmt: skip
+        expected["c"] = {"branch": "c", "slept": seconds}
+    b._add("fan", {"parallel": branches}, "after", on_error="handle")
+    b.echo("after", None, fan="<<steps.fan.result>>", first="<<steps.start.result.ms>>")
+    b.echo("handle", None, handled=True, message="<<error.message>>")
+    b.success["handle"] = None
+    plan.update(fails=fails, output={"fan": expected, "first": top_ms})
+
+
+def _map(b: _Builder, plan: dict[str, Any]) -> None:
+    """start: a map over 5-20 items, 2-4 at a time, some failing (within the tolerated
+    count, or one more: the map fails into handle)."""
+    rng = b.rng
+    n = rng.randint(5, 20)
+    tolerated = rng.randint(0, 2)
+    fails = rng.random() < 0.25
+    failing = set(rng.sample(range(n), tolerated + 1 if fails else rng.randint(0, tolerated)))
+    items = [{"v": rng.randint(0, 999), "fail": i in failing, "ms": rng.randint(5, 30)}
+             for i in range(n)]  # fmt: skip
+    args = {"i": "<<index>>", "v": "<<it.v>>", "fail": "<<it.fail>>", "ms": "<<it.ms>>"}
+    item = {"tool": "chaos_item", "args": args, "done": True}
+    spec = {"map": {"items": "<<input.items>>", "as": "it",
+                    "max_concurrency": rng.randint(2, 4), "tolerated_failures": tolerated,
+                    "flow": {"start": item}}}  # fmt: skip
+    b._add("start", spec, None, on_error="handle")
+    b.echo("handle", None, handled=True, message="<<error.message>>")
+    b.success["handle"] = None
+    output = [None if it["fail"] else {"i": i, "v": it["v"]} for i, it in enumerate(items)]
+    plan.update(fails=fails, input={"items": items}, output=output)
+
+
+def _wait(b: _Builder, plan: dict[str, Any], kind: str) -> None:
+    """start (work) -> hold (a 0.2-1 s timer, or a signal wait) -> after (echo of both)."""
+    rng = b.rng
+    b.work("start", "hold", ms=rng.randint(5, 80))
+    top_ms = b.flow["start"]["args"]["ms"]
+    if kind == "timer":
+        seconds = round(rng.uniform(0.2, 1.0), 2)
+        b._add("hold", {"wait": {"seconds": seconds}}, "after")
+        plan["output"] = {"first": top_ms, "held": None}
+    else:
+        b._add("hold", {"wait": {"signal": "go"}}, "after")
+        data = {"n": rng.randint(0, 10**6)}
+        plan.update(signal=rng.choice(["early", "late"]), signal_data=data,
+                    output={"first": top_ms, "held": data})  # fmt: skip
+    b.echo("after", None, first="<<steps.start.result.ms>>", held="<<steps.hold.result>>")
+
+
 def make_plan(rng: random.Random, index: int, seed: int) -> Plan:
     b = _Builder(rng)
     kind = rng.choices(
-        ["chain", "sleep", "gate", "flaky", "charge", "branch", "gate_branch"],
-        weights=[25, 10, 15, 15, 20, 10, 5],
-    )[0]
-    if kind == "chain":
+        ["chain", "sleep", "gate", "flaky", "charge", "branch", "gate_branch",
+         "parallel", "map", "timer", "signal"],
+        weights=[25, 10, 15, 15, 20, 10, 5, 8, 8, 5, 7],
+    )[0]  # fmt: skip
+    more: dict[str, Any] = {}
+    if kind in ("parallel", "map", "timer", "signal"):
+        {"parallel": _parallel, "map": _map}.get(kind, lambda b, p: _wait(b, p, kind))(b, more)
+    elif kind == "chain":
         n = rng.randint(2, 4)
         names = ["start", *(f"w{i}" for i in range(2, n + 1))]
         for i, name in enumerate(names):
@@ -170,7 +279,9 @@ def make_plan(rng: random.Random, index: int, seed: int) -> Plan:
         b.answers["start"] = {"approve": approve}
         b.work("yes", None)
         b.echo("no", None, declined=True)
-    return Plan(index, kind, b.flow, b.success, b.answers, key=f"chaos-{seed}-{index}")
+    if rng.random() < 0.1:  # paused once while it runs, then resumed
+        more["pause"] = rng.uniform(0.1, 0.5)
+    return Plan(index, kind, b.flow, b.success, b.answers, key=f"chaos-{seed}-{index}", **more)
 
 
 def make_plans(rng: random.Random, count: int, seed: int) -> list[Plan]:
@@ -237,6 +348,14 @@ class Report:
     restarts: int = 0
     gates_approved: int = 0
     decisions: int = 0  # interrupted non-idempotent steps a person failed
+    kinds: Counter[str] = field(default_factory=Counter)  # acknowledged plans by kind
+    signals: int = 0  # signals accepted (202), resent ones included
+    early_signals: int = 0  # of those, sent before the wait was seen waiting
+    pauses: int = 0  # pause calls answered 200
+    resumes: int = 0  # resume calls answered 200
+    outputs_checked: int = 0  # completed workflows whose output was compared with the plan's
+    nested_steps: int = 0  # steps inside parallel branches and map items
+    cancelled_inside: int = 0  # steps cancelled inside a failed parallel or map
     statuses: Counter[str] = field(default_factory=Counter)
     as_planned: int = 0  # completed along the expected path with no failed step
     executions: int = 0
@@ -276,6 +395,17 @@ class Report:
             ("completed as planned", str(self.as_planned)),
             ("gates approved", str(self.gates_approved)),
             ("decisions taken (POST /fail)", str(self.decisions)),
+            (
+                "parallel / map / timer / signal workflows",
+                " / ".join(str(self.kinds[k]) for k in ("parallel", "map", "timer", "signal")),
+            ),
+            ("signals accepted (sent before the wait)", f"{self.signals} ({self.early_signals})"),
+            ("pauses / resumes", f"{self.pauses} / {self.resumes}"),
+            (
+                "steps in branches and items (cancelled)",
+                f"{self.nested_steps} ({self.cancelled_inside})",
+            ),
+            ("outputs checked", str(self.outputs_checked)),
             ("tool executions recorded", str(self.executions)),
             ("steps re-run (ran > once)", _by_tool(self.steps_rerun)),
             ("executions beyond the first per step", _by_tool(self.reruns)),
@@ -328,6 +458,9 @@ class ChaosRun:
         self.report = Report(seed=seed)
         self.ids: dict[int, int] = {}  # plan index -> acknowledged workflow id
         self.phase = 0  # plans up to a phase's share may be submitted
+        self.signalled: set[int] = set()  # plans whose signal was accepted
+        self.paused: dict[int, float] = {}  # plan index -> when to resume it (monotonic)
+        self.was_paused: set[int] = set()  # plans paused once (not to pause again)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.submitted_all = threading.Event()
@@ -408,6 +541,9 @@ class ChaosRun:
                                 self.report.replayed += bool(
                                     resp.headers.get("Idempotent-Replayed")
                                 )
+                            if plan.signal == "early":
+                                with contextlib.suppress(httpx.TransportError):
+                                    self.send_signal(c, plan, early=True)
                             break
                         if resp.status_code < 500:
                             with self.lock:
@@ -419,33 +555,86 @@ class ChaosRun:
         finally:
             self.submitted_all.set()
 
-    def running_workflows(self, c: httpx.Client) -> list[int]:
+    def running_workflows(self, c: httpx.Client, status: str | None = None) -> list[int]:
+        """Workflows that have not ended: running and paused (or those of one status)."""
         ids: list[int] = []
-        before: int | None = None
-        while True:
-            params: dict[str, Any] = {"status": "running", "limit": 1000}
-            if before is not None:
-                params["before"] = before
-            resp = self._note(c.get("/api/workflow", params=params), "GET /api/workflow")
-            resp.raise_for_status()
-            page = [int(w["id"]) for w in resp.json()]
-            ids += page
-            if len(page) < 1000:
-                return ids
-            before = page[-1]
+        for one in [status] if status else ["running", "paused"]:
+            before: int | None = None
+            while True:
+                params: dict[str, Any] = {"status": one, "limit": 1000}
+                if before is not None:
+                    params["before"] = before
+                resp = self._note(c.get("/api/workflow", params=params), "GET /api/workflow")
+                resp.raise_for_status()
+                page = [int(w["id"]) for w in resp.json()]
+                ids += page
+                if len(page) < 1000:
+                    break
+                before = page[-1]
+        return ids
+
+    def send_signal(self, c: httpx.Client, plan: Plan, *, early: bool = False) -> None:
+        wf_id = self.ids[plan.index]
+        body = {"name": "go", "data": plan.signal_data}
+        r = self._note(c.post(f"/api/workflow/{wf_id}/signal", json=body), f"signal {wf_id}")
+        if r.status_code == 202:
+            with self.lock:
+                self.signalled.add(plan.index)
+                self.report.signals += 1
+                self.report.early_signals += early
+        elif r.status_code != 409:  # 409: it ended (a signal resent after the first took)
+            with self.lock:
+                self.report.problems.append(f"signal {wf_id}: {r.status_code} {r.text[:200]}")
+
+    def control_pass(self, c: httpx.Client) -> None:
+        """Resume the paused workflows whose time is up (or that nobody meant to keep
+        paused: a pause whose answer was lost in a kill)."""
+        for wf_id in self.running_workflows(c, "paused"):
+            resp = self._note(c.get(f"/api/workflow/{wf_id}"), f"GET /api/workflow/{wf_id}")
+            if resp.status_code != 200:
+                continue
+            index = resp.json()["input"]["plan"]
+            if time.monotonic() < self.paused.get(index, 0.0):
+                continue
+            r = self._note(c.post(f"/api/workflow/{wf_id}/resume", json={"reason": "chaos"}),
+                           f"resume {wf_id}")  # fmt: skip
+            if r.status_code == 200:
+                with self.lock:
+                    self.paused.pop(index, None)
+                    self.report.resumes += 1
 
     def person_pass(self, c: httpx.Client) -> None:
         """Approve every waiting gate (with the plan's answer); fail every step that waits
-        for a retry-or-fail decision."""
-        for wf_id in self.running_workflows(c):
+        for a retry-or-fail decision; send the signals of workflows that wait for one;
+        pause the workflows the plans pause, and resume them when their time is up."""
+        self.control_pass(c)
+        for wf_id in self.running_workflows(c, "running"):
             resp = self._note(c.get(f"/api/workflow/{wf_id}"), f"GET /api/workflow/{wf_id}")
             if resp.status_code != 200:
                 continue
             wf = resp.json()
             plan = self.plans[wf["input"]["plan"]]
+            if plan.pause is not None and plan.index not in self.was_paused:
+                r = self._note(c.post(f"/api/workflow/{wf_id}/pause", json={"reason": "chaos"}),
+                               f"pause {wf_id}")  # fmt: skip
+                if r.status_code in (200, 409):
+                    with self.lock:
+                        self.was_paused.add(plan.index)
+                        if r.status_code == 200:
+                            self.paused[plan.index] = time.monotonic() + plan.pause
+                            self.report.pauses += 1
+                    if r.status_code == 200:
+                        continue
+            waits = any(s["awaiting"] == "signal" for s in wf["steps"])
+            if (
+                plan.signal
+                and plan.index not in self.signalled
+                and (waits or plan.signal == "early")
+            ):
+                self.send_signal(c, plan)
             for step in wf["steps"]:
                 if step["awaiting"] == "ready":
-                    answer = plan.answers[step["state"]]
+                    answer = plan.answers[gate_key(step["state"], step["scope"])]
                     r = c.post(f"/api/workflow/{step['id']}/ready", json=answer)
                     self._note(r, f"POST ready {step['id']}")
                     with self.lock:
@@ -607,35 +796,97 @@ class ChaosRun:
             self.check_walk(self.plans[index], wf)
             self.check_executions(wf, per_key, given_back)
             r.flaky_retries += flaky_retries(self.plans[index], wf, per_key)
+        open_branches = self.query(
+            "SELECT b.parent_id, b.key, b.status, w.status FROM branches b"
+            " JOIN workflows w ON w.id = b.workflow_id"
+            " WHERE b.status IN ('pending', 'running')"
+            " AND w.status IN ('completed', 'failed', 'cancelled')"
+        )
+        for parent, key, status, wf_status in open_branches[:20]:
+            r.problems.append(
+                f"branch {key} of step {parent} is {status} in a {wf_status} workflow"
+            )
+        r.kinds.update(self.plans[i].kind for i in self.ids)
         self.check_integrity()
         [(count,)] = self.query("SELECT count(*) FROM workflows")
         if count != len(self.plans):
             r.problems.append(f"{count} workflows in the database for {len(self.plans)} plans")
 
     def check_walk(self, plan: Plan, wf: dict[str, Any]) -> None:
-        """The steps must be a walk of the flow where every failure is an allowed one."""
+        """The steps must be a walk of the flow where every failure is an allowed one; so
+        must each parallel branch's and map item's steps; a completed workflow's output is
+        the plan's; no state visit is done twice; nothing is left waiting."""
         r = self.report
         where = f"workflow {wf['id']} (plan {plan.index}, {plan.kind}, {wf['status']})"
-        trail = [f"{s['state']}:{s['status']}@{s['attempt']}" for s in wf["steps"]]
+        children: dict[int, list[dict[str, Any]]] = {}
+        for s in wf["steps"]:
+            if s["parent_id"] is not None:
+                children.setdefault(s["parent_id"], []).append(s)
+        top = [s for s in wf["steps"] if s["parent_id"] is None]
+        ended = self.walk(plan, plan.flow, plan.success, top, where, children)
+        if ended is None:
+            return
+        trail = _trail(top)
+        if ended != wf["status"]:
+            r.problems.append(f"{where}: the steps end as {ended}: {trail}")
+            return
+        done = Counter((json.dumps(s["scope"]), s["state"]) for s in wf["steps"]
+                       if s["status"] == "done")  # fmt: skip
+        twice = [k for k, n in done.items() if n > 1]
+        if twice:
+            r.problems.append(f"{where}: visits done more than once: {twice}")
+        for s in wf["steps"]:
+            if s["status"] in ("pending", "running"):
+                r.problems.append(f"{where}: step {s['id']} {s['state']} in {s['scope']} is "
+                                  f"{s['status']} (awaiting {s['awaiting']})")  # fmt: skip
+        for s in top:
+            if s["kind"] in ("parallel", "map") and s["status"] in ("done", "failed"):
+                self.check_composite(plan, wf, s, children.get(s["id"], []), where)
+        if wf["status"] == "completed":
+            self.check_output(plan, wf, top, where)
+        failed_steps = sum(s["status"] == "failed" for s in top)
+        done_top = [s["state"] for s in top if s["status"] == "done"]
+        if wf["status"] == "completed" and failed_steps == 0:
+            if done_top != plan.expected():
+                r.problems.append(f"{where}: did {done_top}, expected {plan.expected()}")
+            else:
+                r.as_planned += 1
+
+    def walk(
+        self,
+        plan: Plan,
+        flow: dict[str, Any],
+        success: dict[str, str | None],
+        steps: list[dict[str, Any]],
+        where: str,
+        children: dict[int, list[dict[str, Any]]],
+        *,
+        cut: bool = False,
+    ) -> str | None:
+        """Check that `steps` (one flow's, in order) walk `flow` with allowed failures only.
+        Returns how they end ("completed", "failed", or, with `cut` (a branch of a failed
+        parallel or map), "cancelled"), or None after noting a problem."""
+        r = self.report
+        trail = _trail(steps)
         state: str | None = "start"
-        failed_steps = 0
         ended: str | None = None
-        for i, step in enumerate(wf["steps"]):
+        for i, step in enumerate(steps):
             if state is None or step["state"] != state:
                 r.problems.append(
                     f"{where}: step {i} is {step['state']}, expected {state}: {trail}"
                 )
-                return
-            spec = plan.flow[state]
+                return None
+            spec = flow[state]
             if step["status"] == "done":
-                if spec["tool"] is None:
+                if "tool" in spec and spec["tool"] is None:
+                    key = gate_key(state, step["scope"])
                     answer = json.loads(step["result_json"] or "null")
-                    if answer != plan.answers[state] or step["decided_by"] != PERSON:
+                    if answer != plan.answers[key] or step["decided_by"] != PERSON:
                         r.problems.append(
-                            f"{where}: gate {state} done with {answer!r} by "
-                            f"{step['decided_by']!r}, approved with {plan.answers[state]!r}"
+                            f"{where}: gate {key} done with {answer!r} by "
+                            f"{step['decided_by']!r}, approved with {plan.answers[key]!r}"
                         )
-                elif step["result_json"] is not None:
+                elif step["result_json"] is not None and spec.get("tool"):
                     result = json.loads(step["result_json"])
                     if isinstance(result, dict) and "attempt" in result:
                         if result["attempt"] != step["attempt"]:
@@ -643,36 +894,183 @@ class ChaosRun:
                                 f"{where}: {state} result is from attempt {result['attempt']}, "
                                 f"the step says {step['attempt']}"
                             )
-                state = plan.success[state]
+                state = success[state]
                 ended = "completed" if state is None else None
             elif step["status"] == "failed":
-                failed_steps += 1
-                why = self.allowed_failure(plan, spec, step)
+                why = self.allowed_failure(plan, spec, step, children)
                 if why is None:
                     r.problems.append(
                         f"{where}: {state} failed unexpectedly "
                         f"({step['error']!r}, attempt {step['attempt']}): {trail}"
                     )
-                    return
+                    return None
                 state = spec.get("on_error")
                 ended = "failed" if state is None else None
+            elif step["status"] == "cancelled" and cut and i == len(steps) - 1:
+                return "cancelled"
             else:
                 r.problems.append(f"{where}: {state} is still {step['status']}: {trail}")
-                return
-            if ended is not None and i != len(wf["steps"]) - 1:
+                return None
+            if ended is not None and i != len(steps) - 1:
                 r.problems.append(f"{where}: steps after the end: {trail}")
-                return
-        if ended != wf["status"]:
-            r.problems.append(f"{where}: the steps end as {ended}: {trail}")
-            return
-        done = [s["state"] for s in wf["steps"] if s["status"] == "done"]
-        if wf["status"] == "completed" and failed_steps == 0:
-            if done != plan.expected():
-                r.problems.append(f"{where}: did {done}, expected {plan.expected()}")
-            else:
-                r.as_planned += 1
+                return None
+        if ended is None:
+            r.problems.append(f"{where}: the steps stop before an end: {trail}")
+        return ended
 
-    def allowed_failure(self, plan: Plan, spec: dict[str, Any], step: dict[str, Any]) -> str | None:
+    def check_composite(
+        self,
+        plan: Plan,
+        wf: dict[str, Any],
+        step: dict[str, Any],
+        kids: list[dict[str, Any]],
+        where: str,
+    ) -> None:
+        """The branches (items) of a parallel (map) step that ended: each a walk of its flow;
+        a done step's result is its branches' results (by name; in item order); a failed one
+        has a failed branch (more failed items than tolerated) and nothing left running
+        inside, and nothing inside finished after it."""
+        r = self.report
+        r.nested_steps += len(kids)
+        spec = plan.flow[step["state"]]
+        where = f"{where} {step['kind']} {step['state']} (step {step['id']})"
+        by_branch: dict[str, list[dict[str, Any]]] = {}
+        for kid in kids:
+            scope = kid["scope"] or []
+            if len(scope) != 2 or scope[0] != step["state"]:
+                r.problems.append(f"{where}: step {kid['id']} has scope {scope}")
+                return
+            by_branch.setdefault(str(scope[1]), []).append(kid)
+        failed = step["status"] == "failed"
+        ends: dict[str, str | None] = {}
+        flows_: dict[str, dict[str, Any]] = {}
+        if step["kind"] == "parallel":
+            flows_ = dict(spec["parallel"])
+            if set(by_branch) != set(flows_):
+                r.problems.append(
+                    f"{where}: branches {sorted(by_branch)}, planned {sorted(flows_)}"
+                )
+                return
+        else:
+            items = plan.input["items"]
+            keys = {str(i) for i in range(len(items))}
+            if not set(by_branch) <= keys or (not failed and set(by_branch) != keys):
+                r.problems.append(f"{where}: items {sorted(by_branch, key=int)} of {len(items)}")
+                return
+            flows_ = {k: spec["map"]["flow"] for k in by_branch}
+            self.check_concurrency(kids, spec["map"]["max_concurrency"], where)
+        for key, sub in flows_.items():
+            success = {s: sub_spec.get("next") for s, sub_spec in sub.items()}
+            ends[key] = self.walk(plan, sub, success, by_branch.get(key, []),
+                                  f"{where} branch {key}", {}, cut=failed)  # fmt: skip
+        if None in ends.values():
+            return
+        finished = step["completed_at"] or 0
+        late = [
+            k["id"] for k in kids if k["status"] == "done" and (k["completed_at"] or 0) > finished
+        ]
+        if late:
+            r.problems.append(f"{where}: steps {late} finished after the step itself")
+        r.cancelled_inside += sum(k["status"] == "cancelled" for k in kids)
+        n_failed = sum(e == "failed" for e in ends.values())
+        if failed:
+            tolerated = 0 if step["kind"] == "parallel" else spec["map"]["tolerated_failures"]
+            if n_failed <= tolerated and "timed out" not in (step["error"] or ""):
+                r.problems.append(f"{where}: failed with {n_failed} failed branches: {ends}")
+            return
+        if any(e == "cancelled" for e in ends.values()):
+            r.problems.append(f"{where}: done with cancelled branches: {ends}")
+            return
+        result = json.loads(step["result_json"] or "null")
+        last = {k: json.loads(steps[-1]["result_json"] or "null") for k, steps in by_branch.items()}
+        if step["kind"] == "parallel":
+            if n_failed or result != last:
+                r.problems.append(f"{where}: result {result!r}, the branches gave {last!r}")
+            return
+        tolerated = spec["map"]["tolerated_failures"]
+        if n_failed > tolerated or not isinstance(result, list) or len(result) != len(last):
+            r.problems.append(f"{where}: {n_failed} failed items, result {result!r}")
+            return
+        for i, slot in enumerate(result):
+            if ends[str(i)] == "completed":
+                ok = slot == last[str(i)]
+            else:
+                ok = isinstance(slot, dict) and set(slot) == {"error"}
+            if not ok:
+                r.problems.append(f"{where}: item {i} gave {slot!r} ({ends[str(i)]})")
+
+    def check_concurrency(self, kids: list[dict[str, Any]], limit: int, where: str) -> None:
+        """At no time more map items open than max_concurrency (an item is open from its
+        first step's creation to its last step's end)."""
+        spans: dict[str, list[int]] = {}
+        for kid in kids:
+            span = spans.setdefault(str(kid["scope"][1]), [kid["created_at"], 0])
+            span[0] = min(span[0], kid["created_at"])
+            span[1] = max(span[1], kid["completed_at"] or 1 << 62)
+        moments = sorted(
+            [(a, 1) for a, _ in spans.values()] + [(b, -1) for _, b in spans.values()],
+            key=lambda m: (m[0], m[1]),
+        )  # fmt: skip  ends first at a tie
+        open_, most = 0, 0
+        for _, delta in moments:
+            open_ += delta
+            most = max(most, open_)
+        if most > limit:
+            self.report.problems.append(f"{where}: {most} items open at once (max {limit})")
+
+    def check_output(
+        self, plan: Plan, wf: dict[str, Any], top: list[dict[str, Any]], where: str
+    ) -> None:
+        """A completed workflow's output is the result of its last step, and what the plan
+        says (parallel, map, wait), unless an allowed failure took it elsewhere."""
+        r = self.report
+        output = wf.get("output")
+        last = json.loads(top[-1]["result_json"] or "null") if top else None
+        if output != last:
+            r.problems.append(f"{where}: output {output!r}, its last step gave {last!r}")
+            return
+        if plan.output is None:
+            return
+        r.outputs_checked += 1
+        ended_in = top[-1]["state"]
+        if ended_in == "handle":
+            message = output.get("message") or ""
+            if output.get("handled") is not True or "failed" not in message:
+                r.problems.append(f"{where}: handled with {output!r}")
+            return
+        if plan.fails:
+            r.problems.append(f"{where}: a planned failure did not happen: {output!r}")
+            return
+        if plan.kind == "map":
+            if not isinstance(output, list) or len(output) != len(plan.output):
+                r.problems.append(f"{where}: output {output!r}, expected {plan.output!r}")
+                return
+            for i, (got, want) in enumerate(zip(output, plan.output, strict=True)):
+                error = got.get("error") if isinstance(got, dict) else None
+                message = (error or {}).get("message") or ""
+                if want is None:
+                    ok = "chaos_item failure" in message
+                else:  # an item out of recovery attempts leaves an error in its slot
+                    ok = got == want or "out of attempts" in message
+                if not ok:
+                    r.problems.append(f"{where}: item {i} gave {got!r}, expected {want!r}")
+            return
+        if output != plan.output:
+            r.problems.append(f"{where}: output {output!r}, expected {plan.output!r}")
+        if plan.kind == "timer":
+            hold = next(s for s in top if s["state"] == "hold")
+            seconds = plan.flow["hold"]["wait"]["seconds"]
+            if top[-1]["created_at"] < hold["created_at"] + seconds * 1000 - 1:
+                r.problems.append(f"{where}: a {seconds} s timer ended after "
+                                  f"{top[-1]['created_at'] - hold['created_at']} ms")  # fmt: skip
+
+    def allowed_failure(
+        self,
+        plan: Plan,
+        spec: dict[str, Any],
+        step: dict[str, Any],
+        children: dict[int, list[dict[str, Any]]],
+    ) -> str | None:
         error = step["error"] or ""
         tool = spec.get("tool")
         max_attempts = spec.get("retry", {}).get("max_attempts", 1)
@@ -682,6 +1080,16 @@ class ChaosRun:
                 return "out of retries"
         if tool == "chaos_charge" and step["decided_by"] == PERSON:
             return "a person failed it"
+        if tool == "chaos_item" and "chaos_item failure" in error:
+            fail = spec["args"]["fail"]
+            if not isinstance(fail, bool):  # a map item's: from its item
+                fail = plan.input["items"][step["scope"][-1]]["fail"]
+            if fail:
+                return "planned"
+        if ("parallel" in spec or "map" in spec) and any(
+            k["status"] == "failed" for k in children.get(step["id"], [])
+        ):
+            return "a branch failed"  # whether it could is checked with the branches
         if "out of attempts" in error and step["attempt"] >= max(max_attempts, RECOVERY_ATTEMPTS):
             self.report.recovery_failures += 1
             return "interrupted too often"
@@ -708,6 +1116,10 @@ class ChaosRun:
             if step["tool"] and step["tool"].startswith("chaos_") and step["status"] == "done":
                 if n == 0:
                     r.problems.append(f"{where}: done, but its tool never ran")
+
+
+def _trail(steps: list[dict[str, Any]]) -> list[str]:
+    return [f"{s['state']}:{s['status']}@{s['attempt']}" for s in steps]
 
 
 def attempts_given_back(requeued: list[tuple[Any, ...]]) -> Counter[int]:
