@@ -542,3 +542,29 @@ async def test_wait_for_change_wakes_on_a_commit(store: Any):
     await create(store)
     assert await waiter
     assert not await store.wait_for_change(0.05)
+
+
+# -- waits and signals -------------------------------------------------------------------
+
+
+async def test_a_signal_taken_by_an_interrupted_wait_is_taken_again_by_its_next_attempt(store):
+    """A wait took a signal sent before it (begin_wait committed), and the daemon died
+    before the step's outcome was written: the next attempt of the same visit gets the
+    same signal instead of waiting for one that will not come again."""
+    t0 = now_ms()
+    wf_id = await create(store, NewStep(state="w", name="w", tool=":wait", seq=1), now=t0)
+    assert await store.send_signal(wf_id, "go", '{"n": 1}', by="james", now=t0 + 1) == "ok"
+    step = await claim_one(store, t0 + 2, lease_ms=1000)
+    took = await store.begin_wait(step, awaiting="signal", signal="go", expires_at=None,
+                                  now=t0 + 3)  # fmt: skip
+    assert took == '{"n": 1}'
+    assert await store.requeue(step, "interrupted", now=t0 + 2000)  # its lease ran out
+    again = await claim_one(store, t0 + 2001)
+    assert (again.id, again.attempt) == (step.id, 2)
+    took = await store.begin_wait(again, awaiting="signal", signal="go", expires_at=None,
+                                  now=t0 + 2002)  # fmt: skip
+    assert took == '{"n": 1}'
+    assert (await store.get_step(step.id)).awaiting is None  # it did not start waiting
+    # A second signal is left for a later wait.
+    assert await store.send_signal(wf_id, "go", '{"n": 2}', by="james", now=t0 + 2003) == "ok"
+    assert (await store.get_step(step.id)).awaiting is None

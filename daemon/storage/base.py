@@ -1087,6 +1087,11 @@ class BaseStore:
             wf = step.workflow_id
             if signal is not None:
                 self._one_at_a_time(db, f"signal {wf}")
+                if step.attempt > 1:  # an attempt that took a signal, then died, keeps it
+                    params = {"workflow_id": wf, "step_id": step.id}
+                    taken = db.execute(self.Q["signal_of_step"], params).fetchone()
+                    if taken is not None:
+                        return taken[1] or "null"
                 row = db.execute(self.Q["oldest_signal"], {"workflow_id": wf, "name": signal})
                 found = row.fetchone()
                 if found is not None:

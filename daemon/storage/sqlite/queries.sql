@@ -471,6 +471,12 @@ SELECT id, data_json FROM signals
 WHERE workflow_id = :workflow_id AND name = :name AND consumed_by IS NULL
 ORDER BY id LIMIT 1;
 
+-- signal_of_step --
+-- The signal a wait step took in an earlier attempt (one that died before its outcome was written).
+SELECT id, data_json FROM signals
+WHERE workflow_id = :workflow_id AND consumed_by = :step_id
+ORDER BY id LIMIT 1;
+
 -- consume_signal --
 -- A wait takes a signal.
 UPDATE signals SET consumed_by = :step_id, consumed_at = :now WHERE id = :id;
