@@ -478,6 +478,7 @@ class BaseStore:
         self, db: Tx, fin: Finish, now: int, cancels: list[int]
     ) -> tuple[int, Step | None] | None:
         cancels.clear()  # the operation may run again (a retried transaction)
+        self._lock_branches_of(db, fin)
         params = {
             "id": fin.step_id,
             "attempt": fin.attempt,
@@ -597,6 +598,7 @@ class BaseStore:
                 row = db.execute(self.Q["find_decision_key"], replay.params()).fetchone()
                 if row is not None:
                     raise Replayed(_replay(replay.created_by, replay.key, row))
+            self._lock_branches_of(db, fin)
             if link_nonce is not None:
                 params = {"nonce": link_nonce, "step_id": fin.step_id, "now": now}
                 if db.execute(self.Q["use_link"], params).rowcount != 1:
@@ -994,6 +996,18 @@ class BaseStore:
         self._wake(db, wf, be.parent_id, "branches", now,
                    result_json=_joined(rows, be.kind, be.join))  # fmt: skip
 
+    def _lock_branches_of(self, db: Tx, fin: Finish) -> None:
+        """A step inside a branch or map item that moves on (its next step, or its branch's
+        end) first takes the lock its parallel or map step's branches settle under, before
+        it writes anything: a sibling's failure that cancels what runs inside then either
+        comes first (this step is cancelled, and nothing is written) or sees the next step
+        this one inserts (on PostgreSQL, an insert not yet committed is invisible to it)."""
+        parent = fin.next_step.parent_id if fin.next_step is not None else None
+        if parent is None and fin.branch_end is not None:
+            parent = fin.branch_end.parent_id
+        if parent is not None:
+            self._one_at_a_time(db, f"branches {parent}")
+
     def _cancel_inside(self, db: Tx, parent_id: int, now: int, reason: str) -> list[int]:
         """Cancel every open step and branch inside a parallel or map step."""
         params = {"parent_id": parent_id, "now": now, "reason": reason}
@@ -1122,6 +1136,8 @@ class BaseStore:
         def op(db: Tx) -> bool:
             cancels.clear()
             assert step.awaiting is not None
+            if step.awaiting == "branches":  # what runs inside is cancelled: see _settle_branch
+                self._one_at_a_time(db, f"branches {step.id}")
             woke = self._wake(db, step.workflow_id, step.id, step.awaiting, now,
                               attempt=step.attempt, result_json=result_json, error=error,
                               error_type=error_type)  # fmt: skip

@@ -1,0 +1,83 @@
+"""PostgreSQL runs write transactions side by side (READ COMMITTED): a step that a branch
+starts while a sibling's failure cancels what runs inside the parallel must be cancelled
+with it, whichever transaction commits first.
+
+The interleaving is forced: another connection holds the workflow row, so the branch's
+transaction (its step done, its next step inserted) waits before it commits; the sibling's
+failure runs meanwhile, then the row is let go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.models import BranchEnd, Branches, Finish, NewStep, StepStatus
+from daemon.storage import now_ms
+from tests import backend
+
+pytestmark = pytest.mark.postgresql_only
+
+FLOW = '{"fan": {"parallel": {}}}'
+
+
+def _in(branch: str, state: str, parent_id: int, seq: int) -> NewStep:
+    return NewStep(state=state, name=state, tool="echo", seq=seq, parent_id=parent_id,
+                   branch=branch, scope=f'["fan", "{branch}"]')  # fmt: skip
+
+
+def _waiting(conn: Any, count: int) -> None:
+    """Until `count` sessions of the database wait for a lock."""
+    deadline = time.monotonic() + 10
+    sql = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+           " AND datname = current_database()")  # fmt: skip
+    while conn.execute(sql).fetchone()[0] < count:
+        assert time.monotonic() < deadline, f"not {count} sessions waiting for a lock"
+        time.sleep(0.02)
+
+
+async def test_a_step_a_branch_starts_while_a_sibling_fails_is_cancelled(
+    make_store: Any, tmp_path: Path
+) -> None:
+    import psycopg
+
+    path = tmp_path / "race.db"
+    store = make_store(path)
+    await store.open()
+    t0 = now_ms()
+    first = NewStep(state="fan", name="fan", tool=":parallel", seq=1)
+    created = await store.create_workflow(name="w", flow_json=FLOW, input_json="{}",
+                                          created_by="james", first=first, now=t0)  # fmt: skip
+    wf_id = created.id
+    (parent,) = await store.claim_steps(10, lease_ms=30_000, now=t0 + 1)
+    firsts = {k: _in(k, "start", parent.id, 2) for k in ("a", "c")}
+    assert await store.start_branches(parent, Branches([("a", None), ("c", None)], 2, firsts))
+    a, c = sorted(await store.claim_steps(10, lease_ms=30_000), key=lambda s: s.branch)
+    assert (a.branch, c.branch) == ("a", "c")
+
+    with psycopg.connect(backend.database_url(path), autocommit=True) as watch, \
+            psycopg.connect(backend.database_url(path)) as holder:  # fmt: skip
+        holder.execute("SELECT 1 FROM workflows WHERE id = %s FOR NO KEY UPDATE", (wf_id,))
+        a_done = asyncio.ensure_future(store.finish_step(Finish(
+            step_id=a.id, workflow_id=wf_id, attempt=a.attempt, status=StepStatus.DONE,
+            result_json="{}", next_step=_in("a", "a_end", parent.id, 3))))  # fmt: skip
+        await asyncio.to_thread(_waiting, watch, 1)  # its step is done, its next inserted
+        end = BranchEnd(parent_id=parent.id, key="c", ok=False, kind="parallel")
+        c_failed = asyncio.ensure_future(store.finish_step(Finish(
+            step_id=c.id, workflow_id=wf_id, attempt=c.attempt, status=StepStatus.FAILED,
+            error="boom", error_type="ToolError", workflow_error="state 'start' failed: boom",
+            branch_end=end)))  # fmt: skip
+        await asyncio.to_thread(_waiting, watch, 2)
+        holder.rollback()
+        await asyncio.gather(a_done, c_failed)
+
+    steps = {(s.branch, s.state): s for s in await store.steps(wf_id)}
+    assert steps[("c", "start")].status == "failed"
+    assert steps[(None, "fan")].status == "pending"  # woken: its branch failed
+    nothing_open = {k: s.status for k, s in steps.items() if s.parent_id is not None}
+    assert "pending" not in nothing_open.values(), nothing_open
+    assert "running" not in nothing_open.values(), nothing_open
