@@ -970,7 +970,13 @@ class ChaosRun:
             k["id"] for k in kids if k["status"] == "done" and (k["completed_at"] or 0) > finished
         ]
         if late:
-            r.problems.append(f"{where}: steps {late} finished after the step itself")
+            detail = [(k["id"], k["state"], k["scope"], k["attempt"], k["created_at"],
+                       k["started_at"], k["completed_at"]) for k in kids]  # fmt: skip
+            r.problems.append(
+                f"{where}: steps {late} finished after the step itself (attempt "
+                f"{step['attempt']}, created {step['created_at']}, started {step['started_at']}, "
+                f"completed {finished}); inside: {detail}"
+            )
         r.cancelled_inside += sum(k["status"] == "cancelled" for k in kids)
         n_failed = sum(e == "failed" for e in ends.values())
         if failed:
