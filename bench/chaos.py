@@ -3,14 +3,16 @@
     python bench/chaos.py [--workflows 1000] [--kills 10] [--seed N] [--concurrency 8]
     python bench/chaos.py --database postgresql [--daemons 3] [--lease 3] ...
 
-The scenario of tests/test_chaos.py, bigger: workflows (chains of work, sleeps,
-gates, retried flaky steps, non-idempotent charges, branches) are submitted over
-HTTP while the daemon is killed with SIGKILL and restarted on the same database;
-a "person" approves every gate and fails every interrupted non-idempotent step.
-Then every acknowledged workflow must exist and be terminal, every workflow's
-steps must be a walk of its flow with only allowed failures, no idempotent step
-may have run more often than its final attempt, no non-idempotent step twice,
-and both SQLite files must pass `PRAGMA integrity_check`.
+The scenario of tests/test_chaos.py (its workload and checks), bigger: workflows
+(chains of work, sleeps, gates, retried flaky steps, non-idempotent charges, branches,
+parallels, maps, timers and signal waits) are submitted over HTTP while the daemon is
+killed with SIGKILL and restarted on the same database; a "person" approves every
+gate, fails every interrupted non-idempotent step, sends the signals and pauses and
+resumes some workflows. Then every acknowledged workflow must exist and be terminal,
+every workflow's steps (and each branch's and map item's) must be a walk of its flow
+with only allowed failures, a completed workflow's output must be the planned one, no
+idempotent step may have run more often than its final attempt, no non-idempotent step
+twice, and both SQLite files must pass `PRAGMA integrity_check`.
 
 With `--database postgresql`, `--daemons` daemons (a, b, c, ...) share one PostgreSQL
 database (a fresh one on the server of STEPD_BENCH_PG_URL, else on a throwaway durable

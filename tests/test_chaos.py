@@ -1,17 +1,33 @@
 """Chaos: the real daemon, SIGKILLed at random moments while it works, loses nothing.
 
 ~200 workflows (chains of work, sleeps, gates, retried flaky steps, non-idempotent
-charges, branches) are submitted over HTTP, each with an Idempotency-Key so that a
-POST cut off by a kill is sent again, while the daemon is killed with SIGKILL at
-random moments (some while it starts up, some during a graceful stop after SIGTERM)
-and restarted on the same database. Throughout, and until every workflow has ended,
-a "person" approves every waiting gate and declines (POST /fail) every interrupted
-non-idempotent step. Then:
+charges, branches; parallels of two or three branches, one with a gate and one with
+a sleep or a step that fails; maps over 5-20 items, 2-4 at a time, some items
+failing within or past tolerated_failures; 0.2-1 s timers; signal waits, the signal
+sent before the wait is reached or once it waits) are submitted over HTTP, each with
+an Idempotency-Key so that a POST cut off by a kill is sent again, while the daemon is
+killed with SIGKILL at random moments (some while it starts up, some during a graceful
+stop after SIGTERM) and restarted on the same database. Throughout, and until every
+workflow has ended, a "person" approves every waiting gate (in branches too), declines
+(POST /fail) every interrupted non-idempotent step, sends the signals, and pauses about
+one workflow in ten for a while, then resumes it. Then:
 
 - every acknowledged workflow exists and is terminal (nothing lost, nothing stuck);
-- every workflow's steps are a walk of its flow: each failure is one the scenario
-  allows (a flaky step out of retries, a step out of recovery attempts, a step a
-  person failed), so a completed workflow did exactly the expected states, in order;
+- every workflow's steps, and each parallel branch's and map item's (by `parent_id`
+  and `scope`), are a walk of its flow: each failure is one the scenario allows (a
+  flaky step out of retries, a step out of recovery attempts, a step a person failed,
+  an item or branch planned to fail), so a completed workflow did exactly the expected
+  states, in order; no (scope, state) visit is done twice; no step of an ended workflow
+  is left pending or running (awaiting "branches", "timer" or "signal" included), and
+  no branch row open;
+- a completed workflow's `output` is its last step's result and what the plan says:
+  the parallel's result by branch (each branch seeing its own `steps.start`, not the
+  enclosing flow's), the map's in item order with an error in the slot of each failed
+  item, the signal's data, a timer not ended early;
+- a done parallel or map step's result is built from its branches' last results; a
+  failed one has a failed branch (more failed items than tolerated), the rest
+  cancelled, and nothing inside finished after it; a map never had more items open
+  than its max_concurrency;
 - the tools' own log (tests/chaos_tools.py) shows no idempotent step executed more
   often than its final attempt, and no non-idempotent step executed twice;
 - both SQLite files (the chaos tools' log, and stepd.db on SQLite) pass `PRAGMA integrity_check`.
@@ -807,10 +823,34 @@ class ChaosRun:
                 f"branch {key} of step {parent} is {status} in a {wf_status} workflow"
             )
         r.kinds.update(self.plans[i].kind for i in self.ids)
+        self.check_paused(workflows)
         self.check_integrity()
         [(count,)] = self.query("SELECT count(*) FROM workflows")
         if count != len(self.plans):
             r.problems.append(f"{count} workflows in the database for {len(self.plans)} plans")
+
+    def check_paused(self, workflows: dict[int, dict[str, Any]]) -> None:
+        """Nothing started in a workflow while it was paused (between its `paused` and
+        `resumed` events, in the log's order)."""
+        ids = [str(self.ids[i]) for i in sorted(self.was_paused) if i in workflows]
+        if not ids:
+            return
+        rows = self.query(
+            "SELECT workflow_id, id, type, step_id FROM events WHERE type IN"
+            f" ('paused', 'resumed', 'step_started') AND workflow_id IN ({', '.join(ids)})"
+            " ORDER BY workflow_id, id"
+        )
+        paused_since: dict[int, int] = {}
+        for wf_id, event_id, kind, step_id in rows:
+            if kind == "paused":
+                paused_since[wf_id] = event_id
+            elif kind == "resumed":
+                paused_since.pop(wf_id, None)
+            elif wf_id in paused_since:
+                self.report.problems.append(
+                    f"workflow {wf_id}: step {step_id} started (event {event_id}) while paused "
+                    f"(since event {paused_since[wf_id]})"
+                )
 
     def check_walk(self, plan: Plan, wf: dict[str, Any]) -> None:
         """The steps must be a walk of the flow where every failure is an allowed one; so
