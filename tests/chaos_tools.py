@@ -105,6 +105,25 @@ async def chaos_item(i: int, v: int, fail: bool = False, ms: int = 5, *, ctx: To
     return {"i": i, "v": v}
 
 
+@tool
+async def chaos_once(key: str, *, ctx: ToolContext) -> dict[str, Any]:
+    """Fail (not retryable) the first time it runs for `key`, succeed afterwards: a step a
+    redrive gets past. Recorded (as an execution) before it fails or succeeds."""
+
+    def first() -> bool:
+        record(ctx, "chaos_once")
+        db = connect(ctx.state_dir / DB_NAME)
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS once (key TEXT PRIMARY KEY)")
+            return db.execute("INSERT OR IGNORE INTO once (key) VALUES (?)", (key,)).rowcount == 1
+        finally:
+            db.close()
+
+    if await asyncio.to_thread(first):
+        raise ToolError(f"chaos_once failure of {key}", retryable=False)
+    return {"once": key}
+
+
 def executions(state_dir: Path) -> list[tuple[str, int, str, int]]:
     """Every recorded execution: (key, attempt, tool, at)."""
     path = state_dir / DB_NAME

@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 PERSON = "james"  # the token's name: created_by, and decided_by of gates and decisions
 RECOVERY_ATTEMPTS = 3  # the daemon's default [executor] recovery_attempts
 FLAKY_RETRY = {"max_attempts": 3, "backoff_s": 0.01}
-IDEMPOTENT_TOOLS = {"chaos_work", "chaos_work_sync", "chaos_flaky", "chaos_item"}
+IDEMPOTENT_TOOLS = {"chaos_work", "chaos_work_sync", "chaos_flaky", "chaos_item", "chaos_once"}
 SEED_ENV = "STEPD_CHAOS_SEED"
 
 
@@ -220,6 +220,23 @@ def _map(b: _Builder, plan: dict[str, Any]) -> None:
     plan.update(fails=fails, input={"items": items}, output=output)
 
 
+def _redrive(b: _Builder, plan: dict[str, Any]) -> None:
+    """start (work) -> fan (a: an item; c: a step that fails the first time) -> after: the
+    workflow fails, a person redrives it (POST resume), c runs again and a does not (unless
+    the failure cancelled it)."""
+    rng = b.rng
+    b.work("start", "fan", ms=rng.randint(5, 40))
+    v = rng.randint(0, 999)
+    branches = {
+        "a": {"start": {"tool": "chaos_item", "args": {"i": 1, "v": v, "ms": rng.randint(5, 60)},
+                        "done": True}},
+        "c": {"start": {"tool": "chaos_once", "args": {"key": "wf-{{workflow.id}}"}, "done": True}},
+    }  # fmt: skip
+    b._add("fan", {"parallel": branches}, "after")
+    b.echo("after", None, fan="<<steps.fan.result>>")
+    plan["output"] = {"fan": {"a": {"i": 1, "v": v}, "c": {"once": None}}}  # c: its workflow id
+
+
 def _wait(b: _Builder, plan: dict[str, Any], kind: str) -> None:
     """start (work) -> hold (a 0.2-1 s timer, or a signal wait) -> after (echo of both)."""
     rng = b.rng
@@ -241,12 +258,13 @@ def make_plan(rng: random.Random, index: int, seed: int) -> Plan:
     b = _Builder(rng)
     kind = rng.choices(
         ["chain", "sleep", "gate", "flaky", "charge", "branch", "gate_branch",
-         "parallel", "map", "timer", "signal"],
-        weights=[25, 10, 15, 15, 20, 10, 5, 8, 8, 5, 7],
+         "parallel", "map", "timer", "signal", "redrive"],
+        weights=[25, 10, 15, 15, 20, 10, 5, 8, 8, 5, 7, 4],
     )[0]  # fmt: skip
     more: dict[str, Any] = {}
-    if kind in ("parallel", "map", "timer", "signal"):
-        {"parallel": _parallel, "map": _map}.get(kind, lambda b, p: _wait(b, p, kind))(b, more)
+    if kind in ("parallel", "map", "timer", "signal", "redrive"):
+        builders = {"parallel": _parallel, "map": _map, "redrive": _redrive}
+        builders.get(kind, lambda b, p: _wait(b, p, kind))(b, more)
     elif kind == "chain":
         n = rng.randint(2, 4)
         names = ["start", *(f"w{i}" for i in range(2, n + 1))]
@@ -368,6 +386,7 @@ class Report:
     signals: int = 0  # signals accepted (202), resent ones included
     early_signals: int = 0  # of those, sent before the wait was seen waiting
     pauses: int = 0  # pause calls answered 200
+    redrives: int = 0  # failed workflows redriven (resume answered 200, redriven)
     resumes: int = 0  # resume calls answered 200
     outputs_checked: int = 0  # completed workflows whose output was compared with the plan's
     nested_steps: int = 0  # steps inside parallel branches and map items
@@ -416,7 +435,7 @@ class Report:
                 " / ".join(str(self.kinds[k]) for k in ("parallel", "map", "timer", "signal")),
             ),
             ("signals accepted (sent before the wait)", f"{self.signals} ({self.early_signals})"),
-            ("pauses / resumes", f"{self.pauses} / {self.resumes}"),
+            ("pauses / resumes / redrives", f"{self.pauses} / {self.resumes} / {self.redrives}"),
             (
                 "steps in branches and items (cancelled)",
                 f"{self.nested_steps} ({self.cancelled_inside})",
@@ -477,6 +496,7 @@ class ChaosRun:
         self.signalled: set[int] = set()  # plans whose signal was accepted
         self.paused: dict[int, float] = {}  # plan index -> when to resume it (monotonic)
         self.was_paused: set[int] = set()  # plans paused once (not to pause again)
+        self.redriven: set[int] = set()  # plans whose failed workflow was redriven
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.submitted_all = threading.Event()
@@ -602,9 +622,28 @@ class ChaosRun:
             with self.lock:
                 self.report.problems.append(f"signal {wf_id}: {r.status_code} {r.text[:200]}")
 
+    def to_redrive(self, c: httpx.Client) -> list[tuple[int, int]]:
+        """(plan index, id) of the failed workflows of redrive plans not redriven yet."""
+        out = []
+        by_id = {wf_id: i for i, wf_id in self.ids.items()}
+        for wf_id in self.running_workflows(c, "failed"):
+            index = by_id.get(wf_id)
+            if index is not None and self.plans[index].kind == "redrive":
+                if index not in self.redriven:
+                    out.append((index, wf_id))
+        return out
+
     def control_pass(self, c: httpx.Client) -> None:
-        """Resume the paused workflows whose time is up (or that nobody meant to keep
-        paused: a pause whose answer was lost in a kill)."""
+        """Redrive the failed workflows of redrive plans (once); resume the paused workflows
+        whose time is up (or that nobody meant to keep paused: a pause whose answer was lost
+        in a kill)."""
+        for index, wf_id in self.to_redrive(c):
+            r = self._note(c.post(f"/api/workflow/{wf_id}/resume", json={"reason": "redrive"}),
+                           f"redrive {wf_id}")  # fmt: skip
+            if r.status_code == 200 and r.json().get("redriven"):
+                with self.lock:
+                    self.redriven.add(index)
+                    self.report.redrives += 1
         for wf_id in self.running_workflows(c, "paused"):
             resp = self._note(c.get(f"/api/workflow/{wf_id}"), f"GET /api/workflow/{wf_id}")
             if resp.status_code != 200:
@@ -737,7 +776,8 @@ class ChaosRun:
         with self._client() as c:
             while time.monotonic() < deadline:
                 if self.submitted_all.is_set() and not self.running_workflows(c):
-                    return
+                    if not self.to_redrive(c):
+                        return
                 time.sleep(0.1)
             for wf_id in self.running_workflows(c):
                 wf = c.get(f"/api/workflow/{wf_id}").json()
@@ -836,20 +876,23 @@ class ChaosRun:
         if not ids:
             return
         rows = self.query(
-            "SELECT workflow_id, id, type, step_id FROM events WHERE type IN"
+            "SELECT workflow_id, id, type, step_id, at FROM events WHERE type IN"
             f" ('paused', 'resumed', 'step_started') AND workflow_id IN ({', '.join(ids)})"
             " ORDER BY workflow_id, id"
         )
-        paused_since: dict[int, int] = {}
-        for wf_id, event_id, kind, step_id in rows:
+        steps = {s["id"]: s for wf in workflows.values() for s in wf["steps"]}
+        paused_since: dict[int, tuple[int, int]] = {}
+        for wf_id, event_id, kind, step_id, at in rows:
             if kind == "paused":
-                paused_since[wf_id] = event_id
+                paused_since[wf_id] = (event_id, at)
             elif kind == "resumed":
                 paused_since.pop(wf_id, None)
             elif wf_id in paused_since:
+                s = steps.get(step_id, {})
                 self.report.problems.append(
-                    f"workflow {wf_id}: step {step_id} started (event {event_id}) while paused "
-                    f"(since event {paused_since[wf_id]})"
+                    f"workflow {wf_id}: step {step_id} ({s.get('state')} in {s.get('scope')},"
+                    f" created {s.get('created_at')}) started (event {event_id} at {at}) while "
+                    f"paused (since event {paused_since[wf_id][0]} at {paused_since[wf_id][1]})"
                 )
 
     def check_walk(self, plan: Plan, wf: dict[str, Any]) -> None:
@@ -863,7 +906,7 @@ class ChaosRun:
             if s["parent_id"] is not None:
                 children.setdefault(s["parent_id"], []).append(s)
         top = [s for s in wf["steps"] if s["parent_id"] is None]
-        ended = self.walk(plan, plan.flow, plan.success, top, where, children)
+        ended = self.walks(plan, plan.flow, plan.success, top, where, children)
         if ended is None:
             return
         trail = _trail(top)
@@ -892,7 +935,7 @@ class ChaosRun:
             else:
                 r.as_planned += 1
 
-    def walk(
+    def walks(
         self,
         plan: Plan,
         flow: dict[str, Any],
@@ -903,12 +946,47 @@ class ChaosRun:
         *,
         cut: bool = False,
     ) -> str | None:
-        """Check that `steps` (one flow's, in order) walk `flow` with allowed failures only.
-        Returns how they end ("completed", "failed", or, with `cut` (a branch of a failed
-        parallel or map), "cancelled"), or None after noting a problem."""
+        """walk; for a workflow that was redriven, each run up to a failure or a
+        cancellation is a walk of its own, the redrive going on from there."""
+        if plan.index not in self.redriven:
+            return self.walk(plan, flow, success, steps, where, children, cut=cut)
+        runs: list[list[dict[str, Any]]] = [[]]
+        for step in steps:
+            runs[-1].append(step)
+            if step["status"] in ("failed", "cancelled"):
+                runs.append([])
+        if not runs[-1] and len(runs) > 1:
+            runs.pop()
+        for run in runs[:-1]:
+            first = run[0]["state"]
+            ended = self.walk(plan, flow, {**success}, run, where, children, cut=True,
+                              start=first)  # fmt: skip
+            if ended not in ("failed", "cancelled"):
+                if ended is not None:
+                    self.report.problems.append(f"{where}: a redriven run ended {ended}")
+                return None
+        return self.walk(plan, flow, success, runs[-1], where, children, cut=cut,
+                         start=runs[-1][0]["state"] if runs[-1] else "start")  # fmt: skip
+
+    def walk(
+        self,
+        plan: Plan,
+        flow: dict[str, Any],
+        success: dict[str, str | None],
+        steps: list[dict[str, Any]],
+        where: str,
+        children: dict[int, list[dict[str, Any]]],
+        *,
+        cut: bool = False,
+        start: str = "start",
+    ) -> str | None:
+        """Check that `steps` (one flow's, in order, from state `start`) walk `flow` with
+        allowed failures only. Returns how they end ("completed", "failed", or, with `cut`
+        (a branch of a failed parallel or map), "cancelled"), or None after noting a
+        problem."""
         r = self.report
         trail = _trail(steps)
-        state: str | None = "start"
+        state: str | None = start
         ended: str | None = None
         for i, step in enumerate(steps):
             if state is None or step["state"] != state:
@@ -1001,8 +1079,8 @@ class ChaosRun:
             self.check_concurrency(kids, spec["map"]["max_concurrency"], where)
         for key, sub in flows_.items():
             success = {s: sub_spec.get("next") for s, sub_spec in sub.items()}
-            ends[key] = self.walk(plan, sub, success, by_branch.get(key, []),
-                                  f"{where} branch {key}", {}, cut=failed)  # fmt: skip
+            ends[key] = self.walks(plan, sub, success, by_branch.get(key, []),
+                                   f"{where} branch {key}", {}, cut=failed)  # fmt: skip
         if None in ends.values():
             return
         finished = step["completed_at"] or 0
@@ -1021,7 +1099,8 @@ class ChaosRun:
         n_failed = sum(e == "failed" for e in ends.values())
         if failed:
             tolerated = 0 if step["kind"] == "parallel" else spec["map"]["tolerated_failures"]
-            if n_failed <= tolerated and "timed out" not in (step["error"] or ""):
+            own = step["error"] or ""  # out of recovery attempts itself, before its join
+            if n_failed <= tolerated and "out of attempts" not in own:
                 r.problems.append(f"{where}: failed with {n_failed} failed branches: {ends}")
             return
         if any(e == "cancelled" for e in ends.values()):
@@ -1101,8 +1180,11 @@ class ChaosRun:
                 if not ok:
                     r.problems.append(f"{where}: item {i} gave {got!r}, expected {want!r}")
             return
-        if output != plan.output:
-            r.problems.append(f"{where}: output {output!r}, expected {plan.output!r}")
+        want = plan.output
+        if plan.kind == "redrive":
+            want = {"fan": {**want["fan"], "c": {"once": f"wf-{wf['id']}"}}}
+        if output != want:
+            r.problems.append(f"{where}: output {output!r}, expected {want!r}")
         if plan.kind == "timer":
             hold = next(s for s in top if s["state"] == "hold")
             seconds = plan.flow["hold"]["wait"]["seconds"]
@@ -1126,6 +1208,8 @@ class ChaosRun:
                 return "out of retries"
         if tool == "chaos_charge" and step["decided_by"] == PERSON:
             return "a person failed it"
+        if tool == "chaos_once" and "chaos_once failure" in error:
+            return "planned (the first time)"
         if tool == "chaos_item" and "chaos_item failure" in error:
             fail = spec["args"]["fail"]
             if not isinstance(fail, bool):  # a map item's: from its item
