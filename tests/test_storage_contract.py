@@ -568,3 +568,30 @@ async def test_a_signal_taken_by_an_interrupted_wait_is_taken_again_by_its_next_
     # A second signal is left for a later wait.
     assert await store.send_signal(wf_id, "go", '{"n": 2}', by="james", now=t0 + 2003) == "ok"
     assert (await store.get_step(step.id)).awaiting is None
+
+
+# -- pause --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["retry", "requeue", "unstart"])
+async def test_a_step_running_when_paused_and_queued_again_waits_for_resume(store, how):
+    """A tool step that runs while its workflow is paused and goes back to the queue (its
+    attempt failed and is retried; its lease ran out; a planned stop gave it back) is held
+    like the steps that were queued at the pause: nothing starts until the resume."""
+    t0 = now_ms()
+    wf_id = await create(store, now=t0)
+    step = await claim_one(store, t0 + 1)
+    assert await store.pause(wf_id, by="james", reason=None) == "ok"
+    if how == "retry":
+        fin = Finish(step_id=step.id, workflow_id=wf_id, attempt=step.attempt,
+                     status=StepStatus.PENDING, error="flaky", error_type="ToolError",
+                     retry_at=t0 + 2)  # fmt: skip
+        assert await store.finish_step(fin, now=t0 + 2) is not None
+    elif how == "requeue":
+        assert await store.requeue(step, "interrupted", now=t0 + 2)
+    else:
+        assert await store.unstart(step, "stopped", run_at=t0 + 2)
+    assert await store.claim_steps(10, now=now_ms() + MINUTE) == []
+    assert await store.unpause(wf_id, by="james", reason=None) == "ok"
+    (again,) = await store.claim_steps(10, now=now_ms() + MINUTE)
+    assert again.id == step.id

@@ -167,9 +167,10 @@ SET status = :status, result_json = :result_json, error = :error, error_type = :
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
 -- retry_step --
--- Put a failed attempt back in the queue until run_at.
+-- Put a failed attempt back in the queue until run_at. Held while its workflow is paused.
 UPDATE steps
-SET status = 'pending', error = :error, error_type = :error_type, run_at = :run_at, woken = NULL,
+SET status = 'pending', error = :error, error_type = :error_type, run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN 4611686018427387904::bigint ELSE :run_at::bigint END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN :run_at::bigint END, woken = NULL,
     owner = NULL
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
@@ -247,9 +248,10 @@ WHERE awaiting IN ('ready', 'decision') AND status = 'running'
   AND workflow_id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint);
 
 -- retry_decided --
--- Queue an interrupted tool step again, as decided by a person (a planned stop's attempt given back).
+-- Queue an interrupted tool step again, as decided by a person (a planned stop's attempt given back). Held while its workflow is paused.
 UPDATE steps
-SET status = 'pending', awaiting = NULL, run_at = :now, decided_by = :decided_by,
+SET status = 'pending', awaiting = NULL, run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN 4611686018427387904::bigint ELSE :now::bigint END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN :now::bigint END, decided_by = :decided_by,
     decided_at = :now, owner = NULL,
     attempt = attempt - CASE WHEN error_type = 'Stopped' THEN 1 ELSE 0 END
 WHERE id = :id AND status = 'running' AND awaiting = 'decision' AND attempt = :attempt;
@@ -272,13 +274,15 @@ UPDATE steps SET lease_until = :lease_until
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
 -- requeue_step --
--- Put one running attempt back in the queue.
-UPDATE steps SET status = 'pending', run_at = :now, lease_until = NULL, owner = NULL
+-- Put one running attempt back in the queue. Held while its workflow is paused.
+UPDATE steps SET status = 'pending', run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN 4611686018427387904::bigint ELSE :now::bigint END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN :now::bigint END, lease_until = NULL, owner = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
 -- unstart_step --
--- Put a running step back in the queue, giving back its attempt (not started, or stopped).
-UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = :run_at, started_at = NULL,
+-- Put a running step back in the queue, giving back its attempt (not started, or stopped). Held while its workflow is paused.
+UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN 4611686018427387904::bigint ELSE :run_at::bigint END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN :run_at::bigint END, started_at = NULL,
                  lease_until = NULL, owner = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 

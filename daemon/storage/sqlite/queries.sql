@@ -141,9 +141,10 @@ SET status = :status, result_json = :result_json, error = :error, error_type = :
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
 -- retry_step --
--- Put a failed attempt back in the queue until run_at.
+-- Put a failed attempt back in the queue until run_at. Held while its workflow is paused.
 UPDATE steps
-SET status = 'pending', error = :error, error_type = :error_type, run_at = :run_at, woken = NULL
+SET status = 'pending', error = :error, error_type = :error_type, run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN 4611686018427387904 ELSE :run_at END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN :run_at END, woken = NULL
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
 -- end_workflow --
@@ -221,9 +222,10 @@ WHERE awaiting IN ('ready', 'decision') AND status = 'running'
   AND workflow_id IN (SELECT value FROM json_each(:ids));
 
 -- retry_decided --
--- Queue an interrupted tool step again, as decided by a person (a planned stop's attempt given back).
+-- Queue an interrupted tool step again, as decided by a person (a planned stop's attempt given back). Held while its workflow is paused.
 UPDATE steps
-SET status = 'pending', awaiting = NULL, run_at = :now, decided_by = :decided_by,
+SET status = 'pending', awaiting = NULL, run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN 4611686018427387904 ELSE :now END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN :now END, decided_by = :decided_by,
     decided_at = :now, attempt = attempt - (error_type IS 'Stopped')
 WHERE id = :id AND status = 'running' AND awaiting = 'decision' AND attempt = :attempt;
 
@@ -245,13 +247,15 @@ UPDATE steps SET lease_until = :lease_until
 WHERE id = :id AND status = 'running' AND attempt = :attempt;
 
 -- requeue_step --
--- Put one running attempt back in the queue.
-UPDATE steps SET status = 'pending', run_at = :now, lease_until = NULL
+-- Put one running attempt back in the queue. Held while its workflow is paused.
+UPDATE steps SET status = 'pending', run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN 4611686018427387904 ELSE :now END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN :now END, lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
 -- unstart_step --
--- Put a running step back in the queue, giving back its attempt (not started, or stopped).
-UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = :run_at, started_at = NULL,
+-- Put a running step back in the queue, giving back its attempt (not started, or stopped). Held while its workflow is paused.
+UPDATE steps SET status = 'pending', attempt = attempt - 1, run_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN 4611686018427387904 ELSE :run_at END,
+    held_at = CASE WHEN (SELECT paused_at FROM workflows WHERE id = steps.workflow_id) IS NOT NULL THEN :run_at END, started_at = NULL,
                  lease_until = NULL
 WHERE id = :id AND status = 'running' AND awaiting IS NULL AND attempt = :attempt;
 
