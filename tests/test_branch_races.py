@@ -81,3 +81,26 @@ async def test_a_step_a_branch_starts_while_a_sibling_fails_is_cancelled(
     nothing_open = {k: s.status for k, s in steps.items() if s.parent_id is not None}
     assert "pending" not in nothing_open.values(), nothing_open
     assert "running" not in nothing_open.values(), nothing_open
+
+
+async def test_a_step_chosen_before_its_workflow_was_paused_is_not_claimed(
+    make_store: Any, tmp_path: Path
+) -> None:
+    """A claim chooses due steps (token shares: BaseStore._claimable), then takes them in
+    a second statement; a pause committed in between holds the step, and the claim must
+    not take it then (it started while its workflow was paused)."""
+    store = make_store(tmp_path / "pause.db")
+    await store.open()
+    t0 = now_ms()
+    first = NewStep(state="start", name="start", tool="echo", seq=1)
+    created = await store.create_workflow(name="w", flow_json="{}", input_json="{}",
+                                          created_by="james", first=first, now=t0)  # fmt: skip
+    chosen = await store.write("choose", lambda db: store._claimable(db, 10, t0 + 1))
+    assert len(chosen) == 1
+    assert await store.pause(created.id, by="james", reason=None) == "ok"
+    params = {"ids": f"[{chosen[0]}]", "now": t0 + 2, "lease_ms": 30_000, "node": "a"}
+    for name in ("claim_steps_logged", "claim_steps"):
+        taken = await store.write(
+            name, lambda db, q=name: db.execute(store.Q[q], params).fetchall()
+        )
+        assert taken == [], name

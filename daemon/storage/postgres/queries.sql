@@ -146,7 +146,7 @@ SELECT LEAST(coalesce((SELECT min(run_at) FROM steps WHERE status = 'pending'),
                       4611686018427387904::bigint));
 
 -- claim_steps --
--- Take chosen pending steps (a JSON array of ids) no other transaction holds: tools become running (a new attempt) owned by this node, gates start waiting.
+-- Take chosen pending steps (a JSON array of ids) no other transaction holds, still due (a pause committed since they were chosen holds them): tools become running (a new attempt) owned by this node, gates start waiting.
 UPDATE steps
 SET status = 'running', attempt = attempt + 1,
     started_at = CASE WHEN woken = 1 THEN started_at ELSE :now::bigint END,
@@ -155,7 +155,7 @@ SET status = 'running', attempt = attempt + 1,
     owner = CASE WHEN tool IS NOT NULL THEN :node::text END
 WHERE id IN (SELECT id FROM steps
              WHERE id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint)
-               AND status = 'pending'
+               AND status = 'pending' AND run_at <= :now::bigint
              FOR UPDATE SKIP LOCKED)
 RETURNING *;
 
@@ -537,7 +537,7 @@ WITH claimed AS (
         owner = CASE WHEN tool IS NOT NULL THEN :node::text END
     WHERE id IN (SELECT id FROM steps
                  WHERE id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint)
-                   AND status = 'pending'
+                   AND status = 'pending' AND run_at <= :now::bigint
                  FOR UPDATE SKIP LOCKED)
     RETURNING *
 ), logged AS (
