@@ -1,10 +1,11 @@
-"""PostgreSQL runs write transactions side by side (READ COMMITTED): a step that a branch
-starts while a sibling's failure cancels what runs inside the parallel must be cancelled
-with it, whichever transaction commits first.
+"""PostgreSQL runs write transactions side by side (READ COMMITTED); the interleavings
+the chaos test found, forced:
 
-The interleaving is forced: another connection holds the workflow row, so the branch's
-transaction (its step done, its next step inserted) waits before it commits; the sibling's
-failure runs meanwhile, then the row is let go.
+- a step that a branch starts while a sibling's failure cancels what runs inside the
+  parallel is cancelled with it, whichever transaction commits first (another connection
+  holds the workflow row, so the branch's transaction, its step done and its next step
+  inserted, waits before it commits; the sibling's failure runs meanwhile);
+- a step a claim chose before its workflow's pause committed is not taken.
 """
 
 from __future__ import annotations
