@@ -5,7 +5,8 @@ the chaos test found, forced:
   parallel is cancelled with it, whichever transaction commits first (another connection
   holds the workflow row, so the branch's transaction, its step done and its next step
   inserted, waits before it commits; the sibling's failure runs meanwhile);
-- a step a claim chose before its workflow's pause committed is not taken.
+- a step a claim chose before its workflow's pause committed is not taken;
+- a step written while its workflow's pause commits is held.
 """
 
 from __future__ import annotations
@@ -105,3 +106,40 @@ async def test_a_step_chosen_before_its_workflow_was_paused_is_not_claimed(
             name, lambda db, q=name: db.execute(store.Q[q], params).fetchall()
         )
         assert taken == [], name
+
+
+async def test_a_step_written_as_its_workflow_is_paused_is_held(
+    make_store: Any, tmp_path: Path
+) -> None:
+    """A step's next step written while a pause commits is held: the pause waits for the
+    transaction that writes it, or that transaction sees the pause. (Another connection
+    holds the workflow row; the step's failure, whose on_error step is written next, and
+    the pause both wait for it, then go on together.)"""
+    import psycopg
+
+    path = tmp_path / "paused.db"
+    store = make_store(path)
+    await store.open()
+    t0 = now_ms()
+    first = NewStep(state="start", name="start", tool="echo", seq=1)
+    created = await store.create_workflow(name="w", flow_json="{}", input_json="{}",
+                                          created_by="james", first=first, now=t0)  # fmt: skip
+    wf_id = created.id
+    (step,) = await store.claim_steps(10, lease_ms=30_000, now=t0 + 1)
+    with psycopg.connect(backend.database_url(path), autocommit=True) as watch, \
+            psycopg.connect(backend.database_url(path)) as holder:  # fmt: skip
+        holder.execute("SELECT 1 FROM workflows WHERE id = %s FOR UPDATE", (wf_id,))
+        failed = asyncio.ensure_future(store.finish_step(Finish(
+            step_id=step.id, workflow_id=wf_id, attempt=step.attempt, status=StepStatus.FAILED,
+            error="boom", error_type="ToolError",
+            next_step=NewStep(state="handle", name="handle", tool="echo", seq=2))))  # fmt: skip
+        await asyncio.to_thread(_waiting, watch, 1)
+        paused = asyncio.ensure_future(store.pause(wf_id, by="james", reason=None))
+        await asyncio.to_thread(_waiting, watch, 2)
+        holder.rollback()
+        await asyncio.gather(failed, paused)
+    assert paused.result() == "ok"
+    assert await store.claim_steps(10, now=now_ms() + 60_000) == []  # held
+    assert await store.unpause(wf_id, by="james", reason=None) == "ok"
+    (handle,) = await store.claim_steps(10, now=now_ms() + 60_000)
+    assert handle.state == "handle"

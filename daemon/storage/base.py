@@ -487,6 +487,7 @@ class BaseStore:
             "error_type": fin.error_type,
         }
         if fin.status is StepStatus.PENDING:
+            self._hold_point(db, fin.workflow_id, now)  # it is held if paused: see _follow
             cur = db.execute(self.Q["retry_step"], {**params, "run_at": fin.retry_at})
         else:
             cur = db.execute(
@@ -495,8 +496,16 @@ class BaseStore:
             )
         if cur.rowcount == 0:
             return None
-        touched = self._grow(db, fin, now)
+        touched = self._grow(db, fin, now) or fin.status is StepStatus.PENDING
         return self._follow(db, fin, now, touched=touched, cancels=cancels)
+
+    def _hold_point(self, db: Tx, workflow_id: int, now: int) -> None:
+        """Mark the workflow changed before writing a step whose due time depends on
+        whether the workflow is paused: on PostgreSQL this takes the workflow's row, so a
+        pause (which updates it) either committed before, and the step is written held,
+        or waits for this transaction, and then holds the step; without it the pause
+        could miss a step written but not yet committed, which then ran while paused."""
+        db.execute(self.Q["touch_workflow"], {"id": workflow_id, "now": now})
 
     def _grow(self, db: Tx, fin: Finish, now: int) -> bool:
         """Count a result against its workflow's storage (and mark the workflow changed:
@@ -522,6 +531,9 @@ class BaseStore:
     ) -> tuple[int, Step | None]:
         """Events, the next step and the workflow's end, after a step changed."""
         wf = fin.workflow_id
+        if not touched and fin.workflow_status is None:
+            self._hold_point(db, wf, now)  # before the next step is written (_grow was)
+            touched = True
         data: dict[str, Any] = {"attempt": fin.attempt}
         if fin.status is StepStatus.PENDING:
             kind = "step_retrying"
@@ -697,6 +709,8 @@ class BaseStore:
         now = now_ms() if now is None else now
 
         def op(db: Tx) -> bool:
+            if query in ("requeue_step", "unstart_step", "retry_decided"):
+                self._hold_point(db, step.workflow_id, now)  # queued again: held if paused
             cur = db.execute(
                 self.Q[query], {"id": step.id, "attempt": step.attempt, "now": now, **params}
             )
@@ -1073,6 +1087,7 @@ class BaseStore:
                       "signal": None, "expires_at": expires_at}  # fmt: skip
             if db.execute(self.Q["start_waiting"], params).rowcount == 0:
                 return False
+            self._hold_point(db, step.workflow_id, now)
             db.execute(self.Q["delete_branches"], {"parent_id": step.id})  # an earlier attempt's
             db.executemany(
                 self.Q["insert_branch"],
@@ -1083,7 +1098,6 @@ class BaseStore:
                         {"count": len(branches.keys)})  # fmt: skip
             self._start_branches(db, step.workflow_id, step.id, branches.firsts,
                                  branches.limit, now)  # fmt: skip
-            db.execute(self.Q["touch_workflow"], {"id": step.workflow_id, "now": now})
             return True
 
         return await self.write("start_branches", op)
@@ -1136,6 +1150,7 @@ class BaseStore:
         def op(db: Tx) -> bool:
             cancels.clear()
             assert step.awaiting is not None
+            self._hold_point(db, step.workflow_id, now)
             if step.awaiting == "branches":  # what runs inside is cancelled: see _settle_branch
                 self._one_at_a_time(db, f"branches {step.id}")
             woke = self._wake(db, step.workflow_id, step.id, step.awaiting, now,
@@ -1164,6 +1179,7 @@ class BaseStore:
                 return "not_found"
             if row["status"] != "running":
                 return str(row["status"])
+            self._hold_point(db, workflow_id, now)
             params = {"workflow_id": workflow_id, "name": name, "data_json": data_json,
                       "sent_by": by, "now": now}  # fmt: skip
             (signal_id,) = db.execute(self.Q["insert_signal"], params).fetchone()
@@ -1174,7 +1190,6 @@ class BaseStore:
                            {"id": signal_id, "step_id": waiter["id"], "now": now})  # fmt: skip
                 self._event(db, workflow_id, waiter["id"], "signal_consumed", now, {"name": name})
                 self._wake(db, workflow_id, waiter["id"], "signal", now, result_json=data_json)
-            db.execute(self.Q["touch_workflow"], {"id": workflow_id, "now": now})
             return "ok"
 
         return await self.write("send_signal", op)
