@@ -928,9 +928,8 @@ def finish_for(
 ) -> Finish:
     """Turn a pure move into the rows to write."""
     move = flows.limit_steps(move, step.seq, step_limit)
-    base = Finish(
-        step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt, status=status, **fields
-    )
+    base = Finish(step_id=step.id, workflow_id=step.workflow_id, attempt=step.attempt,
+                  status=status, depth=len(step.path) // 2, **fields)  # fmt: skip
     if isinstance(move, flows.Advance):
         nxt = new_step(info.flow_of(step)[move.target], step.seq + 1)
         nxt = replace(nxt, parent_id=step.parent_id, branch=step.branch, scope=step.scope)

@@ -214,6 +214,7 @@ class Finish:
     # With a result: refuse it (WorkflowTooLarge) if the workflow would then store more.
     max_workflow_bytes: int | None = None
     branch_end: BranchEnd | None = None  # the end of a branch or item instead of the workflow's
+    depth: int = 0  # how many parallel or map steps the step runs inside
 
     def __post_init__(self) -> None:
         # Every error stored with a step or a workflow passes here: a tool's exception or

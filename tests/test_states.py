@@ -292,3 +292,25 @@ async def test_run_control_errors(make_client: Any) -> None:
     approver = {"Authorization": "Bearer tok-approver"}
     resp = await client.post(f"/api/workflow/{wf_id}/pause", headers=approver)
     assert resp.status_code == 403
+
+
+async def test_nested_map_in_parallel_fails_fast_from_the_inside(make_client: Any) -> None:
+    client, _ = await make_client()
+    inner = {"start": {"branch": [{"if": "result.x == 2", "then": "bad"}, {"else": "ok"}],
+                       "tool": "echo", "args": {"x": "<<item>>"}},
+             "ok": {"tool": "sleep", "args": {"seconds": "<<item * 0.2>>"}, "done": True},
+             "bad": {"tool": "fail", "args": {"retryable": False}, "done": True}}  # fmt: skip
+    flow = {"start": {"parallel": {
+        "items": {"start": {"map": {"items": [1, 2, 30], "flow": inner}, "done": True}},
+        "slow": {"start": {"tool": "sleep", "args": {"seconds": 30}, "done": True}},
+    }, "done": True}}  # fmt: skip
+    wf = await wait_for(client, await create(client, flow))
+    assert wf["status"] == "failed", wf
+    assert "branch 'items' failed" in wf["error"] and "item 1 failed" in wf["error"], wf["error"]
+    # Nothing is left open anywhere; the long sleeps were cancelled, not waited for.
+    assert not [s for s in wf["steps"] if s["status"] in ("pending", "running")]
+    first_item = ["start", "items", "start", 0]
+    slow = [s for s in wf["steps"] if s["tool"] == "sleep" and s["scope"] != first_item]
+    assert slow and all(s["status"] == "cancelled" for s in slow), slow
+    # Three levels deep: each inner step's scope names the path down to it.
+    assert ["start", "items", "start", 0] in [s["scope"] for s in wf["steps"]]

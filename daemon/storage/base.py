@@ -565,6 +565,12 @@ class BaseStore:
                     "output_json": (fin.result_json or "null") if completed else None,
                 },
             )
+            if fin.depth and cancels is not None:
+                # A step inside a branch failed the whole workflow (its result could not be
+                # stored, or stepd broke): what still runs in other branches stops.
+                rows = db.execute(self.Q["cancel_steps"], {"workflow_id": wf, "now": now})
+                cancels += [r[0] for r in rows.fetchall()]
+                db.execute(self.Q["cancel_workflow_branches"], {"workflow_id": wf})
             self._event(
                 db,
                 wf,
@@ -1019,8 +1025,17 @@ class BaseStore:
         parent = fin.next_step.parent_id if fin.next_step is not None else None
         if parent is None and fin.branch_end is not None:
             parent = fin.branch_end.parent_id
-        if parent is not None:
-            self._one_at_a_time(db, f"branches {parent}")
+        if parent is None:
+            return
+        # Nested: the enclosing parallel and map steps' locks too, outermost first (as a
+        # failure that cancels from further out takes them), so no cancellation from any
+        # level misses what this step writes.
+        outer = [parent]
+        if fin.depth > 1:
+            rows = db.execute(self.Q["ancestors"], {"parent_id": parent}).fetchall()
+            outer = [r[0] for r in rows]
+        for step_id in outer:
+            self._one_at_a_time(db, f"branches {step_id}")
 
     def _cancel_inside(self, db: Tx, parent_id: int, now: int, reason: str) -> list[int]:
         """Cancel every open step and branch inside a parallel or map step."""

@@ -625,3 +625,12 @@ WHERE id = :id AND input_rev = :rev;
 -- input_rev --
 -- How many times a workflow's input was changed.
 SELECT input_rev FROM workflows WHERE id = :id;
+
+-- ancestors --
+-- A parallel or map step and those it runs inside, outermost first.
+WITH RECURSIVE up (id, parent_id, depth) AS (
+    SELECT id, parent_id, 0 FROM steps WHERE id = :parent_id
+    UNION ALL
+    SELECT s.id, s.parent_id, up.depth + 1 FROM steps s JOIN up ON s.id = up.parent_id
+)
+SELECT id FROM up ORDER BY depth DESC;

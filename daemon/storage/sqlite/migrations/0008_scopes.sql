@@ -53,3 +53,5 @@ CREATE TABLE signals (
     consumed_at INTEGER
 );
 CREATE INDEX signals_waiting ON signals (workflow_id, name, id) WHERE consumed_by IS NULL;
+-- The signal a wait took (its next attempt, after a crash, takes it again).
+CREATE INDEX signals_consumed ON signals (consumed_by) WHERE consumed_by IS NOT NULL;
