@@ -39,8 +39,6 @@ from daemon.tools import Registry, build_registry
 log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = frozenset({"/healthz"})
 WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, not bearers
-OPENAPI = openapi.document()
-FLOW_SCHEMA = flowschema.document()
 
 
 class JSON(Response):
@@ -330,13 +328,13 @@ async def list_tools(request: Request) -> Response:
 @needs("read")
 async def flow_schema(request: Request) -> Response:
     """The flow format (and the create body) as JSON Schema 2020-12."""
-    return JSON(FLOW_SCHEMA)
+    return JSON(request.app.state.flow_schema)
 
 
 @needs("read")
 async def openapi_json(request: Request) -> Response:
     """The OpenAPI document of this API."""
-    return JSON(OPENAPI)
+    return JSON(request.app.state.openapi)
 
 
 async def prometheus_metrics(request: Request) -> Response:
@@ -502,5 +500,8 @@ def create_app(
     app.state.store = store
     app.state.executor = executor
     app.state.engine = engine
+    # Served documents name this daemon's tools: flows built from them run here.
+    app.state.openapi = openapi.document(registry.names())
+    app.state.flow_schema = flowschema.document(registry.names())
     app.state.events = hub
     return app

@@ -15,6 +15,7 @@ tests/test_flowschema.py runs the flow tables through both and keeps them agreei
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 Schema = dict[str, Any]
@@ -300,9 +301,22 @@ _DOCUMENT: Schema = {
 }
 
 
-def document() -> Schema:
-    """The standalone schema (a fresh copy): the root is a flow."""
-    return copy.deepcopy(_DOCUMENT)
+def document(tools: Iterable[str] | None = None) -> Schema:
+    """The standalone schema (a fresh copy): the root is a flow; with `tools`, a tool
+    state's `tool` is one of them (or null)."""
+    doc = copy.deepcopy(_DOCUMENT)
+    if tools is not None:
+        name_tools(doc["$defs"], tools)
+    return doc
+
+
+def name_tools(defs: dict[str, Schema], tools: Iterable[str]) -> None:
+    """Make the tool state's `tool` one of the registered names, or null (a gate), so that
+    clients generated from the schema, editors and fuzzers build flows this daemon runs."""
+    defs["ToolState"]["properties"]["tool"] = {
+        "enum": [*sorted(tools), None],
+        "description": "a registered tool name (GET /api/tools), or null: a gate",
+    }
 
 
 def submission() -> Schema:

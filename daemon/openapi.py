@@ -8,6 +8,7 @@ tests/test_fuzz.py fuzzes the app from it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 from daemon import __version__, flowschema
@@ -476,8 +477,9 @@ PATHS: dict[str, Any] = {
 }
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of every route (a fresh copy)."""
+def document(tools: Iterable[str] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every route (a fresh copy); with `tools`, flows name
+    only those tools (see flowschema.name_tools)."""
     responses = {
         f"E{c}": {"description": text, "content": json_of(ref("Error"))}
         for c, text in ERRORS.items()
@@ -485,7 +487,7 @@ def document() -> dict[str, Any]:
     responses["E401"]["headers"] = {
         "WWW-Authenticate": {"required": True, "schema": {"const": "Bearer"}}
     }
-    return copy.deepcopy(
+    doc = copy.deepcopy(
         {
             "openapi": "3.1.0",
             "info": {
@@ -503,3 +505,6 @@ def document() -> dict[str, Any]:
             "security": [{"bearer": []}],
         }
     )
+    if tools is not None:
+        flowschema.name_tools(doc["components"]["schemas"], tools)
+    return doc

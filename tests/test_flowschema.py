@@ -409,11 +409,20 @@ async def test_create_bodies_agree_with_validate(
 # -- served ---------------------------------------------------------------------------------
 
 
-async def test_served_at_api_schema_flow(client: httpx.AsyncClient) -> None:
+async def test_served_at_api_schema_flow(client: httpx.AsyncClient, app: Any) -> None:
     resp = await client.get("/api/schema/flow")
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"].startswith("application/json")
-    assert resp.json() == SCHEMA
+    names = app.state.engine.registry.names()
+    assert resp.json() == flowschema.document(names)
+    # It names this daemon's tools: a flow of another tool is refused by the schema too.
+    served = jsonschema.Draft202012Validator(resp.json())
+    assert served.is_valid({"start": {"tool": names[0], "done": True}})
+    assert served.is_valid({"start": {"tool": None, "done": True}})
+    assert not served.is_valid({"start": {"tool": "no_such_tool", "done": True}})
+    served_api = (await client.get("/openapi.json")).json()
+    tool = served_api["components"]["schemas"]["ToolState"]["properties"]["tool"]
+    assert tool["enum"] == [*names, None]
 
 
 async def test_served_schema_needs_a_token_with_read(client: httpx.AsyncClient) -> None:

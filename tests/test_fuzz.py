@@ -55,7 +55,8 @@ CHECKS = [
     checks.response_schema_conformance,
 ]
 
-DOCUMENT = openapi.document()
+# The tools of the app under test (see the app fixture): the document names them.
+DOCUMENT = openapi.document([*build_registry(make_config(Path(".")).tool_modules).names(), "hold"])
 # Fuzzed from the document the app serves (the fixture checks they are equal), loaded
 # without starting an app at collection time.
 # Event streams never end by themselves (/api/events) or end only with their workflow:
