@@ -504,9 +504,13 @@ class Engine:
         out, for a wait reached later."""
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise BadRequest("field 'name' must be a signal name of 1 to 200 characters")
-        outcome = await self.store.send_signal(
-            workflow_id, name, orjson.dumps(data).decode(), by=by
-        )
+        try:
+            outcome = await self.store.send_signal(
+                workflow_id, name, orjson.dumps(data).decode(), by=by,
+                max_workflow_bytes=self.executor.config.max_workflow_bytes,
+            )  # fmt: skip
+        except WorkflowTooLarge as exc:
+            raise PayloadTooLarge(f"{exc}; the signal was not sent") from None
         if outcome == "not_found":
             raise NotFound(f"workflow {workflow_id} not found")
         if outcome != "ok":

@@ -314,3 +314,20 @@ async def test_nested_map_in_parallel_fails_fast_from_the_inside(make_client: An
     assert slow and all(s["status"] == "cancelled" for s in slow), slow
     # Three levels deep: each inner step's scope names the path down to it.
     assert ["start", "items", "start", 0] in [s["scope"] for s in wf["steps"]]
+
+
+async def test_signals_count_against_what_a_workflow_may_store(make_client: Any) -> None:
+    client, _ = await make_client(max_workflow_bytes=20_000)
+    wf_id = await create(client, {"start": {"wait": {"signal": "never"}, "done": True}})
+    data = "x" * 6000
+    answers = [(await client.post(f"/api/workflow/{wf_id}/signal",
+                                  json={"name": "spam", "data": data})).status_code
+               for _ in range(5)]  # fmt: skip
+    assert answers[:2] == [202, 202] and answers[-1] == 413, answers
+    resp = await client.post(f"/api/workflow/{wf_id}/signal", json={"name": "spam", "data": data})
+    assert resp.status_code == 413 and "max_workflow_bytes" in resp.json()["error"]
+    # A refused signal changed nothing: a small one still fits.
+    resp = await client.post(f"/api/workflow/{wf_id}/signal", json={"name": "never", "data": 1})
+    assert resp.status_code == 202
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed" and wf["output"] == 1

@@ -1181,10 +1181,11 @@ class BaseStore:
 
     async def send_signal(
         self, workflow_id: int, name: str, data_json: str, *, by: str | None,
-        now: int | None = None,
+        max_workflow_bytes: int | None = None, now: int | None = None,
     ) -> str:  # fmt: skip
         """Deliver a signal: to the oldest step waiting for it, or kept for a later wait.
-        Returns "ok", "not_found", or the status of a workflow that has ended."""
+        Returns "ok", "not_found", or the status of a workflow that has ended. Its data
+        counts against what the workflow stores (WorkflowTooLarge past the limit)."""
         now = now_ms() if now is None else now
 
         def op(db: Tx) -> str:
@@ -1195,6 +1196,11 @@ class BaseStore:
             if row["status"] != "running":
                 return str(row["status"])
             self._hold_point(db, workflow_id, now)
+            size = len(data_json.encode())
+            grow = {"id": workflow_id, "bytes": size, "now": now}
+            (total,) = db.execute(self.Q["grow_workflow"], grow).fetchone()
+            if max_workflow_bytes is not None and total > max_workflow_bytes:
+                raise WorkflowTooLarge(total - size, size, max_workflow_bytes)
             params = {"workflow_id": workflow_id, "name": name, "data_json": data_json,
                       "sent_by": by, "now": now}  # fmt: skip
             (signal_id,) = db.execute(self.Q["insert_signal"], params).fetchone()
