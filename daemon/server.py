@@ -206,16 +206,18 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         # httptools keeps a header until it is complete: without a bound, one unfinished
-        # 200 MB header is 200 MB of memory before anyone is authenticated.
+        # 200 MB header is 200 MB of memory before anyone is authenticated. A read that
+        # takes the count past MAX_HEAD may hold the head's end and then a body (a client
+        # sends both at once): it goes to the parser, and only a head still unfinished after
+        # it is too large. One read is at most what the transport reads at a time.
         if self._head is not None:
             self._head += len(data)
-            if self._head > MAX_HEAD:
-                self._head = None
-                if not self.transport.is_closing():
-                    self.transport.write(_TOO_LARGE_431)
-                self.drop(reason="request head too large")
-                return
         super().data_received(data)
+        if self._head is not None and self._head > MAX_HEAD:
+            self._head = None
+            if not self.transport.is_closing():
+                self.transport.write(_TOO_LARGE_431)
+            self.drop(reason="request head too large")
 
     def on_headers_complete(self) -> None:
         self._head = None

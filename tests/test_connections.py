@@ -285,3 +285,16 @@ def test_a_request_head_over_64_kb_gets_431_before_it_grows_the_daemon(strict: D
     assert httpx.get(f"{strict.url}/healthz", timeout=5).status_code == 200
     long_but_fine = {"X-B": "b" * 30_000}
     assert httpx.get(f"{strict.url}/healthz", headers=long_but_fine, timeout=5).status_code == 200
+
+
+def test_a_body_sent_with_its_head_in_one_write_is_not_counted_as_head(strict: Daemon):
+    body = b'{"name": "x", "flow": {"start": {"tool": "echo", "args": {"pad": "' + b"p" * 200_000
+    body += b'"}, "done": true}}}'
+    head = (f"POST /api/workflow/validate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    with contextlib.closing(connect(strict.port)) as sock:
+        sock.sendall(head + body)  # one write: the daemon reads head and body together
+        answer, _ = read_until_closed(sock, limit=10)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b'"valid":true' in answer
