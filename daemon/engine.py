@@ -33,7 +33,7 @@ from daemon.executor import (
 )
 from daemon.limits import MAX_REASON
 from daemon.models import TERMINAL, Finish, Step, StepStatus
-from daemon.storage import Cancelled, Created, Replay, Replayed, WorkflowTooLarge
+from daemon.storage import Cancelled, Created, Replay, Replayed, WorkflowTooLarge, now_ms
 from daemon.storage.base import BaseStore, Redrive
 from daemon.tools import Registry
 
@@ -111,7 +111,12 @@ class Engine:
                 dag_json = orjson.dumps(body["steps"]).decode()
             except TypeError as exc:  # not from a JSON body
                 raise BadRequest(f"field 'steps' is not JSON: {exc}") from None
-            raw_flow, dag_errors = dag.compile_steps(body["steps"])
+            steps = body["steps"]
+            if isinstance(steps, list) and len(steps) > self.max_states:
+                # Refused before compiling: its work grows faster than the step count.
+                return None, [*errors, f"field 'steps' has {len(steps)} steps; the limit is "
+                              f"{self.max_states}"], []  # fmt: skip
+            raw_flow, dag_errors = dag.compile_steps(steps)
             if raw_flow is None:
                 return None, errors + dag_errors, []
         try:
@@ -459,7 +464,8 @@ class Engine:
         info = await self.executor.workflow_info(workflow_id)
         if from_step is not None and from_step not in info.flow.states:
             known = ", ".join(sorted(info.flow.states)[:50])
-            raise Unprocessable(f"from_step: the flow has no top-level state '{from_step}' "
+            shown = from_step if len(from_step) <= 100 else from_step[:100] + "..."
+            raise Unprocessable(f"from_step: the flow has no top-level state '{shown}' "
                                 f"(states: {known})")  # fmt: skip
         outcome = await self.store.redrive(
             workflow_id,
@@ -580,20 +586,24 @@ def redrive_plan(info: WorkflowInfo, last: Step | None, from_step: str | None) -
         state = info.flow[from_step or "start"]
         return Redrive(state.id, step=new_step(state, 0))
     state = info.state(last)
+    visit = new_step(state, 0)  # also when a parallel or map failed before its branches ran
     if state.kind in ("parallel", "map") and last.status in ("failed", "cancelled"):
+        # Its timeout (if any) starts again with the redrive.
+        expires = None if state.timeout is None else now_ms() + int(state.timeout * 1000)
         if state.map is not None:
             first = new_step(state.map.flow["start"], last.seq + 1)
             scope = orjson.dumps([state.id, "*"]).decode()
             firsts = {"*": replace(first, scope=scope)}
-            return Redrive(state.id, parent=last, firsts=firsts, limit=state.map.max_concurrency)
+            return Redrive(state.id, step=visit, parent=last, firsts=firsts,
+                           limit=state.map.max_concurrency, expires_at=expires)  # fmt: skip
         assert state.branches is not None
         firsts = {}
         for name, sub in state.branches.items():
             first = new_step(sub["start"], last.seq + 1)
             scope = orjson.dumps([state.id, name]).decode()
             firsts[name] = replace(first, parent_id=last.id, branch=name, scope=scope)
-        return Redrive(state.id, parent=last, firsts=firsts)
-    return Redrive(state.id, step=new_step(state, 0))
+        return Redrive(state.id, step=visit, parent=last, firsts=firsts, expires_at=expires)
+    return Redrive(state.id, step=visit)
 
 
 def _replayed(earlier: Replay, now: Replay) -> tuple[int, dict[str, Any]]:

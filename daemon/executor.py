@@ -588,8 +588,8 @@ class Executor:
             keys = [(name, None) for name in state.branches]
             firsts = {name: self._first(step, state, name, sub) for name, sub in
                       state.branches.items()}  # fmt: skip
-            branches = Branches(keys, len(keys), firsts)
-            await self.store.start_branches(step, branches, expires_at=expires)
+            branches = Branches(keys, len(keys), firsts, self.config.max_workflow_bytes)
+            await self._start_branches(step, branches, expires)
             return None
         if state.kind == "map":
             assert state.map is not None
@@ -598,8 +598,9 @@ class Executor:
                 return "[]"
             keys = [(str(i), orjson.dumps(item).decode()) for i, item in enumerate(items)]
             first = self._first(step, state, "*", state.map.flow)
-            branches = Branches(keys, state.map.max_concurrency, {"*": first})
-            await self.store.start_branches(step, branches, expires_at=expires)
+            branches = Branches(keys, state.map.max_concurrency, {"*": first},
+                                self.config.max_workflow_bytes)  # fmt: skip
+            await self._start_branches(step, branches, expires)
             return None
         wait = state.wait
         assert wait is not None
@@ -623,6 +624,13 @@ class Executor:
             return "null"
         await self.store.begin_wait(step, awaiting="timer", signal=None, expires_at=until)
         return None
+
+    async def _start_branches(self, step: Step, branches: Branches, expires: int | None) -> None:
+        try:
+            await self.store.start_branches(step, branches, expires_at=expires)
+        except WorkflowTooLarge as exc:
+            raise StepFailed(f"its branches would take the workflow past its storage limit: "
+                             f"{exc}", type_="StorageLimit", retryable=False) from None  # fmt: skip
 
     def _first(self, step: Step, state: flows.State, branch: str, sub: flows.Flow) -> NewStep:
         """The first step of a branch (or, with branch "*", of every map item)."""

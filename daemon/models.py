@@ -191,6 +191,7 @@ class Branches:
     keys: list[tuple[str, str | None]]
     limit: int
     firsts: dict[str, NewStep]  # parallel: per branch; map: under "*"
+    max_bytes: int | None = None  # the workflow's max_workflow_bytes
 
 
 @dataclass(frozen=True)

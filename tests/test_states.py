@@ -331,3 +331,67 @@ async def test_signals_count_against_what_a_workflow_may_store(make_client: Any)
     assert resp.status_code == 202
     wf = await wait_for(client, wf_id)
     assert wf["status"] == "completed" and wf["output"] == 1
+
+
+async def test_a_dag_over_the_state_limit_is_refused_before_compiling(make_client: Any) -> None:
+    client, _ = await make_client()
+    chain = [{"id": "s0", "tool": "echo"}] + [
+        {"id": f"s{i}", "tool": "echo", "depends_on": [f"s{i - 1}"]} for i in range(1, 5000)
+    ]
+    resp = await client.post("/api/workflow", json={"name": "long", "steps": chain})
+    assert resp.status_code == 422
+    assert "5000 steps; the limit is 200" in resp.json()["error"]
+
+
+async def test_redrive_of_a_map_that_failed_before_its_items_visits_it_again(
+    make_client: Any,
+) -> None:
+    client, _ = await make_client()
+    flow = {"start": {"map": {"items": "<<input.users>>", "flow": {"start": echo()}},
+                      "done": True}}  # fmt: skip
+    wf_id = await create(client, flow, {"users": 5})
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "failed" and "not a list" in wf["error"]
+    assert (await client.post(f"/api/workflow/{wf_id}/resume")).status_code == 200
+    wf = await wait_for(client, wf_id)  # it ends again (the input is still wrong), not stuck
+    assert wf["status"] == "failed"
+    assert [s["status"] for s in wf["steps"]] == ["failed", "failed"]
+
+
+async def test_redrive_of_a_timed_out_parallel_gives_it_its_time_again(make_client: Any) -> None:
+    client, _ = await make_client(poll_interval=0.1)
+    flow = {"start": {"parallel": {"a": {"start": {"tool": None, "done": True}},
+                                   "b": {"start": echo(x=1)}},
+                      "timeout": 0.5, "done": True}}  # fmt: skip
+    wf_id = await create(client, flow)
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "failed" and "timed out" in wf["error"]
+    assert (await client.post(f"/api/workflow/{wf_id}/resume")).status_code == 200
+    wf = await wait_for(client, wf_id, lambda w: any(s["awaiting"] == "ready"
+                                                     for s in w["steps"]))  # fmt: skip
+    assert wf["status"] == "running"
+    gate = next(s for s in wf["steps"] if s["awaiting"] == "ready")
+    assert (await client.post(f"/api/workflow/{gate['id']}/ready")).status_code == 200
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed", wf
+    assert wf["output"] == {"a": None, "b": {"x": 1}}
+
+
+async def test_the_step_limit_counts_one_items_path(make_client: Any) -> None:
+    client, _ = await make_client(step_limit=10)
+    inner = {"start": {"tool": "echo", "args": {}, "next": "b"}, "b": echo(i="<<index>>")}
+    flow = {"start": {"map": {"items": list(range(12)), "max_concurrency": 1, "flow": inner},
+                      "done": True}}  # fmt: skip
+    wf = await wait_for(client, await create(client, flow), timeout=30)
+    assert wf["status"] == "completed", wf["error"]
+    assert wf["output"] == [{"i": i} for i in range(12)]
+
+
+async def test_map_items_count_against_what_a_workflow_may_store(make_client: Any) -> None:
+    client, _ = await make_client(max_workflow_bytes=60_000)
+    inner = {"start": {"map": {"items": "<<input.big>>", "flow": {"start": echo()}},
+                       "done": True}}  # fmt: skip
+    flow = {"start": {"map": {"items": [1, 2, 3, 4], "flow": inner}, "done": True}}
+    wf = await wait_for(client, await create(client, flow, {"big": ["x" * 100] * 100}))
+    assert wf["status"] == "failed", wf
+    assert "storage limit" in wf["error"], wf["error"]

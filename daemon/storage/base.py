@@ -38,6 +38,7 @@ from daemon.storage.types import (
 T = TypeVar("T")
 CommitHook = Callable[[float, int], None]  # (seconds, operations in the transaction)
 TOKEN_CACHE = 4096  # workflows whose creating token is remembered
+ROW_BYTES = 64  # what a branch or kept signal counts against max_workflow_bytes besides its data
 
 _BLOCK = re.compile(r"^-- (\w+) --\n--[^\n]*\n(.*?)(?=^-- \w+ --$|\Z)", re.M | re.S)
 
@@ -1008,7 +1009,11 @@ class BaseStore:
                        error_type="BranchFailed")  # fmt: skip
             return
         if counts["pending"] and be.first is not None:
-            self._start_branches(db, wf, be.parent_id, {"*": be.first}, 1, now)
+            # The next item's path starts after its map step, not after this item's end:
+            # the step limit counts one item's path, however many items ran before it.
+            (seq,) = db.execute(self.Q["step_seq"], {"id": be.parent_id}).fetchone()
+            first = replace(be.first, seq=seq + 1)
+            self._start_branches(db, wf, be.parent_id, {"*": first}, 1, now)
             return
         if counts["pending"] or counts["running"]:
             return
@@ -1104,6 +1109,13 @@ class BaseStore:
                 return False
             self._hold_point(db, step.workflow_id, now)
             db.execute(self.Q["delete_branches"], {"parent_id": step.id})  # an earlier attempt's
+            # Each branch row counts against what the workflow stores: its item and a row's
+            # worth of overhead (a map of maps multiplies rows).
+            size = sum(len(k) + len((item or "").encode()) + ROW_BYTES for k, item in branches.keys)
+            grow = {"id": step.workflow_id, "bytes": size, "now": now}
+            (total,) = db.execute(self.Q["grow_workflow"], grow).fetchone()
+            if branches.max_bytes is not None and total > branches.max_bytes:
+                raise WorkflowTooLarge(total - size, size, branches.max_bytes)
             db.executemany(
                 self.Q["insert_branch"],
                 [{"parent_id": step.id, "idx": i, "workflow_id": step.workflow_id, "key": key,
@@ -1196,7 +1208,7 @@ class BaseStore:
             if row["status"] != "running":
                 return str(row["status"])
             self._hold_point(db, workflow_id, now)
-            size = len(data_json.encode())
+            size = len(data_json.encode()) + len(name.encode()) + ROW_BYTES
             grow = {"id": workflow_id, "bytes": size, "now": now}
             (total,) = db.execute(self.Q["grow_workflow"], grow).fetchone()
             if max_workflow_bytes is not None and total > max_workflow_bytes:
@@ -1298,16 +1310,21 @@ class BaseStore:
             last = db.execute(self.Q["last_top_step"], params).fetchone()
             (seq,) = db.execute(self.Q["max_seq"], params).fetchone()
             todo = plan(None if last is None else Step.from_row(last))
-            if todo.step is not None:
-                self._insert_step(db, workflow_id, replace(todo.step, seq=(seq or 0) + 1), now)
-            else:
+            failed = []
+            if todo.parent is not None:
+                params = {"parent_id": todo.parent.id}
+                failed = db.execute(self.Q["failed_branches"], params).fetchall()
+            if failed:  # only the failed and cancelled branches or items run again
                 assert todo.parent is not None and todo.firsts is not None
                 parent = todo.parent
-                db.execute(self.Q["reopen_parent"], {"id": parent.id})
-                failed = db.execute(self.Q["failed_branches"], {"parent_id": parent.id})
-                for idx, _ in failed.fetchall():
+                db.execute(self.Q["reopen_parent"],
+                           {"id": parent.id, "expires_at": todo.expires_at})  # fmt: skip
+                for idx, _ in failed:
                     db.execute(self.Q["reopen_branch"], {"parent_id": parent.id, "idx": idx})
                 self._start_branches(db, workflow_id, parent.id, todo.firsts, todo.limit, now)
+            else:  # a new visit (also of a parallel or map that failed before its branches)
+                assert todo.step is not None
+                self._insert_step(db, workflow_id, replace(todo.step, seq=(seq or 0) + 1), now)
             data = _who(by, reason) | {"from_step": todo.state}
             self._event(db, workflow_id, None, "redriven", now, data)
             return "ok"
@@ -1368,10 +1385,11 @@ class Redrive:
     most `limit` at once)."""
 
     state: str
-    step: NewStep | None = None
+    step: NewStep | None = None  # with parent: the visit when it has no branch to reopen
     parent: Step | None = None
     firsts: dict[str, NewStep] | None = None  # see Branches.firsts
     limit: int = 1 << 30
+    expires_at: int | None = None  # the parent's new deadline (its state's timeout)
 
 
 def in_branch(first: NewStep, parent_id: int, key: str) -> NewStep:

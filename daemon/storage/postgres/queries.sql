@@ -748,7 +748,8 @@ SELECT max(seq) FROM steps WHERE workflow_id = :workflow_id;
 -- A parallel or map step runs its failed branches again (redrive).
 UPDATE steps
 SET status = 'running', awaiting = 'branches', woken = NULL, result_json = NULL, error = NULL,
-    error_type = NULL, completed_at = NULL, lease_until = NULL, held_at = NULL
+    error_type = NULL, completed_at = NULL, lease_until = NULL, held_at = NULL,
+    expires_at = :expires_at::bigint
 WHERE id = :id AND status IN ('failed', 'cancelled', 'done');
 
 -- set_input --
@@ -770,3 +771,7 @@ WITH RECURSIVE up (id, parent_id, depth) AS (
     SELECT s.id, s.parent_id, up.depth + 1 FROM steps s JOIN up ON s.id = up.parent_id
 )
 SELECT id FROM up ORDER BY depth DESC;
+
+-- step_seq --
+-- How far along its path a step is (a map item's first step follows its map step).
+SELECT seq FROM steps WHERE id = :id;
