@@ -273,11 +273,11 @@ async def test_memory_is_bounded_when_cpu_would_allow_more(make_client: Any) -> 
 
 
 async def test_many_expressions_of_one_step_share_a_budget(make_client: Any) -> None:
-    client, _ = await make_client(template_ms=30.0)
-    # Each takes a millisecond or a few, well within 30; 400 of them together take more than
-    # the step's 300.
+    client, _ = await make_client(template_ms=60.0)
+    # Each takes a millisecond or a few, well within 60 (a loaded machine once stretched one
+    # past 30); 900 of them together take more than the step's 600.
     expr = "((input.s * 1000)|list|sort|length) + "
-    args = {f"a{i}": "{{ " + expr + str(i) + " }}" for i in range(400)}
+    args = {f"a{i}": "{{ " + expr + str(i) + " }}" for i in range(900)}
     wf = await _run(client, args)
     assert wf["status"] == "failed"
     assert "together" in wf["error"], wf["error"]
