@@ -559,7 +559,6 @@ class Executor:
         gives up the run slot (None: nothing more to record now); once it is woken (joined,
         fired, signalled, timed out) it runs again to move its flow on, like a tool that
         returned its result or failed."""
-        scope: Scope | None = None
         try:
             if step.woken:
                 if step.error is not None:
@@ -571,7 +570,7 @@ class Executor:
                 if result_json is None:
                     return None
             result = orjson.loads(result_json)
-            move = await self._branch(info, step, result, scope)
+            move = await self._branch(info, step, result, None)
         except StepFailed as exc:
             return self._failure(info, step, exc)
         return self._finish(info, step, move, StepStatus.DONE, result_json=result_json,

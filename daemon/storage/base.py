@@ -514,12 +514,19 @@ class BaseStore:
         `fin.max_workflow_bytes`."""
         if fin.result_json is None or fin.max_workflow_bytes is None:
             return False
-        size = len(fin.result_json.encode())
-        params = {"id": fin.workflow_id, "bytes": size, "now": now}
-        (total,) = db.execute(self.Q["grow_workflow"], params).fetchone()
-        if total > fin.max_workflow_bytes:
-            raise WorkflowTooLarge(total - size, size, fin.max_workflow_bytes)
+        self._store_bytes(db, fin.workflow_id, len(fin.result_json.encode()),
+                          fin.max_workflow_bytes, now)  # fmt: skip
         return True
+
+    def _store_bytes(
+        self, db: Tx, workflow_id: int, size: int, limit: int | None, now: int
+    ) -> None:
+        """Count `size` bytes against a workflow's storage (marking it changed);
+        WorkflowTooLarge, and the whole operation rolled back, past `limit`."""
+        params = {"id": workflow_id, "bytes": size, "now": now}
+        (total,) = db.execute(self.Q["grow_workflow"], params).fetchone()
+        if limit is not None and total > limit:
+            raise WorkflowTooLarge(total - size, size, limit)
 
     def _follow(
         self,
@@ -1112,10 +1119,7 @@ class BaseStore:
             # Each branch row counts against what the workflow stores: its item and a row's
             # worth of overhead (a map of maps multiplies rows).
             size = sum(len(k) + len((item or "").encode()) + ROW_BYTES for k, item in branches.keys)
-            grow = {"id": step.workflow_id, "bytes": size, "now": now}
-            (total,) = db.execute(self.Q["grow_workflow"], grow).fetchone()
-            if branches.max_bytes is not None and total > branches.max_bytes:
-                raise WorkflowTooLarge(total - size, size, branches.max_bytes)
+            self._store_bytes(db, step.workflow_id, size, branches.max_bytes, now)
             db.executemany(
                 self.Q["insert_branch"],
                 [{"parent_id": step.id, "idx": i, "workflow_id": step.workflow_id, "key": key,
@@ -1209,10 +1213,7 @@ class BaseStore:
                 return str(row["status"])
             self._hold_point(db, workflow_id, now)
             size = len(data_json.encode()) + len(name.encode()) + ROW_BYTES
-            grow = {"id": workflow_id, "bytes": size, "now": now}
-            (total,) = db.execute(self.Q["grow_workflow"], grow).fetchone()
-            if max_workflow_bytes is not None and total > max_workflow_bytes:
-                raise WorkflowTooLarge(total - size, size, max_workflow_bytes)
+            self._store_bytes(db, workflow_id, size, max_workflow_bytes, now)
             params = {"workflow_id": workflow_id, "name": name, "data_json": data_json,
                       "sent_by": by, "now": now}  # fmt: skip
             (signal_id,) = db.execute(self.Q["insert_signal"], params).fetchone()
