@@ -39,6 +39,7 @@ from daemon.tools import Registry, build_registry
 log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = frozenset({"/healthz"})
 WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, not bearers
+HOOK_PREFIX = "/hooks/"  # inbound webhooks: signed with the definition's secret, not bearers
 
 
 class JSON(Response):
@@ -67,6 +68,7 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         web = any(path == p or path.startswith(p + "/") for p in WEB_PREFIXES)
+        web = web or path.startswith(HOOK_PREFIX)
         if scope["type"] == "http" and path not in self.public and not web:
             header = None
             for key, value in scope["headers"]:
@@ -434,6 +436,13 @@ def web_routes() -> list[Any]:
     return [*web.routes(), *links.routes()]
 
 
+def all_routes() -> list[Any]:
+    """Every route of the daemon: the API, saved definitions and webhooks, the web pages."""
+    from daemon.api_definitions import DEFINITION_ROUTES  # it builds on this module
+
+    return [*ROUTES, *DEFINITION_ROUTES, *web_routes()]
+
+
 def create_app(
     config: Config, *, registry: Registry | None = None, tokens: list[TokenConfig] | None = None
 ) -> Starlette:
@@ -478,7 +487,7 @@ def create_app(
             await store.close()
 
     app = Starlette(
-        routes=[*ROUTES, *web_routes()],
+        routes=all_routes(),
         middleware=[
             Middleware(
                 AuthMiddleware,

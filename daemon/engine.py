@@ -13,6 +13,7 @@ import orjson
 from daemon import dag, egress
 from daemon import flow as flows
 from daemon.config import TokenConfig
+from daemon.definitions import Definitions
 from daemon.errors import (
     BadRequest,
     Conflict,
@@ -32,7 +33,7 @@ from daemon.executor import (
     new_step,
 )
 from daemon.limits import MAX_REASON
-from daemon.models import TERMINAL, Finish, Step, StepStatus
+from daemon.models import TERMINAL, Finish, NewRun, Step, StepStatus
 from daemon.storage import Cancelled, Created, Replay, Replayed, WorkflowTooLarge, now_ms
 from daemon.storage.base import BaseStore, Redrive
 from daemon.tools import Registry
@@ -70,6 +71,7 @@ class Engine:
         self.max_states = max_states
         self.policy = policy or egress.Policy()
         self._flows = flows.ParseCache()
+        self.defs = Definitions(self)
 
     # -- create and validate -----------------------------------------------------------
 
@@ -223,6 +225,26 @@ class Engine:
             # nothing for the executor to do (a wake-up would cost a pass of reads).
             if lease_ms is None and (first.tool is not None or first.timeout_ms is not None):
                 self.executor.wake()
+        return created
+
+    async def start_run(self, run: NewRun, *, concurrency: int | None) -> Created:
+        """Start a run of a saved definition (queued past its `concurrency`). Shielded like
+        create: once written, its first step runs even if the request is gone."""
+        return await asyncio.shield(self._start_run(run, concurrency))
+
+    async def _start_run(self, run: NewRun, concurrency: int | None) -> Created:
+        lease_ms = self.executor.reserve() if run.first.tool is not None else None
+        created: Created | None = None
+        try:
+            created = await self.store.create_run(run, concurrency=concurrency,
+                                                  start_lease_ms=lease_ms)  # fmt: skip
+        finally:
+            if lease_ms is not None:
+                self.executor.release(created.started if created is not None else None)
+        if created.first_step_id is not None:
+            log_gate_waiting(created.id, created.first_step_id, run.first)
+        if lease_ms is None:
+            self.executor.wake()
         return created
 
     # -- gates and cancel -------------------------------------------------------------
@@ -532,6 +554,7 @@ class Engine:
             wf = await self.store.get_workflow(workflow_id)
             raise Conflict(f"workflow {workflow_id} is already {wf.status if wf else 'finished'}")
         self.executor.cancel_steps(step_ids)
+        self.executor.wake()  # a queued run of its definition may have taken its slot
 
     # -- reads ------------------------------------------------------------------------
 
@@ -546,6 +569,9 @@ class Engine:
             "output": orjson.Fragment(wf.output_json or "null"),
             "flow": orjson.Fragment(wf.flow_json or "{}"),
             "dag": orjson.Fragment(wf.dag_json) if wf.dag_json else None,
+            "parent": None
+            if wf.parent_workflow_id is None
+            else {"workflow_id": wf.parent_workflow_id, "step_id": wf.parent_step_id},
             "steps": [s.public() for s in steps],
         }
 

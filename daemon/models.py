@@ -18,6 +18,7 @@ class WorkflowStatus(StrEnum):
     FAILED = "failed"  # a step failed with nowhere to go, or the flow broke
     CANCELLED = "cancelled"  # DELETE /api/workflow/{id}
     PAUSED = "paused"  # POST /api/workflow/{id}/pause (stored as running with paused_at)
+    QUEUED = "queued"  # a run waiting for a slot under its definition's concurrency
 
 
 # The statuses a workflow ends in (also the names of the events that end it).
@@ -64,11 +65,24 @@ class Workflow(_Row):
     output_json: str | None = None
     dag_json: str | None = None
     input_rev: int = 0
+    definition_id: int | None = None  # a run of a saved definition
+    definition_version: int | None = None
+    run_trigger: str | None = None  # manual, execute, webhook, schedule, call
+    queued_json: str | None = None  # a queued run's first step (see NewStep.to_json)
+    queued: bool = False  # (list queries give this instead of queued_json)
+    parent_step_id: int | None = None  # a child of a call state
+    parent_workflow_id: int | None = None
+    call_depth: int = 0
 
     @property
     def public_status(self) -> str:
-        """The status clients see: a paused workflow is stored as running with paused_at."""
-        return "paused" if self.paused_at is not None and self.status == "running" else self.status
+        """The status clients see: a paused workflow is stored as running with paused_at,
+        a queued run as running with queued_json."""
+        if self.status != "running":
+            return self.status
+        if self.queued_json is not None or self.queued:
+            return "queued"
+        return "paused" if self.paused_at is not None else self.status
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -82,6 +96,9 @@ class Workflow(_Row):
             "completed_at": self.completed_at,
             "cancelled_at": self.cancelled_at,
             "paused_at": self.paused_at,
+            "definition_id": self.definition_id,
+            "definition_version": self.definition_version,
+            "trigger": self.run_trigger,
         }
 
 
@@ -113,6 +130,7 @@ class Step(_Row):
     signal: str | None = None
     held_at: int | None = None
     woken: int | None = None
+    child_id: int | None = None  # a call step: the child workflow of its latest attempt
 
     @property
     def kind(self) -> str:
@@ -133,6 +151,7 @@ class Step(_Row):
             "kind": self.kind,
             "tool": None if self.tool is None or self.tool.startswith(":") else self.tool,
             "parent_id": self.parent_id,
+            "child_id": self.child_id,
             "scope": None if self.scope is None else orjson.Fragment(self.scope),
             "status": self.status,
             "awaiting": self.awaiting,
@@ -167,6 +186,13 @@ class NewStep:
     parent_id: int | None = None  # inside a parallel branch or map item: see Step
     branch: str | None = None
     scope: str | None = None
+
+    def to_json(self) -> str:
+        return orjson.dumps({f.name: getattr(self, f.name) for f in fields(self)}).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> NewStep:
+        return cls(**orjson.loads(text))
 
 
 @dataclass(frozen=True)
@@ -224,3 +250,70 @@ class Finish:
             text = getattr(self, name)
             if text is not None and len(text) > MAX_ERROR:
                 object.__setattr__(self, name, text[:MAX_ERROR] + " ... (cut)")
+
+
+@dataclass(frozen=True)
+class Definition(_Row):
+    """A saved definition; its content is in its versions (DefinitionVersion)."""
+
+    id: int
+    name: str
+    status: str  # draft, active, paused, archived
+    version: int  # the latest: what runs by default
+    trigger_type: str
+    tags_json: str
+    concurrency: int
+    created_at: int
+    updated_at: int
+    description: str | None = None
+    webhook_id: str | None = None
+    webhook_secret: str | None = None
+    webhook_mode: str = "single"
+    armed_until: int | None = None
+    created_by: str | None = None
+
+
+@dataclass(frozen=True)
+class DefinitionVersion(_Row):
+    definition_id: int
+    version: int
+    body_json: str
+    flow_json: str
+    content_hash: str
+    created_at: int
+    change_summary: str | None = None
+    created_by: str | None = None
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A definition's content to store as a version, with the settings copied from it."""
+
+    name: str
+    body_json: str
+    flow_json: str
+    content_hash: str
+    tags_json: str
+    description: str | None
+    concurrency: int
+    webhook_mode: str
+    change_summary: str | None
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A workflow to start from a definition's version (or a one-off one: no definition)."""
+
+    name: str
+    flow_json: str
+    input_json: str
+    created_by: str | None
+    first: NewStep
+    trigger: str
+    definition_id: int | None = None
+    definition_version: int | None = None
+    dag_json: str | None = None
+    notify_url: str | None = None
+    parent_step_id: int | None = None
+    parent_workflow_id: int | None = None
+    call_depth: int = 0

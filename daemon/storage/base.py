@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import orjson
 
 from daemon.models import Branches, Finish, NewStep, Step, StepStatus, Workflow, WorkflowStatus
+from daemon.storage.definitions import DefinitionStore
 from daemon.storage.types import (
     NEVER,
     Cancelled,
@@ -83,7 +84,7 @@ def _replay(created_by: str | None, key: str, row: Row) -> Replay:
     return Replay(created_by, key, row["request_hash"], row["status"], row["body_json"])
 
 
-class BaseStore:
+class BaseStore(DefinitionStore):
     """Async access to the daemon's database.
 
     With `max_running_per_token`, no write starts a tool step (a claim or a hand-off) while
@@ -341,27 +342,10 @@ class BaseStore:
                 row = db.execute(self.Q["find_idempotent"], params).fetchone()
                 if row is not None:
                     return Created(row["id"], True, conflict=row["request_hash"] != request_hash)
-            wf_id = self._new_id(now)
-            db.execute(
-                self.Q["insert_workflow"],
-                {
-                    "id": wf_id,
-                    "name": name,
-                    "flow_json": flow_json,
-                    "input_json": input_json,
-                    "created_by": created_by,
-                    "key": idempotency_key,
-                    "request_hash": request_hash,
-                    "notify_url": notify_url,
-                    "now": now,
-                    "stored_bytes": len(flow_json.encode())
-                    + len(input_json.encode())
-                    + len((dag_json or "").encode()),
-                    "dag_json": dag_json,
-                },
-            )
-            self._event(db, wf_id, None, "created", now, {"by": created_by})
-            self._remember_token(wf_id, created_by)
+            wf_id = self._insert_workflow(db, now, name=name, flow_json=flow_json,
+                                          input_json=input_json, created_by=created_by,
+                                          key=idempotency_key, request_hash=request_hash,
+                                          notify_url=notify_url, dag_json=dag_json)  # fmt: skip
             if (
                 start_lease_ms is not None
                 and first.tool is not None
@@ -373,6 +357,30 @@ class BaseStore:
 
         return await self.write("create_workflow", op)
 
+    def _insert_workflow(self, db: Tx, now: int, **fields: Any) -> int:
+        """Insert a running workflow (without steps) and its `created` event; its id.
+        `fields`: the insert_workflow query's, those of a run (see NewRun) defaulting to
+        none."""
+        wf_id = self._new_id(now)
+        params = {"key": None, "request_hash": None, "notify_url": None, "dag_json": None,
+                  "definition_id": None, "definition_version": None, "run_trigger": None,
+                  "queued_json": None, "parent_step_id": None, "parent_workflow_id": None,
+                  "call_depth": 0, **fields, "id": wf_id, "now": now}  # fmt: skip
+        params["stored_bytes"] = sum(
+            len((params[k] or "").encode()) for k in ("flow_json", "input_json", "dag_json")
+        )
+        db.execute(self.Q["insert_workflow"], params)
+        data: dict[str, Any] = {"by": params["created_by"]}
+        if params["definition_id"] is not None:
+            data |= {
+                "definition_id": params["definition_id"],
+                "version": params["definition_version"],
+                "trigger": params["run_trigger"],
+            }
+        self._event(db, wf_id, None, "created", now, data)
+        self._remember_token(wf_id, params["created_by"])
+        return wf_id
+
     async def get_workflow(self, workflow_id: int) -> Workflow | None:
         row = await self._one(self.Q["get_workflow"], {"id": workflow_id})
         return Workflow.from_row(row) if row else None
@@ -381,8 +389,8 @@ class BaseStore:
         self, *, limit: int = 50, status: str | None = None, before: int | None = None
     ) -> list[Workflow]:
         params = {"limit": limit, "status": status, "before": before or NEVER}
-        if status == "paused":
-            sql = self.Q["list_workflows_paused"]
+        if status in ("paused", "queued"):
+            sql = self.Q[f"list_workflows_{status}"]
         else:
             sql = self.Q["list_workflows_by_status"] if status else self.Q["list_workflows"]
         return [Workflow.from_row(r) for r in await self._all(sql, params)]
@@ -407,14 +415,12 @@ class BaseStore:
         now = now_ms() if now is None else now
 
         def op(db: Tx) -> tuple[Cancelled, list[int]]:
-            cur = db.execute(self.Q["cancel_workflow"], {"id": workflow_id, "now": now})
-            if cur.rowcount == 0:
-                exists = db.execute(self.Q["workflow_exists"], {"id": workflow_id})
-                return (Cancelled.FINISHED if exists.fetchone() else Cancelled.NOT_FOUND), []
-            rows = db.execute(self.Q["cancel_steps"], {"workflow_id": workflow_id, "now": now})
-            step_ids = [r[0] for r in rows.fetchall()]
-            db.execute(self.Q["cancel_workflow_branches"], {"workflow_id": workflow_id})
-            self._event(db, workflow_id, None, "cancelled", now, {"by": by})
+            exists = db.execute(self.Q["workflow_exists"], {"id": workflow_id}).fetchone()
+            if exists is None:
+                return Cancelled.NOT_FOUND, []
+            step_ids = self._cancel_tree(db, workflow_id, by, now)  # and its children's
+            if step_ids is None:
+                return Cancelled.FINISHED, []
             return Cancelled.OK, step_ids
 
         return await self.write("cancel_workflow", op)
@@ -573,6 +579,9 @@ class BaseStore:
                     "output_json": (fin.result_json or "null") if completed else None,
                 },
             )
+            children = self._ended(db, wf, now)
+            if cancels is not None:
+                cancels += children
             if fin.depth and cancels is not None:
                 # A step inside a branch failed the whole workflow (its result could not be
                 # stored, or stepd broke): what still runs in other branches stops.
@@ -1282,6 +1291,7 @@ class BaseStore:
                     return _status(row)
                 db.execute(self.Q["release_steps"], params)
                 kind = "resumed"
+            self._pause_tree(db, workflow_id, what == "unpause", now)  # children of calls
             self._event(db, workflow_id, None, kind, now, _who(by, reason))
             return "ok"
 

@@ -15,9 +15,12 @@ WHERE idempotency_key = :key AND created_by IS NOT DISTINCT FROM :created_by::te
 -- A new running workflow.
 INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,
                        idempotency_key, request_hash, notify_url, created_at, updated_at,
-                       stored_bytes, dag_json)
+                       stored_bytes, dag_json, definition_id, definition_version,
+                       run_trigger, queued_json, parent_step_id, parent_workflow_id, call_depth)
 VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
-        :key, :request_hash, :notify_url, :now, :now, :stored_bytes, :dag_json);
+        :key, :request_hash, :notify_url, :now, :now, :stored_bytes, :dag_json,
+        :definition_id, :definition_version, :run_trigger, :queued_json, :parent_step_id,
+        :parent_workflow_id, :call_depth);
 
 -- insert_step --
 -- A state visit: pending for a tool (held while its workflow is paused), running and awaiting 'ready' for a gate; it counts against its workflow's token.
@@ -59,14 +62,15 @@ SELECT * FROM workflows WHERE id = :id;
 -- list_workflows --
 -- Newest first, before a cursor id.
 SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at,
-       paused_at
+       paused_at, queued_json IS NOT NULL AS queued, definition_id, definition_version, run_trigger
 FROM workflows WHERE id < :before ORDER BY id DESC LIMIT :limit;
 
 -- list_workflows_by_status --
 -- Newest first with one status, before a cursor id.
 SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at,
-       paused_at
-FROM workflows WHERE status = :status AND paused_at IS NULL AND id < :before
+       paused_at, queued_json IS NOT NULL AS queued, definition_id, definition_version, run_trigger
+FROM workflows WHERE status = :status AND paused_at IS NULL AND queued_json IS NULL
+  AND id < :before
 ORDER BY id DESC LIMIT :limit;
 
 -- workflow_exists --
@@ -190,7 +194,8 @@ UPDATE workflows SET updated_at = :now WHERE id = :id;
 
 -- cancel_workflow --
 -- Cancel a running workflow.
-UPDATE workflows SET status = 'cancelled', cancelled_at = :now, updated_at = :now, paused_at = NULL
+UPDATE workflows SET status = 'cancelled', cancelled_at = :now, updated_at = :now, paused_at = NULL,
+                     queued_json = NULL
 WHERE id = :id AND status = 'running';
 
 -- cancel_steps --
@@ -561,8 +566,9 @@ SELECT pg_advisory_xact_lock(7355610, hashtext(:key));
 -- list_workflows_paused --
 -- Paused workflows, newest first, before a cursor id.
 SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at,
-       paused_at
-FROM workflows WHERE status = 'running' AND paused_at IS NOT NULL AND id < :before
+       paused_at, queued_json IS NOT NULL AS queued, definition_id, definition_version, run_trigger
+FROM workflows WHERE status = 'running' AND paused_at IS NOT NULL AND queued_json IS NULL
+  AND id < :before
 ORDER BY id DESC LIMIT :limit;
 
 -- workflow_paused --
@@ -775,3 +781,165 @@ SELECT id FROM up ORDER BY depth DESC;
 -- step_seq --
 -- How far along its path a step is (a map item's first step follows its map step).
 SELECT seq FROM steps WHERE id = :id;
+
+-- list_workflows_queued --
+-- Runs waiting for a slot under their definition's concurrency, newest first.
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at,
+       paused_at, queued_json IS NOT NULL AS queued, definition_id, definition_version, run_trigger
+FROM workflows WHERE status = 'running' AND queued_json IS NOT NULL AND id < :before
+ORDER BY id DESC LIMIT :limit;
+
+-- insert_definition --
+-- A new saved definition (its first version is inserted beside it).
+INSERT INTO definitions (id, name, status, version, trigger_type, tags_json, description,
+                         concurrency, webhook_mode, created_by, created_at, updated_at)
+VALUES (:id, :name, :status, 1, :trigger_type, :tags_json, :description, :concurrency,
+        :webhook_mode, :created_by, :now, :now);
+
+-- insert_definition_version --
+-- An immutable version of a definition.
+INSERT INTO definition_versions (definition_id, version, body_json, flow_json, content_hash,
+                                 change_summary, created_by, created_at)
+VALUES (:definition_id, :version, :body_json, :flow_json, :content_hash, :change_summary,
+        :created_by, :now);
+
+-- definition_by_id --
+-- One definition.
+SELECT * FROM definitions WHERE id = :id;
+
+-- definition_by_name --
+-- One definition by its unique name.
+SELECT * FROM definitions WHERE name = :name;
+
+-- definition_by_webhook --
+-- The definition a deployed webhook starts.
+SELECT * FROM definitions WHERE webhook_id = :webhook_id;
+
+-- definition_name_taken --
+-- Whether another definition has the name.
+SELECT id FROM definitions WHERE name = :name AND id <> :id;
+
+-- update_definition --
+-- The latest version's settings, copied onto the definition.
+UPDATE definitions SET version = :version, name = :name, tags_json = :tags_json,
+                       description = :description, concurrency = :concurrency,
+                       webhook_mode = :webhook_mode, updated_at = :now,
+                       armed_until = CASE WHEN :webhook_mode::text = 'persistent' THEN NULL ELSE armed_until END
+WHERE id = :id AND version = :version::bigint - 1;
+
+-- set_definition_status --
+-- draft, active, paused or archived.
+UPDATE definitions SET status = :status, updated_at = :now WHERE id = :id;
+
+-- delete_definition --
+-- Remove a definition and (cascading) its versions.
+DELETE FROM definitions WHERE id = :id;
+
+-- definition_versions --
+-- Every version of a definition, newest first.
+SELECT version, change_summary, created_by, created_at, content_hash
+FROM definition_versions WHERE definition_id = :definition_id ORDER BY version DESC;
+
+-- definition_version --
+-- One version with its body and compiled flow.
+SELECT * FROM definition_versions WHERE definition_id = :definition_id AND version = :version;
+
+-- active_runs --
+-- Runs of a definition that hold a slot (running, paused or waiting; not queued).
+SELECT count(*) FROM workflows
+WHERE definition_id = :definition_id AND status = 'running' AND queued_json IS NULL;
+
+-- open_runs --
+-- Runs of a definition not yet ended (queued ones too), for a forced delete.
+SELECT id FROM workflows WHERE definition_id = :definition_id AND status = 'running';
+
+-- oldest_queued --
+-- Queued runs of a definition, oldest first.
+SELECT id, queued_json FROM workflows
+WHERE definition_id = :definition_id AND status = 'running' AND queued_json IS NOT NULL
+ORDER BY id LIMIT :limit;
+
+-- dequeue_run --
+-- A queued run takes a slot: its first step is inserted beside this.
+UPDATE workflows SET queued_json = NULL, updated_at = :now
+WHERE id = :id AND status = 'running' AND queued_json IS NOT NULL;
+
+-- ended_links --
+-- What a workflow that just ended is linked to: its definition, the call step of its parent.
+SELECT definition_id, parent_step_id, parent_workflow_id, status, output_json, error
+FROM workflows WHERE id = :id;
+
+-- children --
+-- Child workflows (of call states) still running.
+SELECT id FROM workflows WHERE parent_workflow_id = :id AND status = 'running';
+
+-- definition_runs --
+-- Runs of a definition, newest first.
+SELECT id, name, status, created_by, error, created_at, updated_at, completed_at, cancelled_at,
+       paused_at, queued_json IS NOT NULL AS queued, definition_id, definition_version, run_trigger
+FROM workflows WHERE definition_id = :definition_id
+  AND (:status::text IS NULL OR (CASE WHEN queued_json IS NOT NULL THEN 'queued'
+                               WHEN paused_at IS NOT NULL AND status = 'running' THEN 'paused'
+                               ELSE status END) = :status::text)
+ORDER BY id DESC LIMIT :limit OFFSET :offset;
+
+-- count_definition_runs --
+-- How many runs definition_runs would list without a limit.
+SELECT count(*) FROM workflows WHERE definition_id = :definition_id
+  AND (:status::text IS NULL OR (CASE WHEN queued_json IS NOT NULL THEN 'queued'
+                               WHEN paused_at IS NOT NULL AND status = 'running' THEN 'paused'
+                               ELSE status END) = :status::text);
+
+-- delete_run --
+-- Remove a finished run with its steps and events.
+DELETE FROM workflows WHERE id = :id AND status <> 'running';
+
+-- deploy_definition --
+-- Give a definition its webhook (kept when it has one).
+UPDATE definitions SET webhook_id = coalesce(webhook_id, :webhook_id),
+                       webhook_secret = coalesce(webhook_secret, :webhook_secret), updated_at = :now
+WHERE id = :id;
+
+-- undeploy_definition --
+-- Remove a definition's webhook: its URL stops working.
+UPDATE definitions SET webhook_id = NULL, webhook_secret = NULL, armed_until = NULL,
+                       updated_at = :now
+WHERE id = :id;
+
+-- arm_definition --
+-- Open a single-use webhook's window.
+UPDATE definitions SET armed_until = :until, updated_at = :now
+WHERE id = :id AND webhook_id IS NOT NULL AND webhook_mode = 'single';
+
+-- fire_armed --
+-- Take an armed webhook's one call: exactly one caller changes the row.
+UPDATE definitions SET armed_until = NULL, updated_at = :now
+WHERE id = :id AND webhook_id = :webhook_id AND armed_until IS NOT NULL AND armed_until > :now;
+
+-- find_hook_call --
+-- An earlier webhook call with the same Idempotency-Key.
+SELECT run_id FROM hook_calls WHERE webhook_id = :webhook_id AND idempotency_key = :key;
+
+-- insert_hook_call --
+-- Remember a webhook call's Idempotency-Key and its run.
+INSERT INTO hook_calls (webhook_id, idempotency_key, run_id, created_at)
+VALUES (:webhook_id, :key, :run_id, :now);
+
+-- set_child --
+-- The child workflow a call step started.
+UPDATE steps SET child_id = :child_id WHERE id = :id;
+
+-- list_definitions --
+-- Definitions with a status, tag and trigger type (each optional), newest first.
+SELECT * FROM definitions
+WHERE (:status::text IS NULL OR status = :status)
+  AND (:trigger_type::text IS NULL OR trigger_type = :trigger_type)
+  AND (:tag::text IS NULL OR jsonb_exists(tags_json::jsonb, :tag))
+ORDER BY id DESC LIMIT :limit OFFSET :offset;
+
+-- count_definitions --
+-- How many definitions list_definitions would give without a limit.
+SELECT count(*) FROM definitions
+WHERE (:status::text IS NULL OR status = :status)
+  AND (:trigger_type::text IS NULL OR trigger_type = :trigger_type)
+  AND (:tag::text IS NULL OR jsonb_exists(tags_json::jsonb, :tag));
