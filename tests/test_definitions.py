@@ -96,12 +96,15 @@ async def test_duplicate_name_is_409(client: httpx.AsyncClient) -> None:
 
 async def test_versions_diff_rollback(client: httpx.AsyncClient) -> None:
     def_id = (await create(client, ECHO))["id"]
-    v2 = with_flow({
-        "start": {"tool": "echo", "args": {"hello": "<<input.who>>"}, "next": "again"},
-        "again": {"tool": "echo", "args": {"twice": True}, "done": True},
-    })  # fmt: skip
-    resp = await client.put(f"/api/workflows/{def_id}",
-                            json={"definition": v2, "change_summary": "Second step"})  # fmt: skip
+    v2 = with_flow(
+        {
+            "start": {"tool": "echo", "args": {"hello": "<<input.who>>"}, "next": "again"},
+            "again": {"tool": "echo", "args": {"twice": True}, "done": True},
+        }
+    )
+    resp = await client.put(
+        f"/api/workflows/{def_id}", json={"definition": v2, "change_summary": "Second step"}
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["version"] == 2 and resp.json()["changed"] is True
     # Unchanged content makes no version.
@@ -150,8 +153,11 @@ async def test_run_pinned_to_its_version(client: httpx.AsyncClient) -> None:
     wf = await wait_for(client, run_id)
     assert wf["status"] == "completed" and wf["output"] == {"v": 1, "who": "ann"}
     # A new run takes version 2; an explicit version 1 still runs version 1.
-    new = await wait_for(client, await run(client, def_id, {"who": "bo"}),
-                         lambda w: any(s["awaiting"] == "ready" for s in w["steps"]))  # fmt: skip
+    new = await wait_for(
+        client,
+        await run(client, def_id, {"who": "bo"}),
+        lambda w: any(s["awaiting"] == "ready" for s in w["steps"]),
+    )
     assert new["definition_version"] == 2
     old = await run(client, def_id, {"who": "cy"}, version=1)
     assert (await client.get(f"/api/workflow/{old}")).json()["definition_version"] == 1
@@ -159,8 +165,9 @@ async def test_run_pinned_to_its_version(client: httpx.AsyncClient) -> None:
 
 async def test_input_schema_checked_with_every_problem(client: httpx.AsyncClient) -> None:
     def_id = (await create(client, ECHO))["id"]
-    resp = await client.post(f"/api/workflows/{def_id}/run",
-                             json={"input_data": {"times": 0, "who": 5}})  # fmt: skip
+    resp = await client.post(
+        f"/api/workflows/{def_id}/run", json={"input_data": {"times": 0, "who": 5}}
+    )
     assert resp.status_code == 422, resp.text
     body = resp.json()
     assert body["error_code"] == "VALIDATION_ERROR"
@@ -206,8 +213,10 @@ async def test_status_refuses_runs(client: httpx.AsyncClient) -> None:
 
 
 async def test_concurrency_limit_queues_oldest_first(client: httpx.AsyncClient) -> None:
-    flow = {"start": {"tool": "sleep", "args": {"seconds": 0.2}, "next": "end"},
-            "end": {"tool": "echo", "args": {"n": "<<input.n>>"}, "done": True}}  # fmt: skip
+    flow = {
+        "start": {"tool": "sleep", "args": {"seconds": 0.2}, "next": "end"},
+        "end": {"tool": "echo", "args": {"n": "<<input.n>>"}, "done": True},
+    }
     definition = {"name": "limited", "concurrency": 3, "flow": flow}
     def_id = (await create(client, definition))["id"]
     run_ids = await asyncio.gather(*(run(client, def_id, {"n": i}) for i in range(30)))
@@ -250,24 +259,38 @@ async def test_cancel_queued_and_delete(client: httpx.AsyncClient) -> None:
 
 
 async def test_dag_shape_definition(client: httpx.AsyncClient) -> None:
-    definition = {"name": "dag", "steps": [
-        {"id": "a", "type": "echo", "config": {"x": 1}},
-        {"id": "b", "type": "echo", "config": {"y": 2}, "depends_on": ["a"]},
-    ]}  # fmt: skip
+    definition = {
+        "name": "dag",
+        "steps": [
+            {"id": "a", "type": "echo", "config": {"x": 1}},
+            {"id": "b", "type": "echo", "config": {"y": 2}, "depends_on": ["a"]},
+        ],
+    }
     def_id = (await create(client, definition))["id"]
     wf = await wait_for(client, await run(client, def_id, {}))
     assert wf["status"] == "completed" and wf["dag"] == definition["steps"]
-    resp = await client.post("/api/workflows/validate", json={"definition": {"name": "x", "steps": [
-        {"id": "a", "type": "echo", "depends_on": ["b"]},
-        {"id": "b", "type": "echo", "depends_on": ["a"]}]}})  # fmt: skip
+    resp = await client.post(
+        "/api/workflows/validate",
+        json={
+            "definition": {
+                "name": "x",
+                "steps": [
+                    {"id": "a", "type": "echo", "depends_on": ["b"]},
+                    {"id": "b", "type": "echo", "depends_on": ["a"]},
+                ],
+            }
+        },
+    )
     body = resp.json()
     assert body["valid"] is False and any("Cycle detected" in e for e in body["errors"])
 
 
 async def test_export_import_round_trip(client: httpx.AsyncClient) -> None:
     def_id = (await create(client, ECHO))["id"]
-    await client.put(f"/api/workflows/{def_id}",
-                     json={"definition": {**ECHO, "description": "v2"}, "change_summary": "d"})  # fmt: skip
+    await client.put(
+        f"/api/workflows/{def_id}",
+        json={"definition": {**ECHO, "description": "v2"}, "change_summary": "d"},
+    )
     await client.post(f"/api/workflows/{def_id}/deploy")
     export = (await client.get("/api/workflows/export")).json()
     assert export["stepd_export"] == 1
@@ -275,18 +298,31 @@ async def test_export_import_round_trip(client: httpx.AsyncClient) -> None:
     (one,) = export["workflows"]
     assert [v["version"] for v in one["versions"]] == [1, 2]
     # Malformed: nothing is imported, every problem listed.
-    bad = {"workflows": [one, {"name": "x", "versions": [{"definition": {"name": "x"}}]},
-                         {"name": "y", "versions": []}]}  # fmt: skip
+    bad = {
+        "workflows": [
+            one,
+            {"name": "x", "versions": [{"definition": {"name": "x"}}]},
+            {"name": "y", "versions": []},
+        ]
+    }
     resp = await client.post("/api/workflows/import?mode=upsert", json=bad)
     assert resp.status_code == 422, resp.text
     assert len(resp.json()["errors"]) >= 2
     assert (await client.get("/api/workflows/greet/versions")).json()["versions"][0]["version"] == 2
     # create mode skips what exists; upsert adds a version when the content differs.
     resp = await client.post("/api/workflows/import?mode=create", json=export)
-    assert resp.json() == {"created": [], "updated": [],
-                           "skipped": [{"name": "greet", "reason": resp.json()["skipped"][0]["reason"]}]}  # fmt: skip
-    changed = {**one, "versions": [*one["versions"][:1], {**one["versions"][1], "definition":
-                                   {**ECHO, "description": "v3"}}]}  # fmt: skip
+    assert resp.json() == {
+        "created": [],
+        "updated": [],
+        "skipped": [{"name": "greet", "reason": resp.json()["skipped"][0]["reason"]}],
+    }
+    changed = {
+        **one,
+        "versions": [
+            *one["versions"][:1],
+            {**one["versions"][1], "definition": {**ECHO, "description": "v3"}},
+        ],
+    }
     resp = await client.post("/api/workflows/import?mode=upsert", json={"workflows": [changed]})
     assert resp.json()["updated"] == ["greet"]
 
@@ -296,8 +332,10 @@ async def test_import_into_a_fresh_daemon(client: httpx.AsyncClient, tmp_path: A
     from tests.helpers import make_config
 
     def_id = (await create(client, ECHO))["id"]
-    await client.put(f"/api/workflows/{def_id}",
-                     json={"definition": {**ECHO, "description": "v2"}, "change_summary": "d"})  # fmt: skip
+    await client.put(
+        f"/api/workflows/{def_id}",
+        json={"definition": {**ECHO, "description": "v2"}, "change_summary": "d"},
+    )
     export = (await client.get("/api/workflows/export")).json()
     fresh = tmp_path / "fresh"
     fresh.mkdir()
@@ -315,9 +353,11 @@ async def test_import_into_a_fresh_daemon(client: httpx.AsyncClient, tmp_path: A
     strip = ("created_at", "version")
     for a, b in zip(export["workflows"], again["workflows"], strict=True):
         assert [{k: v for k, v in x.items() if k not in strip} for x in a["versions"]] == [
-            {k: v for k, v in x.items() if k not in strip} for x in b["versions"]]  # fmt: skip
+            {k: v for k, v in x.items() if k not in strip} for x in b["versions"]
+        ]
         assert {k: v for k, v in a.items() if k != "versions"} == {
-            k: v for k, v in b.items() if k != "versions"}  # fmt: skip
+            k: v for k, v in b.items() if k != "versions"
+        }
 
 
 async def test_approver_reads_but_cannot_write(client: httpx.AsyncClient) -> None:
