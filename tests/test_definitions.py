@@ -381,3 +381,31 @@ async def test_approver_reads_but_cannot_write(client: httpx.AsyncClient) -> Non
     assert (
         await client.get(f"/api/workflows/{def_id}/versions", headers=approver)
     ).status_code == 200
+
+
+async def test_concurrent_edits_and_runs_each_get_one_version(client: httpx.AsyncClient) -> None:
+    """Twelve edits and twelve runs at once: every edit is its own version (none lost,
+    none doubled), and each run is pinned to a version that existed when it started and
+    runs exactly that version's flow."""
+    def_id = (await create(client, ECHO))["id"]
+
+    def version_body(i: int) -> dict[str, Any]:
+        flow = {"start": {"tool": "echo", "args": {"edit": i}, "done": True}}
+        return {"definition": with_flow(flow), "change_summary": f"edit {i}"}
+
+    edits = [client.put(f"/api/workflows/{def_id}", json=version_body(i)) for i in range(12)]
+    runs = [client.post(f"/api/workflows/{def_id}/run", json={"input_data": {"who": "x"}})
+            for _ in range(12)]  # fmt: skip
+    answers = await asyncio.gather(*edits, *runs)
+    assert all(r.status_code in (200, 202) for r in answers), [r.text for r in answers]
+    versions = (await client.get(f"/api/workflows/{def_id}/versions")).json()["versions"]
+    assert [v["version"] for v in versions] == list(range(13, 0, -1))
+    assert sorted(v["change_summary"] for v in versions[:-1]) == sorted(
+        f"edit {i}" for i in range(12)
+    )
+    by_version = {v["version"]: v["change_summary"] for v in versions}
+    for resp in answers[12:]:
+        wf = await wait_for(client, resp.json()["run_id"])
+        pinned = wf["definition_version"]
+        expected = {"hello": "x"} if pinned == 1 else {"edit": int(by_version[pinned].split()[1])}
+        assert wf["output"] == expected, (pinned, wf["output"])
