@@ -33,6 +33,8 @@ OPTIONAL = {"example_input": dict, "notes": list, "suggested_schedule": dict}
 # The keys of a definition body (the /api/workflows contract).
 DEFINITION_KEYS = {"name", "flow", "steps", "description", "input_schema", "concurrency", "tags",
                    "webhook", "notify_url"}  # fmt: skip
+# Words of the /api/workflows paths: never a definition's name.
+RESERVED_NAMES = {"templates", "export", "import", "validate", "runs", "schedules", "recurring"}
 SUMMARY_KEYS = ("id", "name", "description", "category", "is_builtin", "tags")
 
 _lock = threading.Lock()
@@ -57,6 +59,18 @@ def get_template(template_id: str) -> dict[str, Any] | None:
     """The whole template, `definition` included, or None for an unknown id."""
     found = _load().get(template_id)
     return copy.deepcopy(found) if found is not None else None
+
+
+def definition_for(template_id: str, name: str | None = None) -> dict[str, Any] | None:
+    """The definition body to save when installing a template (a copy), named `name`
+    when given, else as the template names it; None for an unknown id."""
+    found = _load().get(template_id)
+    if found is None:
+        return None
+    definition = copy.deepcopy(found["definition"])
+    if name is not None:
+        definition["name"] = name
+    return definition
 
 
 def categories() -> list[str]:
@@ -128,8 +142,11 @@ def check(template: Any, expected_id: str) -> list[str]:
     definition = template["definition"]
     for key in sorted(set(definition) - DEFINITION_KEYS):
         problems.append(f"definition: unknown field '{key}'")
-    if not isinstance(definition.get("name"), str) or not definition["name"]:
-        problems.append("definition: field 'name' is required")
+    name = definition.get("name")
+    if not isinstance(name, str) or not name or len(name) > 200 or name.isdigit():
+        problems.append("definition: field 'name' must be 1 to 200 characters, not all digits")
+    elif name in RESERVED_NAMES:
+        problems.append(f"definition: name '{name}' is reserved")
     if ("flow" in definition) == ("steps" in definition):
         problems.append("definition: needs exactly one of 'flow' or 'steps'")
     schema = definition.get("input_schema")

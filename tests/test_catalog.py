@@ -163,6 +163,9 @@ def test_category_filter_and_lookup() -> None:
     full = catalog.get_template("daily-report")
     assert full["definition"]["flow"]["start"]["tool"] == "http"
     assert full["is_builtin"] is True
+    assert catalog.definition_for("daily-report") == full["definition"]
+    assert catalog.definition_for("daily-report", "ops-report")["name"] == "ops-report"
+    assert catalog.definition_for("no-such-template") is None
 
 
 def test_callers_get_copies() -> None:
@@ -187,6 +190,8 @@ def test_callers_get_copies() -> None:
         ("a.json", {"id": "a", "definition": {"name": "a", "flow": {}, "input": {}}},
          "definition: unknown field 'input'"),
         ("A b.json", {"id": "A b"}, "lowercase letters, digits and dashes"),
+        ("a.json", {"id": "a", "definition": {"name": "123", "flow": {}}}, "not all digits"),
+        ("a.json", {"id": "a", "definition": {"name": "runs", "flow": {}}}, "'runs' is reserved"),
     ],
 )  # fmt: skip
 def test_a_malformed_file_is_refused_naming_it(filename: str, template: dict, problem: str) -> None:
