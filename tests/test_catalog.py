@@ -390,3 +390,53 @@ async def test_approval_gated_write_rejected_writes_nothing(
     assert wf["output"]["written"] is False
     assert "not this quarter" in wf["output"]["reason"]
     assert api.posts == []
+
+
+async def test_await_callback_completes_on_its_signal(client: httpx.AsyncClient, api: Api) -> None:
+    job = {"document": "invoice-2041", "format": "pdf"}
+    input_ = checked_input("await-callback", {"job_url": api.url("/jobs"), "job": job})
+    resp = await client.post("/api/workflow", json=one_off("await-callback", input_))
+    assert resp.status_code == 201, resp.text
+    wf_id = resp.json()["id"]
+    wf = await wait_for(client, wf_id, until=lambda wf: wf["steps"][-1]["awaiting"] == "signal")
+    [post] = api.posts
+    assert post["json"] == {
+        "job": job,
+        "callback": {
+            "url": f"http://127.0.0.1:8000/api/workflow/{wf_id}/signal",
+            "signal": "job.finished",
+        },
+    }
+    assert post["headers"]["Idempotency-Key"] == f"stepd-{wf_id}"
+    data = {"status": "succeeded", "url": "https://files.example.com/invoice-2041.pdf"}
+    resp = await client.post(f"/api/workflow/{wf_id}/signal",
+                             json={"name": "job.finished", "data": data})  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed", wf
+    assert wf["output"] == {"finished": True, "status": "succeeded", "callback": data,
+                            "accepted": {"ok": True, "received": post["json"]}}  # fmt: skip
+
+
+async def test_await_callback_fails_on_a_failed_job(client: httpx.AsyncClient, api: Api) -> None:
+    """A callback sent at once (perhaps before the wait starts) is kept and consumed."""
+    input_ = checked_input("await-callback", {
+        "job_url": api.url("/jobs"), "job": {}, "stepd_url": "https://stepd.internal:8443",
+    })  # fmt: skip
+    resp = await client.post("/api/workflow", json=one_off("await-callback", input_))
+    wf_id = resp.json()["id"]
+    resp = await client.post(f"/api/workflow/{wf_id}/signal", json={
+        "name": "job.finished", "data": {"status": "failed", "why": "disk full"}})  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "failed", wf
+    assert "'check'" in wf["error"] and "disk full" in wf["error"]
+    assert api.posts[0]["json"]["callback"]["url"].startswith("https://stepd.internal:8443/")
+
+
+async def test_await_callback_times_out(client: httpx.AsyncClient, api: Api) -> None:
+    body = one_off("await-callback", {"job_url": api.url("/jobs"), "job": {}})
+    body["flow"]["wait_callback"]["wait"]["timeout"] = 0.2  # instead of a day
+    wf = await run(client, body)
+    assert wf["status"] == "completed", wf
+    assert wf["output"] == {"finished": False, "reason": "wait timed out"}
