@@ -149,6 +149,16 @@ def check(template: Any, expected_id: str) -> list[str]:
         problems.append(f"definition: name '{name}' is reserved")
     if ("flow" in definition) == ("steps" in definition):
         problems.append("definition: needs exactly one of 'flow' or 'steps'")
+    concurrency = definition.get("concurrency", 10)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+        problems.append("definition: field 'concurrency' must be an integer")
+    elif not 1 <= concurrency <= 1000:
+        problems.append("definition: field 'concurrency' must be from 1 to 1000")
+    if not isinstance(definition.get("description", ""), str):
+        problems.append("definition: field 'description' must be a string")
+    tags = definition.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(tag, str) and tag for tag in tags):
+        problems.append("definition: field 'tags' must be a list of non-empty strings")
     schema = definition.get("input_schema")
     if schema is not None and not isinstance(schema, dict):
         problems.append("definition: field 'input_schema' must be an object")

@@ -191,6 +191,10 @@ def test_callers_get_copies() -> None:
          "definition: unknown field 'input'"),
         ("A b.json", {"id": "A b"}, "lowercase letters, digits and dashes"),
         ("a.json", {"id": "a", "definition": {"name": "123", "flow": {}}}, "not all digits"),
+        ("a.json", {"id": "a", "definition": {"name": "a", "flow": {}, "concurrency": 0}},
+         "'concurrency' must be from 1 to 1000"),
+        ("a.json", {"id": "a", "definition": {"name": "a", "flow": {}, "tags": [1]}},
+         "definition: field 'tags' must be a list"),
         ("a.json", {"id": "a", "definition": {"name": "runs", "flow": {}}}, "'runs' is reserved"),
     ],
 )  # fmt: skip
