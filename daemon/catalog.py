@@ -145,7 +145,7 @@ def check(template: Any, expected_id: str) -> list[str]:
     name = definition.get("name")
     if not isinstance(name, str) or not name or len(name) > 200 or name.isdigit():
         problems.append("definition: field 'name' must be 1 to 200 characters, not all digits")
-    elif name in RESERVED_NAMES:
+    elif name.lower() in RESERVED_NAMES:
         problems.append(f"definition: name '{name}' is reserved")
     if ("flow" in definition) == ("steps" in definition):
         problems.append("definition: needs exactly one of 'flow' or 'steps'")

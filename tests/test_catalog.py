@@ -444,3 +444,75 @@ async def test_await_callback_times_out(client: httpx.AsyncClient, api: Api) -> 
     wf = await run(client, body)
     assert wf["status"] == "completed", wf
     assert wf["output"] == {"finished": False, "reason": "wait timed out"}
+
+
+# --- saved as definitions (what installing a template does) --------------------------------
+
+
+async def install(client: httpx.AsyncClient, template_id: str, name: str) -> dict[str, Any]:
+    definition = catalog.definition_for(template_id, name)
+    resp = await client.post("/api/workflows", json={"definition": definition})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["workflow"]
+
+
+async def run_definition(
+    client: httpx.AsyncClient, name: str, input_data: dict[str, Any], **kw: Any
+) -> dict[str, Any]:
+    resp = await client.post(f"/api/workflows/{name}/run", json={"input_data": input_data})
+    assert resp.status_code == 202, resp.text
+    run_id = resp.json()["run_id"]
+    await wait_for(client, run_id, **kw)
+    resp = await client.get(f"/api/workflows/runs/{run_id}")
+    assert resp.status_code == 200, resp.text
+    return resp.json()["run"]
+
+
+@pytest.mark.parametrize("template_id", IDS)
+async def test_saves_as_a_definition_on_a_stock_daemon(make_client: Any, template_id: str) -> None:
+    client, _ = await make_client(tool_modules=())
+    definition = catalog.definition_for(template_id)
+    resp = await client.post("/api/workflows/validate", json={"definition": definition})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["valid"] is True, resp.json()
+    saved = await install(client, template_id, f"my-{template_id}")
+    assert saved["version"] == 1 and saved["status"] == "active"
+    assert saved["definition"] == {**definition, "name": f"my-{template_id}"}
+    assert saved["concurrency"] == definition["concurrency"]
+    assert saved["tags"] == definition["tags"]
+    # Its input_schema is enforced: an empty input misses every required field.
+    resp = await client.post(f"/api/workflows/my-{template_id}/run", json={"input_data": {}})
+    assert resp.status_code == 422, resp.text
+    text = resp.text
+    for field in definition["input_schema"]["required"]:
+        assert f"'{field}' is a required property" in text
+
+
+async def test_installed_fan_out_runs(client: httpx.AsyncClient, api: Api) -> None:
+    await install(client, "fan-out-over-list", "reindex")
+    items = [{"id": f"doc-{i}"} for i in range(6)]
+    run = await run_definition(
+        client, "reindex", {"endpoint": api.url("/reindex"), "items": items}, timeout=30
+    )
+    assert run["status"] == "completed", run
+    assert run["workflow_name"] == "reindex" and run["version"] == 1
+    assert run["output"]["processed"] == 6
+    # The map, two states per item, and the report.
+    assert len(run["step_runs"]) == 1 + 2 * 6 + 1
+    assert {s["status"] for s in run["step_runs"]} == {"completed"}
+
+
+async def test_installed_daily_report_runs_with_schedule_input(
+    client: httpx.AsyncClient, api: Api
+) -> None:
+    template = catalog.get_template("daily-report")
+    await install(client, "daily-report", "orders-report")
+    input_data = {**template["suggested_schedule"]["input_data"], "source_url": api.url("/records")}
+    run = await run_definition(client, "orders-report", input_data)
+    assert run["status"] == "completed", run
+    assert run["output"]["report"]["title"] == "Orders, last 24 hours"
+    assert run["output"]["report"]["count"] == 8
+    # Inputs the schema does not know are refused, as a schedule's typo would be.
+    resp = await client.post("/api/workflows/orders-report/run",
+                             json={"input_data": {**input_data, "titel": "x"}})  # fmt: skip
+    assert resp.status_code == 422, resp.text
