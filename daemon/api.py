@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import events, flowschema, links, metrics, notify, openapi, retention, signing, web
+from daemon import catalog, events, flowschema, links, metrics, notify, openapi, retention, signing, web
 from daemon.auth import Authenticator
 from daemon.bodies import read_json
 from daemon.config import Config, TokenConfig
@@ -448,6 +448,7 @@ def create_app(
 ) -> Starlette:
     """The API and the executor; the lifespan opens the store and runs the executor."""
     registry = registry or build_registry(config.tool_modules, search_path=config.config_dir)
+    catalog.list_templates()  # a broken template file stops the start, not a later request
     store = open_store(config)
     store.commit_hooks.append(metrics.committed)
     executor = Executor(store, registry, config)

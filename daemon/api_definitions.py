@@ -250,6 +250,36 @@ async def call_hook(request: Request) -> Response:
     return JSON({"run_id": run_id}, status_code=202, headers=headers)
 
 
+# -- templates -----------------------------------------------------------------------------
+
+
+@needs("read")
+async def list_templates(request: Request) -> Response:
+    """The templates stepd ships: {"templates", "total"}."""
+    limit, offset = page(request)
+    return JSON(
+        defs_of(request).templates(
+            category=text_param(request, "category"), limit=limit, offset=offset
+        )
+    )
+
+
+@needs("read")
+async def get_template(request: Request) -> Response:
+    """One template with its definition."""
+    return JSON(defs_of(request).template(request.path_params["template_id"]))
+
+
+@needs("workflow")
+async def install_template(request: Request) -> Response:
+    """Save a template as a definition: {"name"} -> 201 {"workflow_id"}."""
+    body = await read_json(request, optional=True)
+    def_id = await defs_of(request).install(
+        request.path_params["template_id"], body, by=token_of(request).name
+    )
+    return JSON({"workflow_id": def_id}, status_code=201)
+
+
 # -- export and import -----------------------------------------------------------------------
 
 
@@ -279,6 +309,9 @@ DEFINITION_ROUTES: list[Route] = [
     route("/api/workflows/validate", POST=validate_definition),
     route("/api/workflows/export", GET=export_all),
     route("/api/workflows/import", POST=import_definitions),
+    route("/api/workflows/templates", GET=list_templates),
+    route("/api/workflows/templates/{template_id}", GET=get_template),
+    route("/api/workflows/templates/{template_id}/install", POST=install_template),
     route("/api/workflows/runs/{run_id:id}", GET=get_run, DELETE=delete_run),
     route("/api/workflows/runs/{run_id:id}/cancel", POST=cancel_run),
     route("/api/workflows/runs/{run_id:id}/resume", POST=resume_run),

@@ -19,6 +19,7 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from daemon import catalog
 from daemon.bodies import parse_body
 from daemon.errors import (
     BadRequest,
@@ -698,6 +699,32 @@ class Definitions:
             parent=(parent.id, step_id, depth),
         )
         return run, d.concurrency
+
+    # -- templates ---------------------------------------------------------------------------
+
+    def templates(self, *, category: str | None, limit: int, offset: int) -> dict[str, Any]:
+        found = catalog.list_templates(category)
+        return {"templates": found[offset : offset + limit], "total": len(found)}
+
+    def template(self, template_id: str) -> dict[str, Any]:
+        found = catalog.get_template(template_id)
+        if found is None:
+            raise NotFound(f"template '{_cut(template_id)}' not found")
+        return found
+
+    async def install(self, template_id: str, body: Any, *, by: str | None) -> int:
+        """Save a shipped template as a definition (named `name`, or the template's name)."""
+        if body is None:
+            body = {}
+        if not isinstance(body, dict) or set(body) - {"name"}:
+            raise BadRequest('body must be {"name": "<definition name>"} or empty')
+        name = body.get("name")
+        if name is not None and not isinstance(name, str):
+            raise BadRequest("field 'name' must be a string")
+        self.template(template_id)  # 404 for an unknown one
+        definition = catalog.definition_for(template_id, name)
+        created = await self.create({"definition": definition}, by=by)
+        return int(created["id"])
 
     # -- export and import -------------------------------------------------------------------
 

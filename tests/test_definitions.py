@@ -394,8 +394,10 @@ async def test_concurrent_edits_and_runs_each_get_one_version(client: httpx.Asyn
         return {"definition": with_flow(flow), "change_summary": f"edit {i}"}
 
     edits = [client.put(f"/api/workflows/{def_id}", json=version_body(i)) for i in range(12)]
-    runs = [client.post(f"/api/workflows/{def_id}/run", json={"input_data": {"who": "x"}})
-            for _ in range(12)]  # fmt: skip
+    runs = [
+        client.post(f"/api/workflows/{def_id}/run", json={"input_data": {"who": "x"}})
+        for _ in range(12)
+    ]
     answers = await asyncio.gather(*edits, *runs)
     assert all(r.status_code in (200, 202) for r in answers), [r.text for r in answers]
     versions = (await client.get(f"/api/workflows/{def_id}/versions")).json()["versions"]
@@ -409,3 +411,31 @@ async def test_concurrent_edits_and_runs_each_get_one_version(client: httpx.Asyn
         pinned = wf["definition_version"]
         expected = {"hello": "x"} if pinned == 1 else {"edit": int(by_version[pinned].split()[1])}
         assert wf["output"] == expected, (pinned, wf["output"])
+
+
+async def test_templates_listed_shown_and_installed(client: httpx.AsyncClient) -> None:
+    listed = (await client.get("/api/workflows/templates")).json()
+    ids = {t["id"] for t in listed["templates"]}
+    assert {"approval-gated-write", "fetch-and-notify", "fan-out-over-list", "daily-report"} <= ids
+    assert listed["total"] == len(listed["templates"])
+    assert all(t["is_builtin"] is True for t in listed["templates"])
+    one = (await client.get("/api/workflows/templates/fan-out-over-list")).json()
+    assert one["definition"]["input_schema"]["type"] == "object"
+    assert (await client.get("/api/workflows/templates/nope")).status_code == 404
+    resp = await client.post(
+        "/api/workflows/templates/fan-out-over-list/install", json={"name": "my fan-out"}
+    )
+    assert resp.status_code == 201, resp.text
+    def_id = resp.json()["workflow_id"]
+    got = (await client.get(f"/api/workflows/{def_id}")).json()
+    assert got["name"] == "my fan-out" and got["version"] == 1
+    again = await client.post(
+        "/api/workflows/templates/fan-out-over-list/install", json={"name": "my fan-out"}
+    )
+    assert again.status_code == 409
+    resp = await client.post("/api/workflows/templates/nope/install", json={})
+    assert resp.status_code == 404
+    resp = await client.post(
+        "/api/workflows/templates/daily-report/install", headers=auth("approver")
+    )
+    assert resp.status_code == 403
