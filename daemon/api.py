@@ -17,7 +17,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import catalog, events, flowschema, links, metrics, notify, openapi, retention, signing, web
+from daemon import (
+    catalog,
+    events,
+    flowschema,
+    links,
+    metrics,
+    notify,
+    openapi,
+    retention,
+    signing,
+    web,
+)
 from daemon.auth import Authenticator
 from daemon.bodies import read_json
 from daemon.config import Config, TokenConfig
