@@ -23,6 +23,9 @@ else:
     _Base = object
 
 
+HOOK_KEY_MS = 24 * 3600 * 1000  # how long a webhook call's Idempotency-Key replays its run
+
+
 class DefinitionStore(_Base):
     # -- definitions and versions ------------------------------------------------------
 
@@ -394,6 +397,8 @@ class DefinitionStore(_Base):
         def op(db: Tx) -> tuple[str, int | None]:
             if key is not None:
                 self._one_at_a_time(db, f"hook {webhook_id}\n{key}")
+                cutoff = now - HOOK_KEY_MS
+                db.execute(self.Q["purge_hook_calls"], {"webhook_id": webhook_id, "cutoff": cutoff})
                 found = db.execute(
                     self.Q["find_hook_call"], {"webhook_id": webhook_id, "key": key}
                 ).fetchone()

@@ -943,3 +943,7 @@ SELECT count(*) FROM definitions
 WHERE (:status::text IS NULL OR status = :status)
   AND (:trigger_type::text IS NULL OR trigger_type = :trigger_type)
   AND (:tag::text IS NULL OR jsonb_exists(tags_json::jsonb, :tag));
+
+-- purge_hook_calls --
+-- Forget a webhook's Idempotency-Keys older than the replay window.
+DELETE FROM hook_calls WHERE webhook_id = :webhook_id AND created_at < :cutoff;

@@ -807,3 +807,7 @@ SELECT count(*) FROM definitions
 WHERE (:status IS NULL OR status = :status)
   AND (:trigger_type IS NULL OR trigger_type = :trigger_type)
   AND (:tag IS NULL OR EXISTS (SELECT 1 FROM json_each(tags_json) WHERE value = :tag));
+
+-- purge_hook_calls --
+-- Forget a webhook's Idempotency-Keys older than the replay window.
+DELETE FROM hook_calls WHERE webhook_id = :webhook_id AND created_at < :cutoff;
