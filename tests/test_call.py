@@ -415,3 +415,36 @@ async def test_redrive_of_a_failed_call_starts_a_new_child(client: httpx.AsyncCl
     assert resp.status_code == 200, resp.text
     wf = await wait_for(client, wf_id, lambda w: w["status"] in TERMINAL and w["output"])
     assert wf["status"] == "completed" and wf["output"] == {"got": 3}
+
+
+async def test_a_call_cancelled_inside_a_parallel_cancels_its_child(
+    client: httpx.AsyncClient,
+) -> None:
+    """A sibling branch fails (fail fast): the call step in the other branch is cancelled,
+    and so is the child it waits for, while the parent workflow goes on (on_error)."""
+    await define(client, "gated", GATED)
+    flow = {
+        "start": {"parallel": {
+            "calls": {"start": {"call": {"workflow": "gated"}, "done": True}},
+            "fails": {"start": {"tool": "sleep", "args": {"seconds": 0.3}, "next": "boom"},
+                      "boom": {"tool": "fail", "args": {"retryable": False}, "done": True}}},
+            "on_error": "after", "done": True},
+        "after": {"tool": None, "done": True},
+    }  # fmt: skip
+    wf_id = await start(client, flow)
+    wf = await wait_for(
+        client,
+        wf_id,
+        lambda w: (
+            step(w, "after")["awaiting"] == "ready"
+            if any(s["state"] == "after" for s in w["steps"])
+            else False
+        ),
+    )
+    call = [s for s in wf["steps"] if s["kind"] == "call"][0]
+    assert call["status"] == "cancelled"
+    (run,) = await runs(client, "gated")
+    assert call["child_id"] == run["id"]
+    child = await wait_for(client, run["id"], timeout=3)
+    assert child["status"] == "cancelled", child
+    assert wf["status"] == "running"

@@ -494,6 +494,24 @@ class DefinitionStore(_Base):
         self._cancelled(cancels)
         return woke
 
+    def _cancel_calls(self, db: Tx, parent_id: int, step_ids: list[int], now: int) -> list[int]:
+        """Steps inside parallel or map step `parent_id` were just cancelled (a sibling
+        failed, or it timed out) while its workflow goes on: the children that call steps
+        among them wait for are cancelled too, with their own. Their step ids."""
+        if not step_ids:
+            return []
+        row = db.execute(self.Q["get_step"], {"id": parent_id}).fetchone()
+        if row is None:
+            return []
+        cancelled_steps = set(step_ids)
+        cancelled: list[int] = []
+        for (child,) in db.execute(self.Q["children"], {"id": row["workflow_id"]}).fetchall():
+            link = db.execute(self.Q["ended_links"], {"id": child}).fetchone()
+            if link is not None and link["parent_step_id"] in cancelled_steps:
+                by = "its call step was cancelled"
+                cancelled += self._cancel_tree(db, child, by, now) or []
+        return cancelled
+
     def _pause_tree(self, db: Tx, workflow_id: int, unpause: bool, now: int) -> None:
         """Pause (or resume) the running children of a workflow, at every depth."""
         for (child,) in db.execute(self.Q["children"], {"id": workflow_id}).fetchall():
