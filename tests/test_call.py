@@ -448,3 +448,27 @@ async def test_a_call_cancelled_inside_a_parallel_cancels_its_child(
     child = await wait_for(client, run["id"], timeout=3)
     assert child["status"] == "cancelled", child
     assert wf["status"] == "running"
+
+
+async def test_a_child_waits_queued_for_a_slot_of_its_definition(
+    client: httpx.AsyncClient,
+) -> None:
+    await define(client, "one-at-a-time", GATED, concurrency=1)
+    resp = await client.post("/api/workflows/one-at-a-time/run", json={"input_data": {}})
+    assert resp.status_code == 202, resp.text
+    first = resp.json()["run_id"]
+    first_gate = await gate_of(client, first)
+    wf_id = await start(client, {"start": {"call": {"workflow": "one-at-a-time"}, "done": True}})
+    wf = await wait_for(client, wf_id, lambda w: step(w, "start")["awaiting"] == "child")
+    child_id = step(wf, "start")["child_id"]
+    child = (await client.get(f"/api/workflow/{child_id}")).json()
+    assert child["status"] == "queued" and child["steps"] == []
+    resp = await client.post(f"/api/workflow/{first_gate['id']}/ready", json={},
+                             headers=auth("approver"))  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    gate = await gate_of(client, child_id)
+    resp = await client.post(f"/api/workflow/{gate['id']}/ready", json={},
+                             headers=auth("approver"))  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed" and wf["output"] == {"approved": True}
