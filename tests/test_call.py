@@ -185,6 +185,22 @@ async def test_cancelling_the_parent_cancels_child_and_grandchild(
     resp = await client.post(f"/api/workflow/{gate['id']}/ready", json={},
                              headers=auth("approver"))  # fmt: skip
     assert resp.status_code == 409, resp.text
+    # A redrive visits the call state again: new children, and the old ones stay cancelled.
+    resp = await client.post(f"/api/workflow/{wf_id}/resume", json={})
+    assert resp.status_code == 200, resp.text
+    _, leaf2 = await until(lambda: _two(runs(client, "leaf")))
+    gate = await gate_of(client, leaf2["id"])
+    resp = await client.post(f"/api/workflow/{gate['id']}/ready", json={},
+                             headers=auth("approver"))  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed" and wf["output"] == {"approved": True}
+    assert [r["status"] for r in await runs(client, "mid")] == ["cancelled", "completed"]
+
+
+async def _two(listed: Any) -> Any:
+    got = await listed
+    return got if len(got) == 2 else None
 
 
 async def test_pause_reaches_the_child_and_resume_releases_it(
