@@ -50,7 +50,7 @@ def array(schema: Schema) -> Schema:
 
 # -- schemas -------------------------------------------------------------------------
 
-WORKFLOW_STATUS = ["running", "paused", "completed", "failed", "cancelled"]
+WORKFLOW_STATUS = ["running", "paused", "queued", "completed", "failed", "cancelled"]
 SUMMARY: dict[str, Schema] = {
     "id": ID,
     "name": STRING,
@@ -62,6 +62,12 @@ SUMMARY: dict[str, Schema] = {
     "completed_at": nullable(MILLIS),
     "cancelled_at": nullable(MILLIS),
     "paused_at": nullable(MILLIS),
+    "definition_id": {**nullable(ID), "description": "a run of a saved definition: its id"},
+    "definition_version": {**nullable({"type": "integer"}), "description": "the version it runs"},
+    "trigger": {
+        "enum": ["manual", "api", "execute", "webhook", "schedule", "call", None],
+        "description": "what started a run of a saved definition (null: a one-off workflow)",
+    },
 }
 STEP = closed(
     {
@@ -123,6 +129,11 @@ SCHEMAS: dict[str, Schema] = {
             "dag": {
                 **nullable(array(ref("DagStep"))),
                 "description": "the submitted DAG steps, if any",
+            },
+            "parent": {
+                "anyOf": [closed({"workflow_id": ID, "step_id": ID}), {"type": "null"}],
+                "description": "a child workflow of a call state: its parent workflow and "
+                "the call step",
             },
             "steps": array(STEP),
         }
