@@ -488,3 +488,16 @@ async def test_a_child_waits_queued_for_a_slot_of_its_definition(
     assert resp.status_code == 200, resp.text
     wf = await wait_for(client, wf_id)
     assert wf["status"] == "completed" and wf["output"] == {"approved": True}
+
+
+def test_stepd_show_names_the_child_a_call_waits_for() -> None:
+    from daemon import cli
+
+    t0 = 1_800_000_000_000
+    wf = {"id": 7, "name": "p", "status": "running", "created_at": t0, "steps": [
+        {"id": 8, "name": "check", "state": "check", "kind": "call", "tool": None,
+         "status": "running", "awaiting": "child", "child_id": 9, "attempt": 1,
+         "started_at": t0, "parent_id": None, "scope": None}]}  # fmt: skip
+    (row,) = [line for line in cli._render_workflow(wf) if line.startswith("8 ")]
+    assert "(call)" in row
+    assert row.endswith("awaiting child: waits for child workflow 9 (stepd show 9)"), row
