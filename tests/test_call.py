@@ -501,3 +501,27 @@ def test_stepd_show_names_the_child_a_call_waits_for() -> None:
     (row,) = [line for line in cli._render_workflow(wf) if line.startswith("8 ")]
     assert "(call)" in row
     assert row.endswith("awaiting child: waits for child workflow 9 (stepd show 9)"), row
+
+
+async def test_what_a_run_waits_for_is_found_through_its_children(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    from daemon.calls import stopped_waiting
+
+    store = app.state.engine.store
+    await define(client, "gated", GATED)
+    await define(client, "mid", {"start": {"call": {"workflow": "gated"}, "done": True}})
+    wf_id = await start(client, {"start": {"call": {"workflow": "mid"}, "done": True}})
+    (leaf,) = await until(lambda: runs(client, "gated"))
+    gate = await gate_of(client, leaf["id"])
+    assert await stopped_waiting(store, wf_id) == [
+        {"workflow_id": leaf["id"], "step_id": gate["id"], "state": "start", "awaiting": "ready"}
+    ]
+    assert (await client.post(f"/api/workflow/{wf_id}/pause", json={})).status_code == 200
+    assert await stopped_waiting(store, wf_id) is None
+    assert (await client.post(f"/api/workflow/{wf_id}/resume", json={})).status_code == 200
+    resp = await client.post(f"/api/workflow/{gate['id']}/ready", json={},
+                             headers=auth("approver"))  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    await wait_for(client, wf_id)
+    assert await stopped_waiting(store, wf_id) is None
