@@ -66,6 +66,12 @@ async def until(check: Any, timeout: float = 10.0) -> Any:
         await asyncio.sleep(0.02)
 
 
+async def _two(listed: Any) -> Any:
+    """The list when it has two entries (for until())."""
+    got = await listed
+    return got if len(got) == 2 else None
+
+
 async def gate_of(client: httpx.AsyncClient, wf_id: int) -> dict[str, Any]:
     wf = await wait_for(client, wf_id, lambda w: waiting_gate(w) is not None)
     gate = waiting_gate(wf)
@@ -196,11 +202,6 @@ async def test_cancelling_the_parent_cancels_child_and_grandchild(
     wf = await wait_for(client, wf_id)
     assert wf["status"] == "completed" and wf["output"] == {"approved": True}
     assert [r["status"] for r in await runs(client, "mid")] == ["cancelled", "completed"]
-
-
-async def _two(listed: Any) -> Any:
-    got = await listed
-    return got if len(got) == 2 else None
 
 
 async def test_pause_reaches_the_child_and_resume_releases_it(
