@@ -526,3 +526,19 @@ async def test_what_a_run_waits_for_is_found_through_its_children(
     assert resp.status_code == 200, resp.text
     await wait_for(client, wf_id)
     assert await stopped_waiting(store, wf_id) is None
+
+
+async def test_cancelling_the_child_fails_the_call(client: httpx.AsyncClient) -> None:
+    await define(client, "gated", GATED)
+    flow = {
+        "start": {"call": {"workflow": "gated"}, "on_error": "handle", "done": True},
+        "handle": {"tool": "echo", "args": {"m": "<<error.message>>"}, "done": True},
+    }  # fmt: skip
+    wf_id = await start(client, flow)
+    (child,) = await until(lambda: runs(client, "gated"))
+    await gate_of(client, child["id"])
+    resp = await client.delete(f"/api/workflow/{child['id']}")
+    assert resp.status_code in (200, 202, 204), resp.text
+    wf = await wait_for(client, wf_id)
+    assert wf["status"] == "completed", wf
+    assert wf["output"] == {"m": f"child workflow {child['id']} cancelled"}
