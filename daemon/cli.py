@@ -421,6 +421,8 @@ def _awaits(step: dict[str, Any]) -> str:
         return "waits for a signal" + (f" (times out {_when(until)})" if until else "")
     if awaiting == "branches":
         return "waits for its branches"
+    if awaiting == "child" and step.get("child_id"):
+        return f"waits for child workflow {step['child_id']} (stepd show {step['child_id']})"
     return f"awaits {awaiting}"
 
 

@@ -72,6 +72,7 @@ class Engine:
         self.policy = policy or egress.Policy()
         self._flows = flows.ParseCache()
         self.defs = Definitions(self)
+        executor.defs = self.defs  # call states start runs of saved definitions
 
     # -- create and validate -----------------------------------------------------------
 
@@ -398,7 +399,13 @@ class Engine:
         """What waits for a person now, oldest first: gates, and interrupted steps. An
         input or previous result over INBOX_JSON bytes is left out (null, with its size)."""
         out = []
+        parents: dict[int, dict[str, int] | None] = {}  # of children of call states
         for r in await self.store.approvals(limit=limit, after=after, max_json=INBOX_JSON):
+            if r["workflow_id"] not in parents:
+                link = await self.store.parent_of(r["workflow_id"])
+                parents[r["workflow_id"]] = (
+                    None if link is None else {"workflow_id": link[0], "step_id": link[1]}
+                )
             approvers = orjson.loads(r["approvers_json"]) if r["approvers_json"] else None
             if r["scope"] is not None:  # a gate inside a branch: its own state's approvers
                 info = await self.executor.workflow_info(r["workflow_id"])
@@ -420,6 +427,7 @@ class Engine:
                 "approvers": approvers if isinstance(approvers, list) else None,
                 "waiting_since": r["started_at"],
                 "expires_at": r["expires_at"],
+                "parent": parents[r["workflow_id"]],
             })  # fmt: skip
         return out
 

@@ -26,13 +26,14 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from daemon import egress, metrics, templating
 from daemon import flow as flows
 from daemon.config import Config
+from daemon.errors import StepdError
 from daemon.evaluator import Evaluator, SandboxUnavailable
 from daemon.logs import StepLogger
 from daemon.models import BranchEnd, Branches, Finish, NewStep, Step, StepStatus, WorkflowStatus
@@ -41,6 +42,9 @@ from daemon.storage import StorageError, StorageUnavailable, WorkflowTooLarge, n
 from daemon.storage.base import BaseStore
 from daemon.templating import Needs, Scope
 from daemon.tools import Registry, ToolContext, ToolError
+
+if TYPE_CHECKING:
+    from daemon.definitions import Definitions
 
 log = logging.getLogger("stepd.executor")
 # Backoff jitter from a generator of our own: the process-wide one belongs to the host
@@ -113,6 +117,8 @@ class Executor:
         store.change_hooks.append(lambda kind: kind != "commit" and self.wake())
         store.cancel_hooks.append(self.cancel_steps)
         self._sleep_until = 0.0  # time.monotonic() when the loop's current wait ends
+        # Saved definitions, for call states (set by the Engine that owns this executor).
+        self.defs: Definitions | None = None
 
     # -- control ---------------------------------------------------------------------
 
@@ -349,7 +355,11 @@ class Executor:
             error, type_ = "wait timed out", "WaitTimeout"
         else:
             error, type_ = f"timed out after {state.timeout or 0:g}s", "Timeout"
-        if await self.store.wake(step, error=error, error_type=type_):
+        if step.awaiting == "child":  # the child workflow is cancelled with it
+            woke = await self.store.time_out_call(step, error=error, error_type=type_)
+        else:
+            woke = await self.store.wake(step, error=error, error_type=type_)
+        if woke:
             log.info("%s", error, extra=_fields(step))
 
     def hurry(self) -> None:
@@ -455,7 +465,7 @@ class Executor:
             except Exception as exc:  # a bug: fail the workflow rather than leave it hanging
                 log.exception("step crashed", extra=_fields(step))
                 fin = _crashed(step, f"internal error: {type(exc).__name__}: {exc}")
-            if fin is None:  # a parallel, map or wait step now waits, holding no slot
+            if fin is None:  # a parallel, map, wait or call step now waits, holding no slot
                 return
             metrics.step_finished(tool, _outcome(fin), time.perf_counter() - began)
             nxt = fin.next_step
@@ -537,7 +547,7 @@ class Executor:
     async def _attempt(self, step: Step) -> Finish | None:
         info = await self.workflow_info(step.workflow_id)
         state = info.state(step)
-        if state.kind in ("parallel", "map", "wait"):
+        if state.kind in ("parallel", "map", "wait", "call"):
             return await self._composite(info, state, step)
         scope: Scope | None = None
         try:
@@ -555,10 +565,10 @@ class Executor:
                             max_workflow_bytes=self.config.max_workflow_bytes)  # fmt: skip
 
     async def _composite(self, info: WorkflowInfo, state: flows.State, step: Step) -> Finish | None:
-        """A parallel, map or wait step. Its first run starts the branches or the wait and
-        gives up the run slot (None: nothing more to record now); once it is woken (joined,
-        fired, signalled, timed out) it runs again to move its flow on, like a tool that
-        returned its result or failed."""
+        """A parallel, map, wait or call step. Its first run starts the branches, the wait or
+        the child workflow and gives up the run slot (None: nothing more to record now);
+        once it is woken (joined, fired, signalled, the child ended, timed out) it runs
+        again to move its flow on, like a tool that returned its result or failed."""
         try:
             if step.woken:
                 if step.error is not None:
@@ -577,11 +587,14 @@ class Executor:
                             max_workflow_bytes=self.config.max_workflow_bytes)  # fmt: skip
 
     async def _begin(self, info: WorkflowInfo, state: flows.State, step: Step) -> str | None:
-        """Start a parallel's branches, a map's items or a wait. Returns the state's result
-        when there is nothing to wait for (no items, a time already past, a signal that
-        came first), else None."""
+        """Start a parallel's branches, a map's items, a wait or a call's child workflow.
+        Returns the state's result when there is nothing to wait for (no items, a time
+        already past, a signal that came first), else None."""
         timeout = state.timeout
         expires = None if timeout is None else now_ms() + int(timeout * 1000)
+        if state.kind == "call":
+            await self._start_child(info, state, step, expires)
+            return None
         if state.kind == "parallel":
             assert state.branches is not None
             keys = [(name, None) for name in state.branches]
@@ -624,6 +637,41 @@ class Executor:
         await self.store.begin_wait(step, awaiting="timer", signal=None, expires_at=until)
         return None
 
+    async def _start_child(
+        self, info: WorkflowInfo, state: flows.State, step: Step, expires: int | None
+    ) -> None:
+        """A call step starts a run of a saved definition as its child workflow and waits
+        for it (awaiting 'child'); the child's end wakes it with the child's output or
+        error. A call that cannot start (no such definition, too deep, input refused by
+        the definition's input_schema, ...) fails for good: no retry makes it start."""
+        spec = state.call
+        assert spec is not None
+        if state.templated:
+            input_data = await self._render_value(spec.input, await self.scope(info, step),
+                                                  "call.input")  # fmt: skip
+        else:
+            input_data = _fresh(spec.input)
+        ref = spec.workflow
+        if self.defs is None:  # an executor without an engine (some tests)
+            raise StepFailed(f"call state '{state.id}': saved definitions are not available "
+                             "here", type_="CallFailed", retryable=False)  # fmt: skip
+        parent = await self.store.get_workflow(info.id)
+        assert parent is not None  # a running workflow is never deleted
+        try:
+            run, concurrency = await self.defs.child_run(
+                str(ref), spec.version, input_data, parent=parent, step_id=step.id
+            )
+        except StepdError as exc:
+            raise StepFailed(f"call state '{state.id}' cannot start workflow "
+                             f"'{_cut(str(ref))}': {_clean(exc.text)}", type_="CallFailed",
+                             retryable=False) from None  # fmt: skip
+        child = await self.store.start_child(step, run, concurrency=concurrency,
+                                             expires_at=expires)  # fmt: skip
+        if child is not None:
+            log.info("child workflow %d started (%s v%s)", child, run.name,
+                     run.definition_version, extra=_fields(step))  # fmt: skip
+            self.wake()  # its first step is queued: claim it now
+
     async def _start_branches(self, step: Step, branches: Branches, expires: int | None) -> None:
         try:
             await self.store.start_branches(step, branches, expires_at=expires)
@@ -662,6 +710,17 @@ class Executor:
         except TemplateError as exc:
             raise StepFailed(f"{where}: {exc}", type_="TemplateError", retryable=False) from None
         except SandboxUnavailable as exc:
+            raise Postponed(str(exc)) from None
+
+    async def _render_value(self, value: Any, scope: Scope, where: str) -> Any:
+        """A templated value other than args (a call's input), rendered (a copy)."""
+        try:
+            rendered = (await self.evaluator.render({"v": value}, scope))["v"]
+            self._postponed = 0.0
+            return rendered
+        except TemplateError as exc:
+            raise StepFailed(f"{where}: {exc}", type_="TemplateError", retryable=False) from None
+        except SandboxUnavailable as exc:  # nothing has started: back to the queue
             raise Postponed(str(exc)) from None
 
     async def _render(self, state: flows.State, scope: Scope) -> Any:
@@ -1011,6 +1070,10 @@ def _fresh(args: Any) -> Any:
     except TypeError as exc:  # e.g. an integer beyond 64 bits built by a template
         raise StepFailed(f"args are not JSON: {exc}", type_="BadArguments",
                          retryable=False) from None  # fmt: skip
+
+
+def _cut(text: str, width: int = 100) -> str:
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def _clean(text: str) -> str:

@@ -21,15 +21,17 @@ from daemon import flowcheck, placeholders, templating
 
 STATE_KEYS = {
     "name", "tool", "args", "next", "branch", "done", "timeout", "retry", "on_error",
-    "approvers", "allow_self_approval", "parallel", "map", "wait", "join",
+    "approvers", "allow_self_approval", "parallel", "map", "wait", "join", "call",
 }  # fmt: skip
-ACTIONS = ("tool", "parallel", "map", "wait")  # a state has exactly one
+ACTIONS = ("tool", "parallel", "map", "wait", "call")  # a state has exactly one
 # The `tool` column of a step row for the states that run no tool: the executor runs them
 # itself (a colon starts no registered tool's name).
-KIND_TOOLS = {"parallel": ":parallel", "map": ":map", "wait": ":wait"}
+KIND_TOOLS = {"parallel": ":parallel", "map": ":map", "wait": ":wait", "call": ":call"}
 JOINS = ("fail_fast", "all_settled")
 MAP_KEYS = {"items", "as", "max_concurrency", "tolerated_failures", "flow"}
 WAIT_KEYS = {"seconds", "until", "signal", "timeout"}
+CALL_KEYS = {"workflow", "version", "input"}
+MAX_REF = 200  # characters of a called definition's name (as definition names)
 TOP_NAMES = frozenset({"input", "steps", "result", "error", "workflow"})
 MAX_DEPTH = 5  # parallel and map states nested in each other
 GATE_ONLY_KEYS = ("approvers", "allow_self_approval")
@@ -80,10 +82,18 @@ class WaitSpec:
 
 
 @dataclass(frozen=True)
+class CallSpec:
+    workflow: str | int  # a saved definition's name, or its id
+    version: int | None  # None: the definition's latest version when the call starts
+    input: Any  # the child's input: an object whose strings may hold placeholders, or one
+    # placeholder giving an object
+
+
+@dataclass(frozen=True)
 class State:
     id: str
     name: str
-    tool: str | None  # None: an approval gate (or a parallel, map or wait state: see kind)
+    tool: str | None  # None: an approval gate (or a parallel, map, wait or call: see kind)
     args: dict[str, Any]
     next: str | None = None
     branch: tuple[Case, ...] | None = None
@@ -95,11 +105,12 @@ class State:
     approvers: tuple[str, ...] | None = None  # gate: token names or permissions who may decide
     allow_self_approval: bool | None = None  # gate: None = the config's default
     needs: templating.Needs = templating.NO_NEEDS  # what its args and conditions read
-    kind: str = "tool"  # tool, gate, parallel, map or wait
+    kind: str = "tool"  # tool, gate, parallel, map, wait or call
     branches: dict[str, Flow] | None = None  # parallel
     join: str = "fail_fast"  # parallel: fail_fast or all_settled
     map: MapSpec | None = None
     wait: WaitSpec | None = None
+    call: CallSpec | None = None
 
     @property
     def step_tool(self) -> str | None:
@@ -288,7 +299,8 @@ def _count_states(raw: Any, depth: int) -> int:
 
 
 def _state_expressions(body: dict[str, Any]) -> Iterator[str]:
-    """Every expression of a raw state: args, branch conditions, map items, wait until."""
+    """Every expression of a raw state: args, branch conditions, map items, wait until,
+    call input."""
     yield from templating.expressions(body.get("args"))
     for case in body.get("branch") if isinstance(body.get("branch"), list) else ():
         if isinstance(case, dict) and isinstance(case.get("if"), str):
@@ -297,6 +309,8 @@ def _state_expressions(body: dict[str, Any]) -> Iterator[str]:
         yield from templating.expressions(body["map"].get("items"))
     if isinstance(body.get("wait"), dict):
         yield from templating.expressions(body["wait"].get("until"))
+    if isinstance(body.get("call"), dict):
+        yield from templating.expressions(body["call"].get("input"))
 
 
 def _expression_size(raw: dict[str, Any], depth: int = 0) -> str | None:
@@ -373,10 +387,10 @@ def _parse_state(
     actions = [k for k in ACTIONS if k in body]
     if not actions:
         errors.append(f"{where}: field 'tool' is required (a tool name, or null for a gate), "
-                      "unless the state is a 'parallel', 'map' or 'wait'")  # fmt: skip
+                      "unless the state is a 'parallel', 'map', 'wait' or 'call'")  # fmt: skip
     elif len(actions) > 1:
         errors.append(f"{where}: has {len(actions)} actions ({', '.join(actions)}); a state "
-                      "has exactly one of 'tool', 'parallel', 'map' or 'wait'")  # fmt: skip
+                      "has exactly one of 'tool', 'parallel', 'map', 'wait' or 'call'")  # fmt: skip
     action = actions[0] if len(actions) == 1 else "tool"
     tool = body.get("tool")
     kind = action if action != "tool" else ("gate" if tool is None else "tool")
@@ -442,7 +456,7 @@ def _parse_state(
     if kind in ("parallel", "map") and depth >= MAX_DEPTH:
         errors.append(f"{where}: parallel and map states may be nested at most {MAX_DEPTH} deep")
         return None
-    branches = mapped = waited = None
+    branches = mapped = waited = called = None
     if kind == "parallel":
         branches = _parse_parallel(where, body["parallel"], tools, errors, warnings, ids, depth)
     elif kind == "map":
@@ -453,6 +467,10 @@ def _parse_state(
         waited = _parse_wait(where, body["wait"], errors)
         if waited is not None:
             exprs += templating.expressions(waited.until)
+    elif kind == "call":
+        called = _parse_call(where, body["call"], errors)
+        if called is not None:
+            exprs += templating.expressions(called.input)
     if len(errors) > before:
         return None
     return State(
@@ -475,6 +493,7 @@ def _parse_state(
         join=join,
         map=mapped,
         wait=waited,
+        call=called,
     )
 
 
@@ -589,6 +608,49 @@ def _parse_wait(where: str, raw: Any, errors: list[str]) -> WaitSpec | None:
         signal=signal,
         timeout=float(timeout) if timeout is not None else None,
     )
+
+
+def _parse_call(where: str, raw: Any, errors: list[str]) -> CallSpec | None:
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: field 'call' must be an object: workflow, and optionally "
+                      "version and input")  # fmt: skip
+        return None
+    before = len(errors)
+    for key in sorted(set(raw) - CALL_KEYS):
+        errors.append(f"{where}: call: unknown field '{key}'")
+    ref = raw.get("workflow")
+    if "workflow" not in raw:
+        errors.append(f"{where}: call: field 'workflow' is required (a saved definition's "
+                      "name or id)")  # fmt: skip
+    elif isinstance(ref, bool) or not (
+        (isinstance(ref, str) and 0 < len(ref) <= MAX_REF)
+        or (isinstance(ref, int) and 1 <= ref < 2**63)
+    ):
+        errors.append(f"{where}: call: field 'workflow' must be a saved definition's name "
+                      f"(1 to {MAX_REF} characters) or id")  # fmt: skip
+    version = raw.get("version")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**31
+    ):
+        errors.append(f"{where}: call: field 'version' must be a version number (an integer "
+                      ">= 1)")  # fmt: skip
+    value = raw.get("input")
+    if value is None:
+        value = {}
+    if isinstance(value, str):
+        exprs = list(templating.expressions(value))
+        if len(exprs) != 1 or placeholders.whole(value) is None:
+            errors.append(f"{where}: call: field 'input' must be an object or one placeholder "
+                          'such as "<<input>>"')  # fmt: skip
+    elif not isinstance(value, dict):
+        errors.append(f"{where}: call: field 'input' must be an object (the child's input)")
+    for expr in list(templating.expressions(value))[:MAX_PLACEHOLDERS]:
+        problem = templating.check_expression(expr)
+        if problem:
+            errors.append(f"{where}: call: field 'input': {problem}")
+    if len(errors) > before:
+        return None
+    return CallSpec(ref, version, value)
 
 
 def parse_instant(value: Any) -> int | None:

@@ -166,8 +166,8 @@ def _flow(
 
 
 def _expressions(body: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(field, expression) of every template and condition of one state (the map's items
-    and a wait's until are read in the state's own flow, as its args are)."""
+    """(field, expression) of every template and condition of one state (the map's items,
+    a wait's until and a call's input are read in the state's own flow, as its args are)."""
     for expr in templating.expressions(body.get("args")):
         yield "field 'args'", expr
     cases = body.get("branch")
@@ -182,6 +182,10 @@ def _expressions(body: dict[str, Any]) -> Iterator[tuple[str, str]]:
     if isinstance(spec, dict) and isinstance(spec.get("until"), str):
         for expr in templating.expressions(spec["until"]):
             yield "wait.until", expr
+    spec = body.get("call")
+    if isinstance(spec, dict):
+        for expr in templating.expressions(spec.get("input")):
+            yield "call.input", expr
 
 
 def _expression(

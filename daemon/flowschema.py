@@ -9,6 +9,7 @@ arguments, that a branch's `else` is the last case, the forms of ISO 8601 a wait
 `until` may take, a map's `as` beyond ASCII names (the parser takes any Python
 identifier), the limits (states, nesting depth, placeholders, body size), and JSON's
 2.0 versus 2 (one number to JSON Schema; the parser wants an integer where it says so).
+Neither checks that a call's definition exists: the call looks it up when it runs.
 tests/test_flowschema.py runs the flow tables through both and keeps them agreeing.
 """
 
@@ -173,6 +174,36 @@ def definitions(prefix: str = "#/$defs/") -> dict[str, Schema]:
         {"wait": ref("Wait")},
         "A durable timer or a wait for a signal",
     )
+    call = kind(
+        "call",
+        {
+            "call": {
+                "type": "object",
+                "properties": {
+                    "workflow": {
+                        "anyOf": [
+                            {"type": "string", "minLength": 1, "maxLength": 200},
+                            {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                        ],
+                        "description": "the saved definition to run: its name or id",
+                    },
+                    "version": {
+                        **nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1}),
+                        "description": "the version to run (default: the definition's latest "
+                        "when the call starts)",
+                    },
+                    "input": {
+                        "anyOf": [{"type": "object"}, {"type": "null"}, placeholder],
+                        "description": "the child's input: an object whose string values may "
+                        "hold <<expr>> placeholders, or one placeholder giving an object",
+                    },
+                },
+                "required": ["workflow"],
+                "additionalProperties": False,
+            },
+        },
+        "Runs a saved definition as a child workflow; its output is the result",
+    )
     return {
         "Flow": {
             "description": "States keyed by state id; the flow begins at 'start'",
@@ -181,16 +212,23 @@ def definitions(prefix: str = "#/$defs/") -> dict[str, Schema]:
             "additionalProperties": ref("State"),
         },
         "State": {
-            "description": "Exactly one action (tool, parallel, map, wait) and exactly one "
-            "transition (next, branch, done)",
+            "description": "Exactly one action (tool, parallel, map, wait, call) and exactly "
+            "one transition (next, branch, done)",
             "type": "object",
-            "oneOf": [ref("ToolState"), ref("ParallelState"), ref("MapState"), ref("WaitState")],
+            "oneOf": [
+                ref("ToolState"),
+                ref("ParallelState"),
+                ref("MapState"),
+                ref("WaitState"),
+                ref("CallState"),
+            ],
             "allOf": [{"oneOf": [{"required": [k]} for k in ("next", "branch", "done")]}],
         },
         "ToolState": tool,
         "ParallelState": parallel,
         "MapState": map_,
         "WaitState": wait,
+        "CallState": call,
         "Wait": wait_spec,
         "Case": {
             "oneOf": [

@@ -50,7 +50,7 @@ def array(schema: Schema) -> Schema:
 
 # -- schemas -------------------------------------------------------------------------
 
-WORKFLOW_STATUS = ["running", "paused", "completed", "failed", "cancelled"]
+WORKFLOW_STATUS = ["running", "paused", "queued", "completed", "failed", "cancelled"]
 SUMMARY: dict[str, Schema] = {
     "id": ID,
     "name": STRING,
@@ -62,15 +62,28 @@ SUMMARY: dict[str, Schema] = {
     "completed_at": nullable(MILLIS),
     "cancelled_at": nullable(MILLIS),
     "paused_at": nullable(MILLIS),
+    "definition_id": {**nullable(ID), "description": "a run of a saved definition: its id"},
+    "definition_version": {**nullable({"type": "integer"}), "description": "the version it runs"},
+    "trigger": {
+        "enum": ["manual", "api", "execute", "webhook", "schedule", "call", None],
+        "description": "what started a run of a saved definition (null: a one-off workflow)",
+    },
 }
 STEP = closed(
     {
         "id": ID,
         "name": STRING,
         "state": STRING,
-        "kind": {"enum": ["tool", "gate", "parallel", "map", "wait"]},
-        "tool": {**nullable(STRING), "description": "null for a gate, parallel, map or wait"},
+        "kind": {"enum": ["tool", "gate", "parallel", "map", "wait", "call"]},
+        "tool": {
+            **nullable(STRING),
+            "description": "null for a gate, parallel, map, wait or call",
+        },
         "parent_id": {**nullable(ID), "description": "the parallel or map step it runs in"},
+        "child_id": {
+            **nullable(ID),
+            "description": "a call step: the child workflow its latest attempt started",
+        },
         "scope": {
             **nullable(array({"type": ["string", "integer"]})),
             "description": "the path of its flow: (parallel or map state, branch name or item "
@@ -78,11 +91,11 @@ STEP = closed(
         },
         "status": {"enum": ["pending", "running", "done", "failed", "cancelled"]},
         "awaiting": {
-            "enum": ["ready", "decision", "branches", "timer", "signal", None],
+            "enum": ["ready", "decision", "branches", "timer", "signal", "child", None],
             "description": "'ready': a gate waits for .../ready; 'decision': a non-idempotent "
             "tool was interrupted by a stop or crash and waits for .../retry or .../fail; "
             "'branches': a parallel or map step waits for its branches; 'timer' and 'signal': "
-            "a wait state",
+            "a wait state; 'child': a call step waits for its child workflow",
         },
         "attempt": {"type": "integer", "minimum": 0},
         "result_json": {**nullable(STRING), "description": "the result, JSON-encoded"},
@@ -116,6 +129,11 @@ SCHEMAS: dict[str, Schema] = {
             "dag": {
                 **nullable(array(ref("DagStep"))),
                 "description": "the submitted DAG steps, if any",
+            },
+            "parent": {
+                "anyOf": [closed({"workflow_id": ID, "step_id": ID}), {"type": "null"}],
+                "description": "a child workflow of a call state: its parent workflow and "
+                "the call step",
             },
             "steps": array(STEP),
         }
@@ -157,6 +175,11 @@ SCHEMAS: dict[str, Schema] = {
             "approvers": nullable(array(STRING)),
             "waiting_since": nullable(MILLIS),
             "expires_at": nullable(MILLIS),
+            "parent": {
+                "anyOf": [closed({"workflow_id": ID, "step_id": ID}), {"type": "null"}],
+                "description": "in a child workflow of a call state: its parent workflow and "
+                "the call step",
+            },
         }
     ),
 }

@@ -84,6 +84,18 @@ VALID_NEW: list[tuple[str, dict[str, Any]]] = [
                      "end": END}),
     ("nested", {"start": {"parallel": {"a": {"start": {"map": {"items": [1], "flow": {
         "start": {"wait": {"seconds": 1}, "done": True}}}, "done": True}}}, "done": True}}),
+    ("call", {"start": {"call": {"workflow": "kyc", "version": 3,
+                                 "input": {"who": "<<input.who>>", "n": 1}},
+                        "timeout": 60, "retry": {"max_attempts": 2}, "on_error": "end",
+                        "next": "end"}, "end": END}),
+    ("call-by-id", {"start": {"call": {"workflow": 1733239000000}, "done": True}}),
+    ("call-input-placeholder", {"start": {"call": {"workflow": "kyc", "input": "<<input>>"},
+                                          "done": True}}),
+    ("call-nulls", {"start": {"call": {"workflow": "kyc", "version": None, "input": None},
+                              "done": True}}),
+    ("call-in-map", {"start": {"map": {"items": "<<input.people>>", "as": "person", "flow": {
+        "start": {"call": {"workflow": "kyc", "input": {"p": "<<person>>"}}, "done": True}}},
+        "done": True}}),
 ]  # fmt: skip
 
 # (id, flow): structurally invalid: both reject.
@@ -146,6 +158,29 @@ INVALID_NEW: list[tuple[str, dict[str, Any]]] = [
                                                     "flow": {"start": END}}, "done": True}}),
     ("parallel-branch-empty", {"start": {"parallel": {"a": {}}, "done": True}}),
     ("parallel-list", {"start": {"parallel": [{"start": END}], "done": True}}),
+    ("call-string", {"start": {"call": "kyc", "done": True}}),
+    ("call-no-workflow", {"start": {"call": {"input": {}}, "done": True}}),
+    ("call-workflow-empty", {"start": {"call": {"workflow": ""}, "done": True}}),
+    ("call-workflow-too-long", {"start": {"call": {"workflow": "k" * 201}, "done": True}}),
+    ("call-workflow-zero", {"start": {"call": {"workflow": 0}, "done": True}}),
+    ("call-workflow-bool", {"start": {"call": {"workflow": True}, "done": True}}),
+    ("call-workflow-list", {"start": {"call": {"workflow": ["kyc"]}, "done": True}}),
+    ("call-version-zero", {"start": {"call": {"workflow": "k", "version": 0}, "done": True}}),
+    ("call-version-string", {"start": {"call": {"workflow": "k", "version": "3"},
+                                       "done": True}}),
+    ("call-version-bool", {"start": {"call": {"workflow": "k", "version": True}, "done": True}}),
+    ("call-input-list", {"start": {"call": {"workflow": "k", "input": [1]}, "done": True}}),
+    ("call-input-text", {"start": {"call": {"workflow": "k", "input": "who"}, "done": True}}),
+    ("call-input-two-placeholders", {"start": {"call": {"workflow": "k",
+                                                        "input": "<<a>> <<b>>"}, "done": True}}),
+    ("call-unknown-field", {"start": {"call": {"workflow": "k", "args": {}}, "done": True}}),
+    ("call-and-tool", {"start": {"call": {"workflow": "k"}, "tool": "x", "done": True}}),
+    ("call-and-wait", {"start": {"call": {"workflow": "k"}, "wait": {"seconds": 1},
+                                 "done": True}}),
+    ("call-args", {"start": {"call": {"workflow": "k"}, "args": {}, "done": True}}),
+    ("call-join", {"start": {"call": {"workflow": "k"}, "join": "all_settled", "done": True}}),
+    ("call-approvers", {"start": {"call": {"workflow": "k"}, "approvers": ["a"], "done": True}}),
+    ("call-no-transition", {"start": {"call": {"workflow": "k"}}}),
 ]  # fmt: skip
 
 
@@ -273,6 +308,18 @@ KINDS = {
         },
     )
     | VALUES,
+    "call": st.fixed_dictionaries(
+        {},
+        optional={
+            "workflow": st.sampled_from(["kyc", 7, "", 0, "k" * 201, True, None, ["k"]]),
+            "version": st.sampled_from([1, 3, 0, -1, None, "1", True]),
+            "input": st.sampled_from(
+                [{}, {"a": "<<input.a>>"}, "<<input>>", None, "a", "<<a>><<b>>", [1], 3]
+            ),
+            "other": VALUES,
+        },
+    )
+    | VALUES,
 }
 BASES = [
     {"tool": "x", "done": True},
@@ -281,6 +328,7 @@ BASES = [
     {"map": {"items": [1], "flow": {"start": END}}, "next": "a"},
     {"wait": {"seconds": 1}, "done": True},
     {"wait": {"signal": "s", "timeout": 5}, "on_error": "start", "done": True},
+    {"call": {"workflow": "kyc", "input": {"a": 1}}, "next": "a"},
 ]
 
 

@@ -1063,7 +1063,7 @@ class BaseStore(DefinitionStore):
         params = {"parent_id": parent_id, "now": now, "reason": reason}
         ids = [r[0] for r in db.execute(self.Q["cancel_descendants"], params).fetchall()]
         db.execute(self.Q["cancel_open_branches"], {"parent_id": parent_id})
-        return ids
+        return ids + self._cancel_calls(db, parent_id, ids, now)  # children of call steps
 
     def _start_branches(
         self,

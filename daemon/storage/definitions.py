@@ -464,6 +464,54 @@ class DefinitionStore(_Base):
 
         return await self.write("start_child", op)
 
+    async def parent_of(self, workflow_id: int) -> tuple[int, int] | None:
+        """(parent workflow id, call step id) of a child of a call state, else None."""
+        row = await self._one(self.Q["ended_links"], {"id": workflow_id})
+        if row is None or row["parent_step_id"] is None:
+            return None
+        return row["parent_workflow_id"], row["parent_step_id"]
+
+    async def time_out_call(
+        self, step: Step, *, error: str, error_type: str, now: int | None = None
+    ) -> bool:
+        """A call step's timeout passed: it is woken with `error` (its flow goes on to a
+        retry, on_error or the workflow's failure) and its child workflow is cancelled,
+        with the child's own children. False when it was no longer waiting."""
+        now = now_ms() if now is None else now
+        cancels: list[int] = []
+
+        def op(db: Tx) -> bool:
+            cancels.clear()
+            self._hold_point(db, step.workflow_id, now)
+            woke = self._wake(db, step.workflow_id, step.id, "child", now, attempt=step.attempt,
+                              error=error, error_type=error_type)  # fmt: skip
+            if woke and step.child_id is not None:
+                by = f"the call step timed out (workflow {step.workflow_id})"
+                cancels.extend(self._cancel_tree(db, step.child_id, by, now) or [])
+            return woke
+
+        woke = await self.write("time_out_call", op)
+        self._cancelled(cancels)
+        return woke
+
+    def _cancel_calls(self, db: Tx, parent_id: int, step_ids: list[int], now: int) -> list[int]:
+        """Steps inside parallel or map step `parent_id` were just cancelled (a sibling
+        failed, or it timed out) while its workflow goes on: the children that call steps
+        among them wait for are cancelled too, with their own. Their step ids."""
+        if not step_ids:
+            return []
+        row = db.execute(self.Q["get_step"], {"id": parent_id}).fetchone()
+        if row is None:
+            return []
+        cancelled_steps = set(step_ids)
+        cancelled: list[int] = []
+        for (child,) in db.execute(self.Q["children"], {"id": row["workflow_id"]}).fetchall():
+            link = db.execute(self.Q["ended_links"], {"id": child}).fetchone()
+            if link is not None and link["parent_step_id"] in cancelled_steps:
+                by = "its call step was cancelled"
+                cancelled += self._cancel_tree(db, child, by, now) or []
+        return cancelled
+
     def _pause_tree(self, db: Tx, workflow_id: int, unpause: bool, now: int) -> None:
         """Pause (or resume) the running children of a workflow, at every depth."""
         for (child,) in db.execute(self.Q["children"], {"id": workflow_id}).fetchall():
