@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Mount
 
-from daemon.web import actions, pages
+from daemon.web import actions, defactions, defpages, pages
 
 
 def routes() -> list[BaseRoute]:
     """One Mount of plain routes, so `request.app` stays the main app."""
-    return [Mount("/ui", routes=[*pages.ROUTES, *actions.ROUTES, *pages.FALLBACK])]
+    return [
+        Mount(
+            "/ui",
+            routes=[
+                *pages.ROUTES,
+                *defpages.ROUTES,
+                *actions.ROUTES,
+                *defactions.ROUTES,
+                *pages.FALLBACK,
+            ],
+        )
+    ]

@@ -23,7 +23,7 @@ from daemon.web import session as sessions
 from daemon.web.pages import engine_of, login_form, render, safe_next, signed_in
 from daemon.web.session import Session
 
-MAX_FIELDS = 20
+MAX_FIELDS = 80  # a definition's Run form has a field per input property (up to 60)
 
 Form = dict[str, str]
 

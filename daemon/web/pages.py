@@ -340,6 +340,20 @@ def editable_input(value: Any) -> str | None:
     return None if text.endswith(("more characters", "more bytes")) else text
 
 
+async def run_origin(engine: Engine, wf: dict[str, Any]) -> dict[str, Any] | None:
+    """For a run of a saved definition: the definition's id, name and the version it runs."""
+    def_id = wf.get("definition_id")
+    if def_id is None:
+        return None
+    name = wf.get("definition_name")
+    if name is None:
+        try:
+            name = (await engine.defs.get(str(def_id)))["name"]
+        except NotFound:  # deleted since
+            name = None
+    return {"id": def_id, "name": name, "version": wf.get("definition_version")}
+
+
 @signed_in
 async def workflow_page(request: Request, session: Session) -> Response:
     """One workflow: its flow as a graph, its input, the timeline of steps (the latest
@@ -376,6 +390,7 @@ async def workflow_page(request: Request, session: Session) -> Response:
         last_event=log[-1]["id"] if log else 0,
         waiting=any(s["awaiting"] in ("ready", "decision") for s in running),
         at_gate=any(s["awaiting"] == "ready" for s in running),
+        origin=await run_origin(engine_of(request), wf),
     )
 
 
