@@ -95,10 +95,8 @@ def read(schema: Any, form: dict[str, str]) -> tuple[Any, list[str]]:
     problems: list[str] = []
     for field in made:
         raw = form.get(field.form_name, "")
-        if field.kind != "string" and not raw.strip():
-            continue
-        if field.kind == "string" and raw == "" and not field.required:
-            continue
+        if not raw.strip() and (field.kind != "string" or raw == ""):
+            continue  # left empty: not given (a blank string is given as typed)
         try:
             data[field.name] = _value(field, raw)
         except ValueError as exc:
