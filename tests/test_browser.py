@@ -410,3 +410,61 @@ def test_long_workflows_fold_and_page_their_steps(daemon: Daemon, browser: Any) 
     expect(page.locator(".timeline:not(.nested) > .step")).to_have_count(152)
     expect(page.locator(".older-steps")).to_have_count(0)
     assert problems == [], problems
+
+
+def test_a_definition_page_runs_it_from_its_schema_form(daemon: Daemon, browser: Any) -> None:
+    expect = sync_api.expect
+    definition = {
+        "name": "Vet the supplier",
+        "description": "Checks a supplier before the first order",
+        "flow": {
+            "start": {"name": "look up", "tool": "echo", "args": {"who": "<<input.who>>"},
+                      "next": "score"},
+            "score": {"tool": "echo", "args": {"tier": "<<input.tier>>"}, "done": True},
+        },
+        "input_schema": {"type": "object", "required": ["who"], "properties": {
+            "who": {"type": "string", "description": "The supplier's registered name"},
+            "orders": {"type": "integer"},
+            "tier": {"enum": ["gold", "silver", "bronze"]},
+            "notes": {"type": "object"}}},
+    }  # fmt: skip
+    with daemon.client(JAMES) as api:
+        resp = api.post("/api/workflows", json={"definition": definition, "tags": ["procurement"]})
+        assert resp.status_code == 201, resp.text
+        def_id = resp.json()["id"]
+        changed = {**definition, "flow": {**definition["flow"], "score": {
+            "tool": "echo", "args": {"tier": "<<input.tier>>", "orders": "<<input.orders>>"},
+            "done": True}}}  # fmt: skip
+        body = {"definition": changed, "change_summary": "Score by orders too"}
+        resp = api.put(f"/api/workflows/{def_id}", json=body)
+        assert resp.status_code == 200, resp.text
+    page = signed_in_page(browser, daemon, JAMES)
+    problems = watch(page)
+    page.click("nav a:has-text('Definitions')")
+    expect(page.locator(".list.defs li")).to_have_count(1)
+    shot(page, "20-definitions")
+    page.click(".list.defs a.row-link")
+    expect(page).to_have_url(f"{daemon.url}/ui/definitions/{def_id}")
+    expect(page.locator("#graph svg.flow")).to_be_visible()
+    expect(node(page, "score")).to_have_count(1)
+    expect(page.locator(".ops li")).not_to_have_count(0)
+    shot(page, "21-definition")
+
+    page.fill("input[name='in.who']", "Acme Ltd")
+    page.fill("input[name='in.orders']", "12")
+    page.select_option("select[name='in.tier']", label="silver")
+    page.click("form.run button:has-text('Run')")
+    expect(page.locator(".flash.ok")).to_contain_text("Started run")
+    expect(page.locator(".run-origin")).to_contain_text("Run of Vet the supplier v2")
+    expect(page.locator("#wf-status")).to_have_text("completed", timeout=15_000)
+    expect(page.locator(".step").last).to_contain_text('"orders": 12')
+    shot(page, "22-definition-run")
+    page.click(".run-origin a:has-text('Vet the supplier')")
+    expect(page.locator("#runs .list li")).to_have_count(1)
+    expect(page.locator("#runs .badge.s-completed")).to_have_count(1)
+
+    page.set_viewport_size({"width": 375, "height": 812})
+    page.reload()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"the definition page scrolls sideways on a phone ({width}px)"
+    assert problems == [], problems
