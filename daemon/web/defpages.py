@@ -177,6 +177,7 @@ async def definition_page(request: Request, session: Session) -> Response:
         return await not_found(request, session, "There is no such definition.")
     write = can(session, "workflow")
     defs = defs_of(request)
+    last_event = await engine_of(request).store.max_event_id()  # first: see workflow_page
     try:
         definition = hide_secrets(await defs.get(ref, reveal_secrets=write), write)
         ref = str(definition["id"])  # a name may be changed meanwhile: the id stays
@@ -219,6 +220,7 @@ async def definition_page(request: Request, session: Session) -> Response:
         runs_page=RUNS_PAGE,
         fields=runform.fields(body.get("input_schema")),
         statuses=STATUSES,
+        last_event=last_event,
     )
 
 
