@@ -29,6 +29,7 @@ STATUSES = ("draft", "active", "paused", "archived")
 RUN_STATUSES = ("queued", "running", "paused", "completed", "failed", "cancelled")
 MAX_TAG = 100
 MAX_OFFSET = 1_000_000
+MAX_OPS = 200  # diff operations shown (each value cut at PRETTY_LIMIT)
 
 
 def to_ms(value: Any) -> int | None:
@@ -147,7 +148,7 @@ async def diff_of(
 def op_rows(diff: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The RFC 6902 operations as rows to show: op, path, from, the value as text."""
     rows = []
-    for op in (diff or {}).get("diff") or []:
+    for op in ((diff or {}).get("diff") or [])[:MAX_OPS]:
         if not isinstance(op, dict):
             continue
         rows.append({
@@ -212,6 +213,7 @@ async def definition_page(request: Request, session: Session) -> Response:
         v2=v2,
         diff=diff,
         ops=op_rows(diff),
+        ops_hidden=max(len((diff or {}).get("diff") or []) - MAX_OPS, 0),
         runs=runs["runs"],
         runs_total=runs["total"],
         run_status=run_status,
