@@ -24,8 +24,9 @@ Action = Callable[[Request, str, Form, Session], Awaitable[tuple[str | None, str
 def refusal(exc: StepdError) -> str:
     """A refused action's message, with every problem the service listed."""
     problems = exc.extra.get("errors") if exc.extra else None
-    listed = "; ".join(str(p) for p in problems[:10]) if isinstance(problems, list) else ""
-    text = f"{exc.text}: {listed}" if listed and listed not in exc.text else exc.text
+    text = exc.text
+    if isinstance(problems, list) and problems and str(problems[0]) not in text:
+        text = f"{text}: {'; '.join(str(p) for p in problems[:10])}"
     if exc.status == 403:
         return f"You may not do this: {text}."
     if exc.status in (404, 409, 410, 422):
@@ -43,13 +44,9 @@ def version_of(form: Form, field: str = "version") -> int:
 async def run(request: Request, ref: str, form: Form, session: Session) -> tuple[str | None, str]:
     """Start a run of the chosen version with the input the form gives."""
     defs = defs_of(request)
-    definition = await defs.get(ref)
+    definition = await defs.get(ref, reveal=False)
     version = version_of(form) if form.get("version") else definition["version"]
-    if version == definition["version"]:
-        body = definition.get("definition")
-    else:
-        body = (await defs.version(ref, version)).get("definition")
-    body = as_dict(body) or {}
+    body = as_dict((await defs.version(ref, version))["definition"]) or {}
     data, problems = runform.read(body.get("input_schema"), form)
     if problems:
         raise Unprocessable("the form has problems: " + "; ".join(problems))
@@ -61,19 +58,19 @@ async def run(request: Request, ref: str, form: Form, session: Session) -> tuple
 async def deploy(
     request: Request, ref: str, form: Form, session: Session
 ) -> tuple[str | None, str]:
-    answer = await defs_of(request).deploy(ref, by=session.token.name)
+    answer = await defs_of(request).deploy(ref)
     return None, f"Deployed: its webhook is {answer.get('url')}."
 
 
 async def undeploy(
     request: Request, ref: str, form: Form, session: Session
 ) -> tuple[str | None, str]:
-    await defs_of(request).undeploy(ref, by=session.token.name)
+    await defs_of(request).undeploy(ref)
     return None, "Undeployed: its webhook no longer answers."
 
 
 async def arm(request: Request, ref: str, form: Form, session: Session) -> tuple[str | None, str]:
-    answer = await defs_of(request).arm(ref, by=session.token.name)
+    answer = await defs_of(request).arm(ref)
     return None, f"Armed: the webhook accepts one call until {answer.get('armed_until')}."
 
 
@@ -81,7 +78,7 @@ async def rollback(
     request: Request, ref: str, form: Form, session: Session
 ) -> tuple[str | None, str]:
     version = version_of(form)
-    answer = await defs_of(request).rollback(ref, version, by=session.token.name)
+    answer = await defs_of(request).rollback(ref, {"version": version}, by=session.token.name)
     made = answer.get("version") if isinstance(answer, dict) else None
     return None, f"Rolled back to version {version}" + (f" as version {made}." if made else ".")
 
@@ -92,7 +89,7 @@ async def set_status(
     status = form.get("status", "")
     if status not in STATUSES:
         raise BadRequest(f"the status must be one of {', '.join(STATUSES)}")
-    await defs_of(request).set_status(ref, status, by=session.token.name)
+    await defs_of(request).set_status(ref, {"status": status})
     return None, f"The status is {status} now."
 
 

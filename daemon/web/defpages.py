@@ -16,7 +16,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from daemon import dag
 from daemon.errors import NotFound
 from daemon.ids import MAX_ID
 from daemon.web import graph, runform
@@ -66,6 +65,12 @@ def valid_ref(ref: str) -> bool:
     return 0 < len(ref) <= 200
 
 
+def plain(definition: dict[str, Any]) -> dict[str, Any]:
+    """A definition as the service gives it, its tags as a list (they come as stored JSON)."""
+    tags = as_dict(definition.get("tags"))
+    return {**definition, "tags": [str(t) for t in tags] if isinstance(tags, list) else []}
+
+
 def as_dict(value: Any) -> Any:
     """A stored JSON value (text, bytes or an orjson Fragment) as Python values."""
     if isinstance(value, orjson.Fragment):
@@ -88,8 +93,10 @@ async def definitions_page(request: Request, session: Session) -> Response:
     status = query.get("status") if query.get("status") in STATUSES else None
     tag = (query.get("tag") or "").strip()[:MAX_TAG] or None
     offset = number(query.get("offset")) or 0
-    page = await defs_of(request).list(status=status, tag=tag, limit=LIST_PAGE, offset=offset)
-    items, total = page["workflows"], page["total"]
+    page = await defs_of(request).list(
+        status=status, tag=tag, trigger_type=None, limit=LIST_PAGE, offset=offset
+    )
+    items, total = [plain(d) for d in page["workflows"]], page["total"]
 
     def link(**changes: Any) -> str:
         params = {"status": status, "tag": tag, "offset": offset or None, **changes}
@@ -113,19 +120,6 @@ async def definitions_page(request: Request, session: Session) -> Response:
 
 
 # -- one definition ---------------------------------------------------------------------------
-
-
-def flow_of(body: Any) -> Any:
-    """The flow a version's definition body runs: its `flow`, or its DAG `steps` compiled."""
-    body = as_dict(body)
-    if not isinstance(body, dict):
-        return None
-    if body.get("flow") is not None:
-        return body["flow"]
-    if body.get("steps") is not None:
-        flow, _ = dag.compile_steps(body["steps"])
-        return flow
-    return None
 
 
 def pick_version(raw: str | None, numbers: list[int], default: int) -> int:
@@ -180,24 +174,23 @@ async def definition_page(request: Request, session: Session) -> Response:
     defs = defs_of(request)
     last_event = await engine_of(request).store.max_event_id()  # first: see workflow_page
     try:
-        definition = hide_secrets(await defs.get(ref, reveal_secrets=write), write)
+        definition = plain(hide_secrets(await defs.get(ref, reveal=write), write))
         ref = str(definition["id"])  # a name may be changed meanwhile: the id stays
-        versions = await defs.versions(ref)
-        v1, v2, diff = await diff_of(request, ref, [v["version"] for v in versions])
+        versions = (await defs.versions(ref))["versions"]
+        numbers = [v["version"] for v in versions]
+        v1, v2, diff = await diff_of(request, ref, numbers)
+        shown = pick_version(request.query_params.get("version"), numbers, definition["version"])
+        if shown == definition["version"]:
+            body, flow = definition["definition"], definition["flow"]
+        else:
+            chosen = await defs.version(ref, shown)
+            body, flow = chosen["definition"], chosen["flow"]
         query = request.query_params
         run_status = query.get("runs") if query.get("runs") in RUN_STATUSES else None
         runs_offset = number(query.get("runs_offset")) or 0
         runs = await defs.runs(ref, status=run_status, limit=RUNS_PAGE, offset=runs_offset)
     except NotFound:
         return await not_found(request, session, "There is no such definition.")
-    numbers = [v["version"] for v in versions]
-    shown = pick_version(request.query_params.get("version"), numbers, definition["version"])
-    chosen = next((v for v in versions if v["version"] == shown), None)
-    if shown == definition["version"] or chosen is None:
-        body, flow = definition.get("definition"), definition.get("flow")
-    else:
-        body = chosen.get("definition")
-        flow = flow_of(body)
     body = as_dict(body) or {}
     return await render(
         request,

@@ -348,7 +348,7 @@ async def run_origin(engine: Engine, wf: dict[str, Any]) -> dict[str, Any] | Non
     name = wf.get("definition_name")
     if name is None:
         try:
-            name = (await engine.defs.get(str(def_id)))["name"]
+            name = (await engine.defs.resolve(def_id)).name
         except NotFound:  # deleted since
             name = None
     return {"id": def_id, "name": name, "version": wf.get("definition_version")}
