@@ -417,6 +417,7 @@ def test_a_definition_page_runs_it_from_its_schema_form(daemon: Daemon, browser:
     definition = {
         "name": "Vet the supplier",
         "description": "Checks a supplier before the first order",
+        "tags": ["procurement"],
         "flow": {
             "start": {"name": "look up", "tool": "echo", "args": {"who": "<<input.who>>"},
                       "next": "score"},
@@ -429,7 +430,7 @@ def test_a_definition_page_runs_it_from_its_schema_form(daemon: Daemon, browser:
             "notes": {"type": "object"}}},
     }  # fmt: skip
     with daemon.client(JAMES) as api:
-        resp = api.post("/api/workflows", json={"definition": definition, "tags": ["procurement"]})
+        resp = api.post("/api/workflows", json={"definition": definition})
         assert resp.status_code == 201, resp.text
         def_id = resp.json()["id"]
         changed = {**definition, "flow": {**definition["flow"], "score": {
@@ -442,6 +443,7 @@ def test_a_definition_page_runs_it_from_its_schema_form(daemon: Daemon, browser:
     problems = watch(page)
     page.click("nav a:has-text('Definitions')")
     expect(page.locator(".list.defs li")).to_have_count(1)
+    expect(page.locator(".list.defs .tag")).to_have_text("procurement")
     shot(page, "20-definitions")
     page.click(".list.defs a.row-link")
     expect(page).to_have_url(f"{daemon.url}/ui/definitions/{def_id}")
