@@ -16,7 +16,7 @@ import pytest
 
 from daemon.web import runform
 from tests.helpers import wait_for
-from tests.test_web import csrf_of, sign_in
+from tests.test_web import create_gate, csrf_of, sign_in
 from tests.test_web_control import graph_of
 
 SCHEMA = {
@@ -404,3 +404,35 @@ async def test_names_tags_summaries_and_diffs_are_escaped(web, client):
     run_page = (await web.get(where)).text
     assert "<script>alert" not in run_page and "<img src=x" not in run_page
     assert "Run of <a" in run_page and "kyc &lt;img" in run_page
+
+
+async def test_a_child_run_links_to_the_call_step_that_started_it(app, web, client):
+    d = await create_def(client, "kyc")
+    parent_id, step_id = await create_gate(client, "onboard")
+    engine = app.state.engine
+    parent = await engine.store.get_workflow(parent_id)
+    run, concurrency = await engine.defs.child_run(
+        str(d["id"]), None, {"who": "Ada"}, parent=parent, step_id=step_id
+    )
+    child = await engine.start_run(run, concurrency=concurrency)
+    await wait_for(client, child.id)
+    await sign_in(web)
+    page = (await web.get(f"/ui/workflows/{child.id}")).text
+    origin = page[page.index('class="meta run-origin"') :]
+    origin = origin[: origin.index("</p>")]
+    assert f'Run of <a href="/ui/definitions/{d["id"]}">kyc</a> v1' in origin
+    assert "trigger call" in origin
+    link = f'<a href="/ui/workflows/{parent_id}#step-{step_id}">workflow #{parent_id}</a>'
+    assert f"called by {link}" in origin
+    # A one-off workflow names no definition and no parent.
+    assert "run-origin" not in (await web.get(f"/ui/workflows/{parent_id}")).text
+
+
+async def test_the_workflow_list_marks_runs_of_definitions(web, client):
+    d = await create_def(client, "kyc")
+    resp = await client.post(f"/api/workflows/{d['id']}/run", json={"input_data": {}})
+    assert resp.status_code == 202, resp.text
+    await create_gate(client, "one-off")
+    await sign_in(web)
+    page = (await web.get("/ui/workflows")).text
+    assert page.count("run of v1 · manual") == 1
