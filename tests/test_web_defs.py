@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from daemon.web import runform
+from daemon.web import defpages, runform
 from tests.helpers import wait_for
 from tests.test_web import create_gate, csrf_of, sign_in
 from tests.test_web_control import graph_of
@@ -221,6 +221,8 @@ async def test_a_definition_page_shows_versions_diff_graph_and_runs(web, client)
     assert {n["state"] for n in graph_of(first)["nodes"] if n["state"]} == {"start"}
     assert 'Flow <span class="muted">of version 1</span>' in first
     assert "No runs yet." in page
+    by_name = await web.get("/ui/definitions/kyc")
+    assert by_name.status_code == 200 and f"#{d['id']}</span>" in by_name.text
 
 
 async def test_the_run_form_follows_the_input_schema_and_starts_a_run(web, client):
@@ -436,3 +438,27 @@ async def test_the_workflow_list_marks_runs_of_definitions(web, client):
     await sign_in(web)
     page = (await web.get("/ui/workflows")).text
     assert page.count("run of v1 · manual") == 1
+
+
+async def test_the_list_and_the_runs_page_through(web, client, monkeypatch):
+    monkeypatch.setattr(defpages, "LIST_PAGE", 3)
+    monkeypatch.setattr(defpages, "RUNS_PAGE", 2)
+    for i in range(4):
+        d = await create_def(client, f"def-{i}", tags=["t"])
+    for _ in range(3):
+        resp = await client.post(f"/api/workflows/{d['id']}/run", json={"input_data": {}})
+        assert resp.status_code == 202, resp.text
+    await sign_in(web)
+    first = (await web.get("/ui/definitions?tag=t")).text
+    assert first.count('class="row-link"') == 3
+    assert 'href="/ui/definitions?tag=t&amp;offset=3">Next' in first and "Previous" not in first
+    second = (await web.get("/ui/definitions?tag=t&offset=3")).text
+    assert second.count('class="row-link"') == 1
+    assert 'href="/ui/definitions?tag=t">← Previous' in second and "Next" not in second
+    here = f"/ui/definitions/{d['id']}"
+    page = (await web.get(here)).text
+    runs = page[page.index('id="runs"') :]
+    assert runs.count('href="/ui/workflows/') == 2 and 'Runs <span class="muted">(3)' in runs
+    assert f'href="{here}?runs_offset=2#runs">Older' in runs
+    older = (await web.get(f"{here}?runs_offset=2")).text
+    assert older[older.index('id="runs"') :].count('href="/ui/workflows/') == 1
