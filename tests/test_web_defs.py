@@ -446,8 +446,9 @@ async def test_the_list_and_the_runs_page_through(web, client, monkeypatch):
     for i in range(4):
         d = await create_def(client, f"def-{i}", tags=["t"])
     for _ in range(3):
-        resp = await client.post(f"/api/workflows/{d['id']}/run", json={"input_data": {}})
+        resp = await client.post(f"/api/workflows/{d['id']}/run", json={"input_data": {"who": 1}})
         assert resp.status_code == 202, resp.text
+        await wait_for(client, resp.json()["run_id"])
     await sign_in(web)
     first = (await web.get("/ui/definitions?tag=t")).text
     assert first.count('class="row-link"') == 3
@@ -462,3 +463,6 @@ async def test_the_list_and_the_runs_page_through(web, client, monkeypatch):
     assert f'href="{here}?runs_offset=2#runs">Older' in runs
     older = (await web.get(f"{here}?runs_offset=2")).text
     assert older[older.index('id="runs"') :].count('href="/ui/workflows/') == 1
+    for status, count in (("completed", 2), ("queued", 0), ("bogus", 2)):
+        shown = (await web.get(f"{here}?runs={status}")).text
+        assert shown[shown.index('id="runs"') :].count('href="/ui/workflows/') == count, status

@@ -165,57 +165,63 @@ def hide_secrets(definition: dict[str, Any], allowed: bool) -> dict[str, Any]:
     return definition
 
 
+async def gather(request: Request, ref: str, write: bool) -> dict[str, Any]:
+    """What a definition's page shows: the definition, its versions, the diff asked for,
+    the chosen version's body and flow, a page of its runs. NotFound when it is gone."""
+    defs, query = defs_of(request), request.query_params
+    definition = plain(hide_secrets(await defs.get(ref, reveal=write), write))
+    ref = str(definition["id"])  # a name may be changed meanwhile: the id stays
+    versions = (await defs.versions(ref))["versions"]
+    numbers = [v["version"] for v in versions]
+    v1, v2, diff = await diff_of(request, ref, numbers)
+    shown = pick_version(query.get("version"), numbers, definition["version"])
+    chosen = definition if shown == definition["version"] else await defs.version(ref, shown)
+    run_status = query.get("runs") if query.get("runs") in RUN_STATUSES else None
+    runs_offset = number(query.get("runs_offset")) or 0
+    runs = await defs.runs(ref, status=run_status, limit=RUNS_PAGE, offset=runs_offset)
+    body = as_dict(chosen["definition"]) or {}
+    ops = (diff or {}).get("diff") or []
+    return {
+        "d": definition,
+        "versions": versions,
+        "shown": shown,
+        "body": body,
+        "graph": graph.build(chosen["flow"], [], "none") if chosen["flow"] else None,
+        "v1": v1,
+        "v2": v2,
+        "diff": diff,
+        "ops": op_rows(diff),
+        "ops_hidden": max(len(ops) - MAX_OPS, 0),
+        "runs": runs["runs"],
+        "runs_total": runs["total"],
+        "run_status": run_status,
+        "runs_offset": runs_offset,
+        "fields": runform.fields(body.get("input_schema")),
+    }
+
+
 @signed_in
 async def definition_page(request: Request, session: Session) -> Response:
+    """One definition: versions, a diff, the chosen version's flow, runs, the forms."""
     ref = request.path_params["ref"]
     if not valid_ref(ref):
         return await not_found(request, session, "There is no such definition.")
     write = can(session, "workflow")
-    defs = defs_of(request)
     last_event = await engine_of(request).store.max_event_id()  # first: see workflow_page
     try:
-        definition = plain(hide_secrets(await defs.get(ref, reveal=write), write))
-        ref = str(definition["id"])  # a name may be changed meanwhile: the id stays
-        versions = (await defs.versions(ref))["versions"]
-        numbers = [v["version"] for v in versions]
-        v1, v2, diff = await diff_of(request, ref, numbers)
-        shown = pick_version(request.query_params.get("version"), numbers, definition["version"])
-        if shown == definition["version"]:
-            body, flow = definition["definition"], definition["flow"]
-        else:
-            chosen = await defs.version(ref, shown)
-            body, flow = chosen["definition"], chosen["flow"]
-        query = request.query_params
-        run_status = query.get("runs") if query.get("runs") in RUN_STATUSES else None
-        runs_offset = number(query.get("runs_offset")) or 0
-        runs = await defs.runs(ref, status=run_status, limit=RUNS_PAGE, offset=runs_offset)
+        context = await gather(request, ref, write)
     except NotFound:
         return await not_found(request, session, "There is no such definition.")
-    body = as_dict(body) or {}
     return await render(
         request,
         "definition.html",
         session,
-        d=definition,
         can_write=write,
-        versions=versions,
-        shown=shown,
-        body=body,
-        graph=graph.build(flow, [], "none") if flow else None,
-        v1=v1,
-        v2=v2,
-        diff=diff,
-        ops=op_rows(diff),
-        ops_hidden=max(len((diff or {}).get("diff") or []) - MAX_OPS, 0),
-        runs=runs["runs"],
-        runs_total=runs["total"],
-        run_status=run_status,
         run_statuses=RUN_STATUSES,
-        runs_offset=runs_offset,
         runs_page=RUNS_PAGE,
-        fields=runform.fields(body.get("input_schema")),
         statuses=STATUSES,
         last_event=last_event,
+        **context,
     )
 
 
