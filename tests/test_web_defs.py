@@ -408,26 +408,40 @@ async def test_names_tags_summaries_and_diffs_are_escaped(web, client):
     assert "Run of <a" in run_page and "kyc &lt;img" in run_page
 
 
-async def test_a_child_run_links_to_the_call_step_that_started_it(app, web, client):
+async def test_a_call_step_and_its_child_link_to_each_other(web, client):
     d = await create_def(client, "kyc")
-    parent_id, step_id = await create_gate(client, "onboard")
-    engine = app.state.engine
-    parent = await engine.store.get_workflow(parent_id)
-    run, concurrency = await engine.defs.child_run(
-        str(d["id"]), None, {"who": "Ada"}, parent=parent, step_id=step_id
-    )
-    child = await engine.start_run(run, concurrency=concurrency)
-    await wait_for(client, child.id)
+    body = {
+        "name": "onboard",
+        "flow": {"start": {"name": "vet", "call": {"workflow": "kyc", "input": {"who": "Ada"}},
+                           "done": True}},
+        "input": {},
+    }  # fmt: skip
+    resp = await client.post("/api/workflow", json=body)
+    assert resp.status_code == 201, resp.text
+    parent_id = resp.json()["id"]
+    parent = await wait_for(client, parent_id)
+    assert parent["status"] == "completed", parent
+    (call,) = parent["steps"]
+    child_id = call["child_id"]
     await sign_in(web)
-    page = (await web.get(f"/ui/workflows/{child.id}")).text
+
+    page = (await web.get(f"/ui/workflows/{parent_id}")).text
+    row = page[page.index(f'id="step-{call["id"]}"') :]
+    row = row[: row.index("</li>")]
+    assert f'<a class="child" href="/ui/workflows/{child_id}">workflow #{child_id}</a>' in row
+    assert "run-origin" not in page  # a one-off workflow: no definition, no parent
+    assert any(n["kind"] == "call" for n in graph_of(page)["nodes"])
+
+    page = (await web.get(f"/ui/workflows/{child_id}")).text
     origin = page[page.index('class="meta run-origin"') :]
     origin = origin[: origin.index("</p>")]
     assert f'Run of <a href="/ui/definitions/{d["id"]}">kyc</a> v1' in origin
     assert "trigger call" in origin
-    link = f'<a href="/ui/workflows/{parent_id}#step-{step_id}">workflow #{parent_id}</a>'
+    link = f'<a href="/ui/workflows/{parent_id}#step-{call["id"]}">workflow #{parent_id}</a>'
     assert f"called by {link}" in origin
-    # A one-off workflow names no definition and no parent.
-    assert "run-origin" not in (await web.get(f"/ui/workflows/{parent_id}")).text
+    runs = (await web.get(f"/ui/definitions/{d['id']}")).text
+    runs = runs[runs.index('id="runs"') :]
+    assert f'href="/ui/workflows/{child_id}"' in runs and "<span>call</span>" in runs
 
 
 async def test_the_workflow_list_marks_runs_of_definitions(web, client):
