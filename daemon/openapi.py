@@ -51,10 +51,16 @@ def array(schema: Schema) -> Schema:
 # -- schemas -------------------------------------------------------------------------
 
 WORKFLOW_STATUS = ["running", "paused", "queued", "completed", "failed", "cancelled"]
+RUN_TRIGGERS = ["manual", "api", "execute", "webhook", "schedule", "call"]
+VERSION_NUMBER: Schema = {"type": "integer", "minimum": 1, "maximum": (1 << 31) - 1}
 SUMMARY: dict[str, Schema] = {
     "id": ID,
     "name": STRING,
-    "status": {"enum": WORKFLOW_STATUS},
+    "status": {
+        "enum": WORKFLOW_STATUS,
+        "description": "queued: a run of a saved definition waiting for a slot under its "
+        "definition's concurrency (no steps yet)",
+    },
     "created_by": nullable(STRING),
     "error": nullable(STRING),
     "created_at": MILLIS,
@@ -62,12 +68,19 @@ SUMMARY: dict[str, Schema] = {
     "completed_at": nullable(MILLIS),
     "cancelled_at": nullable(MILLIS),
     "paused_at": nullable(MILLIS),
-    "definition_id": {**nullable(ID), "description": "a run of a saved definition: its id"},
-    "definition_version": {**nullable({"type": "integer"}), "description": "the version it runs"},
+    "definition_id": {**nullable(ID), "description": "the saved definition it is a run of"},
+    "definition_version": {**nullable(VERSION_NUMBER), "description": "the version it runs"},
     "trigger": {
-        "enum": ["manual", "api", "execute", "webhook", "schedule", "call", None],
-        "description": "what started a run of a saved definition (null: a one-off workflow)",
+        "enum": [*RUN_TRIGGERS, None],
+        "description": "how a run of a saved definition started; null for a one-off workflow",
     },
+}
+PARENT = {
+    **nullable(OBJECT),
+    "properties": {"workflow_id": ID, "step_id": ID},
+    "required": ["workflow_id", "step_id"],
+    "additionalProperties": False,
+    "description": "the workflow and call step that started it (a child of a call state)",
 }
 STEP = closed(
     {
@@ -113,8 +126,24 @@ STEP = closed(
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
-        "properties": {"error": STRING, "errors": STRINGS},
+        "properties": {
+            "error": STRING,
+            "error_code": {
+                "enum": [
+                    "WORKFLOW_NOT_FOUND",
+                    "VALIDATION_ERROR",
+                    "EXECUTION_FAILED",
+                    "EXECUTION_TIMEOUT",
+                ],
+                "description": "/api/workflows (plural) only: WORKFLOW_NOT_FOUND (404, no such "
+                "definition), VALIDATION_ERROR (422, the input does not match the definition's "
+                "input_schema), EXECUTION_FAILED (500) and EXECUTION_TIMEOUT (504) from execute",
+            },
+            "errors": {**STRINGS, "description": "every problem, one by one (422)"},
+            "run_id": {**ID, "description": "execute: the run that failed or goes on"},
+        },
         "required": ["error"],
+        "additionalProperties": False,
     },
     # The flow format and the create body: the schema /api/schema/flow serves.
     **flowschema.definitions("#/components/schemas/"),
@@ -130,11 +159,7 @@ SCHEMAS: dict[str, Schema] = {
                 **nullable(array(ref("DagStep"))),
                 "description": "the submitted DAG steps, if any",
             },
-            "parent": {
-                "anyOf": [closed({"workflow_id": ID, "step_id": ID}), {"type": "null"}],
-                "description": "a child workflow of a call state: its parent workflow and "
-                "the call step",
-            },
+            "parent": PARENT,
             "steps": array(STEP),
         }
     ),
@@ -191,12 +216,21 @@ ERRORS = {
     "nested too deep, an integer beyond 64 bits, a NUL character, a bad query or header",
     401: "Missing or invalid bearer token",
     403: "The token lacks the permission the route needs",
-    404: "No such workflow or step (or no such route)",
-    409: "The workflow or step is not in a state that allows this",
-    413: "The body is larger than max_body_bytes",
+    404: "No such workflow, step, saved definition (error_code WORKFLOW_NOT_FOUND), version "
+    "or run (or no such route)",
+    409: "The workflow, step or definition is not in a state that allows this (a paused or "
+    "archived definition starts no runs), or the name is taken",
+    410: "The webhook is not armed: its single call was used or its window closed",
+    413: "The body is larger than max_body_bytes (or what it would store is larger than "
+    "max_workflow_bytes)",
     415: "Content-Type is not application/json",
-    422: "The workflow is invalid; `error` lists every problem, '; '-separated",
+    422: "The workflow or definition is invalid; `error` lists every problem, '; '-separated, "
+    "and `errors` (when present) one by one; a run's input that does not match the "
+    "definition's input_schema has error_code VALIDATION_ERROR",
+    500: "The run failed or was cancelled (error_code EXECUTION_FAILED, with its run_id)",
     503: "Storage unavailable (the database is locked or failing); try again later",
+    504: "The run did not end within ?timeout= (error_code EXECUTION_TIMEOUT, with its "
+    "run_id); it goes on",
 }
 AUTH = (401, 403)
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000}
@@ -500,6 +534,670 @@ PATHS: dict[str, Any] = {
 }
 
 
+# -- saved definitions (/api/workflows, plural) and inbound webhooks (/hooks) --------------
+# Times here are ISO 8601 UTC strings, not epoch milliseconds.
+
+ISO: Schema = {"type": "string", "format": "date-time", "description": "ISO 8601 UTC"}
+DEFINITION_STATUS = ["draft", "active", "paused", "archived"]
+TRIGGER_TYPES = ["manual", "webhook", "schedule", "api"]
+RUN_STATUS = ["queued", "running", "paused", "completed", "failed", "cancelled"]
+RESERVED_NAMES = ["templates", "export", "import", "validate", "runs", "schedules", "recurring"]
+TAGS: Schema = {
+    "type": "array",
+    "maxItems": 50,
+    "items": {"type": "string", "minLength": 1, "maxLength": 100},
+}
+WEBHOOK_MODE: Schema = {
+    "enum": ["single", "persistent"],
+    "description": "single (default): each call needs an arm; persistent: calls are accepted "
+    "whenever the definition is deployed",
+}
+PAGE_LIMIT = {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}
+OFFSET = {"type": "integer", "minimum": 0, "maximum": 1 << 31, "default": 0}
+DEFINITION_SUMMARY: dict[str, Schema] = {
+    "id": ID,
+    "name": STRING,
+    "version": {**VERSION_NUMBER, "description": "the latest version"},
+    "status": {"enum": DEFINITION_STATUS},
+    "trigger_type": {"enum": TRIGGER_TYPES},
+    "tags": STRINGS,
+    "description": nullable(STRING),
+    "concurrency": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "deployed": {**BOOL, "description": "whether it has a webhook"},
+    "created_by": nullable(STRING),
+    "created_at": ISO,
+    "updated_at": ISO,
+}
+DEFINITION: dict[str, Schema] = {
+    **DEFINITION_SUMMARY,
+    "definition": {**OBJECT, "description": "the latest version's body (a DefinitionBody)"},
+    "flow": {**OBJECT, "description": "the latest version compiled (states keyed by id)"},
+    "webhook": ref("DefinitionWebhook"),
+}
+VERSION: dict[str, Schema] = {
+    "version": VERSION_NUMBER,
+    "change_summary": nullable(STRING),
+    "created_at": ISO,
+    "created_by": nullable(STRING),
+}
+RUN_SUMMARY: dict[str, Schema] = {
+    "id": {**ID, "description": "the run's id: a workflow id (GET /api/workflow/{id})"},
+    "workflow_id": {**nullable(ID), "description": "the definition's id"},
+    "workflow_name": {**nullable(STRING), "description": "the definition's name"},
+    "version": {**nullable(VERSION_NUMBER), "description": "the definition version it runs"},
+    "status": {"enum": RUN_STATUS},
+    "trigger": {"enum": [*RUN_TRIGGERS, None]},
+    "started_at": ISO,
+    "completed_at": nullable(ISO),
+    "duration_seconds": {**nullable({"type": "number", "minimum": 0})},
+}
+DEFINITION_SCHEMAS: dict[str, Schema] = {
+    "DefinitionBody": {
+        "description": "A definition: a name, a flow (or DAG steps) and how it runs",
+        "type": "object",
+        "properties": {
+            "name": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "pattern": r"^[^/\s](?:[^/]*[^/\s])?$",
+                "not": {"anyOf": [{"pattern": "^[0-9]+$"}, {"enum": RESERVED_NAMES}]},
+                "description": "unique; no '/', no spaces around it, not all digits (that is "
+                "an id), not one of " + ", ".join(RESERVED_NAMES) + " (in any case)",
+            },
+            "flow": ref("Flow"),
+            "steps": {"type": "array", "minItems": 1, "items": ref("DagStep")},
+            "description": {**nullable({"type": "string", "maxLength": 10_000})},
+            "input_schema": {
+                "type": ["object", "boolean", "null"],
+                "description": "a JSON Schema 2020-12 a run's input must match (422 with every "
+                "problem, error_code VALIDATION_ERROR)",
+            },
+            "concurrency": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 1000,
+                "default": 10,
+                "description": "runs at once; more wait as queued, oldest first",
+            },
+            "tags": TAGS,
+            "webhook": nullable(closed({"mode": WEBHOOK_MODE}, required=[])),
+            "notify_url": SCHEMAS["Submission"]["properties"]["notify_url"],
+        },
+        "required": ["name"],
+        "additionalProperties": False,
+        "oneOf": [{"required": ["flow"]}, {"required": ["steps"]}],
+    },
+    "DefinitionSummary": closed(DEFINITION_SUMMARY),
+    "Definition": closed(DEFINITION),
+    "DefinitionChange": closed(
+        {
+            **DEFINITION,
+            "changed": {
+                **BOOL,
+                "description": "false: the content equals the latest version's; no version made",
+            },
+            "warnings": STRINGS,
+        }
+    ),
+    "DefinitionCreated": closed({"id": ID, "workflow": ref("Definition"), "warnings": STRINGS}),
+    "DefinitionWebhook": closed(
+        {
+            "mode": WEBHOOK_MODE,
+            "deployed": BOOL,
+            "armed_until": {**nullable(ISO), "description": "while armed (mode single)"},
+            "url": {**STRING, "description": "/hooks/{webhook_id}"},
+            "webhook_id": STRING,
+            "webhook_secret": {**STRING, "description": "the HMAC-SHA256 key of its calls"},
+        },
+        required=["mode", "deployed", "armed_until"],
+    )
+    | {
+        "description": "url, webhook_id and webhook_secret: only when deployed, and only for "
+        "tokens with the workflow permission"
+    },
+    "Version": closed(VERSION),
+    "VersionDetail": closed(
+        {
+            "id": ID,
+            "name": STRING,
+            **VERSION,
+            "definition": {**OBJECT, "description": "the version's body (a DefinitionBody)"},
+            "flow": {**OBJECT, "description": "the version compiled"},
+        }
+    ),
+    "Diff": closed(
+        {
+            "diff": {
+                **array(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "op": {"enum": ["add", "remove", "replace", "move", "copy", "test"]},
+                            "path": STRING,
+                            "from": STRING,
+                            "value": {},
+                        },
+                        "required": ["op", "path"],
+                    }
+                ),
+                "description": "RFC 6902 operations from the v1 body to the v2 body",
+            },
+            "summary": {**STRING, "description": 'e.g. "Added 1 step, modified 1 step"'},
+            "v1": VERSION_NUMBER,
+            "v2": VERSION_NUMBER,
+        }
+    ),
+    "RunSummary": closed(RUN_SUMMARY),
+    "Run": closed(
+        {
+            **RUN_SUMMARY,
+            "input_data": OBJECT,
+            "output": {"description": "the result of the state that ended it (completed)"},
+            "error": nullable(STRING),
+            "parent": PARENT,
+            "step_runs": array(ref("StepRun")),
+        }
+    ),
+    "StepRun": closed(
+        {
+            "step_id": {**STRING, "description": "the state's name"},
+            "id": {**ID, "description": "the step's id (POST /api/workflow/{id}/ready ...)"},
+            "kind": STEP["properties"]["kind"],
+            "status": {
+                "enum": ["pending", "running", "waiting", "completed", "failed", "cancelled"],
+                "description": "waiting: for a person, a signal or a timer",
+            },
+            "output": {"description": "its result (completed), else null"},
+            "error": nullable(STRING),
+            "started_at": nullable(ISO),
+            "completed_at": nullable(ISO),
+            "duration_seconds": nullable({"type": "number", "minimum": 0}),
+            "child_id": {**nullable(ID), "description": "a call step: its child run"},
+        }
+    ),
+    "Export": closed(
+        {
+            "stepd_export": {"const": 1},
+            "exported_at": ISO,
+            "workflows": array(ref("ExportedDefinition")),
+        }
+    ),
+    "ExportedDefinition": closed(
+        {
+            "name": STRING,
+            "status": {"enum": DEFINITION_STATUS},
+            "trigger_type": {"enum": TRIGGER_TYPES},
+            "tags": STRINGS,
+            "description": nullable(STRING),
+            "concurrency": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "deployed": BOOL,
+            "versions": {**array(ref("ExportedVersion")), "description": "oldest first"},
+            "schedules": array(OBJECT),
+            "triggers": closed({"webhook": closed({"mode": WEBHOOK_MODE})}),
+        }
+    )
+    | {"description": "never a webhook id or secret"},
+    "ExportedVersion": closed(
+        {**VERSION, "definition": {**OBJECT, "description": "the body (a DefinitionBody)"}}
+    ),
+    "ImportDocument": {
+        "description": "An export (GET /api/workflows/export), or one exported definition",
+        "type": "object",
+        "properties": {
+            "stepd_export": {"const": 1},
+            "exported_at": {},
+            "workflows": {
+                "type": "array",
+                "maxItems": 1000,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": STRING,
+                        "status": {"enum": DEFINITION_STATUS, "default": "active"},
+                        "trigger_type": {"enum": TRIGGER_TYPES, "default": "manual"},
+                        "versions": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "definition": ref("DefinitionBody"),
+                                    "change_summary": nullable(
+                                        {"type": "string", "maxLength": 1000}
+                                    ),
+                                },
+                                "required": ["definition"],
+                            },
+                            "description": "oldest first; each definition's name is `name`",
+                        },
+                    },
+                    "required": ["name", "versions"],
+                },
+            },
+        },
+        "required": ["workflows"],
+    },
+    "ImportResult": closed(
+        {
+            "created": STRINGS,
+            "updated": STRINGS,
+            "skipped": array(closed({"name": STRING, "reason": STRING})),
+        }
+    ),
+}
+SCHEMAS.update(DEFINITION_SCHEMAS)
+
+REF_PARAM = {
+    "name": "ref",
+    "in": "path",
+    "required": True,
+    "description": "The definition's id (all digits) or its name",
+    "schema": {"type": "string", "minLength": 1},
+}
+WRITE = (*BODY, *AUTH, 404, 409, 422, 503)  # a body and a definition
+
+
+def on_definition() -> dict[str, Any]:
+    return {"parameters": [REF_PARAM]}
+
+
+def path_version() -> dict[str, Any]:
+    return {
+        "name": "version",
+        "in": "path",
+        "required": True,
+        "description": "A version number",
+        "schema": VERSION_NUMBER,
+    }
+
+
+def version_query(name: str) -> dict[str, Any]:
+    return {**query(name, VERSION_NUMBER, f"Version {name[1]}"), "required": True}
+
+
+def action(description: str, schema: Schema) -> dict[str, Any]:
+    return {"200": ok(description, schema)}
+
+
+def on_run() -> dict[str, Any]:
+    return path_id("run_id", "The run's id (a workflow id)")
+
+
+HOOK_SECURITY = [{"hookTimestamp": [], "hookSignature": []}]
+HOOK_SCHEMES = {
+    "hookTimestamp": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Stepd-Timestamp",
+        "description": "/hooks only: the call's time in Unix seconds, within 300 s of the "
+        "daemon's clock",
+    },
+    "hookSignature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Stepd-Signature",
+        "description": "/hooks only: v1=<hex HMAC-SHA256 of '<X-Stepd-Timestamp>.<raw body>' "
+        "keyed with the definition's webhook_secret>",
+    },
+}
+RUN_INPUT = closed(
+    {
+        "input_data": {**nullable(OBJECT), "description": "the run's input (default {})"},
+        "input": {**nullable(OBJECT), "description": "an alias of input_data"},
+        "trigger": {"enum": ["manual", "api"], "default": "manual"},
+        "version": {**VERSION_NUMBER, "description": "default: the latest"},
+    },
+    required=[],
+)
+
+DEFINITION_PATHS: dict[str, Any] = {
+    "/api/workflows": {
+        "get": op(
+            "listDefinitions",
+            "Saved definitions, newest first",
+            {
+                "200": ok(
+                    "A page of summaries, and how many match",
+                    closed(
+                        {
+                            "workflows": array(ref("DefinitionSummary")),
+                            "total": {"type": "integer", "minimum": 0},
+                        }
+                    ),
+                )
+            },
+            (400, *AUTH, 503),
+            parameters=[
+                query("status", {"enum": DEFINITION_STATUS}, "Only definitions with this status"),
+                query("tag", {"type": "string", "maxLength": 200}, "Only those with this tag"),
+                query(
+                    "trigger_type",
+                    {"enum": TRIGGER_TYPES},
+                    "Only those with this trigger type",
+                ),
+                query("limit", PAGE_LIMIT, "How many, 1 to 200"),
+                query("offset", OFFSET, "How many to skip"),
+            ],
+        ),
+        "post": op(
+            "createDefinition",
+            "Save a definition as version 1",
+            {"201": ok("Saved", ref("DefinitionCreated"))},
+            (*BODY, *AUTH, 409, 422, 503),
+            **body(
+                closed(
+                    {
+                        "definition": ref("DefinitionBody"),
+                        "trigger_type": {"enum": TRIGGER_TYPES, "default": "manual"},
+                        "tags": {**TAGS, "description": "the definition's tags, unless it has"},
+                        "status": {"enum": DEFINITION_STATUS, "default": "active"},
+                    },
+                    required=["definition"],
+                ),
+                "The definition; 409 when its name is taken",
+            ),
+        ),
+    },
+    "/api/workflows/validate": {
+        "post": op(
+            "validateDefinition",
+            "Check a definition without saving it",
+            {"200": ok("Every problem found", ref("Validation"))},
+            (*BODY, *AUTH, 503),
+            **body(
+                {
+                    "anyOf": [
+                        closed({"definition": ref("DefinitionBody")}),
+                        ref("DefinitionBody"),
+                    ]
+                },
+                '{"definition": {...}}, or the definition itself',
+            ),
+        )
+    },
+    "/api/workflows/export": {
+        "get": op(
+            "exportDefinitions",
+            "Every definition with all its versions and triggers (never a webhook secret)",
+            {"200": ok("An export", ref("Export"))},
+            (*AUTH, 503),
+        )
+    },
+    "/api/workflows/import": {
+        "post": op(
+            "importDefinitions",
+            "Import an export: everything is checked before anything is written (any problem: "
+            "422 listing all, nothing imported)",
+            {"200": ok("What was created, updated and skipped, and why", ref("ImportResult"))},
+            (*BODY, *AUTH, 422, 503),
+            parameters=[
+                query(
+                    "mode",
+                    {"enum": ["create", "upsert"], "default": "create"},
+                    "create: skip names that exist; upsert: add the export's latest version "
+                    "to an existing definition when its content differs",
+                )
+            ],
+            **body(ref("ImportDocument"), "An export document"),
+        )
+    },
+    "/api/workflows/runs/{run_id}": {
+        **on_run(),
+        "get": op(
+            "getRun",
+            "A run with its step runs",
+            {"200": ok("The run", closed({"run": ref("Run")}))},
+            (*AUTH, 404, 503),
+        ),
+        "delete": op(
+            "deleteRun",
+            "Delete a run that ended (409 while it runs)",
+            {"204": {"description": "Deleted"}},
+            (*AUTH, 404, 409, 503),
+        ),
+    },
+    "/api/workflows/runs/{run_id}/cancel": {
+        **on_run(),
+        "post": op(
+            "cancelRun",
+            "Cancel a run (a queued one too)",
+            action(
+                "Cancelled",
+                closed({"run_id": ID, "status": {"const": "cancelled"}}),
+            ),
+            (*AUTH, 404, 409, 503),
+        ),
+    },
+    "/api/workflows/runs/{run_id}/resume": {
+        **on_run(),
+        "post": op(
+            "resumeRun",
+            "Resume a paused run, or redrive a failed or cancelled one (its pinned version)",
+            action(
+                "Running",
+                closed({"run_id": ID, "status": {"const": "running"}, "redriven": BOOL}),
+            ),
+            (*BODY, *AUTH, 404, 409, 422, 503),
+            **body(
+                closed({"from_step": STRING, "reason": STRING}, required=[]),
+                "Optional: a top-level state to carry on at, and why",
+                required=False,
+            ),
+        ),
+    },
+    "/api/workflows/{ref}": {
+        **on_definition(),
+        "get": op(
+            "getDefinition",
+            "A definition with its latest version",
+            {"200": ok("The definition", ref("Definition"))},
+            (*AUTH, 404, 503),
+        ),
+        "put": op(
+            "updateDefinition",
+            "Save a new version (none when the content equals the latest version's)",
+            {"200": ok("The definition", ref("DefinitionChange"))},
+            (*BODY, *AUTH, 404, 409, 422, 503),
+            **body(
+                closed(
+                    {
+                        "definition": ref("DefinitionBody"),
+                        "change_summary": {**nullable({"type": "string", "maxLength": 1000})},
+                    },
+                    required=["definition"],
+                ),
+                "The new content; 409 when a renamed definition takes a name in use",
+            ),
+        ),
+        "delete": op(
+            "deleteDefinition",
+            "Delete a definition and its versions; 409 while runs have not ended, unless "
+            "?force=true (which cancels them)",
+            {"204": {"description": "Deleted"}},
+            (400, *AUTH, 404, 409, 503),
+            parameters=[
+                query(
+                    "force",
+                    {"enum": ["true", "false", "1", "0"], "default": "false"},
+                    "Cancel the runs that have not ended",
+                )
+            ],
+        ),
+    },
+    "/api/workflows/{ref}/status": {
+        **on_definition(),
+        "patch": op(
+            "setDefinitionStatus",
+            "Set the status: paused and archived definitions start no runs",
+            {"200": ok("The definition", ref("Definition"))},
+            (*BODY, *AUTH, 404, 503),
+            **body(closed({"status": {"enum": DEFINITION_STATUS}}), "The status"),
+        ),
+    },
+    "/api/workflows/{ref}/versions": {
+        **on_definition(),
+        "get": op(
+            "listVersions",
+            "Versions, newest first",
+            {"200": ok("Versions", closed({"versions": array(ref("Version"))}))},
+            (*AUTH, 404, 503),
+        ),
+    },
+    "/api/workflows/{ref}/versions/{version}": {
+        "parameters": [REF_PARAM, path_version()],
+        "get": op(
+            "getVersion",
+            "One version's body and compiled flow",
+            {"200": ok("The version", ref("VersionDetail"))},
+            (400, *AUTH, 404, 503),
+        ),
+    },
+    "/api/workflows/{ref}/diff": {
+        **on_definition(),
+        "get": op(
+            "diffVersions",
+            "What changed from v1 to v2",
+            {"200": ok("RFC 6902 operations and a summary", ref("Diff"))},
+            (400, *AUTH, 404, 503),
+            parameters=[version_query("v1"), version_query("v2")],
+        ),
+    },
+    "/api/workflows/{ref}/rollback": {
+        **on_definition(),
+        "post": op(
+            "rollbackDefinition",
+            "A new version with an earlier version's content ('Rollback to version n')",
+            {"200": ok("The definition", ref("DefinitionChange"))},
+            WRITE,
+            **body(closed({"version": VERSION_NUMBER}), "The version to go back to"),
+        ),
+    },
+    "/api/workflows/{ref}/run": {
+        **on_definition(),
+        "post": op(
+            "runDefinition",
+            "Start a run of a version (default: the latest); over the definition's "
+            "concurrency it waits as queued",
+            {"202": ok("Started or queued", closed({"run_id": ID}))},
+            WRITE,
+            **body(RUN_INPUT, "Optional: the input, trigger and version", required=False),
+        ),
+    },
+    "/api/workflows/{ref}/runs": {
+        **on_definition(),
+        "get": op(
+            "listRuns",
+            "A definition's runs, newest first",
+            {
+                "200": ok(
+                    "A page of runs, and how many match",
+                    closed(
+                        {
+                            "runs": array(ref("RunSummary")),
+                            "total": {"type": "integer", "minimum": 0},
+                        }
+                    ),
+                )
+            },
+            (400, *AUTH, 404, 503),
+            parameters=[
+                query("status", {"enum": RUN_STATUS}, "Only runs with this status"),
+                query("limit", PAGE_LIMIT, "How many, 1 to 200"),
+                query("offset", OFFSET, "How many to skip"),
+            ],
+        ),
+    },
+    "/api/workflows/{ref}/deploy": {
+        **on_definition(),
+        "post": op(
+            "deployDefinition",
+            "Give the definition a webhook (a new id and secret each time)",
+            action(
+                "Deployed",
+                closed(
+                    {
+                        "ok": {"const": True},
+                        "webhook_id": STRING,
+                        "webhook_secret": STRING,
+                        "url": {**STRING, "description": "/hooks/{webhook_id}"},
+                        "mode": WEBHOOK_MODE,
+                    }
+                ),
+            ),
+            (*AUTH, 404, 503),
+        ),
+    },
+    "/api/workflows/{ref}/undeploy": {
+        **on_definition(),
+        "post": op(
+            "undeployDefinition",
+            "Remove the definition's webhook",
+            action("Undeployed", closed({"ok": {"const": True}})),
+            (*AUTH, 404, 503),
+        ),
+    },
+    "/api/workflows/{ref}/arm": {
+        **on_definition(),
+        "post": op(
+            "armDefinition",
+            "Open the webhook for exactly one call in the next 10 minutes (409 when not "
+            "deployed, or persistent)",
+            action("Armed", closed({"ok": {"const": True}, "armed_until": ISO})),
+            (*AUTH, 404, 409, 503),
+        ),
+    },
+    "/api/workflows/{ref}/export": {
+        **on_definition(),
+        "get": op(
+            "exportDefinition",
+            "One definition with all its versions and triggers (never a webhook secret)",
+            {"200": ok("An export", ref("Export"))},
+            (*AUTH, 404, 503),
+        ),
+    },
+    "/hooks/{webhook_id}": {
+        "parameters": [
+            {
+                "name": "webhook_id",
+                "in": "path",
+                "required": True,
+                "description": "The deployed definition's webhook_id",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ],
+        "post": op(
+            "callHook",
+            "An inbound webhook call, signed with the definition's webhook secret (no bearer "
+            "token): starts a run whose input is the body",
+            {
+                "202": ok(
+                    "Started (or replayed)",
+                    closed({"run_id": ID}),
+                    **{"Idempotent-Replayed": REPLAYED},
+                )
+            },
+            (400, 401, 404, 409, 410, 413, 422, 503),
+            security=HOOK_SECURITY,
+            parameters=[
+                {
+                    **IDEMPOTENCY_KEY,
+                    "description": "A repeat with the same key answers with the first run_id",
+                }
+            ],
+            **body(
+                {**OBJECT, "description": "the run's input, checked against its input_schema"},
+                "Optional: the run's input (raw bytes signed as sent); 401 bad or missing "
+                "signature, or a timestamp more than 300 s away; 404 not deployed; 410 not "
+                "armed or already used; 409 the definition is paused or archived",
+                required=False,
+            ),
+        ),
+    },
+}
+PATHS.update(DEFINITION_PATHS)
+
+
 def document(tools: Iterable[str] | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 description of every route (a fresh copy); with `tools`, flows name
     only those tools (see flowschema.name_tools)."""
@@ -523,7 +1221,10 @@ def document(tools: Iterable[str] | None = None) -> dict[str, Any]:
             "components": {
                 "schemas": SCHEMAS,
                 "responses": responses,
-                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+                "securitySchemes": {
+                    "bearer": {"type": "http", "scheme": "bearer"},
+                    **HOOK_SCHEMES,
+                },
             },
             "security": [{"bearer": []}],
         }
