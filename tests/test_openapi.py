@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from starlette.routing import Mount, Route
 from daemon import openapi
 from daemon.api import create_app
 from daemon.config import Config
+from daemon.notify import sign
 from daemon.storage import StorageUnavailable
 from daemon.tools import Registry, build_registry
 from tests.helpers import auth, make_config, wait_for, waiting_gate
@@ -148,8 +150,17 @@ def test_every_operation_documents_its_errors():
 
 # -- real responses against the document ------------------------------------------------
 
+TEXT_PARAMS = ("{ref}", "{webhook_id}")  # a definition's id or name; a webhook's id
+
+
+def template_rx(path: str) -> re.Pattern[str]:
+    for name in TEXT_PARAMS:
+        path = path.replace(name, "[^/]+")
+    return re.compile("^" + re.sub(r"{\w+}", r"[0-9]+", path) + "$")
+
+
 TEMPLATES = [
-    (re.compile("^" + re.sub(r"{\w+}", r"[0-9]+", p) + "$"), p)
+    (template_rx(p), p)
     for p in sorted(DOC["paths"], key=lambda p: p.count("{"))  # literal paths win
 ]
 
@@ -166,6 +177,9 @@ def conforms(resp: httpx.Response) -> Any:
         if header.get("required") or name in resp.headers:
             assert name in resp.headers, f"{status} lacks the {name} header"
             jsonschema_rs.validate(header["schema"], resp.headers[name])
+    if resp.status_code == 204:
+        assert not resp.content and "content" not in response
+        return None
     assert resp.headers["content-type"].split(";")[0] == "application/json"
     data = resp.json()
     ptr = pointer("paths", path, method, "responses", status)
@@ -347,3 +361,173 @@ async def test_storage_fault_conforms(app, client, monkeypatch):
     resp = await client.get("/api/workflow")
     assert resp.status_code == 503
     assert "storage unavailable" in conforms(resp)["error"]
+
+
+# -- saved definitions and webhooks ------------------------------------------------------
+
+DEFINITION = {
+    "name": "greet",
+    "description": "Say hello",
+    "input_schema": {
+        "type": "object",
+        "properties": {"who": {"type": "string"}},
+        "required": ["who"],
+    },
+    "tags": ["demo"],
+    "webhook": {"mode": "single"},
+    "flow": {"start": {"tool": "echo", "args": {"hello": "<<input.who>>"}, "done": True}},
+}
+GATED = {"name": "gated", "concurrency": 1, "flow": {"start": {"tool": None, "done": True}}}
+
+
+def signed(secret: str, body: bytes, ts: int | None = None) -> dict[str, str]:
+    ts = int(time.time()) if ts is None else ts
+    return {
+        "X-Stepd-Timestamp": str(ts),
+        "X-Stepd-Signature": sign(secret.encode(), ts, body),
+        "Content-Type": "application/json",
+    }
+
+
+async def test_definitions_versions_and_runs_conform(client):
+    made = conforms(await client.post("/api/workflows", json={"definition": DEFINITION}))
+    def_id = made["id"]
+    assert made["workflow"]["webhook"] == {"mode": "single", "deployed": False,
+                                           "armed_until": None}  # fmt: skip
+    for ref in (def_id, "greet"):
+        assert conforms(await client.get(f"/api/workflows/{ref}"))["id"] == def_id
+    listed = conforms(await client.get("/api/workflows", params={"tag": "demo", "limit": 5}))
+    assert listed["total"] == 1
+    conforms(await client.get("/api/workflows", params={"status": "paused", "offset": 3}))
+    # PUT: a new version, then the same content again (no version).
+    v2 = {**DEFINITION, "description": "v2"}
+    body = {"definition": v2, "change_summary": "describe"}
+    changed = conforms(await client.put("/api/workflows/greet", json=body))
+    assert (changed["version"], changed["changed"]) == (2, True)
+    same = conforms(await client.put(f"/api/workflows/{def_id}", json=body))
+    assert (same["version"], same["changed"]) == (2, False)
+    versions = conforms(await client.get("/api/workflows/greet/versions"))["versions"]
+    assert [v["version"] for v in versions] == [2, 1]
+    assert conforms(await client.get("/api/workflows/greet/versions/1"))["version"] == 1
+    diff = conforms(await client.get("/api/workflows/greet/diff", params={"v1": 1, "v2": 2}))
+    assert diff["diff"] and diff["summary"]
+    back = conforms(await client.post("/api/workflows/greet/rollback", json={"version": 1}))
+    assert back["version"] == 3
+    status = {"status": "draft"}
+    assert conforms(await client.patch("/api/workflows/greet/status", json=status))["status"] == (
+        "draft"
+    )
+    # Runs: one completes; over concurrency 1 a second waits as queued.
+    run_id = conforms(
+        await client.post("/api/workflows/greet/run", json={"input_data": {"who": "ann"}})
+    )["run_id"]
+    await wait_for(client, run_id)
+    wf = conforms(await client.get(f"/api/workflow/{run_id}"))
+    assert (wf["definition_id"], wf["definition_version"], wf["trigger"]) == (def_id, 3, "manual")
+    got = conforms(await client.get(f"/api/workflows/runs/{run_id}"))["run"]
+    assert got["status"] == "completed" and got["step_runs"][0]["status"] == "completed"
+    runs = conforms(await client.get("/api/workflows/greet/runs", params={"status": "completed"}))
+    assert [r["id"] for r in runs["runs"]] == [run_id]
+    gated = conforms(await client.post("/api/workflows", json={"definition": GATED}))["id"]
+    first = conforms(await client.post(f"/api/workflows/{gated}/run"))["run_id"]
+    second = conforms(await client.post(f"/api/workflows/{gated}/run", json={}))["run_id"]
+    await wait_for(client, first, lambda w: waiting_gate(w) is not None)
+    assert conforms(await client.get(f"/api/workflow/{second}"))["status"] == "queued"
+    assert conforms(await client.get("/api/workflow", params={"status": "queued"}))[0]["id"] == (
+        second
+    )
+    queued = conforms(await client.get(f"/api/workflows/runs/{second}"))["run"]
+    assert queued["status"] == "queued" and queued["step_runs"] == []
+    cancelled = conforms(await client.post(f"/api/workflows/runs/{second}/cancel"))
+    assert cancelled == {"run_id": second, "status": "cancelled"}
+    resumed = conforms(await client.post(f"/api/workflows/runs/{second}/resume"))
+    assert resumed["status"] == "running"
+    conforms(await client.delete(f"/api/workflows/runs/{run_id}"))
+    # Errors: their codes and extra fields.
+    cases: list[tuple[int, httpx.Request]] = [
+        (400, client.build_request("GET", "/api/workflows", params={"limit": 201})),
+        (400, client.build_request("GET", "/api/workflows/greet/diff", params={"v1": 1})),
+        (400, client.build_request("GET", "/api/workflows/greet/versions/0")),
+        (400, client.build_request("DELETE", "/api/workflows/greet", params={"force": "x"})),
+        (400, client.build_request("POST", "/api/workflows", json={"definition": "x"})),
+        (400, client.build_request("POST", "/api/workflows/import", json=[])),
+        (401, client.build_request("GET", "/api/workflows", headers={"Authorization": ""})),
+        (403, client.build_request("POST", "/api/workflows/greet/run", headers=auth("approver"))),
+        (404, client.build_request("GET", "/api/workflows/nope")),
+        (404, client.build_request("GET", "/api/workflows/greet/versions/99")),
+        (404, client.build_request("GET", f"/api/workflows/runs/{1 << 40}")),
+        (409, client.build_request("POST", "/api/workflows", json={"definition": DEFINITION})),
+        (409, client.build_request("DELETE", f"/api/workflows/runs/{first}")),
+        (409, client.build_request("POST", "/api/workflows/greet/arm")),
+        (415, client.build_request("POST", "/api/workflows", content=b"{}", headers=TEXT)),
+        (422, client.build_request("POST", "/api/workflows/greet/run", json={"input": {}})),
+        (422, client.build_request("POST", "/api/workflows", json={"definition": {"name": "x"}})),
+    ]
+    for status, request in cases:
+        resp = await client.send(request)
+        assert resp.status_code == status, (request.method, request.url, resp.text)
+        assert isinstance(conforms(resp)["error"], str)
+    resp = await client.get("/api/workflows/nope")
+    assert conforms(resp)["error_code"] == "WORKFLOW_NOT_FOUND"
+    resp = await client.post("/api/workflows/greet/run", json={"input_data": {"who": 1}})
+    assert conforms(resp)["error_code"] == "VALIDATION_ERROR" and resp.json()["errors"]
+    resp = await client.delete(f"/api/workflows/{gated}")  # a run waits at its gate
+    assert resp.status_code == 409, resp.text
+    conforms(resp)
+    conforms(await client.delete(f"/api/workflows/{gated}", params={"force": "true"}))
+    assert (await client.get(f"/api/workflow/{first}")).json()["status"] == "cancelled"
+
+
+async def test_webhooks_export_and_import_conform(client):
+    conforms(await client.post("/api/workflows", json={"definition": DEFINITION}))
+    deployed = conforms(await client.post("/api/workflows/greet/deploy"))
+    secret, url = deployed["webhook_secret"], deployed["url"]
+    webhook = conforms(await client.get("/api/workflows/greet"))["webhook"]
+    assert webhook["webhook_id"] == deployed["webhook_id"] and webhook["url"] == url
+    hidden = conforms(await client.get("/api/workflows/greet", headers=auth("approver")))
+    assert set(hidden["webhook"]) == {"mode", "deployed", "armed_until"}
+    payload = b'{"who": "hook"}'
+    no_bearer = {"Authorization": ""}
+    resp = await client.post(url, content=payload, headers={**signed(secret, payload),
+                                                            **no_bearer})  # fmt: skip
+    assert resp.status_code == 410, resp.text  # not armed
+    conforms(resp)
+    armed = conforms(await client.post("/api/workflows/greet/arm"))
+    assert armed["armed_until"].endswith("Z")
+    key = {"Idempotency-Key": "hook-1", **no_bearer}
+    first = await client.post(url, content=payload, headers={**signed(secret, payload), **key})
+    again = await client.post(url, content=payload, headers={**signed(secret, payload), **key})
+    assert first.status_code == again.status_code == 202, (first.text, again.text)
+    assert conforms(first) == conforms(again)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    cases = [
+        (401, {**signed(secret, payload, ts=int(time.time()) - 1000), **no_bearer}),
+        (401, {**signed("other", payload), **no_bearer}),
+        (401, no_bearer),
+    ]
+    for status, headers in cases:
+        resp = await client.post(url, content=payload, headers=headers)
+        assert resp.status_code == status, resp.text
+        conforms(resp)
+    resp = await client.post("/hooks/nope", content=payload, headers=signed(secret, payload))
+    assert resp.status_code == 404, resp.text
+    conforms(resp)
+    conforms(await client.post("/api/workflows/greet/undeploy"))
+
+    export = conforms(await client.get("/api/workflows/export"))
+    assert [w["name"] for w in export["workflows"]] == ["greet"]
+    one = conforms(await client.get("/api/workflows/greet/export"))
+    assert one["workflows"][0]["versions"][0]["change_summary"] == "Initial version"
+    skipped = conforms(await client.post("/api/workflows/import", json=export))
+    assert skipped["skipped"][0]["name"] == "greet"
+    renamed = {**one["workflows"][0], "name": "greet2"}
+    renamed["versions"] = [{**v, "definition": {**v["definition"], "name": "greet2"}}
+                           for v in renamed["versions"]]  # fmt: skip
+    done = await client.post("/api/workflows/import", params={"mode": "upsert"}, json=renamed)
+    assert conforms(done)["created"] == ["greet2"]
+    bad = {"workflows": [{"name": "x", "versions": []}]}
+    resp = await client.post("/api/workflows/import", json=bad)
+    assert resp.status_code == 422 and conforms(resp)["errors"]
+    resp = await client.post("/api/workflows/import", params={"mode": "merge"}, json=export)
+    assert resp.status_code == 400
+    conforms(resp)
