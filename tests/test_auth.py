@@ -34,7 +34,13 @@ GATE_BODY = {
     "input": {},
 }
 
-# (method, path template, JSON body); {wf} and {step} are a running gated workflow.
+DEFINITION = {"name": "d", "flow": {"start": {"tool": "echo", "args": {}, "done": True}}}
+OTHER_DEFINITION = {**DEFINITION, "name": "d2"}
+IMPORT = {"stepd_export": 1, "workflows": [{"name": "d3", "versions": [
+    {"definition": {**DEFINITION, "name": "d3"}}]}]}  # fmt: skip
+
+# (method, path template, JSON body); {wf} and {step} are a running gated workflow, {def}
+# the id of the saved definition "d", {run} a run of it that completed.
 ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/api/workflow", None),
     ("POST", "/api/workflow", ECHO_BODY),
@@ -47,6 +53,32 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/api/unknown", None),
     ("GET", "/", None),
     ("POST", "/api/workflow/{wf}/nope", None),
+    # saved definitions
+    ("GET", "/api/workflows", None),
+    ("POST", "/api/workflows", {"definition": OTHER_DEFINITION}),
+    ("POST", "/api/workflows/validate", {"definition": OTHER_DEFINITION}),
+    ("GET", "/api/workflows/export", None),
+    ("POST", "/api/workflows/import", IMPORT),
+    ("GET", "/api/workflows/runs/{run}", None),
+    ("DELETE", "/api/workflows/runs/{run}", None),
+    ("POST", "/api/workflows/runs/{run}/cancel", None),
+    ("POST", "/api/workflows/runs/{run}/resume", None),
+    ("GET", "/api/workflows/{def}", None),
+    ("GET", "/api/workflows/d", None),
+    ("PUT", "/api/workflows/{def}", {"definition": {**DEFINITION, "description": "v2"}}),
+    ("DELETE", "/api/workflows/{def}", None),
+    ("PATCH", "/api/workflows/{def}/status", {"status": "paused"}),
+    ("GET", "/api/workflows/{def}/versions", None),
+    ("GET", "/api/workflows/{def}/versions/1", None),
+    ("GET", "/api/workflows/{def}/diff?v1=1&v2=1", None),
+    ("POST", "/api/workflows/{def}/rollback", {"version": 1}),
+    ("POST", "/api/workflows/{def}/run", {"input_data": {}}),
+    ("GET", "/api/workflows/{def}/runs", None),
+    ("POST", "/api/workflows/{def}/deploy", None),
+    ("POST", "/api/workflows/{def}/undeploy", None),
+    ("POST", "/api/workflows/{def}/arm", None),
+    ("GET", "/api/workflows/{def}/export", None),
+    ("GET", "/api/workflows/{def}/nope", None),
 ]
 ROUTE_IDS = [f"{m} {p}" for m, p, _ in ROUTES]
 
@@ -100,9 +132,46 @@ async def gated(client: httpx.AsyncClient) -> dict[str, int]:
     return {"wf": wf_id, "step": gate["id"]}
 
 
-async def assert_unchanged(client: httpx.AsyncClient, ids: dict[str, int], n: int) -> None:
-    """The rejected request changed nothing: same count, workflow running, gate waiting."""
+@pytest.fixture
+async def ids(client: httpx.AsyncClient, gated: dict[str, int]) -> dict[str, int]:
+    """`gated`, and the saved definition "d" ({def}) with a run that completed ({run})."""
+    resp = await client.post("/api/workflows", json={"definition": DEFINITION})
+    assert resp.status_code == 201, resp.text
+    def_id = resp.json()["id"]
+    resp = await client.post(f"/api/workflows/{def_id}/run", json={"input_data": {}})
+    assert resp.status_code == 202, resp.text
+    run_id = resp.json()["run_id"]
+    await wait_for(client, run_id)
+    return {**gated, "def": def_id, "run": run_id}
+
+
+async def definitions_state(client: httpx.AsyncClient, ids: dict[str, int]) -> Any:
+    """What the definition routes could change: every definition, "d" as GET shows it (its
+    latest version, status, webhook), its versions and runs, and its run."""
+    james = auth("james")
+    paths = [
+        "/api/workflows",
+        f"/api/workflows/{ids['def']}",
+        f"/api/workflows/{ids['def']}/versions",
+        f"/api/workflows/{ids['def']}/runs",
+        f"/api/workflows/runs/{ids['run']}",
+    ]
+    state = []
+    for path in paths:
+        resp = await client.get(path, headers=james)
+        assert resp.status_code == 200, resp.text
+        state.append(resp.json())
+    return state
+
+
+async def assert_unchanged(
+    client: httpx.AsyncClient, ids: dict[str, int], n: int, before: Any = None
+) -> None:
+    """The rejected request changed nothing: same count, workflow running, gate waiting,
+    and (given the state before) the same definitions, versions and runs."""
     assert await count(client) == n
+    if before is not None:
+        assert await definitions_state(client, ids) == before
     resp = await client.get(f"/api/workflow/{ids['wf']}", headers=auth("james"))
     wf = resp.json()
     assert wf["status"] == "running"
@@ -127,19 +196,19 @@ def assert_error(resp: httpx.Response, status: int) -> dict[str, Any]:
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=ROUTE_IDS)
 async def test_unauthenticated_is_401_everywhere(
     client: httpx.AsyncClient,
-    gated: dict[str, int],
+    ids: dict[str, int],
     method: str,
     path: str,
     body: Any,
     header: str | None,
 ) -> None:
-    n = await count(client)
+    n, before = await count(client), await definitions_state(client, ids)
     # httpx merges client headers into the request: drop the default token explicitly.
     client.headers.pop("Authorization", None)
-    resp = await request(client, method, path, body, headers_for(header), gated)
+    resp = await request(client, method, path, body, headers_for(header), ids)
     assert_error(resp, 401)
     assert resp.headers["www-authenticate"].lower().startswith("bearer")
-    await assert_unchanged(client, gated, n)
+    await assert_unchanged(client, ids, n, before)
 
 
 async def test_401_body_has_no_hint_of_valid_tokens(client: httpx.AsyncClient) -> None:
@@ -160,6 +229,21 @@ APPROVER_FORBIDDEN = [r for r in ROUTES if r[:2] in {
     ("POST", "/api/workflow"),
     ("DELETE", "/api/workflow/{wf}"),
     ("POST", "/api/workflow/validate"),
+    # saved definitions: every write needs the workflow permission
+    ("POST", "/api/workflows"),
+    ("POST", "/api/workflows/validate"),
+    ("POST", "/api/workflows/import"),
+    ("DELETE", "/api/workflows/runs/{run}"),
+    ("POST", "/api/workflows/runs/{run}/cancel"),
+    ("POST", "/api/workflows/runs/{run}/resume"),
+    ("PUT", "/api/workflows/{def}"),
+    ("DELETE", "/api/workflows/{def}"),
+    ("PATCH", "/api/workflows/{def}/status"),
+    ("POST", "/api/workflows/{def}/rollback"),
+    ("POST", "/api/workflows/{def}/run"),
+    ("POST", "/api/workflows/{def}/deploy"),
+    ("POST", "/api/workflows/{def}/undeploy"),
+    ("POST", "/api/workflows/{def}/arm"),
 }]  # fmt: skip
 APPROVER_ALLOWED = [
     ("GET", "/api/workflow", None, 200),
@@ -167,7 +251,10 @@ APPROVER_ALLOWED = [
     ("GET", "/api/tools", None, 200),
     ("GET", "/api/schema/flow", None, 200),
     ("POST", "/api/workflow/{step}/ready", None, 200),
-]
+    # saved definitions: reads
+    *[(m, p, b, 200) for m, p, b in ROUTES if m == "GET" and p.startswith("/api/workflows")
+      and not p.endswith("/nope")],
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -176,12 +263,12 @@ APPROVER_ALLOWED = [
     ids=[f"{m} {p}" for m, p, _ in APPROVER_FORBIDDEN],
 )
 async def test_approve_only_token_is_403_on_writes(
-    client: httpx.AsyncClient, gated: dict[str, int], method: str, path: str, body: Any
+    client: httpx.AsyncClient, ids: dict[str, int], method: str, path: str, body: Any
 ) -> None:
-    n = await count(client)
-    resp = await request(client, method, path, body, auth("approver"), gated)
+    n, before = await count(client), await definitions_state(client, ids)
+    resp = await request(client, method, path, body, auth("approver"), ids)
     assert_error(resp, 403)
-    await assert_unchanged(client, gated, n)
+    await assert_unchanged(client, ids, n, before)
 
 
 @pytest.mark.parametrize(
@@ -191,13 +278,13 @@ async def test_approve_only_token_is_403_on_writes(
 )
 async def test_approve_only_token_may_read_and_ready(
     client: httpx.AsyncClient,
-    gated: dict[str, int],
+    ids: dict[str, int],
     method: str,
     path: str,
     body: Any,
     status: int,
 ) -> None:
-    resp = await request(client, method, path, body, auth("approver"), gated)
+    resp = await request(client, method, path, body, auth("approver"), ids)
     assert resp.status_code == status, resp.text
 
 
@@ -216,6 +303,31 @@ WORKFLOW_ALLOWED = [
     ("GET", "/api/tools", None, 200),
     ("GET", "/api/schema/flow", None, 200),
     ("GET", "/api/unknown", None, 404),
+    # saved definitions; 409: allowed, but not in the state the fixture leaves it in
+    ("GET", "/api/workflows", None, 200),
+    ("POST", "/api/workflows", {"definition": OTHER_DEFINITION}, 201),
+    ("POST", "/api/workflows/validate", {"definition": OTHER_DEFINITION}, 200),
+    ("GET", "/api/workflows/export", None, 200),
+    ("POST", "/api/workflows/import", IMPORT, 200),
+    ("GET", "/api/workflows/runs/{run}", None, 200),
+    ("DELETE", "/api/workflows/runs/{run}", None, 204),
+    ("POST", "/api/workflows/runs/{run}/cancel", None, 409),  # it completed
+    ("POST", "/api/workflows/runs/{run}/resume", None, 409),
+    ("GET", "/api/workflows/{def}", None, 200),
+    ("GET", "/api/workflows/d", None, 200),
+    ("PUT", "/api/workflows/{def}", {"definition": {**DEFINITION, "description": "v2"}}, 200),
+    ("DELETE", "/api/workflows/{def}", None, 204),
+    ("PATCH", "/api/workflows/{def}/status", {"status": "paused"}, 200),
+    ("GET", "/api/workflows/{def}/versions", None, 200),
+    ("GET", "/api/workflows/{def}/versions/1", None, 200),
+    ("GET", "/api/workflows/{def}/diff?v1=1&v2=1", None, 200),
+    ("POST", "/api/workflows/{def}/rollback", {"version": 1}, 200),
+    ("POST", "/api/workflows/{def}/run", {"input_data": {}}, 202),
+    ("GET", "/api/workflows/{def}/runs", None, 200),
+    ("POST", "/api/workflows/{def}/deploy", None, 200),
+    ("POST", "/api/workflows/{def}/undeploy", None, 200),
+    ("POST", "/api/workflows/{def}/arm", None, 409),  # not deployed
+    ("GET", "/api/workflows/{def}/export", None, 200),
 ]
 
 
@@ -226,13 +338,13 @@ WORKFLOW_ALLOWED = [
 )
 async def test_workflow_token_is_allowed_everywhere(
     client: httpx.AsyncClient,
-    gated: dict[str, int],
+    ids: dict[str, int],
     method: str,
     path: str,
     body: Any,
     status: int,
 ) -> None:
-    resp = await request(client, method, path, body, auth("james"), gated)
+    resp = await request(client, method, path, body, auth("james"), ids)
     assert resp.status_code == status, resp.text
 
 
