@@ -200,15 +200,19 @@ async def cancel_run(request: Request) -> Response:
 @needs("workflow")
 async def resume_run(request: Request) -> Response:
     """Resume a paused run, or redrive a failed or cancelled one: {"from_step"}."""
-    body = await read_json(request, optional=True) or {}
+    body = await read_json(request, optional=True)
+    if body is None:
+        body = {}
     if not isinstance(body, dict) or set(body) - {"from_step", "reason"}:
         raise BadRequest('body must be {"from_step": "<state>"} or empty')
-    from_step = body.get("from_step")
+    from_step, reason = body.get("from_step"), body.get("reason")
     if from_step is not None and not isinstance(from_step, str):
         raise BadRequest("field 'from_step' must be a string")
+    if reason is not None and not isinstance(reason, str):
+        raise BadRequest("field 'reason' must be a string")
     run_id = path_id(request, "run_id")
     redriven = await engine_of(request).resume(
-        run_id, by=token_of(request).name, from_step=from_step, reason=body.get("reason")
+        run_id, by=token_of(request).name, from_step=from_step, reason=reason
     )
     return JSON({"run_id": run_id, "status": "running", "redriven": redriven})
 

@@ -10,6 +10,7 @@ Run with -s to see how many requests each operation got and what it answered.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from collections import Counter
@@ -21,10 +22,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode, checks
+from schemathesis.core import NotSet
 from schemathesis.python import asgi
 
 from daemon import openapi
 from daemon.api import create_app
+from daemon.notify import sign
 from daemon.tools import build_registry
 from tests.helpers import TOKENS, make_config
 from tests.test_openapi import HOLD_FLOWS, hold
@@ -86,20 +89,69 @@ SEEDS = [
 ]
 
 
+# Saved definitions the app under test starts with: one with an input_schema, two versions
+# and a persistent webhook (fuzzed /hooks calls are signed with its secret), one whose
+# concurrency of 1 keeps a run waiting at a gate and one queued, one in the DAG shape.
+HOOKED = {
+    "name": "fuzz-echo",
+    "description": "echo the input",
+    "input_schema": {"type": "object", "properties": {"who": {"type": "string"}}},
+    "tags": ["fuzz"],
+    "webhook": {"mode": "persistent"},
+    "flow": {"start": {"tool": "echo", "args": {"who": "<<input.who>>"}, "done": True}},
+}
+SEED_DEFINITIONS = [
+    HOOKED,
+    {"name": "fuzz-gated", "concurrency": 1, "flow": {"start": {"tool": None, "done": True}}},
+    {"name": "fuzz-dag", "steps": [{"id": "a", "tool": "echo"}, {"id": "b", "tool": "echo",
+                                                                  "depends_on": ["a"]}]},
+]  # fmt: skip
+
+
 class Known:
     """Ids that exist in the app under test, handed out in turn."""
 
-    def __init__(self, workflows: list[dict[str, Any]]) -> None:
-        self.ids = {
+    def __init__(self, workflows: list[dict[str, Any]], saved: dict[str, Any]) -> None:
+        self.ids: dict[str, list[Any]] = {
             "id": [wf["id"] for wf in workflows],
             "step_id": [s["id"] for wf in workflows for s in wf["steps"]],
+            "ref": saved["refs"],
+            "run_id": saved["runs"],
+            "version": [1, 2],
+            "webhook_id": [saved["webhook_id"]],
         }
         self.workflow_of = {s["id"]: wf["id"] for wf in workflows for s in wf["steps"]}
+        self.secret: str = saved["webhook_secret"]
         self.turn = itertools.count()
 
-    def next(self, name: str) -> int | None:
+    def next(self, name: str) -> Any:
         pool = self.ids.get(name)
         return pool[next(self.turn) % len(pool)] if pool else None
+
+
+def save_definitions(client: Any) -> dict[str, Any]:
+    """SEED_DEFINITIONS saved, deployed and run: {"refs", "runs", "webhook_id",
+    "webhook_secret"}."""
+    refs: list[str] = []
+    for definition in SEED_DEFINITIONS:
+        resp = client.post("/api/workflows", json={"definition": definition})
+        assert resp.status_code == 201, resp.text
+        refs += [definition["name"], str(resp.json()["id"])]
+    second = {"definition": {**HOOKED, "description": "v2"}, "change_summary": "v2"}
+    assert client.put("/api/workflows/fuzz-echo", json=second).status_code == 200
+    deployed = client.post("/api/workflows/fuzz-echo/deploy").json()
+    runs = [
+        client.post(f"/api/workflows/{name}/run", json={"input_data": {"who": "x"}}).json()[
+            "run_id"
+        ]
+        for name in ("fuzz-echo", "fuzz-gated", "fuzz-gated", "fuzz-dag")
+    ]
+    return {
+        "refs": refs,
+        "runs": runs,
+        "webhook_id": deployed["webhook_id"],
+        "webhook_secret": deployed["webhook_secret"],
+    }
 
 
 KNOWN: list[Known] = []  # the current app's
@@ -142,16 +194,21 @@ def app(tmp_path: Path) -> Iterator[Any]:
         served = client.get("/openapi.json")
         assert served.status_code == 200 and served.json() == DOCUMENT
         seeded = [client.post("/api/workflow", json=body).json()["id"] for body in SEEDS]
-        workflows = poll(client, held_ids + seeded, settled)
+        saved = save_definitions(client)
+        workflows = poll(client, held_ids + seeded + saved["runs"], settled)
     assert [wf["steps"][0]["awaiting"] for wf in workflows[:2]] == ["decision", "decision"]
-    KNOWN[:] = [Known(workflows)]
+    assert [wf["status"] for wf in workflows[-4:]] == ["completed", "running", "queued",
+                                                       "completed"]  # fmt: skip
+    KNOWN[:] = [Known(workflows, saved)]
     yield application
     asgi.shutdown_lifespans()
 
 
 def settled(wf: dict[str, Any]) -> bool:
-    """Finished, or waiting for a person."""
-    return wf["status"] != "running" or any(s["awaiting"] for s in wf["steps"])
+    """Finished, waiting for a person, or queued behind its definition's concurrency."""
+    return wf.get("status", "gone") not in ("running", "paused") or any(
+        s["awaiting"] for s in wf["steps"]
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -175,20 +232,29 @@ def test_api(case: Any, app: Any) -> None:
     known = KNOWN[0]
     # Random ids almost never exist: every other valid one becomes an existing id, so the
     # 200 and 409 answers of get / cancel / ready / retry / fail are fuzzed too.
+    # Names too: a definition's ref of even length becomes an existing name or id.
     params = case.path_parameters or {}
     for name, value in params.items():
-        if isinstance(value, int) and value % 2 == 0:
+        if (isinstance(value, int) and value % 2 == 0) or (
+            isinstance(value, str) and len(value) % 2 == 0
+        ):
             params[name] = known.next(name) or value
     positive = case.meta is None or case.meta.generation.mode is GenerationMode.POSITIVE
-    if positive and isinstance(case.body, dict) and isinstance(case.body.get("flow"), dict):
-        case.body["flow"] = runnable(case.body["flow"])
+    if positive and isinstance(case.body, dict):
+        for holder in (case.body, case.body.get("definition")):
+            if isinstance(holder, dict) and isinstance(holder.get("flow"), dict):
+                holder["flow"] = runnable(holder["flow"])
+    if positive and case.path == "/hooks/{webhook_id}":
+        sign_hook(case, known)
 
     response = case.call_and_validate(checks=CHECKS, app=app)
     SEEN[f"{case.operation.label} -> {response.status_code}"] += 1
 
     # A change was accepted: what the executor makes of it must match the document too.
     if case.method != "GET" and response.status_code in (200, 201):
-        if "step_id" in params:
+        if case.path.startswith("/api/workflows"):
+            changed = params.get("run_id")  # a definition's run (cancel, resume)
+        elif "step_id" in params:
             changed = known.workflow_of.get(params["step_id"])
         else:
             changed = params.get("id") or response.json().get("id")
@@ -202,6 +268,24 @@ def test_api(case: Any, app: Any) -> None:
             after = GET_WORKFLOW.Case(path_parameters={"id": changed})
             got = after.call_and_validate(checks=CHECKS, app=app, headers=AUTH)
             SEEN[f"{GET_WORKFLOW.label} (after a change) -> {got.status_code}"] += 1
+
+
+def sign_hook(case: Any, known: Known) -> None:
+    """A positive /hooks call goes to the seeded webhook, signed with its secret: the body
+    as the bytes sent, a timestamp of now. Nothing else is changed (the fuzzer's
+    Idempotency-Key stays)."""
+    case.path_parameters["webhook_id"] = known.ids["webhook_id"][0]
+    if isinstance(case.body, NotSet):
+        raw = b""
+    else:
+        raw = json.dumps(case.body, allow_nan=False).encode()
+    case.body = raw
+    ts = int(time.time())
+    headers = case.headers if case.headers is not None else {}
+    headers["X-Stepd-Timestamp"] = str(ts)
+    headers["X-Stepd-Signature"] = sign(known.secret.encode(), ts, raw)
+    headers["Content-Type"] = "application/json"
+    case.headers = headers
 
 
 def runnable(flow: dict[str, Any]) -> dict[str, Any]:
