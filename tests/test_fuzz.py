@@ -91,7 +91,8 @@ SEEDS = [
 
 # Saved definitions the app under test starts with: one with an input_schema, two versions
 # and a persistent webhook (fuzzed /hooks calls are signed with its secret), one whose
-# concurrency of 1 keeps a run waiting at a gate and one queued, one in the DAG shape.
+# concurrency of 1 keeps a run waiting at a gate and one queued (deployed, single mode: it
+# can be armed), one in the DAG shape.
 HOOKED = {
     "name": "fuzz-echo",
     "description": "echo the input",
@@ -140,6 +141,7 @@ def save_definitions(client: Any) -> dict[str, Any]:
     second = {"definition": {**HOOKED, "description": "v2"}, "change_summary": "v2"}
     assert client.put("/api/workflows/fuzz-echo", json=second).status_code == 200
     deployed = client.post("/api/workflows/fuzz-echo/deploy").json()
+    assert client.post("/api/workflows/fuzz-gated/deploy").status_code == 200  # to arm
     runs = [
         client.post(f"/api/workflows/{name}/run", json={"input_data": {"who": "x"}}).json()[
             "run_id"
