@@ -315,6 +315,10 @@ class Definitions:
     ) -> dict[str, Any]:
         if status is not None and status not in STATUSES:
             raise BadRequest(f"query parameter 'status' must be one of {', '.join(STATUSES)}")
+        if trigger_type is not None and trigger_type not in TRIGGER_TYPES:
+            raise BadRequest(
+                f"query parameter 'trigger_type' must be one of {', '.join(TRIGGER_TYPES)}"
+            )
         rows, total = await self.store.list_definitions(
             status=status, tag=tag, trigger_type=trigger_type, limit=limit, offset=offset
         )

@@ -452,6 +452,7 @@ async def test_definitions_versions_and_runs_conform(client):
     # Errors: their codes and extra fields.
     cases: list[tuple[int, httpx.Request]] = [
         (400, client.build_request("GET", "/api/workflows", params={"limit": 201})),
+        (400, client.build_request("GET", "/api/workflows", params={"trigger_type": "odd"})),
         (400, client.build_request("GET", "/api/workflows/greet/diff", params={"v1": 1})),
         (400, client.build_request("GET", "/api/workflows/greet/versions/0")),
         (400, client.build_request("DELETE", "/api/workflows/greet", params={"force": "x"})),
