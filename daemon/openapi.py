@@ -227,10 +227,7 @@ ERRORS = {
     422: "The workflow or definition is invalid; `error` lists every problem, '; '-separated, "
     "and `errors` (when present) one by one; a run's input that does not match the "
     "definition's input_schema has error_code VALIDATION_ERROR",
-    500: "The run failed or was cancelled (error_code EXECUTION_FAILED, with its run_id)",
     503: "Storage unavailable (the database is locked or failing); try again later",
-    504: "The run did not end within ?timeout= (error_code EXECUTION_TIMEOUT, with its "
-    "run_id); it goes on",
 }
 AUTH = (401, 403)
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000}
@@ -1198,38 +1195,8 @@ DEFINITION_PATHS: dict[str, Any] = {
 PATHS.update(DEFINITION_PATHS)
 
 
-# -- routes that land later: switched on by name in UPCOMING_ON --------------------------
-# "wait": POST /api/workflow?wait=; "execute": .../execute, .../execute/stream and a run's
-# stream; "templates": the shipped templates. tests/test_openapi checks that the document
-# has every served route and nothing else, so a group goes on here when its routes are
-# served (and not before).
-UPCOMING_ON: frozenset[str] = frozenset()
+# -- the templates stepd ships (daemon/catalog.py) -----------------------------------------
 
-EXECUTE_TIMEOUT = query(
-    "timeout",
-    {"type": "number", "exclusiveMinimum": 0, "maximum": 300, "default": 30},
-    "Seconds to wait for the run's end, at most 300",
-)
-EXECUTE_BODY = body(
-    closed(
-        {
-            "variables": {**nullable(OBJECT), "description": "the run's input (default {})"},
-            "input": {**nullable(OBJECT), "description": "an alias of variables"},
-        },
-        required=[],
-    ),
-    "Optional: the run's input, checked against the definition's input_schema",
-    required=False,
-)
-RUN_STREAM = {
-    "description": "text/event-stream: `id:` the event id, `event:` one of step_started "
-    '{"run_id", "step_id", "id", "timestamp"}, step_waiting {"run_id", "step_id", "id", '
-    '"awaiting"}, step_completed {"run_id", "step_id", "id", "output"}, step_failed '
-    '{"run_id", "step_id", "id", "error"}, run_completed {"run_id", "status": "completed", '
-    '"output", "duration_seconds"}, run_failed {"run_id", "status": "failed" | "cancelled", '
-    "\"error\"}; `step_id` is the state's name, `id` the step's",
-    "content": {"text/event-stream": {"schema": STRING}},
-}
 TEMPLATE_ID = {
     "name": "template_id",
     "in": "path",
@@ -1245,32 +1212,8 @@ TEMPLATE_SUMMARY: dict[str, Schema] = {
     "is_builtin": {"const": True},
     "tags": STRINGS,
 }
-UPCOMING_SCHEMAS: dict[str, dict[str, Schema]] = {
-    "execute": {
-        "Executed": closed(
-            {
-                "run_id": ID,
-                "status": {"const": "completed"},
-                "output": {"description": "the run's output"},
-            }
-        ),
-        "ExecutionWaiting": closed(
-            {
-                "run_id": ID,
-                "status": {"const": "waiting"},
-                "awaiting": array(
-                    closed(
-                        {
-                            "step_id": {**ID, "description": "the step's id (to approve a gate)"},
-                            "state": STRING,
-                            "awaiting": {"enum": ["ready", "decision", "signal", "timer"]},
-                        }
-                    )
-                ),
-            }
-        ),
-    },
-    "templates": {
+SCHEMAS.update(
+    {
         "TemplateSummary": closed(TEMPLATE_SUMMARY),
         "Template": closed(
             {
@@ -1282,60 +1225,17 @@ UPCOMING_SCHEMAS: dict[str, dict[str, Schema]] = {
             },
             required=list(TEMPLATE_SUMMARY) + ["definition"],
         ),
-    },
-}
-UPCOMING_PATHS: dict[str, dict[str, Any]] = {
-    "execute": {
-        "/api/workflows/{ref}/execute": {
-            **on_definition(),
-            "post": op(
-                "executeDefinition",
-                "Run a definition and wait for its end (at most ?timeout= seconds)",
-                {
-                    "200": ok("It completed", ref("Executed")),
-                    "202": ok(
-                        "It waits: every open step waits for a person, a signal or a timer",
-                        ref("ExecutionWaiting"),
-                    ),
-                },
-                (*BODY, *AUTH, 404, 409, 422, 500, 503, 504),
-                parameters=[EXECUTE_TIMEOUT],
-                **EXECUTE_BODY,
-            ),
-        },
-        "/api/workflows/{ref}/execute/stream": {
-            **on_definition(),
-            "post": op(
-                "executeDefinitionStream",
-                "Run a definition and stream its events as Server-Sent Events until its end, "
-                "until it waits for the world (run_waiting), or until ?timeout= (an `error` "
-                "event with error_code EXECUTION_TIMEOUT; the run goes on)",
-                {"200": RUN_STREAM},
-                (*BODY, *AUTH, 404, 409, 422, 503),
-                parameters=[EXECUTE_TIMEOUT],
-                **EXECUTE_BODY,
-            ),
-        },
-        "/api/workflows/runs/{run_id}/stream": {
-            **on_run(),
-            "get": op(
-                "streamRun",
-                "A run's events as Server-Sent Events: replayed after Last-Event-ID, then live; "
-                "the stream ends after run_completed or run_failed",
-                {"200": RUN_STREAM},
-                (400, *AUTH, 404, 503),
-                parameters=[LAST_EVENT_ID],
-            ),
-        },
-    },
-    "templates": {
+    }
+)
+PATHS.update(
+    {
         "/api/workflows/templates": {
             "get": op(
                 "listTemplates",
                 "The workflow templates stepd ships",
                 {
                     "200": ok(
-                        "Templates by id",
+                        "A page of templates by id, and how many match",
                         closed(
                             {
                                 "templates": array(ref("TemplateSummary")),
@@ -1345,7 +1245,15 @@ UPCOMING_PATHS: dict[str, dict[str, Any]] = {
                     )
                 },
                 (400, *AUTH),
-                parameters=[query("category", STRING, "Only templates of this category")],
+                parameters=[
+                    query(
+                        "category",
+                        {"type": "string", "maxLength": 200},
+                        "Only templates of this category",
+                    ),
+                    query("limit", PAGE_LIMIT, "How many, 1 to 200"),
+                    query("offset", OFFSET, "How many to skip"),
+                ],
             )
         },
         "/api/workflows/templates/{template_id}": {
@@ -1374,47 +1282,13 @@ UPCOMING_PATHS: dict[str, dict[str, Any]] = {
                 ),
             ),
         },
-    },
-}
+    }
+)
 
 
-def waits(doc: dict[str, Any]) -> None:
-    """POST /api/workflow?wait=SECONDS: the workflow as GET shows it, 200 once it ended,
-    202 while it still runs at the deadline or waits for the world."""
-    create = doc["paths"]["/api/workflow"]["post"]
-    create["summary"] += "; with ?wait=, wait for its end"
-    create["parameters"].append(
-        query(
-            "wait",
-            {"type": "number", "exclusiveMinimum": 0, "maximum": 300},
-            "Seconds to wait for the end, at most 300: the answer is then the workflow as "
-            "GET shows it (200 ended, 202 still running or waiting for a person, a signal "
-            "or a timer)",
-        )
-    )
-    replayed = {"Idempotent-Replayed": REPLAYED}
-    create["responses"]["200"] = ok("?wait=: it ended", ref("Workflow"), **replayed)
-    create["responses"]["202"] = ok(
-        "?wait=: it still runs, or waits for the world", ref("Workflow"), **replayed
-    )
-
-
-def switch_on(doc: dict[str, Any], groups: Iterable[str]) -> None:
-    """Add the upcoming groups' paths and schemas to a document."""
-    for group in groups:
-        if group == "wait":
-            waits(doc)
-            continue
-        doc["paths"].update(copy.deepcopy(UPCOMING_PATHS[group]))
-        doc["components"]["schemas"].update(copy.deepcopy(UPCOMING_SCHEMAS.get(group, {})))
-
-
-def document(
-    tools: Iterable[str] | None = None, upcoming: Iterable[str] | None = None
-) -> dict[str, Any]:
+def document(tools: Iterable[str] | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 description of every route (a fresh copy); with `tools`, flows name
-    only those tools (see flowschema.name_tools); `upcoming`: the groups of UPCOMING_PATHS
-    to include (default: UPCOMING_ON)."""
+    only those tools (see flowschema.name_tools)."""
     responses = {
         f"E{c}": {"description": text, "content": json_of(ref("Error"))}
         for c, text in ERRORS.items()
@@ -1443,7 +1317,6 @@ def document(
             "security": [{"bearer": []}],
         }
     )
-    switch_on(doc, sorted(UPCOMING_ON if upcoming is None else upcoming))
     if tools is not None:
         flowschema.name_tools(doc["components"]["schemas"], tools)
     return doc

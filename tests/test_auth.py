@@ -44,9 +44,9 @@ IMPORT = {"stepd_export": 1, "workflows": [{"name": "d3", "versions": [
     {"definition": {**DEFINITION, "name": "d3"}}]}]}  # fmt: skip
 
 TEMPLATE = "fetch-and-notify"
-# Routes that land later (daemon/openapi.py UPCOMING_PATHS): the 401 matrix holds them now
-# (the bearer check comes before routing); the approver and workflow-token tests run them
-# once the document has them (it has every served route and nothing else).
+# Routes that land later (synchronous execution and run streams): the 401 matrix holds
+# them now (the bearer check comes before routing); the approver and workflow-token tests
+# run them once the document has them (it has every served route and nothing else).
 # (method, path, body, documented path, workflow token's status, approver may)
 UPCOMING: list[tuple[str, str, Any, str, int, bool]] = [
     ("POST", "/api/workflows/{def}/execute", {"variables": {}},
@@ -55,11 +55,6 @@ UPCOMING: list[tuple[str, str, Any, str, int, bool]] = [
      "/api/workflows/{ref}/execute/stream", 200, False),
     ("GET", "/api/workflows/runs/{run}/stream", None,
      "/api/workflows/runs/{run_id}/stream", 200, True),
-    ("GET", "/api/workflows/templates", None, "/api/workflows/templates", 200, True),
-    ("GET", f"/api/workflows/templates/{TEMPLATE}", None,
-     "/api/workflows/templates/{template_id}", 200, True),
-    ("POST", f"/api/workflows/templates/{TEMPLATE}/install", {"name": "installed"},
-     "/api/workflows/templates/{template_id}/install", 201, False),
 ]  # fmt: skip
 DOCUMENTED = openapi.document()["paths"]
 
@@ -126,6 +121,9 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/api/workflows/{def}/arm", None),
     ("GET", "/api/workflows/{def}/export", None),
     ("GET", "/api/workflows/{def}/nope", None),
+    ("GET", "/api/workflows/templates", None),
+    ("GET", f"/api/workflows/templates/{TEMPLATE}", None),
+    ("POST", f"/api/workflows/templates/{TEMPLATE}/install", {"name": "installed"}),
     *[r[:3] for r in UPCOMING],
 ]
 ROUTE_IDS = [f"{m} {p}" for m, p, _ in ROUTES]
@@ -292,6 +290,7 @@ APPROVER_FORBIDDEN = [r for r in ROUTES if r[:2] in {
     ("POST", "/api/workflows/{def}/deploy"),
     ("POST", "/api/workflows/{def}/undeploy"),
     ("POST", "/api/workflows/{def}/arm"),
+    ("POST", f"/api/workflows/templates/{TEMPLATE}/install"),
 }]  # fmt: skip
 APPROVER_FORBIDDEN += upcoming("forbidden")
 APPROVER_ALLOWED = [
@@ -376,6 +375,9 @@ WORKFLOW_ALLOWED = [
     ("POST", "/api/workflows/{def}/undeploy", None, 200),
     ("POST", "/api/workflows/{def}/arm", None, 409),  # not deployed
     ("GET", "/api/workflows/{def}/export", None, 200),
+    ("GET", "/api/workflows/templates", None, 200),
+    ("GET", f"/api/workflows/templates/{TEMPLATE}", None, 200),
+    ("POST", f"/api/workflows/templates/{TEMPLATE}/install", {"name": "installed"}, 201),
     *upcoming("workflow"),
 ]
 
@@ -404,9 +406,9 @@ def route_rx(template: str) -> re.Pattern[str]:
 
 
 def test_matrix_covers_every_definition_route() -> None:
-    """Every operation under /api/workflows (those that land later too) is in the 401
-    matrix, and the approver is either refused or allowed it."""
-    documented = openapi.document(upcoming=["wait", *openapi.UPCOMING_PATHS])["paths"]
+    """Every documented operation under /api/workflows is in the 401 matrix, and the
+    approver is either refused or allowed it."""
+    documented = openapi.document()["paths"]
     templates = [
         (route_rx(t), t)
         for t in sorted(documented, key=lambda t: t.count("{"))  # literal paths first

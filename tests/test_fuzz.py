@@ -25,7 +25,7 @@ from schemathesis import GenerationMode, checks
 from schemathesis.core import NotSet
 from schemathesis.python import asgi
 
-from daemon import openapi
+from daemon import catalog, openapi
 from daemon.api import create_app
 from daemon.notify import sign
 from daemon.tools import build_registry
@@ -65,7 +65,12 @@ DOCUMENT = openapi.document([*build_registry(make_config(Path(".")).tool_modules
 # Event streams never end by themselves (/api/events) or end only with their workflow:
 # tests/test_events.py covers them with real streams.
 schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG).exclude(
-    operation_id=["streamWorkflowEvents", "streamEvents", "streamRun", "executeDefinitionStream"]
+    operation_id=[
+        "streamWorkflowEvents",
+        "streamEvents",
+        "streamRunEvents",
+        "executeDefinitionStream",
+    ]
 )
 GET_WORKFLOW = schema["/api/workflow/{id}"]["GET"]
 
@@ -120,6 +125,7 @@ class Known:
             "run_id": saved["runs"],
             "version": [1, 2],
             "webhook_id": [saved["webhook_id"]],
+            "template_id": [t["id"] for t in catalog.list_templates()],
         }
         self.workflow_of = {s["id"]: wf["id"] for wf in workflows for s in wf["steps"]}
         self.secret: str = saved["webhook_secret"]
