@@ -411,7 +411,10 @@ def loggable(request: Request) -> str:
 
 async def on_stepd_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StepdError)
-    return error_response(exc.status, exc.text, **exc.extra)
+    resp = error_response(exc.status, exc.text, **exc.extra)
+    if request.url.path.startswith(HOOK_PREFIX) and "www-authenticate" in resp.headers:
+        del resp.headers["www-authenticate"]  # signed: no bearer to retry with
+    return resp
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:

@@ -810,7 +810,7 @@ class Definitions:
             if item.get("trigger_type", "manual") not in TRIGGER_TYPES:
                 errors.append(f"{where}: 'trigger_type' must be one of {', '.join(TRIGGER_TYPES)}")
             versions = []
-            for j, v in enumerate(item["versions"][:200]):
+            for j, v in enumerate(item["versions"]):
                 if not isinstance(v, dict) or not isinstance(v.get("definition"), dict):
                     errors.append(f"{where}: versions[{j}]: needs 'definition', an object")
                     continue
@@ -830,6 +830,7 @@ class Definitions:
                     errors.append(f"{where}: versions[{j}]: 'change_summary' must be short text")
                     summary = None
                 if checked is not None:
+                    summary = summary or ("Initial version" if j == 0 else "Imported")
                     versions.append((replace(checked, change_summary=summary), v))
             if isinstance(name, str):
                 if name in seen:

@@ -1192,6 +1192,10 @@ DEFINITION_PATHS: dict[str, Any] = {
         ),
     },
 }
+# A webhook's 401 is about its signature: no WWW-Authenticate (there is no bearer to send).
+DEFINITION_PATHS["/hooks/{webhook_id}"]["post"]["responses"]["401"] = {
+    "$ref": "#/components/responses/E401Signature"
+}
 PATHS.update(DEFINITION_PATHS)
 
 
@@ -1292,6 +1296,10 @@ def document(tools: Iterable[str] | None = None) -> dict[str, Any]:
     responses = {
         f"E{c}": {"description": text, "content": json_of(ref("Error"))}
         for c, text in ERRORS.items()
+    }
+    responses["E401Signature"] = {
+        "description": "Missing or bad X-Stepd-Signature or X-Stepd-Timestamp",
+        "content": json_of(ref("Error")),
     }
     responses["E401"]["headers"] = {
         "WWW-Authenticate": {"required": True, "schema": {"const": "Bearer"}}

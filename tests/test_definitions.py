@@ -439,3 +439,18 @@ async def test_templates_listed_shown_and_installed(client: httpx.AsyncClient) -
         "/api/workflows/templates/daily-report/install", headers=auth("approver")
     )
     assert resp.status_code == 403
+
+
+async def test_import_keeps_every_version(client: httpx.AsyncClient) -> None:
+    versions = [
+        {"version": i, "change_summary": f"v{i}", "definition": {**ECHO, "description": f"d{i}"}}
+        for i in range(1, 206)
+    ]
+    resp = await client.post(
+        "/api/workflows/import", json={"workflows": [{"name": "greet", "versions": versions}]}
+    )
+    assert resp.status_code == 200 and resp.json()["created"] == ["greet"], resp.text
+    got = (await client.get("/api/workflows/greet")).json()
+    assert got["version"] == 205 and got["description"] == "d205"
+    listed = (await client.get("/api/workflows/greet/versions")).json()["versions"]
+    assert [v["change_summary"] for v in listed[:2]] == ["v205", "v204"]

@@ -107,6 +107,7 @@ async def test_signature_and_timestamp_checked(client: httpx.AsyncClient) -> Non
     for bad in cases:
         resp = await client.post(f"/hooks/{hook}", content=body, headers={**bad, **no_bearer})
         assert resp.status_code == 401, (bad, resp.text)
+        assert "www-authenticate" not in resp.headers  # a signature, not a bearer, is wanted
     # The body is signed: a changed body with the old signature fails.
     resp = await client.post(f"/hooks/{hook}", content=orjson.dumps({"n": 2}),
                              headers={**headers, **no_bearer})  # fmt: skip
