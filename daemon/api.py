@@ -25,6 +25,7 @@ from daemon import (
     metrics,
     notify,
     openapi,
+    outcome,
     retention,
     signing,
     web,
@@ -51,6 +52,7 @@ log = logging.getLogger("stepd.api")
 PUBLIC_PATHS = frozenset({"/healthz"})
 WEB_PREFIXES = ("/ui", "/link")  # web pages: session cookies and signed links, not bearers
 HOOK_PREFIX = "/hooks/"  # inbound webhooks: signed with the definition's secret, not bearers
+MAX_WAIT_S = 300.0  # the longest a request may wait for its workflow (?wait=, ?timeout=)
 
 
 class JSON(Response):
@@ -155,16 +157,35 @@ def int_param(request: Request, name: str, default: int | None, lo: int, hi: int
 # -- routes --------------------------------------------------------------------------
 
 
+def seconds_param(request: Request, name: str, default: float | None, most: float) -> float | None:
+    """A query parameter of seconds, above 0 and at most `most`."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= most:  # also NaN
+        raise BadRequest(f"query parameter '{name}' must be seconds above 0, at most {most:g}")
+    return value
+
+
 @needs("workflow")
 async def create_workflow(request: Request) -> Response:
-    """Create and start a workflow."""
+    """Create and start a workflow; with ?wait=SECONDS, answer once it ended (200) or
+    waits for a person, a signal or a timer, or the seconds passed (202)."""
     key = idempotency_key(request)
+    wait = seconds_param(request, "wait", None, MAX_WAIT_S)
     body = await read_json(request)
-    created = await engine_of(request).create(
-        body, created_by=token_of(request).name, idempotency_key=key
-    )
+    engine = engine_of(request)
+    created = await engine.create(body, created_by=token_of(request).name, idempotency_key=key)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
-    return JSON({"id": created.id, "status": "started"}, status_code=201, headers=headers)
+    if wait is None:
+        return JSON({"id": created.id, "status": "started"}, status_code=201, headers=headers)
+    settled = await outcome.settle(engine.store, created.id, wait, hub=request.app.state.events)
+    status = 200 if settled.ended else 202
+    return JSON(await engine.get(created.id), status_code=status, headers=headers)
 
 
 @needs("read")

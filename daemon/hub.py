@@ -57,6 +57,11 @@ class Event:
         self._row = row
         self._frames: dict[bool, bytes] = {}
 
+    @property
+    def row(self) -> dict[str, Any]:
+        """The event as the store reads it (id, workflow_id, step_id, type, at, data)."""
+        return self._row
+
     def frame(self, named: bool = True) -> bytes:
         """`id:`, `event:` (unless not `named`) and `data:` lines of this event."""
         framed = self._frames.get(named)

@@ -1,0 +1,190 @@
+"""How a workflow stands for someone waiting on it: ended, waiting for the world, or neither
+yet. Synchronous execution (`POST /api/workflow?wait=`, `/api/workflows/{ref}/execute`)
+waits here until the first two, or its deadline.
+
+Waiting costs no polling. A waiter learns of its workflow's progress from the event log:
+through the process's EventHub when given one (one read of the log per commit for every
+stream and waiter together, each waiter woken only by events of its own workflow), else by
+reading its workflow's new events after each commit (one small indexed query per waiter per
+commit). Only the workflow's own events lead to reading its row and steps, and not all of
+them: a batch that ends with a tool starting cannot leave the workflow waiting.
+(The workflow's `updated_at` is no such signal: a wait state or an interrupted step starts
+waiting without touching the workflow's row.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.hub import EventHub
+from daemon.models import TERMINAL, Step, StepStatus, Workflow
+from daemon.storage.base import BaseStore
+
+# A step waiting for a person ("ready": a gate; "decision": an interrupted step to retry or
+# fail), a signal or a timer.
+WAITS_FOR_WORLD = frozenset({"ready", "decision", "signal", "timer"})
+# A step waiting for what runs under it (a parallel's or map's branches, a call's child
+# workflow): it waits for the world only if what it runs does.
+WAITS_INSIDE = frozenset({"branches", "child"})
+OPEN = frozenset({StepStatus.PENDING, StepStatus.RUNNING})
+PAGE = 500  # events per read of the log (without a hub)
+SAFETY_POLL_S = 5.0  # without a hub: look at the log this often even if no commit was told
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Where a workflow stands: `status` is its end (completed, failed, cancelled),
+    "waiting" (every open step waits for a person, a signal or a timer, and no tool runs or
+    is queued), or "timeout" (none of these by the deadline). `awaiting`: the steps that
+    wait, when waiting."""
+
+    status: str
+    workflow: Workflow | None
+    awaiting: list[Step] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    def awaiting_json(self) -> list[dict[str, Any]]:
+        """The waiting steps as the API shows them: their id (to approve a gate or send its
+        decision), state name and what they wait for."""
+        return [{"step_id": s.id, "state": s.state, "awaiting": s.awaiting} for s in self.awaiting]
+
+
+def waiting_steps(steps: Sequence[Step]) -> list[Step] | None:
+    """The steps waiting for a person, a signal or a timer, if every open step of the
+    workflow does so (or waits for what runs under it); else None."""
+    waiting: list[Step] = []
+    for step in steps:
+        if step.status not in OPEN:
+            continue
+        if step.status != StepStatus.RUNNING:
+            return None  # queued (a tool, a retry, a step held by a pause, a woken wait)
+        if step.awaiting in WAITS_FOR_WORLD:
+            waiting.append(step)
+        elif step.awaiting not in WAITS_INSIDE:
+            return None  # a tool runs (or a wait or parallel is about to start waiting)
+    return waiting or None
+
+
+def may_wait(events: Sequence[dict[str, Any]]) -> bool:
+    """Whether, after these events of one workflow (oldest first), it may wait for the
+    world: not when the last is a tool step starting (it runs, and whatever it does next
+    writes another event)."""
+    return not events or events[-1]["type"] != "step_started"
+
+
+class Watch:
+    """Reads one workflow's standing, as cheaply as its latest events allow."""
+
+    def __init__(self, store: BaseStore, workflow_id: int) -> None:
+        self.store = store
+        self.workflow_id = workflow_id
+        self.workflow: Workflow | None = None  # as last read
+
+    async def check(self, events: Sequence[dict[str, Any]] | None = None) -> Outcome | None:
+        """The outcome if the workflow ended or waits for the world, else None. `events`:
+        its events since the last check (None: look at everything)."""
+        if events is not None:
+            if any(e["type"] in TERMINAL for e in events):
+                return await self._ended()
+            if not may_wait(events):
+                return None
+        wf = await self.store.get_workflow(self.workflow_id)
+        self.workflow = wf
+        if wf is None or wf.status in TERMINAL:
+            return _end(wf)
+        if wf.paused_at is not None:
+            return None  # nothing moves until someone resumes it
+        waiting = waiting_steps(await self.store.steps(self.workflow_id))
+        return None if waiting is None else Outcome("waiting", wf, waiting)
+
+    async def _ended(self) -> Outcome:
+        self.workflow = await self.store.get_workflow(self.workflow_id)
+        return _end(self.workflow)
+
+    async def last(self) -> Outcome:
+        """At the deadline: ended after all (a last look at the workflow), or "timeout"."""
+        self.workflow = await self.store.get_workflow(self.workflow_id) or self.workflow
+        if self.workflow is not None and self.workflow.status in TERMINAL:
+            return _end(self.workflow)
+        return Outcome("timeout", self.workflow)
+
+
+def _end(wf: Workflow | None) -> Outcome:
+    # A workflow purged while watched ended long ago; say so rather than wait for nothing.
+    return Outcome(wf.status if wf is not None else "cancelled", wf)
+
+
+async def settle(
+    store: BaseStore, workflow_id: int, timeout_s: float, *, hub: EventHub | None = None
+) -> Outcome:
+    """Wait until the workflow ends or waits for the world, or `timeout_s` passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    watch = Watch(store, workflow_id)
+    # Where its news starts: whatever commits after this read is in the log after it.
+    after = await store.max_event_id()
+    outcome = await watch.check()
+    if outcome is not None:
+        return outcome
+    async with aclosing(news(store, workflow_id, after, hub=hub)) as batches:
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    batch = await anext(batches)
+            except TimeoutError:
+                break
+            except StopAsyncIteration:  # its stream ended (the workflow did, or shutdown)
+                break
+            outcome = await watch.check(batch)
+            if outcome is not None:
+                return outcome
+    return await watch.last()
+
+
+async def news(
+    store: BaseStore, workflow_id: int, after: int, *, hub: EventHub | None = None
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The workflow's events after event `after` (in the log's order), in batches as
+    they are committed; ends after its terminal event."""
+    if hub is not None:
+        async with aclosing(hub.follow(after, workflow_id)) as batches:
+            async for batch in batches:
+                yield [e.row for e in batch]
+        return
+    async with _commits(store) as committed:
+        cursor = after
+        while True:
+            committed.clear()  # before the read: a commit from now on wakes the next
+            rows = await store.events_after(cursor, workflow_id=workflow_id, limit=PAGE)
+            if rows:
+                cursor = rows[-1]["id"]
+                for i, row in enumerate(rows):
+                    if row["type"] in TERMINAL:
+                        yield rows[: i + 1]
+                        return
+                yield rows
+                if len(rows) == PAGE:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SAFETY_POLL_S):
+                    await committed.wait()
+
+
+@contextlib.asynccontextmanager
+async def _commits(store: BaseStore) -> AsyncIterator[asyncio.Event]:
+    """An event set after every commit of this process, or that another daemon told of."""
+    committed = asyncio.Event()
+    hook: Callable[[str], None] = lambda _kind: committed.set()  # noqa: E731
+    store.change_hooks.append(hook)
+    try:
+        yield committed
+    finally:
+        store.change_hooks.remove(hook)
