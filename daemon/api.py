@@ -472,10 +472,12 @@ def web_routes() -> list[Any]:
 
 
 def all_routes() -> list[Any]:
-    """Every route of the daemon: the API, saved definitions and webhooks, the web pages."""
-    from daemon.api_definitions import DEFINITION_ROUTES  # it builds on this module
+    """Every route of the daemon: the API, saved definitions, their execution and webhooks,
+    the web pages."""
+    from daemon.api_definitions import DEFINITION_ROUTES  # they build on this module
+    from daemon.api_execute import EXECUTE_ROUTES
 
-    return [*ROUTES, *DEFINITION_ROUTES, *web_routes()]
+    return [*ROUTES, *DEFINITION_ROUTES, *EXECUTE_ROUTES, *web_routes()]
 
 
 def create_app(

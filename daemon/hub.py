@@ -228,10 +228,12 @@ class EventHub:
             del self._by_workflow[sub.workflow_id]
 
     async def follow(
-        self, after: int, workflow_id: int | None = None
+        self, after: int, workflow_id: int | None = None, *, paced: bool = True
     ) -> AsyncIterator[list[Event]]:
         """Events after `after`, in batches as they come (of one workflow, or all); a
-        workflow's stream ends after its terminal event, or at once if it had ended."""
+        workflow's stream ends after its terminal event, or at once if it had ended.
+        Without `paced`, batches come as soon as there are events: for a reader that
+        writes nothing to a client (a request waiting for its workflow's outcome)."""
         cursor, loop = after, asyncio.get_running_loop()
         while not self._closed:
             # Subscribe first, then read the log: whatever is committed after the read
@@ -257,7 +259,7 @@ class EventHub:
                         await sub.ready.wait()
                         continue
                     pause = sent + self._count / self.writes_per_s - loop.time()
-                    if pause > MIN_PAUSE_S:
+                    if paced and pause > MIN_PAUSE_S:
                         await asyncio.sleep(pause)  # events go on queuing meanwhile
                     batch = sub.take()
                     if replayed:

@@ -150,12 +150,18 @@ async def settle(
 
 
 async def news(
-    store: BaseStore, workflow_id: int, after: int, *, hub: EventHub | None = None
+    store: BaseStore,
+    workflow_id: int,
+    after: int,
+    *,
+    hub: EventHub | None = None,
+    paced: bool = False,
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """The workflow's events after event `after` (in the log's order), in batches as
-    they are committed; ends after its terminal event."""
+    they are committed; ends after its terminal event. `paced`: through the hub, as an
+    event stream to a client is (see EventHub.follow)."""
     if hub is not None:
-        async with aclosing(hub.follow(after, workflow_id)) as batches:
+        async with aclosing(hub.follow(after, workflow_id, paced=paced)) as batches:
             async for batch in batches:
                 yield [e.row for e in batch]
         return

@@ -190,7 +190,7 @@ async def _execute_frames(
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     translator, watch = Translator(hub.store, run_id), Watch(hub.store, run_id)
-    async with aclosing(news(hub.store, run_id, 0, hub=hub)) as batches:
+    async with aclosing(news(hub.store, run_id, 0, hub=hub, paced=True)) as batches:
         while (remaining := deadline - loop.time()) > 0:
             try:
                 async with asyncio.timeout(remaining):

@@ -311,3 +311,138 @@ async def test_cancelled_run_stream(streaming: httpx.AsyncClient):
     events = parse_sse((await stream).text)
     assert events[-1][1] == "run_failed"
     assert events[-1][2]["status"] == "cancelled" and "james" in events[-1][2]["error"]
+
+
+# -- saved definitions: execute, execute/stream, runs/{id}/stream ------------------------
+
+
+async def define(client: httpx.AsyncClient, name: str, flow: dict[str, Any], **extra: Any) -> int:
+    definition = {"name": name, "flow": flow, **extra}
+    resp = await client.post("/api/workflows", json={"definition": definition})
+    assert resp.status_code == 201, resp.text
+    return int(resp.json()["id"])
+
+
+GREET = {"start": {"tool": "echo", "args": {"hello": "<<input.who>>"}, "done": True}}
+
+
+async def test_execute_answers_the_output(client: httpx.AsyncClient):
+    def_id = await define(client, "greet", GREET)
+    for ref, body in ((def_id, {"variables": {"who": "Al"}}), ("greet", {"input": {"who": "Bo"}})):
+        resp = await client.post(f"/api/workflows/{ref}/execute", json=body)
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+        assert (
+            got["status"] == "completed"
+            and got["output"]["hello"] == body.get("variables", body.get("input"))["who"]
+        )
+        run = (await client.get(f"/api/workflow/{got['run_id']}")).json()
+        assert run["trigger"] == "execute" and run["definition_id"] == def_id
+        assert run["created_by"] == "james"
+
+
+async def test_execute_of_a_failing_run_is_500(client: httpx.AsyncClient):
+    flow = {
+        "start": {"tool": "fail", "args": {"message": "nope", "retryable": False}, "done": True}
+    }
+    await define(client, "broken", flow)
+    resp = await client.post("/api/workflows/broken/execute", json={})
+    assert resp.status_code == 500, resp.text
+    got = resp.json()
+    assert got["error_code"] == "EXECUTION_FAILED" and "nope" in got["error"]
+    assert got["status"] == "failed"
+    run = (await client.get(f"/api/workflows/runs/{got['run_id']}")).json()["run"]
+    assert run["status"] == "failed"
+
+
+async def test_execute_of_a_cancelled_run_is_500(client: httpx.AsyncClient):
+    await define(client, "slow", {"start": {"tool": "sleep", "args": {"seconds": 5}, "done": True}})
+    call = asyncio.create_task(client.post("/api/workflows/slow/execute", json={}))
+    for _ in range(200):
+        runs = (await client.get("/api/workflows/slow/runs")).json()["runs"]
+        if runs:
+            break
+        await asyncio.sleep(0.02)
+    assert (await client.post(f"/api/workflows/runs/{runs[0]['id']}/cancel")).status_code == 200
+    resp = await call
+    assert resp.status_code == 500, resp.text
+    assert resp.json()["status"] == "cancelled" and resp.json()["error_code"] == "EXECUTION_FAILED"
+
+
+async def test_execute_that_reaches_a_gate_is_202_waiting(client: httpx.AsyncClient):
+    await define(client, "gated", GATED["flow"])
+    resp, took = await timed(client.post("/api/workflows/gated/execute", json={}))
+    assert resp.status_code == 202, resp.text
+    assert took < 5
+    got = resp.json()
+    assert got["status"] == "waiting" and [a["state"] for a in got["awaiting"]] == ["approve"]
+    gate = got["awaiting"][0]
+    assert gate["awaiting"] == "ready"
+    approved = await client.post(f"/api/workflow/{gate['step_id']}/ready", headers=auth("approver"))
+    assert approved.status_code == 200, approved.text
+
+
+async def test_execute_past_its_timeout_is_504_and_the_run_goes_on(client: httpx.AsyncClient):
+    await define(client, "ten", {"start": {"tool": "sleep", "args": {"seconds": 10}, "done": True}})
+    resp, took = await timed(client.post("/api/workflows/ten/execute?timeout=5", json={}))
+    assert resp.status_code == 504, resp.text
+    assert 5 <= took < 8
+    got = resp.json()
+    assert got["error_code"] == "EXECUTION_TIMEOUT" and isinstance(got["run_id"], int)
+    run = (await client.get(f"/api/workflows/runs/{got['run_id']}")).json()["run"]
+    assert run["status"] == "running"
+    # The run completes anyway; its stream shows it.
+    events = parse_sse((await client.get(f"/api/workflows/runs/{got['run_id']}/stream")).text)
+    assert [e for _, e, _ in events] == ["step_started", "step_completed", "run_completed"]
+    assert events[-1][2]["duration_seconds"] >= 10
+
+
+async def test_execute_errors(client: httpx.AsyncClient):
+    resp = await client.post("/api/workflows/nope/execute", json={})
+    assert resp.status_code == 404
+    assert resp.json()["error_code"] == "WORKFLOW_NOT_FOUND"
+    assert (await client.post("/api/workflows/424242/execute/stream", json={})).status_code == 404
+    schema = {"type": "object", "required": ["who"], "properties": {"who": {"type": "string"}}}
+    def_id = await define(client, "greet", GREET, input_schema=schema)
+    resp = await client.post(f"/api/workflows/{def_id}/execute", json={"variables": {"who": 5}})
+    assert resp.status_code == 422 and resp.json()["error_code"] == "VALIDATION_ERROR"
+    for bad in ("0", "301", "x"):
+        resp = await client.post(f"/api/workflows/{def_id}/execute?timeout={bad}", json={})
+        assert resp.status_code == 400, resp.text
+    resp = await client.post(f"/api/workflows/{def_id}/execute", json={"vars": {}})
+    assert resp.status_code == 400 and "vars" in resp.json()["error"]
+    await client.patch(f"/api/workflows/{def_id}/status", json={"status": "paused"})
+    assert (await client.post(f"/api/workflows/{def_id}/execute", json={})).status_code == 409
+    assert (await client.get("/api/workflows/runs/424242/stream")).status_code == 404
+    reader = await client.post(
+        f"/api/workflows/{def_id}/execute", json={}, headers=auth("approver")
+    )
+    assert reader.status_code == 403
+
+
+async def test_execute_stream_and_run_stream(client: httpx.AsyncClient):
+    await define(client, "chain", CHAIN["flow"])
+    resp = await client.post("/api/workflows/chain/execute/stream", json={})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(resp.text)
+    assert [(e, d.get("step_id")) for _, e, d in events] == [
+        ("step_started", "start"), ("step_completed", "start"),
+        ("step_started", "nap"), ("step_completed", "nap"),
+        ("step_started", "last"), ("step_completed", "last"),
+        ("run_completed", None),
+    ]  # fmt: skip
+    run_id = events[0][2]["run_id"]
+    assert events[-1][2] == {"run_id": run_id, "status": "completed", "output": {"n": 3},
+                             "duration_seconds": events[-1][2]["duration_seconds"]}  # fmt: skip
+    again = await client.get(f"/api/workflows/runs/{run_id}/stream", headers=auth("approver"))
+    assert parse_sse(again.text) == events
+
+
+async def test_execute_stream_times_out(client: httpx.AsyncClient):
+    await define(client, "nap", {"start": {"tool": "sleep", "args": {"seconds": 1}, "done": True}})
+    resp = await client.post("/api/workflows/nap/execute/stream?timeout=0.3", json={})
+    events = parse_sse(resp.text)
+    assert [e for _, e, _ in events] == ["step_started", "error"]
+    error = events[-1][2]
+    assert error == {"type": "error", "error_code": "EXECUTION_TIMEOUT",
+                     "run_id": events[0][2]["run_id"], "error": error["error"]}  # fmt: skip
