@@ -303,6 +303,11 @@ METRICS = {
     },
 }
 DECIDE = "a step whose non-idempotent tool was interrupted (awaiting 'decision')"
+WAIT = query(
+    "wait",
+    {"type": "number", "exclusiveMinimum": 0, "maximum": 300},
+    "Seconds to wait for the workflow to end (or wait for the world) before answering it",
+)
 
 PATHS: dict[str, Any] = {
     "/api/workflow": {
@@ -312,10 +317,21 @@ PATHS: dict[str, Any] = {
             {
                 "201": ok(
                     "Created (or replayed)", ref("Created"), **{"Idempotent-Replayed": REPLAYED}
-                )
+                ),
+                "200": ok(
+                    "With ?wait: it ended (completed, failed or cancelled) within the wait",
+                    ref("Workflow"),
+                    **{"Idempotent-Replayed": REPLAYED},
+                ),
+                "202": ok(
+                    "With ?wait: still running at the deadline, or every open step waits for "
+                    "a person, a signal or a timer",
+                    ref("Workflow"),
+                    **{"Idempotent-Replayed": REPLAYED},
+                ),
             },
             (*BODY, *AUTH, 409, 422, 503),
-            parameters=[IDEMPOTENCY_KEY],
+            parameters=[IDEMPOTENCY_KEY, WAIT],
             **body(ref("Submission"), "The workflow"),
         ),
         "get": op(
@@ -1288,6 +1304,103 @@ PATHS.update(
         },
     }
 )
+
+
+# -- synchronous execution and run streams of saved definitions (daemon/api_execute.py) --
+
+RUN_ID: Schema = {**ID, "description": "the run's id (a workflow: GET /api/workflow/{run_id})"}
+AWAITING: Schema = array(
+    closed(
+        {
+            "step_id": {**ID, "description": "the step's id (for .../ready or .../reject)"},
+            "state": STRING,
+            "awaiting": {"enum": ["ready", "decision", "signal", "timer"]},
+        }
+    )
+)
+EXECUTE_BODY = body(
+    closed(
+        {
+            "variables": {**OBJECT, "description": "the run's input"},
+            "input": {**OBJECT, "description": "the same as variables"},
+            "version": {"type": "integer", "minimum": 1, "description": "default: the latest"},
+        },
+        required=[],
+    ),
+    "The run's input",
+    required=False,
+)
+EXECUTE_TIMEOUT = query(
+    "timeout",
+    {"type": "number", "exclusiveMinimum": 0, "maximum": 300, "default": 30},
+    "Seconds to wait for the outcome",
+)
+RUN_STREAM = {
+    "description": "text/event-stream: `id:` the log entry it comes from, `event:` "
+    "step_started, step_waiting, step_completed, step_failed, run_completed or run_failed "
+    "(execute/stream: or run_waiting, or error at its timeout), `data:` JSON",
+    "content": {"text/event-stream": {"schema": STRING}},
+}
+EXECUTION_FAILED = closed(
+    {
+        "error": STRING,
+        "error_code": {"const": "EXECUTION_FAILED"},
+        "run_id": RUN_ID,
+        "status": {"enum": ["failed", "cancelled"]},
+    }
+)
+EXECUTION_TIMEOUT = closed(
+    {"error": STRING, "error_code": {"const": "EXECUTION_TIMEOUT"}, "run_id": RUN_ID}
+)
+EXECUTE_PATHS: dict[str, Any] = {
+    "/api/workflows/{ref}/execute": {
+        **on_definition(),
+        "post": op(
+            "executeDefinition",
+            "Run a definition and answer with its outcome",
+            {
+                "200": ok(
+                    "It completed",
+                    closed({"run_id": RUN_ID, "status": {"const": "completed"}, "output": {}}),
+                ),
+                "202": ok(
+                    "Every open step waits for a person, a signal or a timer",
+                    closed(
+                        {"run_id": RUN_ID, "status": {"const": "waiting"}, "awaiting": AWAITING}
+                    ),
+                ),
+                "500": ok("It failed or was cancelled", EXECUTION_FAILED),
+                "504": ok("Not finished by the timeout (the run goes on)", EXECUTION_TIMEOUT),
+            },
+            (*BODY, *AUTH, 404, 409, 422, 503),
+            parameters=[EXECUTE_TIMEOUT],
+            **EXECUTE_BODY,
+        ),
+    },
+    "/api/workflows/{ref}/execute/stream": {
+        **on_definition(),
+        "post": op(
+            "executeDefinitionStream",
+            "Run a definition and stream its events, ending with its outcome",
+            {"200": RUN_STREAM},
+            (*BODY, *AUTH, 404, 409, 422, 503),
+            parameters=[EXECUTE_TIMEOUT],
+            **EXECUTE_BODY,
+        ),
+    },
+    "/api/workflows/runs/{run_id}/stream": {
+        **path_id("run_id", "The run's id"),
+        "get": op(
+            "streamRunEvents",
+            "A run's events as Server-Sent Events, from its start (or after Last-Event-ID) "
+            "until it ends",
+            {"200": RUN_STREAM},
+            (400, *AUTH, 404, 503),
+            parameters=[LAST_EVENT_ID],
+        ),
+    },
+}
+PATHS.update(EXECUTE_PATHS)
 
 
 def document(tools: Iterable[str] | None = None) -> dict[str, Any]:
