@@ -1315,6 +1315,10 @@ AWAITING: Schema = array(
             "step_id": {**ID, "description": "the step's id (for .../ready or .../reject)"},
             "state": STRING,
             "awaiting": {"enum": ["ready", "decision", "signal", "timer"]},
+            "workflow_id": {
+                **ID,
+                "description": "the run's, or a child's of a call state the run waits for",
+            },
         }
     )
 )

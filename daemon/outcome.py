@@ -7,7 +7,9 @@ through the process's EventHub when given one (one read of the log per commit fo
 stream and waiter together, each waiter woken only by events of its own workflow), else by
 reading its workflow's new events after each commit (one small indexed query per waiter per
 commit). Only the workflow's own events lead to reading its row and steps, and not all of
-them: a batch that ends with a tool starting cannot leave the workflow waiting.
+them: a batch that ends with a tool starting cannot leave the workflow waiting. While a
+call step waits for its child workflow, the child's events are followed as well: the run
+waits for the world when the child (or a child of its own) does.
 (The workflow's `updated_at` is no such signal: a wait state or an interrupted step starts
 waiting without touching the workflow's row.)
 """
@@ -34,14 +36,16 @@ WAITS_INSIDE = frozenset({"branches", "child"})
 OPEN = frozenset({StepStatus.PENDING, StepStatus.RUNNING})
 PAGE = 500  # events per read of the log (without a hub)
 SAFETY_POLL_S = 5.0  # without a hub: look at the log this often even if no commit was told
+MAX_CALL_LEVELS = 6  # a run and the children of its calls (calls nest at most 5 deep)
 
 
 @dataclass(frozen=True)
 class Outcome:
     """Where a workflow stands: `status` is its end (completed, failed, cancelled),
     "waiting" (every open step waits for a person, a signal or a timer, and no tool runs or
-    is queued), or "timeout" (none of these by the deadline). `awaiting`: the steps that
-    wait, when waiting."""
+    is queued, in it or in the children its call steps wait for), or "timeout" (none of
+    these by the deadline). `awaiting`: the steps that wait, when waiting (a child's
+    carry its workflow_id)."""
 
     status: str
     workflow: Workflow | None
@@ -53,20 +57,30 @@ class Outcome:
 
     def awaiting_json(self) -> list[dict[str, Any]]:
         """The waiting steps as the API shows them: their id (to approve a gate or send its
-        decision), state name and what they wait for."""
-        return [{"step_id": s.id, "state": s.state, "awaiting": s.awaiting} for s in self.awaiting]
+        decision), state name, what they wait for and their workflow (the run's own, or a
+        child's of a call state)."""
+        return [
+            {
+                "step_id": s.id,
+                "state": s.state,
+                "awaiting": s.awaiting,
+                "workflow_id": s.workflow_id,
+            }
+            for s in self.awaiting
+        ]
 
 
 def waiting_steps(steps: Sequence[Step]) -> list[Step] | None:
     """The steps waiting for a person, a signal or a timer, if every open step of the
-    workflow does so (or waits for what runs under it); else None."""
+    workflow does so (or waits for what runs under it); else None. A call step counts as
+    waiting here: whether its child waits is for the caller to find out."""
     waiting: list[Step] = []
     for step in steps:
         if step.status not in OPEN:
             continue
         if step.status != StepStatus.RUNNING:
             return None  # queued (a tool, a retry, a step held by a pause, a woken wait)
-        if step.awaiting in WAITS_FOR_WORLD:
+        if step.awaiting in WAITS_FOR_WORLD or step.awaiting == "child":
             waiting.append(step)
         elif step.awaiting not in WAITS_INSIDE:
             return None  # a tool runs (or a wait or parallel is about to start waiting)
@@ -81,18 +95,24 @@ def may_wait(events: Sequence[dict[str, Any]]) -> bool:
 
 
 class Watch:
-    """Reads one workflow's standing, as cheaply as its latest events allow."""
+    """Reads one workflow's standing, as cheaply as its latest events allow. The children
+    its call steps wait for count: it waits for the world only if they do, and `children`
+    collects their ids, whose events may change its standing too."""
 
     def __init__(self, store: BaseStore, workflow_id: int) -> None:
         self.store = store
         self.workflow_id = workflow_id
         self.workflow: Workflow | None = None  # as last read
+        self.children: set[int] = set()  # of call steps it (or a child) waited for
 
-    async def check(self, events: Sequence[dict[str, Any]] | None = None) -> Outcome | None:
+    async def check(
+        self, events: Sequence[dict[str, Any]] | None = None, *, child: bool = False
+    ) -> Outcome | None:
         """The outcome if the workflow ended or waits for the world, else None. `events`:
-        its events since the last check (None: look at everything)."""
+        its events since the last check (None: look at everything), or with `child` those
+        of one of its children."""
         if events is not None:
-            if any(e["type"] in TERMINAL for e in events):
+            if not child and any(e["type"] in TERMINAL for e in events):
                 return await self._ended()
             if not may_wait(events):
                 return None
@@ -100,10 +120,33 @@ class Watch:
         self.workflow = wf
         if wf is None or wf.status in TERMINAL:
             return _end(wf)
-        if wf.paused_at is not None:
-            return None  # nothing moves until someone resumes it
-        waiting = waiting_steps(await self.store.steps(self.workflow_id))
+        if wf.public_status != "running":
+            return None  # paused or queued: nothing moves until it is resumed or dequeued
+        waiting = await self._waiting(self.workflow_id, 0)
         return None if waiting is None else Outcome("waiting", wf, waiting)
+
+    async def _waiting(self, workflow_id: int, level: int) -> list[Step] | None:
+        """What the workflow waits at, through its call steps' children; None while
+        something in it runs or is due."""
+        found = waiting_steps(await self.store.steps(workflow_id))
+        if found is None:
+            return None
+        out: list[Step] = []
+        for step in found:
+            if step.awaiting != "child":
+                out.append(step)
+                continue
+            if step.child_id is None or level + 1 >= MAX_CALL_LEVELS:
+                return None  # its child is being started
+            self.children.add(step.child_id)
+            child = await self.store.get_workflow(step.child_id)
+            if child is None or child.public_status != "running":
+                return None  # ended (its call step is about to move on), paused or queued
+            inner = await self._waiting(step.child_id, level + 1)
+            if inner is None:
+                return None
+            out += inner
+        return out or None
 
     async def _ended(self) -> Outcome:
         self.workflow = await self.store.get_workflow(self.workflow_id)
@@ -122,6 +165,49 @@ def _end(wf: Workflow | None) -> Outcome:
     return Outcome(wf.status if wf is not None else "cancelled", wf)
 
 
+class Feed:
+    """The news of a workflow and of the children it comes to wait for, in one queue of
+    (workflow id, batch of events); a batch of None: that workflow's news ended (it ended,
+    or the daemon is stopping)."""
+
+    def __init__(self, store: BaseStore, hub: EventHub | None, *, paced: bool = False) -> None:
+        self.store, self.hub, self.paced = store, hub, paced
+        self.queue: asyncio.Queue[tuple[int, list[dict[str, Any]] | None]] = asyncio.Queue()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    def follow(self, workflow_id: int, after: int = 0) -> None:
+        if workflow_id not in self._tasks:
+            self._tasks[workflow_id] = asyncio.create_task(self._pump(workflow_id, after))
+
+    async def _pump(self, workflow_id: int, after: int) -> None:
+        try:
+            feed = news(self.store, workflow_id, after, hub=self.hub, paced=self.paced)
+            async with aclosing(feed) as batches:
+                async for batch in batches:
+                    self.queue.put_nowait((workflow_id, batch))
+        finally:
+            self.queue.put_nowait((workflow_id, None))
+
+    async def next(self) -> tuple[int, list[dict[str, Any]] | None]:
+        return await self.queue.get()
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def feed(
+    store: BaseStore, hub: EventHub | None, *, paced: bool = False
+) -> AsyncIterator[Feed]:
+    f = Feed(store, hub, paced=paced)
+    try:
+        yield f
+    finally:
+        await f.close()
+
+
 async def settle(
     store: BaseStore, workflow_id: int, timeout_s: float, *, hub: EventHub | None = None
 ) -> Outcome:
@@ -134,18 +220,25 @@ async def settle(
     outcome = await watch.check()
     if outcome is not None:
         return outcome
-    async with aclosing(news(store, workflow_id, after, hub=hub)) as batches:
+    async with feed(store, hub) as news_:
+        news_.follow(workflow_id, after)
+        for child in watch.children:
+            news_.follow(child)
         while (remaining := deadline - loop.time()) > 0:
             try:
                 async with asyncio.timeout(remaining):
-                    batch = await anext(batches)
+                    of, batch = await news_.next()
             except TimeoutError:
                 break
-            except StopAsyncIteration:  # its stream ended (the workflow did, or shutdown)
-                break
-            outcome = await watch.check(batch)
+            if batch is None:
+                if of == workflow_id:
+                    break  # its stream ended (the workflow did, or the daemon stops)
+                continue
+            outcome = await watch.check(batch, child=of != workflow_id)
             if outcome is not None:
                 return outcome
+            for child in watch.children:
+                news_.follow(child)
     return await watch.last()
 
 

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from daemon import events
 from daemon.hub import EventHub
 from daemon.models import TERMINAL, Workflow
-from daemon.outcome import Outcome, Watch, news
+from daemon.outcome import Outcome, Watch, feed
 from daemon.storage.base import BaseStore
 
 Out = tuple[str, dict[str, Any]]  # an event's name and data
@@ -80,6 +80,8 @@ class Translator:
         self.store = store
         self.run_id = run_id
         self.states: dict[int, str] = {}  # step id -> state name
+        self.started: dict[int, int | None] = {}  # step id -> the attempt shown started
+        self.woken: set[int] = set()  # waiting steps that had their outcome
 
     async def translate(self, row: dict[str, Any]) -> list[Out]:
         kind, data, step_id = row["type"], row["data"] or {}, row["step_id"]
@@ -99,6 +101,11 @@ class Translator:
         if kind == "step_started":
             if "state" in data:
                 self.states[step_id] = data["state"]
+            attempt = data.get("attempt")
+            if step_id in self.woken or self.started.get(step_id) == attempt:
+                self.woken.discard(step_id)
+                return []  # a parallel, map, wait or call step taken up again once woken
+            self.started[step_id] = attempt
             return [("step_started", await self._at(step_id, timestamp=iso(row["at"])))]
         if kind == "gate_waiting":
             self.states[step_id] = data["state"]
@@ -111,6 +118,9 @@ class Translator:
             return [("step_waiting", await self._at(step_id, awaiting=awaiting))]
         if kind == "decision_waiting":
             return [("step_waiting", await self._at(step_id, awaiting="decision"))]
+        if kind in ("wait_ended", "branches_joined"):  # its step is taken up again next
+            self.woken.add(step_id)
+            return []
         if kind == "step_failed":
             return [("step_failed", await self._at(step_id, error=data.get("error")))]
         return []  # step_retrying, step_requeued, branches_started, wait_ended, ...
@@ -190,22 +200,28 @@ async def _execute_frames(
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     translator, watch = Translator(hub.store, run_id), Watch(hub.store, run_id)
-    async with aclosing(news(hub.store, run_id, 0, hub=hub, paced=True)) as batches:
+    async with feed(hub.store, hub, paced=True) as news:
+        news.follow(run_id)
         while (remaining := deadline - loop.time()) > 0:
             try:
                 async with asyncio.timeout(remaining):
-                    batch = await anext(batches)
+                    of, batch = await news.next()
             except TimeoutError:
                 break
-            except StopAsyncIteration:
-                break  # the run ended before its events could be read, or shutdown
-            yield await translator.frames(batch)
-            if any(row["type"] in TERMINAL for row in batch):
-                return
-            got = await watch.check(batch)
+            if batch is None:
+                if of == run_id:
+                    break  # the run ended before its events could be read, or shutdown
+                continue
+            if of == run_id:  # a child's events only tell that the run may wait now
+                yield await translator.frames(batch)
+                if any(row["type"] in TERMINAL for row in batch):
+                    return
+            got = await watch.check(batch, child=of != run_id)
             if got is not None and got.status == "waiting":
                 yield frame(*run_waiting(run_id, got))
                 return
+            for child in watch.children:
+                news.follow(child)
     got = await watch.last()
     if got.ended:  # at the deadline, its end not yet in the stream
         yield frame(*run_end(run_id, got.workflow))

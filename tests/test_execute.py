@@ -273,7 +273,12 @@ async def test_execute_stream_ends_when_the_run_waits(streaming: httpx.AsyncClie
     gate = events[3][2]
     assert gate["awaiting"] == "ready"
     assert events[-1][2]["awaiting"] == [
-        {"step_id": gate["id"], "state": "approve", "awaiting": "ready"}
+        {
+            "step_id": gate["id"],
+            "state": "approve",
+            "awaiting": "ready",
+            "workflow_id": gate["run_id"],
+        }
     ]
     run_id = gate["run_id"]
 
@@ -446,3 +451,62 @@ async def test_execute_stream_times_out(client: httpx.AsyncClient):
     error = events[-1][2]
     assert error == {"type": "error", "error_code": "EXECUTION_TIMEOUT",
                      "run_id": events[0][2]["run_id"], "error": error["error"]}  # fmt: skip
+
+
+async def test_execute_waits_through_a_call_for_its_childs_gate(client: httpx.AsyncClient):
+    # The child runs a tool first: the parent waits for the world only once the child's
+    # gate is reached, which only the child's events tell.
+    child = {
+        "start": {"tool": "sleep", "args": {"seconds": 0.3}, "next": "approve"},
+        "approve": {"tool": None, "done": True},
+    }
+    await define(client, "child", child)
+    parent = {
+        "start": {"call": {"workflow": "child", "input": {}}, "next": "after"},
+        "after": {"tool": "echo", "args": {"got": "<<result>>"}, "done": True},
+    }
+    await define(client, "parent", parent)
+    resp, took = await timed(client.post("/api/workflows/parent/execute?timeout=10", json={}))
+    assert resp.status_code == 202, resp.text
+    assert 0.3 <= took < 5
+    got = resp.json()
+    [gate] = got["awaiting"]
+    assert gate["state"] == "approve" and gate["awaiting"] == "ready"
+    assert gate["workflow_id"] != got["run_id"]
+    steps = (await client.get(f"/api/workflow/{got['run_id']}")).json()["steps"]
+    assert steps[0]["child_id"] == gate["workflow_id"]
+
+    # Approved, the child ends and so does the parent; the parent's stream shows its call
+    # step once, however often it was taken up.
+    approve = client.post(f"/api/workflow/{gate['step_id']}/ready", json={"ok": 1},
+                          headers=auth("approver"))  # fmt: skip
+    assert (await approve).status_code == 200
+    stream = parse_sse((await client.get(f"/api/workflows/runs/{got['run_id']}/stream")).text)
+    assert [(e, d.get("step_id")) for _, e, d in stream] == [
+        ("step_started", "start"), ("step_completed", "start"),
+        ("step_started", "after"), ("step_completed", "after"),
+        ("run_completed", None),
+    ]  # fmt: skip
+    assert stream[-1][2]["output"] == {"got": {"ok": 1}}
+
+
+async def test_a_signal_wait_in_the_streams(streaming: httpx.AsyncClient):
+    body = {
+        "name": "signalled",
+        "flow": {"start": {"wait": {"signal": "go", "timeout": 60}, "done": True}},
+    }
+    events = parse_sse((await streaming.post("/test/execute/stream", json=body)).text)
+    assert [(e, d.get("step_id")) for _, e, d in events] == [
+        ("step_started", "start"), ("step_waiting", "start"), ("run_waiting", None),
+    ]  # fmt: skip
+    assert events[1][2]["awaiting"] == "signal"
+    assert events[-1][2]["awaiting"][0]["awaiting"] == "signal"
+    run_id = events[0][2]["run_id"]
+    sent = await streaming.post(f"/api/workflow/{run_id}/signal", json={"name": "go", "data": 7})
+    assert sent.status_code == 202
+    resumed = {"Last-Event-ID": events[1][0]}
+    tail = parse_sse((await streaming.get(f"/test/runs/{run_id}/stream", headers=resumed)).text)
+    assert [(e, d.get("step_id")) for _, e, d in tail] == [
+        ("step_completed", "start"), ("run_completed", None),
+    ]  # fmt: skip
+    assert tail[0][2]["output"] == 7 and tail[-1][2]["output"] == 7
