@@ -7,6 +7,7 @@ GET  /api/workflows/runs/{run_id}/stream            a run's events as SSE until 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -100,6 +101,8 @@ async def execute(request: Request) -> Response:
     run_id, timeout = await _start(request)
     engine = engine_of(request)
     got = await outcome.settle(engine.store, run_id, timeout, hub=request.app.state.events)
+    if got.ended and got.workflow is None:  # its output or error
+        got = replace(got, workflow=await engine.store.get_workflow(run_id))
     return answer(run_id, got, timeout)
 
 

@@ -48,7 +48,7 @@ class Outcome:
     carry its workflow_id)."""
 
     status: str
-    workflow: Workflow | None
+    workflow: Workflow | None  # as last read (None: not read, when its end event told)
     awaiting: list[Step] = field(default_factory=list)
 
     @property
@@ -112,8 +112,10 @@ class Watch:
         its events since the last check (None: look at everything), or with `child` those
         of one of its children."""
         if events is not None:
-            if not child and any(e["type"] in TERMINAL for e in events):
-                return await self._ended()
+            ended = [e["type"] for e in events if e["type"] in TERMINAL]
+            if ended and not child:
+                # Its status is the event's; the workflow is read by whoever needs it.
+                return Outcome(ended[0], None)
             if not may_wait(events):
                 return None
         wf = await self.store.get_workflow(self.workflow_id)
@@ -148,14 +150,10 @@ class Watch:
             out += inner
         return out or None
 
-    async def _ended(self) -> Outcome:
-        self.workflow = await self.store.get_workflow(self.workflow_id)
-        return _end(self.workflow)
-
     async def last(self) -> Outcome:
         """At the deadline: ended after all (a last look at the workflow), or "timeout"."""
-        self.workflow = await self.store.get_workflow(self.workflow_id) or self.workflow
-        if self.workflow is not None and self.workflow.status in TERMINAL:
+        self.workflow = await self.store.get_workflow(self.workflow_id)
+        if self.workflow is None or self.workflow.status in TERMINAL:
             return _end(self.workflow)
         return Outcome("timeout", self.workflow)
 
@@ -215,15 +213,10 @@ async def settle(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     watch = Watch(store, workflow_id)
-    # Where its news starts: whatever commits after this read is in the log after it.
-    after = await store.max_event_id()
-    outcome = await watch.check()
-    if outcome is not None:
-        return outcome
     async with feed(store, hub) as news_:
-        news_.follow(workflow_id, after)
-        for child in watch.children:
-            news_.follow(child)
+        # Its log from the start: what it did before is looked at as what it does next (a
+        # new workflow's log is a few events; no read of where the log ends is needed).
+        news_.follow(workflow_id)
         while (remaining := deadline - loop.time()) > 0:
             try:
                 async with asyncio.timeout(remaining):
@@ -231,9 +224,11 @@ async def settle(
             except TimeoutError:
                 break
             if batch is None:
-                if of == workflow_id:
-                    break  # its stream ended (the workflow did, or the daemon stops)
-                continue
+                if of != workflow_id:
+                    continue
+                # Its stream ended: it ended (or was purged) with its last events read
+                # before, or the daemon is stopping.
+                return await watch.check() or await watch.last()
             outcome = await watch.check(batch, child=of != workflow_id)
             if outcome is not None:
                 return outcome
