@@ -34,7 +34,7 @@ POLL_S = 1.0  # events committed by other processes are noticed this fast
 PAGE = 500  # events per read of the log
 QUEUE_SIZE = 1000  # live events a stream may fall behind before it reads the log instead
 # Each write to a stream costs the loop some 20 us, and 500 streams following every event
-# made 500 writes per commit. So after a write a stream waits (subscribers / WRITES_PER_S)
+# made 500 writes per commit. So after a write a stream waits (streams / WRITES_PER_S)
 # seconds before the next, sending what came meanwhile together: all streams together then
 # write at most about WRITES_PER_S times a second. Up to 10 streams do not wait, 500
 # streams wait 0.1 s; a stream that was quiet sends at once.
@@ -81,10 +81,11 @@ class Event:
 class Subscription:
     """A stream's queue of live events, filled by the hub."""
 
-    __slots__ = ("workflow_id", "queue", "ready", "dropped")
+    __slots__ = ("workflow_id", "queue", "ready", "dropped", "paced")
 
-    def __init__(self, workflow_id: int | None) -> None:
+    def __init__(self, workflow_id: int | None, paced: bool = True) -> None:
         self.workflow_id = workflow_id
+        self.paced = paced  # writes to a client (see EventHub.follow)
         self.queue: deque[Event] = deque()
         self.ready = asyncio.Event()
         self.dropped = False  # fell QUEUE_SIZE behind: no more live events
@@ -118,6 +119,7 @@ class EventHub:
         self._all: set[Subscription] = set()
         self._by_workflow: dict[int, set[Subscription]] = {}
         self._count = 0  # subscriptions in both
+        self._writers = 0  # of them, streams that write to a client (paced)
         self._committed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -195,7 +197,7 @@ class EventHub:
     def _subscriptions(self) -> list[Subscription]:
         return [*self._all, *(s for subs in self._by_workflow.values() for s in subs)]
 
-    async def _join(self, workflow_id: int | None) -> Subscription:
+    async def _join(self, workflow_id: int | None, paced: bool = True) -> Subscription:
         """Subscribe, the hub's cursor brought up to the log's end first if it idled."""
         if self._behind and not self._count:
             newest = await self.store.max_event_id()
@@ -207,15 +209,16 @@ class EventHub:
             if not self._count:
                 self.last = newest
                 self._behind = False
-        return self._subscribe(workflow_id)
+        return self._subscribe(workflow_id, paced)
 
-    def _subscribe(self, workflow_id: int | None) -> Subscription:
-        sub = Subscription(workflow_id)
+    def _subscribe(self, workflow_id: int | None, paced: bool = True) -> Subscription:
+        sub = Subscription(workflow_id, paced)
         if workflow_id is None:
             self._all.add(sub)
         else:
             self._by_workflow.setdefault(workflow_id, set()).add(sub)
         self._count += 1
+        self._writers += paced
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -224,6 +227,7 @@ class EventHub:
             return  # dropped already
         subs.remove(sub)
         self._count -= 1
+        self._writers -= sub.paced
         if not subs and sub.workflow_id is not None:
             del self._by_workflow[sub.workflow_id]
 
@@ -232,13 +236,14 @@ class EventHub:
     ) -> AsyncIterator[list[Event]]:
         """Events after `after`, in batches as they come (of one workflow, or all); a
         workflow's stream ends after its terminal event, or at once if it had ended.
-        Without `paced`, batches come as soon as there are events: for a reader that
-        writes nothing to a client (a request waiting for its workflow's outcome)."""
+        Without `paced`, batches come as soon as there are events, and the stream does not
+        count among those whose number paces the others: for a reader that writes nothing
+        to a client (a request waiting for its workflow's outcome)."""
         cursor, loop = after, asyncio.get_running_loop()
         while not self._closed:
             # Subscribe first, then read the log: whatever is committed after the read
             # arrives in the queue, and what both hold is skipped by id.
-            sub = await self._join(workflow_id)
+            sub = await self._join(workflow_id, paced)
             replayed: dict[int, None] = {}  # sent by the replay; the hub may hand them out too
             try:
                 while not self._closed:  # replay
@@ -258,7 +263,7 @@ class EventHub:
                     if not sub.queue and not sub.dropped:
                         await sub.ready.wait()
                         continue
-                    pause = sent + self._count / self.writes_per_s - loop.time()
+                    pause = sent + self._writers / self.writes_per_s - loop.time()
                     if paced and pause > MIN_PAUSE_S:
                         await asyncio.sleep(pause)  # events go on queuing meanwhile
                     batch = sub.take()

@@ -510,3 +510,18 @@ async def test_a_signal_wait_in_the_streams(streaming: httpx.AsyncClient):
         ("step_completed", "start"), ("run_completed", None),
     ]  # fmt: skip
     assert tail[0][2]["output"] == 7 and tail[-1][2]["output"] == 7
+
+
+async def test_waiting_requests_do_not_pace_event_streams(make_client: Any):
+    # Event streams to clients space their writes by how many streams are open; requests
+    # waiting for their workflows write nothing and do not count.
+    client, app = await make_client(tool_modules=TOOLS)
+    hub = app.state.events
+    waiting = asyncio.create_task(client.post("/api/workflow?wait=5", json=sleeper(0.5)))
+    for _ in range(100):
+        if hub.subscribers:
+            break
+        await asyncio.sleep(0.01)
+    assert hub.subscribers == 1 and hub._writers == 0
+    assert (await waiting).status_code == 200
+    assert hub.subscribers == 0 and hub._writers == 0
