@@ -183,7 +183,12 @@ async def create_workflow(request: Request) -> Response:
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
     if wait is None:
         return JSON({"id": created.id, "status": "started"}, status_code=201, headers=headers)
-    settled = await outcome.settle(engine.store, created.id, wait, hub=request.app.state.events)
+    settled = await outcome.unless_gone(
+        request.receive,
+        outcome.settle(engine.store, created.id, wait, hub=request.app.state.events),
+    )
+    if settled is None:  # the client hung up: no one to answer
+        return Response(status_code=202)
     status = 200 if settled.ended else 202
     return JSON(await engine.get(created.id), status_code=status, headers=headers)
 

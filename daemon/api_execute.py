@@ -100,7 +100,12 @@ async def execute(request: Request) -> Response:
     """Run a definition and answer with its outcome (up to ?timeout= seconds)."""
     run_id, timeout = await _start(request)
     engine = engine_of(request)
-    got = await outcome.settle(engine.store, run_id, timeout, hub=request.app.state.events)
+    got = await outcome.unless_gone(
+        request.receive,
+        outcome.settle(engine.store, run_id, timeout, hub=request.app.state.events),
+    )
+    if got is None:  # the client hung up: no one to answer
+        return Response(status_code=202)
     if got.ended and got.workflow is None:  # its output or error
         got = replace(got, workflow=await engine.store.get_workflow(run_id))
     return answer(run_id, got, timeout)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,6 +235,28 @@ async def settle(
             for child in watch.children:
                 news_.follow(child)
     return await watch.last()
+
+
+async def unless_gone(
+    receive: Callable[[], Awaitable[dict[str, Any]]], waiting: Awaitable[Outcome]
+) -> Outcome | None:
+    """`waiting`'s outcome, or None once the client that asked for it has gone (its
+    request's ASGI `receive`, its body read, gives http.disconnect): a request that
+    waits up to 300 s holds nothing after its client hung up."""
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    settled = asyncio.ensure_future(waiting)
+    hung_up = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((settled, hung_up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (settled, hung_up):
+            task.cancel()
+        await asyncio.gather(settled, hung_up, return_exceptions=True)
+    return settled.result() if settled.done() and not settled.cancelled() else None
 
 
 async def news(

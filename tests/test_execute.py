@@ -525,3 +525,43 @@ async def test_waiting_requests_do_not_pace_event_streams(make_client: Any):
     assert hub.subscribers == 1 and hub._writers == 0
     assert (await waiting).status_code == 200
     assert hub.subscribers == 0 and hub._writers == 0
+
+
+async def test_a_waiting_request_lets_go_when_its_client_hangs_up(tmp_path):
+    # Over a real HTTP server: a ?wait request whose client went away stops waiting.
+    import uvicorn
+
+    from daemon.api import create_app
+    from tests.helpers import TOKENS, make_config
+    from tests.process_helpers import free_port
+
+    app = create_app(make_config(tmp_path, tool_modules=TOOLS))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on",
+                                           log_config=None, access_log=False))  # fmt: skip
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        hub = app.state.events
+        body = orjson.dumps(sleeper(3))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST /api/workflow?wait=60 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {TOKENS['james'][0]}\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body
+        )  # fmt: skip
+        for _ in range(200):
+            if hub.subscribers:
+                break
+            await asyncio.sleep(0.01)
+        assert hub.subscribers == 1
+        writer.close()
+        for _ in range(100):
+            if not hub.subscribers:
+                break
+            await asyncio.sleep(0.01)
+        assert hub.subscribers == 0  # long before its workflow ends
+    finally:
+        server.should_exit = True
+        await serving
