@@ -8,8 +8,10 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import httpx
 import orjson
@@ -50,6 +52,8 @@ exit status:
   2  submit --stop-at-gate: the workflow waits for a person (a gate, a retry-or-fail
      decision, or it is paused); also a command line that does not parse
   3  submit --timeout: still running when the time ran out
+  def run --wait exits the same way; there 2 is any wait: a gate, a decision, a
+  signal or a timer (stepd def --help)
 """
 
 
@@ -212,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--config", help="TOML config file naming the database (default: embedded)")
     s.set_defaults(func=cmd_admin_token)
+
+    _add_def_parsers(sub)
+    s = sub.add_parser("runs", help="a saved definition's runs, newest first (= stepd def runs)")
+    _runs_arguments(s)
     return p
 
 
@@ -305,13 +313,21 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
-    def call(
-        self, method: str, path: str, body: Any = NO_BODY, headers: dict[str, str] | None = None
-    ) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = NO_BODY,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, Any]:
+        """The answer's status and decoded JSON (None when it has none), whatever the status."""
         kwargs: dict[str, Any] = {"headers": dict(headers or {})}
         if body is not NO_BODY:
             kwargs["content"] = orjson.dumps(body)
             kwargs["headers"]["Content-Type"] = "application/json"
+        if timeout is not None:
+            kwargs["timeout"] = timeout
         try:
             resp = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -322,12 +338,42 @@ class Client:
         try:
             data = resp.json()
         except ValueError:
-            data = None
-        if resp.status_code >= 400:
-            msg = data.get("error") if isinstance(data, dict) else resp.text.strip()
-            hint = " (set STEPD_TOKEN)" if resp.status_code == 401 else ""
-            raise CLIError(f"{resp.status_code}: {msg}{hint}")
-        return data
+            data = None if not resp.text.strip() else resp.text.strip()
+        return resp.status_code, data
+
+    def call(
+        self, method: str, path: str, body: Any = NO_BODY, headers: dict[str, str] | None = None
+    ) -> Any:
+        status, data = self.request(method, path, body, headers)
+        if status >= 400:
+            raise _http_error(status, data)
+        return None if isinstance(data, str) else data
+
+
+def _http_error(status: int, data: Any, hint: str = "") -> CLIError:
+    """`stepd: 409: <the server's error>`, with every item of an `errors` list it adds."""
+    msg = data.get("error") if isinstance(data, dict) else data
+    if status == 401:
+        hint = " (set STEPD_TOKEN)"
+    text = f"{status}: {msg if msg is not None else ''}{hint}".rstrip()
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if isinstance(errors, list):
+        more = [e for e in map(_error_item, errors) if e not in str(msg)]
+        text += "".join(f"\n  - {e}" for e in more)
+    return CLIError(text)
+
+
+def _error_item(item: Any) -> str:
+    """One item of an `errors` list: a string, or an object with a message and where."""
+    if not isinstance(item, dict):
+        return str(item)
+    where = item.get("path") or item.get("field") or item.get("loc")
+    if isinstance(where, list):
+        where = "/".join(map(str, where))
+    message = item.get("message") or item.get("error") or item.get("msg")
+    if message is None:
+        return orjson.dumps(item).decode()
+    return f"{where}: {message}" if where not in (None, "") else str(message)
 
 
 def _print(data: Any) -> None:
@@ -909,3 +955,685 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     print("valid" if result["valid"] else "invalid")
     return 0 if result["valid"] else 1
+
+
+# -- saved definitions (stepd def ...) --------------------------------------------------
+
+DEF_HELP = """\
+REF is a definition's name or its id (all digits).
+
+exit status of `def run --wait`:
+  0  the run completed
+  1  it failed or was cancelled (or any other error)
+  2  it waits: at a gate or a retry-or-fail decision (the line names the command that
+     moves it on), for a signal or a timer, or it is paused
+  3  --timeout ran out while it still runs
+"""
+DEF_STATUSES = ("draft", "active", "paused", "archived")
+RUN_STATUSES = ("queued", "running", "paused", "completed", "failed", "cancelled")
+EXECUTE_MAX = 300.0  # the server's longest ?timeout= for /execute
+
+
+def _add_def_parsers(sub: Any) -> None:
+    d = sub.add_parser(
+        "def",
+        help="saved definitions: list, show, push, diff, run, deploy ... (stepd def --help)",
+        description="Saved, versioned workflow definitions (/api/workflows).",
+        epilog=DEF_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ds = d.add_subparsers(dest="def_command", required=True, metavar="SUBCOMMAND")
+
+    s = ds.add_parser("list", help="definitions: id, name, version, status, tags, updated")
+    s.add_argument("--status", choices=DEF_STATUSES)
+    s.add_argument("--tag", help="only those with this tag")
+    s.add_argument("--limit", type=int, default=50, help="at most this many (1..200, default 50)")
+    s.add_argument("--offset", type=int, default=0, help="skip this many")
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.set_defaults(func=cmd_def_list)
+
+    s = ds.add_parser("show", help="a definition: header, versions, webhook state")
+    s.add_argument("ref", metavar="REF")
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.add_argument(
+        "--definition",
+        action="store_true",
+        help="print only the definition body (what `def push` takes), as JSON",
+    )
+    s.add_argument(
+        "--version", type=int, metavar="N", help="with --definition or --json: version N's"
+    )
+    s.set_defaults(func=cmd_def_show)
+
+    s = ds.add_parser(
+        "push", help="create a definition from a file, or add a version if its content changed"
+    )
+    s.add_argument(
+        "file",
+        metavar="FILE",
+        help='JSON: {"name", "flow" | "steps", "description", "input_schema", "concurrency", '
+        '"tags", "webhook", "notify_url"} (\'-\' for stdin; name defaults to the file\'s stem)',
+    )
+    s.add_argument("--summary", metavar="TEXT", help="the new version's change summary")
+    s.set_defaults(func=cmd_def_push)
+
+    s = ds.add_parser("diff", help="what changed between two versions (RFC 6902)")
+    s.add_argument("ref", metavar="REF")
+    s.add_argument("v1", type=int, metavar="V1")
+    s.add_argument("v2", type=int, metavar="V2")
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.set_defaults(func=cmd_def_diff)
+
+    s = ds.add_parser("rollback", help="make a new version with an older version's content")
+    s.add_argument("ref", metavar="REF")
+    s.add_argument("version", type=int, metavar="VERSION")
+    s.set_defaults(func=cmd_def_rollback)
+
+    s = ds.add_parser("run", help="start a run; --wait: wait for its outcome")
+    s.add_argument("ref", metavar="REF")
+    given = s.add_mutually_exclusive_group()
+    given.add_argument("--input", metavar="JSON", help="the run's input, a JSON object")
+    given.add_argument("--input-file", metavar="FILE", help="read the input from a JSON file")
+    s.add_argument("--version", type=int, metavar="N", help="run version N (default: latest)")
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the outcome and print one line; exit 0 completed, 1 failed or "
+        "cancelled, 2 waits for a person, signal or timer",
+    )
+    s.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --wait: wait at most this long; exit 3 if still running",
+    )
+    s.add_argument(
+        "--json", action="store_true", help="with --wait: print the run as JSON instead of a line"
+    )
+    s.set_defaults(func=cmd_def_run)
+
+    s = ds.add_parser("runs", help="a definition's runs, newest first")
+    _runs_arguments(s)
+
+    s = ds.add_parser("status", help="set the status: draft, active, paused, archived")
+    s.add_argument("ref", metavar="REF")
+    s.add_argument("status", choices=DEF_STATUSES, metavar="STATUS",
+                   help="|".join(DEF_STATUSES) + " (paused and archived refuse runs)")  # fmt: skip
+    s.set_defaults(func=cmd_def_status)
+
+    s = ds.add_parser("rm", help="delete a definition and its versions")
+    s.add_argument("ref", metavar="REF")
+    s.add_argument("--force", action="store_true", help="even while runs are active")
+    s.set_defaults(func=cmd_def_rm)
+
+    s = ds.add_parser("deploy", help="give it a webhook; prints its URL and secret")
+    s.add_argument("ref", metavar="REF")
+    s.set_defaults(func=cmd_def_deploy)
+
+    s = ds.add_parser("undeploy", help="remove its webhook")
+    s.add_argument("ref", metavar="REF")
+    s.set_defaults(func=cmd_def_undeploy)
+
+    s = ds.add_parser("arm", help="let its single-use webhook take one call in the next 10 minutes")
+    s.add_argument("ref", metavar="REF")
+    s.set_defaults(func=cmd_def_arm)
+
+    s = ds.add_parser("export", help="definitions with all their versions, as JSON")
+    s.add_argument("ref", nargs="?", metavar="REF", help="only this one (default: all)")
+    s.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    s.set_defaults(func=cmd_def_export)
+
+    s = ds.add_parser(
+        "import", help="load an export file; prints what it created, updated, skipped"
+    )
+    s.add_argument("file", metavar="FILE", help="a `stepd def export` file ('-' for stdin)")
+    s.add_argument(
+        "--mode",
+        choices=("create", "upsert"),
+        default="create",
+        help="create: skip names that exist (default); upsert: add a new version where the "
+        "content differs",
+    )
+    s.set_defaults(func=cmd_def_import)
+
+
+def _runs_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("ref", metavar="REF", help="the definition's name or id")
+    s.add_argument("--status", choices=RUN_STATUSES)
+    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.set_defaults(func=cmd_def_runs)
+
+
+def _def_path(ref: str, tail: str = "") -> str:
+    """/api/workflows/{ref}{tail}, the name percent-encoded (it may hold spaces or '?')."""
+    return f"/api/workflows/{quote(str(ref), safe='')}{tail}"
+
+
+def _query(**params: Any) -> str:
+    kept = {k: v for k, v in params.items() if v not in (None, "")}
+    return "?" + urlencode(kept) if kept else ""
+
+
+def _unwrap(answer: Any, key: str = "workflow") -> Any:
+    """The object an answer wraps as {"workflow": {...}}, or the answer itself."""
+    if isinstance(answer, dict) and isinstance(answer.get(key), dict):
+        return answer[key]
+    return answer
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns padded to their widest cell; the last one is not padded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join([*(r[i].ljust(widths[i]) for i in range(len(widths))), r[-1]]).rstrip()
+        for r in rows
+    ]
+
+
+def _iso_when(value: Any) -> str:
+    """An ISO 8601 time of the /api/workflows family (or epoch ms) as local time, like
+    2026-12-03 16:04:05; '-' when absent."""
+    if value in (None, ""):
+        return "-"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _when(int(value))
+    text = str(value)
+    try:
+        at = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        return text
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: Any) -> str:
+    """A duration in seconds (float) as 850ms, 2.3s, 4m05s...; '' if unknown."""
+    if value is None or isinstance(value, bool):
+        return ""
+    try:
+        ms = int(round(float(value) * 1000))
+    except (TypeError, ValueError):
+        return ""
+    return _duration(1, 1 + ms) if ms > 0 else "0ms"
+
+
+def _tags(tags: Any) -> str:
+    return ", ".join(map(str, tags)) if isinstance(tags, list) and tags else "-"
+
+
+def cmd_def_list(args: argparse.Namespace) -> int:
+    query = _query(status=args.status, tag=args.tag, limit=args.limit, offset=args.offset or None)
+    answer = Client().call("GET", f"/api/workflows{query}")
+    if args.json:
+        _print(answer)
+        return 0
+    for line in _render_def_list(answer, args.offset):
+        print(line)
+    return 0
+
+
+def _render_def_list(answer: dict[str, Any], offset: int = 0) -> list[str]:
+    items = answer.get("workflows") or []
+    total = answer.get("total")
+    if not items:
+        return ["no definitions" + (f" here ({total} in all)" if total else "")]
+    rows = [("ID", "NAME", "VERSION", "STATUS", "TAGS", "UPDATED")]
+    for w in items:
+        rows.append((
+            str(w.get("id")),
+            str(w.get("name")),
+            f"v{w.get('version')}",
+            str(w.get("status")) + (" (deployed)" if w.get("deployed") else ""),
+            _tags(w.get("tags")).replace(", ", ","),
+            _iso_when(w.get("updated_at")),
+        ))  # fmt: skip
+    out = _table(rows)
+    if isinstance(total, int) and total > offset + len(items):
+        out.append(
+            f"({offset + 1}-{offset + len(items)} of {total}; --offset {offset + len(items)} "
+            "for more)"
+        )
+    return out
+
+
+def cmd_def_show(args: argparse.Namespace) -> int:
+    client = Client()
+    if args.version is not None:
+        if not (args.definition or args.json):
+            raise CLIError("--version goes with --definition or --json")
+        version = client.call("GET", _def_path(args.ref, f"/versions/{args.version}"))
+        _print(_unwrap(version, "version").get("definition") if args.definition else version)
+        return 0
+    wf = _unwrap(client.call("GET", _def_path(args.ref)))
+    if args.definition:
+        _print(wf.get("definition"))
+        return 0
+    if args.json:
+        _print(wf)
+        return 0
+    versions = client.call("GET", _def_path(args.ref, "/versions"))
+    if isinstance(versions, dict):
+        versions = versions.get("versions")
+    for line in _render_definition(wf, versions or [], client.url):
+        print(line)
+    return 0
+
+
+def _render_definition(
+    wf: dict[str, Any], versions: list[dict[str, Any]], base_url: str = "", most: int = 20
+) -> list[str]:
+    """A definition for a person: a header, its webhook, then its versions, newest first."""
+    ref = wf.get("name") or wf.get("id")
+    out = [f"definition {wf.get('id')}  {wf.get('name', '')}".rstrip()]
+
+    def field(label: str, value: Any) -> None:
+        out.append(f"  {label:<13}{value}")
+
+    field("version", f"v{wf.get('version')}")
+    field("status", wf.get("status"))
+    field("trigger", wf.get("trigger_type") or "manual")
+    field("tags", _tags(wf.get("tags")))
+    if wf.get("description"):
+        field("description", _one_line(wf["description"], 200))
+    if wf.get("concurrency") is not None:
+        field("concurrency", f"{wf['concurrency']} runs at once")
+    body = wf.get("definition") if isinstance(wf.get("definition"), dict) else {}
+    flow = body.get("flow") if isinstance(body.get("flow"), dict) else None
+    steps = body.get("steps") if isinstance(body.get("steps"), list) else None
+    if flow is not None:
+        field("states", _one_line(", ".join(map(str, flow)), 200))
+    elif steps is not None:
+        names = [str(st.get("id")) if isinstance(st, dict) else "?" for st in steps]
+        field("steps", _one_line(", ".join(names), 200))
+    if body.get("input_schema") is not None:
+        field("input", "checked against input_schema")
+    field("created", f"{_iso_when(wf.get('created_at'))} by {wf.get('created_by') or '-'}")
+    field("updated", _iso_when(wf.get("updated_at")))
+    hook = wf.get("webhook") if isinstance(wf.get("webhook"), dict) else {}
+    mode = hook.get("mode") or (body.get("webhook") or {}).get("mode") or "single"
+    if not wf.get("deployed"):
+        field("webhook", f"not deployed (stepd def deploy {ref})")
+    else:
+        if mode == "persistent":
+            state = "persistent: takes calls while deployed"
+        elif _armed(hook.get("armed_until")):
+            state = f"single-use, armed until {_iso_when(hook['armed_until'])}"
+        else:
+            state = f"single-use, not armed (stepd def arm {ref})"
+        field("webhook", state)
+        if hook.get("url"):
+            url = hook["url"]
+            field("url", base_url + url if url.startswith("/") else url)
+        if hook.get("webhook_secret"):
+            field("secret", "set (stepd def show --json shows it)")
+    out.append("")
+    if not versions:
+        out.append("no versions")
+        return out
+    rows = [("VERSION", "CREATED", "BY", "SUMMARY")]
+    for v in versions[:most]:
+        rows.append((
+            f"v{v.get('version')}",
+            _iso_when(v.get("created_at")),
+            str(v.get("created_by") or "-"),
+            _one_line(v.get("change_summary") or "", 120),
+        ))  # fmt: skip
+    out.extend(_table(rows))
+    if len(versions) > most:
+        out.append(f"(and {len(versions) - most} older: stepd def show {ref} --json)")
+    return out
+
+
+def _armed(until: Any) -> bool:
+    if not until:
+        return False
+    text = str(until)
+    try:
+        at = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        return True  # cannot tell: say what the server says
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at > datetime.now(UTC)
+
+
+def _definition_from_file(path: str) -> dict[str, Any]:
+    """A definition body from a file: the body itself, or anything that wraps it in
+    "definition" (`stepd def show --json`, a version)."""
+    body = _read_json_file(path)
+    if (
+        isinstance(body, dict)
+        and "flow" not in body
+        and "steps" not in body
+        and isinstance(body.get("definition"), dict)
+    ):
+        body = body["definition"]
+    if not isinstance(body, dict) or ("flow" not in body and "steps" not in body):
+        raise CLIError(
+            f'{path}: expected a definition, a JSON object {{"name", "flow" or "steps", ...}}'
+        )
+    name = body.get("name")
+    if name is None and path != "-":
+        name = Path(path).stem
+    if not isinstance(name, str) or not name:
+        raise CLIError(f'{path}: the definition needs a "name"')
+    return {**body, "name": name}
+
+
+def cmd_def_push(args: argparse.Namespace) -> int:
+    body = _definition_from_file(args.file)
+    name = body["name"]
+    client = Client()
+    status, current = client.request("GET", _def_path(name))
+    if status == 404:
+        create: dict[str, Any] = {"definition": body}
+        if isinstance(body.get("tags"), list):
+            create["tags"] = body["tags"]
+        status, answer = client.request("POST", "/api/workflows", create)
+        if status < 400:
+            wf = _unwrap(answer)
+            print(f"created {wf.get('name', name)} v{wf.get('version', 1)}")
+            return 0
+        if status != 409:
+            raise _http_error(status, answer)
+        current = None  # created meanwhile by someone else: add a version to it
+    elif status >= 400:
+        raise _http_error(status, current)
+    before = _unwrap(current).get("version") if isinstance(current, dict) else None
+    update: dict[str, Any] = {"definition": body}
+    if args.summary:
+        update["change_summary"] = args.summary
+    answer = client.call("PUT", _def_path(name), update)
+    wf = _unwrap(answer)
+    version = wf.get("version")
+    changed = answer.get("changed", wf.get("changed")) if isinstance(answer, dict) else None
+    if changed is None:
+        changed = before is None or version != before
+    print(f"{'updated' if changed else 'unchanged:'} {wf.get('name', name)} v{version}")
+    return 0
+
+
+def cmd_def_diff(args: argparse.Namespace) -> int:
+    query = _query(v1=args.v1, v2=args.v2)
+    answer = Client().call("GET", _def_path(args.ref, f"/diff{query}"))
+    if args.json:
+        _print(answer)
+        return 0
+    for line in _render_diff(answer):
+        print(line)
+    return 0
+
+
+def _render_diff(answer: dict[str, Any]) -> list[str]:
+    ops = answer.get("diff") or []
+    summary = answer.get("summary") or ("no changes" if not ops else f"{len(ops)} changes")
+    return [summary, *(_op_line(op) for op in ops)]
+
+
+def _op_line(op: dict[str, Any]) -> str:
+    """One RFC 6902 operation on a line: `replace /flow/start/args/msg "hi"`."""
+    kind = str(op.get("op"))
+    path = op.get("path")
+    where = '""' if path == "" else str(path)
+    if kind in ("move", "copy"):
+        return f"{kind:<7} {op.get('from')} -> {where}"
+    if kind == "remove" or "value" not in op:
+        return f"{kind:<7} {where}"
+    return f"{kind:<7} {where} {orjson.dumps(op['value']).decode()}"
+
+
+def cmd_def_rollback(args: argparse.Namespace) -> int:
+    answer = Client().call("POST", _def_path(args.ref, "/rollback"), {"version": args.version})
+    wf = _unwrap(answer)
+    print(f"rolled back {wf.get('name', args.ref)} to v{args.version}: now v{wf.get('version')}")
+    return 0
+
+
+def cmd_def_status(args: argparse.Namespace) -> int:
+    answer = Client().call("PATCH", _def_path(args.ref, "/status"), {"status": args.status})
+    wf = _unwrap(answer) if isinstance(answer, dict) else {}
+    print(f"{wf.get('name', args.ref)}: {wf.get('status', args.status)}")
+    return 0
+
+
+def cmd_def_rm(args: argparse.Namespace) -> int:
+    client = Client()
+    status, answer = client.request(
+        "DELETE", _def_path(args.ref, "?force=true" if args.force else "")
+    )
+    if status >= 400:
+        hint = " (--force deletes it anyway)" if status == 409 and not args.force else ""
+        raise _http_error(status, answer, hint)
+    print(f"deleted {args.ref}")
+    return 0
+
+
+def cmd_def_deploy(args: argparse.Namespace) -> int:
+    client = Client()
+    answer = client.call("POST", _def_path(args.ref, "/deploy"))
+    url = str(answer.get("url") or "")
+    print(f"deployed {args.ref}")
+    print(f"  url      {client.url + url if url.startswith('/') else url}")
+    print(f"  id       {answer.get('webhook_id')}")
+    print(f"  secret   {answer.get('webhook_secret')}")
+    print(
+        "  sign     X-Stepd-Timestamp: <unix seconds>, X-Stepd-Signature: v1=<hex HMAC-SHA256"
+        ' of "<timestamp>.<body>" with the secret>'
+    )
+    return 0
+
+
+def cmd_def_undeploy(args: argparse.Namespace) -> int:
+    Client().call("POST", _def_path(args.ref, "/undeploy"))
+    print(f"undeployed {args.ref}")
+    return 0
+
+
+def cmd_def_arm(args: argparse.Namespace) -> int:
+    answer = Client().call("POST", _def_path(args.ref, "/arm"))
+    until = answer.get("armed_until") if isinstance(answer, dict) else None
+    print(f"armed {args.ref}: its webhook takes one call until {_iso_when(until)}")
+    return 0
+
+
+def cmd_def_export(args: argparse.Namespace) -> int:
+    path = _def_path(args.ref, "/export") if args.ref else "/api/workflows/export"
+    doc = Client().call("GET", path)
+    text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).write_text(text)
+    except OSError as exc:
+        raise CLIError(f"cannot write {args.output}: {exc.strerror}") from None
+    count = len(doc.get("workflows") or []) if isinstance(doc, dict) else 0
+    print(f"exported {count} definition{'s' if count != 1 else ''} to {args.output}",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_def_import(args: argparse.Namespace) -> int:
+    doc = _read_json_file(args.file)
+    if not isinstance(doc, dict):
+        raise CLIError(f"{args.file}: expected an export document (stepd def export)")
+    answer = Client().call("POST", f"/api/workflows/import{_query(mode=args.mode)}", doc)
+    for line in _render_import(answer):
+        print(line)
+    return 0
+
+
+def _render_import(answer: dict[str, Any]) -> list[str]:
+    out = [f"created {name}" for name in answer.get("created") or []]
+    out += [f"updated {name}" for name in answer.get("updated") or []]
+    for item in answer.get("skipped") or []:
+        if isinstance(item, dict):
+            reason = item.get("reason")
+            out.append(f"skipped {item.get('name')}" + (f": {reason}" if reason else ""))
+        else:
+            out.append(f"skipped {item}")
+    return out or ["nothing to import"]
+
+
+def cmd_def_runs(args: argparse.Namespace) -> int:
+    query = _query(status=args.status, limit=args.limit, offset=args.offset or None)
+    answer = Client().call("GET", _def_path(args.ref, f"/runs{query}"))
+    if args.json:
+        _print(answer)
+        return 0
+    for line in _render_runs(answer):
+        print(line)
+    return 0
+
+
+def _render_runs(answer: Any) -> list[str]:
+    items = answer.get("runs", []) if isinstance(answer, dict) else answer or []
+    if not items:
+        return ["no runs"]
+    rows = [("RUN", "VERSION", "STATUS", "TRIGGER", "STARTED", "DURATION", "ERROR")]
+    for r in items:
+        version = r.get("version", r.get("definition_version"))
+        took = _seconds(r.get("duration_seconds"))
+        rows.append((
+            str(r.get("id", r.get("run_id"))),
+            f"v{version}" if version is not None else "-",
+            str(r.get("status")),
+            str(r.get("trigger") or "-"),
+            _iso_when(r.get("started_at") or r.get("created_at")),
+            took or "-",
+            _one_line(r["error"], 80) if r.get("error") else "",
+        ))  # fmt: skip
+    out = _table(rows)
+    total = answer.get("total") if isinstance(answer, dict) else None
+    if isinstance(total, int) and total > len(items):
+        out.append(f"({len(items)} of {total}; --limit and --offset for more)")
+    return out
+
+
+def _run_input(args: argparse.Namespace) -> Any:
+    if args.input_file is not None:
+        return _read_json_file(args.input_file)
+    if args.input is None:
+        return {}
+    try:
+        return orjson.loads(args.input)
+    except orjson.JSONDecodeError as exc:
+        raise CLIError(
+            f'--input is not valid JSON: {exc} (a JSON object, e.g. \'{{"msg": "hi"}}\')'
+        ) from None
+
+
+def cmd_def_run(args: argparse.Namespace) -> int:
+    client = Client()
+    inputs = _run_input(args)
+    if not (args.wait or args.timeout is not None):
+        body: dict[str, Any] = {"input_data": inputs, "trigger": "manual"}
+        if args.version is not None:
+            body["version"] = args.version
+        _print(client.call("POST", _def_path(args.ref, "/run"), body))
+        return 0
+    if args.timeout is not None and args.timeout <= 0:
+        raise CLIError("--timeout must be more than 0 seconds")
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    wait = EXECUTE_MAX if args.timeout is None else min(args.timeout, EXECUTE_MAX)
+    body = {"variables": inputs}
+    if args.version is not None:
+        body["version"] = args.version
+    status, answer = client.request(
+        "POST", _def_path(args.ref, f"/execute?timeout={wait:g}"), body, timeout=wait + 30
+    )
+    if not isinstance(answer, dict) or "run_id" not in answer:
+        raise (
+            _http_error(status, answer)
+            if status >= 400
+            else CLIError(f"{status}: unexpected answer {_short(answer, 200)}")
+        )
+    run_id = answer["run_id"]
+    if status == 200:
+        return _run_outcome(args, client, run_id, 0)
+    if status == 500:
+        return _run_outcome(args, client, run_id, 1, answer.get("error"))
+    if status == 202:
+        return _run_outcome(args, client, run_id, 2, awaiting=answer.get("awaiting"))
+    if status != 504:
+        raise _http_error(status, answer)
+    # The server's longest wait ran out before ours: follow the run itself.
+    print(f"run {run_id} still running; waiting...", file=sys.stderr)
+    while deadline is None or time.monotonic() < deadline:
+        wf = client.call("GET", f"/api/workflow/{run_id}")
+        if wf["status"] in TERMINAL:
+            return _run_outcome(args, client, run_id, 0 if wf["status"] == "completed" else 1)
+        if _waiting_for_person(wf) is not None:
+            return _run_outcome(args, client, run_id, 2)
+        time.sleep(0.2)
+    return _run_outcome(args, client, run_id, 3)
+
+
+def _run_outcome(
+    args: argparse.Namespace,
+    client: Client,
+    run_id: int,
+    code: int,
+    error: str | None = None,
+    awaiting: list[dict[str, Any]] | None = None,
+) -> int:
+    """Print the end of `def run --wait`: the run as JSON, or one line; return `code`."""
+    status, answer = client.request("GET", f"/api/workflows/runs/{run_id}")
+    run = _unwrap(answer, "run") if status == 200 and isinstance(answer, dict) else {}
+    if args.json:
+        _print(run or {"run_id": run_id, "error": error, "awaiting": awaiting})
+        return code
+    if code == 2 and not awaiting:  # found by polling: ask the part-one view what waits
+        wf = client.call("GET", f"/api/workflow/{run_id}")
+        step = _waiting_for_person(wf)
+        if step is wf:
+            awaiting = [{"paused": True}]
+        elif step is not None:
+            awaiting = [{"step_id": step["id"], "state": step.get("state") or step.get("name"),
+                         "awaiting": step.get("awaiting")}]  # fmt: skip
+    print(_run_outcome_line(run_id, code, run, error, awaiting or []))
+    return code
+
+
+def _run_outcome_line(
+    run_id: int,
+    code: int,
+    run: dict[str, Any],
+    error: str | None = None,
+    awaiting: list[dict[str, Any]] | None = None,
+) -> str:
+    head = f"run {run_id}"
+    took = _seconds(run.get("duration_seconds"))
+    if code == 0:
+        line = f"{head} completed" + (f" in {took}" if took else "")
+        return line + (f": output {_short(run['output'], 200)}" if "output" in run else "")
+    if code == 1:
+        status = run.get("status") if run.get("status") in ("failed", "cancelled") else "failed"
+        why = run.get("error") or error
+        line = f"{head} {status}" + (f" after {took}" if took else "")
+        return line + (f": {_one_line(why)}" if why else "")
+    if code == 3:
+        return f"{head} still {run.get('status') or 'running'}: stepd show {run_id}"
+    waits = awaiting or []
+    if not waits:
+        return f"{head} waiting: stepd show {run_id}"
+    first = waits[0]
+    more = f" (and {len(waits) - 1} more: stepd show {run_id})" if len(waits) > 1 else ""
+    if first.get("paused"):
+        return f"{head} is paused: stepd resume {run_id}"
+    sid, state, kind = first.get("step_id"), first.get("state"), first.get("awaiting")
+    if kind == "ready":
+        return f"{head} waiting at gate '{state}' (step {sid}): stepd ready {sid}{more}"
+    if kind == "decision":
+        return (
+            f"{head} waiting: step '{state}' ({sid}) was interrupted: "
+            f"stepd retry {sid} or stepd fail {sid}{more}"
+        )
+    if kind == "signal":
+        return f"{head} waiting: step '{state}' ({sid}) waits for a signal: stepd signal {run_id} NAME{more}"  # noqa: E501
+    if kind == "timer":
+        return f"{head} waiting: step '{state}' ({sid}) waits for its timer{more}"
+    return f"{head} waiting: step '{state}' ({sid}) awaits {kind}{more}"
