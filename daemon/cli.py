@@ -1017,6 +1017,10 @@ def _add_def_parsers(sub: Any) -> None:
     s.add_argument("--summary", metavar="TEXT", help="the new version's change summary")
     s.set_defaults(func=cmd_def_push)
 
+    s = ds.add_parser("validate", help="check a definition file without saving it")
+    s.add_argument("file", metavar="FILE", help="as for push")
+    s.set_defaults(func=cmd_def_validate)
+
     s = ds.add_parser("diff", help="what changed between two versions (RFC 6902)")
     s.add_argument("ref", metavar="REF")
     s.add_argument("v1", type=int, metavar="V1")
@@ -1354,6 +1358,17 @@ def cmd_def_push(args: argparse.Namespace) -> int:
         changed = before is None or version != before
     print(f"{'updated' if changed else 'unchanged:'} {wf.get('name', name)} v{version}")
     return 0
+
+
+def cmd_def_validate(args: argparse.Namespace) -> int:
+    body = _definition_from_file(args.file)
+    result = Client().call("POST", "/api/workflows/validate", {"definition": body})
+    for e in result.get("errors") or []:
+        print(f"error: {_error_item(e)}")
+    for w in result.get("warnings") or []:
+        print(f"warning: {_error_item(w)}")
+    print("valid" if result.get("valid") else "invalid")
+    return 0 if result.get("valid") else 1
 
 
 def cmd_def_diff(args: argparse.Namespace) -> int:

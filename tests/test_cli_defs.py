@@ -406,6 +406,10 @@ def test_push_creates_then_versions_only_what_changed(daemon: Daemon, tmp_path: 
 
     # An invalid flow: the server's reason, exit 1, nothing created.
     bad = write(tmp_path, {"name": "cli-bad", "flow": {"start": {"tool": "nope", "done": True}}})
+    r = stepd(daemon, "def", "validate", bad)
+    assert r.returncode == 1 and r.stdout.endswith("invalid\n"), r.stdout + r.stderr
+    assert r.stdout.startswith("error: ") and "nope" in r.stdout, r.stdout
+    assert ok(stepd(daemon, "def", "validate", path)) == "valid\n"
     r = stepd(daemon, "def", "push", bad)
     assert r.returncode == 1 and r.stderr.startswith("stepd: 422: "), r.stderr
     with daemon.client() as c:
@@ -664,8 +668,8 @@ def test_def_help_is_readable() -> None:
     r = subprocess.run([*stepd_command(), "def", "--help"], capture_output=True, text=True,
                        timeout=20, env=clean_env(COLUMNS="100"))  # fmt: skip
     assert r.returncode == 0
-    for command in ("list", "show", "push", "diff", "rollback", "run", "runs", "status", "rm",
-                    "deploy", "undeploy", "arm", "export", "import"):  # fmt: skip
+    for command in ("list", "show", "push", "validate", "diff", "rollback", "run", "runs",
+                    "status", "rm", "deploy", "undeploy", "arm", "export", "import"):  # fmt: skip
         assert re.search(rf"^    {command} +\S", r.stdout, re.M), command
     assert "REF is a definition's name or its id" in r.stdout
     assert re.search(r"^  3  --timeout ran out", r.stdout, re.M)
