@@ -1340,6 +1340,7 @@ def cmd_def_push(args: argparse.Namespace) -> int:
         if status < 400:
             wf = _unwrap(answer)
             print(f"created {wf.get('name', name)} v{wf.get('version', 1)}")
+            _warn(answer)
             return 0
         if status != 409:
             raise _http_error(status, answer)
@@ -1357,7 +1358,15 @@ def cmd_def_push(args: argparse.Namespace) -> int:
     if changed is None:
         changed = before is None or version != before
     print(f"{'updated' if changed else 'unchanged:'} {wf.get('name', name)} v{version}")
+    _warn(answer)
     return 0
+
+
+def _warn(answer: Any) -> None:
+    """The server's warnings about a definition it saved, on stderr."""
+    warnings = answer.get("warnings") if isinstance(answer, dict) else None
+    for w in warnings if isinstance(warnings, list) else []:
+        print(f"warning: {_error_item(w)}", file=sys.stderr)
 
 
 def cmd_def_validate(args: argparse.Namespace) -> int:
@@ -1403,7 +1412,12 @@ def _op_line(op: dict[str, Any]) -> str:
 def cmd_def_rollback(args: argparse.Namespace) -> int:
     answer = Client().call("POST", _def_path(args.ref, "/rollback"), {"version": args.version})
     wf = _unwrap(answer)
-    print(f"rolled back {wf.get('name', args.ref)} to v{args.version}: now v{wf.get('version')}")
+    name = wf.get("name", args.ref)
+    if isinstance(answer, dict) and answer.get("changed") is False:
+        print(f"unchanged: {name} v{wf.get('version')} has v{args.version}'s content already")
+    else:
+        print(f"rolled back {name} to v{args.version}: now v{wf.get('version')}")
+    _warn(answer)
     return 0
 
 
@@ -1581,10 +1595,27 @@ def cmd_def_run(args: argparse.Namespace) -> int:
         wf = client.call("GET", f"/api/workflow/{run_id}")
         if wf["status"] in TERMINAL:
             return _run_outcome(args, client, run_id, 0 if wf["status"] == "completed" else 1)
-        if _waiting_for_person(wf) is not None:
+        if wf["status"] == "paused" or _stopped_waiting(wf):
             return _run_outcome(args, client, run_id, 2)
         time.sleep(0.2)
     return _run_outcome(args, client, run_id, 3)
+
+
+WAITS = ("ready", "decision", "signal", "timer")
+
+
+def _stopped_waiting(wf: dict[str, Any]) -> list[dict[str, Any]]:
+    """What /execute calls waiting: every open step waits for a person, a signal or a
+    timer (a parallel or map step waiting for its branches does not count) and nothing
+    runs. Those steps as /execute lists them; [] otherwise."""
+    open_steps = [s for s in wf.get("steps") or [] if s.get("status") in ("pending", "running")]
+    open_steps = [s for s in open_steps if s.get("awaiting") != "branches"]
+    if not open_steps or any(s.get("awaiting") not in WAITS for s in open_steps):
+        return []
+    return [
+        {"step_id": s["id"], "state": s.get("state") or s.get("name"), "awaiting": s["awaiting"]}
+        for s in open_steps
+    ]
 
 
 def _run_outcome(
@@ -1603,12 +1634,7 @@ def _run_outcome(
         return code
     if code == 2 and not awaiting:  # found by polling: ask the part-one view what waits
         wf = client.call("GET", f"/api/workflow/{run_id}")
-        step = _waiting_for_person(wf)
-        if step is wf:
-            awaiting = [{"paused": True}]
-        elif step is not None:
-            awaiting = [{"step_id": step["id"], "state": step.get("state") or step.get("name"),
-                         "awaiting": step.get("awaiting")}]  # fmt: skip
+        awaiting = [{"paused": True}] if wf["status"] == "paused" else _stopped_waiting(wf)
     print(_run_outcome_line(run_id, code, run, error, awaiting or []))
     return code
 
@@ -1632,7 +1658,8 @@ def _run_outcome_line(
         return line + (f": {_one_line(why)}" if why else "")
     if code == 3:
         return f"{head} still {run.get('status') or 'running'}: stepd show {run_id}"
-    waits = awaiting or []
+    order = {kind: n for n, kind in enumerate(WAITS)}  # a person's part first
+    waits = sorted(awaiting or [], key=lambda w: order.get(w.get("awaiting"), len(order)))
     if not waits:
         return f"{head} waiting: stepd show {run_id}"
     first = waits[0]

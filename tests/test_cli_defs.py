@@ -228,7 +228,7 @@ def test_run_outcome_lines() -> None:
     assert (
         line(7, 2, {}, awaiting=gate) == "run 7 waiting at gate 'approve' (step 8): stepd ready 8"
     )
-    two = [*gate, {"step_id": 9, "state": "other", "awaiting": "signal"}]
+    two = [{"step_id": 9, "state": "other", "awaiting": "signal"}, *gate]  # the gate first
     assert line(7, 2, {}, awaiting=two).endswith("stepd ready 8 (and 1 more: stepd show 7)")
     decision = [{"step_id": 8, "state": "pay", "awaiting": "decision"}]
     assert line(7, 2, {}, awaiting=decision) == (
@@ -241,6 +241,23 @@ def test_run_outcome_lines() -> None:
     timer = [{"step_id": 8, "state": "later", "awaiting": "timer"}]
     assert line(7, 2, {}, awaiting=timer) == "run 7 waiting: step 'later' (8) waits for its timer"
     assert line(7, 2, {}, awaiting=[{"paused": True}]) == "run 7 is paused: stepd resume 7"
+
+
+def test_what_counts_as_stopped_waiting() -> None:
+    def wf(*steps: tuple[str, str | None]) -> dict[str, Any]:
+        return {"steps": [{"id": n, "state": f"s{n}", "status": status, "awaiting": awaiting}
+                          for n, (status, awaiting) in enumerate(steps)]}  # fmt: skip
+
+    assert cli._stopped_waiting(wf()) == []
+    assert cli._stopped_waiting(wf(("done", None))) == []
+    assert cli._stopped_waiting(wf(("done", None), ("running", None))) == []  # a tool runs
+    assert cli._stopped_waiting(wf(("running", "ready"), ("pending", None))) == []
+    assert cli._stopped_waiting(wf(("done", None), ("running", "ready"))) == [
+        {"step_id": 1, "state": "s1", "awaiting": "ready"}
+    ]
+    # A parallel step waiting for its branches, whose branches all wait: stopped.
+    stopped = wf(("running", "branches"), ("running", "signal"), ("running", "timer"))
+    assert [w["awaiting"] for w in cli._stopped_waiting(stopped)] == ["signal", "timer"]
 
 
 def test_definition_files(tmp_path: Path) -> None:
@@ -462,6 +479,9 @@ def test_list_show_diff_and_rollback(daemon: Daemon, tmp_path: Path) -> None:
     )
     wf = get(daemon, "/api/workflows/cli-ver")
     assert wf["version"] == 3 and "nap" not in wf["definition"]["flow"]
+    assert ok(stepd(daemon, "def", "rollback", "cli-ver", "1")) == (
+        "unchanged: cli-ver v3 has v1's content already\n"
+    )
     assert get(daemon, "/api/workflows/cli-ver/versions")["versions"][0]["change_summary"] == (
         "Rollback to version 1"
     )
