@@ -422,7 +422,8 @@ def test_push_creates_then_versions_only_what_changed(daemon: Daemon, tmp_path: 
     assert ok(stepd(daemon, "def", "push", "-", stdin=shown)) == "unchanged: cli-push v2\n"
 
     # An invalid flow: the server's reason, exit 1, nothing created.
-    bad = write(tmp_path, {"name": "cli-bad", "flow": {"start": {"tool": "nope", "done": True}}})
+    bad = write(tmp_path, {"name": "cli-bad", "flow": {"start": {"tool": "nope", "done": True}}},
+                name="bad.json")  # fmt: skip
     r = stepd(daemon, "def", "validate", bad)
     assert r.returncode == 1 and r.stdout.endswith("invalid\n"), r.stdout + r.stderr
     assert r.stdout.startswith("error: ") and "nope" in r.stdout, r.stdout
