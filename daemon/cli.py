@@ -1272,7 +1272,7 @@ def _render_definition(
             url = hook["url"]
             field("url", base_url + url if url.startswith("/") else url)
         if hook.get("webhook_secret"):
-            field("secret", "set (stepd def show --json shows it)")
+            field("secret", f"set (stepd def show {ref} --json shows it)")
     out.append("")
     if not versions:
         out.append("no versions")
@@ -1522,7 +1522,8 @@ def _render_runs(answer: Any) -> list[str]:
     items = answer.get("runs", []) if isinstance(answer, dict) else answer or []
     if not items:
         return ["no runs"]
-    rows = [("RUN", "VERSION", "STATUS", "TRIGGER", "STARTED", "DURATION", "ERROR")]
+    errors = any(r.get("error") for r in items)  # a column only when there is one
+    rows = [("RUN", "VERSION", "STATUS", "TRIGGER", "STARTED", "DURATION", "ERROR")[: 6 + errors]]
     for r in items:
         version = r.get("version", r.get("definition_version"))
         took = _seconds(r.get("duration_seconds"))
@@ -1534,7 +1535,7 @@ def _render_runs(answer: Any) -> list[str]:
             _iso_when(r.get("started_at") or r.get("created_at")),
             took or "-",
             _one_line(r["error"], 80) if r.get("error") else "",
-        ))  # fmt: skip
+        )[: 6 + errors])  # fmt: skip
     out = _table(rows)
     total = answer.get("total") if isinstance(answer, dict) else None
     if isinstance(total, int) and total > len(items):

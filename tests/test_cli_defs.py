@@ -131,7 +131,7 @@ def test_def_show_webhook_states() -> None:
     assert re.search(r"^  webhook +single-use, not armed \(stepd def arm kyc\)$", text, re.M)
     assert re.search(r"^  url +http://h:1/hooks/abc$", text, re.M)
     assert "s3cret" not in text  # only --json shows the secret
-    assert re.search(r"^  secret +set \(stepd def show --json shows it\)$", text, re.M)
+    assert re.search(r"^  secret +set \(stepd def show kyc --json shows it\)$", text, re.M)
     assert lines[-1] == "no versions"
 
     armed = hook | {"armed_until": iso(timedelta(minutes=9))}
@@ -209,6 +209,9 @@ def test_runs_table() -> None:
     assert lines[2].split()[:5] == ["10", "v1", "failed", "webhook", "-"]
     assert lines[2].endswith("boom at line 2")
     assert lines[-1] == "(2 of 3; --limit and --offset for more)"
+    ok = [{"id": 1, "version": 1, "status": "running", "trigger": "manual"}]
+    assert cli._render_runs({"runs": ok})[0].split() == ["RUN", "VERSION", "STATUS", "TRIGGER",
+                                                          "STARTED", "DURATION"]  # fmt: skip
     assert cli._render_runs({"runs": []}) == ["no runs"]
     assert cli._render_runs([]) == ["no runs"]
 
