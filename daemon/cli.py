@@ -1595,31 +1595,50 @@ def cmd_def_run(args: argparse.Namespace) -> int:
         raise _http_error(status, answer)
     # The server's longest wait ran out before ours: follow the run itself.
     print(f"run {run_id} still running; waiting...", file=sys.stderr)
+
+    def fetch(wf_id: int) -> Any:
+        return client.call("GET", f"/api/workflow/{wf_id}")
+
     while deadline is None or time.monotonic() < deadline:
         wf = client.call("GET", f"/api/workflow/{run_id}")
         if wf["status"] in TERMINAL:
             return _run_outcome(args, client, run_id, 0 if wf["status"] == "completed" else 1)
-        if wf["status"] == "paused" or _stopped_waiting(wf):
+        if wf["status"] == "paused" or _stopped_waiting(wf, fetch):
             return _run_outcome(args, client, run_id, 2)
         time.sleep(0.2)
     return _run_outcome(args, client, run_id, 3)
 
 
 WAITS = ("ready", "decision", "signal", "timer")
+CALL_LEVELS = 6  # a run, and children of call states down to the daemon's deepest
 
 
-def _stopped_waiting(wf: dict[str, Any]) -> list[dict[str, Any]]:
+def _stopped_waiting(wf: dict[str, Any], fetch: Any = None, level: int = 0) -> list[dict[str, Any]]:
     """What /execute calls waiting: every open step waits for a person, a signal or a
-    timer (a parallel or map step waiting for its branches does not count) and nothing
-    runs. Those steps as /execute lists them; [] otherwise."""
-    open_steps = [s for s in wf.get("steps") or [] if s.get("status") in ("pending", "running")]
-    open_steps = [s for s in open_steps if s.get("awaiting") != "branches"]
-    if not open_steps or any(s.get("awaiting") not in WAITS for s in open_steps):
-        return []
-    return [
-        {"step_id": s["id"], "state": s.get("state") or s.get("name"), "awaiting": s["awaiting"]}
-        for s in open_steps
-    ]
+    timer (a parallel or map step waiting for its branches does not count; a call step
+    counts as what its child waits at, read with `fetch(child_id)`) and nothing runs.
+    Those steps as /execute lists them; [] otherwise."""
+    out: list[dict[str, Any]] = []
+    for s in wf.get("steps") or []:
+        if s.get("status") not in ("pending", "running") or s.get("awaiting") == "branches":
+            continue
+        if s.get("awaiting") in WAITS:
+            state = s.get("state") or s.get("name")
+            out.append(
+                {"workflow_id": wf.get("id"), "step_id": s["id"], "state": state,
+                 "awaiting": s["awaiting"]}
+            )  # fmt: skip
+            continue
+        if s.get("awaiting") != "child" or not s.get("child_id") or fetch is None:
+            return []  # it runs, is due, or waits for something else
+        if level + 1 >= CALL_LEVELS:
+            return []
+        child = fetch(s["child_id"])
+        inner = _stopped_waiting(child, fetch, level + 1) if child["status"] == "running" else []
+        if not inner:
+            return []
+        out += inner
+    return out
 
 
 def _run_outcome(
@@ -1638,7 +1657,10 @@ def _run_outcome(
         return code
     if code == 2 and not awaiting:  # found by polling: ask the part-one view what waits
         wf = client.call("GET", f"/api/workflow/{run_id}")
-        awaiting = [{"paused": True}] if wf["status"] == "paused" else _stopped_waiting(wf)
+        if wf["status"] == "paused":
+            awaiting = [{"paused": True}]
+        else:
+            awaiting = _stopped_waiting(wf, lambda i: client.call("GET", f"/api/workflow/{i}"))
     print(_run_outcome_line(run_id, code, run, error, awaiting or []))
     return code
 
@@ -1671,15 +1693,17 @@ def _run_outcome_line(
     if first.get("paused"):
         return f"{head} is paused: stepd resume {run_id}"
     sid, state, kind = first.get("step_id"), first.get("state"), first.get("awaiting")
+    where = first.get("workflow_id") or run_id
+    child = f" in child workflow {where}" if where != run_id else ""  # a call state's child
     if kind == "ready":
-        return f"{head} waiting at gate '{state}' (step {sid}): stepd ready {sid}{more}"
+        return f"{head} waiting at gate '{state}' (step {sid}{child}): stepd ready {sid}{more}"
+    step = f"step '{state}' ({sid}{child})"
     if kind == "decision":
         return (
-            f"{head} waiting: step '{state}' ({sid}) was interrupted: "
-            f"stepd retry {sid} or stepd fail {sid}{more}"
+            f"{head} waiting: {step} was interrupted: stepd retry {sid} or stepd fail {sid}{more}"
         )
     if kind == "signal":
-        return f"{head} waiting: step '{state}' ({sid}) waits for a signal: stepd signal {run_id} NAME{more}"  # noqa: E501
+        return f"{head} waiting: {step} waits for a signal: stepd signal {where} NAME{more}"
     if kind == "timer":
-        return f"{head} waiting: step '{state}' ({sid}) waits for its timer{more}"
-    return f"{head} waiting: step '{state}' ({sid}) awaits {kind}{more}"
+        return f"{head} waiting: {step} waits for its timer{more}"
+    return f"{head} waiting: {step} awaits {kind}{more}"

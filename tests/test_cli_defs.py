@@ -244,23 +244,48 @@ def test_run_outcome_lines() -> None:
     timer = [{"step_id": 8, "state": "later", "awaiting": "timer"}]
     assert line(7, 2, {}, awaiting=timer) == "run 7 waiting: step 'later' (8) waits for its timer"
     assert line(7, 2, {}, awaiting=[{"paused": True}]) == "run 7 is paused: stepd resume 7"
+    # A step of a call state's child workflow: the child's id where it matters.
+    inner = [{"workflow_id": 5, "step_id": 8, "state": "approve", "awaiting": "ready"}]
+    assert line(7, 2, {}, awaiting=inner) == (
+        "run 7 waiting at gate 'approve' (step 8 in child workflow 5): stepd ready 8"
+    )
+    inner = [{"workflow_id": 5, "step_id": 8, "state": "hold", "awaiting": "signal"}]
+    assert line(7, 2, {}, awaiting=inner) == (
+        "run 7 waiting: step 'hold' (8 in child workflow 5) waits for a signal: stepd signal 5 NAME"
+    )
+    own = [{"workflow_id": 7, "step_id": 8, "state": "hold", "awaiting": "timer"}]
+    assert line(7, 2, {}, awaiting=own) == "run 7 waiting: step 'hold' (8) waits for its timer"
 
 
 def test_what_counts_as_stopped_waiting() -> None:
     def wf(*steps: tuple[str, str | None]) -> dict[str, Any]:
-        return {"steps": [{"id": n, "state": f"s{n}", "status": status, "awaiting": awaiting}
-                          for n, (status, awaiting) in enumerate(steps)]}  # fmt: skip
+        rows = [{"id": n, "state": f"s{n}", "status": status, "awaiting": awaiting}
+                for n, (status, awaiting) in enumerate(steps)]  # fmt: skip
+        return {"id": 1, "steps": rows}
 
     assert cli._stopped_waiting(wf()) == []
     assert cli._stopped_waiting(wf(("done", None))) == []
     assert cli._stopped_waiting(wf(("done", None), ("running", None))) == []  # a tool runs
     assert cli._stopped_waiting(wf(("running", "ready"), ("pending", None))) == []
     assert cli._stopped_waiting(wf(("done", None), ("running", "ready"))) == [
-        {"step_id": 1, "state": "s1", "awaiting": "ready"}
+        {"workflow_id": 1, "step_id": 1, "state": "s1", "awaiting": "ready"}
     ]
     # A parallel step waiting for its branches, whose branches all wait: stopped.
     stopped = wf(("running", "branches"), ("running", "signal"), ("running", "timer"))
     assert [w["awaiting"] for w in cli._stopped_waiting(stopped)] == ["signal", "timer"]
+    # A call step: what its child waits at, or nothing while the child runs.
+    parent = {"id": 1, "steps": [{"id": 10, "state": "call", "status": "running",
+                                  "awaiting": "child", "child_id": 2}]}  # fmt: skip
+    gate = {"id": 20, "state": "ok", "status": "running", "awaiting": "ready"}
+    at_gate = {"id": 2, "status": "running", "steps": [gate]}
+    running = {**at_gate, "steps": [{**gate, "awaiting": None}]}
+    assert cli._stopped_waiting(parent) == []  # no way to look at the child
+    assert cli._stopped_waiting(parent, {2: at_gate}.__getitem__) == [
+        {"workflow_id": 2, "step_id": 20, "state": "ok", "awaiting": "ready"}
+    ]
+    assert cli._stopped_waiting(parent, {2: running}.__getitem__) == []
+    loop = {"id": 2, "status": "running", "steps": parent["steps"]}  # a child of itself
+    assert cli._stopped_waiting(parent, {2: loop}.__getitem__) == []
 
 
 def test_definition_files(tmp_path: Path) -> None:
