@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `stepd def show kyc | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        Client.close_all()
 
 
 EXIT_CODES = """\
@@ -310,11 +312,19 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
 
 
 class Client:
+    opened: list[Client] = []  # closed by main() when the command ends
+
     def __init__(self) -> None:
         self.url = os.environ.get("STEPD_URL", DEFAULT_URL).rstrip("/")
         token = os.environ.get("STEPD_TOKEN") or os.environ.get("TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        Client.opened.append(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        while cls.opened:
+            cls.opened.pop().http.close()
 
     def request(
         self,

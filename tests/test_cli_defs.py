@@ -537,6 +537,11 @@ def test_run_starts_a_run_and_pins_a_version(daemon: Daemon, tmp_path: Path) -> 
         wf = wait_for(c, json.loads(out)["run_id"], timeout=10)
     assert wf["definition_version"] == 1 and wf["output"] == {"msg": "one", "who": "bob"}
 
+    r = stepd(daemon, "def", "run", "cli-run", "--version", "1", "--input", '{"who": "cy"}',
+              "--wait")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(': output {"msg":"one","who":"cy"}\n'), r.stdout
+
     r = stepd(daemon, "def", "run", "cli-run", "--input", "who=ann")
     assert r.returncode == 1 and "--input is not valid JSON" in r.stderr, r.stderr
 
@@ -544,13 +549,14 @@ def test_run_starts_a_run_and_pins_a_version(daemon: Daemon, tmp_path: Path) -> 
     out = ok(stepd(daemon, "runs", "cli-run"))
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["RUN", "VERSION", "STATUS", "TRIGGER"]
-    assert [line.split()[:3] for line in lines[1:3]] == [
-        [str(wf["id"]), "v1", "completed"], [str(run_id), "v2", "completed"]
+    assert [line.split()[:4] for line in lines[2:4]] == [
+        [str(wf["id"]), "v1", "completed", "manual"], [str(run_id), "v2", "completed", "manual"]
     ]  # fmt: skip
+    assert lines[1].split()[1:4] == ["v1", "completed", "execute"]
     assert ok(stepd(daemon, "def", "runs", "cli-run")) == out
     runs = json.loads(ok(stepd(daemon, "runs", "cli-run", "--json", "--status", "completed")))
     listed = runs["runs"] if isinstance(runs, dict) else runs
-    assert {r.get("id", r.get("run_id")) for r in listed} == {run_id, wf["id"]}
+    assert {r["id"] for r in listed} >= {run_id, wf["id"]} and len(listed) == 3
 
 
 def test_run_wait_exit_codes(daemon: Daemon, tmp_path: Path) -> None:
@@ -560,8 +566,11 @@ def test_run_wait_exit_codes(daemon: Daemon, tmp_path: Path) -> None:
     m = re.fullmatch(r"run (\d+) completed(?: in \S+)?: output (.*)\n", r.stdout)
     assert m is not None, r.stdout
     assert json.loads(m[2]) == {"msg": "hello", "who": "cy"}
-    r = stepd(daemon, "def", "run", "cli-wait", "--wait", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "completed"
+    r = stepd(daemon, "def", "run", "cli-wait", "--input", '{"who": "di"}', "--wait", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = json.loads(r.stdout)
+    assert run["status"] == "completed" and run["output"] == {"msg": "hello", "who": "di"}
+    assert run["trigger"] == "execute" and run["version"] == 1
 
     failing = sleep_def("cli-wait-fails", -1)
     ok(stepd(daemon, "def", "push", write(tmp_path, failing)))
