@@ -611,6 +611,51 @@ def test_run_wait_longer_than_the_servers_wait_follows_the_run(
     assert re.fullmatch(r"run \d+ still running; waiting...\n", err), err
 
 
+def test_run_wait_names_a_gate_in_a_called_child(daemon: Daemon, tmp_path: Path) -> None:
+    ok(stepd(daemon, "def", "push", write(tmp_path, gate_def("cli-child-gate"))))
+    call = {"call": {"workflow": "cli-child-gate"}, "done": True}
+    parent = {"name": "cli-calls-gate", "flow": {"start": call}}
+    ok(stepd(daemon, "def", "push", write(tmp_path, parent)))
+    r = stepd(daemon, "def", "run", "cli-calls-gate", "--wait")
+    assert r.returncode == 2, r.stdout + r.stderr
+    m = re.fullmatch(r"run (\d+) waiting at gate '(\w+)' \(step (\d+) in child workflow (\d+)\): "
+                     r"stepd ready (\d+)\n", r.stdout)  # fmt: skip
+    assert m is not None and m[3] == m[5] and m[1] != m[4], r.stdout
+    child = get(daemon, f"/api/workflow/{m[4]}")
+    assert child["parent"]["workflow_id"] == int(m[1]) and child["trigger"] == "call"
+    ok(stepd(daemon, "ready", m[3]))
+    with daemon.client() as c:
+        assert wait_for(c, int(m[1]), timeout=10)["status"] == "completed"
+
+
+def test_run_wait_past_the_servers_wait_stops_at_a_gate(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The gate comes after the server's wait (cut to 1 s) ran out: found by following
+    the run, with the same line and exit code as /execute's 202 gives."""
+    body = {
+        "name": "cli-late-gate",
+        "flow": {
+            "start": {"tool": "sleep", "args": {"seconds": 1.5}, "next": "approve"},
+            "approve": {"tool": None, "args": {}, "next": "after"},
+            "after": {"tool": "echo", "args": {"x": 1}, "done": True},
+        },
+    }
+    ok(stepd(daemon, "def", "push", write(tmp_path, body)))
+    monkeypatch.setenv("STEPD_URL", daemon.url)
+    monkeypatch.setenv("STEPD_TOKEN", TOKEN)
+    monkeypatch.setattr(cli, "EXECUTE_MAX", 1.0)
+    assert cli.main(["def", "run", "cli-late-gate", "--wait"]) == 2
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"run \d+ still running; waiting...\n", err), err  # it was a 504
+    m = re.fullmatch(r"run (\d+) waiting at gate 'approve' \(step (\d+)\): stepd ready (\d+)\n",
+                     out)  # fmt: skip
+    assert m is not None and m[2] == m[3], out
+    ok(stepd(daemon, "ready", m[2]))
+    with daemon.client() as c:
+        assert wait_for(c, int(m[1]), timeout=10)["status"] == "completed"
+
+
 def test_input_schema_problems_and_paused_definitions(daemon: Daemon, tmp_path: Path) -> None:
     schema = {"type": "object", "required": ["who"],
               "properties": {"who": {"type": "string"}, "age": {"type": "integer"}}}  # fmt: skip
