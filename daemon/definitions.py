@@ -336,9 +336,10 @@ class Definitions:
             raise BadRequest("field 'change_summary' must be text of at most 1000 characters")
         d = await self.resolve(ref)
         version, warnings = await self._checked(body["definition"])
-        return await self._add(
-            d, replace(version, change_summary=summary or "Updated"), by, warnings
-        )
+        if not summary:  # what changed since the latest version, in words
+            latest = await self._version(d, d.version)
+            summary = describe_changes(orjson.loads(latest.body_json), body["definition"])
+        return await self._add(d, replace(version, change_summary=summary), by, warnings)
 
     async def _add(
         self, d: Definition, version: NewVersion, by: str | None, warnings: list[str]
@@ -580,7 +581,6 @@ class Definitions:
                 **run_summary(wf, name),
                 "input_data": orjson.Fragment(wf.input_json or "{}"),
                 "output": orjson.Fragment(wf.output_json or "null"),
-                "error": wf.error,
                 "parent": _parent(wf),
                 "step_runs": step_runs,
             }
@@ -950,6 +950,7 @@ def run_summary(wf: Workflow, name: str | None) -> dict[str, Any]:
         "started_at": iso(wf.created_at),
         "completed_at": iso(ended),
         "duration_seconds": _seconds(wf.created_at, ended),
+        "error": wf.error,
     }
 
 

@@ -603,6 +603,7 @@ RUN_SUMMARY: dict[str, Schema] = {
     "started_at": ISO,
     "completed_at": nullable(ISO),
     "duration_seconds": {**nullable({"type": "number", "minimum": 0})},
+    "error": {**nullable(STRING), "description": "why it failed"},
 }
 DEFINITION_SCHEMAS: dict[str, Schema] = {
     "DefinitionBody": {

@@ -454,3 +454,18 @@ async def test_import_keeps_every_version(client: httpx.AsyncClient) -> None:
     assert got["version"] == 205 and got["description"] == "d205"
     listed = (await client.get("/api/workflows/greet/versions")).json()["versions"]
     assert [v["change_summary"] for v in listed[:2]] == ["v205", "v204"]
+
+
+async def test_an_edit_without_a_summary_is_described(client: httpx.AsyncClient) -> None:
+    def_id = (await create(client, ECHO))["id"]
+    edited = {
+        **ECHO,
+        "description": "Say hello twice",
+        "flow": {
+            "start": {"tool": "echo", "args": {"hello": "<<input.who>>", "n": 2}, "done": True}
+        },
+    }
+    resp = await client.put(f"/api/workflows/{def_id}", json={"definition": edited})
+    assert resp.status_code == 200 and resp.json()["version"] == 2
+    versions = (await client.get(f"/api/workflows/{def_id}/versions")).json()["versions"]
+    assert versions[0]["change_summary"] == "Modified 1 step; changed description"
