@@ -19,7 +19,7 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from daemon import catalog
+from daemon import catalog, inputschema
 from daemon.bodies import parse_body
 from daemon.errors import (
     BadRequest,
@@ -169,6 +169,10 @@ class Definitions:
                         f"definition: 'input_schema' is not a valid JSON Schema"
                         f"{' at ' + where if where else ''}: {_cut(exc.message, 300)}"
                     )
+                else:
+                    why = inputschema.unusable(schema)
+                    if why is not None:
+                        errors.append(f"definition: 'input_schema' cannot be used: {why}")
         body = {k: definition[k] for k in ("flow", "steps", "notify_url") if k in definition}
         if "flow" not in body and "steps" not in body:
             return None, [*errors, "definition: missing required field 'flow' (or 'steps')"], []
@@ -898,11 +902,14 @@ def input_problems(schema: Any, value: Any) -> list[str]:
     if schema is None:
         return []
     out = []
-    for error in Draft202012Validator(schema).iter_errors(value):
-        where = "/".join(str(p) for p in error.absolute_path)
-        out.append(f"{'input/' + where if where else 'input'}: {_cut(error.message, 300)}")
-        if len(out) >= MAX_PROBLEMS:
-            break
+    try:
+        for error in inputschema.iter_errors(schema, value):
+            where = "/".join(str(p) for p in error.absolute_path)
+            out.append(f"{'input/' + where if where else 'input'}: {_cut(error.message, 300)}")
+            if len(out) >= MAX_PROBLEMS:
+                break
+    except inputschema.UnusableSchema as exc:
+        raise Unprocessable(f"the input_schema cannot be used: {exc}") from None
     return sorted(out)
 
 
