@@ -666,6 +666,14 @@ class Definitions:
             d, input_data, trigger="webhook", version=None, by=f"webhook:{d.name}"
         )
         outcome, run_id = await self.store.fire_hook(d, run, key=key)
+        if outcome == "replay":
+            assert run_id is not None
+            earlier = await self.store.get_workflow(run_id)
+            if earlier is not None and orjson.loads(earlier.input_json or "{}") != input_data:
+                raise Conflict(
+                    f"Idempotency-Key was used within 24 hours for a call with another "
+                    f"body (run {run_id}); send a new key for new input"
+                )
         if outcome in ("ok", "replay"):
             assert run_id is not None
             self.engine.executor.wake()
