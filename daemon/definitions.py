@@ -33,6 +33,7 @@ from daemon.errors import (
 from daemon.executor import new_step
 from daemon.models import Definition, NewRun, NewVersion, Workflow
 from daemon.notify import sign
+from daemon.placeholders import off_loop_if_large
 
 if TYPE_CHECKING:
     from daemon.engine import Engine
@@ -423,10 +424,17 @@ class Definitions:
 
     async def diff(self, ref: str, v1: int, v2: int) -> dict[str, Any]:
         d = await self.resolve(ref)
-        a = orjson.loads((await self._version(d, v1)).body_json)
-        b = orjson.loads((await self._version(d, v2)).body_json)
-        ops = jsonpatch.make_patch(a, b).patch
-        return {"diff": ops, "summary": describe_changes(a, b), "v1": v1, "v2": v2}
+        text_a = (await self._version(d, v1)).body_json
+        text_b = (await self._version(d, v2)).body_json
+
+        def work() -> tuple[list[dict[str, Any]], str]:
+            # jsonpatch is pure Python: a large list changed (an enum reordered) takes
+            # seconds, which must not stop the event loop (a read-only token asks for it).
+            a, b = orjson.loads(text_a), orjson.loads(text_b)
+            return jsonpatch.make_patch(a, b).patch, describe_changes(a, b)
+
+        ops, summary = await off_loop_if_large(len(text_a) + len(text_b), work)
+        return {"diff": ops, "summary": summary, "v1": v1, "v2": v2}
 
     async def rollback(self, ref: str, body: Any, *, by: str | None) -> dict[str, Any]:
         number = body.get("version") if isinstance(body, dict) else None
