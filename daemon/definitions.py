@@ -19,7 +19,7 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from daemon import catalog
+from daemon import catalog, inputschema
 from daemon.bodies import parse_body
 from daemon.errors import (
     BadRequest,
@@ -33,6 +33,7 @@ from daemon.errors import (
 from daemon.executor import new_step
 from daemon.models import Definition, NewRun, NewVersion, Workflow
 from daemon.notify import sign
+from daemon.placeholders import off_loop_if_large
 
 if TYPE_CHECKING:
     from daemon.engine import Engine
@@ -169,6 +170,10 @@ class Definitions:
                         f"definition: 'input_schema' is not a valid JSON Schema"
                         f"{' at ' + where if where else ''}: {_cut(exc.message, 300)}"
                     )
+                else:
+                    why = inputschema.unusable(schema)
+                    if why is not None:
+                        errors.append(f"definition: 'input_schema' cannot be used: {why}")
         body = {k: definition[k] for k in ("flow", "steps", "notify_url") if k in definition}
         if "flow" not in body and "steps" not in body:
             return None, [*errors, "definition: missing required field 'flow' (or 'steps')"], []
@@ -420,10 +425,17 @@ class Definitions:
 
     async def diff(self, ref: str, v1: int, v2: int) -> dict[str, Any]:
         d = await self.resolve(ref)
-        a = orjson.loads((await self._version(d, v1)).body_json)
-        b = orjson.loads((await self._version(d, v2)).body_json)
-        ops = jsonpatch.make_patch(a, b).patch
-        return {"diff": ops, "summary": describe_changes(a, b), "v1": v1, "v2": v2}
+        text_a = (await self._version(d, v1)).body_json
+        text_b = (await self._version(d, v2)).body_json
+
+        def work() -> tuple[list[dict[str, Any]], str]:
+            # jsonpatch is pure Python: a large list changed (an enum reordered) takes
+            # seconds, which must not stop the event loop (a read-only token asks for it).
+            a, b = orjson.loads(text_a), orjson.loads(text_b)
+            return jsonpatch.make_patch(a, b).patch, describe_changes(a, b)
+
+        ops, summary = await off_loop_if_large(len(text_a) + len(text_b), work)
+        return {"diff": ops, "summary": summary, "v1": v1, "v2": v2}
 
     async def rollback(self, ref: str, body: Any, *, by: str | None) -> dict[str, Any]:
         number = body.get("version") if isinstance(body, dict) else None
@@ -662,6 +674,14 @@ class Definitions:
             d, input_data, trigger="webhook", version=None, by=f"webhook:{d.name}"
         )
         outcome, run_id = await self.store.fire_hook(d, run, key=key)
+        if outcome == "replay":
+            assert run_id is not None
+            earlier = await self.store.get_workflow(run_id)
+            if earlier is not None and orjson.loads(earlier.input_json or "{}") != input_data:
+                raise Conflict(
+                    f"Idempotency-Key was used within 24 hours for a call with another "
+                    f"body (run {run_id}); send a new key for new input"
+                )
         if outcome in ("ok", "replay"):
             assert run_id is not None
             self.engine.executor.wake()
@@ -898,11 +918,14 @@ def input_problems(schema: Any, value: Any) -> list[str]:
     if schema is None:
         return []
     out = []
-    for error in Draft202012Validator(schema).iter_errors(value):
-        where = "/".join(str(p) for p in error.absolute_path)
-        out.append(f"{'input/' + where if where else 'input'}: {_cut(error.message, 300)}")
-        if len(out) >= MAX_PROBLEMS:
-            break
+    try:
+        for error in inputschema.iter_errors(schema, value):
+            where = "/".join(str(p) for p in error.absolute_path)
+            out.append(f"{'input/' + where if where else 'input'}: {_cut(error.message, 300)}")
+            if len(out) >= MAX_PROBLEMS:
+                break
+    except inputschema.UnusableSchema as exc:
+        raise Unprocessable(f"the input_schema cannot be used: {exc}") from None
     return sorted(out)
 
 

@@ -1196,14 +1196,16 @@ DEFINITION_PATHS: dict[str, Any] = {
             parameters=[
                 {
                     **IDEMPOTENCY_KEY,
-                    "description": "A repeat with the same key answers with the first run_id",
+                    "description": "A repeat with the same key answers with the first run_id; "
+                    "the same key with another body is 409",
                 }
             ],
             **body(
                 {**OBJECT, "description": "the run's input, checked against its input_schema"},
                 "Optional: the run's input (raw bytes signed as sent); 401 bad or missing "
                 "signature, or a timestamp more than 300 s away; 404 not deployed; 410 not "
-                "armed or already used; 409 the definition is paused or archived",
+                "armed or already used; 409 the definition is paused or archived, or the "
+                "Idempotency-Key came with another body",
                 required=False,
             ),
         ),
