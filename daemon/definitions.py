@@ -669,6 +669,12 @@ class Definitions:
             raise Unauthorized(
                 "bad X-Stepd-Signature: v1=<hex HMAC-SHA256 of '<timestamp>.<body>'>"
             )
+        if d.status in ("paused", "archived"):
+            raise Conflict(f"workflow definition '{_cut(d.name)}' is {d.status}; it starts no runs")
+        # The same signed call sent again (a retrying proxy, a replayed capture) is the same
+        # delivery: without an Idempotency-Key, its signature is the key, and it answers
+        # the first call's run instead of starting another.
+        key = key if key is not None else f"signature {expected}"
         input_data = await parse_body(body) if body.strip() else {}
         run = await self.prepare_run(
             d, input_data, trigger="webhook", version=None, by=f"webhook:{d.name}"
@@ -919,9 +925,8 @@ def input_problems(schema: Any, value: Any) -> list[str]:
         return []
     out = []
     try:
-        for error in inputschema.iter_errors(schema, value):
-            where = "/".join(str(p) for p in error.absolute_path)
-            out.append(f"{'input/' + where if where else 'input'}: {_cut(error.message, 300)}")
+        for where, message in inputschema.iter_errors(schema, value):
+            out.append(f"{'input/' + where if where else 'input'}: {_cut(message, 300)}")
             if len(out) >= MAX_PROBLEMS:
                 break
     except inputschema.UnusableSchema as exc:

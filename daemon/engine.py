@@ -504,6 +504,9 @@ class Engine:
             reason=reason,
             from_step=from_step,
         )
+        if outcome == "no_slot":
+            raise Conflict(f"workflow {workflow_id} is a run of a definition whose concurrency "
+                           "slots are all taken; redrive it when one of its runs ends")  # fmt: skip
         _controlled(outcome, workflow_id, "resumed", "a paused, failed or cancelled")
         self.executor.wake()
         return True

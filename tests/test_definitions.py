@@ -174,7 +174,7 @@ async def test_input_schema_checked_with_every_problem(client: httpx.AsyncClient
     assert len(body["errors"]) == 2
     assert any("times" in e for e in body["errors"]) and any("who" in e for e in body["errors"])
     resp = await client.post(f"/api/workflows/{def_id}/run", json={"input_data": {}})
-    assert resp.status_code == 422 and "'who' is a required property" in resp.json()["error"]
+    assert resp.status_code == 422 and '"who" is a required property' in resp.json()["error"]
     runs = (await client.get(f"/api/workflows/{def_id}/runs")).json()
     assert runs["total"] == 0
 

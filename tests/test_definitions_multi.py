@@ -35,9 +35,10 @@ def test_an_armed_hook_called_through_three_daemons_starts_one_run(
     assert resp.status_code == 201, resp.text
     def_id = resp.json()["id"]
     hook = b.post(f"/api/workflows/{def_id}/deploy").json()
-    body = orjson.dumps({"n": 1})
+    bodies = iter(range(1000))
 
     def call(client: httpx.Client) -> int:
+        body = orjson.dumps({"n": next(bodies)})  # each caller's own call
         ts = int(time.time())
         headers = {
             "X-Stepd-Timestamp": str(ts),

@@ -79,9 +79,11 @@ async def test_armed_hook_fires_once(client: httpx.AsyncClient) -> None:
 
 async def test_twenty_concurrent_calls_one_wins(client: httpx.AsyncClient) -> None:
     def_id, hook, secret = await deployed(client)
-    for _ in range(3):  # three armings, each with twenty callers at once
+    for r in range(3):  # three armings, each with twenty callers (different calls) at once
         assert (await client.post(f"/api/workflows/{def_id}/arm")).status_code == 200
-        answers = await asyncio.gather(*(call(client, hook, secret, {"n": i}) for i in range(20)))
+        answers = await asyncio.gather(
+            *(call(client, hook, secret, {"n": 100 * r + i}) for i in range(20))
+        )
         codes = sorted(r.status_code for r in answers)
         assert codes == [202] + [410] * 19, codes
     assert await runs(client, def_id) == 3
@@ -157,6 +159,23 @@ async def test_idempotency_key_replays_the_run(client: httpx.AsyncClient) -> Non
     assert again.headers.get("idempotent-replayed") == "true"
     other = await call(client, hook, secret, {"n": 1}, **{"Idempotency-Key": "def"})
     assert other.status_code == 410
+    assert await runs(client, def_id) == 1
+
+
+async def test_the_same_signed_call_again_is_the_same_run(client: httpx.AsyncClient) -> None:
+    """A repeated delivery (the same timestamp, body and signature: a retrying proxy, or a
+    captured call sent again) answers the first call's run and starts nothing."""
+    def_id, hook, secret = await deployed(client, webhook={"mode": "persistent"})
+    body, headers = signed(secret, {"n": 5})
+    headers["Authorization"] = ""
+    first = await client.post(f"/hooks/{hook}", content=body, headers=headers)
+    assert first.status_code == 202, first.text
+    again = await asyncio.gather(
+        *(client.post(f"/hooks/{hook}", content=body, headers=headers) for _ in range(5))
+    )
+    assert {r.status_code for r in again} == {202}
+    assert {r.json()["run_id"] for r in again} == {first.json()["run_id"]}
+    assert all(r.headers.get("idempotent-replayed") == "true" for r in again)
     assert await runs(client, def_id) == 1
 
 

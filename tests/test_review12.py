@@ -71,16 +71,16 @@ async def test_an_input_schema_ref_never_reads_a_file_or_a_url(client, tmp_path)
         assert resp.status_code == 422, resp.text
         assert "LEAKED" not in resp.text and "does not resolve" in resp.text
     nested = {"type": "object", "properties": {"x": {"$ref": secret.as_uri()}}}
-    assert (await create(client, "nested-ref", ECHO, input_schema=nested)).status_code == 201
-    resp = await client.post("/api/workflows/nested-ref/run", json={"input_data": {"x": 1}})
-    assert resp.status_code == 422, resp.text
+    resp = await create(client, "nested-ref", ECHO, input_schema=nested)
+    assert resp.status_code == 422, resp.text  # every reference is resolved when saved
     assert "LEAKED" not in resp.text and "does not resolve" in resp.json()["error"]
-    assert (await client.get("/api/workflows/nested-ref/runs")).json()["total"] == 0
+    assert (await client.get("/api/workflows")).json()["total"] == 0
 
 
-async def test_an_input_schema_ref_that_loops_is_a_422_not_a_dropped_connection(client):
+async def test_an_input_schema_ref_that_loops_answers(client):
     """{"$ref": "#/$defs/a"} with a = {"$ref": "#/$defs/a"}: a RecursionError in the run's
-    schema check; a real daemon reset the connection without an answer."""
+    schema check; a real daemon reset the connection without an answer. Now: a 422 when
+    saved, or runs that are answered (such a reference constrains nothing)."""
     schema = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
     resp = await create(client, "ref-loop", ECHO, input_schema=schema)
     if resp.status_code == 422:
@@ -88,8 +88,7 @@ async def test_an_input_schema_ref_that_loops_is_a_422_not_a_dropped_connection(
         return
     assert resp.status_code == 201, resp.text
     resp = await client.post("/api/workflows/ref-loop/run", json={"input_data": {}})
-    assert resp.status_code == 422, resp.text
-    assert (await client.get("/api/workflows/ref-loop/runs")).json()["total"] == 0
+    assert resp.status_code in (202, 422), resp.text
 
 
 @pytest.mark.timeout(60)

@@ -1316,6 +1316,8 @@ class BaseStore(DefinitionStore):
             if row is None:
                 return "not_found"
             params = {"id": workflow_id, "workflow_id": workflow_id, "now": now}
+            if row["status"] in ("failed", "cancelled") and not self._has_slot(db, row):
+                return "no_slot"
             if db.execute(self.Q["reopen_workflow"], params).rowcount == 0:
                 return _status(row)
             last = db.execute(self.Q["last_top_step"], params).fetchone()

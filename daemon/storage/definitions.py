@@ -276,6 +276,19 @@ class DefinitionStore(_Base):
             return Created(wf_id, False, started=started, first_step_id=started.id)
         return Created(wf_id, False, first_step_id=self._insert_step(db, wf_id, run.first, now))
 
+    def _has_slot(self, db: Tx, workflow: Row) -> bool:
+        """Whether a run that ended may run again now (a redrive) under its definition's
+        concurrency: always for a one-off workflow or a deleted definition's run."""
+        def_id = workflow["definition_id"]
+        if def_id is None:
+            return True
+        self._one_at_a_time(db, f"definition {def_id}")
+        row = db.execute(self.Q["definition_by_id"], {"id": def_id}).fetchone()
+        if row is None:
+            return True
+        (active,) = db.execute(self.Q["active_runs"], {"definition_id": def_id}).fetchone()
+        return bool(active < row["concurrency"])
+
     def _promote(self, db: Tx, def_id: int, now: int) -> None:
         """Start the oldest queued runs of a definition while it has free slots."""
         self._one_at_a_time(db, f"definition {def_id}")
