@@ -728,7 +728,7 @@ class Definitions:
             by=parent.created_by,
             parent=(parent.id, step_id, depth),
         )
-        return run, d.concurrency
+        return replace(run, root_id=parent.root_id or parent.id), d.concurrency
 
     # -- templates ---------------------------------------------------------------------------
 

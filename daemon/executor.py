@@ -40,6 +40,7 @@ from daemon.models import BranchEnd, Branches, Finish, NewStep, Step, StepStatus
 from daemon.placeholders import TemplateError, scrub
 from daemon.storage import StorageError, StorageUnavailable, WorkflowTooLarge, now_ms
 from daemon.storage.base import BaseStore
+from daemon.storage.definitions import TooManyChildren
 from daemon.templating import Needs, Scope
 from daemon.tools import Registry, ToolContext, ToolError
 
@@ -665,8 +666,13 @@ class Executor:
             raise StepFailed(f"call state '{state.id}' cannot start workflow "
                              f"'{_cut(str(ref))}': {_clean(exc.text)}", type_="CallFailed",
                              retryable=False) from None  # fmt: skip
-        child = await self.store.start_child(step, run, concurrency=concurrency,
-                                             expires_at=expires)  # fmt: skip
+        try:
+            child = await self.store.start_child(step, run, concurrency=concurrency,
+                                                 expires_at=expires)  # fmt: skip
+        except TooManyChildren as exc:
+            raise StepFailed(f"call state '{state.id}' cannot start workflow "
+                             f"'{_cut(str(ref))}': {exc}", type_="CallFailed",
+                             retryable=False) from None  # fmt: skip
         if child is not None:
             log.info("child workflow %d started (%s v%s)", child, run.name,
                      run.definition_version, extra=_fields(step))  # fmt: skip

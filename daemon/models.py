@@ -73,6 +73,7 @@ class Workflow(_Row):
     parent_step_id: int | None = None  # a child of a call state
     parent_workflow_id: int | None = None
     call_depth: int = 0
+    root_id: int | None = None  # a child of a call state: the top of its tree of calls
 
     @property
     def public_status(self) -> str:
@@ -317,3 +318,4 @@ class NewRun:
     parent_step_id: int | None = None
     parent_workflow_id: int | None = None
     call_depth: int = 0
+    root_id: int | None = None

@@ -542,3 +542,39 @@ async def test_cancelling_the_child_fails_the_call(client: httpx.AsyncClient) ->
     wf = await wait_for(client, wf_id)
     assert wf["status"] == "completed", wf
     assert wf["output"] == {"m": f"child workflow {child['id']} cancelled"}
+
+
+async def test_a_tree_of_calls_starts_at_most_max_descendants(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map of calls that call themselves multiplies (3 items: 3, 9, 27, ... runs a level);
+    depth is capped at 5, and the whole tree at MAX_DESCENDANTS child workflows."""
+    from daemon.storage import definitions as stored
+
+    monkeypatch.setattr(stored, "MAX_DESCENDANTS", 20)
+    flow = {
+        "start": {
+            "map": {
+                "items": "<<input.items>>",
+                "flow": {
+                    "start": {
+                        "call": {"workflow": "fan", "input": {"items": "<<input.items>>"}},
+                        "done": True,
+                    }
+                },
+            },
+            "done": True,
+        }
+    }
+    resp = await client.post(
+        "/api/workflows", json={"definition": {"name": "fan", "concurrency": 1000, "flow": flow}}
+    )
+    assert resp.status_code == 201, resp.text
+    resp = await client.post("/api/workflows/fan/run", json={"input_data": {"items": [1, 2, 3]}})
+    root = resp.json()["run_id"]
+    wf = await wait_for(client, root, timeout=60)
+    assert wf["status"] == "failed", wf
+    runs = (await client.get("/api/workflows/fan/runs?limit=200")).json()
+    assert runs["total"] == 21, runs["total"]  # the root and 20 children
+    errors = [r["error"] or "" for r in runs["runs"]]
+    assert any("started 20 child workflows" in e for e in errors), errors

@@ -365,7 +365,7 @@ class BaseStore(DefinitionStore):
         params = {"key": None, "request_hash": None, "notify_url": None, "dag_json": None,
                   "definition_id": None, "definition_version": None, "run_trigger": None,
                   "queued_json": None, "parent_step_id": None, "parent_workflow_id": None,
-                  "call_depth": 0, **fields, "id": wf_id, "now": now}  # fmt: skip
+                  "call_depth": 0, "root_id": None, **fields, "id": wf_id, "now": now}  # fmt: skip
         params["stored_bytes"] = sum(
             len((params[k] or "").encode()) for k in ("flow_json", "input_json", "dag_json")
         )

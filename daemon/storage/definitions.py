@@ -23,6 +23,9 @@ else:
     _Base = object
 
 
+# Child workflows one run may start through call states, at every depth together: depth is
+# bounded (5), and this bounds breadth (a map of calls that call themselves multiplies).
+MAX_DESCENDANTS = 1000
 HOOK_KEY_MS = 24 * 3600 * 1000  # how long a webhook call's Idempotency-Key replays its run
 
 
@@ -263,6 +266,7 @@ class DefinitionStore(_Base):
             parent_step_id=run.parent_step_id,
             parent_workflow_id=run.parent_workflow_id,
             call_depth=run.call_depth,
+            root_id=run.root_id,
         )
         if queued:
             self._event(db, wf_id, None, "queued", now, {"concurrency": concurrency})
@@ -464,6 +468,11 @@ class DefinitionStore(_Base):
             if db.execute(self.Q["start_waiting"], params).rowcount == 0:
                 return None
             self._hold_point(db, step.workflow_id, now)
+            if run.root_id is not None:
+                self._one_at_a_time(db, f"calls of {run.root_id}")
+                (started,) = db.execute(self.Q["descendants"], {"root_id": run.root_id}).fetchone()
+                if started >= MAX_DESCENDANTS:
+                    raise TooManyChildren(MAX_DESCENDANTS)
             created = self._new_run(db, run, concurrency, now)
             db.execute(self.Q["set_child"], {"id": step.id, "child_id": created.id})
             self._event(
@@ -540,6 +549,14 @@ class DefinitionStore(_Base):
         elif db.execute(self.Q["pause_workflow"], params).rowcount:
             db.execute(self.Q["hold_steps"], params)
             self._event(db, workflow_id, None, "paused", now, {"by": "parent workflow"})
+
+
+class TooManyChildren(Exception):
+    """A run's tree of call states would pass MAX_DESCENDANTS child workflows (rolls back)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the run that started this tree of calls has started {limit} child "
+                         "workflows, the most one run may")  # fmt: skip
 
 
 class _Busy(Exception):

@@ -16,11 +16,12 @@ WHERE idempotency_key = :key AND created_by IS NOT DISTINCT FROM :created_by::te
 INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,
                        idempotency_key, request_hash, notify_url, created_at, updated_at,
                        stored_bytes, dag_json, definition_id, definition_version,
-                       run_trigger, queued_json, parent_step_id, parent_workflow_id, call_depth)
+                       run_trigger, queued_json, parent_step_id, parent_workflow_id, call_depth,
+                       root_id)
 VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
         :key, :request_hash, :notify_url, :now, :now, :stored_bytes, :dag_json,
         :definition_id, :definition_version, :run_trigger, :queued_json, :parent_step_id,
-        :parent_workflow_id, :call_depth);
+        :parent_workflow_id, :call_depth, :root_id);
 
 -- insert_step --
 -- A state visit: pending for a tool (held while its workflow is paused), running and awaiting 'ready' for a gate; it counts against its workflow's token.
@@ -947,3 +948,7 @@ WHERE (:status::text IS NULL OR status = :status)
 -- purge_hook_calls --
 -- Forget a webhook's Idempotency-Keys older than the replay window.
 DELETE FROM hook_calls WHERE webhook_id = :webhook_id AND created_at < :cutoff;
+
+-- descendants --
+-- How many child workflows (of call states, at any depth) a root workflow has started.
+SELECT count(*) FROM workflows WHERE root_id = :root_id;

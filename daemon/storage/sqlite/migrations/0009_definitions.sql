@@ -43,10 +43,13 @@ ALTER TABLE workflows ADD COLUMN queued_json TEXT;
 ALTER TABLE workflows ADD COLUMN parent_step_id INTEGER;
 ALTER TABLE workflows ADD COLUMN parent_workflow_id INTEGER;
 ALTER TABLE workflows ADD COLUMN call_depth INTEGER NOT NULL DEFAULT 0;
+-- ... and the workflow at the top of its tree of calls (what its descendants count against).
+ALTER TABLE workflows ADD COLUMN root_id INTEGER;
 
 CREATE INDEX workflows_definition ON workflows (definition_id, id) WHERE definition_id IS NOT NULL;
 CREATE INDEX workflows_queued ON workflows (definition_id, id) WHERE queued_json IS NOT NULL;
 CREATE INDEX workflows_parent ON workflows (parent_workflow_id) WHERE parent_workflow_id IS NOT NULL;
+CREATE INDEX workflows_root ON workflows (root_id) WHERE root_id IS NOT NULL;
 
 -- The child a call step started (its latest attempt's).
 ALTER TABLE steps ADD COLUMN child_id INTEGER;
