@@ -122,7 +122,8 @@ async def set_definition_status(request: Request) -> Response:
 @needs("read")
 async def list_versions(request: Request) -> Response:
     """Versions, newest first."""
-    return JSON(await defs_of(request).versions(ref(request)))
+    limit, offset = page(request)
+    return JSON(await defs_of(request).versions(ref(request), limit=limit, offset=offset))
 
 
 @needs("read")

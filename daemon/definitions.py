@@ -385,9 +385,9 @@ class Definitions:
 
     # -- versions -------------------------------------------------------------------------
 
-    async def versions(self, ref: str) -> dict[str, Any]:
+    async def versions(self, ref: str, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         d = await self.resolve(ref)
-        rows = await self.store.versions(d.id)
+        rows = await self.store.versions(d.id, limit=limit, offset=offset)
         return {
             "versions": [
                 {
@@ -397,7 +397,8 @@ class Definitions:
                     "created_by": r["created_by"],
                 }
                 for r in rows
-            ]
+            ],
+            "total": d.version,  # versions are numbered 1 to the latest
         }
 
     async def _version(self, d: Definition, number: int) -> Any:

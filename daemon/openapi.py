@@ -1054,8 +1054,22 @@ DEFINITION_PATHS: dict[str, Any] = {
         "get": op(
             "listVersions",
             "Versions, newest first",
-            {"200": ok("Versions", closed({"versions": array(ref("Version"))}))},
-            (*AUTH, 404, 503),
+            {
+                "200": ok(
+                    "A page of versions, and how many there are",
+                    closed(
+                        {
+                            "versions": array(ref("Version")),
+                            "total": {"type": "integer", "minimum": 0},
+                        }
+                    ),
+                )
+            },
+            (400, *AUTH, 404, 503),
+            parameters=[
+                query("limit", PAGE_LIMIT, "How many, 1 to 200"),
+                query("offset", OFFSET, "How many to skip"),
+            ],
         ),
     },
     "/api/workflows/{ref}/versions/{version}": {

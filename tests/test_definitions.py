@@ -452,8 +452,11 @@ async def test_import_keeps_every_version(client: httpx.AsyncClient) -> None:
     assert resp.status_code == 200 and resp.json()["created"] == ["greet"], resp.text
     got = (await client.get("/api/workflows/greet")).json()
     assert got["version"] == 205 and got["description"] == "d205"
-    listed = (await client.get("/api/workflows/greet/versions")).json()["versions"]
-    assert [v["change_summary"] for v in listed[:2]] == ["v205", "v204"]
+    listed = (await client.get("/api/workflows/greet/versions")).json()
+    assert [v["change_summary"] for v in listed["versions"][:2]] == ["v205", "v204"]
+    assert len(listed["versions"]) == 50 and listed["total"] == 205
+    tail = (await client.get("/api/workflows/greet/versions?limit=10&offset=200")).json()
+    assert [v["version"] for v in tail["versions"]] == [5, 4, 3, 2, 1]
 
 
 async def test_an_edit_without_a_summary_is_described(client: httpx.AsyncClient) -> None:

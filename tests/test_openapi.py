@@ -441,8 +441,9 @@ async def test_definitions_versions_and_runs_conform(client):
     assert queued["status"] == "queued" and queued["step_runs"] == []
     cancelled = conforms(await client.post(f"/api/workflows/runs/{second}/cancel"))
     assert cancelled == {"run_id": second, "status": "cancelled"}
-    resumed = conforms(await client.post(f"/api/workflows/runs/{second}/resume"))
-    assert resumed["status"] == "running"
+    # Its definition's one slot is taken (by `first`): no redrive until it frees.
+    resumed = await client.post(f"/api/workflows/runs/{second}/resume")
+    assert resumed.status_code == 409 and "slots" in conforms(resumed)["error"]
     conforms(await client.delete(f"/api/workflows/runs/{run_id}"))
     # Errors: their codes and extra fields.
     cases: list[tuple[int, httpx.Request]] = [

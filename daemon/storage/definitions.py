@@ -170,8 +170,10 @@ class DefinitionStore(_Base):
         (total,) = (await self.read_slow(self.Q["count_definitions"], params))[0]
         return [Definition.from_row(r) for r in rows], total
 
-    async def versions(self, def_id: int) -> list[Row]:
-        return await self.read_slow(self.Q["definition_versions"], {"definition_id": def_id})
+    async def versions(self, def_id: int, *, limit: int = 1 << 31, offset: int = 0) -> list[Row]:
+        """Versions of a definition (without their bodies), newest first."""
+        params = {"definition_id": def_id, "limit": limit, "offset": offset}
+        return await self.read_slow(self.Q["definition_versions"], params)
 
     async def version(self, def_id: int, version: int) -> DefinitionVersion | None:
         params = {"definition_id": def_id, "version": version}

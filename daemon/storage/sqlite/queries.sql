@@ -703,7 +703,8 @@ DELETE FROM definitions WHERE id = :id;
 -- definition_versions --
 -- Every version of a definition, newest first.
 SELECT version, change_summary, created_by, created_at, content_hash
-FROM definition_versions WHERE definition_id = :definition_id ORDER BY version DESC;
+FROM definition_versions WHERE definition_id = :definition_id ORDER BY version DESC
+LIMIT :limit OFFSET :offset;
 
 -- definition_version --
 -- One version with its body and compiled flow.
