@@ -21,13 +21,18 @@ function refreshTimes(root) {
   }
 }
 
-// Forms with data-confirm on their button ask first.
+// Forms with data-confirm on their button ask first. Once a form is on its way, the live
+// part of the page is no longer swapped: a swap arriving with the click could take the
+// form being submitted out of the page, and the answer (a new page) is coming anyway.
+let submitting = false;
 document.addEventListener("submit", (event) => {
   const button = event.submitter;
   if (button && button.dataset.confirm && !window.confirm(button.dataset.confirm)) {
     event.preventDefault();
   }
+  if (!event.defaultPrevented) submitting = true;
 });
+window.addEventListener("pageshow", () => { submitting = false; });  // back from the cache
 
 // Live pages (a workflow, the inbox, the list): follow the page's event stream and swap in
 // the fresh page's #live part. A form someone is filling in, and folds they opened, stay.
@@ -62,6 +67,7 @@ function follow(live) {
   const gap = Number(live.dataset.throttle || 0);  // ms between reloads on busy streams
   let busy = false, again = false, last = 0;
   async function reload() {
+    if (submitting) return;
     if (busy) { again = true; return; }
     busy = true;
     try {
@@ -73,7 +79,7 @@ function follow(live) {
       const page = new DOMParser().parseFromString(await response.text(), "text/html");
       const fresh = page.getElementById("live");
       const current = document.getElementById("live");
-      if (!fresh || !current) return;
+      if (!fresh || !current || submitting) return;
       swap(current, fresh);
       current.dataset.status = fresh.dataset.status || "";
       const count = page.getElementById("inbox-count"), mine = document.getElementById("inbox-count");
