@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import jsonpatch
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 
 from daemon import catalog, inputschema
 from daemon.bodies import parse_body
@@ -162,14 +160,9 @@ class Definitions:
             if not isinstance(schema, dict | bool):
                 errors.append("definition: 'input_schema' must be a JSON Schema (an object)")
             else:
-                try:
-                    Draft202012Validator.check_schema(schema)
-                except SchemaError as exc:
-                    where = "/".join(str(p) for p in exc.path)
-                    errors.append(
-                        f"definition: 'input_schema' is not a valid JSON Schema"
-                        f"{' at ' + where if where else ''}: {_cut(exc.message, 300)}"
-                    )
+                problem = inputschema.meta_problem(schema)
+                if problem is not None:
+                    errors.append(f"definition: 'input_schema' is not a valid JSON Schema{problem}")
                 else:
                     why = inputschema.unusable(schema)
                     if why is not None:

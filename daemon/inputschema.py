@@ -10,8 +10,7 @@ Inputs are checked by jsonschema-rs (JSON Schema 2020-12 in Rust):
   the egress policy or read a local file and quote it in a 422. A reference that does not
   resolve makes the schema unusable, said when it is saved (422) and again if a run still
   meets one.
-The schema itself is checked against the 2020-12 meta-schema by `jsonschema` (its
-messages name where the problem is) before it is compiled here.
+The schema itself is checked against the 2020-12 meta-schema first (`meta_problem`).
 """
 
 from __future__ import annotations
@@ -44,6 +43,19 @@ def _compiled(text: str) -> Any:
             text = "$ref " + text.split("$ref ", 1)[1] if "$ref " in text else text
         first = text.splitlines()[0] if text else type(exc).__name__
         raise UnusableSchema(first[:400]) from None
+
+
+def meta_problem(schema: Any) -> str | None:
+    """Where and how `schema` breaks the 2020-12 meta-schema (" at <path>: <message>"), or
+    None when it is a valid JSON Schema."""
+    try:
+        jsonschema_rs.meta.validate(schema)
+    except jsonschema_rs.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.instance_path)
+        return f"{' at ' + where if where else ''}: {exc.message[:300]}"
+    except jsonschema_rs.ReferencingError as exc:  # an unknown $schema
+        return f": {str(exc).splitlines()[0][:300]}"
+    return None
 
 
 def validator(schema: Any) -> Any:
