@@ -247,11 +247,7 @@ class DefinitionStore(_Base):
     ) -> Created:
         queued = False
         if run.definition_id is not None and concurrency is not None:
-            self._one_at_a_time(db, f"definition {run.definition_id}")
-            (active,) = db.execute(
-                self.Q["active_runs"], {"definition_id": run.definition_id}
-            ).fetchone()
-            queued = active >= concurrency
+            queued = self._free_slots(db, run.definition_id, concurrency) <= 0
         wf_id = self._insert_workflow(
             db,
             now,
@@ -282,28 +278,31 @@ class DefinitionStore(_Base):
             return Created(wf_id, False, started=started, first_step_id=started.id)
         return Created(wf_id, False, first_step_id=self._insert_step(db, wf_id, run.first, now))
 
+    def _free_slots(self, db: Tx, def_id: int, concurrency: int | None = None) -> int | None:
+        """How many more runs of a definition may hold a slot now, under `concurrency` (by
+        default, the definition's own; None when it was deleted). Takes the definition's
+        lock: its runs are counted and started one transaction at a time."""
+        self._one_at_a_time(db, f"definition {def_id}")
+        if concurrency is None:
+            row = db.execute(self.Q["definition_by_id"], {"id": def_id}).fetchone()
+            if row is None:
+                return None
+            concurrency = int(row["concurrency"])
+        (active,) = db.execute(self.Q["active_runs"], {"definition_id": def_id}).fetchone()
+        return concurrency - int(active)
+
     def _has_slot(self, db: Tx, workflow: Row) -> bool:
         """Whether a run that ended may run again now (a redrive) under its definition's
         concurrency: always for a one-off workflow or a deleted definition's run."""
-        def_id = workflow["definition_id"]
-        if def_id is None:
+        if workflow["definition_id"] is None:
             return True
-        self._one_at_a_time(db, f"definition {def_id}")
-        row = db.execute(self.Q["definition_by_id"], {"id": def_id}).fetchone()
-        if row is None:
-            return True
-        (active,) = db.execute(self.Q["active_runs"], {"definition_id": def_id}).fetchone()
-        return bool(active < row["concurrency"])
+        free = self._free_slots(db, workflow["definition_id"])
+        return free is None or free > 0
 
     def _promote(self, db: Tx, def_id: int, now: int) -> None:
         """Start the oldest queued runs of a definition while it has free slots."""
-        self._one_at_a_time(db, f"definition {def_id}")
-        row = db.execute(self.Q["definition_by_id"], {"id": def_id}).fetchone()
-        if row is None:
-            return
-        (active,) = db.execute(self.Q["active_runs"], {"definition_id": def_id}).fetchone()
-        free = row["concurrency"] - active
-        if free <= 0:
+        free = self._free_slots(db, def_id)
+        if free is None or free <= 0:
             return
         params = {"definition_id": def_id, "limit": free}
         for run_id, first_json in db.execute(self.Q["oldest_queued"], params).fetchall():
