@@ -731,9 +731,11 @@ UPDATE workflows SET queued_json = NULL, updated_at = :now
 WHERE id = :id AND status = 'running' AND queued_json IS NOT NULL;
 
 -- ended_links --
--- What a workflow that just ended is linked to: its definition, the call step of its parent.
-SELECT definition_id, parent_step_id, parent_workflow_id, status, output_json, error
-FROM workflows WHERE id = :id;
+-- What a workflow that just ended is linked to: its definition, the call step of its parent, running children.
+SELECT definition_id, parent_step_id, parent_workflow_id, status, output_json, error,
+       EXISTS (SELECT 1 FROM workflows c WHERE c.parent_workflow_id = w.id AND c.status = 'running')
+           AS has_children
+FROM workflows w WHERE id = :id;
 
 -- children --
 -- Child workflows (of call states) still running.
