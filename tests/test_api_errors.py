@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -794,23 +796,39 @@ async def test_validate_accepts_valid_reference_example(client: httpx.AsyncClien
 
 
 @pytest.mark.parametrize(
-    ("shape", "bound"),
-    [([1] * 1_200_000, 0.15), ({f"k{i}": 1 for i in range(350_000)}, 0.25)],
+    "shape",
+    [[1] * 1_200_000, {f"k{i}": 1 for i in range(350_000)}],
     ids=["integers", "keys"],
 )
-async def test_a_large_body_is_checked_off_the_event_loop(make_client, shape, bound) -> None:
+async def test_a_large_body_is_checked_off_the_event_loop(make_client, shape) -> None:
     # The duplicate-key and 64-bit checks call Python for each item: about 100 ms per
-    # megabyte of small items, which must not hold every other request. (Measured on the
-    # event loop: 237 and 417 ms before; 23-36 and 91-104 ms after, the rest being the
-    # garbage collector and freeing the body, both on the loop.)
+    # megabyte of small items, which must not hold every other request. Checked on the loop,
+    # the longest stall was the check plus the rest of the request (237 and 417 ms); in a
+    # thread it is the rest alone (23-36 and 91-104 ms: storing the input, freeing the body).
+    # The bound is the check's own time, measured here in the same run, so that a loaded
+    # machine slows both sides alike; the garbage collector is kept out of both, as it walks
+    # the whole test process's heap here where the daemon freezes its start-up objects.
     client, _ = await make_client(max_body_bytes=4 * 2**20)
     body = orjson.dumps({"name": "b", "input": {"x": shape},
                          "flow": {"start": {"tool": None, "done": True}}})  # fmt: skip
-    async with Watch() as watch:
-        resp = await client.post("/api/workflow", content=body,
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    gc.collect()
+    gc.disable()
+    try:
+        checks = []
+        for _ in range(3):
+            began = time.perf_counter()
+            bodies.parse_json(body)
+            checks.append(time.perf_counter() - began)
+        check = sorted(checks)[1]
+        async with Watch() as watch:
+            resp = await client.post("/api/workflow", content=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    finally:
+        gc.enable()
     assert resp.status_code == 201, resp.text
-    assert watch.lag < bound, f"the event loop stalled {watch.lag * 1000:.0f} ms"
+    assert watch.lag < check, (
+        f"the event loop stalled {watch.lag * 1000:.0f} ms; the check takes {check * 1000:.0f} ms"
+    )
 
 
 async def test_bodies_being_received_are_bounded_together(make_client) -> None:
