@@ -1,0 +1,140 @@
+"""Cron expressions in IANA time zones: parsing, fire times and descriptions (cronsim).
+
+Fire times follow Debian cron around daylight saving changes, which cronsim implements:
+a schedule at a fixed local time (minute and hour both given) that falls in a skipped
+hour (spring forward) fires once, at the first valid minute after it; in a repeated hour
+(fall back) it fires once, at the first of the two. A schedule with a wildcard minute or
+hour (every 15 minutes, hourly) follows real time, so it neither bunches nor stops.
+"""
+
+from __future__ import annotations
+
+import functools
+import zoneinfo
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cronsim import CronSim, CronSimError
+
+MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+MAX_EXPRESSION = 200  # characters
+
+
+class CronError(ValueError):
+    """An expression or time zone that cannot be used; the message says why."""
+
+
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def zone(name: str) -> zoneinfo.ZoneInfo:
+    """The IANA time zone `name` (only names of the database: never a file path)."""
+    if not isinstance(name, str) or name not in _zone_names() and name != "UTC":
+        raise CronError(f"unknown time zone {name!r} (an IANA name such as 'Europe/Paris')")
+    return zoneinfo.ZoneInfo(name)
+
+
+@dataclass(frozen=True)
+class Cron:
+    expression: str  # as given (a macro stays a macro)
+    timezone: str
+    fields: str  # the five fields cronsim iterates
+    tz: zoneinfo.ZoneInfo
+
+    def after(self, instant: datetime) -> Iterator[datetime]:
+        """Fire times strictly after `instant` (aware), in the schedule's zone, ascending."""
+        start = instant.astimezone(self.tz)
+        last = start
+        # cronsim starts at whole seconds and returns times >= its start + 1 s; a time not
+        # after `instant` (from the wall-clock walk around a repeated hour) is passed over.
+        for fire in CronSim(self.fields, start.replace(microsecond=0)):
+            if fire.astimezone(UTC) <= last.astimezone(UTC):
+                continue
+            last = fire
+            yield fire
+
+    def next_after(self, instant: datetime) -> datetime | None:
+        """The first fire time after `instant`, or None if there is none (Feb 30)."""
+        return next(self.after(instant), None)
+
+    def next_ms(self, after_ms: int) -> int | None:
+        """The first fire time after epoch milliseconds `after_ms`, as epoch milliseconds."""
+        fire = self.next_after(datetime.fromtimestamp(after_ms / 1000, UTC))
+        return None if fire is None else to_ms(fire)
+
+    def between(self, start: datetime, end: datetime, limit: int) -> list[datetime]:
+        """Fire times t with start <= t <= end, at most `limit` + 1 of them (so a caller
+        can tell the window holds more than `limit`)."""
+        out: list[datetime] = []
+        for fire in self.after(start - timedelta(microseconds=1)):
+            if fire > end or len(out) > limit:
+                break
+            out.append(fire)
+        return out
+
+    def upcoming(self, after: datetime, count: int = 5) -> list[datetime]:
+        out: list[datetime] = []
+        for fire in self.after(after):
+            out.append(fire)
+            if len(out) == count:
+                break
+        return out
+
+    def describe(self) -> str:
+        """In words, e.g. "At 09:00 on Monday through Friday"."""
+        try:
+            text = CronSim(self.fields, datetime.now(UTC)).explain()
+        except Exception:  # noqa: BLE001 - a description is a nicety, never an error
+            text = self.fields
+        return text
+
+
+def parse(expression: str, timezone: str = "UTC") -> Cron:
+    """A cron expression (five fields, or @hourly, @daily, @weekly, @monthly, @yearly) in
+    an IANA time zone. Raises CronError saying what is wrong."""
+    if not isinstance(expression, str) or not expression.strip():
+        raise CronError("cron_expression must be a non-empty string")
+    if len(expression) > MAX_EXPRESSION:
+        raise CronError(f"cron_expression must be at most {MAX_EXPRESSION} characters")
+    tz = zone(timezone)
+    text = " ".join(expression.split())
+    fields = MACROS.get(text.lower(), text)
+    if fields.startswith("@"):
+        raise CronError(f"unknown cron macro {text!r} (known: {', '.join(sorted(MACROS))})")
+    if len(fields.split()) != 5:
+        raise CronError(
+            "cron_expression must have five fields (minute hour day-of-month month "
+            f"day-of-week), got {len(fields.split())}"
+        )
+    try:
+        probe = CronSim(fields, datetime.now(tz))
+        next(probe)
+    except CronSimError as exc:
+        raise CronError(f"invalid cron_expression {text!r}: {exc}") from None
+    except StopIteration:
+        raise CronError(f"cron_expression {text!r} never fires") from None
+    return Cron(expression=text, timezone=timezone, fields=fields, tz=tz)
+
+
+def to_ms(instant: datetime) -> int:
+    return int(instant.timestamp() * 1000)
+
+
+def from_ms(ms: int, tz: zoneinfo.ZoneInfo) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC).astimezone(tz)
+
+
+def iso(instant: datetime) -> str:
+    """ISO 8601 with the UTC offset, to the second: 2026-03-08T03:00:00-04:00."""
+    return instant.isoformat(timespec="seconds")
