@@ -27,6 +27,7 @@ from daemon import (
     openapi,
     outcome,
     retention,
+    scheduler,
     signing,
     web,
 )
@@ -481,8 +482,9 @@ def all_routes() -> list[Any]:
     the web pages."""
     from daemon.api_definitions import DEFINITION_ROUTES  # they build on this module
     from daemon.api_execute import EXECUTE_ROUTES
+    from daemon.api_schedules import SCHEDULE_ROUTES
 
-    return [*ROUTES, *DEFINITION_ROUTES, *EXECUTE_ROUTES, *web_routes()]
+    return [*ROUTES, *SCHEDULE_ROUTES, *DEFINITION_ROUTES, *EXECUTE_ROUTES, *web_routes()]
 
 
 def create_app(
@@ -519,6 +521,7 @@ def create_app(
         if config.retention_days > 0:
             background.append(asyncio.create_task(retention.run(store, config)))
         background.append(asyncio.create_task(notify.run(store, config)))
+        background.append(asyncio.create_task(scheduler.run(engine)))
         try:
             yield
         finally:

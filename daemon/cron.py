@@ -101,8 +101,9 @@ class Cron:
 
 
 def parse(expression: str, timezone: str = "UTC") -> Cron:
-    """A cron expression (five fields, or @hourly, @daily, @weekly, @monthly, @yearly) in
-    an IANA time zone. Raises CronError saying what is wrong."""
+    """A cron expression (five fields; six with seconds first; or @hourly, @daily,
+    @weekly, @monthly, @yearly) in an IANA time zone. Raises CronError saying what is
+    wrong. (Six-field expressions follow real time around daylight saving changes.)"""
     if not isinstance(expression, str) or not expression.strip():
         raise CronError("cron_expression must be a non-empty string")
     if len(expression) > MAX_EXPRESSION:
@@ -112,10 +113,10 @@ def parse(expression: str, timezone: str = "UTC") -> Cron:
     fields = MACROS.get(text.lower(), text)
     if fields.startswith("@"):
         raise CronError(f"unknown cron macro {text!r} (known: {', '.join(sorted(MACROS))})")
-    if len(fields.split()) != 5:
+    if len(fields.split()) not in (5, 6):
         raise CronError(
             "cron_expression must have five fields (minute hour day-of-month month "
-            f"day-of-week), got {len(fields.split())}"
+            f"day-of-week), or six with seconds first; got {len(fields.split())}"
         )
     try:
         probe = CronSim(fields, datetime.now(tz))

@@ -13,7 +13,7 @@ import orjson
 from daemon import dag, egress
 from daemon import flow as flows
 from daemon.config import TokenConfig
-from daemon.definitions import Definitions
+from daemon.definitions import Definitions, iso
 from daemon.errors import (
     BadRequest,
     Conflict,
@@ -34,6 +34,7 @@ from daemon.executor import (
 )
 from daemon.limits import MAX_REASON
 from daemon.models import TERMINAL, Finish, NewRun, Step, StepStatus
+from daemon.schedules import Schedules
 from daemon.storage import Cancelled, Created, Replay, Replayed, WorkflowTooLarge, now_ms
 from daemon.storage.base import BaseStore, Redrive
 from daemon.tools import Registry
@@ -72,6 +73,7 @@ class Engine:
         self.policy = policy or egress.Policy()
         self._flows = flows.ParseCache()
         self.defs = Definitions(self)
+        self.scheds = Schedules(self)
         executor.defs = self.defs  # call states start runs of saved definitions
 
     # -- create and validate -----------------------------------------------------------
@@ -580,6 +582,9 @@ class Engine:
             "output": orjson.Fragment(wf.output_json or "null"),
             "flow": orjson.Fragment(wf.flow_json or "{}"),
             "dag": orjson.Fragment(wf.dag_json) if wf.dag_json else None,
+            "schedule": None
+            if wf.schedule_id is None
+            else {"schedule_id": wf.schedule_id, "fire_time": iso(wf.fire_at)},
             "parent": None
             if wf.parent_workflow_id is None
             else {"workflow_id": wf.parent_workflow_id, "step_id": wf.parent_step_id},

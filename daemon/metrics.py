@@ -105,6 +105,24 @@ WORKFLOWS = Gauge(
     "stepd_workflows", "Workflows in the database, by status", ["status"], registry=REGISTRY
 )
 
+# A tick fires within milliseconds of its time while a daemon runs; a catch-up after a
+# restart is seconds to minutes late.
+SCHEDULE_LAG = Histogram(
+    "stepd_schedule_lag_seconds",
+    "From a schedule's fire time to its run being created (cron ticks that fired)",
+    buckets=LAG_BUCKETS,
+    registry=REGISTRY,
+)
+TICK_OUTCOMES = ("fired", "skipped", "missed", "buffered")
+SCHEDULE_TICKS = Counter(
+    "stepd_schedule_ticks",
+    "Schedule ticks handled by this daemon, by outcome: fired, skipped, missed or buffered",
+    ["outcome"],
+    registry=REGISTRY,
+)
+for _outcome in TICK_OUTCOMES:  # every outcome shows, zero included
+    SCHEDULE_TICKS.labels(outcome=_outcome)
+
 _started: dict[str, Any] = {}
 _finished: dict[tuple[str, str], Any] = {}
 _durations: dict[str, Any] = {}
@@ -135,6 +153,13 @@ def step_finished(tool: str, outcome: str, seconds: float) -> None:
 def claimed(lag_seconds: float) -> None:
     """A step was claimed `lag_seconds` after it became due (negative clock skew counts 0)."""
     CLAIM_LAG.observe(max(0.0, lag_seconds))
+
+
+def ticked(outcome: str, lag_seconds: float | None = None) -> None:
+    """A schedule tick was recorded; `lag_seconds` for a cron tick that fired."""
+    SCHEDULE_TICKS.labels(outcome=outcome).inc()
+    if lag_seconds is not None:
+        SCHEDULE_LAG.observe(max(0.0, lag_seconds))
 
 
 def committed(seconds: float, batch_size: int) -> None:

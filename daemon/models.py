@@ -74,6 +74,8 @@ class Workflow(_Row):
     parent_workflow_id: int | None = None
     call_depth: int = 0
     root_id: int | None = None  # a child of a call state: the top of its tree of calls
+    schedule_id: int | None = None  # a run a schedule started, for the fire time fire_at
+    fire_at: int | None = None
 
     @property
     def public_status(self) -> str:
@@ -319,3 +321,48 @@ class NewRun:
     parent_workflow_id: int | None = None
     call_depth: int = 0
     root_id: int | None = None
+    schedule_id: int | None = None
+    fire_at: int | None = None
+
+    def to_json(self) -> str:
+        """As JSON, for a buffered schedule tick to start later (from_json reads it)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["first"] = orjson.loads(self.first.to_json())
+        return orjson.dumps(data).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> NewRun:
+        data = orjson.loads(text)
+        data["first"] = NewStep(**data["first"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Schedule(_Row):
+    id: int
+    definition_id: int
+    cron: str
+    timezone: str
+    input_json: str
+    overlap: str
+    catchup_ms: int
+    paused: int
+    created_at: int
+    updated_at: int
+    next_at: int | None = None
+    last_fired_at: int | None = None
+    created_by: str | None = None
+    definition_name: str | None = None  # (joined by the queries that show a schedule)
+    buffered: int = 0
+
+
+@dataclass(frozen=True)
+class Tick(_Row):
+    id: int
+    schedule_id: int
+    kind: str
+    fire_at: int
+    outcome: str
+    recorded_at: int
+    run_id: int | None = None
+    reason: str | None = None

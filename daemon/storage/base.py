@@ -23,6 +23,7 @@ import orjson
 
 from daemon.models import Branches, Finish, NewStep, Step, StepStatus, Workflow, WorkflowStatus
 from daemon.storage.definitions import DefinitionStore
+from daemon.storage.schedules import ScheduleStore
 from daemon.storage.types import (
     NEVER,
     Cancelled,
@@ -84,7 +85,7 @@ def _replay(created_by: str | None, key: str, row: Row) -> Replay:
     return Replay(created_by, key, row["request_hash"], row["status"], row["body_json"])
 
 
-class BaseStore(DefinitionStore):
+class BaseStore(ScheduleStore, DefinitionStore):
     """Async access to the daemon's database.
 
     With `max_running_per_token`, no write starts a tool step (a claim or a hand-off) while
@@ -365,7 +366,8 @@ class BaseStore(DefinitionStore):
         params = {"key": None, "request_hash": None, "notify_url": None, "dag_json": None,
                   "definition_id": None, "definition_version": None, "run_trigger": None,
                   "queued_json": None, "parent_step_id": None, "parent_workflow_id": None,
-                  "call_depth": 0, "root_id": None, **fields, "id": wf_id, "now": now}  # fmt: skip
+                  "call_depth": 0, "root_id": None, "schedule_id": None, "fire_at": None,
+                  **fields, "id": wf_id, "now": now}  # fmt: skip
         params["stored_bytes"] = sum(
             len((params[k] or "").encode()) for k in ("flow_json", "input_json", "dag_json")
         )

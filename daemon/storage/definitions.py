@@ -265,6 +265,8 @@ class DefinitionStore(_Base):
             parent_workflow_id=run.parent_workflow_id,
             call_depth=run.call_depth,
             root_id=run.root_id,
+            schedule_id=run.schedule_id,
+            fire_at=run.fire_at,
         )
         if queued:
             self._event(db, wf_id, None, "queued", now, {"concurrency": concurrency})
@@ -322,6 +324,8 @@ class DefinitionStore(_Base):
         if row["has_children"]:  # one statement less for every workflow without any
             for (child,) in db.execute(self.Q["children"], {"id": workflow_id}).fetchall():
                 cancelled += self._cancel_tree(db, child, "parent workflow ended", now) or []
+        if row["schedule_id"] is not None:  # first: its lock is taken before the definition's
+            self._unbuffer(db, row["schedule_id"], now)
         if row["definition_id"] is not None:
             self._promote(db, row["definition_id"], now)
         if row["parent_step_id"] is not None:

@@ -13,11 +13,11 @@ INSERT INTO workflows (id, name, flow_json, input_json, status, created_by,
                        idempotency_key, request_hash, notify_url, created_at, updated_at,
                        stored_bytes, dag_json, definition_id, definition_version,
                        run_trigger, queued_json, parent_step_id, parent_workflow_id, call_depth,
-                       root_id)
+                       root_id, schedule_id, fire_at)
 VALUES (:id, :name, :flow_json, :input_json, 'running', :created_by,
         :key, :request_hash, :notify_url, :now, :now, :stored_bytes, :dag_json,
         :definition_id, :definition_version, :run_trigger, :queued_json, :parent_step_id,
-        :parent_workflow_id, :call_depth, :root_id);
+        :parent_workflow_id, :call_depth, :root_id, :schedule_id, :fire_at);
 
 -- insert_step --
 -- A state visit: pending for a tool (held while its workflow is paused), running and awaiting 'ready' for a gate; it counts against its workflow's token.
@@ -732,7 +732,7 @@ WHERE id = :id AND status = 'running' AND queued_json IS NOT NULL;
 
 -- ended_links --
 -- What a workflow that just ended is linked to: its definition, the call step of its parent, running children.
-SELECT definition_id, parent_step_id, parent_workflow_id, status, output_json, error,
+SELECT definition_id, parent_step_id, parent_workflow_id, status, output_json, error, schedule_id,
        EXISTS (SELECT 1 FROM workflows c WHERE c.parent_workflow_id = w.id AND c.status = 'running')
            AS has_children
 FROM workflows w WHERE id = :id;
@@ -819,3 +819,140 @@ DELETE FROM hook_calls WHERE webhook_id = :webhook_id AND created_at < :cutoff;
 -- descendants --
 -- How many child workflows (of call states, at any depth) a root workflow has started.
 SELECT count(*) FROM workflows WHERE root_id = :root_id;
+
+-- insert_schedule --
+-- A new schedule of a definition.
+INSERT INTO schedules (id, definition_id, cron, timezone, input_json, overlap, catchup_ms, paused,
+                       next_at, created_by, created_at, updated_at)
+VALUES (:id, :definition_id, :cron, :timezone, :input_json, :overlap, :catchup_ms, :paused,
+        :next_at, :created_by, :now, :now);
+
+-- schedule_by_id --
+-- One schedule with its definition's name and how many ticks it has buffered.
+SELECT s.*, d.name AS definition_name,
+       (SELECT count(*) FROM schedule_ticks t
+        WHERE t.schedule_id = s.id AND t.outcome = 'buffered') AS buffered
+FROM schedules s JOIN definitions d ON d.id = s.definition_id WHERE s.id = :id;
+
+-- schedules_of_definition --
+-- A definition's schedules, oldest first.
+SELECT s.*, d.name AS definition_name,
+       (SELECT count(*) FROM schedule_ticks t
+        WHERE t.schedule_id = s.id AND t.outcome = 'buffered') AS buffered
+FROM schedules s JOIN definitions d ON d.id = s.definition_id
+WHERE s.definition_id = :definition_id ORDER BY s.id LIMIT :limit OFFSET :offset;
+
+-- count_schedules_of_definition --
+-- How many schedules a definition has.
+SELECT count(*) FROM schedules WHERE definition_id = :definition_id;
+
+-- all_schedules --
+-- Every schedule, oldest first.
+SELECT s.*, d.name AS definition_name,
+       (SELECT count(*) FROM schedule_ticks t
+        WHERE t.schedule_id = s.id AND t.outcome = 'buffered') AS buffered
+FROM schedules s JOIN definitions d ON d.id = s.definition_id
+ORDER BY s.id LIMIT :limit OFFSET :offset;
+
+-- count_schedules --
+-- How many schedules there are.
+SELECT count(*) FROM schedules;
+
+-- update_schedule --
+-- A schedule's new settings and next fire time.
+UPDATE schedules SET cron = :cron, timezone = :timezone, input_json = :input_json,
+                     overlap = :overlap, catchup_ms = :catchup_ms, paused = :paused,
+                     next_at = :next_at, updated_at = :now
+WHERE id = :id;
+
+-- delete_schedule --
+-- Remove a schedule and (cascading) its ticks; its runs stay.
+DELETE FROM schedules WHERE id = :id;
+
+-- next_schedule_at --
+-- When the earliest schedule is due: one index seek.
+SELECT min(next_at) FROM schedules WHERE next_at IS NOT NULL;
+
+-- due_schedules --
+-- Schedules due now, the most overdue first.
+SELECT id, next_at FROM schedules WHERE next_at IS NOT NULL AND next_at <= :now
+ORDER BY next_at LIMIT :limit;
+
+-- schedule_row --
+-- A schedule and its definition's state, inside a write (after the schedule's lock).
+SELECT s.*, d.status AS definition_status, d.version AS definition_version,
+       d.concurrency AS concurrency
+FROM schedules s JOIN definitions d ON d.id = s.definition_id WHERE s.id = :id;
+
+-- insert_tick --
+-- Record a tick: nothing when this schedule, kind and fire time has one already.
+INSERT INTO schedule_ticks (schedule_id, kind, fire_at, outcome, run_id, reason, run_json,
+                            recorded_at)
+VALUES (:schedule_id, :kind, :fire_at, :outcome, :run_id, :reason, :run_json, :now)
+ON CONFLICT (schedule_id, kind, fire_at) DO NOTHING
+RETURNING id;
+
+-- schedule_running --
+-- Runs of a schedule not ended yet (queued, paused and waiting ones too), oldest first.
+SELECT id FROM workflows WHERE schedule_id = :schedule_id AND status = 'running' ORDER BY id;
+
+-- count_buffered --
+-- Ticks of a schedule waiting for its running run to end.
+SELECT count(*) FROM schedule_ticks WHERE schedule_id = :schedule_id AND outcome = 'buffered';
+
+-- oldest_buffered --
+-- A schedule's oldest buffered tick.
+SELECT id, kind, fire_at, run_json FROM schedule_ticks
+WHERE schedule_id = :schedule_id AND outcome = 'buffered' ORDER BY id LIMIT 1;
+
+-- buffered_ticks --
+-- Every buffered tick of a schedule (cancel_other drops them).
+SELECT id FROM schedule_ticks WHERE schedule_id = :schedule_id AND outcome = 'buffered';
+
+-- settle_tick --
+-- A buffered tick's outcome: fired (with its run) or skipped.
+UPDATE schedule_ticks SET outcome = :outcome, run_id = :run_id, reason = :reason,
+                          run_json = NULL, recorded_at = :now
+WHERE id = :id AND outcome = 'buffered';
+
+-- advance_schedule --
+-- A schedule's next fire time after its due ticks were handled.
+UPDATE schedules SET next_at = :next_at,
+                     last_fired_at = coalesce(:last_fired_at, last_fired_at)
+WHERE id = :id;
+
+-- mark_fired --
+-- When a schedule last started a run.
+UPDATE schedules SET last_fired_at = :fire_at WHERE id = :id;
+
+-- schedule_ticks --
+-- A schedule's ticks, newest first.
+SELECT id, schedule_id, kind, fire_at, outcome, run_id, reason, recorded_at
+FROM schedule_ticks WHERE schedule_id = :schedule_id
+  AND (:outcome IS NULL OR outcome = :outcome)
+ORDER BY id DESC LIMIT :limit OFFSET :offset;
+
+-- count_schedule_ticks --
+-- How many ticks schedule_ticks would list without a limit.
+SELECT count(*) FROM schedule_ticks WHERE schedule_id = :schedule_id
+  AND (:outcome IS NULL OR outcome = :outcome);
+
+-- ticks_to_notify --
+-- Skipped and missed ticks after a cursor, with their schedules, for webhooks.
+SELECT t.id, t.schedule_id, t.kind, t.fire_at, t.outcome, t.run_id, t.reason, t.recorded_at,
+       s.definition_id, s.cron, s.timezone, d.name AS definition_name
+FROM schedule_ticks t JOIN schedules s ON s.id = t.schedule_id
+JOIN definitions d ON d.id = s.definition_id
+WHERE t.id > :after AND t.outcome IN ('skipped', 'missed') ORDER BY t.id LIMIT :limit;
+
+-- last_tick_id --
+-- The newest tick's id (where the webhook cursor starts).
+SELECT coalesce(max(id), 0) FROM schedule_ticks;
+
+-- tick_exists --
+-- Whether a schedule has a tick of this kind at this fire time.
+SELECT id FROM schedule_ticks WHERE schedule_id = :schedule_id AND kind = :kind AND fire_at = :fire_at;
+
+-- set_tick_run --
+-- The run a fired tick started.
+UPDATE schedule_ticks SET run_id = :run_id WHERE id = :id;

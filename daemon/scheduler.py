@@ -1,0 +1,127 @@
+"""The scheduler: fires due schedule ticks (spec §11).
+
+It sleeps until the earliest next fire time of all schedules (one index seek, whatever
+their number) or until a change to a schedule wakes it, then handles the schedules due by
+then. Each due schedule is one transaction (daemon.storage.schedules.fire_due): its ticks,
+their runs and its next fire time commit together, and only if the schedule is still due
+at the time read, so of several daemons, or a daemon and itself after a restart, a tick
+fires once. On PostgreSQL one daemon leads the job (a session advisory lock); another
+takes it over if it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from daemon import cron, metrics
+from daemon.errors import StepdError
+from daemon.storage import StorageError
+
+if TYPE_CHECKING:
+    from daemon.engine import Engine
+
+log = logging.getLogger("stepd.scheduler")
+IDLE_S = 1.0  # longest sleep: another daemon's new schedule is seen within this
+BATCH = 200  # due schedules read per query
+IN_FLIGHT = 16  # due schedules handled at once (their writes share commits on SQLite)
+ERROR_PAUSE_S = 1.0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self._wake = asyncio.Event()
+        self._crons: dict[tuple[str, str], cron.Cron] = {}
+        engine.scheds.wake = self.wake
+        self.passes = 0  # passes that looked for due schedules (bench/schedules.py reads it)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _cron(self, expression: str, timezone: str) -> cron.Cron:
+        key = (expression, timezone)
+        found = self._crons.get(key)
+        if found is None:
+            if len(self._crons) > 10_000:
+                self._crons.clear()
+            found = self._crons[key] = cron.parse(expression, timezone)
+        return found
+
+    async def run(self) -> None:
+        while True:
+            try:
+                delay = await self.pass_once()
+            except (StorageError, OSError) as exc:
+                log.warning("scheduler: %s; trying again in %.0f s", exc, ERROR_PAUSE_S)
+                delay = ERROR_PAUSE_S
+            self._wake.clear()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def pass_once(self) -> float:
+        """Handle the schedules due now; the seconds until the next one may be (at most
+        IDLE_S)."""
+        if not await self.store.lead("scheduler"):
+            return IDLE_S
+        self.passes += 1
+        gate = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one(sid: int, next_at: int) -> None:
+            async with gate:
+                await self.fire(sid, next_at)
+
+        while True:
+            due = await self.store.due_schedules(_now(), BATCH)
+            await asyncio.gather(*(one(sid, next_at) for sid, next_at in due))
+            if len(due) < BATCH:
+                break
+        upcoming = await self.store.next_schedule_at()
+        if upcoming is None:
+            return IDLE_S
+        return min(IDLE_S, max(0.0, (upcoming - _now()) / 1000 + 0.001))
+
+    async def fire(self, sid: int, expected_next: int) -> None:
+        """Handle one due schedule (its ticks up to now)."""
+        try:
+            s = await self.store.schedule(sid)
+            if s is None or s.next_at != expected_next:
+                return  # deleted or moved meanwhile
+            c = self._cron(s.cron, s.timezone)
+            for _ in range(3):
+                run, problem = await self.engine.scheds.prepare(s)
+                fired = await self.store.fire_due(sid, expected_next, run, problem, c.next_ms)
+                if fired.status != "stale":
+                    break
+            else:
+                return  # the definition kept changing: the next pass tries again
+            done = _now()
+            for tick in fired.ticks:
+                lag = (done - tick.fire_at) / 1000 if tick.outcome == "fired" else None
+                metrics.ticked(tick.outcome, lag)
+                if tick.outcome == "missed":
+                    log.warning(
+                        "schedule %d missed its tick of %s (%s)",
+                        sid,
+                        cron.iso(cron.from_ms(tick.fire_at, c.tz)),
+                        tick.reason,
+                    )
+            if fired.cancelled:
+                self.engine.executor.cancel_steps(fired.cancelled)
+            if fired.ticks:
+                self.engine.executor.wake()
+        except (StepdError, cron.CronError) as exc:
+            log.error("schedule %d: %s", sid, exc)
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+async def run(engine: Engine) -> None:
+    await Scheduler(engine).run()
