@@ -20,6 +20,7 @@ import hmac
 import logging
 import random
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -35,9 +36,10 @@ from daemon.storage.base import BaseStore
 
 log = logging.getLogger("stepd.notify")
 _jitter = random.Random()  # retry jitter, not the process-wide generator
-EVENTS = frozenset({"gate_waiting", "completed", "failed", "cancelled"})
+EVENTS = frozenset({"gate_waiting", "completed", "failed", "cancelled", "schedule_fired"})
 MAX_INPUT = 16384  # bytes of a workflow's input sent with each notification
 CURSOR = "webhooks"
+TICK_CURSOR = "schedule_ticks"  # skipped and missed ticks (they have no workflow) read up to
 BATCH = 500  # events read per query
 OPERATOR = "operator"  # the destination key of the [webhooks] url's deliveries
 OPERATOR_CONCURRENCY = 4  # deliveries in flight to the [webhooks] url, on slots of its own
@@ -79,11 +81,39 @@ def build_body(
                      "input": orjson.Fragment(text) if size <= MAX_INPUT else None,
                      "input_bytes": size},
     }  # fmt: skip
+    if event["type"] == "schedule_fired" and event.get("data"):
+        data = event["data"]
+        body["schedule"] = {"schedule_id": data.get("schedule_id"),
+                            "workflow_id": wf.definition_id, "workflow_name": wf.name}  # fmt: skip
+        body["tick"] = {"id": data.get("tick_id"), "kind": data.get("kind"),
+                        "fire_time": _utc(data.get("fire_at")), "outcome": "fired",
+                        "run_id": wf.id, "reason": None}  # fmt: skip
     if step is not None:
         body["step"] = {"id": step.id, "name": step.name, "state": step.state}
     if urls:
         body["links"] = urls
     return body
+
+
+def _utc(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def tick_body(row: Row) -> dict[str, Any]:
+    """The JSON POSTed for a skipped or missed schedule tick (it started no workflow)."""
+    return {
+        "event": f"schedule_{row['outcome']}",
+        "event_id": -int(row["id"]),  # ticks and events share the outbox's (event, URL) key
+        "at": row["recorded_at"],
+        "schedule": {"schedule_id": row["schedule_id"], "workflow_id": row["definition_id"],
+                     "workflow_name": row["definition_name"],
+                     "cron_expression": row["cron"], "timezone": row["timezone"]},
+        "tick": {"id": row["id"], "kind": row["kind"], "fire_time": _utc(row["fire_at"]),
+                 "outcome": row["outcome"], "run_id": row["run_id"], "reason": row["reason"]},
+    }  # fmt: skip
 
 
 def destination(url: str) -> str:
@@ -108,6 +138,7 @@ class Notifier:
     def __init__(self, store: BaseStore, config: Config) -> None:
         self.store, self.config = store, config
         self.cursor: int | None = None  # read up to here
+        self.tick_cursor: int | None = None  # schedule ticks read up to here
         self.saved = 0  # the cursor as stored
         self.saved_at = float("-inf")  # monotonic time of the last save
         self.inflight: dict[int, asyncio.Task[None]] = {}
@@ -158,7 +189,7 @@ class Notifier:
         """Turn new events into outbox rows; the cursor moves in the same transaction.
         Of several daemons on one database, one does this (the others only send)."""
         if not await self.store.lead("notifier"):
-            self.cursor = None  # read again from the database when this one leads
+            self.cursor = self.tick_cursor = None  # read again when this one leads
             return
         if self.cursor is None:
             self.cursor = self.saved = await self.store.cursor(CURSOR)
@@ -179,10 +210,32 @@ class Notifier:
             if caught_up:
                 break
             await asyncio.sleep(0)  # a long backlog: let requests and steps in between pages
+        if self.config.webhook_url:
+            await self.enqueue_ticks()
         # Events nobody watches still move the cursor, but not with a write per event.
         if self.cursor != self.saved and time.monotonic() - self.saved_at >= SAVE_EVERY_S:
             await self.store.enqueue_deliveries(CURSOR, self.cursor, [])
             self.saved, self.saved_at = self.cursor, time.monotonic()
+
+    async def enqueue_ticks(self) -> None:
+        """Skipped and missed schedule ticks to the operator's URL (only: they belong to no
+        workflow with a notify_url). A fired tick notifies through its run's
+        schedule_fired event."""
+        if self.tick_cursor is None:
+            self.tick_cursor = await self.store.cursor(TICK_CURSOR)
+        while True:
+            found = await self.store.ticks_to_notify(self.tick_cursor, BATCH)
+            if not found:
+                return
+            url = self.config.webhook_url
+            rows = [{"event_id": -int(r["id"]), "workflow_id": r["run_id"] or 0, "url": url,
+                     "dest": OPERATOR, "body_json": orjson.dumps(tick_body(r)).decode()}
+                    for r in found]  # fmt: skip
+            up_to = int(found[-1]["id"])
+            await self.store.enqueue_deliveries(TICK_CURSOR, up_to, rows)
+            self.tick_cursor = up_to
+            if len(found) < BATCH:
+                return
 
     async def rows_for(self, event: dict[str, Any], now: float) -> list[dict[str, Any]]:
         wf = await self.store.get_workflow(event["workflow_id"])

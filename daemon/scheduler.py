@@ -61,8 +61,11 @@ class Scheduler:
                 delay = ERROR_PAUSE_S
             self._wake.clear()
             if delay > 0:
+                # (asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+                # cancellation that stops the daemon when the event is set meanwhile.)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
 
     async def pass_once(self) -> float:
         """Handle the schedules due now; the seconds until the next one may be (at most

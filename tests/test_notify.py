@@ -545,3 +545,51 @@ async def test_large_inputs_stay_out_of_deliveries_and_sent_bodies_are_dropped(
         await until(lambda: backend.query(db, pending)[0][0] == 0, timeout=10)
         [(stored,)] = backend.query(db, "SELECT sum(length(body_json)) FROM outbox")
         assert stored == 0
+
+
+async def test_schedule_ticks_are_posted_fired_skipped_and_missed(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    async with running(tmp_path, webhook_url=receiver.url, webhook_secret=SECRET) as (_, client):
+        flow = {"start": {"tool": None, "done": True}}
+        resp = await client.post("/api/workflows", json={"definition": {"name": "d", "flow": flow}})
+        assert resp.status_code == 201, resp.text
+        resp = await client.post(
+            "/api/workflows/d/schedules",
+            json={"cron_expression": "@yearly", "timezone": "Europe/Paris"},
+        )
+        sid = resp.json()["schedule_id"]
+        fired = (await client.post(f"/api/workflows/schedules/{sid}/trigger")).json()
+        skipped = (await client.post(f"/api/workflows/schedules/{sid}/trigger")).json()
+        assert (fired["outcome"], skipped["outcome"]) == ("fired", "skipped")
+        await until(
+            lambda: receiver.bodies("schedule_fired") and receiver.bodies("schedule_skipped")
+        )
+        (got,) = receiver.bodies("schedule_fired")
+        assert got["schedule"]["schedule_id"] == sid and got["workflow"]["id"] == fired["run_id"]
+        assert got["tick"]["run_id"] == fired["run_id"] and got["tick"]["kind"] == "trigger"
+        (got,) = receiver.bodies("schedule_skipped")
+        assert got["schedule"] == {
+            "schedule_id": sid,
+            "workflow_id": got["schedule"]["workflow_id"],
+            "workflow_name": "d",
+            "cron_expression": "@yearly",
+            "timezone": "Europe/Paris",
+        }
+        assert got["tick"]["outcome"] == "skipped" and "overlap skip" in got["tick"]["reason"]
+        for request in receiver.requests:
+            check_signature(request, SECRET.encode())
+        # A missed tick: a catch-up window of 0 and the daemon stopped past a fire time.
+        resp = await client.post(
+            "/api/workflows/d/schedules",
+            json={"cron_expression": "* * * * * *", "catchup_window": 0, "overlap": "allow_all"},
+        )
+        assert resp.status_code == 201
+        sid = resp.json()["schedule_id"]
+        await client.patch(f"/api/workflows/schedules/{sid}", json={"paused": False})
+    await asyncio.sleep(3.5)  # > MIN_CATCHUP_MS past the next fire time
+    async with running(tmp_path, webhook_url=receiver.url, webhook_secret=SECRET) as (_, client):
+        await until(lambda: receiver.bodies("schedule_missed"), timeout=10)
+        got = receiver.bodies("schedule_missed")[0]
+        assert got["schedule"]["schedule_id"] == sid and got["tick"]["run_id"] is None
+        assert "missed while no daemon ran" in got["tick"]["reason"]

@@ -29,6 +29,9 @@ OVERLAPS = ("skip", "buffer_one", "buffer_all", "cancel_other", "allow_all")
 MAX_BUFFERED = 1000  # ticks one schedule may hold under buffer_all
 MAX_MISSED = 100  # missed ticks recorded one by one in a pass; older ones are passed over
 MAX_DUE = 100  # due ticks of one schedule handled in one transaction
+# A tick handled this late still fires whatever the catch-up window (0 included): the
+# scheduler's own latency, a busy machine, another daemon taking the job over.
+MIN_CATCHUP_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ class ScheduleStore(_Base):
             fire_at: int | None = expected_next
             missed = 0
             handled = 0
-            late = now - int(row["catchup_ms"])
+            late = now - max(int(row["catchup_ms"]), MIN_CATCHUP_MS)
             while fire_at is not None and fire_at <= now and handled < MAX_DUE:
                 handled += 1
                 if fire_at < late:
