@@ -776,7 +776,7 @@ class Definitions:
             "concurrency": d.concurrency,
             "deployed": d.webhook_id is not None,
             "versions": versions,
-            "schedules": [],
+            "schedules": await self.engine.scheds.export_for(d),
             "triggers": {"webhook": {"mode": d.webhook_mode}},
         }
 
@@ -852,6 +852,7 @@ class Definitions:
                 if checked is not None:
                     summary = summary or ("Initial version" if j == 0 else "Imported")
                     versions.append((replace(checked, change_summary=summary), v))
+            errors += self.engine.scheds.check_export(item.get("schedules"), where)
             if isinstance(name, str):
                 if name in seen:
                     errors.append(f"{where}: the name appears twice in the import")
@@ -885,7 +886,10 @@ class Definitions:
                     replace(latest, change_summary=f"Imported: {summary}"),
                     created_by=by,
                 )
-                if outcome == "ok":
+                made_schedules = await self.engine.scheds.import_for(
+                    existing, item.get("schedules"), by=by
+                )
+                if outcome == "ok" or made_schedules:
                     updated.append(name)
                 else:
                     skipped.append(
@@ -909,6 +913,9 @@ class Definitions:
                 continue
             for later, _ in versions[1:]:
                 await self.store.add_version(made.id, later, created_by=by)
+            latest = await self.store.definition(made.id)
+            if latest is not None:
+                await self.engine.scheds.import_for(latest, item.get("schedules"), by=by)
             created.append(name)
         return {"created": created, "updated": updated, "skipped": skipped}
 

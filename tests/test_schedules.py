@@ -4,6 +4,7 @@ fire, overlap policies for ticks, trigger and backfill, paused definitions, recu
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -325,3 +326,39 @@ async def test_a_paused_definition_skips_its_ticks(client: httpx.AsyncClient) ->
     assert got["reason"] == "definition is archived"
     assert [t["outcome"] for t in await ticks(client, sid, outcome="skipped")] == ["skipped"] * 2
     assert await ticks(client, sid, outcome="fired") == []
+
+
+async def test_export_and_import_carry_schedules(client: httpx.AsyncClient) -> None:
+    await define(client, ECHO)
+    await schedule(client, "nightly", cron_expression="30 2 * * *", timezone="Europe/London",
+                   input_data={"who": "a"}, overlap="buffer_all", catchup_window=600)  # fmt: skip
+    await schedule(client, "nightly", cron_expression="@hourly", input_data={"who": "b"},
+                   paused=True)  # fmt: skip
+    doc = (await client.get("/api/workflows/nightly/export")).json()
+    exported = doc["workflows"][0]["schedules"]
+    assert exported == [
+        {"cron_expression": "30 2 * * *", "timezone": "Europe/London", "input_data": {"who": "a"},
+         "overlap": "buffer_all", "catchup_window": 600, "paused": False},
+        {"cron_expression": "@hourly", "timezone": "UTC", "input_data": {"who": "b"},
+         "overlap": "skip", "catchup_window": 60, "paused": True},
+    ]  # fmt: skip
+    assert "schedule_id" not in str(doc)
+
+    bad = copy.deepcopy(doc)
+    bad["workflows"][0] |= {"name": "other", "schedules": [{"cron_expression": "nope"}]}
+    for version in bad["workflows"][0]["versions"]:
+        version["definition"] = {**version["definition"], "name": "other"}
+    resp = await client.post("/api/workflows/import", json=bad)
+    assert resp.status_code == 422 and "schedules[0]" in resp.json()["error"]
+    assert (await client.get("/api/workflows/other")).status_code == 404
+
+    resp = await client.delete("/api/workflows/nightly", params={"force": "true"})
+    assert resp.status_code in (200, 204), resp.text
+    assert (await client.get("/api/workflows/recurring")).json()["total"] == 0
+    resp = await client.post("/api/workflows/import", json=doc)
+    assert resp.status_code == 200 and resp.json()["created"] == ["nightly"], resp.text
+    again = (await client.get("/api/workflows/nightly/export")).json()["workflows"][0]
+    assert again["schedules"] == exported
+    resp = await client.post("/api/workflows/import", params={"mode": "upsert"}, json=doc)
+    assert resp.status_code == 200, resp.text
+    assert (await client.get("/api/workflows/recurring")).json()["total"] == 2
