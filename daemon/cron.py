@@ -93,18 +93,29 @@ class Cron:
 
     def describe(self) -> str:
         """In words, e.g. "At 09:00 on Monday through Friday"."""
-        try:
-            text = CronSim(self.fields, datetime.now(UTC)).explain()
-        except Exception:  # noqa: BLE001 - a description is a nicety, never an error
-            text = self.fields
-        return text
+        return _describe(self.fields)
+
+
+@functools.lru_cache(maxsize=4096)
+def _describe(fields: str) -> str:
+    try:
+        return CronSim(fields, datetime.now(UTC)).explain()
+    except Exception:  # noqa: BLE001 - a description is a nicety, never an error
+        return fields
 
 
 def parse(expression: str, timezone: str = "UTC") -> Cron:
     """A cron expression (five fields; six with seconds first; or @hourly, @daily,
     @weekly, @monthly, @yearly) in an IANA time zone. Raises CronError saying what is
     wrong. (Six-field expressions follow real time around daylight saving changes.)"""
-    if not isinstance(expression, str) or not expression.strip():
+    if not isinstance(expression, str) or not isinstance(timezone, str):
+        raise CronError("cron_expression and timezone must be strings")
+    return _parse(expression, timezone)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(expression: str, timezone: str) -> Cron:
+    if not expression.strip():
         raise CronError("cron_expression must be a non-empty string")
     if len(expression) > MAX_EXPRESSION:
         raise CronError(f"cron_expression must be at most {MAX_EXPRESSION} characters")

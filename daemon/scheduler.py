@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from daemon import cron, metrics
 from daemon.errors import StepdError
+from daemon.models import NewRun, Schedule
 from daemon.storage import StorageError
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ IDLE_S = 1.0  # longest sleep: another daemon's new schedule is seen within this
 BATCH = 200  # due schedules read per query
 IN_FLIGHT = 16  # due schedules handled at once (their writes share commits on SQLite)
 ERROR_PAUSE_S = 1.0
+MAX_CACHED_RUNS = 20_000
 
 
 class Scheduler:
@@ -38,6 +40,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._crons: dict[tuple[str, str], cron.Cron] = {}
         engine.scheds.wake = self.wake
+        self._runs: dict[int, tuple[str, NewRun]] = {}  # schedule -> (input, its run)
         self.passes = 0  # passes that looked for due schedules (bench/schedules.py reads it)
 
     def wake(self) -> None:
@@ -75,13 +78,13 @@ class Scheduler:
         self.passes += 1
         gate = asyncio.Semaphore(IN_FLIGHT)
 
-        async def one(sid: int, next_at: int) -> None:
+        async def one(s: Schedule) -> None:
             async with gate:
-                await self.fire(sid, next_at)
+                await self.fire(s)
 
         while True:
             due = await self.store.due_schedules(_now(), BATCH)
-            await asyncio.gather(*(one(sid, next_at) for sid, next_at in due))
+            await asyncio.gather(*(one(s) for s in due))
             if len(due) < BATCH:
                 break
         upcoming = await self.store.next_schedule_at()
@@ -89,16 +92,25 @@ class Scheduler:
             return IDLE_S
         return min(IDLE_S, max(0.0, (upcoming - _now()) / 1000 + 0.001))
 
-    async def fire(self, sid: int, expected_next: int) -> None:
-        """Handle one due schedule (its ticks up to now)."""
+    async def fire(self, s: Schedule) -> None:
+        """Handle one due schedule (its ticks up to now). The run a tick starts is kept
+        per schedule and input: while its definition gets no new version, a tick is one
+        write and no read."""
+        sid = s.id
+        assert s.next_at is not None
         try:
-            s = await self.store.schedule(sid)
-            if s is None or s.next_at != expected_next:
-                return  # deleted or moved meanwhile
             c = self._cron(s.cron, s.timezone)
-            for _ in range(3):
-                run, problem = await self.engine.scheds.prepare(s)
-                fired = await self.store.fire_due(sid, expected_next, run, problem, c.next_ms)
+            for attempt in range(3):
+                cached = self._runs.get(sid)
+                if attempt == 0 and cached is not None and cached[0] == s.input_json:
+                    run, problem = cached[1], None
+                else:
+                    run, problem = await self.engine.scheds.prepare(s)
+                    if run is not None:
+                        if len(self._runs) >= MAX_CACHED_RUNS:
+                            self._runs.clear()
+                        self._runs[sid] = (s.input_json, run)
+                fired = await self.store.fire_due(sid, s.next_at, run, problem, c.next_ms)
                 if fired.status != "stale":
                     break
             else:

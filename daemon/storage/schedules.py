@@ -148,9 +148,10 @@ class ScheduleStore(_Base):
         row = await self._one(self.Q["next_schedule_at"], {})
         return None if row is None or row[0] is None else int(row[0])
 
-    async def due_schedules(self, now: int, limit: int) -> list[tuple[int, int]]:
+    async def due_schedules(self, now: int, limit: int) -> list[Schedule]:
+        """Schedules due at `now`, the most overdue first (without definition_name)."""
         rows = await self._all(self.Q["due_schedules"], {"now": now, "limit": limit})
-        return [(int(r[0]), int(r[1])) for r in rows]
+        return [Schedule.from_row(r) for r in rows]
 
     async def ticks(
         self, sid: int, *, outcome: str | None, limit: int, offset: int

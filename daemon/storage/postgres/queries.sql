@@ -1011,7 +1011,7 @@ SELECT min(next_at) FROM schedules WHERE next_at IS NOT NULL;
 
 -- due_schedules --
 -- Schedules due now, the most overdue first.
-SELECT id, next_at FROM schedules WHERE next_at IS NOT NULL AND next_at <= :now
+SELECT * FROM schedules WHERE next_at IS NOT NULL AND next_at <= :now
 ORDER BY next_at LIMIT :limit;
 
 -- schedule_row --
