@@ -40,7 +40,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def rss_mb(pid: int) -> float:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return (
+        int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    )
 
 
 def idle_cost(pid: int, seconds: float) -> float:
@@ -84,8 +86,10 @@ async def create_many(
 
 
 def lags(args: argparse.Namespace, db: Path) -> list[float]:
-    sql = ("SELECT created_at - fire_at FROM workflows WHERE run_trigger = 'schedule' "
-           "AND fire_at IS NOT NULL")  # fmt: skip
+    sql = (
+        "SELECT created_at - fire_at FROM workflows WHERE run_trigger = 'schedule' "
+        "AND fire_at IS NOT NULL"
+    )
     if args.database_url:
         import psycopg
 
@@ -109,25 +113,35 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60
             ) as client:
                 await asyncio.sleep(2)  # start-up settles
-                out["idle_cpu_ms_per_s_0"] = await asyncio.to_thread(idle_cost, proc.pid, args.idle_s)
+                out["idle_cpu_ms_per_s_0"] = await asyncio.to_thread(
+                    idle_cost, proc.pid, args.idle_s
+                )
                 out["rss_mb_0"] = rss_mb(proc.pid)
-                took = await create_many(client, args.schedules, {"timezone": "America/New_York"},
-                                        "yearly")
+                took = await create_many(
+                    client, args.schedules, {"timezone": "America/New_York"}, "yearly"
+                )
                 out["create_per_s"] = args.schedules / took
                 await asyncio.sleep(2)
-                out["idle_cpu_ms_per_s_n"] = await asyncio.to_thread(idle_cost, proc.pid, args.idle_s)
+                out["idle_cpu_ms_per_s_n"] = await asyncio.to_thread(
+                    idle_cost, proc.pid, args.idle_s
+                )
                 out["rss_mb_n"] = rss_mb(proc.pid)
                 body = {"cron_expression": "* * * * * *", "overlap": "allow_all"}
                 await create_many(client, args.ticking, body, "tick")
                 await asyncio.sleep(args.ticking_s)
                 offset = 0
                 while True:  # pause the ticking ones
-                    page = (await client.get("/api/workflows/recurring",
-                                             params={"limit": 200, "offset": offset})).json()  # fmt: skip
+                    page = (
+                        await client.get(
+                            "/api/workflows/recurring", params={"limit": 200, "offset": offset}
+                        )
+                    ).json()
                     for s in page["schedules"]:
                         if s["cron_expression"] == "* * * * * *" and not s["paused"]:
-                            await client.patch(f"/api/workflows/schedules/{s['schedule_id']}",
-                                               json={"paused": True})  # fmt: skip
+                            await client.patch(
+                                f"/api/workflows/schedules/{s['schedule_id']}",
+                                json={"paused": True},
+                            )
                     offset += len(page["schedules"])
                     if not page["schedules"] or offset >= page["total"]:
                         break
@@ -150,14 +164,20 @@ def main() -> None:
     out = asyncio.run(measure(args))
     backend = "postgresql" if args.database_url else "sqlite"
     print(f"backend: {backend}")
-    print(f"idle CPU, no schedule:          {out['idle_cpu_ms_per_s_0']:.2f} ms/s "
-          f"(RSS {out['rss_mb_0']:.0f} MB)")  # fmt: skip
-    print(f"idle CPU, {args.schedules} schedules:   {out['idle_cpu_ms_per_s_n']:.2f} ms/s "
-          f"(RSS {out['rss_mb_n']:.0f} MB)")  # fmt: skip
+    print(
+        f"idle CPU, no schedule:          {out['idle_cpu_ms_per_s_0']:.2f} ms/s "
+        f"(RSS {out['rss_mb_0']:.0f} MB)"
+    )
+    print(
+        f"idle CPU, {args.schedules} schedules:   {out['idle_cpu_ms_per_s_n']:.2f} ms/s "
+        f"(RSS {out['rss_mb_n']:.0f} MB)"
+    )
     print(f"created {out['create_per_s']:.0f} schedules/s")
     lag = out["lag_ms"]
-    print(f"lag over {out['ticks']} ticks of {args.ticking} every-second schedules: "
-          f"p50 {lag['p50']:.1f} ms, p95 {lag['p95']:.1f} ms, max {lag['max']:.1f} ms")  # fmt: skip
+    print(
+        f"lag over {out['ticks']} ticks of {args.ticking} every-second schedules: "
+        f"p50 {lag['p50']:.1f} ms, p95 {lag['p95']:.1f} ms, max {lag['max']:.1f} ms"
+    )
     if args.json:
         args.json.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
 

@@ -198,6 +198,7 @@ async def test_recurring_routes_reach_the_same_schedules(client: httpx.AsyncClie
 
 async def test_ticks_fire_runs_of_the_latest_version(client: httpx.AsyncClient) -> None:
     await define(client, ECHO)
+    lag_before = await metric(client, "stepd_schedule_lag_seconds_count")
     made = await schedule(client, "nightly", cron_expression="* * * * * *",
                           input_data={"who": "tick"})  # fmt: skip
     sid = made["schedule_id"]
@@ -219,6 +220,16 @@ async def test_ticks_fire_runs_of_the_latest_version(client: httpx.AsyncClient) 
     assert all(t["kind"] == "cron" for t in done)
     shown = await show(client, sid)
     assert shown["last_fired_at"] is not None and shown["ticks"][0]["outcome"] == "fired"
+    assert await metric(client, "stepd_schedule_lag_seconds_count") >= lag_before + len(done)
+    assert await metric(client, 'stepd_schedule_ticks_total{outcome="fired"}') >= len(done)
+
+
+async def metric(client: httpx.AsyncClient, name: str) -> float:
+    text = (await client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 async def _at_least(fetch: Any, n: int) -> bool:
