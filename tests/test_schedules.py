@@ -373,3 +373,15 @@ async def test_export_and_import_carry_schedules(client: httpx.AsyncClient) -> N
     resp = await client.post("/api/workflows/import", params={"mode": "upsert"}, json=doc)
     assert resp.status_code == 200, resp.text
     assert (await client.get("/api/workflows/recurring")).json()["total"] == 2
+
+
+async def test_the_daily_report_templates_suggested_schedule_is_accepted(
+    client: httpx.AsyncClient,
+) -> None:
+    template = (await client.get("/api/workflows/templates/daily-report")).json()
+    resp = await client.post("/api/workflows/templates/daily-report/install", json={})
+    assert resp.status_code == 201, resp.text
+    def_id = resp.json()["workflow_id"]
+    made = await schedule(client, def_id, **template["suggested_schedule"])
+    assert made["description"] == "At 09:00 on Monday through Friday"
+    assert made["next_run"].endswith(("-05:00", "-04:00")) and made["overlap"] == "skip"
