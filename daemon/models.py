@@ -324,18 +324,6 @@ class NewRun:
     schedule_id: int | None = None
     fire_at: int | None = None
 
-    def to_json(self) -> str:
-        """As JSON, for a buffered schedule tick to start later (from_json reads it)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["first"] = orjson.loads(self.first.to_json())
-        return orjson.dumps(data).decode()
-
-    @classmethod
-    def from_json(cls, text: str) -> NewRun:
-        data = orjson.loads(text)
-        data["first"] = NewStep(**data["first"])
-        return cls(**data)
-
 
 @dataclass(frozen=True)
 class Schedule(_Row):

@@ -40,11 +40,19 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._crons: dict[tuple[str, str], cron.Cron] = {}
         engine.scheds.wake = self.wake
+        self.store.commit_hooks.append(self._committed)
         self._runs: dict[int, tuple[str, NewRun]] = {}  # schedule -> (input, its run)
         self.passes = 0  # passes that looked for due schedules (bench/schedules.py reads it)
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _committed(self, seconds: float, batch: int) -> None:
+        """After each commit: a run of a schedule that ended wakes the scheduler, which
+        starts the schedule's next buffered tick (another daemon's is seen within IDLE_S)."""
+        if self.store.schedule_run_ended:
+            self.store.schedule_run_ended = False
+            self._wake.set()
 
     def _cron(self, expression: str, timezone: str) -> cron.Cron:
         key = (expression, timezone)
@@ -87,6 +95,8 @@ class Scheduler:
             await asyncio.gather(*(one(s) for s in due))
             if len(due) < BATCH:
                 break
+        for sid in await self.store.schedules_to_unbuffer(BATCH):
+            await self.unbuffer(sid)
         upcoming = await self.store.next_schedule_at()
         if upcoming is None:
             return IDLE_S
@@ -101,15 +111,7 @@ class Scheduler:
         try:
             c = self._cron(s.cron, s.timezone)
             for attempt in range(3):
-                cached = self._runs.get(sid)
-                if attempt == 0 and cached is not None and cached[0] == s.input_json:
-                    run, problem = cached[1], None
-                else:
-                    run, problem = await self.engine.scheds.prepare(s)
-                    if run is not None:
-                        if len(self._runs) >= MAX_CACHED_RUNS:
-                            self._runs.clear()
-                        self._runs[sid] = (s.input_json, run)
+                run, problem = await self._run_of(s, fresh=attempt > 0)
                 fired = await self.store.fire_due(sid, s.next_at, run, problem, c.next_ms)
                 if fired.status != "stale":
                     break
@@ -132,6 +134,39 @@ class Scheduler:
                 self.engine.executor.wake()
         except (StepdError, cron.CronError) as exc:
             log.error("schedule %d: %s", sid, exc)
+
+    async def unbuffer(self, sid: int) -> None:
+        """Start the run of a schedule's oldest buffered tick (none of its runs is going)."""
+        try:
+            s = await self.store.schedule(sid)
+            if s is None:
+                return
+            for attempt in range(3):
+                run, problem = await self._run_of(s, fresh=attempt > 0)
+                fired = await self.store.start_buffered(sid, run, problem)
+                if fired.status != "stale":
+                    break
+            else:
+                return
+            for tick in fired.ticks:
+                metrics.ticked(tick.outcome)
+            if fired.ticks:
+                self.engine.executor.wake()
+        except (StepdError, cron.CronError) as exc:
+            log.error("schedule %d: %s", sid, exc)
+
+    async def _run_of(self, s: Schedule, *, fresh: bool) -> tuple[NewRun | None, str | None]:
+        """The run a tick of `s` starts: kept per schedule and input, made again when
+        `fresh` (the definition has a new version) or its input changed."""
+        cached = self._runs.get(s.id)
+        if not fresh and cached is not None and cached[0] == s.input_json:
+            return cached[1], None
+        run, problem = await self.engine.scheds.prepare(s)
+        if run is not None:
+            if len(self._runs) >= MAX_CACHED_RUNS:
+                self._runs.clear()
+            self._runs[s.id] = (s.input_json, run)
+        return run, problem
 
 
 def _now() -> int:

@@ -254,6 +254,12 @@ async def test_trigger_obeys_overlap_skip_buffer_and_cancel(client: httpx.AsyncC
 
     await ready(client, first["run_id"])  # the first run ends: the buffered one starts
     await wait_for(client, first["run_id"])
+
+    async def tick_fired() -> bool:
+        return any(t["id"] == buffered["tick_id"] and t["outcome"] == "fired"
+                   for t in await ticks(client, sid))  # fmt: skip
+
+    await until(tick_fired)
     history = await ticks(client, sid)
     started = next(t for t in history if t["id"] == buffered["tick_id"])
     assert started["outcome"] == "fired" and started["run_id"] is not None
@@ -280,7 +286,13 @@ async def test_buffer_all_runs_every_tick_one_after_another(client: httpx.AsyncC
     outcomes = [(await trigger(client, sid))["outcome"] for _ in range(4)]
     assert outcomes == ["fired", "buffered", "buffered", "buffered"]
     seen: list[int] = []
+
+    async def next_started() -> bool:
+        return any(t["outcome"] == "fired" and t["run_id"] not in seen
+                   for t in await ticks(client, sid))  # fmt: skip
+
     for _ in range(4):
+        await until(next_started)
         running = [t["run_id"] for t in await ticks(client, sid)
                    if t["outcome"] == "fired" and t["run_id"] not in seen]  # fmt: skip
         assert len(running) == 1, running  # one at a time
@@ -385,3 +397,24 @@ async def test_the_daily_report_templates_suggested_schedule_is_accepted(
     made = await schedule(client, def_id, **template["suggested_schedule"])
     assert made["description"] == "At 09:00 on Monday through Friday"
     assert made["next_run"].endswith(("-05:00", "-04:00")) and made["overlap"] == "skip"
+
+
+@pytest.mark.sqlite_only
+async def test_buffered_ticks_do_not_copy_the_flow(client: httpx.AsyncClient, tmp_path) -> None:
+    # A backfill of 500 fire times of a definition with a large flow: the buffered ticks
+    # keep their fire times only (their runs are made when they start), not 500 flows.
+    padding = "x" * 200_000
+    big = {"name": "big", "description": "big",
+           "flow": {"start": {"tool": None, "args": {"pad": padding}, "done": True}}}  # fmt: skip
+    await define(client, big)
+    sid = (await schedule(client, "big", cron_expression="* * * * *"))["schedule_id"]
+    db = tmp_path / "stepd.db"
+    before = db.stat().st_size + (tmp_path / "stepd.db-wal").stat().st_size
+    end = datetime.now(UTC) - timedelta(hours=1)
+    body = {"start": (end - timedelta(minutes=499)).isoformat(), "end": end.isoformat()}
+    resp = await client.post(f"/api/workflows/schedules/{sid}/backfill", json=body)
+    assert resp.status_code == 202, resp.text
+    got = resp.json()
+    assert got["fired"] == 1 and got["buffered"] == got["fire_times"] - 1 >= 498
+    after = db.stat().st_size + (tmp_path / "stepd.db-wal").stat().st_size
+    assert after - before < 5 * 2**20, f"the database grew {(after - before) / 2**20:.1f} MB"

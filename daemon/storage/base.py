@@ -102,6 +102,8 @@ class BaseStore(ScheduleStore, DefinitionStore):
         self._tokens: OrderedDict[int, str | None] = OrderedDict()  # workflow id -> creator
         self._changed = asyncio.Event()  # set, and replaced, after every commit
         self.commit_hooks: list[CommitHook] = []  # (seconds, batch size) per commit
+        # A run of a schedule ended in a write (the scheduler may start a buffered tick).
+        self.schedule_run_ended = False
         # Called with "commit" after a write of this process, "remote" when another daemon
         # on the database wrote (PostgreSQL's NOTIFY), "reconnect" when such news may have
         # been missed (look at everything again).

@@ -324,8 +324,8 @@ class DefinitionStore(_Base):
         if row["has_children"]:  # one statement less for every workflow without any
             for (child,) in db.execute(self.Q["children"], {"id": workflow_id}).fetchall():
                 cancelled += self._cancel_tree(db, child, "parent workflow ended", now) or []
-        if row["schedule_id"] is not None:  # first: its lock is taken before the definition's
-            self._unbuffer(db, row["schedule_id"], now)
+        if row["schedule_id"] is not None:  # the scheduler may start a buffered tick's run
+            self.schedule_run_ended = True
         if row["definition_id"] is not None:
             self._promote(db, row["definition_id"], now)
         if row["parent_step_id"] is not None:

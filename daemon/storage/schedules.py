@@ -333,20 +333,10 @@ class ScheduleStore(_Base):
                     None,
                     f"{what} (overlap {policy})",
                     now,
-                    run_json=this.to_json(),
                 )
             # cancel_other: the runs still going are cancelled, buffered ticks dropped
             for (tick_id,) in db.execute(self.Q["buffered_ticks"], {"schedule_id": sid}).fetchall():
-                db.execute(
-                    self.Q["settle_tick"],
-                    {
-                        "id": tick_id,
-                        "outcome": "skipped",
-                        "run_id": None,
-                        "now": now,
-                        "reason": "replaced (overlap cancel_other)",
-                    },
-                )
+                self._settle(db, tick_id, "skipped", None, "replaced (overlap cancel_other)", now)
             for run_id in running:
                 cancelled += (
                     self._cancel_tree(db, run_id, "schedule (overlap cancel_other)", now) or []
@@ -382,8 +372,6 @@ class ScheduleStore(_Base):
         run_id: int | None,
         reason: str | None,
         now: int,
-        *,
-        run_json: str | None = None,
     ) -> Tick | None:
         """Store a tick; None when one of this schedule, kind and fire time exists."""
         params = {
@@ -393,7 +381,6 @@ class ScheduleStore(_Base):
             "outcome": outcome,
             "run_id": run_id,
             "reason": reason,
-            "run_json": run_json,
             "now": now,
         }
         got = db.execute(self.Q["insert_tick"], params).fetchone()
@@ -410,45 +397,68 @@ class ScheduleStore(_Base):
             reason=reason,
         )
 
-    def _unbuffer(self, db: Tx, sid: int, now: int) -> None:
-        """A run of a schedule ended: when none of its runs is still going, its oldest
-        buffered tick starts its run (one whose definition is paused or archived by now
-        is skipped, and the next one is tried)."""
-        self._one_at_a_time(db, f"schedule {sid}")
-        if db.execute(self.Q["schedule_running"], {"schedule_id": sid}).fetchone() is not None:
-            return
-        while True:
-            found = db.execute(self.Q["oldest_buffered"], {"schedule_id": sid}).fetchone()
-            if found is None:
-                return
+    async def schedules_to_unbuffer(self, limit: int) -> list[int]:
+        """Schedules with buffered ticks and no run going: their next run may start."""
+        rows = await self._all(self.Q["schedules_to_unbuffer"], {"limit": limit})
+        return [int(r[0]) for r in rows]
+
+    async def start_buffered(
+        self, sid: int, run: NewRun | None, problem: str | None, now: int | None = None
+    ) -> Fired:
+        """Start the run of a schedule's oldest buffered tick, when none of its runs is
+        going ("raced" when one is, or there is no buffered tick: nothing done). A tick
+        whose definition is paused or archived by now, or whose run cannot be made
+        (`problem`), is skipped and the next one tried."""
+        now = now_ms() if now is None else now
+
+        def op(db: Tx) -> Fired:
+            self._one_at_a_time(db, f"schedule {sid}")
             row = db.execute(self.Q["schedule_row"], {"id": sid}).fetchone()
-            if row is None:
-                return
-            tick_id = int(found["id"])
-            status = row["definition_status"]
-            if status in ("paused", "archived"):
-                db.execute(
-                    self.Q["settle_tick"],
-                    {
-                        "id": tick_id,
-                        "outcome": "skipped",
-                        "run_id": None,
-                        "now": now,
-                        "reason": f"definition is {status}",
-                    },
-                )
-                continue
-            run = NewRun.from_json(found["run_json"])
-            created = self._new_run(db, run, int(row["concurrency"]), now)
-            db.execute(
-                self.Q["settle_tick"],
-                {
-                    "id": tick_id,
-                    "outcome": "fired",
-                    "run_id": created.id,
-                    "reason": None,
-                    "now": now,
-                },
-            )
-            self._fired(db, tick_id, sid, created.id, found["kind"], int(found["fire_at"]), now)
-            return
+            if (
+                row is None
+                or db.execute(self.Q["schedule_running"], {"schedule_id": sid}).fetchone()
+            ):
+                return Fired("raced", [])
+            if run is not None and run.definition_version != row["definition_version"]:
+                return Fired("stale", [])
+            ticks: list[Tick] = []
+            while True:
+                found = db.execute(self.Q["oldest_buffered"], {"schedule_id": sid}).fetchone()
+                if found is None:
+                    return Fired("ok" if ticks else "raced", ticks)
+                tick_id, fire_at = int(found["id"]), int(found["fire_at"])
+                status = row["definition_status"]
+                reason = f"definition is {status}" if status in ("paused", "archived") else problem
+                if run is None or reason is not None:
+                    self._settle(db, tick_id, "skipped", None, reason or "no run", now)
+                    ticks.append(self._tick_of(found, sid, "skipped", None, reason, now))
+                    continue
+                this = dataclasses.replace(run, schedule_id=sid, fire_at=fire_at)
+                created = self._new_run(db, this, int(row["concurrency"]), now)
+                self._settle(db, tick_id, "fired", created.id, None, now)
+                self._fired(db, tick_id, sid, created.id, found["kind"], fire_at, now)
+                ticks.append(self._tick_of(found, sid, "fired", created.id, None, now))
+                return Fired("ok", ticks)
+
+        return await self.write("start_buffered", op)
+
+    def _settle(
+        self, db: Tx, tick_id: int, outcome: str, run_id: int | None, reason: str | None, now: int
+    ) -> None:
+        params = {"id": tick_id, "outcome": outcome, "run_id": run_id, "reason": reason, "now": now}
+        db.execute(self.Q["settle_tick"], params)
+
+    @staticmethod
+    def _tick_of(
+        found: Row, sid: int, outcome: str, run_id: int | None, reason: str | None, now: int
+    ) -> Tick:
+        return Tick(
+            id=int(found["id"]),
+            schedule_id=sid,
+            kind=found["kind"],
+            fire_at=int(found["fire_at"]),
+            outcome=outcome,
+            recorded_at=now,
+            run_id=run_id,
+            reason=reason,
+        )

@@ -886,9 +886,8 @@ FROM schedules s JOIN definitions d ON d.id = s.definition_id WHERE s.id = :id;
 
 -- insert_tick --
 -- Record a tick: nothing when this schedule, kind and fire time has one already.
-INSERT INTO schedule_ticks (schedule_id, kind, fire_at, outcome, run_id, reason, run_json,
-                            recorded_at)
-VALUES (:schedule_id, :kind, :fire_at, :outcome, :run_id, :reason, :run_json, :now)
+INSERT INTO schedule_ticks (schedule_id, kind, fire_at, outcome, run_id, reason, recorded_at)
+VALUES (:schedule_id, :kind, :fire_at, :outcome, :run_id, :reason, :now)
 ON CONFLICT (schedule_id, kind, fire_at) DO NOTHING
 RETURNING id;
 
@@ -902,7 +901,7 @@ SELECT count(*) FROM schedule_ticks WHERE schedule_id = :schedule_id AND outcome
 
 -- oldest_buffered --
 -- A schedule's oldest buffered tick.
-SELECT id, kind, fire_at, run_json FROM schedule_ticks
+SELECT id, kind, fire_at FROM schedule_ticks
 WHERE schedule_id = :schedule_id AND outcome = 'buffered' ORDER BY id LIMIT 1;
 
 -- buffered_ticks --
@@ -912,7 +911,7 @@ SELECT id FROM schedule_ticks WHERE schedule_id = :schedule_id AND outcome = 'bu
 -- settle_tick --
 -- A buffered tick's outcome: fired (with its run) or skipped.
 UPDATE schedule_ticks SET outcome = :outcome, run_id = :run_id, reason = :reason,
-                          run_json = NULL, recorded_at = :now
+                          recorded_at = :now
 WHERE id = :id AND outcome = 'buffered';
 
 -- advance_schedule --
@@ -922,8 +921,8 @@ UPDATE schedules SET next_at = :next_at,
 WHERE id = :id;
 
 -- mark_fired --
--- When a schedule last started a run.
-UPDATE schedules SET last_fired_at = :fire_at WHERE id = :id;
+-- The latest fire time a schedule started a run for (a backfill's are older).
+UPDATE schedules SET last_fired_at = max(coalesce(last_fired_at, 0), :fire_at) WHERE id = :id;
 
 -- schedule_ticks --
 -- A schedule's ticks, newest first.
@@ -956,3 +955,11 @@ SELECT id FROM schedule_ticks WHERE schedule_id = :schedule_id AND kind = :kind 
 -- set_tick_run --
 -- The run a fired tick started.
 UPDATE schedule_ticks SET run_id = :run_id WHERE id = :id;
+
+-- schedules_to_unbuffer --
+-- Schedules with buffered ticks and no run going: the oldest tick's run may start.
+SELECT DISTINCT t.schedule_id FROM schedule_ticks t
+WHERE t.outcome = 'buffered'
+  AND NOT EXISTS (SELECT 1 FROM workflows w
+                  WHERE w.schedule_id = t.schedule_id AND w.status = 'running')
+LIMIT :limit;

@@ -30,7 +30,6 @@ CREATE TABLE schedule_ticks (
     outcome      text    NOT NULL CHECK (outcome IN ('fired', 'skipped', 'missed', 'buffered')),
     run_id       bigint,
     reason       text,
-    run_json     text,                           -- while buffered: the run to start (NewRun)
     recorded_at  bigint  NOT NULL,
     UNIQUE (schedule_id, kind, fire_at)
 );

@@ -29,7 +29,6 @@ CREATE TABLE schedule_ticks (
     outcome      TEXT    NOT NULL CHECK (outcome IN ('fired', 'skipped', 'missed', 'buffered')),
     run_id       INTEGER,
     reason       TEXT,
-    run_json     TEXT,                           -- while buffered: the run to start (NewRun)
     recorded_at  INTEGER NOT NULL,
     UNIQUE (schedule_id, kind, fire_at)
 );
