@@ -1756,9 +1756,8 @@ def _add_schedule_parsers(sub: Any) -> None:
         "list", help="schedules (all, or one definition's): cron, zone, next run, overlap"
     )
     s.add_argument("ref", nargs="?", metavar="DEFINITION", help="only this definition's")
-    s.add_argument("--limit", type=int, default=100,
-                   help="without DEFINITION: at most this many (default 100)")  # fmt: skip
-    s.add_argument("--offset", type=int, default=0, help="without DEFINITION: skip this many")
+    s.add_argument("--limit", type=int, default=100, help="at most this many (1..200, default 100)")
+    s.add_argument("--offset", type=int, default=0, help="skip this many")
     s.add_argument("--json", action="store_true", help="print the API's JSON as is")
     s.set_defaults(func=cmd_schedule_list)
 
@@ -1854,16 +1853,16 @@ def _yes(value: Any) -> str:
 
 
 def cmd_schedule_list(args: argparse.Namespace) -> int:
+    query = _query(limit=args.limit, offset=args.offset or None)
     if args.ref is not None:
-        path = _def_path(args.ref, "/schedules")
+        path = _def_path(args.ref, f"/schedules{query}")
     else:
-        path = f"/api/workflows/recurring{_query(limit=args.limit, offset=args.offset or None)}"
+        path = f"/api/workflows/recurring{query}"
     answer = Client().call("GET", path)
     if args.json:
         _print(answer)
         return 0
-    offset = 0 if args.ref is not None else args.offset
-    for line in _render_schedule_list(answer, offset):
+    for line in _render_schedule_list(answer, args.offset):
         print(line)
     return 0
 
