@@ -479,9 +479,10 @@ def test_trigger_obeys_overlap(daemon: Daemon, tmp_path: Path) -> None:
         time.sleep(0.1)
     second = next(t for t in ticks if t["run_id"] not in (None, first_run))
     assert second["outcome"] == "fired"
-    rows = ok(stepd(daemon, "schedule", "show", str(sid))).splitlines()
-    assert any(r.split()[0] == str(second["id"]) and r.split()[5:7] == ["fired",
-               str(second["run_id"])] for r in rows), rows  # fmt: skip
+    rows = [r.split() for r in ok(stepd(daemon, "schedule", "show", str(sid))).splitlines()]
+    assert [str(second["id"]), "fired", str(second["run_id"])] in [
+        [r[0], *r[5:7]] for r in rows if len(r) >= 7
+    ], rows
     for run in (first_run, second["run_id"]):
         stepd(daemon, "cancel", str(run))
 
