@@ -1724,8 +1724,9 @@ def _run_outcome_line(
 
 SCHEDULE_HELP = """\
 DEFINITION is a definition's name or its id; SID a schedule's id (stepd schedule list).
-CRON has five fields (minute hour day-of-month month day-of-week) or is one of @hourly,
-@daily, @weekly, @monthly, @yearly; it is read in --tz, an IANA zone (default UTC).
+CRON has five fields (minute hour day-of-month month day-of-week; six with seconds
+first) or is one of @hourly, @daily, @weekly, @monthly, @yearly; it is read in --tz, an
+IANA zone (default UTC).
 
 overlap, when the schedule's previous run is still going:
   skip          the new tick is skipped (default)
