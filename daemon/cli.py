@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_admin_token)
 
     _add_def_parsers(sub)
+    _add_schedule_parsers(sub)
     s = sub.add_parser("runs", help="a saved definition's runs, newest first (= stepd def runs)")
     _runs_arguments(s)
     return p
@@ -1717,3 +1718,368 @@ def _run_outcome_line(
     if kind == "timer":
         return f"{head} waiting: {step} waits for its timer{more}"
     return f"{head} waiting: {step} awaits {kind}{more}"
+
+
+# -- schedules (stepd schedule ...) --------------------------------------------------------
+
+SCHEDULE_HELP = """\
+DEFINITION is a definition's name or its id; SID a schedule's id (stepd schedule list).
+CRON has five fields (minute hour day-of-month month day-of-week; six with seconds
+first) or is one of @hourly, @daily, @weekly, @monthly, @yearly; it is read in --tz, an
+IANA zone (default UTC).
+
+overlap, when the schedule's previous run is still going:
+  skip          the new tick is skipped (default)
+  buffer_one    one tick waits and starts when the run ends; more are skipped
+  buffer_all    every tick waits its turn (the default of backfill)
+  cancel_other  the running runs are cancelled and the new one starts
+  allow_all     the new run starts anyway
+
+Fire times are shown in the schedule's zone, with its UTC offset.
+"""
+OVERLAPS = ("skip", "buffer_one", "buffer_all", "cancel_other", "allow_all")
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def _add_schedule_parsers(sub: Any) -> None:
+    d = sub.add_parser(
+        "schedule",
+        help="cron schedules of definitions: list, show, add, pause, trigger, backfill ... "
+        "(stepd schedule --help)",
+        description="Cron schedules that start runs of saved definitions "
+        "(/api/workflows/.../schedules).",
+        epilog=SCHEDULE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ds = d.add_subparsers(dest="schedule_command", required=True, metavar="SUBCOMMAND")
+
+    s = ds.add_parser(
+        "list", help="schedules (all, or one definition's): cron, zone, next run, overlap"
+    )
+    s.add_argument("ref", nargs="?", metavar="DEFINITION", help="only this definition's")
+    s.add_argument("--limit", type=int, default=100, help="at most this many (1..200, default 100)")
+    s.add_argument("--offset", type=int, default=0, help="skip this many")
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.set_defaults(func=cmd_schedule_list)
+
+    s = ds.add_parser("show", help="a schedule: header, its next runs, its recent ticks")
+    s.add_argument("sid", type=int, metavar="SID")
+    s.add_argument(
+        "--ticks", type=int, metavar="N", help="show the N most recent ticks (default 20)"
+    )
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.set_defaults(func=cmd_schedule_show)
+
+    s = ds.add_parser("add", help="add a schedule to a definition; prints its id and next runs")
+    s.add_argument("ref", metavar="DEFINITION")
+    s.add_argument("cron", metavar="CRON", help="e.g. '0 9 * * 1-5' (quote it) or @daily")
+    s.add_argument("--tz", metavar="ZONE", help="IANA time zone, e.g. Europe/Paris (default UTC)")
+    s.add_argument(
+        "--input",
+        metavar="JSON|@FILE",
+        help="each run's input, a JSON object, or @FILE to read it from a file ('@-': stdin)",
+    )
+    s.add_argument("--overlap", choices=OVERLAPS, metavar="POLICY",
+                   help="|".join(OVERLAPS) + " (default skip)")  # fmt: skip
+    s.add_argument(
+        "--catchup",
+        type=int,
+        metavar="SECONDS",
+        help="a tick missed while no daemon ran still fires if at most this late (default 60)",
+    )
+    s.add_argument("--paused", action="store_true", help="add it paused (stepd schedule resume)")
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.set_defaults(func=cmd_schedule_add)
+
+    s = ds.add_parser("pause", help="stop firing until resumed (no ticks are recorded meanwhile)")
+    s.add_argument("sid", type=int, metavar="SID")
+    s.set_defaults(func=cmd_schedule_pause, paused=True)
+
+    s = ds.add_parser("resume", help="fire again, from the next fire time after now")
+    s.add_argument("sid", type=int, metavar="SID")
+    s.set_defaults(func=cmd_schedule_pause, paused=False)
+
+    s = ds.add_parser("trigger", help="start a run now (obeys overlap; works while paused)")
+    s.add_argument("sid", type=int, metavar="SID")
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.set_defaults(func=cmd_schedule_trigger)
+
+    s = ds.add_parser(
+        "backfill", help="one run per fire time between --start and --end; prints counts"
+    )
+    s.add_argument("sid", type=int, metavar="SID")
+    s.add_argument("--start", required=True, metavar="ISO",
+                   help="ISO 8601 with an offset, e.g. 2026-12-01T00:00:00Z")  # fmt: skip
+    s.add_argument("--end", required=True, metavar="ISO", help="likewise; not in the future")
+    s.add_argument("--overlap", choices=OVERLAPS, metavar="POLICY",
+                   help="|".join(OVERLAPS) + " (default buffer_all)")  # fmt: skip
+    s.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    s.set_defaults(func=cmd_schedule_backfill)
+
+    s = ds.add_parser("rm", help="delete a schedule and its ticks (its runs stay)")
+    s.add_argument("sid", type=int, metavar="SID")
+    s.set_defaults(func=cmd_schedule_rm)
+
+
+def _schedule_path(sid: int, tail: str = "") -> str:
+    return f"/api/workflows/schedules/{int(sid)}{tail}"
+
+
+def _fire_time(value: Any, weekday: bool = False) -> str:
+    """A fire time (ISO 8601 with the schedule zone's offset) as 2026-12-04 09:00 -05:00,
+    kept in that zone; seconds only when it has some; '-' when absent."""
+    if value in (None, ""):
+        return "-"
+    text = str(value)
+    try:
+        at = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        return text
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    clock = "%H:%M:%S" if at.second or at.microsecond else "%H:%M"
+    offset = at.strftime("%z")
+    offset = f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else offset
+    out = at.strftime(f"%Y-%m-%d {clock}") + f" {offset}"
+    return f"{WEEKDAYS[at.weekday()]} {out}" if weekday else out
+
+
+def _schedule_items(answer: Any) -> list[dict[str, Any]]:
+    items = answer.get("schedules") if isinstance(answer, dict) else answer
+    return [s for s in items or [] if isinstance(s, dict)]
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    query = _query(limit=args.limit, offset=args.offset or None)
+    if args.ref is not None:
+        path = _def_path(args.ref, f"/schedules{query}")
+    else:
+        path = f"/api/workflows/recurring{query}"
+    answer = Client().call("GET", path)
+    if args.json:
+        _print(answer)
+        return 0
+    for line in _render_schedule_list(answer, args.offset):
+        print(line)
+    return 0
+
+
+def _render_schedule_list(answer: Any, offset: int = 0) -> list[str]:
+    items = _schedule_items(answer)
+    total = answer.get("total") if isinstance(answer, dict) else None
+    if not items:
+        return ["no schedules" + (f" here ({total} in all)" if total else "")]
+    rows = [("ID", "DEFINITION", "CRON", "TIMEZONE", "DESCRIPTION", "NEXT RUN", "OVERLAP",
+             "PAUSED")]  # fmt: skip
+    for s in items:
+        rows.append((
+            str(s.get("schedule_id")),
+            str(s.get("workflow_name") or s.get("workflow_id")),
+            str(s.get("cron_expression")),
+            str(s.get("timezone") or "UTC"),
+            _one_line(s.get("description") or "-", 60),
+            _fire_time(s.get("next_run")),
+            str(s.get("overlap") or "-"),
+            _yes(s.get("paused")),
+        ))  # fmt: skip
+    out = _table(rows)
+    if isinstance(total, int) and total > offset + len(items):
+        out.append(
+            f"({offset + 1}-{offset + len(items)} of {total}; --offset {offset + len(items)} "
+            "for more)"
+        )
+    return out
+
+
+def cmd_schedule_show(args: argparse.Namespace) -> int:
+    client = Client()
+    schedule = client.call("GET", _schedule_path(args.sid))
+    total = None
+    if args.ticks is not None:
+        if args.ticks < 1:
+            raise CLIError("--ticks must be at least 1")
+        page = client.call("GET", _schedule_path(args.sid, f"/ticks{_query(limit=args.ticks)}"))
+        schedule = {**schedule, "ticks": page.get("ticks") or []}
+        total = page.get("total")
+    if args.json:
+        _print(schedule)
+        return 0
+    for line in _render_schedule(schedule, total):
+        print(line)
+    return 0
+
+
+def _render_schedule(s: dict[str, Any], total: int | None = None) -> list[str]:
+    """A schedule for a person: a header, its next runs, then its ticks, newest first."""
+    sid = s.get("schedule_id")
+    out = [f"schedule {sid}  {s.get('workflow_name') or s.get('workflow_id') or ''}".rstrip()]
+
+    def field(label: str, value: Any) -> None:
+        out.append(f"  {label:<13}{value}")
+
+    field("definition", f"{s.get('workflow_name') or '-'} ({s.get('workflow_id')})")
+    cron = str(s.get("cron_expression"))
+    field("cron", cron + (f"  ({s['description']})" if s.get("description") else ""))
+    field("timezone", s.get("timezone") or "UTC")
+    field("input", _short(s.get("input_data") or {}, 200))
+    field("overlap", s.get("overlap") or "skip")
+    if s.get("catchup_window") is not None:
+        field("catch-up", f"{s['catchup_window']} s")
+    field("paused", f"yes (stepd schedule resume {sid})" if s.get("paused") else "no")
+    runs = [r for r in s.get("next_runs") or [] if r]
+    label = "once resumed" if s.get("paused") else "next runs"
+    if not runs:
+        field(label, "none")
+    for n, when in enumerate(runs):
+        field(label if n == 0 else "", _fire_time(when, weekday=True))
+    field("last fired", _fire_time(s.get("last_fired_at")))
+    if s.get("buffered"):
+        field("buffered", f"{s['buffered']} (they start as the running runs end)")
+    field("created", f"{_iso_when(s.get('created_at'))} by {s.get('created_by') or '-'}")
+    if s.get("updated_at"):
+        field("updated", _iso_when(s.get("updated_at")))
+    out.append("")
+    out.extend(_render_ticks(s.get("ticks") or [], total))
+    return out
+
+
+def _render_ticks(ticks: list[dict[str, Any]], total: int | None = None) -> list[str]:
+    if not ticks:
+        return ["no ticks yet"]
+    rows = [("TICK", "FIRE TIME", "KIND", "OUTCOME", "RUN", "REASON")]
+    for t in ticks:
+        rows.append((
+            str(t.get("id")),
+            _fire_time(t.get("fire_time")),
+            str(t.get("kind") or "-"),
+            str(t.get("outcome") or "-"),
+            str(t["run_id"]) if t.get("run_id") is not None else "-",
+            _one_line(t.get("reason") or "", 120),
+        ))  # fmt: skip
+    out = _table(rows)
+    if isinstance(total, int) and total > len(ticks):
+        out.append(f"({len(ticks)} most recent of {total}; --ticks N for more)")
+    return out
+
+
+def _schedule_input(raw: str | None) -> dict[str, Any]:
+    """--input: a JSON object, or @FILE holding one."""
+    if raw is None:
+        return {}
+    if raw.startswith("@"):
+        value = _read_json_file(raw[1:])
+    else:
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise CLIError(
+                f"--input is not valid JSON: {exc} (a JSON object, or @FILE to read a file)"
+            ) from None
+    if not isinstance(value, dict):
+        raise CLIError('--input must be a JSON object, e.g. \'{"dataset": "daily"}\'')
+    return value
+
+
+def cmd_schedule_add(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"cron_expression": args.cron, "input_data": _schedule_input(args.input)}
+    if args.tz is not None:
+        body["timezone"] = args.tz
+    if args.overlap is not None:
+        body["overlap"] = args.overlap
+    if args.catchup is not None:
+        body["catchup_window"] = args.catchup
+    if args.paused:
+        body["paused"] = True
+    answer = Client().call("POST", _def_path(args.ref, "/schedules"), body)
+    if args.json:
+        _print(answer)
+        return 0
+    schedule = _unwrap(answer, "schedule") if isinstance(answer, dict) else {}
+    sid = answer.get("schedule_id", schedule.get("schedule_id"))
+    for line in _render_added(sid, schedule, args.ref):
+        print(line)
+    return 0
+
+
+def _render_added(sid: Any, s: dict[str, Any], ref: str) -> list[str]:
+    name = s.get("workflow_name") or ref
+    what = f"{s.get('cron_expression')} {s.get('timezone') or 'UTC'}"
+    if s.get("description"):
+        what += f" ({s['description']})"
+    out = [f"added schedule {sid} to {name}: {what}"]
+    if s.get("paused"):
+        out.append(f"paused: stepd schedule resume {sid}; then it fires at")
+    else:
+        out.append("next runs:")
+    runs = [r for r in s.get("next_runs") or [] if r]
+    out += [f"  {_fire_time(r, weekday=True)}" for r in runs] or ["  none"]
+    return out
+
+
+def cmd_schedule_pause(args: argparse.Namespace) -> int:
+    s = Client().call("PATCH", _schedule_path(args.sid), {"paused": args.paused})
+    s = s if isinstance(s, dict) else {}
+    name = s.get("workflow_name")
+    head = f"{'paused' if args.paused else 'resumed'} schedule {args.sid}"
+    head += f" ({name})" if name else ""
+    if not args.paused:
+        head += f": next run {_fire_time(s.get('next_run'))}"
+    print(head)
+    return 0
+
+
+def cmd_schedule_trigger(args: argparse.Namespace) -> int:
+    answer = Client().call("POST", _schedule_path(args.sid, "/trigger"))
+    if args.json:
+        _print(answer)
+        return 0
+    print(_trigger_line(answer if isinstance(answer, dict) else {}))
+    return 0
+
+
+def _trigger_line(answer: dict[str, Any]) -> str:
+    """`fired: run 123 (stepd show 123)`, `buffered: ...`, `skipped: <why>`."""
+    outcome = str(answer.get("outcome") or "?")
+    run_id = answer.get("run_id")
+    parts = [f"run {run_id} (stepd show {run_id})"] if run_id is not None else []
+    if answer.get("reason"):
+        parts.append(_one_line(answer["reason"]))
+    elif outcome == "buffered" and run_id is None:
+        parts.append("it starts when the running one ends")
+    return outcome + (": " + "; ".join(parts) if parts else "")
+
+
+def cmd_schedule_backfill(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"start": args.start, "end": args.end}
+    if args.overlap is not None:
+        body["overlap"] = args.overlap
+    answer = Client().call("POST", _schedule_path(args.sid, "/backfill"), body)
+    if args.json:
+        _print(answer)
+        return 0
+    for line in _render_backfill(answer if isinstance(answer, dict) else {}):
+        print(line)
+    return 0
+
+
+def _render_backfill(answer: dict[str, Any]) -> list[str]:
+    n = answer.get("fire_times", 0)
+    counts = ", ".join(f"{answer.get(k, 0)} {k}" for k in ("fired", "buffered", "skipped"))
+    out = [f"{n} fire time{'s' if n != 1 else ''}: {counts}"]
+    reasons: dict[str, int] = {}
+    for t in answer.get("ticks") or []:
+        if isinstance(t, dict) and t.get("outcome") == "skipped":
+            why = _one_line(t.get("reason") or "no reason given", 120)
+            reasons[why] = reasons.get(why, 0) + 1
+    out += [f"  skipped {count}: {why}" for why, count in reasons.items()]
+    return out
+
+
+def cmd_schedule_rm(args: argparse.Namespace) -> int:
+    Client().call("DELETE", _schedule_path(args.sid))
+    print(f"deleted schedule {args.sid}")
+    return 0
