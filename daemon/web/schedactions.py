@@ -14,15 +14,18 @@ from starlette.routing import BaseRoute, Route
 
 from daemon import cron
 from daemon.auth import Authenticator
+from daemon.bodies import parse_body
 from daemon.errors import BadRequest, NotFound, StepdError, Unprocessable
 from daemon.ids import MAX_ID
-from daemon.web.actions import Form, back, form_action, parse_json_field
+from daemon.web.actions import Form, back, form_action
 from daemon.web.defactions import refusal
 from daemon.web.schedpages import DEFAULT_CATCHUP, local, scheds_of
 from daemon.web.session import Session
 
 MAX_CATCHUP = 31_622_400  # seconds: a year (the service's own limit)
 MAX_TIME_TEXT = 100  # characters of a backfill's start or end
+MAX_REASONS = 2  # reasons for skipped ticks quoted in a backfill's message
+MAX_REASON = 120  # characters of each
 
 Action = Callable[[Request, dict[str, Any], Form, Session], Awaitable[tuple[str | None, str, str]]]
 
@@ -58,9 +61,11 @@ async def new_schedule(form: Form) -> dict[str, Any]:
     expression = form.get("cron_expression", "").strip()
     if not expression:
         raise Unprocessable("a schedule needs a cron expression, such as 0 9 * * 1-5")
-    data = await parse_json_field(form, "input_data", "The input")
-    if data is None:
-        data = {}
+    raw = form.get("input_data", "").strip()
+    try:
+        data = await parse_body(raw.encode()) if raw else {}
+    except BadRequest as exc:
+        raise Unprocessable(f"the input is not valid JSON ({exc.text})") from None
     if not isinstance(data, dict):
         raise Unprocessable("the input must be a JSON object")
     body: dict[str, Any] = {
@@ -124,7 +129,7 @@ async def trigger(
     request: Request, schedule: dict[str, Any], form: Form, session: Session
 ) -> tuple[str | None, str, str]:
     """Run now, as the schedule's overlap says: a run started goes to its page."""
-    answer = await scheds_of(request).trigger(schedule["schedule_id"], by=session.token.name)
+    answer = await scheds_of(request).trigger(schedule["schedule_id"])
     outcome, run_id = answer.get("outcome"), answer.get("run_id")
     why = f": {answer['reason']}" if answer.get("reason") else ""
     if outcome == "fired" and run_id is not None:
@@ -156,12 +161,27 @@ async def backfill(
     }
     if form.get("overlap"):
         body["overlap"] = form["overlap"]
-    answer = await scheds_of(request).backfill(schedule["schedule_id"], body,
-                                               by=session.token.name)  # fmt: skip
+    answer = await scheds_of(request).backfill(schedule["schedule_id"], body)
     n = answer.get("fire_times", 0)
     counts = ", ".join(f"{answer.get(k, 0)} {k}" for k in ("fired", "buffered", "skipped"))
     times = "fire time" if n == 1 else "fire times"
-    return None, "ok", f"Backfilled {n} {times} from {body['start']} to {body['end']}: {counts}."
+    why = skip_reasons(answer.get("ticks") or [])
+    return None, "ok", (f"Backfilled {n} {times} from {body['start']} to {body['end']}: "
+                        f"{counts}{why}.")  # fmt: skip
+
+
+def skip_reasons(ticks: list[dict[str, Any]]) -> str:
+    """Why ticks were skipped, each reason once (the first MAX_REASONS, cut)."""
+    reasons: list[str] = []
+    for tick in ticks:
+        reason = tick.get("reason") if tick.get("outcome") == "skipped" else None
+        if reason and reason not in reasons:
+            reasons.append(str(reason))
+    if not reasons:
+        return ""
+    shown = [r if len(r) <= MAX_REASON else r[:MAX_REASON] + "…" for r in reasons[:MAX_REASONS]]
+    more = f"; {len(reasons) - MAX_REASONS} more" if len(reasons) > MAX_REASONS else ""
+    return f" ({'; '.join(shown)}{more})"
 
 
 ACTIONS: dict[str, Action] = {"pause": pause, "resume": resume, "trigger": trigger,
