@@ -238,6 +238,11 @@ async def test_pause_resume_run_now_and_delete_from_the_page(web, client):
     run = await wait_for(client, run_id)
     assert run["status"] == "completed" and run["trigger"] == "schedule"
     assert run["input"] == {"who": "Bo"} and run["definition_id"] == d["id"]
+    assert run["schedule"]["schedule_id"] == sid
+    run_page = (await web.get(where)).text
+    fired_by = part(run_page, 'class="fired-by"', "</span>")
+    assert f'fired by <a href="{base}">schedule #{sid}</a> for 20' in fired_by
+    assert fired_by.endswith(" UTC")
     page = (await web.get(base)).text
     ticks = part(page, 'id="ticks"')
     assert 'Ticks <span class="muted">(1)</span>' in ticks
