@@ -470,3 +470,53 @@ def test_a_definition_page_runs_it_from_its_schema_form(daemon: Daemon, browser:
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 375, f"the definition page scrolls sideways on a phone ({width}px)"
     assert problems == [], problems
+
+
+def test_a_schedule_added_from_the_definition_page(daemon: Daemon, browser: Any) -> None:
+    expect = sync_api.expect
+    definition = {
+        "name": "Morning report",
+        "flow": {"start": {"tool": "echo", "args": {"to": "<<input.to>>"}, "done": True}},
+    }
+    with daemon.client(JAMES) as api:
+        resp = api.post("/api/workflows", json={"definition": definition})
+        assert resp.status_code == 201, resp.text
+        def_id = resp.json()["id"]
+    page = signed_in_page(browser, daemon, JAMES)
+    problems = watch(page)
+    page.goto(f"/ui/definitions/{def_id}")
+    expect(page.locator("#schedules")).to_contain_text("No schedules")
+    form = page.locator("form.add-schedule")
+    expect(form).to_be_visible()  # open while there are none
+    form.locator("input[name=cron_expression]").fill("30 8 * * 1-5")
+    form.locator("input[name=timezone]").fill("Europe/Paris")
+    form.locator("textarea[name=input_data]").fill('{"to": "ops@example.com"}')
+    form.locator("select[name=overlap]").select_option("buffer_one")
+    form.locator("button:has-text('Add schedule')").click()
+    expect(page.locator(".flash.ok")).to_contain_text("Added the schedule “30 8 * * 1-5”")
+    schedule = page.locator("#schedules article.schedule")
+    expect(schedule).to_have_count(1)
+    expect(schedule.locator(".cron-words")).to_contain_text("08:30")
+    runs = schedule.locator(".next-runs li")
+    expect(runs).to_have_count(5)
+    for text in runs.all_text_contents():  # Paris in winter, or in summer
+        assert re.fullmatch(r"(Mon|Tue|Wed|Thu|Fri) \d{4}-\d\d-\d\d 08:30 UTC\+0[12]:00", text), (
+            text
+        )
+    shot(page, "23-definition-schedules")
+
+    # Run now: the run starts and the schedule's page lists its tick.
+    schedule.locator("button:has-text('Run now')").click()
+    expect(page.locator(".flash.ok")).to_contain_text("Started run")
+    expect(page.locator("#wf-status")).to_have_text("completed", timeout=15_000)
+    page.goto(f"/ui/definitions/{def_id}")
+    page.locator("#schedules a:has-text('Tick history')").click()
+    expect(page.locator(".ticks .tick")).to_have_count(1)
+    expect(page.locator(".ticks .tick")).to_contain_text("fired")
+    shot(page, "24-schedule-ticks")
+
+    page.set_viewport_size({"width": 375, "height": 812})
+    page.goto(f"/ui/definitions/{def_id}")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"the schedules scroll sideways on a phone ({width}px)"
+    assert problems == [], problems

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Mount
 
-from daemon.web import actions, defactions, defpages, pages
+from daemon.web import actions, defactions, defpages, pages, schedactions, schedpages
 
 
 def routes() -> list[BaseRoute]:
@@ -15,7 +15,9 @@ def routes() -> list[BaseRoute]:
             routes=[
                 *pages.ROUTES,
                 *defpages.ROUTES,
+                *schedpages.ROUTES,
                 *actions.ROUTES,
+                *schedactions.ROUTES,  # before defactions: /definitions/{id}/schedules
                 *defactions.ROUTES,
                 *pages.FALLBACK,
             ],

@@ -1,6 +1,7 @@
 """The Definitions pages: the list of saved definitions, and one definition with its
-versions, a diff between two of them, its flow as a graph, its runs, a Run form made from
-its input schema, and (for `workflow` tokens) deploy, arm, rollback and status forms.
+versions, a diff between two of them, its flow as a graph, its runs, its schedules
+(daemon/web/schedpages.py), a Run form made from its input schema, and (for `workflow`
+tokens) deploy, arm, rollback and status forms.
 
 The pages read through the engine (`engine.defs`), never over HTTP.
 """
@@ -210,6 +211,7 @@ async def definition_page(request: Request, session: Session) -> Response:
     last_event = await engine_of(request).store.max_event_id()  # first: see workflow_page
     try:
         context = await gather(request, ref, write)
+        context |= await schedpages.section(request, context["d"]["id"])
     except NotFound:
         return await not_found(request, session, "There is no such definition.")
     return await render(
@@ -224,6 +226,8 @@ async def definition_page(request: Request, session: Session) -> Response:
         **context,
     )
 
+
+from daemon.web import schedpages  # noqa: E402 - it uses this module's helpers
 
 ROUTES: list[BaseRoute] = [
     Route("/definitions", definitions_page, methods=["GET"]),
