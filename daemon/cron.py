@@ -27,6 +27,9 @@ MACROS = {
     "@hourly": "0 * * * *",
 }
 MAX_EXPRESSION = 200  # characters
+# In the database's directory but not zones: "localtime" is the host's own zone (a link to
+# /etc/localtime), "posixrules" a template.
+NOT_ZONES = frozenset({"localtime", "posixrules"})
 
 
 class CronError(ValueError):
@@ -35,7 +38,7 @@ class CronError(ValueError):
 
 @functools.cache
 def _zone_names() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    return frozenset(zoneinfo.available_timezones()) - NOT_ZONES
 
 
 def zone(name: str) -> zoneinfo.ZoneInfo:
