@@ -80,8 +80,11 @@ class Cron:
         """Fire times t with start <= t <= end, at most `limit` + 1 of them (so a caller
         can tell the window holds more than `limit`)."""
         out: list[datetime] = []
-        for fire in self.after(start - timedelta(microseconds=1)):
-            if fire > end or len(out) > limit:
+        # In UTC: arithmetic and comparisons on two datetimes of one ZoneInfo go by the wall
+        # clock (an hour too late in a skipped hour, 01:30 EDT == 01:30 EST in a repeated one).
+        end = end.astimezone(UTC)
+        for fire in self.after(start.astimezone(UTC) - timedelta(microseconds=1)):
+            if fire.astimezone(UTC) > end or len(out) > limit:
                 break
             out.append(fire)
         return out

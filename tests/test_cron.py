@@ -177,7 +177,8 @@ def local_day(name: str, d: date) -> tuple[datetime, datetime]:
     last = datetime.combine(d + timedelta(days=1), time())
     while not exists(last, tz):
         last += MINUTE
-    return first.replace(tzinfo=tz), last.replace(tzinfo=tz) - timedelta(microseconds=1)
+    last = last.replace(tzinfo=tz).astimezone(UTC) - timedelta(microseconds=1)
+    return first.replace(tzinfo=tz), last
 
 
 def on_local_date(name: str, expression: str, d: date) -> list[datetime]:
