@@ -4,16 +4,22 @@ Fire times follow Debian cron around daylight saving changes, which cronsim impl
 a schedule at a fixed local time (minute and hour both given) that falls in a skipped
 hour (spring forward) fires once, at the first valid minute after it; in a repeated hour
 (fall back) it fires once, at the first of the two. A schedule with a wildcard minute or
-hour (every 15 minutes, hourly) follows real time, so it neither bunches nor stops.
+hour (every 15 minutes, hourly) follows real time, so it neither bunches nor stops: it
+fires at every instant whose local wall clock matches. cronsim walks such a schedule in
+whole hours, which skips real fire times where an offset change is not on an hour of
+the wall clock (Australia/Lord_Howe's 30-minute change, Pacific/Chatham's +12:45), so
+here it runs in the fixed UTC offset of each stretch between two changes instead.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from datetime import timezone as fixed_offset
 
 from cronsim import CronSim, CronSimError
 
@@ -27,6 +33,9 @@ MACROS = {
     "@hourly": "0 * * * *",
 }
 MAX_EXPRESSION = 200  # characters
+# In the database's directory but not zones: "localtime" is the host's own zone (a link to
+# /etc/localtime), "posixrules" a template.
+NOT_ZONES = frozenset({"localtime", "posixrules"})
 
 
 class CronError(ValueError):
@@ -35,7 +44,7 @@ class CronError(ValueError):
 
 @functools.cache
 def _zone_names() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    return frozenset(zoneinfo.available_timezones()) - NOT_ZONES
 
 
 def zone(name: str) -> zoneinfo.ZoneInfo:
@@ -52,8 +61,17 @@ class Cron:
     fields: str  # the five fields cronsim iterates
     tz: zoneinfo.ZoneInfo
 
+    @property
+    def real_time(self) -> bool:
+        """A wildcard minute or hour: fires follow real time (Debian cron, and cronsim)."""
+        minute, hour = self.fields.split()[:2]
+        return minute.startswith("*") or hour.startswith("*")
+
     def after(self, instant: datetime) -> Iterator[datetime]:
         """Fire times strictly after `instant` (aware), in the schedule's zone, ascending."""
+        if self.real_time and self.tz.key != "UTC":
+            yield from self._after_real_time(instant)
+            return
         start = instant.astimezone(self.tz)
         last = start
         # cronsim starts at whole seconds and returns times >= its start + 1 s; a time not
@@ -63,6 +81,23 @@ class Cron:
                 continue
             last = fire
             yield fire
+
+    def _after_real_time(self, instant: datetime) -> Iterator[datetime]:
+        """cronsim in the fixed offset in force after `t`, up to the next offset change,
+        then again from that change in the new offset."""
+        t = since = instant.astimezone(UTC)  # fires after t; offset changes after since
+        while True:
+            offset = (t + timedelta(microseconds=1)).astimezone(self.tz).utcoffset()
+            start = t.astimezone(fixed_offset(offset)).replace(microsecond=0)
+            for fire in CronSim(self.fields, start):  # times >= start + 1 s, so after t
+                change = _first_change(self.tz, since, fire.astimezone(UTC))
+                if change is not None:  # `fire` is read in an offset no longer in force
+                    t, since = change - timedelta(microseconds=1), change
+                    break
+                t = since = fire.astimezone(UTC)
+                yield fire.astimezone(self.tz)
+            else:
+                return
 
     def next_after(self, instant: datetime) -> datetime | None:
         """The first fire time after `instant`, or None if there is none (Feb 30)."""
@@ -77,8 +112,11 @@ class Cron:
         """Fire times t with start <= t <= end, at most `limit` + 1 of them (so a caller
         can tell the window holds more than `limit`)."""
         out: list[datetime] = []
-        for fire in self.after(start - timedelta(microseconds=1)):
-            if fire > end or len(out) > limit:
+        # In UTC: arithmetic and comparisons on two datetimes of one ZoneInfo go by the wall
+        # clock (an hour too late in a skipped hour, 01:30 EDT == 01:30 EST in a repeated one).
+        end = end.astimezone(UTC)
+        for fire in self.after(start.astimezone(UTC) - timedelta(microseconds=1)):
+            if fire.astimezone(UTC) > end or len(out) > limit:
                 break
             out.append(fire)
         return out
@@ -137,6 +175,42 @@ def _parse(expression: str, timezone: str) -> Cron:
     except StopIteration:
         raise CronError(f"cron_expression {text!r} never fires") from None
     return Cron(expression=text, timezone=timezone, fields=fields, tz=tz)
+
+
+@functools.cache
+def _changes(key: str, year: int) -> tuple[datetime, ...]:
+    """The instants (UTC, to the second) where zone `key`'s UTC offset changes, found by
+    reading the offset every 6 hours of `year` and bisecting where it differs."""
+    tz = zoneinfo.ZoneInfo(key)
+    out = []
+    t = datetime(year, 1, 1, tzinfo=UTC)
+    end = datetime(year + 1, 1, 1, tzinfo=UTC)
+    before = t.astimezone(tz).utcoffset()
+    while t < end:
+        nxt = t + timedelta(hours=6)
+        after = nxt.astimezone(tz).utcoffset()
+        if after != before:
+            lo, hi = t, nxt
+            while hi - lo > timedelta(seconds=1):
+                mid = (lo + (hi - lo) / 2).replace(microsecond=0)
+                if mid.astimezone(tz).utcoffset() == before:
+                    lo = mid
+                else:
+                    hi = mid
+            out.append(hi)
+            before = after
+        t = nxt
+    return tuple(out)
+
+
+def _first_change(tz: zoneinfo.ZoneInfo, after: datetime, until: datetime) -> datetime | None:
+    """The first offset change c with after < c <= until (UTC instants), or None."""
+    for year in range(after.year - 1, until.year + 1):
+        changes = _changes(tz.key, year)
+        i = bisect.bisect_right(changes, after)
+        if i < len(changes) and changes[i] <= until:
+            return changes[i]
+    return None
 
 
 def to_ms(instant: datetime) -> int:
