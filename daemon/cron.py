@@ -64,7 +64,10 @@ class Cron:
     @property
     def real_time(self) -> bool:
         """A wildcard minute or hour: fires follow real time (Debian cron, and cronsim)."""
-        minute, hour = self.fields.split()[:2]
+        parts = self.fields.split()
+        if len(parts) == 6:  # seconds first: not Debian cron, real time always (cronsim too)
+            return True
+        minute, hour = parts[:2]
         return minute.startswith("*") or hour.startswith("*")
 
     def after(self, instant: datetime) -> Iterator[datetime]:

@@ -356,8 +356,8 @@ def test_matches_the_reference_around_transitions(name, year, expression):
         ("", "UTC", "non-empty"),
         ("   ", "UTC", "non-empty"),
         ("* * * *", "UTC", "five fields"),
-        ("0 * * * * *", "UTC", "five fields"),
-        ("0 0 1 1 * 2030", "UTC", "five fields"),
+        ("0 0 * * * * *", "UTC", "five fields"),
+        ("0 0 1 1 * 2030", "UTC", "Bad day-of-week"),
         ("60 * * * *", "UTC", "invalid cron_expression"),
         ("0 24 * * *", "UTC", "invalid cron_expression"),
         ("0 0 32 * *", "UTC", "invalid cron_expression"),
@@ -386,7 +386,7 @@ def test_parse_error_messages_name_the_problem():
     with pytest.raises(cron.CronError) as err:
         cron.parse("* * * *")
     assert str(err.value) == (
-        "cron_expression must have five fields (minute hour day-of-month month day-of-week), got 4"
+        "cron_expression must have five fields (minute hour day-of-month month day-of-week), or six with seconds first; got 4"
     )
     with pytest.raises(cron.CronError) as err:
         cron.parse("0 9 * * *", "Europe/Pariss")
@@ -606,3 +606,13 @@ def test_fire_times_are_consistent(data, expression, name):
     # Nothing missed, where the window is short enough to check minute by minute.
     if got[-1].astimezone(UTC) - start.astimezone(UTC) <= timedelta(days=3):
         assert utc(got) == expected_fires(expression, name, start, got[-1])
+
+
+def test_six_fields_have_seconds_first_and_follow_real_time() -> None:
+    c = cron.parse("*/20 * * * * *", "America/New_York")
+    assert c.real_time
+    after = datetime(2026, 11, 1, 5, 59, 30, tzinfo=UTC)  # 01:59:30 EDT, just before fall-back
+    assert [cron.iso(t) for t in c.upcoming(after, 4)] == [
+        "2026-11-01T01:59:40-04:00", "2026-11-01T01:00:00-05:00",
+        "2026-11-01T01:00:20-05:00", "2026-11-01T01:00:40-05:00",
+    ]  # fmt: skip

@@ -288,6 +288,14 @@ class ScheduleStore(_Base):
         tick of this kind and fire time already. Steps of runs it cancels (cancel_other)
         are added to `cancelled`."""
         sid = int(row["id"])
+        if kind != "trigger":  # the idempotency key of a run is (schedule, fire time)
+            other = "backfill" if kind == "cron" else "cron"
+            params = {"schedule_id": sid, "kind": other, "fire_at": fire_at}
+            if db.execute(self.Q["fire_time_taken"], params).fetchone() is not None:
+                if db.execute(self.Q["tick_exists"], {**params, "kind": kind}).fetchone():
+                    return None
+                return self._record(db, sid, kind, fire_at, "skipped", None,
+                                    f"already fired (by a {other} tick)", now)  # fmt: skip
         status = row["definition_status"]
         if status in ("paused", "archived"):
             return self._record(

@@ -1099,3 +1099,9 @@ WHERE t.outcome = 'buffered'
   AND NOT EXISTS (SELECT 1 FROM workflows w
                   WHERE w.schedule_id = t.schedule_id AND w.status = 'running')
 LIMIT :limit;
+
+-- fire_time_taken --
+-- A tick of the given kind that started (or will start) a run for this fire time.
+SELECT id FROM schedule_ticks
+WHERE schedule_id = :schedule_id AND kind = :kind AND fire_at = :fire_at
+  AND outcome IN ('fired', 'buffered');
