@@ -31,6 +31,9 @@ from tests.test_multi_daemon import Cluster, cluster  # noqa: F401  (the fixture
 pytestmark = pytest.mark.timeout(90)
 
 EVERY_SECOND = "* * * * * *"
+# A tick the scheduler handles at most this late fires whatever its catch-up window (its
+# own latency, a start, a takeover): with catchup_window 0, only older ones are missed.
+SLACK_S = 2.0
 
 
 # -- reading what happened ---------------------------------------------------------------
@@ -176,14 +179,28 @@ def sleep_to_second(offset: float) -> float:
 # -- one daemon ------------------------------------------------------------------------
 
 
+class Proc(Daemon):
+    """A daemon whose clients are closed with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clients: list[httpx.Client] = []
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        self.clients.append(super().client(token))
+        return self.clients[-1]
+
+
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
+def daemon(tmp_path: Path) -> Iterator[Proc]:
     port = free_port()
     cfg = write_config(tmp_path / "stepd.toml", port=port, db=tmp_path / "stepd.db")
-    d = Daemon(tmp_path, cfg, port)
+    d = Proc(tmp_path, cfg, port)
     try:
-        yield d.started()
+        yield d.started(timeout=20)  # type: ignore[misc]
     finally:
+        for client in d.clients:
+            client.close()
         d.kill()
 
 
@@ -201,16 +218,15 @@ def history(d: Daemon) -> Callable[[], str]:
     return logs
 
 
-def test_a_restart_fires_each_tick_once(daemon: Daemon) -> None:
+def test_a_restart_fires_each_tick_once(daemon: Proc) -> None:
     c = daemon.client()
     def_id = define(c, "every-second")
     made = add_schedule(c, def_id)
     sid = made["schedule_id"]
     wait_until(lambda: tick_count(c, sid) >= 3, 6, "three ticks")
-    c.close()
     assert daemon.stop() == 0, daemon.stderr()
     stopped = time.time()
-    daemon.started()
+    daemon.started(timeout=20)
     c = daemon.client()
     # It goes on, the second it was down included (catch-up, default window 60 s).
     wait_until(
@@ -222,10 +238,9 @@ def test_a_restart_fires_each_tick_once(daemon: Daemon) -> None:
     ticks = check_exactly_once(c, [def_id], {sid: made["next_run"]}, context=history(daemon))[sid]
     assert all(t["outcome"] == "fired" for t in ticks), ticks
     assert len(ticks) >= 5
-    c.close()
 
 
-def test_sigkill_around_ticks_loses_and_repeats_none(daemon: Daemon) -> None:
+def test_sigkill_around_ticks_loses_and_repeats_none(daemon: Proc) -> None:
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
@@ -235,16 +250,15 @@ def test_sigkill_around_ticks_loses_and_repeats_none(daemon: Daemon) -> None:
     made = add_schedule(c, def_id, catchup_window=3600)
     sid = made["schedule_id"]
     kills = []
+    wait_until(lambda: tick_count(c, sid) >= 2, 6, "two ticks")
     for _ in range(5):
-        seen = tick_count(c, sid)
-        wait_until(lambda c=c, seen=seen: tick_count(c, sid) > seen, 5, "a tick after the start")
-        c.close()
-        # Within a second of a tick: from just before its fire time to half a second after.
+        # Within a second of a tick: from just before its fire time to half a second after
+        # (the first kill of a start may fall in its catch-up of the ticks of the down time).
         offset = rng.uniform(-0.3, 0.5)
         second = sleep_to_second(offset)
         daemon.kill()
         kills.append((second, round(offset, 3)))
-        daemon.started()
+        daemon.started(timeout=20)
         c = daemon.client()
     seen = tick_count(c, sid)
     wait_until(lambda: tick_count(c, sid) > seen + 1, 5, "ticks after the last start")
@@ -255,10 +269,9 @@ def test_sigkill_around_ticks_loses_and_repeats_none(daemon: Daemon) -> None:
 
     ticks = check_exactly_once(c, [def_id], {sid: made["next_run"]}, context=context)[sid]
     assert all(t["outcome"] == "fired" for t in ticks), (ticks, context())
-    c.close()
 
 
-def test_ticks_missed_while_down_fire_within_the_catchup_window_only(daemon: Daemon) -> None:
+def test_ticks_missed_while_down_fire_within_the_catchup_window_only(daemon: Proc) -> None:
     c = daemon.client()
     def_id = define(c, "every-second")
     wide = add_schedule(c, def_id, catchup_window=3600)
@@ -268,18 +281,16 @@ def test_ticks_missed_while_down_fire_within_the_catchup_window_only(daemon: Dae
         6,
         "ticks of both",
     )
-    c.close()
     daemon.kill()
     down = time.time()
-    time.sleep(4)
+    time.sleep(5)
     up = time.time()
-    daemon.started()
+    daemon.started(timeout=20)
     healthy = time.time()  # the scheduler's first pass is about now
     c = daemon.client()
     wait_until(
         lambda: any(
-            t["outcome"] == "fired" and ms(t["fire_time"]) > healthy * 1000
-            for t in all_ticks(c, none["schedule_id"])
+            ms(t["fire_time"]) > healthy * 1000 + 1000 for t in all_ticks(c, none["schedule_id"])
         ),
         8,
         "ticks after the start",
@@ -288,26 +299,27 @@ def test_ticks_missed_while_down_fire_within_the_catchup_window_only(daemon: Dae
         set_paused(c, s["schedule_id"], True)
     firsts = {s["schedule_id"]: s["next_run"] for s in (wide, none)}
     by_sid = check_exactly_once(c, [def_id], firsts, context=history(daemon))
-    # The wide window: every tick of the 4 s down fired on the start.
+    # The wide window: every tick of the 5 s down fired on the start.
     late = [t for t in by_sid[wide["schedule_id"]] if down * 1000 < ms(t["fire_time"]) < up * 1000]
     assert len(late) >= 3 and all(t["outcome"] == "fired" for t in late), late
     assert all(t["outcome"] == "fired" for t in by_sid[wide["schedule_id"]])
-    # catchup_window 0: the ticks of the down time, the daemon's start included (but for
-    # its last ~2 s, fired late by the scheduler's own slack), are missed, with a reason
-    # and no run; the others fired.
+    # catchup_window 0: a tick is missed only when it was handled late, past the
+    # scheduler's own slack (SLACK_S): those of the down time and of the daemon's start,
+    # recorded with a reason and no run. The ticks handled while the daemon ran fired.
     ticks = by_sid[none["schedule_id"]]
-    missed = [t for t in ticks if t["outcome"] == "missed"]
-    assert len(missed) >= 2, ticks
-    for t in missed:
-        assert down * 1000 - 1000 < ms(t["fire_time"]) < healthy * 1000, (t, down, healthy)
-        assert t["run_id"] is None
-        assert t["reason"] == "missed while no daemon ran (catchup_window 0 s)", t
-    assert all(t["outcome"] == "fired" for t in ticks if ms(t["fire_time"]) < down * 1000 - 1000)
-    assert all(t["outcome"] == "fired" for t in ticks if ms(t["fire_time"]) > healthy * 1000)
-    c.close()
+    for t in ticks:
+        if t["outcome"] == "missed":
+            assert t["run_id"] is None
+            assert t["reason"] == "missed while no daemon ran (catchup_window 0 s)", t
+            assert ms(t["recorded_at"]) - ms(t["fire_time"]) > 1000, f"missed on time: {t}"
+            assert down * 1000 - 1000 < ms(t["fire_time"]) < healthy * 1000, (t, down, healthy)
+    gone = [t for t in ticks if down * 1000 < ms(t["fire_time"]) < (up - SLACK_S) * 1000]
+    assert len(gone) >= 2 and all(t["outcome"] == "missed" for t in gone), (gone, ticks)
+    assert any(t["outcome"] == "fired" for t in ticks if ms(t["fire_time"]) < down * 1000), ticks
+    assert any(t["outcome"] == "fired" for t in ticks if ms(t["fire_time"]) > healthy * 1000), ticks
 
 
-def test_unpausing_never_fires_the_paused_time(daemon: Daemon) -> None:
+def test_unpausing_never_fires_the_paused_time(daemon: Proc) -> None:
     c = daemon.client()
     def_id = define(c, "every-second")
     made = add_schedule(c, def_id, catchup_window=3600)
@@ -318,10 +330,9 @@ def test_unpausing_never_fires_the_paused_time(daemon: Daemon) -> None:
     before = all_ticks(c, sid)
     # Paused for ~4 s, a restart in the middle: its catch-up does not fire them either.
     time.sleep(1)
-    c.close()
     assert daemon.stop() == 0, daemon.stderr()
     time.sleep(1)
-    daemon.started()
+    daemon.started(timeout=20)
     c = daemon.client()
     time.sleep(1.5)
     assert all_ticks(c, sid) == before, "a paused schedule ticked"
@@ -338,7 +349,6 @@ def test_unpausing_never_fires_the_paused_time(daemon: Daemon) -> None:
     assert len(set(times)) == len(times)
     runs = run_schedules(c, definition_runs(c, def_id))
     assert sorted(runs.values()) == [(sid, ms(t["fire_time"])) for t in ticks]
-    c.close()
 
 
 # -- several daemons on one PostgreSQL database ------------------------------------------
@@ -409,5 +419,5 @@ def test_several_daemons_fire_each_tick_once_and_take_over_from_a_killed_leader(
     print(f"takeover after a kill (daemon, s): {report}; longest tick lag {max(lags)} ms")
     assert all(t["outcome"] == "fired" for ts in by_sid.values() for t in ts), context()
     assert all(s < 3.0 for _, s in report), (report, context())
-    assert max(lags) < 3000, (max(lags), context())
+    assert max(lags) < 4000, (max(lags), context())
     assert sum(len(ts) for ts in by_sid.values()) >= 20 * 6
