@@ -351,6 +351,24 @@ def test_unpausing_never_fires_the_paused_time(daemon: Proc) -> None:
     assert sorted(runs.values()) == [(sid, ms(t["fire_time"])) for t in ticks]
 
 
+def test_a_backfill_does_not_run_a_fire_time_again(daemon: Proc) -> None:
+    """The run's idempotency key is the schedule and the fire time (spec §11): a backfill
+    over fire times the schedule has fired already starts no second run for them."""
+    c = daemon.client()
+    def_id = define(c, "every-second")
+    made = add_schedule(c, def_id)
+    sid = made["schedule_id"]
+    wait_until(lambda: tick_count(c, sid) >= 3, 6, "three ticks")
+    set_paused(c, sid, True)
+    ticks = all_ticks(c, sid)
+    window = {"start": ticks[0]["fire_time"], "end": ticks[-1]["fire_time"], "overlap": "allow_all"}
+    resp = c.post(f"/api/workflows/schedules/{sid}/backfill", json=window)
+    assert resp.status_code == 202, resp.text
+    runs = run_schedules(c, definition_runs(c, def_id))
+    twice = {key: n for key, n in Counter(runs.values()).items() if n > 1}
+    assert not twice, f"backfill {resp.json()}: several runs for one (schedule, fire time): {twice}"
+
+
 # -- several daemons on one PostgreSQL database ------------------------------------------
 
 
