@@ -1208,13 +1208,14 @@ def _render_def_list(answer: dict[str, Any], offset: int = 0) -> list[str]:
             _tags(w.get("tags")).replace(", ", ","),
             _iso_when(w.get("updated_at")),
         ))  # fmt: skip
-    out = _table(rows)
-    if isinstance(total, int) and total > offset + len(items):
-        out.append(
-            f"({offset + 1}-{offset + len(items)} of {total}; --offset {offset + len(items)} "
-            "for more)"
-        )
-    return out
+    return _table(rows) + _more(total, offset, len(items))
+
+
+def _more(total: Any, offset: int, shown: int) -> list[str]:
+    """The line under a page of a list that has more: which rows these were."""
+    if isinstance(total, int) and total > offset + shown:
+        return [f"({offset + 1}-{offset + shown} of {total}; --offset {offset + shown} for more)"]
+    return []
 
 
 def cmd_def_show(args: argparse.Namespace) -> int:
@@ -1886,13 +1887,7 @@ def _render_schedule_list(answer: Any, offset: int = 0) -> list[str]:
             str(s.get("overlap") or "-"),
             _yes(s.get("paused")),
         ))  # fmt: skip
-    out = _table(rows)
-    if isinstance(total, int) and total > offset + len(items):
-        out.append(
-            f"({offset + 1}-{offset + len(items)} of {total}; --offset {offset + len(items)} "
-            "for more)"
-        )
-    return out
+    return _table(rows) + _more(total, offset, len(items))
 
 
 def cmd_schedule_show(args: argparse.Namespace) -> int:

@@ -5,13 +5,14 @@ Every wait here is bounded; a started process is always killed by its owner's fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +272,37 @@ def gate_flow(name: str = "gated") -> dict[str, Any]:
         },
         "input": {},
     }
+
+
+@contextlib.contextmanager
+def cli_daemon(workdir: Path, reader: tuple[str, str]) -> Iterator[Daemon]:
+    """A `stepd serve` for CLI tests: `james` with TOKEN (workflow) and `reader` (name,
+    token) with the approve permission."""
+    port = free_port()
+    cfg = write_config(
+        workdir / "stepd.toml",
+        port=port,
+        db=workdir / "stepd.db",
+        shutdown_grace=1.0,
+        tokens=(("james", TOKEN, "workflow"), (reader[0], reader[1], "approve")),
+    )
+    d = Daemon(workdir, cfg, port)
+    try:
+        yield d.started()
+    finally:
+        d.kill()
+
+
+def run_cli(
+    daemon: Daemon, *args: str, token: str = TOKEN, stdin: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """The real `stepd` CLI against `daemon`, its output captured."""
+    return subprocess.run(
+        [*stepd_command(), *args],
+        env=clean_env(STEPD_URL=daemon.url, STEPD_TOKEN=token, COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )

@@ -19,10 +19,12 @@ from tests.process_helpers import (
     TOKEN,
     Daemon,
     clean_env,
+    cli_daemon,
     create,
     free_port,
     gate_flow,
     gate_waiting,
+    run_cli,
     step_running,
     stepd_command,
     wait_for,
@@ -34,34 +36,12 @@ APPROVER = "tok-cli-approver"
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    workdir = tmp_path_factory.mktemp("cli")
-    port = free_port()
-    cfg = write_config(
-        workdir / "stepd.toml",
-        port=port,
-        db=workdir / "stepd.db",
-        shutdown_grace=1.0,
-        tokens=(("james", TOKEN, "workflow"), ("ann", APPROVER, "approve")),
-    )
-    d = Daemon(workdir, cfg, port)
-    try:
-        yield d.started()
-    finally:
-        d.kill()
+    with cli_daemon(tmp_path_factory.mktemp("cli"), ("ann", APPROVER)) as d:
+        yield d
 
 
-def stepd(
-    daemon: Daemon, *args: str, token: str = TOKEN, stdin: str | None = None, timeout: float = 20
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*stepd_command(), *args],
-        env=clean_env(STEPD_URL=daemon.url, STEPD_TOKEN=token, COLUMNS="200"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=stdin,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-    )
+def stepd(daemon: Daemon, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return run_cli(daemon, *args, **{"timeout": 20, **kwargs})
 
 
 def flow_file(tmp_path: Path, body: dict[str, Any], name: str = "flow.json") -> str:

@@ -20,10 +20,10 @@ from tests.process_helpers import (
     TOKEN,
     Daemon,
     clean_env,
-    free_port,
+    cli_daemon,
+    run_cli,
     stepd_command,
     wait_for,
-    write_config,
 )
 
 READER = "tok-cli-defs-reader"
@@ -353,34 +353,12 @@ def test_the_parser_takes_every_subcommand() -> None:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    workdir = tmp_path_factory.mktemp("cli-defs")
-    port = free_port()
-    cfg = write_config(
-        workdir / "stepd.toml",
-        port=port,
-        db=workdir / "stepd.db",
-        shutdown_grace=1.0,
-        tokens=(("james", TOKEN, "workflow"), ("rita", READER, "approve")),
-    )
-    d = Daemon(workdir, cfg, port)
-    try:
-        yield d.started()
-    finally:
-        d.kill()
+    with cli_daemon(tmp_path_factory.mktemp("cli-defs"), ("rita", READER)) as d:
+        yield d
 
 
-def stepd(
-    daemon: Daemon, *args: str, token: str = TOKEN, stdin: str | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*stepd_command(), *args],
-        env=clean_env(STEPD_URL=daemon.url, STEPD_TOKEN=token, COLUMNS="200"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=stdin,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-    )
+def stepd(daemon: Daemon, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return run_cli(daemon, *args, **{"timeout": 30, **kwargs})
 
 
 def ok(r: subprocess.CompletedProcess[str]) -> str:

@@ -386,7 +386,8 @@ def test_parse_error_messages_name_the_problem():
     with pytest.raises(cron.CronError) as err:
         cron.parse("* * * *")
     assert str(err.value) == (
-        "cron_expression must have five fields (minute hour day-of-month month day-of-week), or six with seconds first; got 4"
+        "cron_expression must have five fields (minute hour day-of-month month "
+        "day-of-week), or six with seconds first; got 4"
     )
     with pytest.raises(cron.CronError) as err:
         cron.parse("0 9 * * *", "Europe/Pariss")
