@@ -1,4 +1,5 @@
-"""Retention: purge finished workflows older than `[retention] days`, in small batches."""
+"""Retention: purge finished workflows (and schedule ticks) older than `[retention] days`,
+in small batches."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ async def purge(store: BaseStore, *, days: float, batch: int, now: int | None = 
     total = 0
     while purged := await store.purge_finished(cutoff=cutoff, limit=batch):
         total += purged
+        await asyncio.sleep(0.01)
+    while await store.purge_ticks(cutoff=cutoff, limit=batch * 10):  # schedules' history
         await asyncio.sleep(0.01)
     return total
 

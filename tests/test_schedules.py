@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
+from daemon import retention
+from daemon.storage import now_ms
 from tests.helpers import wait_for, waiting_gate
 
 ECHO = {
@@ -418,3 +420,15 @@ async def test_buffered_ticks_do_not_copy_the_flow(client: httpx.AsyncClient, tm
     assert got["fired"] == 1 and got["buffered"] == got["fire_times"] - 1 >= 498
     after = db.stat().st_size + (tmp_path / "stepd.db-wal").stat().st_size
     assert after - before < 5 * 2**20, f"the database grew {(after - before) / 2**20:.1f} MB"
+
+
+async def test_retention_purges_old_ticks_but_not_buffered_ones(make_client) -> None:
+    client, app = await make_client()
+    await define(client, GATED)
+    sid = (await schedule(client, "gated", cron_expression="@yearly",
+                          overlap="buffer_one"))["schedule_id"]  # fmt: skip
+    outcomes = [(await trigger(client, sid))["outcome"] for _ in range(4)]
+    assert outcomes == ["fired", "buffered", "skipped", "skipped"]
+    store = app.state.engine.store
+    await retention.purge(store, days=1, batch=2, now=now_ms() + 2 * retention.DAY_MS)
+    assert [t["outcome"] for t in await ticks(client, sid)] == ["buffered"]

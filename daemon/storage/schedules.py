@@ -170,6 +170,16 @@ class ScheduleStore(_Base):
         row = await self._one(self.Q["last_tick_id"], {})
         return int(row[0]) if row else 0
 
+    async def purge_ticks(self, *, cutoff: int, limit: int) -> int:
+        """Delete up to `limit` ticks recorded before `cutoff` (buffered ones stay: their
+        runs are still to start); how many."""
+
+        def op(db: Tx) -> int:
+            params = {"cutoff": cutoff, "limit": limit}
+            return db.execute(self.Q["purge_ticks"], params).rowcount
+
+        return await self.write("purge_ticks", op, blocking=True)
+
     # -- ticks -------------------------------------------------------------------------
 
     async def fire_due(

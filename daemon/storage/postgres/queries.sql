@@ -1105,3 +1105,9 @@ LIMIT :limit;
 SELECT id FROM schedule_ticks
 WHERE schedule_id = :schedule_id AND kind = :kind AND fire_at = :fire_at
   AND outcome IN ('fired', 'buffered');
+
+-- purge_ticks --
+-- Ticks recorded before a cutoff, a batch at a time (buffered ones stay).
+DELETE FROM schedule_ticks WHERE id IN (
+    SELECT id FROM schedule_ticks WHERE recorded_at < :cutoff AND outcome <> 'buffered'
+    ORDER BY id LIMIT :limit);
