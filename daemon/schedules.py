@@ -29,6 +29,8 @@ MAX_CATCHUP_S = 366 * 24 * 3600
 MAX_PER_DEFINITION = 100
 MAX_BACKFILL = 1000  # fire times in one backfill
 RECENT_TICKS = 20  # shown with a schedule
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)  # the times a backfill window may name
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def now_ms() -> int:
@@ -427,6 +429,12 @@ def _instant(value: Any, name: str) -> datetime:
         ) from None
     if moment.tzinfo is None:
         raise Unprocessable(f"field '{name}' needs a UTC offset (such as Z or -05:00)")
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError:  # year 1 at a positive offset, year 9999 at a negative one
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise Unprocessable(f"field '{name}' must be between 1970 and 9000")
     return moment
 
 
