@@ -1523,7 +1523,12 @@ SCHEDULE: dict[str, Schema] = {
     "updated_at": ISO,
 }
 TICK: dict[str, Schema] = {
-    "id": ID,
+    "id": {
+        **INT64,
+        "minimum": 0,
+        "description": "0 in a backfill's answer for a fire time backfilled before (skipped, "
+        "not stored again)",
+    },
     "fire_time": FIRE_TIME,
     "kind": {
         "enum": ["cron", "trigger", "backfill"],

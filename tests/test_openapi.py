@@ -607,6 +607,11 @@ async def test_schedules_conform(client):
     done = await client.post(f"/api/workflows/schedules/{gsid}/backfill", json=window)
     assert done.status_code == 202, done.text
     assert conforms(done)["fire_times"] == 2 == done.json()["buffered"]
+    again = await client.post(f"/api/workflows/schedules/{gsid}/backfill", json=window)
+    assert again.status_code == 202, again.text
+    assert [(t["id"], t["reason"]) for t in conforms(again)["ticks"]] == [
+        (0, "already backfilled")
+    ] * 2
     ticks = conforms(await client.get(f"/api/workflows/schedules/{gsid}/ticks"))
     assert ticks["total"] == 4
     only = {"outcome": "buffered", "limit": 1, "offset": 1}
