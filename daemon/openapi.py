@@ -233,10 +233,11 @@ ERRORS = {
     "nested too deep, an integer beyond 64 bits, a NUL character, a bad query or header",
     401: "Missing or invalid bearer token",
     403: "The token lacks the permission the route needs",
-    404: "No such workflow, step, saved definition (error_code WORKFLOW_NOT_FOUND), version "
-    "or run (or no such route)",
+    404: "No such workflow, step, saved definition (error_code WORKFLOW_NOT_FOUND), version, "
+    "run or schedule (or no such route)",
     409: "The workflow, step or definition is not in a state that allows this (a paused or "
-    "archived definition starts no runs), or the name is taken",
+    "archived definition starts no runs), the name is taken, or the definition has "
+    "100 schedules already",
     410: "The webhook is not armed: its single call was used or its window closed",
     413: "The body is larger than max_body_bytes (or what it would store is larger than "
     "max_workflow_bytes)",
