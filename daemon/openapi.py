@@ -11,7 +11,8 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
-from daemon import __version__, flowschema
+from daemon import __version__, cron, flowschema, schedules
+from daemon.storage.schedules import MAX_BUFFERED, OVERLAPS
 
 Schema = dict[str, Any]
 
@@ -159,6 +160,22 @@ SCHEMAS: dict[str, Schema] = {
                 **nullable(array(ref("DagStep"))),
                 "description": "the submitted DAG steps, if any",
             },
+            "schedule": {
+                "anyOf": [
+                    closed(
+                        {
+                            "schedule_id": ID,
+                            "fire_time": {
+                                "type": "string",
+                                "format": "date-time",
+                                "description": "ISO 8601 UTC",
+                            },
+                        }
+                    ),
+                    {"type": "null"},
+                ],
+                "description": "a run a schedule started: the schedule and the fire time",
+            },
             "parent": PARENT,
             "steps": array(STEP),
         }
@@ -216,10 +233,11 @@ ERRORS = {
     "nested too deep, an integer beyond 64 bits, a NUL character, a bad query or header",
     401: "Missing or invalid bearer token",
     403: "The token lacks the permission the route needs",
-    404: "No such workflow, step, saved definition (error_code WORKFLOW_NOT_FOUND), version "
-    "or run (or no such route)",
+    404: "No such workflow, step, saved definition (error_code WORKFLOW_NOT_FOUND), version, "
+    "run or schedule (or no such route)",
     409: "The workflow, step or definition is not in a state that allows this (a paused or "
-    "archived definition starts no runs), or the name is taken",
+    "archived definition starts no runs), the name is taken, or the definition has "
+    "100 schedules already",
     410: "The webhook is not armed: its single call was used or its window closed",
     413: "The body is larger than max_body_bytes (or what it would store is larger than "
     "max_workflow_bytes)",
@@ -1422,6 +1440,333 @@ EXECUTE_PATHS: dict[str, Any] = {
     },
 }
 PATHS.update(EXECUTE_PATHS)
+
+
+# -- schedules of saved definitions, and the `recurring` shape (daemon/api_schedules.py) --
+# Fire times are ISO 8601 with the UTC offset of the schedule's time zone.
+
+FIRE_TIME: Schema = {
+    "type": "string",
+    "format": "date-time",
+    "description": "ISO 8601 with the UTC offset, in the schedule's time zone",
+}
+OVERLAP: Schema = {
+    "enum": list(OVERLAPS),
+    "description": "when a run of the schedule is still going (queued, running, paused or "
+    "waiting): skip records the tick skipped; buffer_one holds one tick and skips more; "
+    f"buffer_all holds them all (up to {MAX_BUFFERED}); cancel_other cancels it and fires; "
+    "allow_all fires",
+}
+# The settings of a schedule: (schema, default) by name, in the order of the create body.
+SCHEDULE_SETTINGS: dict[str, tuple[Schema, Any]] = {
+    "cron_expression": (
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": cron.MAX_EXPRESSION,
+            "description": "five fields (minute hour day-of-month month day-of-week), six "
+            "with seconds first, or one of " + ", ".join(cron.MACROS),
+        },
+        None,
+    ),
+    "timezone": (
+        {
+            "type": "string",
+            "minLength": 1,
+            "description": "an IANA time zone name, such as America/New_York",
+        },
+        "UTC",
+    ),  # fmt: skip
+    "input_data": (
+        {
+            **OBJECT,
+            "description": "each run's input, checked against the definition's input_schema",
+        },
+        {},
+    ),  # fmt: skip
+    "overlap": (OVERLAP, "skip"),
+    "catchup_window": (
+        {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": schedules.MAX_CATCHUP_S,
+            "description": "seconds: a tick that fell due while no daemon ran fires late "
+            "within it, and is recorded missed past it",
+        },
+        schedules.DEFAULT_CATCHUP_S,
+    ),
+    "paused": ({**BOOL, "description": "a paused schedule records no ticks"}, False),
+}
+SETTINGS = {name: schema for name, (schema, _) in SCHEDULE_SETTINGS.items()}
+SETTINGS_IN = {  # in a request body: with their defaults
+    name: schema if default is None else {**schema, "default": default}
+    for name, (schema, default) in SCHEDULE_SETTINGS.items()
+}
+SCHEDULE: dict[str, Schema] = {
+    "schedule_id": ID,
+    "workflow_id": {**ID, "description": "the definition's id"},
+    "workflow_name": {**STRING, "description": "the definition's name"},
+    **SETTINGS,
+    "description": {
+        **STRING,
+        "description": 'the cron expression in words, e.g. "At 09:00 on Monday through Friday"',
+    },
+    "next_run": {**nullable(FIRE_TIME), "description": "the next fire time; null when paused"},
+    "next_runs": {
+        **array(FIRE_TIME),
+        "maxItems": 5,
+        "description": "the next five fire times (also when paused: what it would do once resumed)",
+    },
+    "last_fired_at": nullable(FIRE_TIME),
+    "buffered": {"type": "integer", "minimum": 0, "description": "ticks held by its overlap"},
+    "created_by": nullable(STRING),
+    "created_at": ISO,
+    "updated_at": ISO,
+}
+TICK: dict[str, Schema] = {
+    "id": {
+        **INT64,
+        "minimum": 0,
+        "description": "0 in a backfill's answer for a fire time backfilled before (skipped, "
+        "not stored again)",
+    },
+    "fire_time": FIRE_TIME,
+    "kind": {
+        "enum": ["cron", "trigger", "backfill"],
+        "description": "cron: a fire time of the expression; trigger: a run now; backfill: a "
+        "past fire time",
+    },
+    "outcome": {
+        "enum": ["fired", "skipped", "missed", "buffered"],
+        "description": "buffered becomes fired (with its run_id) when the held run starts",
+    },
+    "run_id": {**nullable(ID), "description": "the run it started"},
+    "reason": {**nullable(STRING), "description": "why it was skipped, missed or buffered"},
+    "recorded_at": ISO,
+}
+TOTAL: Schema = {"type": "integer", "minimum": 0}
+SCHEMAS.update(
+    {
+        "ScheduleSettings": closed(SETTINGS) | {"description": "a schedule in an export"},
+        "Schedule": closed(SCHEDULE),
+        "ScheduleDetail": closed(
+            {
+                **SCHEDULE,
+                "ticks": {
+                    **array(ref("Tick")),
+                    "maxItems": schedules.RECENT_TICKS,
+                    "description": f"the {schedules.RECENT_TICKS} most recent ticks, newest first",
+                },
+            }
+        ),
+        "ScheduleCreated": closed({"schedule_id": ID, "schedule": ref("Schedule")}),
+        "Schedules": closed({"schedules": array(ref("Schedule")), "total": TOTAL}),
+        "Tick": closed(TICK),
+    }
+)
+SCHEMAS["ExportedDefinition"]["properties"]["schedules"] = array(ref("ScheduleSettings"))
+SID_PARAM = {
+    "name": "sid",
+    "in": "path",
+    "required": True,
+    "description": "The schedule's id",
+    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+}
+SCHEDULE_PAGE = {"type": "integer", "minimum": 1, "maximum": 200, "default": 100}
+SCHEDULE_PAGING = [
+    query("limit", SCHEDULE_PAGE, "How many, 1 to 200 (default 100)"),
+    query("offset", OFFSET, "How many to skip"),
+]
+CREATE_SCHEDULE = closed(SETTINGS_IN, required=["cron_expression"])
+SCHEDULE_WRITE = (*BODY, *AUTH, 404, 409, 422, 503)
+
+
+def on_schedule() -> dict[str, Any]:
+    return {"parameters": [SID_PARAM]}
+
+
+SCHEDULE_PATHS: dict[str, Any] = {
+    "/api/workflows/{ref}/schedules": {
+        **on_definition(),
+        "get": op(
+            "listSchedules",
+            "A definition's schedules, oldest first",
+            {"200": ok("A page of schedules, and how many there are", ref("Schedules"))},
+            (400, *AUTH, 404, 503),
+            parameters=SCHEDULE_PAGING,
+        ),
+        "post": op(
+            "createSchedule",
+            "Add a schedule: its definition's latest version runs with input_data at each "
+            "fire time of the cron expression in the time zone",
+            {"201": ok("Created", ref("ScheduleCreated"))},
+            SCHEDULE_WRITE,
+            **body(
+                CREATE_SCHEDULE,
+                "The schedule; 422 for an unknown field, a bad cron expression, an unknown "
+                "time zone or input_data that does not match the input_schema; 409 when the "
+                f"definition has {schedules.MAX_PER_DEFINITION} schedules",
+            ),
+        ),
+    },
+    "/api/workflows/schedules/{sid}": {
+        **on_schedule(),
+        "get": op(
+            "getSchedule",
+            "A schedule with its next five fire times and its recent ticks",
+            {"200": ok("The schedule", ref("ScheduleDetail"))},
+            (*AUTH, 404, 503),
+        ),
+        "patch": op(
+            "updateSchedule",
+            "Edit, pause or resume a schedule: a new cron expression or time zone, or a "
+            "resume, counts the next fire time from now (a paused time never fires)",
+            {"200": ok("The schedule", ref("Schedule"))},
+            (*BODY, *AUTH, 404, 422, 503),
+            **body(closed(SETTINGS, required=[]), "Any of the settings"),
+        ),
+        "delete": op(
+            "deleteSchedule",
+            "Delete a schedule and its ticks (its runs stay)",
+            flag("deleted", "Deleted"),
+            (*AUTH, 404, 503),
+        ),
+    },
+    "/api/workflows/schedules/{sid}/ticks": {
+        **on_schedule(),
+        "get": op(
+            "listScheduleTicks",
+            "A schedule's ticks, newest first",
+            {
+                "200": ok(
+                    "A page of ticks, and how many match",
+                    closed({"ticks": array(ref("Tick")), "total": TOTAL}),
+                )
+            },
+            (400, *AUTH, 404, 503),
+            parameters=[
+                query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                    "How many, 1 to 500",
+                ),
+                query("offset", OFFSET, "How many to skip"),
+                query("outcome", TICK["outcome"], "Only ticks with this outcome"),
+            ],
+        ),
+    },
+    "/api/workflows/schedules/{sid}/trigger": {
+        **on_schedule(),
+        "post": op(
+            "triggerSchedule",
+            "Run now under the schedule's overlap policy (a paused schedule too)",
+            {
+                "202": ok("Fired or buffered", ref("Triggered")),
+                "200": ok("Skipped (the reason says why)", ref("Triggered")),
+            },
+            (*BODY, *AUTH, 404, 409, 503),
+            **body(closed({}), "Optional: {}", required=False),
+        ),
+    },
+    "/api/workflows/schedules/{sid}/backfill": {
+        **on_schedule(),
+        "post": op(
+            "backfillSchedule",
+            "One run per fire time t with start <= t <= end, under the overlap policy (a "
+            "fire time backfilled before is skipped)",
+            {
+                "202": ok(
+                    "What each fire time did",
+                    closed(
+                        {
+                            "fire_times": {**TOTAL, "maximum": schedules.MAX_BACKFILL},
+                            "fired": TOTAL,
+                            "buffered": TOTAL,
+                            "skipped": TOTAL,
+                            "ticks": array(ref("Tick")),
+                        }
+                    ),
+                )
+            },
+            SCHEDULE_WRITE,
+            **body(
+                closed(
+                    {
+                        "start": {
+                            **FIRE_TIME,
+                            "maxLength": 64,
+                            "description": "ISO 8601 with a UTC offset (or Z)",
+                        },
+                        "end": {
+                            **FIRE_TIME,
+                            "maxLength": 64,
+                            "description": "ISO 8601 with a UTC offset (or Z), after start "
+                            "and not in the future",
+                        },
+                        "overlap": {**OVERLAP, "default": "buffer_all"},
+                    },
+                    required=["start", "end"],
+                ),
+                f"The window; 422 when it holds more than {schedules.MAX_BACKFILL} fire times",
+            ),
+        ),
+    },
+    "/api/workflows/recurring": {
+        "get": op(
+            "listRecurring",
+            "Every schedule of every definition (local-engine-api.txt's recurring shape)",
+            {"200": ok("A page of schedules, and how many there are", ref("Schedules"))},
+            (400, *AUTH, 503),
+            parameters=SCHEDULE_PAGING,
+        ),
+        "post": op(
+            "createRecurring",
+            "Add a schedule to the definition named by workflow (as POST "
+            "/api/workflows/{ref}/schedules)",
+            {"201": ok("Created", ref("ScheduleCreated"))},
+            SCHEDULE_WRITE,
+            **body(
+                {
+                    **closed(
+                        {
+                            "workflow": {
+                                "type": ["string", "integer"],
+                                "description": "the definition's id or name",
+                            },
+                            "workflow_id": {
+                                "type": ["string", "integer"],
+                                "description": "the same as workflow",
+                            },
+                            **SETTINGS_IN,
+                        },
+                        required=["cron_expression"],
+                    ),
+                    "anyOf": [{"required": ["workflow"]}, {"required": ["workflow_id"]}],
+                },
+                "The definition and the schedule",
+            ),
+        ),
+    },
+    "/api/workflows/recurring/{sid}": {
+        **on_schedule(),
+        "delete": op(
+            "deleteRecurring",
+            "Delete a schedule (as DELETE /api/workflows/schedules/{sid})",
+            flag("deleted", "Deleted"),
+            (*AUTH, 404, 503),
+        ),
+    },
+}
+SCHEMAS["Triggered"] = closed(
+    {
+        "outcome": {"enum": ["fired", "buffered", "skipped"]},
+        "run_id": {**nullable(ID), "description": "the run it started (fired)"},
+        "reason": nullable(STRING),
+        "fire_time": FIRE_TIME,
+        "tick_id": ID,
+    }
+)
+PATHS.update(SCHEDULE_PATHS)
 
 
 def document(tools: Iterable[str] | None = None) -> dict[str, Any]:

@@ -44,6 +44,8 @@ IMPORT = {"stepd_export": 1, "workflows": [{"name": "d3", "versions": [
     {"definition": {**DEFINITION, "name": "d3"}}]}]}  # fmt: skip
 
 TEMPLATE = "fetch-and-notify"
+YEARLY = {"cron_expression": "0 0 1 1 *"}  # never fires while a test runs
+BACKFILL = {"start": "2020-01-01T00:00:00Z", "end": "2020-01-02T00:00:00+00:00"}  # one tick
 # Routes that land later (synchronous execution and run streams): the 401 matrix holds
 # them now (the bearer check comes before routing); the approver and workflow-token tests
 # run them once the document has them (it has every served route and nothing else).
@@ -82,7 +84,8 @@ def params(rows: list[Any]) -> list[Any]:
 
 
 # (method, path template, JSON body); {wf} and {step} are a running gated workflow, {def}
-# the id of the saved definition "d", {run} a run of it that completed.
+# the id of the saved definition "d", {run} a run of it that completed, {sched} a schedule
+# of it.
 ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/api/workflow", None),
     ("POST", "/api/workflow", ECHO_BODY),
@@ -124,6 +127,18 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/api/workflows/templates", None),
     ("GET", f"/api/workflows/templates/{TEMPLATE}", None),
     ("POST", f"/api/workflows/templates/{TEMPLATE}/install", {"name": "installed"}),
+    # schedules, and the recurring shape
+    ("GET", "/api/workflows/{def}/schedules", None),
+    ("POST", "/api/workflows/{def}/schedules", YEARLY),
+    ("GET", "/api/workflows/schedules/{sched}", None),
+    ("PATCH", "/api/workflows/schedules/{sched}", {"paused": True}),
+    ("DELETE", "/api/workflows/schedules/{sched}", None),
+    ("GET", "/api/workflows/schedules/{sched}/ticks", None),
+    ("POST", "/api/workflows/schedules/{sched}/trigger", None),
+    ("POST", "/api/workflows/schedules/{sched}/backfill", BACKFILL),
+    ("GET", "/api/workflows/recurring", None),
+    ("POST", "/api/workflows/recurring", {"workflow": "d", **YEARLY}),
+    ("DELETE", "/api/workflows/recurring/{sched}", None),
     *[r[:3] for r in UPCOMING],
 ]
 ROUTE_IDS = [f"{m} {p}" for m, p, _ in ROUTES]
@@ -180,7 +195,8 @@ async def gated(client: httpx.AsyncClient) -> dict[str, int]:
 
 @pytest.fixture
 async def ids(client: httpx.AsyncClient, gated: dict[str, int]) -> dict[str, int]:
-    """`gated`, and the saved definition "d" ({def}) with a run that completed ({run})."""
+    """`gated`, and the saved definition "d" ({def}) with a run that completed ({run}) and a
+    schedule ({sched})."""
     resp = await client.post("/api/workflows", json={"definition": DEFINITION})
     assert resp.status_code == 201, resp.text
     def_id = resp.json()["id"]
@@ -188,12 +204,15 @@ async def ids(client: httpx.AsyncClient, gated: dict[str, int]) -> dict[str, int
     assert resp.status_code == 202, resp.text
     run_id = resp.json()["run_id"]
     await wait_for(client, run_id)
-    return {**gated, "def": def_id, "run": run_id}
+    resp = await client.post(f"/api/workflows/{def_id}/schedules", json=YEARLY)
+    assert resp.status_code == 201, resp.text
+    return {**gated, "def": def_id, "run": run_id, "sched": resp.json()["schedule_id"]}
 
 
 async def definitions_state(client: httpx.AsyncClient, ids: dict[str, int]) -> Any:
     """What the definition routes could change: every definition, "d" as GET shows it (its
-    latest version, status, webhook), its versions and runs, and its run."""
+    latest version, status, webhook), its versions and runs, and its run; every schedule,
+    and d's schedule with its ticks."""
     james = auth("james")
     paths = [
         "/api/workflows",
@@ -201,6 +220,10 @@ async def definitions_state(client: httpx.AsyncClient, ids: dict[str, int]) -> A
         f"/api/workflows/{ids['def']}/versions",
         f"/api/workflows/{ids['def']}/runs",
         f"/api/workflows/runs/{ids['run']}",
+        "/api/workflows/recurring",
+        f"/api/workflows/{ids['def']}/schedules",
+        f"/api/workflows/schedules/{ids['sched']}",
+        f"/api/workflows/schedules/{ids['sched']}/ticks",
     ]
     state = []
     for path in paths:
@@ -291,6 +314,14 @@ APPROVER_FORBIDDEN = [r for r in ROUTES if r[:2] in {
     ("POST", "/api/workflows/{def}/undeploy"),
     ("POST", "/api/workflows/{def}/arm"),
     ("POST", f"/api/workflows/templates/{TEMPLATE}/install"),
+    # schedules: every write too
+    ("POST", "/api/workflows/{def}/schedules"),
+    ("PATCH", "/api/workflows/schedules/{sched}"),
+    ("DELETE", "/api/workflows/schedules/{sched}"),
+    ("POST", "/api/workflows/schedules/{sched}/trigger"),
+    ("POST", "/api/workflows/schedules/{sched}/backfill"),
+    ("POST", "/api/workflows/recurring"),
+    ("DELETE", "/api/workflows/recurring/{sched}"),
 }]  # fmt: skip
 APPROVER_FORBIDDEN += upcoming("forbidden")
 APPROVER_ALLOWED = [
@@ -378,6 +409,17 @@ WORKFLOW_ALLOWED = [
     ("GET", "/api/workflows/templates", None, 200),
     ("GET", f"/api/workflows/templates/{TEMPLATE}", None, 200),
     ("POST", f"/api/workflows/templates/{TEMPLATE}/install", {"name": "installed"}, 201),
+    ("GET", "/api/workflows/{def}/schedules", None, 200),
+    ("POST", "/api/workflows/{def}/schedules", YEARLY, 201),
+    ("GET", "/api/workflows/schedules/{sched}", None, 200),
+    ("PATCH", "/api/workflows/schedules/{sched}", {"paused": True}, 200),
+    ("DELETE", "/api/workflows/schedules/{sched}", None, 200),
+    ("GET", "/api/workflows/schedules/{sched}/ticks", None, 200),
+    ("POST", "/api/workflows/schedules/{sched}/trigger", None, 202),  # fired
+    ("POST", "/api/workflows/schedules/{sched}/backfill", BACKFILL, 202),
+    ("GET", "/api/workflows/recurring", None, 200),
+    ("POST", "/api/workflows/recurring", {"workflow": "d", **YEARLY}, 201),
+    ("DELETE", "/api/workflows/recurring/{sched}", None, 200),
     *upcoming("workflow"),
 ]
 

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -151,7 +152,7 @@ def test_every_operation_documents_its_errors():
 
 # -- real responses against the document ------------------------------------------------
 
-TEXT_PARAMS = ("{ref}", "{webhook_id}", "{template_id}")  # names and ids that are text
+TEXT_PARAMS = ("{ref}", "{webhook_id}", "{template_id}", "{sid}")  # in the path as text
 
 
 def template_rx(path: str) -> re.Pattern[str]:
@@ -560,3 +561,107 @@ async def test_templates_conform(client):
     ]:
         assert resp.status_code == status, resp.text
         conforms(resp)
+
+
+# -- schedules and the recurring shape ----------------------------------------------------
+
+
+async def test_schedules_conform(client):
+    conforms(await client.post("/api/workflows", json={"definition": DEFINITION}))
+    conforms(await client.post("/api/workflows", json={"definition": GATED}))
+    body = {
+        "cron_expression": "0 9 * * 1-5",
+        "timezone": "America/New_York",
+        "input_data": {"who": "ann"},
+    }
+    made = await client.post("/api/workflows/greet/schedules", json=body)
+    assert made.status_code == 201, made.text
+    sid = conforms(made)["schedule_id"]
+    listed = conforms(await client.get("/api/workflows/greet/schedules", params={"limit": 5}))
+    assert [s["schedule_id"] for s in listed["schedules"]] == [sid] and listed["total"] == 1
+    got = conforms(await client.get(f"/api/workflows/schedules/{sid}"))
+    assert len(got["next_runs"]) == 5 and got["ticks"] == []
+    paused = conforms(await client.patch(f"/api/workflows/schedules/{sid}", json={"paused": True}))
+    assert paused["paused"] is True and paused["next_run"] is None
+
+    # Run now: fired (202) and the run it started; then, while a gated run of the same
+    # schedule waits, skipped (200).
+    fired = await client.post(f"/api/workflows/schedules/{sid}/trigger")
+    assert fired.status_code == 202, fired.text
+    run_id = conforms(fired)["run_id"]
+    await wait_for(client, run_id)
+    wf = conforms(await client.get(f"/api/workflow/{run_id}"))
+    assert wf["trigger"] == "schedule" and wf["schedule"]["schedule_id"] == sid
+    gated = {"cron_expression": "@hourly", "paused": True}
+    gsid = conforms(await client.post("/api/workflows/gated/schedules", json=gated))["schedule_id"]
+    first = conforms(await client.post(f"/api/workflows/schedules/{gsid}/trigger", json={}))
+    await wait_for(client, first["run_id"], lambda w: waiting_gate(w) is not None)
+    skipped = await client.post(f"/api/workflows/schedules/{gsid}/trigger")
+    assert skipped.status_code == 200, skipped.text
+    assert conforms(skipped)["outcome"] == "skipped" and skipped.json()["run_id"] is None
+
+    # Backfill: the past two hours of an hourly schedule, buffered behind the gated run.
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now - timedelta(hours=2) + timedelta(seconds=1)  # two top-of-hours, always
+    window = {"start": start.isoformat(), "end": now.isoformat()}
+    done = await client.post(f"/api/workflows/schedules/{gsid}/backfill", json=window)
+    assert done.status_code == 202, done.text
+    assert conforms(done)["fire_times"] == 2 == done.json()["buffered"]
+    again = await client.post(f"/api/workflows/schedules/{gsid}/backfill", json=window)
+    assert again.status_code == 202, again.text
+    assert [(t["id"], t["reason"]) for t in conforms(again)["ticks"]] == [
+        (0, "already backfilled")
+    ] * 2
+    ticks = conforms(await client.get(f"/api/workflows/schedules/{gsid}/ticks"))
+    assert ticks["total"] == 4
+    only = {"outcome": "buffered", "limit": 1, "offset": 1}
+    assert (
+        conforms(await client.get(f"/api/workflows/schedules/{gsid}/ticks", params=only))["total"]
+        == 2
+    )
+    assert len(conforms(await client.get(f"/api/workflows/schedules/{gsid}"))["ticks"]) == 4
+
+    # The recurring shape reaches the same schedules.
+    recurring = conforms(await client.get("/api/workflows/recurring", params={"offset": 0}))
+    assert {s["schedule_id"] for s in recurring["schedules"]} == {sid, gsid}
+    made = await client.post("/api/workflows/recurring", json={"workflow": "greet", **body})
+    assert made.status_code == 201, made.text
+    rsid = conforms(made)["schedule_id"]
+    assert conforms(await client.delete(f"/api/workflows/recurring/{rsid}")) == {"deleted": True}
+    assert conforms(await client.delete(f"/api/workflows/schedules/{sid}")) == {"deleted": True}
+
+    # Errors: their codes and bodies.
+    gone, sched = 1 << 40, f"/api/workflows/schedules/{gsid}"
+    cases: list[tuple[int, httpx.Request]] = [
+        (400, client.build_request("POST", "/api/workflows/greet/schedules", json=[])),
+        (400, client.build_request("PATCH", sched, json="paused")),
+        (400, client.build_request("POST", f"{sched}/trigger", json={"x": 1})),
+        (400, client.build_request("POST", f"{sched}/backfill", json=[1])),
+        (400, client.build_request("GET", f"{sched}/ticks", params={"outcome": "odd"})),
+        (400, client.build_request("GET", f"{sched}/ticks", params={"limit": 501})),
+        (400, client.build_request("GET", "/api/workflows/recurring", params={"limit": 0})),
+        (400, client.build_request("POST", "/api/workflows/recurring", json=1)),
+        (401, client.build_request("GET", sched, headers={"Authorization": ""})),
+        (403, client.build_request("POST", f"{sched}/trigger", headers=auth("approver"))),
+        (403, client.build_request("DELETE", sched, headers=auth("approver"))),
+        (404, client.build_request("GET", f"/api/workflows/schedules/{gone}")),
+        (404, client.build_request("GET", "/api/workflows/schedules/x1")),
+        (404, client.build_request("PATCH", f"/api/workflows/schedules/{gone}", json={})),
+        (404, client.build_request("DELETE", f"/api/workflows/recurring/{gone}")),
+        (404, client.build_request("POST", f"/api/workflows/schedules/{gone}/trigger")),
+        (404, client.build_request("POST", "/api/workflows/nope/schedules", json=body)),
+        (404, client.build_request("GET", "/api/workflows/nope/schedules")),
+        (415, client.build_request("PATCH", sched, content=b"{}", headers=TEXT)),
+        (422, client.build_request("POST", "/api/workflows/greet/schedules", json={})),
+        (422, client.build_request("PATCH", sched, json={"timezone": "Mars/Olympus"})),
+        (422, client.build_request("PATCH", sched, json={"cron_expression": "61 * * * *"})),
+        (422, client.build_request("POST", f"{sched}/backfill", json={"start": "yesterday"})),
+        (422, client.build_request("POST", "/api/workflows/recurring", json=body)),
+    ]
+    for status, request in cases:
+        resp = await client.send(request)
+        assert resp.status_code == status, (request.method, request.url, resp.text)
+        assert isinstance(conforms(resp)["error"], str)
+    bad_input = {**body, "input_data": {"who": 1}}
+    resp = await client.post("/api/workflows/greet/schedules", json=bad_input)
+    assert resp.status_code == 422 and conforms(resp)["errors"], resp.text
