@@ -50,7 +50,9 @@ def _zone_names() -> frozenset[str]:
 def zone(name: str) -> zoneinfo.ZoneInfo:
     """The IANA time zone `name` (only names of the database: never a file path)."""
     if not isinstance(name, str) or name not in _zone_names() and name != "UTC":
-        raise CronError(f"unknown time zone {name!r} (an IANA name such as 'Europe/Paris')")
+        text = str(name)
+        shown = repr(text if len(text) <= 60 else text[:60] + "...")
+        raise CronError(f"unknown time zone {shown} (an IANA name such as 'Europe/Paris')")
     return zoneinfo.ZoneInfo(name)
 
 
