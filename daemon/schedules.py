@@ -427,6 +427,10 @@ def _instant(value: Any, name: str) -> datetime:
         ) from None
     if moment.tzinfo is None:
         raise Unprocessable(f"field '{name}' needs a UTC offset (such as Z or -05:00)")
+    # Fire times are epoch milliseconds: nothing fired before 1970 (and year 1 or 9999 at
+    # an offset is not a UTC time Python can hold).
+    if not 1970 < moment.year < 9999:
+        raise Unprocessable(f"field '{name}' must be a time from 1971 to 9998")
     return moment
 
 
