@@ -191,16 +191,16 @@ def _parse(expression: str, timezone: str) -> Cron:
         raise CronError(f"invalid cron_expression {text!r}: {exc}") from None
     except StopIteration:
         raise CronError(f"cron_expression {text!r} never fires") from None
-    found = Cron(expression=text, timezone=timezone, fields=fields, tz=tz)
-    _check_cost(found, text)
-    return found
+    return Cron(expression=text, timezone=timezone, fields=fields, tz=tz)
 
 
-def _check_cost(c: Cron, text: str) -> None:
-    """Refuse an expression whose next five fire times take long to find (each read of a
-    schedule shows them, on the event loop): one cronsim walk in UTC (cheap) must find
-    them within MAX_SPAN_DAYS, and a real-time walk in a zone with offset changes must
-    find them within MAX_RESTARTS restarts."""
+def check_cost(c: Cron) -> None:
+    """Refuse (CronError) an expression whose next five fire times take long to find: each
+    read of a schedule shows them, on the event loop. One cronsim walk in UTC (cheap) must
+    find them within MAX_SPAN_DAYS, and a real-time walk in a zone with offset changes
+    must find them within MAX_RESTARTS restarts. For a schedule being saved only: the
+    answer depends on the time it is asked, so a stored schedule is never parsed with it."""
+    text = c.expression
     now = datetime.now(UTC).replace(microsecond=0)
     try:
         five = list(itertools.islice(CronSim(c.fields, now), 5))

@@ -85,7 +85,9 @@ def check_fields(body: Any, *, partial: bool) -> tuple[dict[str, Any], list[str]
             out[key] = value
     if "cron_expression" in out or "timezone" in out:
         try:
-            cron.parse(out.get("cron_expression", "* * * * *"), out.get("timezone", "UTC"))
+            parsed = cron.parse(out.get("cron_expression", "* * * * *"), out.get("timezone", "UTC"))
+            if not partial:  # an edit is checked with the schedule's own fields (update)
+                cron.check_cost(parsed)
         except cron.CronError as exc:
             problems.append(str(exc))
     return out, problems
@@ -232,6 +234,12 @@ class Schedules:
     async def update(self, sid: int, body: Any) -> dict[str, Any]:
         fields, problems = check_fields(body, partial=True)
         s = await self._get(sid)
+        if not problems and ("cron_expression" in fields or "timezone" in fields):
+            try:
+                expr = fields.get("cron_expression", s.cron)
+                cron.check_cost(cron.parse(expr, fields.get("timezone", s.timezone)))
+            except cron.CronError as exc:
+                problems.append(str(exc))
         if not problems and "input_data" in fields:
             d = await self.store.definition(s.definition_id)
             if d is not None:

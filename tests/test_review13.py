@@ -132,3 +132,29 @@ async def test_a_long_backfill_window_of_a_rare_real_time_schedule_is_fast(clien
         )
     assert resp.status_code in (202, 422), resp.text
     assert watch.lag < 0.2, f"the event loop stalled {watch.lag:.2f} s in one backfill"
+
+
+async def test_an_edit_cannot_make_a_schedule_too_rare_to_walk(client):
+    d = await create_def(client, "edit-rare")
+    # Accepted in UTC (one walk: 2028, 2032, ... 2044); in Paris, following real time,
+    # its walk restarts at each of the ~36 offset changes on the way.
+    resp = await made(client, d["id"], "0 0 0 29 2 1#5", "UTC")
+    assert resp.status_code == 201, resp.text
+    sid = resp.json()["schedule_id"]
+    resp = await client.patch(f"/api/workflows/schedules/{sid}", json={"timezone": "Europe/Paris"})
+    assert resp.status_code == 422, resp.text
+    assert "fires too rarely" in resp.json()["error"]
+    resp = await client.patch(
+        f"/api/workflows/schedules/{sid}", json={"cron_expression": "0 0 0 29 2 */7"}
+    )
+    assert resp.status_code == 422, resp.text
+    got = (await client.get(f"/api/workflows/schedules/{sid}")).json()
+    assert (got["cron_expression"], got["timezone"]) == ("0 0 0 29 2 1#5", "UTC")
+    resp = await client.patch(f"/api/workflows/schedules/{sid}", json={"paused": True})
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_stored_rare_expression_still_parses_whenever_it_is_read():
+    # The cost check depends on the time asked, so only a schedule being saved gets it:
+    # what was accepted once is never refused later by the scheduler or a read.
+    assert cron.parse("0 0 0 29 2 */7", "Europe/Paris").next_ms(0) is not None
