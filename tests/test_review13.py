@@ -236,3 +236,42 @@ async def test_a_buffered_tick_skipped_later_is_posted(tmp_path, monkeypatch):
             )
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize("overlap", ["allow_all", "cancel_other"])
+async def test_a_backfill_that_would_copy_a_big_input_a_thousand_times_is_refused(client, overlap):
+    # (The schedule's own overlap does not apply: a backfill's default is buffer_all.)
+    # Each run of a backfill under allow_all or cancel_other starts at once, in one
+    # transaction written on the event loop: 1,000 fire times of a 500 KB input wrote
+    # 1 GB and stalled /healthz for 416 s.
+    d = await create_def(client, "bulky")
+    resp = await client.post(
+        f"/api/workflows/{d['id']}/schedules",
+        json={
+            "cron_expression": "* * * * *",
+            "paused": True,
+            "overlap": overlap,
+            "input_data": {"who": "x" * 20_000},
+        },
+    )
+    sid = resp.json()["schedule_id"]
+    window = {"start": "2026-11-01T00:00:00Z", "end": "2026-11-01T16:39:00Z"}  # 1,000
+    async with Watch() as watch:
+        resp = await client.post(
+            f"/api/workflows/schedules/{sid}/backfill", json={**window, "overlap": overlap}
+        )
+    assert resp.status_code == 422, resp.text[:300]
+    assert "buffer_all" in resp.json()["error"] and watch.lag < 0.5
+    resp = await client.get(f"/api/workflows/schedules/{sid}/ticks")
+    assert resp.json()["total"] == 0
+    # Buffered, each run is made when its turn comes: fine.
+    resp = await client.post(
+        f"/api/workflows/schedules/{sid}/backfill", json={**window, "overlap": "buffer_all"}
+    )
+    assert resp.status_code == 202, resp.text[:300]
+    assert (resp.json()["fired"], resp.json()["buffered"]) == (1, 999)
+    # A small input still backfills a thousand runs at once.
+    await client.patch(f"/api/workflows/schedules/{sid}", json={"input_data": {"who": "y"}})
+    later = {"start": "2026-11-02T00:00:00Z", "end": "2026-11-02T00:09:00Z", "overlap": overlap}
+    resp = await client.post(f"/api/workflows/schedules/{sid}/backfill", json=later)
+    assert resp.status_code == 202, resp.text[:300]
