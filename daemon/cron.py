@@ -42,7 +42,7 @@ NOT_ZONES = frozenset({"localtime", "posixrules"})
 # change): a schedule's next five fire times must fall within this many days...
 MAX_SPAN_DAYS = 30 * 366
 # ...and finding them in real time may restart the walk at this many offset changes.
-MAX_RESTARTS = 24
+MAX_RESTARTS = 16
 
 
 class CronError(ValueError):
