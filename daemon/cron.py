@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,12 @@ MAX_EXPRESSION = 200  # characters
 # In the database's directory but not zones: "localtime" is the host's own zone (a link to
 # /etc/localtime), "posixrules" a template.
 NOT_ZONES = frozenset({"localtime", "posixrules"})
+# An expression that fires very rarely makes every look-ahead walk years of calendar (and,
+# following real time in a zone with daylight saving, walk them again from each offset
+# change): a schedule's next five fire times must fall within this many days...
+MAX_SPAN_DAYS = 30 * 366
+# ...and finding them in real time may restart the walk at this many offset changes.
+MAX_RESTARTS = 16
 
 
 class CronError(ValueError):
@@ -87,9 +94,12 @@ class Cron:
             last = fire
             yield fire
 
-    def _after_real_time(self, instant: datetime) -> Iterator[datetime]:
+    def _after_real_time(
+        self, instant: datetime, restarts: int | None = None
+    ) -> Iterator[datetime]:
         """cronsim in the fixed offset in force after `t`, up to the next offset change,
-        then again from that change in the new offset."""
+        then again from that change in the new offset (at most `restarts` times: then
+        CronError)."""
         t = since = instant.astimezone(UTC)  # fires after t; offset changes after since
         while True:
             offset = (t + timedelta(microseconds=1)).astimezone(self.tz).utcoffset()
@@ -97,6 +107,10 @@ class Cron:
             for fire in CronSim(self.fields, start):  # times >= start + 1 s, so after t
                 change = _first_change(self.tz, since, fire.astimezone(UTC))
                 if change is not None:  # `fire` is read in an offset no longer in force
+                    if restarts is not None:
+                        restarts -= 1
+                        if restarts < 0:
+                            raise CronError("too many offset changes")
                     t, since = change - timedelta(microseconds=1), change
                     break
                 t = since = fire.astimezone(UTC)
@@ -180,6 +194,35 @@ def _parse(expression: str, timezone: str) -> Cron:
     except StopIteration:
         raise CronError(f"cron_expression {text!r} never fires") from None
     return Cron(expression=text, timezone=timezone, fields=fields, tz=tz)
+
+
+def check_cost(c: Cron) -> None:
+    """Refuse (CronError) an expression whose next five fire times take long to find: each
+    read of a schedule shows them, on the event loop. One cronsim walk in UTC (cheap) must
+    find them within MAX_SPAN_DAYS, and a real-time walk in a zone with offset changes
+    must find them within MAX_RESTARTS restarts. For a schedule being saved only: the
+    answer depends on the time it is asked, so a stored schedule is never parsed with it."""
+    text = c.expression
+    now = datetime.now(UTC).replace(microsecond=0)
+    try:
+        five = list(itertools.islice(CronSim(c.fields, now), 5))
+    except CronSimError as exc:
+        raise CronError(f"invalid cron_expression {text!r}: {exc}") from None
+    if len(five) < 5 or five[-1] - now > timedelta(days=MAX_SPAN_DAYS):
+        raise CronError(
+            f"cron_expression {text!r} fires too rarely: its next five fire times must "
+            f"fall within {MAX_SPAN_DAYS // 366} years"
+        )
+    if c.real_time and c.tz.key != "UTC":
+        try:
+            for _ in itertools.islice(c._after_real_time(now, MAX_RESTARTS), 5):
+                pass
+        except CronError:
+            raise CronError(
+                f"cron_expression {text!r} fires too rarely to follow the offset changes of "
+                f"{c.timezone} (seconds or a wildcard minute or hour follow real time); "
+                "give the minute and hour, or fewer fields"
+            ) from None
 
 
 @functools.cache

@@ -28,6 +28,11 @@ DEFAULT_CATCHUP_S = 60
 MAX_CATCHUP_S = 366 * 24 * 3600
 MAX_PER_DEFINITION = 100
 MAX_BACKFILL = 1000  # fire times in one backfill
+# What a backfill that starts a run per fire time at once (overlap allow_all or
+# cancel_other) may write in its one transaction: each run is a copy of the flow and the
+# input, written on the event loop (1,000 fire times of a 500 KB input wrote 1 GB and held
+# the daemon for 7 minutes; of a 15 KB one, 15 MB and 9 s).
+MAX_BACKFILL_BYTES = 4 * 1024 * 1024
 RECENT_TICKS = 20  # shown with a schedule
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)  # the times a backfill window may name
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
@@ -87,7 +92,9 @@ def check_fields(body: Any, *, partial: bool) -> tuple[dict[str, Any], list[str]
             out[key] = value
     if "cron_expression" in out or "timezone" in out:
         try:
-            cron.parse(out.get("cron_expression", "* * * * *"), out.get("timezone", "UTC"))
+            parsed = cron.parse(out.get("cron_expression", "* * * * *"), out.get("timezone", "UTC"))
+            if not partial:  # an edit is checked with the schedule's own fields (update)
+                cron.check_cost(parsed)
         except cron.CronError as exc:
             problems.append(str(exc))
     return out, problems
@@ -234,6 +241,12 @@ class Schedules:
     async def update(self, sid: int, body: Any) -> dict[str, Any]:
         fields, problems = check_fields(body, partial=True)
         s = await self._get(sid)
+        if not problems and ("cron_expression" in fields or "timezone" in fields):
+            try:
+                expr = fields.get("cron_expression", s.cron)
+                cron.check_cost(cron.parse(expr, fields.get("timezone", s.timezone)))
+            except cron.CronError as exc:
+                problems.append(str(exc))
         if not problems and "input_data" in fields:
             d = await self.store.definition(s.definition_id)
             if d is not None:
@@ -347,6 +360,15 @@ class Schedules:
     ) -> Any:
         for _ in range(3):
             run, problem = await self.prepare(s)
+            if run is not None and (overlap or s.overlap) in ("allow_all", "cancel_other"):
+                size = len(fire_ats) * (len(run.flow_json) + len(run.input_json))
+                if size > MAX_BACKFILL_BYTES:
+                    raise Unprocessable(
+                        f"this backfill would start {len(fire_ats)} runs at once (overlap "
+                        f"{overlap or s.overlap}) storing {size // 1_000_000} MB of flow and "
+                        f"input; the most is {MAX_BACKFILL_BYTES // 1_000_000} MB: backfill "
+                        "a shorter window, or with overlap buffer_all"
+                    )
             fired = await self.store.fire_now(s.id, kind, fire_ats, run, problem, overlap)
             if fired.status == "stale":  # a new version was saved meanwhile
                 continue
