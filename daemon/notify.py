@@ -39,7 +39,6 @@ _jitter = random.Random()  # retry jitter, not the process-wide generator
 EVENTS = frozenset({"gate_waiting", "completed", "failed", "cancelled", "schedule_fired"})
 MAX_INPUT = 16384  # bytes of a workflow's input sent with each notification
 CURSOR = "webhooks"
-TICK_CURSOR = "schedule_ticks"  # skipped and missed ticks (they have no workflow) read up to
 BATCH = 500  # events read per query
 OPERATOR = "operator"  # the destination key of the [webhooks] url's deliveries
 OPERATOR_CONCURRENCY = 4  # deliveries in flight to the [webhooks] url, on slots of its own
@@ -138,7 +137,6 @@ class Notifier:
     def __init__(self, store: BaseStore, config: Config) -> None:
         self.store, self.config = store, config
         self.cursor: int | None = None  # read up to here
-        self.tick_cursor: int | None = None  # schedule ticks read up to here
         self.saved = 0  # the cursor as stored
         self.saved_at = float("-inf")  # monotonic time of the last save
         self.inflight: dict[int, asyncio.Task[None]] = {}
@@ -189,7 +187,7 @@ class Notifier:
         """Turn new events into outbox rows; the cursor moves in the same transaction.
         Of several daemons on one database, one does this (the others only send)."""
         if not await self.store.lead("notifier"):
-            self.cursor = self.tick_cursor = None  # read again when this one leads
+            self.cursor = None  # read again from the database when this one leads
             return
         if self.cursor is None:
             self.cursor = self.saved = await self.store.cursor(CURSOR)
@@ -210,8 +208,7 @@ class Notifier:
             if caught_up:
                 break
             await asyncio.sleep(0)  # a long backlog: let requests and steps in between pages
-        if self.config.webhook_url:
-            await self.enqueue_ticks()
+        await self.enqueue_ticks()
         # Events nobody watches still move the cursor, but not with a write per event.
         if self.cursor != self.saved and time.monotonic() - self.saved_at >= SAVE_EVERY_S:
             await self.store.enqueue_deliveries(CURSOR, self.cursor, [])
@@ -219,21 +216,17 @@ class Notifier:
 
     async def enqueue_ticks(self) -> None:
         """Skipped and missed schedule ticks to the operator's URL (only: they belong to no
-        workflow with a notify_url). A fired tick notifies through its run's
-        schedule_fired event."""
-        if self.tick_cursor is None:
-            self.tick_cursor = await self.store.cursor(TICK_CURSOR)
+        workflow with a notify_url; without one they are only marked). A fired tick
+        notifies through its run's schedule_fired event."""
+        url = self.config.webhook_url
         while True:
-            found = await self.store.ticks_to_notify(self.tick_cursor, BATCH)
+            found = await self.store.ticks_to_notify(BATCH)
             if not found:
                 return
-            url = self.config.webhook_url
             rows = [{"event_id": -int(r["id"]), "workflow_id": r["run_id"] or 0, "url": url,
                      "dest": OPERATOR, "body_json": orjson.dumps(tick_body(r)).decode()}
-                    for r in found]  # fmt: skip
-            up_to = int(found[-1]["id"])
-            await self.store.enqueue_deliveries(TICK_CURSOR, up_to, rows)
-            self.tick_cursor = up_to
+                    for r in found] if url else []  # fmt: skip
+            await self.store.enqueue_tick_deliveries([int(r["id"]) for r in found], rows)
             if len(found) < BATCH:
                 return
 

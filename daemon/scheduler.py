@@ -70,6 +70,9 @@ class Scheduler:
             except (StorageError, OSError) as exc:
                 log.warning("scheduler: %s; trying again in %.0f s", exc, ERROR_PAUSE_S)
                 delay = ERROR_PAUSE_S
+            except Exception:  # a bug: logged, and the scheduler goes on after a pause
+                log.exception("scheduler pass failed; trying again in %.0f s", ERROR_PAUSE_S)
+                delay = ERROR_PAUSE_S
             self._wake.clear()
             if delay > 0:
                 # (asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
@@ -86,14 +89,14 @@ class Scheduler:
         self.passes += 1
         gate = asyncio.Semaphore(IN_FLIGHT)
 
-        async def one(s: Schedule) -> None:
+        async def one(s: Schedule) -> bool:
             async with gate:
-                await self.fire(s)
+                return await self.fire(s)
 
         while True:
             due = await self.store.due_schedules(_now(), BATCH)
-            await asyncio.gather(*(one(s) for s in due))
-            if len(due) < BATCH:
+            moved = await asyncio.gather(*(one(s) for s in due))
+            if len(due) < BATCH or not any(moved):  # (none moved on: no busy loop)
                 break
         for sid in await self.store.schedules_to_unbuffer(BATCH):
             await self.unbuffer(sid)
@@ -102,7 +105,7 @@ class Scheduler:
             return IDLE_S
         return min(IDLE_S, max(0.0, (upcoming - _now()) / 1000 + 0.001))
 
-    async def fire(self, s: Schedule) -> None:
+    async def fire(self, s: Schedule) -> bool:
         """Handle one due schedule (its ticks up to now). The run a tick starts is kept
         per schedule and input: while its definition gets no new version, a tick is one
         write and no read."""
@@ -116,7 +119,7 @@ class Scheduler:
                 if fired.status != "stale":
                     break
             else:
-                return  # the definition kept changing: the next pass tries again
+                return False  # the definition kept changing: the next pass tries again
             done = _now()
             for tick in fired.ticks:
                 lag = (done - tick.fire_at) / 1000 if tick.outcome == "fired" else None
@@ -132,8 +135,12 @@ class Scheduler:
                 self.engine.executor.cancel_steps(fired.cancelled)
             if fired.ticks:
                 self.engine.executor.wake()
+            return True
         except (StepdError, cron.CronError) as exc:
             log.error("schedule %d: %s", sid, exc)
+        except Exception:  # a bug: this schedule waits for the next pass, the others go on
+            log.exception("schedule %d: its due ticks failed", sid)
+        return False
 
     async def unbuffer(self, sid: int) -> None:
         """Start the run of a schedule's oldest buffered tick (none of its runs is going)."""
@@ -154,6 +161,8 @@ class Scheduler:
                 self.engine.executor.wake()
         except (StepdError, cron.CronError) as exc:
             log.error("schedule %d: %s", sid, exc)
+        except Exception:
+            log.exception("schedule %d: its buffered tick failed", sid)
 
     async def _run_of(self, s: Schedule, *, fresh: bool) -> tuple[NewRun | None, str | None]:
         """The run a tick of `s` starts: kept per schedule and input, made again when

@@ -161,12 +161,6 @@ def test_a_stored_rare_expression_still_parses_whenever_it_is_read():
     assert cron.parse("0 0 0 29 2 */7", "Europe/Paris").next_ms(0) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NOT FIXED (daemon/retention.py, daemon/storage/*): retention purges finished "
-    "runs but never a schedule's ticks; an every-second schedule adds 86,400 rows a day "
-    "for ever, and the purged runs' ticks keep their run_id",
-)
 async def test_retention_forgets_old_ticks_with_their_runs(client, app):
     d = await create_def(client, "ticking")
     resp = await client.post(
@@ -192,13 +186,6 @@ async def test_retention_forgets_old_ticks_with_their_runs(client, app):
     assert ticks["total"] == 0, f"{ticks['total']} ticks outlived their runs: {ticks['ticks'][:1]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NOT FIXED (daemon/notify.py enqueue_ticks, ticks_to_notify): skipped ticks "
-    "are read after an id cursor, so a buffered tick skipped later (cancel_other "
-    "replaced it, or its definition was paused) is never posted; on PostgreSQL a tick "
-    "committed after a higher id was read is lost the same way (no commit-order fence)",
-)
 async def test_a_buffered_tick_skipped_later_is_posted(tmp_path, monkeypatch):
     monkeypatch.setattr(notify, "BACKOFF_S", 0.005)
     monkeypatch.setattr(notify, "IDLE_WAIT_S", 0.05)

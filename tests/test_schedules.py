@@ -14,6 +14,7 @@ import pytest
 
 from daemon import retention
 from daemon.storage import now_ms
+from daemon.storage import schedules as schedule_store
 from tests.helpers import wait_for, waiting_gate
 
 ECHO = {
@@ -432,3 +433,15 @@ async def test_retention_purges_old_ticks_but_not_buffered_ones(make_client) -> 
     store = app.state.engine.store
     await retention.purge(store, days=1, batch=2, now=now_ms() + 2 * retention.DAY_MS)
     assert [t["outcome"] for t in await ticks(client, sid)] == ["buffered"]
+
+
+async def test_allow_all_stops_at_a_bound_of_runs_going(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(schedule_store, "MAX_RUNNING", 2)
+    await define(client, GATED)
+    sid = (await schedule(client, "gated", cron_expression="@yearly",
+                          overlap="allow_all"))["schedule_id"]  # fmt: skip
+    got = [await trigger(client, sid) for _ in range(3)]
+    assert [g["outcome"] for g in got] == ["fired", "fired", "skipped"]
+    assert "2 runs of this schedule are still going" in got[2]["reason"]

@@ -27,6 +27,7 @@ else:
 
 OVERLAPS = ("skip", "buffer_one", "buffer_all", "cancel_other", "allow_all")
 MAX_BUFFERED = 1000  # ticks one schedule may hold under buffer_all
+MAX_RUNNING = 1000  # runs of one schedule going at once under allow_all
 MAX_MISSED = 100  # missed ticks recorded one by one in a pass; older ones are passed over
 MAX_DUE = 100  # due ticks of one schedule handled in one transaction
 # A tick handled this late still fires whatever the catch-up window (0 included): the
@@ -163,12 +164,23 @@ class ScheduleStore(_Base):
         (total,) = await self._one(self.Q["count_schedule_ticks"], params)  # type: ignore[misc]
         return [Tick.from_row(r) for r in rows], int(total)
 
-    async def ticks_to_notify(self, after: int, limit: int) -> list[Row]:
-        return await self._all(self.Q["ticks_to_notify"], {"after": after, "limit": limit})
+    async def ticks_to_notify(self, limit: int) -> list[Row]:
+        """Skipped and missed ticks not posted yet (a flag, not a cursor: a buffered tick
+        skipped later, or one committed after a larger id on PostgreSQL, is not passed)."""
+        return await self._all(self.Q["ticks_to_notify"], {"limit": limit})
 
-    async def last_tick_id(self) -> int:
-        row = await self._one(self.Q["last_tick_id"], {})
-        return int(row[0]) if row else 0
+    async def enqueue_tick_deliveries(
+        self, tick_ids: list[int], rows: list[dict[str, Any]]
+    ) -> None:
+        """Queue webhook deliveries of ticks and mark the ticks posted, atomically."""
+        now = now_ms()
+
+        def op(db: Tx) -> None:
+            if rows:
+                db.executemany(self.Q["enqueue_delivery"], [{**r, "now": now} for r in rows])
+            db.executemany(self.Q["tick_notified"], [{"id": i} for i in tick_ids])
+
+        await self.write("enqueue_tick_deliveries", op)
 
     async def purge_ticks(self, *, cutoff: int, limit: int) -> int:
         """Delete up to `limit` ticks recorded before `cutoff` (buffered ones stay: their
@@ -232,7 +244,7 @@ class ScheduleStore(_Base):
             )
             return Fired("ok", ticks, cancelled)
 
-        return await self.write("fire_schedule", op)
+        return await self.write("fire_schedule", op, blocking=True)
 
     async def fire_now(
         self,
@@ -280,7 +292,7 @@ class ScheduleStore(_Base):
                 ticks.append(tick)
             return Fired("ok", ticks, cancelled)
 
-        return await self.write(f"{kind}_schedule", op)
+        return await self.write(f"{kind}_schedule", op, blocking=True)
 
     def _tick(
         self,
@@ -319,6 +331,10 @@ class ScheduleStore(_Base):
         buffered = int(buffered)
         busy = bool(running) or buffered > 0
         this = dataclasses.replace(run, schedule_id=sid, fire_at=fire_at)
+        if policy == "allow_all" and len(running) >= MAX_RUNNING:
+            return self._record(db, sid, kind, fire_at, "skipped", None,
+                                f"{MAX_RUNNING} runs of this schedule are still going "
+                                "(overlap allow_all starts no more)", now)  # fmt: skip
         if busy and policy != "allow_all":
             what = (
                 f"run {running[0]} of this schedule is still running"
@@ -458,7 +474,7 @@ class ScheduleStore(_Base):
                 ticks.append(self._tick_of(found, sid, "fired", created.id, None, now))
                 return Fired("ok", ticks)
 
-        return await self.write("start_buffered", op)
+        return await self.write("start_buffered", op, blocking=True)
 
     def _settle(
         self, db: Tx, tick_id: int, outcome: str, run_id: int | None, reason: str | None, now: int

@@ -1022,14 +1022,17 @@ FROM schedules s JOIN definitions d ON d.id = s.definition_id WHERE s.id = :id;
 
 -- insert_tick --
 -- Record a tick: nothing when this schedule, kind and fire time has one already.
-INSERT INTO schedule_ticks (schedule_id, kind, fire_at, outcome, run_id, reason, recorded_at)
-VALUES (:schedule_id, :kind, :fire_at, :outcome, :run_id, :reason, :now)
+INSERT INTO schedule_ticks (schedule_id, kind, fire_at, outcome, run_id, reason, recorded_at,
+                            notify)
+VALUES (:schedule_id, :kind, :fire_at, :outcome, :run_id, :reason, :now,
+        CASE WHEN :outcome IN ('skipped', 'missed') THEN 1 ELSE 0 END)
 ON CONFLICT (schedule_id, kind, fire_at) DO NOTHING
 RETURNING id;
 
 -- schedule_running --
--- Runs of a schedule not ended yet (queued, paused and waiting ones too), oldest first.
-SELECT id FROM workflows WHERE schedule_id = :schedule_id AND status = 'running' ORDER BY id;
+-- Runs of a schedule not ended yet (queued, paused and waiting ones too), the oldest 1,000.
+SELECT id FROM workflows WHERE schedule_id = :schedule_id AND status = 'running' ORDER BY id
+LIMIT 1000;
 
 -- count_buffered --
 -- Ticks of a schedule waiting for its running run to end.
@@ -1047,7 +1050,8 @@ SELECT id FROM schedule_ticks WHERE schedule_id = :schedule_id AND outcome = 'bu
 -- settle_tick --
 -- A buffered tick's outcome: fired (with its run) or skipped.
 UPDATE schedule_ticks SET outcome = :outcome, run_id = :run_id, reason = :reason,
-                          recorded_at = :now
+                          recorded_at = :now,
+                          notify = CASE WHEN :outcome = 'skipped' THEN 1 ELSE notify END
 WHERE id = :id AND outcome = 'buffered';
 
 -- advance_schedule --
@@ -1073,16 +1077,12 @@ SELECT count(*) FROM schedule_ticks WHERE schedule_id = :schedule_id
   AND (:outcome::text IS NULL OR outcome = :outcome::text);
 
 -- ticks_to_notify --
--- Skipped and missed ticks after a cursor, with their schedules, for webhooks.
+-- Skipped and missed ticks not posted yet, with their schedules, for webhooks.
 SELECT t.id, t.schedule_id, t.kind, t.fire_at, t.outcome, t.run_id, t.reason, t.recorded_at,
        s.definition_id, s.cron, s.timezone, d.name AS definition_name
 FROM schedule_ticks t JOIN schedules s ON s.id = t.schedule_id
 JOIN definitions d ON d.id = s.definition_id
-WHERE t.id > :after AND t.outcome IN ('skipped', 'missed') ORDER BY t.id LIMIT :limit;
-
--- last_tick_id --
--- The newest tick's id (where the webhook cursor starts).
-SELECT coalesce(max(id), 0) FROM schedule_ticks;
+WHERE t.notify = 1 ORDER BY t.id LIMIT :limit;
 
 -- tick_exists --
 -- Whether a schedule has a tick of this kind at this fire time.
@@ -1111,3 +1111,7 @@ WHERE schedule_id = :schedule_id AND kind = :kind AND fire_at = :fire_at
 DELETE FROM schedule_ticks WHERE id IN (
     SELECT id FROM schedule_ticks WHERE recorded_at < :cutoff AND outcome <> 'buffered'
     ORDER BY id LIMIT :limit);
+
+-- tick_notified --
+-- A skipped or missed tick's webhook delivery was queued.
+UPDATE schedule_ticks SET notify = 0 WHERE id = :id;

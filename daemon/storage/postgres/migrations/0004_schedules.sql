@@ -31,10 +31,12 @@ CREATE TABLE schedule_ticks (
     run_id       bigint,
     reason       text,
     recorded_at  bigint  NOT NULL,
+    notify       integer NOT NULL DEFAULT 0,          -- 1: a skipped or missed tick not yet posted
     UNIQUE (schedule_id, kind, fire_at)
 );
 CREATE INDEX schedule_ticks_history ON schedule_ticks (schedule_id, id);
 CREATE INDEX schedule_ticks_buffered ON schedule_ticks (schedule_id, id) WHERE outcome = 'buffered';
+CREATE INDEX schedule_ticks_notify ON schedule_ticks (id) WHERE notify = 1;
 
 -- A run a schedule started: which schedule, and the fire time it is for.
 ALTER TABLE workflows ADD COLUMN schedule_id bigint;
