@@ -87,16 +87,24 @@ async def create_many(
 
 def lags(args: argparse.Namespace, db: Path) -> list[float]:
     sql = (
-        "SELECT created_at - fire_at FROM workflows WHERE run_trigger = 'schedule' "
+        "SELECT created_at - fire_at, fire_at FROM workflows WHERE run_trigger = 'schedule' "
         "AND fire_at IS NOT NULL"
     )
     if args.database_url:
         import psycopg
 
         with psycopg.connect(args.database_url) as conn:
-            return [float(r[0]) for r in conn.execute(sql).fetchall()]
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return [float(r[0]) for r in conn.execute(sql).fetchall()]
+            rows = conn.execute(sql).fetchall()
+    else:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            rows = conn.execute(sql).fetchall()
+    if os.environ.get("BENCH_BY_SECOND"):
+        by: dict[int, list[float]] = {}
+        for lag, at in rows:
+            by.setdefault(int(at) // 1000, []).append(float(lag))
+        for at, vals in sorted(by.items()):
+            print(at, len(vals), f"{min(vals):.0f}..{max(vals):.0f}")
+    return [float(r[0]) for r in rows]
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,22 +137,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 body = {"cron_expression": "* * * * * *", "overlap": "allow_all"}
                 await create_many(client, args.ticking, body, "tick")
                 await asyncio.sleep(args.ticking_s)
-                offset = 0
-                while True:  # pause the ticking ones
+                for k in range((args.ticking + PER_DEFINITION - 1) // PER_DEFINITION):
                     page = (
                         await client.get(
-                            "/api/workflows/recurring", params={"limit": 200, "offset": offset}
+                            f"/api/workflows/tick-{k}/schedules", params={"limit": 200}
                         )
                     ).json()
-                    for s in page["schedules"]:
-                        if s["cron_expression"] == "* * * * * *" and not s["paused"]:
-                            await client.patch(
-                                f"/api/workflows/schedules/{s['schedule_id']}",
-                                json={"paused": True},
-                            )
-                    offset += len(page["schedules"])
-                    if not page["schedules"] or offset >= page["total"]:
-                        break
+                    for s in page["schedules"]:  # pause the ticking ones
+                        await client.patch(
+                            f"/api/workflows/schedules/{s['schedule_id']}", json={"paused": True}
+                        )
         lag = lags(args, tmp / "stepd.db")
         out["ticks"] = len(lag)
         out["lag_ms"] = stats(lag)

@@ -8,6 +8,7 @@ outcome; the scheduler (daemon.scheduler) handles the due ones.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -169,7 +170,9 @@ class Schedules:
         if ref is not None:
             def_id = (await self.engine.defs.resolve(ref)).id
         items, total = await self.store.schedules(def_id, limit=limit, offset=offset)
-        return {"schedules": [self.render(s) for s in items], "total": total}
+        # Off the loop: the next five fire times of 200 schedules take about 0.2 s.
+        rendered = await asyncio.to_thread(lambda: [self.render(s) for s in items])
+        return {"schedules": rendered, "total": total}
 
     async def ticks(
         self, sid: int, *, outcome: str | None, limit: int, offset: int
