@@ -445,3 +445,35 @@ async def test_allow_all_stops_at_a_bound_of_runs_going(
     got = [await trigger(client, sid) for _ in range(3)]
     assert [g["outcome"] for g in got] == ["fired", "fired", "skipped"]
     assert "2 runs of this schedule are still going" in got[2]["reason"]
+
+
+async def test_a_long_outage_records_its_first_missed_ticks_and_fires_the_window(
+    make_client,
+) -> None:
+    client, app = await make_client()
+    await define(client, ECHO)
+    sid = (await schedule(client, "nightly", cron_expression="* * * * * *", catchup_window=5,
+                          input_data={"who": "x"}, paused=True))["schedule_id"]  # fmt: skip
+    store = app.state.engine.store
+    ago = now_ms() - 600_000  # as if no daemon ran for the last 10 minutes
+
+    def rewind(current: Any, now: int) -> dict[str, Any]:
+        fields = ("cron", "timezone", "input_json", "overlap", "catchup_ms")
+        return {**{f: getattr(current, f) for f in fields}, "paused": 0,
+                "next_at": ago - ago % 1000 + 1000}  # fmt: skip
+
+    await store.update_schedule(sid, rewind)
+    app.state.engine.scheds.wake()
+
+    async def fired_some() -> bool:
+        return bool(await ticks(client, sid, outcome="fired"))
+
+    await until(fired_some)
+    await client.patch(f"/api/workflows/schedules/{sid}", json={"paused": True})
+    missed = (await client.get(f"/api/workflows/schedules/{sid}/ticks",
+                               params={"outcome": "missed", "limit": 500})).json()  # fmt: skip
+    assert missed["total"] == 100, missed["total"]  # of ~595: the rest passed over
+    assert "passed over" in missed["ticks"][0]["reason"]
+    fired = await ticks(client, sid, outcome="fired", limit=500)
+    first_fired = min(datetime.fromisoformat(t["fire_time"]) for t in fired)
+    assert datetime.now(UTC) - first_fired < timedelta(seconds=10)  # only the window's

@@ -28,7 +28,7 @@ else:
 OVERLAPS = ("skip", "buffer_one", "buffer_all", "cancel_other", "allow_all")
 MAX_BUFFERED = 1000  # ticks one schedule may hold under buffer_all
 MAX_RUNNING = 1000  # runs of one schedule going at once under allow_all
-MAX_MISSED = 100  # missed ticks recorded one by one in a pass; older ones are passed over
+MAX_MISSED = 100  # missed ticks of one outage recorded one by one; later ones passed over
 MAX_DUE = 100  # due ticks of one schedule handled in one transaction
 # A tick handled this late still fires whatever the catch-up window (0 included): the
 # scheduler's own latency, a busy machine, another daemon taking the job over.
@@ -222,10 +222,9 @@ class ScheduleStore(_Base):
             missed = 0
             handled = 0
             late = now - max(int(row["catchup_ms"]), MIN_CATCHUP_MS)
-            while fire_at is not None and fire_at <= now and handled < MAX_DUE:
-                handled += 1
+            while fire_at is not None and fire_at <= now:
                 if fire_at < late:
-                    if missed == MAX_MISSED:  # pass over the rest: from the window's start
+                    if missed == MAX_MISSED:  # the rest of the outage is passed over
                         fire_at = next_ms(late - 1)
                         continue
                     missed += 1
@@ -233,8 +232,14 @@ class ScheduleStore(_Base):
                         f"missed while no daemon ran (catchup_window "
                         f"{int(row['catchup_ms']) // 1000} s)"
                     )
+                    later = next_ms(fire_at)
+                    if missed == MAX_MISSED and later is not None and later < late:
+                        reason += "; the later ones of this outage are passed over unrecorded"
                     tick = self._record(db, sid, "cron", fire_at, "missed", None, reason, now)
                 else:
+                    if handled == MAX_DUE:  # the next pass goes on from here
+                        break
+                    handled += 1
                     tick = self._tick(db, row, "cron", fire_at, run, problem, None, now, cancelled)
                 if tick is not None:
                     ticks.append(tick)
